@@ -1,0 +1,594 @@
+//! The client side of a connection: many outstanding requests from many threads, multiplexed by
+//! request id over one byte stream.
+//!
+//! # Receive path: leader/follower, no reader thread
+//! There is no dedicated receive thread: handing a response from a reader thread to the waiting
+//! thread would cost a cross-core wake-up (30-35 us here), several times a loopback round trip.
+//! Instead a waiting caller that finds the receive side free becomes the *leader*: it reads
+//! frames, completes whichever requests they answer (its own or other threads'), and leaves when
+//! its own requests are done, waking one remaining waiter to take over. A caller that finds a
+//! leader present spins briefly, then parks until the leader completes its request or leaves.
+//!
+//! # Zero-copy page reads
+//! A page read registers the caller's page buffer in its slot; the leader reads the payload of
+//! the matching response straight into it. The buffer stays valid because the caller does not
+//! return until its slot is completed or it has removed the slot from the pending table itself.
+//!
+//! # Invariants
+//! 1. A slot is in `pending` iff its request was issued and nobody has started completing it.
+//! 2. Only the leader (holder of `reader`) removes a slot to complete it, and it finishes the
+//!    frame (writing the payload into the slot's destination) before storing a final state.
+//! 3. A caller returns only after each of its slots is final, or after it removed the slot from
+//!    `pending` itself (time-out), so no one writes into its buffer afterwards.
+//! 4. Once `closed` is set, no slot is added to `pending`, and all slots in it fail.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::auth::ServerInfo;
+use crate::page::Page;
+use crate::stream::{read_exact, read_some, ByteStream, ReadStop, WaitPolicy};
+use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
+
+/// Why a request failed.
+#[derive(Clone, Debug, Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The connection is closed (peer died, stream failed, protocol error, or closed locally).
+    #[error("connection to {peer} is closed: {reason}")]
+    Disconnected {
+        /// The peer.
+        peer: String,
+        /// Why it closed.
+        reason: String,
+    },
+    /// No response arrived within the connection's request time-out.
+    #[error("request to {peer} timed out after {after:?}")]
+    TimedOut {
+        /// The peer.
+        peer: String,
+        /// How long the caller waited.
+        after: Duration,
+    },
+    /// The peer answered with an error.
+    #[error("{peer} refused the request: {message} (status {code})")]
+    Remote {
+        /// The peer.
+        peer: String,
+        /// The raw status code.
+        code: u32,
+        /// The status, if this build knows the code.
+        status: Option<Status>,
+        /// The peer's message.
+        message: String,
+    },
+    /// The request payload is larger than the peer accepts in one frame.
+    #[error("request of {len} bytes exceeds the peer's maximum frame of {max} bytes")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// The peer's maximum.
+        max: u32,
+    },
+}
+
+impl CallError {
+    /// The peer's status code, if the peer refused the request.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            CallError::Remote { status, .. } => *status,
+            _ => None,
+        }
+    }
+}
+
+const PENDING: u8 = 0;
+const DONE: u8 = 1;
+
+/// Where a response payload goes.
+enum Dest {
+    /// Into the caller's page (a page read).
+    Page(*mut u8),
+    /// Into a fresh vector (a call), or nowhere (a page write, whose response is empty).
+    Bytes,
+}
+
+/// One outstanding request.
+struct Slot {
+    state: AtomicU8,
+    dest: Dest,
+    expect: Opcode,
+    outcome: Mutex<Option<Result<Vec<u8>, CallError>>>,
+    waiter: Thread,
+}
+
+// SAFETY: the only non-Send/Sync field is `Dest::Page`'s pointer. It is dereferenced only by the
+// leader while the slot is out of `pending` and not yet final; during that time the caller that
+// owns the buffer is blocked in `wait` and holds no reference to it (module invariants 2 and 3).
+unsafe impl Send for Slot {}
+// SAFETY: as above; all other fields are Sync.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    fn new(dest: Dest, expect: Opcode) -> Arc<Slot> {
+        Arc::new(Slot {
+            state: AtomicU8::new(PENDING),
+            dest,
+            expect,
+            outcome: Mutex::new(None),
+            waiter: thread::current(),
+        })
+    }
+
+    fn is_final(&self) -> bool {
+        self.state.load(Ordering::Acquire) != PENDING
+    }
+
+    fn finish(&self, outcome: Result<Vec<u8>, CallError>) {
+        *lock(&self.outcome) = Some(outcome);
+        self.state.store(DONE, Ordering::Release);
+        self.waiter.unpark();
+    }
+
+    fn take(&self) -> Result<Vec<u8>, CallError> {
+        lock(&self.outcome).take().unwrap_or_else(|| Ok(Vec::new()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Receive-side state, owned by whoever leads.
+struct Reader {
+    header: [u8; HEADER_LEN],
+    have: usize,
+    scratch: Vec<u8>,
+}
+
+struct Shared {
+    stream: Box<dyn ByteStream>,
+    peer: String,
+    info: ServerInfo,
+    policy: WaitPolicy,
+    timeout: Duration,
+    send: Mutex<()>,
+    reader: Mutex<Reader>,
+    pending: Mutex<HashMap<u64, Arc<Slot>>>,
+    next_id: AtomicU64,
+    closed: OnceLock<String>,
+}
+
+/// A client connection to one peer. Cheap to clone; all clones share the connection and may be
+/// used from any number of threads at once.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self.shared.peer)
+            .field("info", &self.shared.info)
+            .finish()
+    }
+}
+
+/// How long a follower spins before parking.
+const FOLLOWER_SPIN: Duration = Duration::from_micros(20);
+/// Longest park, so deadlines are noticed.
+const MAX_PARK: Duration = Duration::from_millis(20);
+
+impl Connection {
+    pub(crate) fn new(
+        stream: Box<dyn ByteStream>,
+        info: ServerInfo,
+        policy: WaitPolicy,
+        timeout: Duration,
+    ) -> Connection {
+        let peer = stream.peer();
+        Connection {
+            shared: Arc::new(Shared {
+                stream,
+                peer,
+                info,
+                policy,
+                timeout,
+                send: Mutex::new(()),
+                reader: Mutex::new(Reader {
+                    header: [0; HEADER_LEN],
+                    have: 0,
+                    scratch: Vec::new(),
+                }),
+                pending: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                closed: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The peer's address, as a URI.
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Pages in the peer's one-sided window (0: the peer exposes none).
+    pub fn window_pages(&self) -> u64 {
+        self.shared.info.window_pages
+    }
+
+    /// The largest payload the peer accepts in one frame.
+    pub fn max_frame(&self) -> u32 {
+        self.shared.info.max_frame
+    }
+
+    /// True once the connection has closed; every request then fails with `Disconnected`.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.get().is_some()
+    }
+
+    /// Closes the connection; outstanding and later requests fail with `Disconnected`.
+    pub fn close(&self) {
+        self.shared.fail("closed locally".into());
+    }
+
+    /// Sends `request` to the peer's service method `method` and waits for its response.
+    pub fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, CallError> {
+        let len = self.check_len(request.len())?;
+        let slot = Slot::new(Dest::Bytes, Opcode::Call);
+        let id = self.register(&slot)?;
+        self.send(&[
+            &Header::request(Opcode::Call, id, method, len).encode(),
+            request,
+        ])?;
+        self.wait(&[(id, slot)])
+            .map(|mut v| v.pop().unwrap_or_default())
+    }
+
+    /// Reads page `index` of the peer's window into `dst`.
+    pub fn read_page(&self, index: u64, dst: &mut Page) -> Result<(), CallError> {
+        self.read_pages(&mut [(index, dst)])
+    }
+
+    /// Reads several pages with all requests outstanding at once (one write, one wait).
+    pub fn read_pages(&self, reads: &mut [(u64, &mut Page)]) -> Result<(), CallError> {
+        let mut slots = Vec::with_capacity(reads.len());
+        let mut headers = Vec::with_capacity(reads.len());
+        for (index, dst) in reads.iter_mut() {
+            let slot = Slot::new(Dest::Page(dst.0.as_mut_ptr()), Opcode::ReadPage);
+            let id = match self.register(&slot) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.abandon(&slots);
+                    return Err(e);
+                }
+            };
+            headers.push(Header::request(Opcode::ReadPage, id, *index, 0).encode());
+            slots.push((id, slot));
+        }
+        let bufs: Vec<&[u8]> = headers.iter().map(|h| &h[..]).collect();
+        if let Err(e) = self.send(&bufs) {
+            self.abandon(&slots);
+            return Err(e);
+        }
+        self.wait(&slots).map(|_| ())
+    }
+
+    /// Writes `src` to page `index` of the peer's window.
+    pub fn write_page(&self, index: u64, src: &Page) -> Result<(), CallError> {
+        self.write_pages(&[(index, src)])
+    }
+
+    /// Writes several pages with all requests outstanding at once.
+    pub fn write_pages(&self, writes: &[(u64, &Page)]) -> Result<(), CallError> {
+        let mut slots = Vec::with_capacity(writes.len());
+        let mut headers = Vec::with_capacity(writes.len());
+        let page = PAGE_SIZE as u32;
+        for (index, _) in writes {
+            let slot = Slot::new(Dest::Bytes, Opcode::WritePage);
+            let id = match self.register(&slot) {
+                Ok(id) => id,
+                Err(e) => {
+                    self.abandon(&slots);
+                    return Err(e);
+                }
+            };
+            headers.push(Header::request(Opcode::WritePage, id, *index, page).encode());
+            slots.push((id, slot));
+        }
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * writes.len());
+        for (h, (_, p)) in headers.iter().zip(writes) {
+            bufs.push(h);
+            bufs.push(&p.0);
+        }
+        if let Err(e) = self.send(&bufs) {
+            self.abandon(&slots);
+            return Err(e);
+        }
+        self.wait(&slots).map(|_| ())
+    }
+
+    fn check_len(&self, len: usize) -> Result<u32, CallError> {
+        let max = self.shared.info.max_frame;
+        u32::try_from(len)
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or(CallError::TooLarge { len, max })
+    }
+
+    fn disconnected(&self) -> CallError {
+        let reason = self.shared.closed.get().cloned().unwrap_or_default();
+        CallError::Disconnected {
+            peer: self.shared.peer.clone(),
+            reason,
+        }
+    }
+
+    /// Adds a slot to `pending` under a fresh id (invariant 1 and 4).
+    fn register(&self, slot: &Arc<Slot>) -> Result<u64, CallError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut pending = lock(&self.shared.pending);
+        // Checked under the lock that `fail` drains, so no slot is added after the drain.
+        if self.is_closed() {
+            return Err(self.disconnected());
+        }
+        pending.insert(id, slot.clone());
+        Ok(id)
+    }
+
+    /// Removes slots whose requests were never (completely) sent.
+    fn abandon(&self, slots: &[(u64, Arc<Slot>)]) {
+        let mut pending = lock(&self.shared.pending);
+        for (id, _) in slots {
+            pending.remove(id);
+        }
+    }
+
+    fn send(&self, bufs: &[&[u8]]) -> Result<(), CallError> {
+        let _g = lock(&self.shared.send);
+        if self.is_closed() {
+            return Err(self.disconnected());
+        }
+        if let Err(e) = self.shared.stream.write_all(bufs) {
+            // A partial write leaves the stream out of frame sync: the connection is unusable.
+            self.shared.fail(format!("send failed: {e}"));
+            return Err(self.disconnected());
+        }
+        Ok(())
+    }
+
+    /// Waits until every slot is final, leading the receive side when nobody else does.
+    fn wait(&self, slots: &[(u64, Arc<Slot>)]) -> Result<Vec<Vec<u8>>, CallError> {
+        let start = Instant::now();
+        let deadline = start + self.shared.timeout;
+        'outer: while !slots.iter().all(|(_, s)| s.is_final()) {
+            if let Ok(mut reader) = self.shared.reader.try_lock() {
+                let r = self.shared.lead(&mut reader, slots, deadline);
+                drop(reader);
+                if r.is_err() {
+                    // Withdraw our slots before handing over, so the next leader is a waiter.
+                    self.cancel(slots);
+                    self.shared.wake_next_leader();
+                    break 'outer;
+                }
+                self.shared.wake_next_leader();
+                continue;
+            }
+            // A leader is reading: spin a little, then park until it completes us or leaves.
+            let spin_end = Instant::now() + FOLLOWER_SPIN;
+            while Instant::now() < spin_end {
+                if slots.iter().all(|(_, s)| s.is_final()) {
+                    break 'outer;
+                }
+                std::hint::spin_loop();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.cancel(slots);
+                break;
+            }
+            thread::park_timeout(MAX_PARK.min(deadline - now));
+        }
+        let mut out = Vec::with_capacity(slots.len());
+        let mut first_err = None;
+        for (_, s) in slots {
+            if !s.is_final() {
+                // Removed by `cancel`: nobody can complete it any more.
+                first_err.get_or_insert(CallError::TimedOut {
+                    peer: self.shared.peer.clone(),
+                    after: start.elapsed(),
+                });
+                continue;
+            }
+            match s.take() {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Gives up on slots after a time-out: removes those still pending, and waits for the ones a
+    /// leader is completing right now (it finishes the frame within the connection time-out or
+    /// fails the connection, so this wait is bounded).
+    fn cancel(&self, slots: &[(u64, Arc<Slot>)]) {
+        let mut in_flight = Vec::new();
+        {
+            let mut pending = lock(&self.shared.pending);
+            for (id, s) in slots {
+                if pending.remove(id).is_none() && !s.is_final() {
+                    in_flight.push(s.clone());
+                }
+            }
+        }
+        for s in in_flight {
+            while !s.is_final() {
+                thread::park_timeout(MAX_PARK);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Marks the connection closed and fails every pending request (invariant 4).
+    fn fail(&self, reason: String) {
+        if self.closed.set(reason.clone()).is_ok() {
+            log::warn!("connection to {} closed: {reason}", self.peer);
+        }
+        self.stream.shutdown();
+        let drained: Vec<Arc<Slot>> = lock(&self.pending).drain().map(|(_, s)| s).collect();
+        let reason = self.closed.get().cloned().unwrap_or(reason);
+        for s in drained {
+            s.finish(Err(CallError::Disconnected {
+                peer: self.peer.clone(),
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    /// Wakes one thread that still waits, so it can take over the receive side.
+    fn wake_next_leader(&self) {
+        if let Some(s) = lock(&self.pending).values().next() {
+            s.waiter.unpark();
+        }
+    }
+
+    /// Reads frames until all of `mine` are final. Returns `Err(())` on the caller's time-out.
+    fn lead(&self, r: &mut Reader, mine: &[(u64, Arc<Slot>)], deadline: Instant) -> Result<(), ()> {
+        while !mine.iter().all(|(_, s)| s.is_final()) {
+            if self.closed.get().is_some() {
+                return Ok(()); // `fail` has finished every slot
+            }
+            // Between frames the caller's deadline applies; within a frame, the connection's.
+            while r.have < HEADER_LEN {
+                match read_some(
+                    &*self.stream,
+                    &mut r.header[r.have..],
+                    self.policy,
+                    Some(deadline),
+                ) {
+                    Ok(n) => r.have += n,
+                    Err(ReadStop::TimedOut) => return Err(()),
+                    Err(stop) => {
+                        self.fail(describe(stop));
+                        return Ok(());
+                    }
+                }
+            }
+            r.have = 0;
+            if let Err(reason) = self.complete_frame(r) {
+                self.fail(reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the header in `r` and reads its payload to wherever it belongs.
+    fn complete_frame(&self, r: &mut Reader) -> Result<(), String> {
+        let h = Header::decode(&r.header, self.info.max_frame).map_err(|e| bad_frame(&e))?;
+        if !h.is_response() || h.opcode.is_handshake() {
+            return Err(format!(
+                "protocol error: unexpected {:?} frame from the server",
+                h.opcode
+            ));
+        }
+        let frame_deadline = Some(Instant::now() + self.timeout);
+        let slot = lock(&self.pending).remove(&h.request_id);
+        let Some(slot) = slot else {
+            if h.request_id >= self.next_id.load(Ordering::Relaxed) {
+                return Err(format!(
+                    "protocol error: response to request {} never sent",
+                    h.request_id
+                ));
+            }
+            // The answer to a request that timed out: drop its payload.
+            r.scratch.resize(h.len as usize, 0);
+            return read_exact(&*self.stream, &mut r.scratch, self.policy, frame_deadline)
+                .map_err(describe);
+        };
+        if h.opcode != slot.expect {
+            let reason = format!(
+                "protocol error: {:?} response to a {:?} request",
+                h.opcode, slot.expect
+            );
+            slot.finish(Err(CallError::Disconnected {
+                peer: self.peer.clone(),
+                reason: reason.clone(),
+            }));
+            return Err(reason);
+        }
+        let outcome = if h.is_error() {
+            let mut msg = vec![0u8; h.len as usize];
+            read_exact(&*self.stream, &mut msg, self.policy, frame_deadline).map_err(describe)?;
+            Err(CallError::Remote {
+                peer: self.peer.clone(),
+                code: h.status,
+                status: Status::from_u32(h.status),
+                message: String::from_utf8_lossy(&msg).into_owned(),
+            })
+        } else {
+            match slot.dest {
+                Dest::Page(ptr) => {
+                    // SAFETY: `ptr` is the caller's `&mut Page` (PAGE_SIZE bytes), which stays
+                    // valid and unaliased while the slot is out of `pending` and not final
+                    // (module invariants 2 and 3). `decode` checked that len == PAGE_SIZE.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
+                    let read = read_exact(&*self.stream, dst, self.policy, frame_deadline);
+                    if let Err(stop) = read {
+                        let reason = describe(stop);
+                        slot.finish(Err(CallError::Disconnected {
+                            peer: self.peer.clone(),
+                            reason: reason.clone(),
+                        }));
+                        return Err(reason);
+                    }
+                    Ok(Vec::new())
+                }
+                Dest::Bytes => {
+                    let mut v = vec![0u8; h.len as usize];
+                    let read = read_exact(&*self.stream, &mut v, self.policy, frame_deadline);
+                    if let Err(stop) = read {
+                        let reason = describe(stop);
+                        slot.finish(Err(CallError::Disconnected {
+                            peer: self.peer.clone(),
+                            reason: reason.clone(),
+                        }));
+                        return Err(reason);
+                    }
+                    Ok(v)
+                }
+            }
+        };
+        slot.finish(outcome);
+        Ok(())
+    }
+}
+
+fn describe(stop: ReadStop) -> String {
+    match stop {
+        ReadStop::Eof => "peer closed the connection".into(),
+        ReadStop::TimedOut => "peer stalled in the middle of a frame".into(),
+        ReadStop::Io(e) => format!("receive failed: {e}"),
+    }
+}
+
+fn bad_frame(e: &FrameError) -> String {
+    format!("malformed frame from the server: {e}")
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stream.shutdown();
+    }
+}

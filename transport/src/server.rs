@@ -1,0 +1,420 @@
+//! The serving side: accepts connections, authenticates them, and answers calls and page ops.
+//!
+//! Each connection has one thread that reads every complete frame available, answers them all,
+//! and sends the answers with one vectored write, so a batch of requests costs one read and one
+//! write however many it holds. The thread busy-polls for the [`WaitPolicy`]'s spin time before
+//! it sleeps, like the client.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::auth::{server_handshake, ClusterKey, ServerInfo};
+use crate::page::PageWindow;
+use crate::stream::{read_some, ByteStream, ReadStop, WaitPolicy};
+use crate::wire::{
+    Header, Opcode, Status, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE,
+};
+
+/// A failure a [`Service`] reports to its caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceError {
+    /// The status code sent to the caller.
+    pub status: Status,
+    /// A message for the caller.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// A failure with `status` and `message`.
+    pub fn new(status: Status, message: impl Into<String>) -> ServiceError {
+        ServiceError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+/// The application behind a server: answers [`Connection::call`](crate::Connection::call)s.
+pub trait Service: Send + Sync + 'static {
+    /// Answers a call to `method` with `request`; runs on the connection's thread.
+    fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError>;
+}
+
+/// A service that answers every call with its request: for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Echo;
+
+impl Service for Echo {
+    fn call(&self, _method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError> {
+        Ok(request.to_vec())
+    }
+}
+
+/// A service with no methods: every call is refused with [`Status::UnknownMethod`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoService;
+
+impl Service for NoService {
+    fn call(&self, method: u64, _request: &[u8]) -> Result<Vec<u8>, ServiceError> {
+        Err(ServiceError::new(
+            Status::UnknownMethod,
+            format!("no method {method}"),
+        ))
+    }
+}
+
+/// How a server behaves.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The cluster key clients must prove.
+    pub key: ClusterKey,
+    /// Answers calls.
+    pub service: Arc<dyn Service>,
+    /// Pages served to one-sided reads and writes, if any.
+    pub window: Option<Arc<PageWindow>>,
+    /// How connection threads wait for requests.
+    pub policy: WaitPolicy,
+    /// The largest request payload accepted (at most 64 MiB).
+    pub max_frame: u32,
+    /// How long a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A server with `key`, no methods, no window and default limits.
+    pub fn new(key: ClusterKey) -> ServerConfig {
+        ServerConfig {
+            key,
+            service: Arc::new(NoService),
+            window: None,
+            policy: WaitPolicy::DEFAULT,
+            max_frame: DEFAULT_MAX_FRAME,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets the service.
+    pub fn service(mut self, service: impl Service) -> ServerConfig {
+        self.service = Arc::new(service);
+        self
+    }
+
+    /// Sets the page window.
+    pub fn window(mut self, window: Arc<PageWindow>) -> ServerConfig {
+        self.window = Some(window);
+        self
+    }
+
+    /// Sets the wait policy.
+    pub fn policy(mut self, policy: WaitPolicy) -> ServerConfig {
+        self.policy = policy;
+        self
+    }
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("window", &self.window)
+            .field("policy", &self.policy)
+            .field("max_frame", &self.max_frame)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Something that yields new connections: a TCP listener or a shm rendezvous socket.
+pub(crate) trait Acceptor: Send {
+    /// Waits up to `timeout` for a new connection.
+    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>>;
+    /// The URI clients connect to.
+    fn local_uri(&self) -> String;
+}
+
+struct Ctx {
+    cfg: ServerConfig,
+    stop: AtomicBool,
+    live: Mutex<Vec<(u64, Arc<dyn ByteStream>)>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next_conn: AtomicU64,
+}
+
+/// A running server. Dropping it (or [`Server::shutdown`]) stops accepting, closes every
+/// connection and joins every thread it started.
+pub struct Server {
+    uri: String,
+    ctx: Arc<Ctx>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("uri", &self.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often blocked server threads look at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+impl Server {
+    pub(crate) fn start(
+        mut acceptor: Box<dyn Acceptor>,
+        mut cfg: ServerConfig,
+    ) -> io::Result<Server> {
+        cfg.max_frame = cfg.max_frame.clamp(PAGE_SIZE as u32, MAX_FRAME_LIMIT);
+        let uri = acceptor.local_uri();
+        let ctx = Arc::new(Ctx {
+            cfg,
+            stop: AtomicBool::new(false),
+            live: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            next_conn: AtomicU64::new(0),
+        });
+        let actx = ctx.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("mosaic-accept".into())
+            .spawn(move || {
+                while !actx.stop.load(Ordering::Acquire) {
+                    match acceptor.accept(STOP_POLL) {
+                        Ok(Some(stream)) => spawn_conn(&actx, stream),
+                        Ok(None) => {}
+                        Err(e) => {
+                            log::warn!("accept failed: {e}");
+                            std::thread::sleep(STOP_POLL);
+                        }
+                    }
+                }
+            })?;
+        Ok(Server {
+            uri,
+            ctx,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The URI clients connect to (with the real port when bound to port 0).
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Number of connections currently open.
+    pub fn connections(&self) -> usize {
+        lock(&self.ctx.live).len()
+    }
+
+    /// Stops the server: closes every connection and joins every thread.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.ctx.stop.store(true, Ordering::Release);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        for (_, s) in lock(&self.ctx.live).iter() {
+            s.shutdown();
+        }
+        let threads: Vec<_> = lock(&self.ctx.threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn spawn_conn(ctx: &Arc<Ctx>, stream: Box<dyn ByteStream>) {
+    let stream: Arc<dyn ByteStream> = Arc::from(stream);
+    let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
+    lock(&ctx.live).push((id, stream.clone()));
+    let cctx = ctx.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("mosaic-conn-{id}"))
+        .spawn(move || {
+            serve(&cctx, &*stream);
+            stream.shutdown();
+            lock(&cctx.live).retain(|(i, _)| *i != id);
+        });
+    match spawned {
+        Ok(h) => {
+            let mut threads = lock(&ctx.threads);
+            threads.retain(|t| !t.is_finished());
+            threads.push(h);
+        }
+        Err(e) => {
+            log::warn!("cannot start a connection thread: {e}");
+            lock(&ctx.live).retain(|(i, _)| *i != id);
+        }
+    }
+}
+
+fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
+    let cfg = &ctx.cfg;
+    let peer = stream.peer();
+    let info = ServerInfo {
+        window_pages: cfg.window.as_ref().map_or(0, |w| w.pages()),
+        max_frame: cfg.max_frame,
+    };
+    if let Err(e) = server_handshake(
+        stream,
+        &cfg.key,
+        info,
+        Instant::now() + cfg.handshake_timeout,
+    ) {
+        log::warn!("refused {peer}: {e}");
+        return;
+    }
+    log::debug!("{peer} authenticated");
+    let cap = HEADER_LEN + cfg.max_frame as usize + (64 << 10);
+    let mut buf = vec![0u8; cap];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut out: Vec<u8> = Vec::with_capacity(256 << 10);
+    loop {
+        // Answer every complete frame in the buffer.
+        while end - start >= HEADER_LEN {
+            let h = match Header::decode_slice(&buf[start..end], cfg.max_frame) {
+                Ok(h) => h,
+                Err(e) => {
+                    log::warn!("closing {peer}: malformed frame: {e}");
+                    return;
+                }
+            };
+            if h.is_response() || h.opcode.is_handshake() {
+                log::warn!(
+                    "closing {peer}: protocol error: unexpected {:?} frame (flags {:#x})",
+                    h.opcode,
+                    h.flags
+                );
+                return;
+            }
+            let need = HEADER_LEN + h.len as usize;
+            if end - start < need {
+                break;
+            }
+            answer(cfg, &h, &buf[start + HEADER_LEN..start + need], &mut out);
+            start += need;
+        }
+        if !out.is_empty() {
+            if let Err(e) = stream.write_all(&[&out]) {
+                log::debug!("{peer}: send failed: {e}");
+                return;
+            }
+            out.clear();
+        }
+        if start == end {
+            start = 0;
+            end = 0;
+        } else if cap - end < HEADER_LEN + cfg.max_frame as usize {
+            buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+        }
+        match read_some(
+            stream,
+            &mut buf[end..],
+            cfg.policy,
+            Some(Instant::now() + STOP_POLL),
+        ) {
+            Ok(n) => end += n,
+            Err(ReadStop::TimedOut) => {
+                if ctx.stop.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            Err(ReadStop::Eof) => {
+                log::debug!("{peer} disconnected");
+                return;
+            }
+            Err(ReadStop::Io(e)) => {
+                if !ctx.stop.load(Ordering::Acquire) {
+                    log::debug!("{peer}: receive failed: {e}");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Appends the answer to one request to `out`.
+fn answer(cfg: &ServerConfig, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
+    let result: Result<(), ServiceError> = match h.opcode {
+        Opcode::Call => match cfg.service.call(h.arg, payload) {
+            Ok(resp) if resp.len() <= cfg.max_frame as usize => {
+                out.extend_from_slice(&Header::response(h, len32(&resp)).encode());
+                out.extend_from_slice(&resp);
+                Ok(())
+            }
+            Ok(resp) => Err(ServiceError::new(
+                Status::Handler,
+                format!("response of {} bytes is too large", resp.len()),
+            )),
+            Err(e) => Err(e),
+        },
+        Opcode::ReadPage => with_window(cfg, |w| {
+            let at = out.len();
+            out.extend_from_slice(&Header::response(h, PAGE_SIZE as u32).encode());
+            out.resize(at + HEADER_LEN + PAGE_SIZE, 0);
+            let page: &mut [u8; PAGE_SIZE] = (&mut out[at + HEADER_LEN..])
+                .try_into()
+                .expect("resized to one page");
+            w.read(h.arg, page).map_err(|s| {
+                out.truncate(at);
+                page_error(s, h.arg, w)
+            })
+        }),
+        Opcode::WritePage => with_window(cfg, |w| {
+            let page: &[u8; PAGE_SIZE] = payload
+                .try_into()
+                .map_err(|_| ServiceError::new(Status::BadRequest, "not a page"))?;
+            w.write(h.arg, page).map_err(|s| page_error(s, h.arg, w))?;
+            out.extend_from_slice(&Header::response(h, 0).encode());
+            Ok(())
+        }),
+        // Handshake opcodes are rejected by the caller before we get here.
+        Opcode::Hello | Opcode::Challenge | Opcode::Auth | Opcode::AuthResult => Err(
+            ServiceError::new(Status::BadRequest, "handshake frame after the handshake"),
+        ),
+    };
+    if let Err(e) = result {
+        let msg = e.message.as_bytes();
+        out.extend_from_slice(&Header::error_response(h, e.status as u32, len32(msg)).encode());
+        out.extend_from_slice(msg);
+    }
+}
+
+fn with_window(
+    cfg: &ServerConfig,
+    f: impl FnOnce(&PageWindow) -> Result<(), ServiceError>,
+) -> Result<(), ServiceError> {
+    match &cfg.window {
+        Some(w) => f(w),
+        None => Err(ServiceError::new(
+            Status::NoWindow,
+            "this server exposes no page window",
+        )),
+    }
+}
+
+fn page_error(s: Status, index: u64, w: &PageWindow) -> ServiceError {
+    ServiceError::new(
+        s,
+        format!("page {index} is outside the window of {} pages", w.pages()),
+    )
+}
+
+fn len32(b: &[u8]) -> u32 {
+    u32::try_from(b.len()).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,303 @@
+#![allow(missing_docs)]
+//! The conformance suite every back-end passes: the same tests, instantiated per transport.
+//!
+//! Each back-end names how a server binds and how a client reaches it; `sim` runs the suite
+//! through a shaped link (10 GbE with 1% loss) around tcp.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mosaic_transport::{
+    connect, listen, CallError, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Server,
+    ServerConfig, Service, ServiceError, Status,
+};
+
+fn key() -> ClusterKey {
+    ClusterKey::from_bytes(b"conformance-suite-cluster-key").unwrap()
+}
+
+/// Echo, plus method 99 that sleeps for the number of milliseconds in its request.
+struct TestService;
+
+impl Service for TestService {
+    fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError> {
+        match method {
+            99 => {
+                let ms = request.first().copied().unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(u64::from(ms)));
+                Ok(Vec::new())
+            }
+            7 => Err(ServiceError::new(Status::Full, "no room")),
+            _ => Echo.call(method, request),
+        }
+    }
+}
+
+/// A back-end under test: where the server listens, how the client's URI is formed from it.
+trait Backend {
+    fn bind_uri() -> String;
+    fn client_uri(server_uri: &str) -> String;
+}
+
+struct Tcp;
+impl Backend for Tcp {
+    fn bind_uri() -> String {
+        "tcp://127.0.0.1:0".into()
+    }
+    fn client_uri(s: &str) -> String {
+        s.into()
+    }
+}
+
+struct Sim;
+impl Backend for Sim {
+    fn bind_uri() -> String {
+        "tcp://127.0.0.1:0".into()
+    }
+    fn client_uri(s: &str) -> String {
+        format!("sim://10gbe,loss=0.01,seed=3@{s}")
+    }
+}
+
+fn server<B: Backend>(window_pages: u64) -> Server {
+    let mut cfg = ServerConfig::new(key()).service(TestService);
+    if window_pages > 0 {
+        cfg = cfg.window(Arc::new(PageWindow::new(window_pages).unwrap()));
+    }
+    listen(&B::bind_uri(), cfg).expect("listen")
+}
+
+fn client<B: Backend>(s: &Server) -> mosaic_transport::Connection {
+    connect(
+        &B::client_uri(s.uri()),
+        &ConnectOptions::new(key()).timeout(Duration::from_secs(10)),
+    )
+    .expect("connect")
+}
+
+fn page_of(seed: u64) -> Box<Page> {
+    let mut p = Page::boxed();
+    for (i, chunk) in p.0.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&(seed.wrapping_mul(0x9E37_79B9) ^ i as u64).to_le_bytes());
+    }
+    p
+}
+
+pub fn calls_echo_every_size<B: Backend>() {
+    let s = server::<B>(0);
+    let c = client::<B>(&s);
+    for size in [0usize, 1, 8, 64, 4096, 65536, 1 << 20] {
+        let msg: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
+        assert_eq!(c.call(1, &msg).unwrap(), msg, "size {size}");
+    }
+    let too_big = vec![0u8; (1 << 20) + 1];
+    assert!(matches!(
+        c.call(1, &too_big),
+        Err(CallError::TooLarge { .. })
+    ));
+    // The connection survives a refused oversize request.
+    assert_eq!(c.call(1, b"still here").unwrap(), b"still here");
+}
+
+pub fn service_errors_reach_the_caller<B: Backend>() {
+    let s = server::<B>(0);
+    let c = client::<B>(&s);
+    let e = c.call(7, b"").unwrap_err();
+    assert_eq!(e.status(), Some(Status::Full), "{e}");
+    assert!(e.to_string().contains("no room"), "{e}");
+}
+
+pub fn pages_round_trip_singly_and_in_batches<B: Backend>() {
+    let s = server::<B>(64);
+    let c = client::<B>(&s);
+    assert_eq!(c.window_pages(), 64);
+    for i in 0..64 {
+        c.write_page(i, &page_of(i)).unwrap();
+    }
+    let mut p = Page::boxed();
+    c.read_page(5, &mut p).unwrap();
+    assert_eq!(p.0, page_of(5).0);
+    // A batch of 16 reads, out of order: each page lands in its own buffer.
+    let mut bufs = Page::vec(16);
+    let idx: Vec<u64> = (0..16).map(|i| (i * 37 + 11) % 64).collect();
+    let mut reads: Vec<(u64, &mut Page)> = idx.iter().copied().zip(bufs.iter_mut()).collect();
+    c.read_pages(&mut reads).unwrap();
+    for (i, b) in idx.iter().zip(&bufs) {
+        assert_eq!(b.0, page_of(*i).0, "page {i}");
+    }
+    // A batch of writes, then read back.
+    let newp: Vec<Box<Page>> = (0..8).map(|i| page_of(1000 + i)).collect();
+    let writes: Vec<(u64, &Page)> = newp
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 * 8, &**p))
+        .collect();
+    c.write_pages(&writes).unwrap();
+    for i in 0..8u64 {
+        c.read_page(i * 8, &mut p).unwrap();
+        assert_eq!(p.0, page_of(1000 + i).0);
+    }
+}
+
+pub fn page_errors_are_typed<B: Backend>() {
+    let s = server::<B>(4);
+    let c = client::<B>(&s);
+    let mut p = Page::boxed();
+    assert_eq!(
+        c.read_page(4, &mut p).unwrap_err().status(),
+        Some(Status::PageOutOfRange)
+    );
+    assert_eq!(
+        c.write_page(u64::MAX, &p).unwrap_err().status(),
+        Some(Status::PageOutOfRange)
+    );
+    // One bad read in a batch fails the batch but leaves the connection usable.
+    let mut a = Page::boxed();
+    let mut b = Page::boxed();
+    assert!(c.read_pages(&mut [(0, &mut a), (9, &mut b)]).is_err());
+    c.read_page(1, &mut p).unwrap();
+
+    let no_window = server::<B>(0);
+    let c2 = client::<B>(&no_window);
+    assert_eq!(
+        c2.read_page(0, &mut p).unwrap_err().status(),
+        Some(Status::NoWindow)
+    );
+}
+
+pub fn many_threads_share_one_connection<B: Backend>() {
+    let s = server::<B>(256);
+    let c = client::<B>(&s);
+    let threads = 16;
+    let per_thread = 150;
+    let ok = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let c = c.clone();
+            let ok = ok.clone();
+            scope.spawn(move || {
+                let mut p = Page::boxed();
+                for i in 0..per_thread {
+                    let msg = format!("thread {t} message {i}");
+                    assert_eq!(c.call(3, msg.as_bytes()).unwrap(), msg.as_bytes());
+                    let page = (t * 16 + i % 16) as u64;
+                    let want = page_of(page);
+                    c.write_page(page, &want).unwrap();
+                    c.read_page(page, &mut p).unwrap();
+                    assert_eq!(p.0, want.0, "thread {t} page {page}");
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(ok.load(Ordering::Relaxed), threads * per_thread);
+}
+
+pub fn responses_match_requests_whatever_the_order<B: Backend>() {
+    // A slow call and fast calls outstanding together on one connection: each caller gets its own.
+    let s = server::<B>(0);
+    let c = client::<B>(&s);
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| c.call(99, &[50]).map(|v| v.len()));
+        let fast: Vec<_> = (0..4u8)
+            .map(|i| {
+                let c = c.clone();
+                scope.spawn(move || c.call(1, &[i; 3]))
+            })
+            .collect();
+        for (i, f) in fast.into_iter().enumerate() {
+            assert_eq!(f.join().unwrap().unwrap(), vec![i as u8; 3]);
+        }
+        assert_eq!(slow.join().unwrap().unwrap(), 0);
+    });
+}
+
+pub fn a_dead_peer_fails_requests_without_hanging<B: Backend>() {
+    let s = server::<B>(0);
+    let c = client::<B>(&s);
+    let c2 = c.clone();
+    let start = Instant::now();
+    let waiter = std::thread::spawn(move || c2.call(99, &[200]));
+    std::thread::sleep(Duration::from_millis(50));
+    drop(s); // closes every connection while the request is outstanding
+    let r = waiter.join().unwrap();
+    assert!(matches!(r, Err(CallError::Disconnected { .. })), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // Later requests fail at once, with the same typed error.
+    assert!(matches!(
+        c.call(1, b"x"),
+        Err(CallError::Disconnected { .. })
+    ));
+}
+
+pub fn requests_time_out_with_an_error<B: Backend>() {
+    let s = server::<B>(0);
+    let opts = ConnectOptions::new(key()).timeout(Duration::from_millis(100));
+    let c = connect(&B::client_uri(s.uri()), &opts).unwrap();
+    let r = c.call(99, &[250]);
+    assert!(matches!(r, Err(CallError::TimedOut { .. })), "{r:?}");
+    // The late answer is discarded and the connection still works.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(c.call(1, b"after").unwrap(), b"after");
+}
+
+pub fn a_wrong_key_is_refused_on_both_sides<B: Backend>() {
+    let s = server::<B>(0);
+    let wrong = ClusterKey::from_bytes(b"some-other-cluster-key").unwrap();
+    let e = connect(&B::client_uri(s.uri()), &ConnectOptions::new(wrong)).unwrap_err();
+    assert!(e.is_wrong_key(), "{e}");
+    // The server dropped that connection and still serves the right key.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.connections() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.connections(), 0);
+    assert_eq!(client::<B>(&s).call(1, b"ok").unwrap(), b"ok");
+}
+
+macro_rules! suite {
+    ($modname:ident, $backend:ty) => {
+        mod $modname {
+            #[test]
+            fn calls_echo_every_size() {
+                super::calls_echo_every_size::<$backend>();
+            }
+            #[test]
+            fn service_errors_reach_the_caller() {
+                super::service_errors_reach_the_caller::<$backend>();
+            }
+            #[test]
+            fn pages_round_trip_singly_and_in_batches() {
+                super::pages_round_trip_singly_and_in_batches::<$backend>();
+            }
+            #[test]
+            fn page_errors_are_typed() {
+                super::page_errors_are_typed::<$backend>();
+            }
+            #[test]
+            fn many_threads_share_one_connection() {
+                super::many_threads_share_one_connection::<$backend>();
+            }
+            #[test]
+            fn responses_match_requests_whatever_the_order() {
+                super::responses_match_requests_whatever_the_order::<$backend>();
+            }
+            #[test]
+            fn a_dead_peer_fails_requests_without_hanging() {
+                super::a_dead_peer_fails_requests_without_hanging::<$backend>();
+            }
+            #[test]
+            fn requests_time_out_with_an_error() {
+                super::requests_time_out_with_an_error::<$backend>();
+            }
+            #[test]
+            fn a_wrong_key_is_refused_on_both_sides() {
+                super::a_wrong_key_is_refused_on_both_sides::<$backend>();
+            }
+        }
+    };
+}
+
+suite!(tcp, super::Tcp);
+suite!(sim, super::Sim);
