@@ -82,10 +82,8 @@ impl ClusterKey {
     /// A key read from a file; one trailing newline is ignored.
     pub fn from_file(path: impl AsRef<Path>) -> Result<ClusterKey, KeyError> {
         let path = path.as_ref();
-        let mut bytes = std::fs::read(path).map_err(|source| KeyError::File {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let mut bytes =
+            std::fs::read(path).map_err(|source| KeyError::File { path: path.display().to_string(), source })?;
         if bytes.last() == Some(&b'\n') {
             bytes.pop();
         }
@@ -117,8 +115,7 @@ impl ClusterKey {
 
     fn mac(&self, label: &[u8], a: &[u8], b: &[u8]) -> HmacSha256 {
         // HMAC accepts keys of any length, so new_from_slice cannot fail.
-        let mut m =
-            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(label);
         m.update(a);
         m.update(b);
@@ -179,10 +176,7 @@ fn read_frame(
     read_exact(s, &mut hb, policy, Some(deadline))?;
     let h = Header::decode(&hb, HANDSHAKE_MAX_FRAME)?;
     if h.opcode != expect {
-        return Err(HandshakeError::Unexpected(format!(
-            "expected {expect:?}, got {:?}",
-            h.opcode
-        )));
+        return Err(HandshakeError::Unexpected(format!("expected {expect:?}, got {:?}", h.opcode)));
     }
     let mut payload = vec![0u8; h.len as usize];
     read_exact(s, &mut payload, policy, Some(deadline))?;
@@ -207,37 +201,22 @@ pub(crate) fn client_handshake(
 ) -> Result<ServerInfo, HandshakeError> {
     let policy = WaitPolicy::DEFAULT;
     let nonce_c = nonce()?;
-    s.write_all(&[
-        &Header::request(Opcode::Hello, 0, 0, len32(&nonce_c)).encode(),
-        &nonce_c,
-    ])?;
+    s.write_all(&[&Header::request(Opcode::Hello, 0, 0, len32(&nonce_c)).encode(), &nonce_c])?;
     let (_, p) = read_frame(s, Opcode::Challenge, policy, deadline)?;
     if p.len() != CHALLENGE_LEN {
-        return Err(HandshakeError::Unexpected(format!(
-            "challenge of {} bytes",
-            p.len()
-        )));
+        return Err(HandshakeError::Unexpected(format!("challenge of {} bytes", p.len())));
     }
     let (nonce_s, rest) = p.split_at(NONCE_LEN);
     let (mac_s, rest) = rest.split_at(MAC_LEN);
-    let server_ok = key
-        .mac(b"mosaic-server", &nonce_c, nonce_s)
-        .verify_slice(mac_s)
-        .is_ok();
+    let server_ok = key.mac(b"mosaic-server", &nonce_c, nonce_s).verify_slice(mac_s).is_ok();
     // Answer even when the server failed its proof (with a MAC that cannot verify), so the
     // server also logs a key mismatch instead of a bare disconnect.
     let mac_c: [u8; MAC_LEN] = if server_ok {
-        key.mac(b"mosaic-client", nonce_s, &nonce_c)
-            .finalize()
-            .into_bytes()
-            .into()
+        key.mac(b"mosaic-client", nonce_s, &nonce_c).finalize().into_bytes().into()
     } else {
         [0u8; MAC_LEN]
     };
-    s.write_all(&[
-        &Header::request(Opcode::Auth, 0, 0, len32(&mac_c)).encode(),
-        &mac_c,
-    ])?;
+    s.write_all(&[&Header::request(Opcode::Auth, 0, 0, len32(&mac_c)).encode(), &mac_c])?;
     if !server_ok {
         return Err(HandshakeError::WrongKey);
     }
@@ -246,18 +225,13 @@ pub(crate) fn client_handshake(
         if h.status == Status::AuthFailed as u32 {
             return Err(HandshakeError::WrongKey);
         }
-        return Err(HandshakeError::Unexpected(
-            String::from_utf8_lossy(&msg).into_owned(),
-        ));
+        return Err(HandshakeError::Unexpected(String::from_utf8_lossy(&msg).into_owned()));
     }
     let mut wp = [0u8; 8];
     wp.copy_from_slice(&rest[..8]);
     let mut mf = [0u8; 4];
     mf.copy_from_slice(&rest[8..12]);
-    Ok(ServerInfo {
-        window_pages: u64::from_le_bytes(wp),
-        max_frame: u32::from_le_bytes(mf),
-    })
+    Ok(ServerInfo { window_pages: u64::from_le_bytes(wp), max_frame: u32::from_le_bytes(mf) })
 }
 
 /// Runs the server side of the handshake.
@@ -270,33 +244,20 @@ pub(crate) fn server_handshake(
     let policy = WaitPolicy::DEFAULT;
     let (_, nonce_c) = read_frame(s, Opcode::Hello, policy, deadline)?;
     if nonce_c.len() != NONCE_LEN {
-        return Err(HandshakeError::Unexpected(format!(
-            "hello nonce of {} bytes",
-            nonce_c.len()
-        )));
+        return Err(HandshakeError::Unexpected(format!("hello nonce of {} bytes", nonce_c.len())));
     }
     let nonce_s = nonce()?;
-    let mac_s: [u8; MAC_LEN] = key
-        .mac(b"mosaic-server", &nonce_c, &nonce_s)
-        .finalize()
-        .into_bytes()
-        .into();
+    let mac_s: [u8; MAC_LEN] = key.mac(b"mosaic-server", &nonce_c, &nonce_s).finalize().into_bytes().into();
     let mut challenge = Vec::with_capacity(CHALLENGE_LEN);
     challenge.extend_from_slice(&nonce_s);
     challenge.extend_from_slice(&mac_s);
     challenge.extend_from_slice(&info.window_pages.to_le_bytes());
     challenge.extend_from_slice(&info.max_frame.to_le_bytes());
-    let ch = Header {
-        flags: crate::wire::FLAG_RESPONSE,
-        ..Header::request(Opcode::Challenge, 0, 0, len32(&challenge))
-    };
+    let ch =
+        Header { flags: crate::wire::FLAG_RESPONSE, ..Header::request(Opcode::Challenge, 0, 0, len32(&challenge)) };
     s.write_all(&[&ch.encode(), &challenge])?;
     let (auth, mac_c) = read_frame(s, Opcode::Auth, policy, deadline)?;
-    if key
-        .mac(b"mosaic-client", &nonce_s, &nonce_c)
-        .verify_slice(&mac_c)
-        .is_err()
-    {
+    if key.mac(b"mosaic-client", &nonce_s, &nonce_c).verify_slice(&mac_c).is_err() {
         let msg = b"cluster key mismatch";
         let h = Header::error_response(&auth, Status::AuthFailed as u32, len32(msg));
         let _ = s.write_all(&[&h.encode(), msg]);
@@ -312,10 +273,7 @@ mod tests {
 
     #[test]
     fn short_keys_are_refused() {
-        assert!(matches!(
-            ClusterKey::from_bytes(b"short"),
-            Err(KeyError::TooShort(5))
-        ));
+        assert!(matches!(ClusterKey::from_bytes(b"short"), Err(KeyError::TooShort(5))));
         assert!(ClusterKey::from_bytes(&[7u8; MIN_KEY_LEN]).is_ok());
     }
 
@@ -333,10 +291,7 @@ mod tests {
         let k = ClusterKey::from_file(&dir).unwrap();
         std::fs::remove_file(&dir).unwrap();
         assert_eq!(k.0, b"0123456789abcdef");
-        assert!(matches!(
-            ClusterKey::from_file("/nonexistent/key"),
-            Err(KeyError::File { .. })
-        ));
+        assert!(matches!(ClusterKey::from_file("/nonexistent/key"), Err(KeyError::File { .. })));
     }
 
     #[test]

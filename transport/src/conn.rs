@@ -33,7 +33,7 @@ use thiserror::Error;
 use crate::auth::ServerInfo;
 use crate::page::Page;
 use crate::stream::{read_exact, read_some, ByteStream, ReadStop, WaitPolicy};
-use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
+use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE, PAGE_SIZE_U32};
 
 /// Why a request failed.
 #[derive(Clone, Debug, Error)]
@@ -173,10 +173,7 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection")
-            .field("peer", &self.shared.peer)
-            .field("info", &self.shared.info)
-            .finish()
+        f.debug_struct("Connection").field("peer", &self.shared.peer).field("info", &self.shared.info).finish()
     }
 }
 
@@ -201,11 +198,7 @@ impl Connection {
                 policy,
                 timeout,
                 send: Mutex::new(()),
-                reader: Mutex::new(Reader {
-                    header: [0; HEADER_LEN],
-                    have: 0,
-                    scratch: Vec::new(),
-                }),
+                reader: Mutex::new(Reader { header: [0; HEADER_LEN], have: 0, scratch: Vec::new() }),
                 pending: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 closed: OnceLock::new(),
@@ -243,12 +236,8 @@ impl Connection {
         let len = self.check_len(request.len())?;
         let slot = Slot::new(Dest::Bytes, Opcode::Call);
         let id = self.register(&slot)?;
-        self.send(&[
-            &Header::request(Opcode::Call, id, method, len).encode(),
-            request,
-        ])?;
-        self.wait(&[(id, slot)])
-            .map(|mut v| v.pop().unwrap_or_default())
+        self.send(&[&Header::request(Opcode::Call, id, method, len).encode(), request])?;
+        self.wait(&[(id, slot)]).map(|mut v| v.pop().unwrap_or_default())
     }
 
     /// Reads page `index` of the peer's window into `dst`.
@@ -289,7 +278,7 @@ impl Connection {
     pub fn write_pages(&self, writes: &[(u64, &Page)]) -> Result<(), CallError> {
         let mut slots = Vec::with_capacity(writes.len());
         let mut headers = Vec::with_capacity(writes.len());
-        let page = PAGE_SIZE as u32;
+        let page = PAGE_SIZE_U32;
         for (index, _) in writes {
             let slot = Slot::new(Dest::Bytes, Opcode::WritePage);
             let id = match self.register(&slot) {
@@ -316,18 +305,12 @@ impl Connection {
 
     fn check_len(&self, len: usize) -> Result<u32, CallError> {
         let max = self.shared.info.max_frame;
-        u32::try_from(len)
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or(CallError::TooLarge { len, max })
+        u32::try_from(len).ok().filter(|l| *l <= max).ok_or(CallError::TooLarge { len, max })
     }
 
     fn disconnected(&self) -> CallError {
         let reason = self.shared.closed.get().cloned().unwrap_or_default();
-        CallError::Disconnected {
-            peer: self.shared.peer.clone(),
-            reason,
-        }
+        CallError::Disconnected { peer: self.shared.peer.clone(), reason }
     }
 
     /// Adds a slot to `pending` under a fresh id (invariant 1 and 4).
@@ -400,10 +383,7 @@ impl Connection {
         for (_, s) in slots {
             if !s.is_final() {
                 // Removed by `cancel`: nobody can complete it any more.
-                first_err.get_or_insert(CallError::TimedOut {
-                    peer: self.shared.peer.clone(),
-                    after: start.elapsed(),
-                });
+                first_err.get_or_insert(CallError::TimedOut { peer: self.shared.peer.clone(), after: start.elapsed() });
                 continue;
             }
             match s.take() {
@@ -450,10 +430,7 @@ impl Shared {
         let drained: Vec<Arc<Slot>> = lock(&self.pending).drain().map(|(_, s)| s).collect();
         let reason = self.closed.get().cloned().unwrap_or(reason);
         for s in drained {
-            s.finish(Err(CallError::Disconnected {
-                peer: self.peer.clone(),
-                reason: reason.clone(),
-            }));
+            s.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
         }
     }
 
@@ -472,12 +449,7 @@ impl Shared {
             }
             // Between frames the caller's deadline applies; within a frame, the connection's.
             while r.have < HEADER_LEN {
-                match read_some(
-                    &*self.stream,
-                    &mut r.header[r.have..],
-                    self.policy,
-                    Some(deadline),
-                ) {
+                match read_some(&*self.stream, &mut r.header[r.have..], self.policy, Some(deadline)) {
                     Ok(n) => r.have += n,
                     Err(ReadStop::TimedOut) => return Err(()),
                     Err(stop) => {
@@ -498,34 +470,21 @@ impl Shared {
     fn complete_frame(&self, r: &mut Reader) -> Result<(), String> {
         let h = Header::decode(&r.header, self.info.max_frame).map_err(|e| bad_frame(&e))?;
         if !h.is_response() || h.opcode.is_handshake() {
-            return Err(format!(
-                "protocol error: unexpected {:?} frame from the server",
-                h.opcode
-            ));
+            return Err(format!("protocol error: unexpected {:?} frame from the server", h.opcode));
         }
         let frame_deadline = Some(Instant::now() + self.timeout);
         let slot = lock(&self.pending).remove(&h.request_id);
         let Some(slot) = slot else {
             if h.request_id >= self.next_id.load(Ordering::Relaxed) {
-                return Err(format!(
-                    "protocol error: response to request {} never sent",
-                    h.request_id
-                ));
+                return Err(format!("protocol error: response to request {} never sent", h.request_id));
             }
             // The answer to a request that timed out: drop its payload.
             r.scratch.resize(h.len as usize, 0);
-            return read_exact(&*self.stream, &mut r.scratch, self.policy, frame_deadline)
-                .map_err(describe);
+            return read_exact(&*self.stream, &mut r.scratch, self.policy, frame_deadline).map_err(describe);
         };
         if h.opcode != slot.expect {
-            let reason = format!(
-                "protocol error: {:?} response to a {:?} request",
-                h.opcode, slot.expect
-            );
-            slot.finish(Err(CallError::Disconnected {
-                peer: self.peer.clone(),
-                reason: reason.clone(),
-            }));
+            let reason = format!("protocol error: {:?} response to a {:?} request", h.opcode, slot.expect);
+            slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
             return Err(reason);
         }
         let outcome = if h.is_error() {
@@ -547,10 +506,7 @@ impl Shared {
                     let read = read_exact(&*self.stream, dst, self.policy, frame_deadline);
                     if let Err(stop) = read {
                         let reason = describe(stop);
-                        slot.finish(Err(CallError::Disconnected {
-                            peer: self.peer.clone(),
-                            reason: reason.clone(),
-                        }));
+                        slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
                         return Err(reason);
                     }
                     Ok(Vec::new())
@@ -560,10 +516,7 @@ impl Shared {
                     let read = read_exact(&*self.stream, &mut v, self.policy, frame_deadline);
                     if let Err(stop) = read {
                         let reason = describe(stop);
-                        slot.finish(Err(CallError::Disconnected {
-                            peer: self.peer.clone(),
-                            reason: reason.clone(),
-                        }));
+                        slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
                         return Err(reason);
                     }
                     Ok(v)

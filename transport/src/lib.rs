@@ -49,10 +49,14 @@
 //! [`FrameError`]; callers waiting on that connection get [`CallError::Disconnected`], never a
 //! hang (every wait is bounded by [`ConnectOptions::timeout`]).
 
+// Tests build data with narrowing casts on purpose; the library itself must not.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss))]
+
 mod auth;
 mod conn;
 mod page;
 mod server;
+mod shm;
 pub mod sim;
 mod stream;
 mod sys;
@@ -64,9 +68,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-pub use auth::{
-    ClusterKey, HandshakeError, KeyError, ServerInfo, KEY_ENV, KEY_FILE_ENV, MIN_KEY_LEN,
-};
+pub use auth::{ClusterKey, HandshakeError, KeyError, ServerInfo, KEY_ENV, KEY_FILE_ENV, MIN_KEY_LEN};
 pub use conn::{CallError, Connection};
 pub use page::{Page, PageWindow};
 pub use server::{Echo, NoService, Server, ServerConfig, Service, ServiceError};
@@ -152,13 +154,7 @@ pub enum ConnectError {
 impl ConnectError {
     /// True if the peers hold different cluster keys.
     pub fn is_wrong_key(&self) -> bool {
-        matches!(
-            self,
-            ConnectError::Handshake {
-                source: HandshakeError::WrongKey,
-                ..
-            }
-        )
+        matches!(self, ConnectError::Handshake { source: HandshakeError::WrongKey, .. })
     }
 }
 
@@ -210,10 +206,7 @@ fn connect_endpoint(
     opts: &ConnectOptions,
 ) -> Result<(Connection, Option<SimLink>), ConnectError> {
     let deadline = Instant::now() + opts.connect_timeout;
-    let io = |source| ConnectError::Io {
-        uri: uri.into(),
-        source,
-    };
+    let io = |source| ConnectError::Io { uri: uri.into(), source };
     let (stream, link): (Box<dyn ByteStream>, Option<SimLink>) = match ep {
         Endpoint::Sim(spec, inner) => {
             let raw = raw_stream(uri, *inner, opts.connect_timeout)?;
@@ -222,43 +215,20 @@ fn connect_endpoint(
         }
         other => (raw_stream(uri, other, opts.connect_timeout)?, None),
     };
-    let info = auth::client_handshake(&*stream, &opts.key, deadline).map_err(|source| {
-        ConnectError::Handshake {
-            uri: uri.into(),
-            source,
-        }
-    })?;
-    Ok((
-        Connection::new(stream, info, opts.policy, opts.timeout),
-        link,
-    ))
+    let info = auth::client_handshake(&*stream, &opts.key, deadline)
+        .map_err(|source| ConnectError::Handshake { uri: uri.into(), source })?;
+    Ok((Connection::new(stream, info, opts.policy, opts.timeout), link))
 }
 
-fn raw_stream(
-    uri: &str,
-    ep: Endpoint,
-    timeout: Duration,
-) -> Result<Box<dyn ByteStream>, ConnectError> {
-    let io = |source| ConnectError::Io {
-        uri: uri.into(),
-        source,
-    };
+fn raw_stream(uri: &str, ep: Endpoint, timeout: Duration) -> Result<Box<dyn ByteStream>, ConnectError> {
+    let io = |source| ConnectError::Io { uri: uri.into(), source };
     match ep {
-        Endpoint::Tcp(addr) => Ok(Box::new(
-            tcp::TcpByteStream::connect(&addr, timeout).map_err(io)?,
-        )),
-        Endpoint::Shm(name) => Err(ConnectError::Unsupported {
-            uri: uri.into(),
-            reason: format!("shm://{name} is not built yet"),
-        }),
-        Endpoint::Rdma(_) => Err(ConnectError::Unsupported {
-            uri: uri.into(),
-            reason: rdma_unsupported(),
-        }),
-        Endpoint::Sim(..) => Err(ConnectError::Unsupported {
-            uri: uri.into(),
-            reason: "a sim link cannot wrap another".into(),
-        }),
+        Endpoint::Tcp(addr) => Ok(Box::new(tcp::TcpByteStream::connect(&addr, timeout).map_err(io)?)),
+        Endpoint::Shm(name) => Ok(Box::new(shm::connect(&name, timeout).map_err(io)?)),
+        Endpoint::Rdma(_) => Err(ConnectError::Unsupported { uri: uri.into(), reason: rdma_unsupported() }),
+        Endpoint::Sim(..) => {
+            Err(ConnectError::Unsupported { uri: uri.into(), reason: "a sim link cannot wrap another".into() })
+        }
     }
 }
 
@@ -268,31 +238,17 @@ fn rdma_unsupported() -> String {
 
 /// Starts a server listening at `uri` (`tcp://host:0` picks a free port; see [`Server::uri`]).
 pub fn listen(uri: &str, cfg: ServerConfig) -> Result<Server, ListenError> {
-    let io = |source| ListenError::Io {
-        uri: uri.into(),
-        source,
-    };
-    let acceptor: Box<dyn server::Acceptor> =
-        match Endpoint::parse(uri)? {
-            Endpoint::Tcp(addr) => Box::new(tcp::TcpAcceptor::bind(&addr).map_err(io)?),
-            Endpoint::Shm(_) => {
-                return Err(ListenError::Unsupported {
-                    uri: uri.into(),
-                    reason: "shm is not built yet".into(),
-                })
-            }
-            Endpoint::Rdma(_) => {
-                return Err(ListenError::Unsupported {
-                    uri: uri.into(),
-                    reason: rdma_unsupported(),
-                })
-            }
-            Endpoint::Sim(..) => return Err(ListenError::Unsupported {
+    let io = |source| ListenError::Io { uri: uri.into(), source };
+    let acceptor: Box<dyn server::Acceptor> = match Endpoint::parse(uri)? {
+        Endpoint::Tcp(addr) => Box::new(tcp::TcpAcceptor::bind(&addr).map_err(io)?),
+        Endpoint::Shm(name) => Box::new(shm::ShmAcceptor::bind(&name).map_err(io)?),
+        Endpoint::Rdma(_) => return Err(ListenError::Unsupported { uri: uri.into(), reason: rdma_unsupported() }),
+        Endpoint::Sim(..) => {
+            return Err(ListenError::Unsupported {
                 uri: uri.into(),
-                reason:
-                    "a sim link shapes traffic from the connecting side: listen on the inner URI"
-                        .into(),
-            }),
-        };
+                reason: "a sim link shapes traffic from the connecting side: listen on the inner URI".into(),
+            })
+        }
+    };
     Server::start(acceptor, cfg).map_err(io)
 }

@@ -68,9 +68,7 @@ impl PageWindow {
         let bytes = usize::try_from(pages)
             .ok()
             .and_then(|p| p.checked_mul(PAGE_SIZE))
-            .ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "window too large")
-            })?;
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "window too large"))?;
         Ok(PageWindow {
             map: Mapping::anonymous(bytes)?,
             pages,
@@ -117,9 +115,7 @@ impl PageWindow {
 
 impl std::fmt::Debug for PageWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageWindow")
-            .field("pages", &self.pages)
-            .finish()
+        f.debug_struct("PageWindow").field("pages", &self.pages).finish()
     }
 }
 
@@ -145,9 +141,7 @@ mod tests {
     fn page_views_check_alignment_and_length() {
         let mut pages = Page::vec(2);
         // SAFETY: test-only view of two owned pages as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), 2 * PAGE_SIZE)
-        };
+        let bytes = unsafe { std::slice::from_raw_parts_mut(pages.as_mut_ptr().cast::<u8>(), 2 * PAGE_SIZE) };
         assert_eq!(Page::slice_from_bytes_mut(bytes).map(|p| p.len()), Some(2));
         assert!(Page::slice_from_bytes_mut(&mut bytes[1..4097]).is_none());
         assert!(Page::slice_from_bytes_mut(&mut bytes[..100]).is_none());

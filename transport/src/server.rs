@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use crate::auth::{server_handshake, ClusterKey, ServerInfo};
 use crate::page::PageWindow;
 use crate::stream::{read_some, ByteStream, ReadStop, WaitPolicy};
-use crate::wire::{
-    Header, Opcode, Status, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE,
-};
+use crate::wire::{Header, Opcode, Status, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE, PAGE_SIZE_U32};
 
 /// A failure a [`Service`] reports to its caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,10 +28,7 @@ pub struct ServiceError {
 impl ServiceError {
     /// A failure with `status` and `message`.
     pub fn new(status: Status, message: impl Into<String>) -> ServiceError {
-        ServiceError {
-            status,
-            message: message.into(),
-        }
+        ServiceError { status, message: message.into() }
     }
 }
 
@@ -59,10 +54,7 @@ pub struct NoService;
 
 impl Service for NoService {
     fn call(&self, method: u64, _request: &[u8]) -> Result<Vec<u8>, ServiceError> {
-        Err(ServiceError::new(
-            Status::UnknownMethod,
-            format!("no method {method}"),
-        ))
+        Err(ServiceError::new(Status::UnknownMethod, format!("no method {method}")))
     }
 }
 
@@ -151,9 +143,7 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("uri", &self.uri)
-            .finish_non_exhaustive()
+        f.debug_struct("Server").field("uri", &self.uri).finish_non_exhaustive()
     }
 }
 
@@ -161,11 +151,8 @@ impl std::fmt::Debug for Server {
 const STOP_POLL: Duration = Duration::from_millis(50);
 
 impl Server {
-    pub(crate) fn start(
-        mut acceptor: Box<dyn Acceptor>,
-        mut cfg: ServerConfig,
-    ) -> io::Result<Server> {
-        cfg.max_frame = cfg.max_frame.clamp(PAGE_SIZE as u32, MAX_FRAME_LIMIT);
+    pub(crate) fn start(mut acceptor: Box<dyn Acceptor>, mut cfg: ServerConfig) -> io::Result<Server> {
+        cfg.max_frame = cfg.max_frame.clamp(PAGE_SIZE_U32, MAX_FRAME_LIMIT);
         let uri = acceptor.local_uri();
         let ctx = Arc::new(Ctx {
             cfg,
@@ -175,25 +162,19 @@ impl Server {
             next_conn: AtomicU64::new(0),
         });
         let actx = ctx.clone();
-        let acceptor = std::thread::Builder::new()
-            .name("mosaic-accept".into())
-            .spawn(move || {
-                while !actx.stop.load(Ordering::Acquire) {
-                    match acceptor.accept(STOP_POLL) {
-                        Ok(Some(stream)) => spawn_conn(&actx, stream),
-                        Ok(None) => {}
-                        Err(e) => {
-                            log::warn!("accept failed: {e}");
-                            std::thread::sleep(STOP_POLL);
-                        }
+        let acceptor = std::thread::Builder::new().name("mosaic-accept".into()).spawn(move || {
+            while !actx.stop.load(Ordering::Acquire) {
+                match acceptor.accept(STOP_POLL) {
+                    Ok(Some(stream)) => spawn_conn(&actx, stream),
+                    Ok(None) => {}
+                    Err(e) => {
+                        log::warn!("accept failed: {e}");
+                        std::thread::sleep(STOP_POLL);
                     }
                 }
-            })?;
-        Ok(Server {
-            uri,
-            ctx,
-            acceptor: Some(acceptor),
-        })
+            }
+        })?;
+        Ok(Server { uri, ctx, acceptor: Some(acceptor) })
     }
 
     /// The URI clients connect to (with the real port when bound to port 0).
@@ -241,13 +222,11 @@ fn spawn_conn(ctx: &Arc<Ctx>, stream: Box<dyn ByteStream>) {
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
     lock(&ctx.live).push((id, stream.clone()));
     let cctx = ctx.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("mosaic-conn-{id}"))
-        .spawn(move || {
-            serve(&cctx, &*stream);
-            stream.shutdown();
-            lock(&cctx.live).retain(|(i, _)| *i != id);
-        });
+    let spawned = std::thread::Builder::new().name(format!("mosaic-conn-{id}")).spawn(move || {
+        serve(&cctx, &*stream);
+        stream.shutdown();
+        lock(&cctx.live).retain(|(i, _)| *i != id);
+    });
     match spawned {
         Ok(h) => {
             let mut threads = lock(&ctx.threads);
@@ -264,16 +243,8 @@ fn spawn_conn(ctx: &Arc<Ctx>, stream: Box<dyn ByteStream>) {
 fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
     let cfg = &ctx.cfg;
     let peer = stream.peer();
-    let info = ServerInfo {
-        window_pages: cfg.window.as_ref().map_or(0, |w| w.pages()),
-        max_frame: cfg.max_frame,
-    };
-    if let Err(e) = server_handshake(
-        stream,
-        &cfg.key,
-        info,
-        Instant::now() + cfg.handshake_timeout,
-    ) {
+    let info = ServerInfo { window_pages: cfg.window.as_ref().map_or(0, |w| w.pages()), max_frame: cfg.max_frame };
+    if let Err(e) = server_handshake(stream, &cfg.key, info, Instant::now() + cfg.handshake_timeout) {
         log::warn!("refused {peer}: {e}");
         return;
     }
@@ -293,11 +264,7 @@ fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
                 }
             };
             if h.is_response() || h.opcode.is_handshake() {
-                log::warn!(
-                    "closing {peer}: protocol error: unexpected {:?} frame (flags {:#x})",
-                    h.opcode,
-                    h.flags
-                );
+                log::warn!("closing {peer}: protocol error: unexpected {:?} frame (flags {:#x})", h.opcode, h.flags);
                 return;
             }
             let need = HEADER_LEN + h.len as usize;
@@ -322,12 +289,7 @@ fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
             end -= start;
             start = 0;
         }
-        match read_some(
-            stream,
-            &mut buf[end..],
-            cfg.policy,
-            Some(Instant::now() + STOP_POLL),
-        ) {
+        match read_some(stream, &mut buf[end..], cfg.policy, Some(Instant::now() + STOP_POLL)) {
             Ok(n) => end += n,
             Err(ReadStop::TimedOut) => {
                 if ctx.stop.load(Ordering::Acquire) {
@@ -357,36 +319,32 @@ fn answer(cfg: &ServerConfig, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
                 out.extend_from_slice(&resp);
                 Ok(())
             }
-            Ok(resp) => Err(ServiceError::new(
-                Status::Handler,
-                format!("response of {} bytes is too large", resp.len()),
-            )),
+            Ok(resp) => {
+                Err(ServiceError::new(Status::Handler, format!("response of {} bytes is too large", resp.len())))
+            }
             Err(e) => Err(e),
         },
         Opcode::ReadPage => with_window(cfg, |w| {
             let at = out.len();
-            out.extend_from_slice(&Header::response(h, PAGE_SIZE as u32).encode());
+            out.extend_from_slice(&Header::response(h, PAGE_SIZE_U32).encode());
             out.resize(at + HEADER_LEN + PAGE_SIZE, 0);
-            let page: &mut [u8; PAGE_SIZE] = (&mut out[at + HEADER_LEN..])
-                .try_into()
-                .expect("resized to one page");
+            let page: &mut [u8; PAGE_SIZE] = (&mut out[at + HEADER_LEN..]).try_into().expect("resized to one page");
             w.read(h.arg, page).map_err(|s| {
                 out.truncate(at);
                 page_error(s, h.arg, w)
             })
         }),
         Opcode::WritePage => with_window(cfg, |w| {
-            let page: &[u8; PAGE_SIZE] = payload
-                .try_into()
-                .map_err(|_| ServiceError::new(Status::BadRequest, "not a page"))?;
+            let page: &[u8; PAGE_SIZE] =
+                payload.try_into().map_err(|_| ServiceError::new(Status::BadRequest, "not a page"))?;
             w.write(h.arg, page).map_err(|s| page_error(s, h.arg, w))?;
             out.extend_from_slice(&Header::response(h, 0).encode());
             Ok(())
         }),
         // Handshake opcodes are rejected by the caller before we get here.
-        Opcode::Hello | Opcode::Challenge | Opcode::Auth | Opcode::AuthResult => Err(
-            ServiceError::new(Status::BadRequest, "handshake frame after the handshake"),
-        ),
+        Opcode::Hello | Opcode::Challenge | Opcode::Auth | Opcode::AuthResult => {
+            Err(ServiceError::new(Status::BadRequest, "handshake frame after the handshake"))
+        }
     };
     if let Err(e) = result {
         let msg = e.message.as_bytes();
@@ -401,18 +359,12 @@ fn with_window(
 ) -> Result<(), ServiceError> {
     match &cfg.window {
         Some(w) => f(w),
-        None => Err(ServiceError::new(
-            Status::NoWindow,
-            "this server exposes no page window",
-        )),
+        None => Err(ServiceError::new(Status::NoWindow, "this server exposes no page window")),
     }
 }
 
 fn page_error(s: Status, index: u64, w: &PageWindow) -> ServiceError {
-    ServiceError::new(
-        s,
-        format!("page {index} is outside the window of {} pages", w.pages()),
-    )
+    ServiceError::new(s, format!("page {index} is outside the window of {} pages", w.pages()))
 }
 
 fn len32(b: &[u8]) -> u32 {

@@ -56,13 +56,7 @@ impl LinkSpec {
 
     /// A lossless link with `latency` and `bandwidth_bps`.
     pub fn new(latency: Duration, bandwidth_bps: Option<u64>) -> LinkSpec {
-        LinkSpec {
-            latency,
-            bandwidth_bps,
-            loss: 0.0,
-            rto: Duration::from_millis(1),
-            seed: 1,
-        }
+        LinkSpec { latency, bandwidth_bps, loss: 0.0, rto: Duration::from_millis(1), seed: 1 }
     }
 
     /// Parses `PRESET[,key=value...]` or `key=value[,...]`, with keys `lat` (e.g. `150us`,
@@ -74,16 +68,13 @@ impl LinkSpec {
                 if i > 0 {
                     return Err(format!("expected key=value, got {part:?}"));
                 }
-                spec =
-                    match part {
-                        "fast-ethernet" | "fe" => LinkSpec::fast_ethernet(),
-                        "10gbe" => LinkSpec::ten_gbe(),
-                        "100gbe" => LinkSpec::hundred_gbe(),
-                        "ideal" => LinkSpec::new(Duration::ZERO, None),
-                        _ => return Err(format!(
-                            "unknown link preset {part:?} (fast-ethernet, 10gbe, 100gbe, ideal)"
-                        )),
-                    };
+                spec = match part {
+                    "fast-ethernet" | "fe" => LinkSpec::fast_ethernet(),
+                    "10gbe" => LinkSpec::ten_gbe(),
+                    "100gbe" => LinkSpec::hundred_gbe(),
+                    "ideal" => LinkSpec::new(Duration::ZERO, None),
+                    _ => return Err(format!("unknown link preset {part:?} (fast-ethernet, 10gbe, 100gbe, ideal)")),
+                };
                 continue;
             };
             match k {
@@ -91,18 +82,11 @@ impl LinkSpec {
                 "rto" => spec.rto = parse_duration(v)?,
                 "bw" | "bandwidth" => spec.bandwidth_bps = parse_bits(v)?,
                 "loss" => {
-                    spec.loss = v
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|p| (0.0..1.0).contains(p))
-                        .ok_or("loss must be in [0, 1)")?;
+                    spec.loss =
+                        v.parse::<f64>().ok().filter(|p| (0.0..1.0).contains(p)).ok_or("loss must be in [0, 1)")?;
                 }
                 "seed" => spec.seed = v.parse().map_err(|_| "seed must be an integer")?,
-                _ => {
-                    return Err(format!(
-                        "unknown link parameter {k:?} (lat, bw, loss, rto, seed)"
-                    ))
-                }
+                _ => return Err(format!("unknown link parameter {k:?} (lat, bw, loss, rto, seed)")),
             }
         }
         Ok(spec)
@@ -141,11 +125,7 @@ fn parse_bits(v: &str) -> Result<Option<u64>, String> {
         "kbit" => 1e3,
         "mbit" => 1e6,
         "gbit" => 1e9,
-        _ => {
-            return Err(format!(
-                "bad bandwidth unit in {v:?} (bit, kbit, Mbit, Gbit)"
-            ))
-        }
+        _ => return Err(format!("bad bandwidth unit in {v:?} (bit, kbit, Mbit, Gbit)")),
     };
     let bps = n * mult;
     if !(0.0..=1e15).contains(&bps) {
@@ -158,9 +138,7 @@ fn parse_bits(v: &str) -> Result<Option<u64>, String> {
 }
 
 fn split_unit(v: &str) -> (&str, &str) {
-    let at = v
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(v.len());
+    let at = v.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(v.len());
     v.split_at(at)
 }
 
@@ -190,11 +168,7 @@ struct FrameSplitter {
 
 impl FrameSplitter {
     fn new() -> FrameSplitter {
-        FrameSplitter {
-            header: [0; HEADER_LEN],
-            have: 0,
-            payload_left: 0,
-        }
+        FrameSplitter { header: [0; HEADER_LEN], have: 0, payload_left: 0 }
     }
 
     /// Feeds `bytes`; returns how many frames start in them.
@@ -202,9 +176,7 @@ impl FrameSplitter {
         let mut starts = 0;
         while !bytes.is_empty() {
             if self.payload_left > 0 {
-                let n = usize::try_from(self.payload_left)
-                    .unwrap_or(usize::MAX)
-                    .min(bytes.len());
+                let n = usize::try_from(self.payload_left).unwrap_or(usize::MAX).min(bytes.len());
                 self.payload_left -= n as u64;
                 bytes = &bytes[n..];
                 continue;
@@ -219,12 +191,8 @@ impl FrameSplitter {
             if self.have == HEADER_LEN {
                 self.have = 0;
                 // The length field; a malformed header is the receiver's business, not ours.
-                self.payload_left = u64::from(u32::from_le_bytes([
-                    self.header[24],
-                    self.header[25],
-                    self.header[26],
-                    self.header[27],
-                ]));
+                self.payload_left =
+                    u64::from(u32::from_le_bytes([self.header[24], self.header[25], self.header[26], self.header[27]]));
             }
         }
         starts
@@ -312,10 +280,7 @@ pub struct SimLink(Arc<LinkState>);
 
 impl std::fmt::Debug for SimLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimLink")
-            .field("spec", &self.0.spec)
-            .field("partitioned", &self.is_partitioned())
-            .finish()
+        f.debug_struct("SimLink").field("spec", &self.0.spec).field("partitioned", &self.is_partitioned()).finish()
     }
 }
 
@@ -369,36 +334,22 @@ pub(crate) struct SimStream {
 
 impl SimStream {
     /// Wraps `inner` in a link that behaves as `spec`; returns the stream and its handle.
-    pub(crate) fn wrap(
-        inner: Box<dyn ByteStream>,
-        spec: LinkSpec,
-    ) -> io::Result<(SimStream, SimLink)> {
+    pub(crate) fn wrap(inner: Box<dyn ByteStream>, spec: LinkSpec) -> io::Result<(SimStream, SimLink)> {
         let seed = spec.seed;
         let link = Arc::new(LinkState {
             spec,
             partitioned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             out: Direction::new(seed),
-            inb: Direction::new(seed ^ 0x5EED_0F_1B0B),
+            inb: Direction::new(seed ^ 0x005E_ED0F_1B0B),
         });
         let inner: Arc<dyn ByteStream> = Arc::from(inner);
         let (l1, i1) = (link.clone(), inner.clone());
-        let out = std::thread::Builder::new()
-            .name("mosaic-sim-out".into())
-            .spawn(move || pump_out(&l1, &*i1))?;
+        let out = std::thread::Builder::new().name("mosaic-sim-out".into()).spawn(move || pump_out(&l1, &*i1))?;
         let (l2, i2) = (link.clone(), inner.clone());
-        let inb = std::thread::Builder::new()
-            .name("mosaic-sim-in".into())
-            .spawn(move || pump_in(&l2, &*i2))?;
+        let inb = std::thread::Builder::new().name("mosaic-sim-in".into()).spawn(move || pump_in(&l2, &*i2))?;
         let handle = SimLink(link.clone());
-        Ok((
-            SimStream {
-                link,
-                inner,
-                pumps: Mutex::new(vec![out, inb]),
-            },
-            handle,
-        ))
+        Ok((SimStream { link, inner, pumps: Mutex::new(vec![out, inb]) }, handle))
     }
 }
 
@@ -507,11 +458,8 @@ impl ByteStream for SimStream {
     fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
         let st = self.link.inb.lock();
         let until = Instant::now() + timeout;
-        let next = if self.link.partitioned.load(Ordering::Acquire) {
-            None
-        } else {
-            st.queue.front().map(|c| c.arrive)
-        };
+        let next =
+            if self.link.partitioned.load(Ordering::Acquire) { None } else { st.queue.front().map(|c| c.arrive) };
         if st.end.is_some() && st.queue.is_empty() {
             return Ok(());
         }
@@ -542,12 +490,7 @@ impl ByteStream for SimStream {
 impl Drop for SimStream {
     fn drop(&mut self) {
         self.shutdown();
-        let pumps: Vec<_> = self
-            .pumps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
+        let pumps: Vec<_> = self.pumps.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
         for p in pumps {
             let _ = p.join();
         }
@@ -560,10 +503,7 @@ mod tests {
 
     #[test]
     fn presets_and_parameters_parse() {
-        assert_eq!(
-            LinkSpec::parse("fast-ethernet").unwrap(),
-            LinkSpec::fast_ethernet()
-        );
+        assert_eq!(LinkSpec::parse("fast-ethernet").unwrap(), LinkSpec::fast_ethernet());
         let s = LinkSpec::parse("10gbe,loss=0.01,seed=9").unwrap();
         assert_eq!(s.bandwidth_bps, Some(10_000_000_000));
         assert_eq!((s.loss, s.seed), (0.01, 9));
@@ -572,16 +512,7 @@ mod tests {
         assert_eq!(s.rto, Duration::from_millis(5));
         assert_eq!(s.bandwidth_bps, Some(100_000_000));
         assert_eq!(LinkSpec::parse("bw=0").unwrap().bandwidth_bps, None);
-        for bad in [
-            "warp",
-            "lat=5",
-            "lat=xus",
-            "bw=3furlongs",
-            "loss=1.5",
-            "seed=x",
-            "10gbe,oops",
-            "mtu=9000",
-        ] {
+        for bad in ["warp", "lat=5", "lat=xus", "bw=3furlongs", "loss=1.5", "seed=x", "10gbe,oops", "mtu=9000"] {
             assert!(LinkSpec::parse(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -591,17 +522,12 @@ mod tests {
         let fe = LinkSpec::fast_ethernet();
         // 4096 bytes at 100 Mb/s = 327.68 us
         assert_eq!(fe.serialisation(4096), Duration::from_nanos(327_680));
-        assert_eq!(
-            LinkSpec::new(Duration::ZERO, None).serialisation(1 << 20),
-            Duration::ZERO
-        );
+        assert_eq!(LinkSpec::new(Duration::ZERO, None).serialisation(1 << 20), Duration::ZERO);
     }
 
     #[test]
     fn splitter_counts_frames_across_chunk_boundaries() {
-        let mut h = crate::wire::Header::request(crate::wire::Opcode::Call, 1, 0, 5)
-            .encode()
-            .to_vec();
+        let mut h = crate::wire::Header::request(crate::wire::Opcode::Call, 1, 0, 5).encode().to_vec();
         h.extend_from_slice(b"hello");
         let two = [h.clone(), h].concat();
         let mut s = FrameSplitter::new();

@@ -20,15 +20,11 @@ pub struct WaitPolicy {
 
 impl WaitPolicy {
     /// Spin for 100 us, then sleep: the default.
-    pub const DEFAULT: WaitPolicy = WaitPolicy {
-        spin: Duration::from_micros(100),
-    };
+    pub const DEFAULT: WaitPolicy = WaitPolicy { spin: Duration::from_micros(100) };
 
     /// Never spin: every wait sleeps in the kernel at once.
     pub fn blocking() -> WaitPolicy {
-        WaitPolicy {
-            spin: Duration::ZERO,
-        }
+        WaitPolicy { spin: Duration::ZERO }
     }
 
     /// Spin for `spin`, then sleep.

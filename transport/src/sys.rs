@@ -26,11 +26,7 @@ fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
 }
 
 /// Waits until `fd` is ready for `interest`, closed, or `timeout` passes. Returns true if ready.
-pub(crate) fn poll_one(
-    fd: &impl AsFd,
-    interest: Interest,
-    timeout: Option<Duration>,
-) -> io::Result<bool> {
+pub(crate) fn poll_one(fd: &impl AsFd, interest: Interest, timeout: Option<Duration>) -> io::Result<bool> {
     let events = match interest {
         Interest::Read => libc::POLLIN,
         Interest::Write => libc::POLLOUT,
@@ -41,11 +37,7 @@ pub(crate) fn poll_one(
 
 /// A `pollfd` for `fd` with `events`.
 pub(crate) fn pollfd(fd: BorrowedFd<'_>, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events,
-        revents: 0,
-    }
+    libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 }
 }
 
 /// `poll(2)` over `fds`; returns the number of ready descriptors. EINTR counts as zero ready.
@@ -55,11 +47,7 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::R
     let rc = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms(timeout)) };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(0)
-        } else {
-            Err(e)
-        };
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };
     }
     Ok(usize::try_from(rc).unwrap_or(0))
 }
@@ -119,11 +107,7 @@ impl Mapping {
 
     /// Maps `len` bytes of private anonymous memory (zero-filled, page-aligned).
     pub(crate) fn anonymous(len: usize) -> io::Result<Mapping> {
-        Mapping::map(
-            len,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-        )
+        Mapping::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1)
     }
 
     fn map(len: usize, flags: libc::c_int, fd: RawFd) -> io::Result<Mapping> {
@@ -131,21 +115,11 @@ impl Mapping {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         }
         // SAFETY: a fresh mapping at an address the kernel picks; it overlaps no Rust object.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr =
-            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(Mapping { ptr, len })
     }
 
@@ -174,18 +148,12 @@ const MAX_FDS: usize = 8;
 /// Sends `data` and the descriptors `fds` over a Unix stream socket (SCM_RIGHTS).
 pub(crate) fn send_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.len() > MAX_FDS || data.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad fd message",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad fd message"));
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let fd_bytes = std::mem::size_of_val(raw.as_slice());
     let mut cmsg_buf = [0u64; 16]; // 128 bytes, 8-aligned: room for MAX_FDS descriptors
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
+    let mut iov = libc::iovec { iov_base: data.as_ptr().cast_mut().cast(), iov_len: data.len() };
     // SAFETY: msghdr is plain old data; zero is a valid value for every field.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
@@ -213,10 +181,7 @@ pub(crate) fn send_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -
 /// Receives up to `data.len()` bytes and up to `MAX_FDS` descriptors (SCM_RIGHTS).
 pub(crate) fn recv_fds(sock: &UnixStream, data: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut cmsg_buf = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
     // SAFETY: msghdr is plain old data; zero is a valid value for every field.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;

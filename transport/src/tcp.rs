@@ -21,16 +21,10 @@ pub(crate) struct TcpByteStream {
 impl TcpByteStream {
     /// Configures an accepted or connected socket for Mosaic's traffic.
     pub(crate) fn new(sock: TcpStream) -> io::Result<TcpByteStream> {
-        let peer = sock
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into());
+        let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
         configure(&SockRef::from(&sock))?;
         sock.set_nonblocking(true)?;
-        Ok(TcpByteStream {
-            sock,
-            peer: format!("tcp://{peer}"),
-        })
+        Ok(TcpByteStream { sock, peer: format!("tcp://{peer}") })
     }
 
     /// Connects to `addr` (host:port), trying each resolved address, within `timeout` each.
@@ -77,27 +71,14 @@ fn bind(sa: SocketAddr) -> io::Result<TcpListener> {
 
 impl ByteStream for TcpByteStream {
     fn write_all(&self, bufs: &[&[u8]]) -> io::Result<()> {
-        let mut slices: Vec<IoSlice<'_>> = bufs
-            .iter()
-            .filter(|b| !b.is_empty())
-            .map(|b| IoSlice::new(b))
-            .collect();
+        let mut slices: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
             match (&self.sock).write_vectored(rest) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "peer stopped reading",
-                    ))
-                }
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading")),
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sys::poll_one(
-                        &self.sock,
-                        sys::Interest::Write,
-                        Some(Duration::from_millis(50)),
-                    )?;
+                    sys::poll_one(&self.sock, sys::Interest::Write, Some(Duration::from_millis(50)))?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),

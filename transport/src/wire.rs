@@ -27,7 +27,9 @@ pub const VERSION: u8 = 1;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 32;
 /// The size of one page in bytes: the unit of one-sided reads and writes.
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SIZE: usize = PAGE_SIZE_U32 as usize;
+/// [`PAGE_SIZE`] as the `u32` of a frame's length field.
+pub const PAGE_SIZE_U32: u32 = 4096;
 /// Default maximum payload of one frame (1 MiB).
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Hard upper bound on any configured maximum payload (64 MiB).
@@ -76,10 +78,7 @@ impl Opcode {
 
     /// True for the opcodes that may only appear during the handshake.
     pub fn is_handshake(self) -> bool {
-        matches!(
-            self,
-            Opcode::Hello | Opcode::Challenge | Opcode::Auth | Opcode::AuthResult
-        )
+        matches!(self, Opcode::Hello | Opcode::Challenge | Opcode::Auth | Opcode::AuthResult)
     }
 }
 
@@ -158,26 +157,12 @@ pub enum FrameError {
 impl Header {
     /// A request header.
     pub fn request(opcode: Opcode, request_id: u64, arg: u64, len: u32) -> Header {
-        Header {
-            opcode,
-            flags: 0,
-            request_id,
-            arg,
-            len,
-            status: 0,
-        }
+        Header { opcode, flags: 0, request_id, arg, len, status: 0 }
     }
 
     /// A successful response to `req` carrying `len` payload bytes.
     pub fn response(req: &Header, len: u32) -> Header {
-        Header {
-            opcode: req.opcode,
-            flags: FLAG_RESPONSE,
-            request_id: req.request_id,
-            arg: req.arg,
-            len,
-            status: 0,
-        }
+        Header { opcode: req.opcode, flags: FLAG_RESPONSE, request_id: req.request_id, arg: req.arg, len, status: 0 }
     }
 
     /// An error response to `req`: `status` is the code, the payload (of `len` bytes) a message.
@@ -236,45 +221,30 @@ impl Header {
             u64::from_le_bytes(x)
         };
         let le32 = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let header = Header {
-            opcode,
-            flags,
-            request_id: le64(8),
-            arg: le64(16),
-            len: le32(24),
-            status: le32(28),
-        };
+        let header = Header { opcode, flags, request_id: le64(8), arg: le64(16), len: le32(24), status: le32(28) };
         header.validate(max_len)?;
         Ok(header)
     }
 
     /// Decodes a header from the start of `bytes`, which may be shorter than a header.
     pub fn decode_slice(bytes: &[u8], max_len: u32) -> Result<Header, FrameError> {
-        let b: &[u8; HEADER_LEN] = bytes
-            .get(..HEADER_LEN)
-            .and_then(|s| s.try_into().ok())
-            .ok_or(FrameError::Truncated(bytes.len()))?;
+        let b: &[u8; HEADER_LEN] =
+            bytes.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or(FrameError::Truncated(bytes.len()))?;
         Header::decode(b, max_len)
     }
 
     fn validate(&self, max_len: u32) -> Result<(), FrameError> {
         if self.len > max_len {
-            return Err(FrameError::Oversized {
-                len: self.len,
-                max: max_len,
-            });
+            return Err(FrameError::Oversized { len: self.len, max: max_len });
         }
         let error = self.is_error();
         if (error && !self.is_response()) || (!error && self.status != 0) {
-            return Err(FrameError::BadStatus {
-                flags: self.flags,
-                status: self.status,
-            });
+            return Err(FrameError::BadStatus { flags: self.flags, status: self.status });
         }
         if error {
             return Ok(()); // an error response carries a message of any (bounded) length
         }
-        let page = PAGE_SIZE as u32;
+        let page = PAGE_SIZE_U32;
         let expected = match (self.opcode, self.is_response()) {
             (Opcode::ReadPage, false) | (Opcode::WritePage, true) => Some(0),
             (Opcode::ReadPage, true) | (Opcode::WritePage, false) => Some(page),
@@ -283,11 +253,7 @@ impl Header {
         match expected {
             Some(expected) if expected != self.len => Err(FrameError::BadLength {
                 opcode: self.opcode,
-                kind: if self.is_response() {
-                    "response"
-                } else {
-                    "request"
-                },
+                kind: if self.is_response() { "response" } else { "request" },
                 len: self.len,
                 expected,
             }),
@@ -383,54 +349,27 @@ mod tests {
         let good = Header::request(Opcode::Call, 1, 2, 10).encode();
         let mut b = good;
         b[0] = b'X';
-        assert!(matches!(
-            Header::decode(&b, 100),
-            Err(FrameError::BadMagic { .. })
-        ));
+        assert!(matches!(Header::decode(&b, 100), Err(FrameError::BadMagic { .. })));
         let mut b = good;
         b[4] = 9;
-        assert_eq!(
-            Header::decode(&b, 100),
-            Err(FrameError::UnsupportedVersion { found: 9 })
-        );
+        assert_eq!(Header::decode(&b, 100), Err(FrameError::UnsupportedVersion { found: 9 }));
         let mut b = good;
         b[5] = 200;
         assert_eq!(Header::decode(&b, 100), Err(FrameError::UnknownOpcode(200)));
         let mut b = good;
         b[7] = 0x80;
-        assert_eq!(
-            Header::decode(&b, 100),
-            Err(FrameError::UnknownFlags(0x8000))
-        );
-        assert_eq!(
-            Header::decode(&good, 5),
-            Err(FrameError::Oversized { len: 10, max: 5 })
-        );
+        assert_eq!(Header::decode(&b, 100), Err(FrameError::UnknownFlags(0x8000)));
+        assert_eq!(Header::decode(&good, 5), Err(FrameError::Oversized { len: 10, max: 5 }));
         let mut b = good;
         b[28] = 1;
-        assert!(matches!(
-            Header::decode(&b, 100),
-            Err(FrameError::BadStatus { .. })
-        ));
+        assert!(matches!(Header::decode(&b, 100), Err(FrameError::BadStatus { .. })));
         let mut b = Header::request(Opcode::Call, 1, 2, 0).encode();
         b[6] = FLAG_ERROR as u8;
-        assert!(matches!(
-            Header::decode(&b, 100),
-            Err(FrameError::BadStatus { .. })
-        ));
+        assert!(matches!(Header::decode(&b, 100), Err(FrameError::BadStatus { .. })));
         let short = Header::request(Opcode::WritePage, 1, 2, 100).encode();
-        assert!(matches!(
-            Header::decode(&short, 1 << 20),
-            Err(FrameError::BadLength { .. })
-        ));
+        assert!(matches!(Header::decode(&short, 1 << 20), Err(FrameError::BadLength { .. })));
         let read_with_body = Header::request(Opcode::ReadPage, 1, 2, 1).encode();
-        assert!(matches!(
-            Header::decode(&read_with_body, 1 << 20),
-            Err(FrameError::BadLength { .. })
-        ));
-        assert_eq!(
-            Header::decode_slice(&good[..31], 100),
-            Err(FrameError::Truncated(31))
-        );
+        assert!(matches!(Header::decode(&read_with_body, 1 << 20), Err(FrameError::BadLength { .. })));
+        assert_eq!(Header::decode_slice(&good[..31], 100), Err(FrameError::Truncated(31)));
     }
 }

@@ -1,4 +1,4 @@
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::cast_possible_truncation)]
 //! The conformance suite every back-end passes: the same tests, instantiated per transport.
 //!
 //! Each back-end names how a server binds and how a client reaches it; `sim` runs the suite
@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mosaic_transport::{
-    connect, listen, CallError, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Server,
-    ServerConfig, Service, ServiceError, Status,
+    connect, listen, CallError, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Server, ServerConfig, Service,
+    ServiceError, Status,
 };
 
 fn key() -> ClusterKey {
@@ -50,6 +50,18 @@ impl Backend for Tcp {
     }
 }
 
+struct Shm;
+impl Backend for Shm {
+    fn bind_uri() -> String {
+        // Abstract socket names are per host: make each test's name unique.
+        static N: AtomicUsize = AtomicUsize::new(0);
+        format!("shm://conformance-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    }
+    fn client_uri(s: &str) -> String {
+        s.into()
+    }
+}
+
 struct Sim;
 impl Backend for Sim {
     fn bind_uri() -> String {
@@ -69,11 +81,7 @@ fn server<B: Backend>(window_pages: u64) -> Server {
 }
 
 fn client<B: Backend>(s: &Server) -> mosaic_transport::Connection {
-    connect(
-        &B::client_uri(s.uri()),
-        &ConnectOptions::new(key()).timeout(Duration::from_secs(10)),
-    )
-    .expect("connect")
+    connect(&B::client_uri(s.uri()), &ConnectOptions::new(key()).timeout(Duration::from_secs(10))).expect("connect")
 }
 
 fn page_of(seed: u64) -> Box<Page> {
@@ -84,7 +92,7 @@ fn page_of(seed: u64) -> Box<Page> {
     p
 }
 
-pub fn calls_echo_every_size<B: Backend>() {
+fn calls_echo_every_size<B: Backend>() {
     let s = server::<B>(0);
     let c = client::<B>(&s);
     for size in [0usize, 1, 8, 64, 4096, 65536, 1 << 20] {
@@ -92,15 +100,12 @@ pub fn calls_echo_every_size<B: Backend>() {
         assert_eq!(c.call(1, &msg).unwrap(), msg, "size {size}");
     }
     let too_big = vec![0u8; (1 << 20) + 1];
-    assert!(matches!(
-        c.call(1, &too_big),
-        Err(CallError::TooLarge { .. })
-    ));
+    assert!(matches!(c.call(1, &too_big), Err(CallError::TooLarge { .. })));
     // The connection survives a refused oversize request.
     assert_eq!(c.call(1, b"still here").unwrap(), b"still here");
 }
 
-pub fn service_errors_reach_the_caller<B: Backend>() {
+fn service_errors_reach_the_caller<B: Backend>() {
     let s = server::<B>(0);
     let c = client::<B>(&s);
     let e = c.call(7, b"").unwrap_err();
@@ -108,7 +113,7 @@ pub fn service_errors_reach_the_caller<B: Backend>() {
     assert!(e.to_string().contains("no room"), "{e}");
 }
 
-pub fn pages_round_trip_singly_and_in_batches<B: Backend>() {
+fn pages_round_trip_singly_and_in_batches<B: Backend>() {
     let s = server::<B>(64);
     let c = client::<B>(&s);
     assert_eq!(c.window_pages(), 64);
@@ -128,11 +133,7 @@ pub fn pages_round_trip_singly_and_in_batches<B: Backend>() {
     }
     // A batch of writes, then read back.
     let newp: Vec<Box<Page>> = (0..8).map(|i| page_of(1000 + i)).collect();
-    let writes: Vec<(u64, &Page)> = newp
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (i as u64 * 8, &**p))
-        .collect();
+    let writes: Vec<(u64, &Page)> = newp.iter().enumerate().map(|(i, p)| (i as u64 * 8, &**p)).collect();
     c.write_pages(&writes).unwrap();
     for i in 0..8u64 {
         c.read_page(i * 8, &mut p).unwrap();
@@ -140,18 +141,12 @@ pub fn pages_round_trip_singly_and_in_batches<B: Backend>() {
     }
 }
 
-pub fn page_errors_are_typed<B: Backend>() {
+fn page_errors_are_typed<B: Backend>() {
     let s = server::<B>(4);
     let c = client::<B>(&s);
     let mut p = Page::boxed();
-    assert_eq!(
-        c.read_page(4, &mut p).unwrap_err().status(),
-        Some(Status::PageOutOfRange)
-    );
-    assert_eq!(
-        c.write_page(u64::MAX, &p).unwrap_err().status(),
-        Some(Status::PageOutOfRange)
-    );
+    assert_eq!(c.read_page(4, &mut p).unwrap_err().status(), Some(Status::PageOutOfRange));
+    assert_eq!(c.write_page(u64::MAX, &p).unwrap_err().status(), Some(Status::PageOutOfRange));
     // One bad read in a batch fails the batch but leaves the connection usable.
     let mut a = Page::boxed();
     let mut b = Page::boxed();
@@ -160,13 +155,10 @@ pub fn page_errors_are_typed<B: Backend>() {
 
     let no_window = server::<B>(0);
     let c2 = client::<B>(&no_window);
-    assert_eq!(
-        c2.read_page(0, &mut p).unwrap_err().status(),
-        Some(Status::NoWindow)
-    );
+    assert_eq!(c2.read_page(0, &mut p).unwrap_err().status(), Some(Status::NoWindow));
 }
 
-pub fn many_threads_share_one_connection<B: Backend>() {
+fn many_threads_share_one_connection<B: Backend>() {
     let s = server::<B>(256);
     let c = client::<B>(&s);
     let threads = 16;
@@ -194,7 +186,7 @@ pub fn many_threads_share_one_connection<B: Backend>() {
     assert_eq!(ok.load(Ordering::Relaxed), threads * per_thread);
 }
 
-pub fn responses_match_requests_whatever_the_order<B: Backend>() {
+fn responses_match_requests_whatever_the_order<B: Backend>() {
     // A slow call and fast calls outstanding together on one connection: each caller gets its own.
     let s = server::<B>(0);
     let c = client::<B>(&s);
@@ -213,7 +205,7 @@ pub fn responses_match_requests_whatever_the_order<B: Backend>() {
     });
 }
 
-pub fn a_dead_peer_fails_requests_without_hanging<B: Backend>() {
+fn a_dead_peer_fails_requests_without_hanging<B: Backend>() {
     let s = server::<B>(0);
     let c = client::<B>(&s);
     let c2 = c.clone();
@@ -225,13 +217,10 @@ pub fn a_dead_peer_fails_requests_without_hanging<B: Backend>() {
     assert!(matches!(r, Err(CallError::Disconnected { .. })), "{r:?}");
     assert!(start.elapsed() < Duration::from_secs(5));
     // Later requests fail at once, with the same typed error.
-    assert!(matches!(
-        c.call(1, b"x"),
-        Err(CallError::Disconnected { .. })
-    ));
+    assert!(matches!(c.call(1, b"x"), Err(CallError::Disconnected { .. })));
 }
 
-pub fn requests_time_out_with_an_error<B: Backend>() {
+fn requests_time_out_with_an_error<B: Backend>() {
     let s = server::<B>(0);
     let opts = ConnectOptions::new(key()).timeout(Duration::from_millis(100));
     let c = connect(&B::client_uri(s.uri()), &opts).unwrap();
@@ -242,7 +231,7 @@ pub fn requests_time_out_with_an_error<B: Backend>() {
     assert_eq!(c.call(1, b"after").unwrap(), b"after");
 }
 
-pub fn a_wrong_key_is_refused_on_both_sides<B: Backend>() {
+fn a_wrong_key_is_refused_on_both_sides<B: Backend>() {
     let s = server::<B>(0);
     let wrong = ClusterKey::from_bytes(b"some-other-cluster-key").unwrap();
     let e = connect(&B::client_uri(s.uri()), &ConnectOptions::new(wrong)).unwrap_err();
@@ -300,4 +289,5 @@ macro_rules! suite {
 }
 
 suite!(tcp, super::Tcp);
+suite!(shm, super::Shm);
 suite!(sim, super::Sim);
