@@ -54,6 +54,8 @@
 
 mod auth;
 mod conn;
+#[cfg(test)]
+mod malformed_tests;
 mod page;
 mod server;
 mod shm;
