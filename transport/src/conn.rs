@@ -33,7 +33,7 @@ use thiserror::Error;
 use crate::auth::ServerInfo;
 use crate::page::Page;
 use crate::stream::{read_exact, read_some, ByteStream, ReadStop, WaitPolicy};
-use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE, PAGE_SIZE_U32};
+use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
 
 /// Why a request failed.
 #[derive(Clone, Debug, Error)]
@@ -96,6 +96,14 @@ enum Dest {
     Page(*mut u8),
     /// Into a fresh vector (a call), or nowhere (a page write, whose response is empty).
     Bytes,
+}
+
+/// One request of a batch, before it is sent.
+struct Request<'p> {
+    opcode: Opcode,
+    arg: u64,
+    dest: Dest,
+    payload: &'p [u8],
 }
 
 /// One outstanding request.
@@ -233,11 +241,20 @@ impl Connection {
 
     /// Sends `request` to the peer's service method `method` and waits for its response.
     pub fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, CallError> {
-        let len = self.check_len(request.len())?;
-        let slot = Slot::new(Dest::Bytes, Opcode::Call);
-        let id = self.register(&slot)?;
-        self.send(&[&Header::request(Opcode::Call, id, method, len).encode(), request])?;
-        self.wait(&[(id, slot)]).map(|mut v| v.pop().unwrap_or_default())
+        let mut out =
+            self.submit([Request { opcode: Opcode::Call, arg: method, dest: Dest::Bytes, payload: request }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Sends several calls to `method` at once (one write, one wait) and returns their responses
+    /// in order. If any fails, the first failure is returned.
+    pub fn call_batch(&self, method: u64, requests: &[&[u8]]) -> Result<Vec<Vec<u8>>, CallError> {
+        self.submit(requests.iter().map(|r| Request {
+            opcode: Opcode::Call,
+            arg: method,
+            dest: Dest::Bytes,
+            payload: r,
+        }))
     }
 
     /// Reads page `index` of the peer's window into `dst`.
@@ -245,28 +262,16 @@ impl Connection {
         self.read_pages(&mut [(index, dst)])
     }
 
-    /// Reads several pages with all requests outstanding at once (one write, one wait).
+    /// Reads several pages with all requests outstanding at once (one write, one wait). Each
+    /// page lands directly in its buffer.
     pub fn read_pages(&self, reads: &mut [(u64, &mut Page)]) -> Result<(), CallError> {
-        let mut slots = Vec::with_capacity(reads.len());
-        let mut headers = Vec::with_capacity(reads.len());
-        for (index, dst) in reads.iter_mut() {
-            let slot = Slot::new(Dest::Page(dst.0.as_mut_ptr()), Opcode::ReadPage);
-            let id = match self.register(&slot) {
-                Ok(id) => id,
-                Err(e) => {
-                    self.abandon(&slots);
-                    return Err(e);
-                }
-            };
-            headers.push(Header::request(Opcode::ReadPage, id, *index, 0).encode());
-            slots.push((id, slot));
-        }
-        let bufs: Vec<&[u8]> = headers.iter().map(|h| &h[..]).collect();
-        if let Err(e) = self.send(&bufs) {
-            self.abandon(&slots);
-            return Err(e);
-        }
-        self.wait(&slots).map(|_| ())
+        let reqs = reads.iter_mut().map(|(index, dst)| Request {
+            opcode: Opcode::ReadPage,
+            arg: *index,
+            dest: Dest::Page(dst.0.as_mut_ptr()),
+            payload: &[],
+        });
+        self.submit(reqs).map(|_| ())
     }
 
     /// Writes `src` to page `index` of the peer's window.
@@ -276,31 +281,47 @@ impl Connection {
 
     /// Writes several pages with all requests outstanding at once.
     pub fn write_pages(&self, writes: &[(u64, &Page)]) -> Result<(), CallError> {
-        let mut slots = Vec::with_capacity(writes.len());
-        let mut headers = Vec::with_capacity(writes.len());
-        let page = PAGE_SIZE_U32;
-        for (index, _) in writes {
-            let slot = Slot::new(Dest::Bytes, Opcode::WritePage);
-            let id = match self.register(&slot) {
-                Ok(id) => id,
+        let reqs = writes.iter().map(|(index, src)| Request {
+            opcode: Opcode::WritePage,
+            arg: *index,
+            dest: Dest::Bytes,
+            payload: &src.0[..],
+        });
+        self.submit(reqs).map(|_| ())
+    }
+
+    /// Registers, sends (with one vectored write) and waits for a batch of requests.
+    fn submit<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Vec<Vec<u8>>, CallError> {
+        let reqs = reqs.into_iter();
+        let mut slots = Vec::with_capacity(reqs.size_hint().0);
+        let mut frames: Vec<([u8; HEADER_LEN], &[u8])> = Vec::with_capacity(reqs.size_hint().0);
+        for r in reqs {
+            let registered = self.check_len(r.payload.len()).and_then(|len| {
+                let slot = Slot::new(r.dest, r.opcode);
+                let id = self.register(&slot)?;
+                Ok((Header::request(r.opcode, id, r.arg, len).encode(), id, slot))
+            });
+            match registered {
+                Ok((header, id, slot)) => {
+                    frames.push((header, r.payload));
+                    slots.push((id, slot));
+                }
                 Err(e) => {
                     self.abandon(&slots);
                     return Err(e);
                 }
-            };
-            headers.push(Header::request(Opcode::WritePage, id, *index, page).encode());
-            slots.push((id, slot));
+            }
         }
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * writes.len());
-        for (h, (_, p)) in headers.iter().zip(writes) {
+        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * frames.len());
+        for (h, p) in &frames {
             bufs.push(h);
-            bufs.push(&p.0);
+            bufs.push(p);
         }
         if let Err(e) = self.send(&bufs) {
             self.abandon(&slots);
             return Err(e);
         }
-        self.wait(&slots).map(|_| ())
+        self.wait(&slots)
     }
 
     fn check_len(&self, len: usize) -> Result<u32, CallError> {

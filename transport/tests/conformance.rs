@@ -103,6 +103,11 @@ fn calls_echo_every_size<B: Backend>() {
     assert!(matches!(c.call(1, &too_big), Err(CallError::TooLarge { .. })));
     // The connection survives a refused oversize request.
     assert_eq!(c.call(1, b"still here").unwrap(), b"still here");
+    // A batch of calls comes back in order.
+    let batch: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; usize::from(i) * 100]).collect();
+    let refs: Vec<&[u8]> = batch.iter().map(|v| &v[..]).collect();
+    assert_eq!(c.call_batch(1, &refs).unwrap(), batch);
+    assert!(matches!(c.call_batch(1, &[b"ok", &too_big]), Err(CallError::TooLarge { .. })));
 }
 
 fn service_errors_reach_the_caller<B: Backend>() {
