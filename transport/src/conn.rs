@@ -23,11 +23,13 @@
 //! 4. Once `closed` is set, no slot is added to `pending`, and all slots in it fail.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::auth::ServerInfo;
@@ -98,6 +100,11 @@ enum Dest {
     Bytes,
 }
 
+/// The slots of one batch, with their ids.
+type Slots = SmallVec<[(u64, Arc<Slot>); 4]>;
+/// The responses of one batch.
+type Responses = SmallVec<[Vec<u8>; 1]>;
+
 /// One request of a batch, before it is sent.
 struct Request<'p> {
     opcode: Opcode,
@@ -148,15 +155,116 @@ impl Slot {
     }
 }
 
+/// Outstanding requests by id, counting the page reads among them.
+struct PendingMap {
+    map: HashMap<u64, Arc<Slot>, BuildHasherDefault<IdHasher>>,
+    page_reads: Arc<AtomicUsize>,
+}
+
+impl PendingMap {
+    fn new(page_reads: Arc<AtomicUsize>) -> PendingMap {
+        PendingMap { map: HashMap::default(), page_reads }
+    }
+
+    fn count(&self, slot: &Slot, delta: isize) {
+        if matches!(slot.dest, Dest::Page(_)) {
+            if delta > 0 {
+                self.page_reads.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.page_reads.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn insert(&mut self, id: u64, slot: Arc<Slot>) {
+        self.count(&slot, 1);
+        self.map.insert(id, slot);
+    }
+
+    fn remove(&mut self, id: &u64) -> Option<Arc<Slot>> {
+        let slot = self.map.remove(id)?;
+        self.count(&slot, -1);
+        Some(slot)
+    }
+
+    fn drain(&mut self) -> Vec<Arc<Slot>> {
+        self.page_reads.store(0, Ordering::Relaxed);
+        self.map.drain().map(|(_, s)| s).collect()
+    }
+}
+
+/// Request ids are sequential: a multiplicative hash spreads them well at a fraction of
+/// SipHash's cost on the fault path.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Receive-side state, owned by whoever leads.
+///
+/// Small responses are read with one read call: when no page read is pending, the leader reads
+/// up to [`READ_AHEAD`] bytes at once and takes the header and small payloads from there. While a
+/// page read is pending it reads headers exactly, so page payloads go straight to their buffers
+/// (only a page whose request raced with a read-ahead can have its first bytes copied from it).
 struct Reader {
     header: [u8; HEADER_LEN],
     have: usize,
+    ahead: Box<[u8; READ_AHEAD]>,
+    ahead_start: usize,
+    ahead_end: usize,
     scratch: Vec<u8>,
+}
+
+/// Read-ahead size: a header and a small payload.
+const READ_AHEAD: usize = 256;
+
+impl Reader {
+    fn new() -> Reader {
+        Reader {
+            header: [0; HEADER_LEN],
+            have: 0,
+            ahead: Box::new([0; READ_AHEAD]),
+            ahead_start: 0,
+            ahead_end: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Moves read-ahead bytes into `dst`; returns how many.
+    fn take_ahead(&mut self, dst: &mut [u8]) -> usize {
+        let n = dst.len().min(self.ahead_end - self.ahead_start);
+        dst[..n].copy_from_slice(&self.ahead[self.ahead_start..self.ahead_start + n]);
+        self.ahead_start += n;
+        n
+    }
+
+    /// Fills `dst` from the read-ahead, then straight from the stream.
+    fn payload(
+        &mut self,
+        stream: &dyn ByteStream,
+        dst: &mut [u8],
+        policy: WaitPolicy,
+        deadline: Option<Instant>,
+    ) -> Result<(), ReadStop> {
+        let n = self.take_ahead(dst);
+        read_exact(stream, &mut dst[n..], policy, deadline)
+    }
 }
 
 struct Shared {
@@ -167,7 +275,13 @@ struct Shared {
     timeout: Duration,
     send: Mutex<()>,
     reader: Mutex<Reader>,
-    pending: Mutex<HashMap<u64, Arc<Slot>>>,
+    pending: Mutex<PendingMap>,
+    /// Page reads in `pending`: while non-zero, the leader reads no further than a header.
+    page_reads: Arc<AtomicUsize>,
+    /// Number of threads parked in `wait`, which a leaving leader must wake.
+    followers: AtomicUsize,
+    /// The parked threads themselves.
+    parked: Mutex<Vec<Thread>>,
     next_id: AtomicU64,
     closed: OnceLock<String>,
 }
@@ -198,6 +312,7 @@ impl Connection {
         timeout: Duration,
     ) -> Connection {
         let peer = stream.peer();
+        let page_reads = Arc::new(AtomicUsize::new(0));
         Connection {
             shared: Arc::new(Shared {
                 stream,
@@ -206,8 +321,11 @@ impl Connection {
                 policy,
                 timeout,
                 send: Mutex::new(()),
-                reader: Mutex::new(Reader { header: [0; HEADER_LEN], have: 0, scratch: Vec::new() }),
-                pending: Mutex::new(HashMap::new()),
+                reader: Mutex::new(Reader::new()),
+                pending: Mutex::new(PendingMap::new(page_reads.clone())),
+                page_reads,
+                followers: AtomicUsize::new(0),
+                parked: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 closed: OnceLock::new(),
             }),
@@ -255,6 +373,7 @@ impl Connection {
             dest: Dest::Bytes,
             payload: r,
         }))
+        .map(SmallVec::into_vec)
     }
 
     /// Reads page `index` of the peer's window into `dst`.
@@ -291,10 +410,9 @@ impl Connection {
     }
 
     /// Registers, sends (with one vectored write) and waits for a batch of requests.
-    fn submit<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Vec<Vec<u8>>, CallError> {
-        let reqs = reqs.into_iter();
-        let mut slots = Vec::with_capacity(reqs.size_hint().0);
-        let mut frames: Vec<([u8; HEADER_LEN], &[u8])> = Vec::with_capacity(reqs.size_hint().0);
+    fn submit<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Responses, CallError> {
+        let mut slots: Slots = SmallVec::new();
+        let mut frames: SmallVec<[([u8; HEADER_LEN], &[u8]); 4]> = SmallVec::new();
         for r in reqs {
             let registered = self.check_len(r.payload.len()).and_then(|len| {
                 let slot = Slot::new(r.dest, r.opcode);
@@ -312,7 +430,7 @@ impl Connection {
                 }
             }
         }
-        let mut bufs: Vec<&[u8]> = Vec::with_capacity(2 * frames.len());
+        let mut bufs: SmallVec<[&[u8]; 8]> = SmallVec::with_capacity(2 * frames.len());
         for (h, p) in &frames {
             bufs.push(h);
             bufs.push(p);
@@ -368,7 +486,7 @@ impl Connection {
     }
 
     /// Waits until every slot is final, leading the receive side when nobody else does.
-    fn wait(&self, slots: &[(u64, Arc<Slot>)]) -> Result<Vec<Vec<u8>>, CallError> {
+    fn wait(&self, slots: &[(u64, Arc<Slot>)]) -> Result<Responses, CallError> {
         let start = Instant::now();
         let deadline = start + self.shared.timeout;
         'outer: while !slots.iter().all(|(_, s)| s.is_final()) {
@@ -397,9 +515,16 @@ impl Connection {
                 self.cancel(slots);
                 break;
             }
-            thread::park_timeout(MAX_PARK.min(deadline - now));
+            // Announce ourselves, then check again that a leader is still there: a leader leaves
+            // by unlocking and then looking for parked followers, so one of us sees the other.
+            self.shared.park_announce();
+            let leaderless = self.shared.reader.try_lock().is_ok();
+            if !leaderless && !slots.iter().all(|(_, s)| s.is_final()) {
+                thread::park_timeout(MAX_PARK.min(deadline - now));
+            }
+            self.shared.park_withdraw();
         }
-        let mut out = Vec::with_capacity(slots.len());
+        let mut out = Responses::with_capacity(slots.len());
         let mut first_err = None;
         for (_, s) in slots {
             if !s.is_final() {
@@ -448,17 +573,36 @@ impl Shared {
             log::warn!("connection to {} closed: {reason}", self.peer);
         }
         self.stream.shutdown();
-        let drained: Vec<Arc<Slot>> = lock(&self.pending).drain().map(|(_, s)| s).collect();
+        let drained = lock(&self.pending).drain();
         let reason = self.closed.get().cloned().unwrap_or(reason);
         for s in drained {
             s.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
         }
     }
 
-    /// Wakes one thread that still waits, so it can take over the receive side.
+    /// Wakes one parked follower, so it can take over the receive side.
     fn wake_next_leader(&self) {
-        if let Some(s) = lock(&self.pending).values().next() {
-            s.waiter.unpark();
+        fence(Ordering::SeqCst);
+        if self.followers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if let Some(t) = lock(&self.parked).first() {
+            t.unpark();
+        }
+    }
+
+    fn park_announce(&self) {
+        lock(&self.parked).push(thread::current());
+        self.followers.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    fn park_withdraw(&self) {
+        self.followers.fetch_sub(1, Ordering::SeqCst);
+        let me = thread::current().id();
+        let mut parked = lock(&self.parked);
+        if let Some(i) = parked.iter().position(|t| t.id() == me) {
+            parked.swap_remove(i);
         }
     }
 
@@ -470,8 +614,23 @@ impl Shared {
             }
             // Between frames the caller's deadline applies; within a frame, the connection's.
             while r.have < HEADER_LEN {
-                match read_some(&*self.stream, &mut r.header[r.have..], self.policy, Some(deadline)) {
-                    Ok(n) => r.have += n,
+                if r.ahead_start < r.ahead_end {
+                    let mut h = [0u8; HEADER_LEN];
+                    let n = r.take_ahead(&mut h[..HEADER_LEN - r.have]);
+                    r.header[r.have..r.have + n].copy_from_slice(&h[..n]);
+                    r.have += n;
+                    continue;
+                }
+                let read = if self.page_reads.load(Ordering::Relaxed) == 0 {
+                    read_some(&*self.stream, &mut r.ahead[..], self.policy, Some(deadline)).map(|n| {
+                        r.ahead_start = 0;
+                        r.ahead_end = n;
+                    })
+                } else {
+                    read_some(&*self.stream, &mut r.header[r.have..], self.policy, Some(deadline)).map(|n| r.have += n)
+                };
+                match read {
+                    Ok(()) => {}
                     Err(ReadStop::TimedOut) => return Err(()),
                     Err(stop) => {
                         self.fail(describe(stop));
@@ -500,8 +659,11 @@ impl Shared {
                 return Err(format!("protocol error: response to request {} never sent", h.request_id));
             }
             // The answer to a request that timed out: drop its payload.
-            r.scratch.resize(h.len as usize, 0);
-            return read_exact(&*self.stream, &mut r.scratch, self.policy, frame_deadline).map_err(describe);
+            let mut scratch = std::mem::take(&mut r.scratch);
+            scratch.resize(h.len as usize, 0);
+            let read = r.payload(&*self.stream, &mut scratch, self.policy, frame_deadline).map_err(describe);
+            r.scratch = scratch;
+            return read;
         };
         if h.opcode != slot.expect {
             let reason = format!("protocol error: {:?} response to a {:?} request", h.opcode, slot.expect);
@@ -510,7 +672,7 @@ impl Shared {
         }
         let outcome = if h.is_error() {
             let mut msg = vec![0u8; h.len as usize];
-            read_exact(&*self.stream, &mut msg, self.policy, frame_deadline).map_err(describe)?;
+            r.payload(&*self.stream, &mut msg, self.policy, frame_deadline).map_err(describe)?;
             Err(CallError::Remote {
                 peer: self.peer.clone(),
                 code: h.status,
@@ -524,7 +686,7 @@ impl Shared {
                     // valid and unaliased while the slot is out of `pending` and not final
                     // (module invariants 2 and 3). `decode` checked that len == PAGE_SIZE.
                     let dst = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
-                    let read = read_exact(&*self.stream, dst, self.policy, frame_deadline);
+                    let read = r.payload(&*self.stream, dst, self.policy, frame_deadline);
                     if let Err(stop) = read {
                         let reason = describe(stop);
                         slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
@@ -534,7 +696,7 @@ impl Shared {
                 }
                 Dest::Bytes => {
                     let mut v = vec![0u8; h.len as usize];
-                    let read = read_exact(&*self.stream, &mut v, self.policy, frame_deadline);
+                    let read = r.payload(&*self.stream, &mut v, self.policy, frame_deadline);
                     if let Err(stop) = read {
                         let reason = describe(stop);
                         slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));

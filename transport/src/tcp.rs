@@ -4,6 +4,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::stream::ByteStream;
@@ -71,7 +72,8 @@ fn bind(sa: SocketAddr) -> io::Result<TcpListener> {
 
 impl ByteStream for TcpByteStream {
     fn write_all(&self, bufs: &[&[u8]]) -> io::Result<()> {
-        let mut slices: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
+        let mut slices: SmallVec<[IoSlice<'_>; 8]> =
+            bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
             match (&self.sock).write_vectored(rest) {

@@ -399,3 +399,45 @@ impl crate::server::Acceptor for ShmAcceptor {
         format!("shm://{}", self.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::Acceptor;
+    use crate::stream::{read_exact, WaitPolicy};
+
+    /// Raw stream round trip without the connection layer: the floor the conn layer adds to.
+    /// `cargo test --release -p mosaic-transport --lib raw_ring_round_trip -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check: run by hand"]
+    fn raw_ring_round_trip() {
+        let name = format!("raw-{}", std::process::id());
+        let mut acc = ShmAcceptor::bind(&name).unwrap();
+        let client = std::thread::spawn(move || connect(&name, Duration::from_secs(1)).unwrap());
+        let server = loop {
+            if let Some(s) = acc.accept(Duration::from_millis(10)).unwrap() {
+                break s;
+            }
+        };
+        let client = client.join().unwrap();
+        let n = 200_000;
+        let echo = std::thread::spawn(move || {
+            let mut b = [0u8; 96];
+            for _ in 0..n {
+                read_exact(&*server, &mut b, WaitPolicy::DEFAULT, None).unwrap();
+                server.write_all(&[&b]).unwrap();
+            }
+        });
+        let mut b = [0u8; 96];
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            client.write_all(&[&b]).unwrap();
+            read_exact(&client, &mut b, WaitPolicy::DEFAULT, None).unwrap();
+            lat.push(t.elapsed());
+        }
+        echo.join().unwrap();
+        lat.sort();
+        println!("raw shm 96 B round trip: min {:?} median {:?}", lat[0], lat[n / 2]);
+    }
+}
