@@ -54,6 +54,9 @@
 
 mod auth;
 mod conn;
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(test)]
 mod malformed_tests;
 mod page;

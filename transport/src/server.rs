@@ -249,6 +249,13 @@ fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
         return;
     }
     log::debug!("{peer} authenticated");
+    serve_frames(cfg, &ctx.stop, stream);
+}
+
+/// Answers requests on an authenticated stream until it closes, fails, sends a malformed frame,
+/// or `stop` is set.
+pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn ByteStream) {
+    let peer = stream.peer();
     let cap = HEADER_LEN + cfg.max_frame as usize + (64 << 10);
     let mut buf = vec![0u8; cap];
     let (mut start, mut end) = (0usize, 0usize);
@@ -292,7 +299,7 @@ fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
         match read_some(stream, &mut buf[end..], cfg.policy, Some(Instant::now() + STOP_POLL)) {
             Ok(n) => end += n,
             Err(ReadStop::TimedOut) => {
-                if ctx.stop.load(Ordering::Acquire) {
+                if stop.load(Ordering::Acquire) {
                     return;
                 }
             }
@@ -301,7 +308,7 @@ fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
                 return;
             }
             Err(ReadStop::Io(e)) => {
-                if !ctx.stop.load(Ordering::Acquire) {
+                if !stop.load(Ordering::Acquire) {
                     log::debug!("{peer}: receive failed: {e}");
                 }
                 return;

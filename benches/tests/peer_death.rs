@@ -1,0 +1,81 @@
+//! A server *process* that dies in the middle of a request: the client must get a typed error
+//! promptly (never hang, never read zeros), on every transport.
+//!
+//! The server is `mosaic-bench serve` in a child process. It is stopped (SIGSTOP) so it cannot
+//! answer, a request is issued, and the process is then killed (SIGKILL): the kernel closes its
+//! socket, and the client notices through it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mosaic_transport::{connect, CallError, ClusterKey, ConnectOptions, Page};
+
+const KEY: &str = "peer-death-test-cluster-key";
+
+struct Server {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(uri: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mosaic-bench"))
+        .args(["serve", "--uri", uri, "--window-pages", "16"])
+        .env("MOSAIC_CLUSTER_KEY", KEY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start mosaic-bench serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let uri = line.trim().strip_prefix("READY ").expect("server did not report READY").to_string();
+    Server { child, uri }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} failed");
+}
+
+fn dies_mid_request(bind: &str) {
+    let mut server = start(bind);
+    let opts = ConnectOptions::new(ClusterKey::from_bytes(KEY.as_bytes()).unwrap()).timeout(Duration::from_secs(20));
+    let conn = connect(&server.uri, &opts).unwrap();
+    let mut page = Page::boxed();
+    conn.read_page(1, &mut page).unwrap();
+
+    signal(&server.child, "-STOP");
+    let c = conn.clone();
+    let start = Instant::now();
+    let waiter = std::thread::spawn(move || {
+        let mut p = Page::boxed();
+        p.0[0] = 0xEE;
+        let r = c.read_page(2, &mut p);
+        (r, p.0[0])
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&server.child, "-KILL");
+    let _ = server.child.wait();
+    let (r, first_byte) = waiter.join().unwrap();
+    assert!(matches!(r, Err(CallError::Disconnected { .. })), "{bind}: {r:?}");
+    assert_eq!(first_byte, 0xEE, "{bind}: a failed read must not touch the buffer");
+    assert!(start.elapsed() < Duration::from_secs(5), "{bind}: took {:?}", start.elapsed());
+    assert!(matches!(conn.call(1, b"x"), Err(CallError::Disconnected { .. })));
+}
+
+#[test]
+fn tcp_server_process_dies_mid_request() {
+    dies_mid_request("tcp://127.0.0.1:0");
+}
+
+#[test]
+fn shm_server_process_dies_mid_request() {
+    dies_mid_request(&format!("shm://peer-death-{}", std::process::id()));
+}
