@@ -492,7 +492,16 @@ impl Connection {
         'outer: while !slots.iter().all(|(_, s)| s.is_final()) {
             if let Ok(mut reader) = self.shared.reader.try_lock() {
                 let r = self.shared.lead(&mut reader, slots, deadline);
+                let lost = r.is_ok() && self.is_closed() && !slots.iter().all(|(_, s)| s.is_final());
                 drop(reader);
+                if lost {
+                    // Closed, and we held the reader so no frame is in progress: an unfinished
+                    // slot can never finish. That is a bug, but it must not spin forever.
+                    log::error!("connection to {}: request lost on close", self.shared.peer);
+                    self.abandon(slots);
+                    self.shared.wake_next_leader();
+                    break 'outer;
+                }
                 if r.is_err() {
                     // Withdraw our slots before handing over, so the next leader is a waiter.
                     self.cancel(slots);
@@ -528,8 +537,12 @@ impl Connection {
         let mut first_err = None;
         for (_, s) in slots {
             if !s.is_final() {
-                // Removed by `cancel`: nobody can complete it any more.
-                first_err.get_or_insert(CallError::TimedOut { peer: self.shared.peer.clone(), after: start.elapsed() });
+                // Removed by `cancel` or `abandon`: nobody can complete it any more.
+                first_err.get_or_insert(if self.is_closed() {
+                    self.disconnected()
+                } else {
+                    CallError::TimedOut { peer: self.shared.peer.clone(), after: start.elapsed() }
+                });
                 continue;
             }
             match s.take() {
@@ -665,49 +678,57 @@ impl Shared {
             r.scratch = scratch;
             return read;
         };
-        if h.opcode != slot.expect {
-            let reason = format!("protocol error: {:?} response to a {:?} request", h.opcode, slot.expect);
-            slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
-            return Err(reason);
+        // From here on the slot is ours alone: every path must finish it (invariant 2).
+        match self.read_response(r, &h, &slot, frame_deadline) {
+            Ok(outcome) => {
+                slot.finish(outcome);
+                Ok(())
+            }
+            Err(reason) => {
+                slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
+                Err(reason)
+            }
         }
-        let outcome = if h.is_error() {
+    }
+
+    /// Reads the payload of response `h` for `slot`: the caller's outcome, or why the
+    /// connection must close.
+    fn read_response(
+        &self,
+        r: &mut Reader,
+        h: &Header,
+        slot: &Slot,
+        deadline: Option<Instant>,
+    ) -> Result<Result<Vec<u8>, CallError>, String> {
+        if h.opcode != slot.expect {
+            return Err(format!("protocol error: {:?} response to a {:?} request", h.opcode, slot.expect));
+        }
+        let stream = &*self.stream;
+        if h.is_error() {
             let mut msg = vec![0u8; h.len as usize];
-            r.payload(&*self.stream, &mut msg, self.policy, frame_deadline).map_err(describe)?;
-            Err(CallError::Remote {
+            r.payload(stream, &mut msg, self.policy, deadline).map_err(describe)?;
+            return Ok(Err(CallError::Remote {
                 peer: self.peer.clone(),
                 code: h.status,
                 status: Status::from_u32(h.status),
                 message: String::from_utf8_lossy(&msg).into_owned(),
-            })
-        } else {
-            match slot.dest {
-                Dest::Page(ptr) => {
-                    // SAFETY: `ptr` is the caller's `&mut Page` (PAGE_SIZE bytes), which stays
-                    // valid and unaliased while the slot is out of `pending` and not final
-                    // (module invariants 2 and 3). `decode` checked that len == PAGE_SIZE.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
-                    let read = r.payload(&*self.stream, dst, self.policy, frame_deadline);
-                    if let Err(stop) = read {
-                        let reason = describe(stop);
-                        slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
-                        return Err(reason);
-                    }
-                    Ok(Vec::new())
-                }
-                Dest::Bytes => {
-                    let mut v = vec![0u8; h.len as usize];
-                    let read = r.payload(&*self.stream, &mut v, self.policy, frame_deadline);
-                    if let Err(stop) = read {
-                        let reason = describe(stop);
-                        slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
-                        return Err(reason);
-                    }
-                    Ok(v)
-                }
+            }));
+        }
+        match slot.dest {
+            Dest::Page(ptr) => {
+                // SAFETY: `ptr` is the caller's `&mut Page` (PAGE_SIZE bytes), which stays
+                // valid and unaliased while the slot is out of `pending` and not final
+                // (module invariants 2 and 3). `decode` checked that len == PAGE_SIZE.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
+                r.payload(stream, dst, self.policy, deadline).map_err(describe)?;
+                Ok(Ok(Vec::new()))
             }
-        };
-        slot.finish(outcome);
-        Ok(())
+            Dest::Bytes => {
+                let mut v = vec![0u8; h.len as usize];
+                r.payload(stream, &mut v, self.policy, deadline).map_err(describe)?;
+                Ok(Ok(v))
+            }
+        }
     }
 }
 

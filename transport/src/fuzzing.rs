@@ -85,7 +85,16 @@ mod tests {
     fn fuzz_entry_points_survive_samples() {
         let mut valid = crate::wire::Header::request(crate::wire::Opcode::Call, 1, 1, 3).encode().to_vec();
         valid.extend_from_slice(b"abc");
-        for data in [&b""[..], b"garbage", &valid, &[0xFF; 100]] {
+        // A fuzzer find: an error response cut short used to hang the client.
+        let mut cut = crate::wire::Header::error_response(
+            &crate::wire::Header::request(crate::wire::Opcode::Call, 1, 0, 0),
+            0xff00,
+            34,
+        )
+        .encode()
+        .to_vec();
+        cut.push(b'\'');
+        for data in [&b""[..], b"garbage", &valid, &[0xFF; 100], &cut] {
             super::server_frames(data);
             super::client_responses(data);
             super::handshakes(data);

@@ -151,7 +151,12 @@ fn client_fails_requests_on_malformed_responses() {
     // Request ids start at 1 on a fresh connection.
     let mut bad_magic = response(Opcode::Call, 1, 0);
     bad_magic[0] = 0;
+    // An error response whose message is cut short by the server's disconnect (found by the
+    // client_responses fuzz target: it used to leave the request unfinished, spinning forever).
+    let mut cut_error = Header::error_response(&Header::request(Opcode::Call, 1, 0, 0), 4, 34).encode().to_vec();
+    cut_error.push(b'!');
     let cases: Vec<(&str, bool, Vec<u8>)> = vec![
+        ("error response cut short", false, cut_error),
         ("bad magic", false, bad_magic),
         ("response to a request never sent", false, response(Opcode::Call, 777, 0)),
         ("a request instead of a response", false, header_bytes(Opcode::Call, 0, 0).to_vec()),
