@@ -61,8 +61,16 @@ fn sockperf_value(out: &str, key: &str) -> Option<f64> {
     out.lines().find(|l| l.contains(key)).and_then(|l| l.rsplit('=').next()).and_then(|v| v.trim().parse().ok())
 }
 
+/// sockperf's smallest message.
+pub const SOCKPERF_MIN: usize = 14;
+/// sockperf's largest TCP message (it closes the connection on 64 KiB).
+pub const SOCKPERF_MAX: usize = 65_000;
+
 /// sockperf TCP ping-pong round trip of `size` bytes for `secs` seconds; `busy` polls both ends.
 pub fn sockperf_pingpong(size: usize, secs: u32, busy: bool) -> Result<(PeerFigure, f64, f64), String> {
+    if !(SOCKPERF_MIN..=SOCKPERF_MAX).contains(&size) {
+        return Err(format!("sockperf sends {SOCKPERF_MIN} to {SOCKPERF_MAX} bytes, not {size}"));
+    }
     let port = free_port()?.to_string();
     let mut srv = Command::new("sockperf");
     srv.args(["server", "--tcp", "-i", "127.0.0.1", "-p", &port]);
@@ -80,8 +88,8 @@ pub fn sockperf_pingpong(size: usize, secs: u32, busy: bool) -> Result<(PeerFigu
     }
     let out = cli.output().map_err(|e| format!("sockperf: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let median =
-        sockperf_value(&text, "percentile 50.000").ok_or_else(|| format!("sockperf printed no median:\n{text}"))?;
+    let median = sockperf_value(&text, "percentile 50.000")
+        .ok_or_else(|| format!("sockperf printed no median: {}", tail(&text)))?;
     let min = sockperf_value(&text, "<MIN> observation").unwrap_or(f64::NAN);
     let p99 = sockperf_value(&text, "percentile 99.000").unwrap_or(f64::NAN);
     let tool = if busy { "sockperf --nonblocked" } else { "sockperf" };
@@ -96,6 +104,9 @@ fn ucx_final(out: &str) -> Option<Vec<f64>> {
 }
 
 /// Runs one ucx_perftest test (`tag_lat` or `tag_bw`) over shared memory; returns `Final:`.
+///
+/// The ucx_perftest server serves exactly one client, so readiness cannot be probed with a
+/// connection: the client is retried until the server listens.
 fn ucx_run(test: &str, size: usize, iters: usize) -> Result<Vec<f64>, String> {
     let port = free_port()?.to_string();
     let _srv = KillOnDrop(
@@ -107,20 +118,40 @@ fn ucx_run(test: &str, size: usize, iters: usize) -> Result<Vec<f64>, String> {
             .spawn()
             .map_err(|e| format!("ucx_perftest: {e}"))?,
     );
-    wait_for_port(port.parse().unwrap_or(0))?;
-    let out = Command::new("ucx_perftest")
-        .args(["127.0.0.1", "-p", &port, "-t", test, "-s", &size.to_string(), "-n", &iters.to_string()])
-        .env("UCX_TLS", "posix,self")
-        .output()
-        .map_err(|e| format!("ucx_perftest: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    ucx_final(&text).filter(|v| v.len() >= 7).ok_or_else(|| format!("ucx_perftest printed no Final line:\n{text}"))
+    let mut last = String::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(150));
+        let out = Command::new("ucx_perftest")
+            .args(["127.0.0.1", "-p", &port, "-t", test, "-s", &size.to_string(), "-n", &iters.to_string()])
+            .env("UCX_TLS", "posix,self")
+            .output()
+            .map_err(|e| format!("ucx_perftest: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        if let Some(v) = ucx_final(&text).filter(|v| v.len() >= 7) {
+            return Ok(v);
+        }
+        last = text;
+    }
+    Err(format!("ucx_perftest printed no Final line: {}", tail(&last)))
+}
+
+/// The last three lines of a tool's output, for an error message.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
 }
 
 /// ucx_perftest tag_lat over posix shared memory: the round trip (twice the one-way median).
 pub fn ucx_pingpong(size: usize, iters: usize) -> Result<PeerFigure, String> {
     let f = ucx_run("tag_lat", size, iters)?;
     Ok(PeerFigure { tool: "ucx_perftest posix".into(), median_us: Some(2.0 * f[1]), mb_per_s: None })
+}
+
+/// ucx_perftest tag_bw over posix shared memory: bandwidth in MB/s (UCX prints MiB/s;
+/// converted to 10^6 bytes per second like every Mosaic figure).
+pub fn ucx_bandwidth(size: usize, iters: usize) -> Result<PeerFigure, String> {
+    let f = ucx_run("tag_bw", size, iters)?;
+    Ok(PeerFigure { tool: "ucx_perftest posix".into(), median_us: None, mb_per_s: Some(f[5] * 1.048_576) })
 }
 
 #[cfg(test)]

@@ -219,6 +219,9 @@ pub fn run(plan: &Plan) -> Result<(), String> {
             f.peer = peer_stream(t, plan);
         }
         emit(&f);
+        if plan.peer && t == "shm" {
+            memcpy_figures(plan.time).iter().for_each(&emit);
+        }
         for &n in &plan.outstanding {
             progress.step(&format!("{t} read_page x{n}"));
             let mut f = read_pages(&conn, t, n, plan)?;
@@ -334,26 +337,39 @@ fn peer_pingpong(t: &str, size: usize, plan: &Plan) -> Option<PeerFigure> {
 }
 
 fn peer_stream(t: &str, plan: &Plan) -> Option<PeerFigure> {
-    match t {
-        "shm" => {
-            let m = memcpy_mb_per_s(plan.time);
-            Some(PeerFigure { tool: "memcpy 1 thread".into(), median_us: None, mb_per_s: Some(m) })
-        }
-        _ => None,
-    }
+    let r = match t {
+        "shm" if plan.blocking => Err("ucx_perftest has no blocking mode to compare with".into()),
+        "shm" if peer::installed("ucx_perftest") => peer::ucx_bandwidth(STREAM_SIZE, 20_000),
+        "shm" => Err("ucx_perftest is not installed (apt-get install ucx-utils)".into()),
+        _ => return None,
+    };
+    r.map_err(|e| eprintln!("{t}: peer skipped: {e}")).ok()
 }
 
-/// Single-thread memcpy bandwidth with the footprint of the shm stream: 64 KiB messages copied
-/// into successive slots of a 1 MiB buffer (the ring's size).
-pub fn memcpy_mb_per_s(time: Duration) -> f64 {
-    let src = vec![0x11u8; STREAM_SIZE];
-    let mut dst = vec![0u8; 1 << 20];
-    let slots = dst.len() / STREAM_SIZE;
+/// Single-thread memcpy of 64 KiB blocks over `span` bytes (pre-touched), as reference lines
+/// beside the shm stream: a 1 MiB span stays in cache like the shm ring, a 256 MiB span does not.
+fn memcpy_figures(time: Duration) -> Vec<Figure> {
+    [1usize << 20, 256 << 20]
+        .into_iter()
+        .map(|span| {
+            let mut f = Figure::new("local", "memcpy", span, 0);
+            f.mb_per_s = Some(memcpy_mb_per_s(span, time));
+            f
+        })
+        .collect()
+}
+
+/// Single-thread memcpy bandwidth: 64 KiB blocks copied across `span` bytes, repeatedly.
+pub fn memcpy_mb_per_s(span: usize, time: Duration) -> f64 {
+    let src = vec![0x11u8; span];
+    let mut dst = vec![0x22u8; span]; // written, so every page is touched before timing
+    let blocks = span / STREAM_SIZE;
     let start = Instant::now();
     let mut copies = 0usize;
     while start.elapsed() < time {
-        for i in 0..slots {
-            dst[i * STREAM_SIZE..(i + 1) * STREAM_SIZE].copy_from_slice(&src);
+        for i in 0..blocks {
+            let r = i * STREAM_SIZE..(i + 1) * STREAM_SIZE;
+            dst[r.clone()].copy_from_slice(&src[r]);
             copies += 1;
         }
         std::hint::black_box(&mut dst);
