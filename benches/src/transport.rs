@@ -253,7 +253,12 @@ fn start_for(t: &str, key_text: &str, plan: &Plan) -> Result<(Option<ChildServer
             let uri = format!("sim://{}@{}", plan.sim_link, s.uri);
             Ok((Some(s), uri))
         }
-        "rdma" => Err("this build has no RDMA support (the rdma transport is not implemented yet)".into()),
+        "rdma" if cfg!(feature = "rdma") => {
+            let s = ChildServer::start("rdma://127.0.0.1:0", key_text, WINDOW_PAGES, plan.blocking)?;
+            let uri = s.uri.clone();
+            Ok((Some(s), uri))
+        }
+        "rdma" => Err("built without RDMA (cargo build --features rdma)".into()),
         other => Err(format!("unknown transport {other:?}")),
     }
 }

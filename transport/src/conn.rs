@@ -100,6 +100,16 @@ enum Dest {
     Bytes,
 }
 
+/// One-sided page access that bypasses the frame protocol (RDMA READ/WRITE).
+pub(crate) trait OneSided: Send + Sync {
+    /// Reads each page into its buffer. An error leaves the connection unusable.
+    fn read_pages(&self, reads: &mut [(u64, &mut Page)]) -> Result<(), String>;
+    /// Writes each page. An error leaves the connection unusable.
+    fn write_pages(&self, writes: &[(u64, &Page)]) -> Result<(), String>;
+    /// Pages in the peer's window.
+    fn window_pages(&self) -> u64;
+}
+
 /// The slots of one batch, with their ids.
 type Slots = SmallVec<[(u64, Arc<Slot>); 4]>;
 /// The responses of one batch.
@@ -284,6 +294,7 @@ struct Shared {
     parked: Mutex<Vec<Thread>>,
     next_id: AtomicU64,
     closed: OnceLock<String>,
+    one_sided: Option<Box<dyn OneSided>>,
 }
 
 /// A client connection to one peer. Cheap to clone; all clones share the connection and may be
@@ -310,6 +321,7 @@ impl Connection {
         info: ServerInfo,
         policy: WaitPolicy,
         timeout: Duration,
+        one_sided: Option<Box<dyn OneSided>>,
     ) -> Connection {
         let peer = stream.peer();
         let page_reads = Arc::new(AtomicUsize::new(0));
@@ -328,6 +340,7 @@ impl Connection {
                 parked: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(1),
                 closed: OnceLock::new(),
+                one_sided,
             }),
         }
     }
@@ -384,6 +397,10 @@ impl Connection {
     /// Reads several pages with all requests outstanding at once (one write, one wait). Each
     /// page lands directly in its buffer.
     pub fn read_pages(&self, reads: &mut [(u64, &mut Page)]) -> Result<(), CallError> {
+        if let Some(os) = &self.shared.one_sided {
+            self.check_window(reads.iter().map(|(i, _)| *i), os.window_pages())?;
+            return os.read_pages(reads).map_err(|e| self.one_sided_failed(e));
+        }
         let reqs = reads.iter_mut().map(|(index, dst)| Request {
             opcode: Opcode::ReadPage,
             arg: *index,
@@ -400,6 +417,10 @@ impl Connection {
 
     /// Writes several pages with all requests outstanding at once.
     pub fn write_pages(&self, writes: &[(u64, &Page)]) -> Result<(), CallError> {
+        if let Some(os) = &self.shared.one_sided {
+            self.check_window(writes.iter().map(|(i, _)| *i), os.window_pages())?;
+            return os.write_pages(writes).map_err(|e| self.one_sided_failed(e));
+        }
         let reqs = writes.iter().map(|(index, src)| Request {
             opcode: Opcode::WritePage,
             arg: *index,
@@ -440,6 +461,32 @@ impl Connection {
             return Err(e);
         }
         self.wait(&slots)
+    }
+
+    /// One-sided access checks bounds locally: an access outside the registered window would
+    /// break the queue pair for everyone.
+    fn check_window(&self, mut indices: impl Iterator<Item = u64>, pages: u64) -> Result<(), CallError> {
+        if self.is_closed() {
+            return Err(self.disconnected());
+        }
+        if pages == 0 {
+            return Err(self.remote(Status::NoWindow, "this server exposes no page window".into()));
+        }
+        match indices.find(|i| *i >= pages) {
+            Some(i) => {
+                Err(self.remote(Status::PageOutOfRange, format!("page {i} is outside the window of {pages} pages")))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn remote(&self, status: Status, message: String) -> CallError {
+        CallError::Remote { peer: self.shared.peer.clone(), code: status as u32, status: Some(status), message }
+    }
+
+    fn one_sided_failed(&self, why: String) -> CallError {
+        self.shared.fail(why);
+        self.disconnected()
     }
 
     fn check_len(&self, len: usize) -> Result<u32, CallError> {

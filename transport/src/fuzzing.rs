@@ -62,7 +62,7 @@ pub fn server_frames(data: &[u8]) {
 pub fn client_responses(data: &[u8]) {
     let info = ServerInfo { window_pages: 8, max_frame: DEFAULT_MAX_FRAME };
     let policy = WaitPolicy::blocking();
-    let conn = Connection::new(Box::new(Scripted::new(data)), info, policy, Duration::from_secs(5));
+    let conn = Connection::new(Box::new(Scripted::new(data)), info, policy, Duration::from_secs(5), None);
     let _ = conn.call(1, b"request");
     let mut page = Page::boxed();
     let _ = conn.read_page(0, &mut page);

@@ -60,6 +60,8 @@ pub mod fuzzing;
 #[cfg(test)]
 mod malformed_tests;
 mod page;
+#[cfg(feature = "rdma")]
+mod rdma;
 mod server;
 mod shm;
 pub mod sim;
@@ -212,24 +214,42 @@ fn connect_endpoint(
 ) -> Result<(Connection, Option<SimLink>), ConnectError> {
     let deadline = Instant::now() + opts.connect_timeout;
     let io = |source| ConnectError::Io { uri: uri.into(), source };
-    let (stream, link): (Box<dyn ByteStream>, Option<SimLink>) = match ep {
-        Endpoint::Sim(spec, inner) => {
-            let raw = raw_stream(uri, *inner, opts.connect_timeout)?;
-            let (s, link) = sim::SimStream::wrap(raw, spec).map_err(io)?;
-            (Box::new(s), Some(link))
+    let (stream, one_sided, link): (Box<dyn ByteStream>, _, _) = match ep {
+        Endpoint::Sim(_, inner) if matches!(*inner, Endpoint::Rdma(_)) => {
+            return Err(ConnectError::Unsupported {
+                uri: uri.into(),
+                reason: "a sim link cannot shape RDMA (one-sided operations bypass it)".into(),
+            })
         }
-        other => (raw_stream(uri, other, opts.connect_timeout)?, None),
+        Endpoint::Sim(spec, inner) => {
+            let (raw, _) = raw_stream(uri, *inner, opts)?;
+            let (s, link) = sim::SimStream::wrap(raw, spec).map_err(io)?;
+            (Box::new(s), None, Some(link))
+        }
+        other => {
+            let (s, one_sided) = raw_stream(uri, other, opts)?;
+            (s, one_sided, None)
+        }
     };
     let info = auth::client_handshake(&*stream, &opts.key, deadline)
         .map_err(|source| ConnectError::Handshake { uri: uri.into(), source })?;
-    Ok((Connection::new(stream, info, opts.policy, opts.timeout), link))
+    Ok((Connection::new(stream, info, opts.policy, opts.timeout, one_sided), link))
 }
 
-fn raw_stream(uri: &str, ep: Endpoint, timeout: Duration) -> Result<Box<dyn ByteStream>, ConnectError> {
+type RawConnection = (Box<dyn ByteStream>, Option<Box<dyn conn::OneSided>>);
+
+fn raw_stream(uri: &str, ep: Endpoint, opts: &ConnectOptions) -> Result<RawConnection, ConnectError> {
     let io = |source| ConnectError::Io { uri: uri.into(), source };
+    let timeout = opts.connect_timeout;
     match ep {
-        Endpoint::Tcp(addr) => Ok(Box::new(tcp::TcpByteStream::connect(&addr, timeout).map_err(io)?)),
-        Endpoint::Shm(name) => Ok(Box::new(shm::connect(&name, timeout).map_err(io)?)),
+        Endpoint::Tcp(addr) => Ok((Box::new(tcp::TcpByteStream::connect(&addr, timeout).map_err(io)?), None)),
+        Endpoint::Shm(name) => Ok((Box::new(shm::connect(&name, timeout).map_err(io)?), None)),
+        #[cfg(feature = "rdma")]
+        Endpoint::Rdma(addr) => {
+            let (stream, pages) = rdma::connect(&addr, &opts.key, timeout)?;
+            Ok((Box::new(stream), Some(Box::new(pages))))
+        }
+        #[cfg(not(feature = "rdma"))]
         Endpoint::Rdma(_) => Err(ConnectError::Unsupported { uri: uri.into(), reason: rdma_unsupported() }),
         Endpoint::Sim(..) => {
             Err(ConnectError::Unsupported { uri: uri.into(), reason: "a sim link cannot wrap another".into() })
@@ -237,6 +257,7 @@ fn raw_stream(uri: &str, ep: Endpoint, timeout: Duration) -> Result<Box<dyn Byte
     }
 }
 
+#[cfg(not(feature = "rdma"))]
 fn rdma_unsupported() -> String {
     "RDMA is not available in this build (enable the cargo feature `rdma`)".into()
 }
@@ -247,6 +268,9 @@ pub fn listen(uri: &str, cfg: ServerConfig) -> Result<Server, ListenError> {
     let acceptor: Box<dyn server::Acceptor> = match Endpoint::parse(uri)? {
         Endpoint::Tcp(addr) => Box::new(tcp::TcpAcceptor::bind(&addr).map_err(io)?),
         Endpoint::Shm(name) => Box::new(shm::ShmAcceptor::bind(&name).map_err(io)?),
+        #[cfg(feature = "rdma")]
+        Endpoint::Rdma(addr) => Box::new(rdma::RdmaAcceptor::bind(&addr, &cfg).map_err(io)?),
+        #[cfg(not(feature = "rdma"))]
         Endpoint::Rdma(_) => return Err(ListenError::Unsupported { uri: uri.into(), reason: rdma_unsupported() }),
         Endpoint::Sim(..) => {
             return Err(ListenError::Unsupported {

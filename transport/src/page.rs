@@ -81,6 +81,18 @@ impl PageWindow {
         self.pages
     }
 
+    /// The first byte of the window, for registering it with an RDMA device.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// The window's size in bytes.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn byte_len(&self) -> usize {
+        self.map.len()
+    }
+
     fn locate(&self, index: u64) -> Result<(*mut u8, &Mutex<()>), Status> {
         if index >= self.pages {
             return Err(Status::PageOutOfRange);

@@ -43,6 +43,14 @@ impl TcpByteStream {
     }
 }
 
+impl TcpByteStream {
+    /// The socket itself (for polling alongside other descriptors).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
 fn configure(sock: &SockRef<'_>) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
     sock.set_send_buffer_size(SOCKET_BUFFER)?;
@@ -122,16 +130,23 @@ impl TcpAcceptor {
     }
 }
 
-impl crate::server::Acceptor for TcpAcceptor {
-    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>> {
+impl TcpAcceptor {
+    /// Waits up to `timeout` for a connection.
+    pub(crate) fn accept_tcp(&mut self, timeout: Duration) -> io::Result<Option<TcpByteStream>> {
         if !sys::poll_one(&self.listener, sys::Interest::Read, Some(timeout))? {
             return Ok(None);
         }
         match self.listener.accept() {
-            Ok((sock, _)) => Ok(Some(Box::new(TcpByteStream::new(sock)?))),
+            Ok((sock, _)) => Ok(Some(TcpByteStream::new(sock)?)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl crate::server::Acceptor for TcpAcceptor {
+    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>> {
+        Ok(self.accept_tcp(timeout)?.map(|s| Box::new(s) as Box<dyn ByteStream>))
     }
 
     fn local_uri(&self) -> String {

@@ -4,6 +4,7 @@
 //! Each back-end names how a server binds and how a client reaches it; `sim` runs the suite
 //! through a shaped link (10 GbE with 1% loss) around tcp.
 
+use std::error::Error as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,18 @@ impl Backend for Shm {
         // Abstract socket names are per host: make each test's name unique.
         static N: AtomicUsize = AtomicUsize::new(0);
         format!("shm://conformance-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    }
+    fn client_uri(s: &str) -> String {
+        s.into()
+    }
+}
+
+#[cfg(feature = "rdma")]
+struct Rdma;
+#[cfg(feature = "rdma")]
+impl Backend for Rdma {
+    fn bind_uri() -> String {
+        "rdma://127.0.0.1:0".into()
     }
     fn client_uri(s: &str) -> String {
         s.into()
@@ -250,43 +263,96 @@ fn a_wrong_key_is_refused_on_both_sides<B: Backend>() {
     assert_eq!(client::<B>(&s).call(1, b"ok").unwrap(), b"ok");
 }
 
+/// True if the back-end can run here. An RDMA suite without a device prints why and skips,
+/// unless MOSAIC_RDMA_DEVICE names a device, in which case a failure to open it fails the test.
+fn available<B: Backend>() -> bool {
+    let uri = B::bind_uri();
+    if !uri.starts_with("rdma://") {
+        return true;
+    }
+    match listen(&uri, ServerConfig::new(key())) {
+        Ok(_) => true,
+        Err(e) if std::env::var_os("MOSAIC_RDMA_DEVICE").is_none() => {
+            eprintln!("skipped: no usable RDMA device ({e}: {:?}); set MOSAIC_RDMA_DEVICE to require one", e.source());
+            false
+        }
+        Err(e) => panic!("MOSAIC_RDMA_DEVICE is set but RDMA is unusable: {e}: {:?}", e.source()),
+    }
+}
+
 macro_rules! suite {
-    ($modname:ident, $backend:ty) => {
+    ($modname:ident, $backend:ty $(, ignore = $ignore:literal)?) => {
         mod $modname {
             #[test]
+            $(#[ignore = $ignore])?
             fn calls_echo_every_size() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::calls_echo_every_size::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn service_errors_reach_the_caller() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::service_errors_reach_the_caller::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn pages_round_trip_singly_and_in_batches() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::pages_round_trip_singly_and_in_batches::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn page_errors_are_typed() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::page_errors_are_typed::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn many_threads_share_one_connection() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::many_threads_share_one_connection::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn responses_match_requests_whatever_the_order() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::responses_match_requests_whatever_the_order::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn a_dead_peer_fails_requests_without_hanging() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::a_dead_peer_fails_requests_without_hanging::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn requests_time_out_with_an_error() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::requests_time_out_with_an_error::<$backend>();
             }
             #[test]
+            $(#[ignore = $ignore])?
             fn a_wrong_key_is_refused_on_both_sides() {
+                if !super::available::<$backend>() {
+                    return;
+                }
                 super::a_wrong_key_is_refused_on_both_sides::<$backend>();
             }
         }
@@ -296,3 +362,7 @@ macro_rules! suite {
 suite!(tcp, super::Tcp);
 suite!(shm, super::Shm);
 suite!(sim, super::Sim);
+// RDMA needs a device: these run only with `--features rdma -- --ignored`, with
+// MOSAIC_RDMA_DEVICE naming it (e.g. rxe0 under soft-RoCE; see .ci/rdma-vm-tests).
+#[cfg(feature = "rdma")]
+suite!(rdma, super::Rdma, ignore = "needs an RDMA device: run with --ignored and MOSAIC_RDMA_DEVICE");
