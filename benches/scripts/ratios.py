@@ -12,7 +12,8 @@ import sys
 
 runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 extra = sys.argv[2:]
-cmd = ["target/release/mosaic-bench", "transport", "--peer", "--json", *extra]
+import os
+cmd = [os.environ.get("MOSAIC_BENCH", "target/release/mosaic-bench"), "transport", "--peer", "--json", *extra]
 rows = {}
 for i in range(runs):
     print(f"run {i + 1}/{runs}: {' '.join(cmd)}", file=sys.stderr)
