@@ -22,20 +22,23 @@
 //!    `pending` itself (time-out), so no one writes into its buffer afterwards.
 //! 4. Once `closed` is set, no slot is added to `pending`, and all slots in it fail.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{fence, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 use thiserror::Error;
 
+mod reader;
+mod slot;
+
 use crate::auth::ServerInfo;
 use crate::page::Page;
-use crate::stream::{read_exact, read_some, ByteStream, ReadStop, WaitPolicy};
+use crate::stream::{read_some, ByteStream, ReadStop, WaitPolicy};
 use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
+use reader::Reader;
+use slot::{lock, Dest, PendingMap, Request, Slot};
 
 /// Why a request failed.
 #[derive(Clone, Debug, Error)]
@@ -89,17 +92,6 @@ impl CallError {
     }
 }
 
-const PENDING: u8 = 0;
-const DONE: u8 = 1;
-
-/// Where a response payload goes.
-enum Dest {
-    /// Into the caller's page (a page read).
-    Page(*mut u8),
-    /// Into a fresh vector (a call), or nowhere (a page write, whose response is empty).
-    Bytes,
-}
-
 /// One-sided page access that bypasses the frame protocol (RDMA READ/WRITE).
 pub(crate) trait OneSided: Send + Sync {
     /// Reads each page into its buffer. An error leaves the connection unusable.
@@ -114,168 +106,6 @@ pub(crate) trait OneSided: Send + Sync {
 type Slots = SmallVec<[(u64, Arc<Slot>); 4]>;
 /// The responses of one batch.
 type Responses = SmallVec<[Vec<u8>; 1]>;
-
-/// One request of a batch, before it is sent.
-struct Request<'p> {
-    opcode: Opcode,
-    arg: u64,
-    dest: Dest,
-    payload: &'p [u8],
-}
-
-/// One outstanding request.
-struct Slot {
-    state: AtomicU8,
-    dest: Dest,
-    expect: Opcode,
-    outcome: Mutex<Option<Result<Vec<u8>, CallError>>>,
-    waiter: Thread,
-}
-
-// SAFETY: the only non-Send/Sync field is `Dest::Page`'s pointer. It is dereferenced only by the
-// leader while the slot is out of `pending` and not yet final; during that time the caller that
-// owns the buffer is blocked in `wait` and holds no reference to it (module invariants 2 and 3).
-unsafe impl Send for Slot {}
-// SAFETY: as above; all other fields are Sync.
-unsafe impl Sync for Slot {}
-
-impl Slot {
-    fn new(dest: Dest, expect: Opcode) -> Arc<Slot> {
-        Arc::new(Slot {
-            state: AtomicU8::new(PENDING),
-            dest,
-            expect,
-            outcome: Mutex::new(None),
-            waiter: thread::current(),
-        })
-    }
-
-    fn is_final(&self) -> bool {
-        self.state.load(Ordering::Acquire) != PENDING
-    }
-
-    fn finish(&self, outcome: Result<Vec<u8>, CallError>) {
-        *lock(&self.outcome) = Some(outcome);
-        self.state.store(DONE, Ordering::Release);
-        self.waiter.unpark();
-    }
-
-    fn take(&self) -> Result<Vec<u8>, CallError> {
-        lock(&self.outcome).take().unwrap_or_else(|| Ok(Vec::new()))
-    }
-}
-
-/// Outstanding requests by id, counting the page reads among them.
-struct PendingMap {
-    map: HashMap<u64, Arc<Slot>, BuildHasherDefault<IdHasher>>,
-    page_reads: Arc<AtomicUsize>,
-}
-
-impl PendingMap {
-    fn new(page_reads: Arc<AtomicUsize>) -> PendingMap {
-        PendingMap { map: HashMap::default(), page_reads }
-    }
-
-    fn count(&self, slot: &Slot, delta: isize) {
-        if matches!(slot.dest, Dest::Page(_)) {
-            if delta > 0 {
-                self.page_reads.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.page_reads.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn insert(&mut self, id: u64, slot: Arc<Slot>) {
-        self.count(&slot, 1);
-        self.map.insert(id, slot);
-    }
-
-    fn remove(&mut self, id: &u64) -> Option<Arc<Slot>> {
-        let slot = self.map.remove(id)?;
-        self.count(&slot, -1);
-        Some(slot)
-    }
-
-    fn drain(&mut self) -> Vec<Arc<Slot>> {
-        self.page_reads.store(0, Ordering::Relaxed);
-        self.map.drain().map(|(_, s)| s).collect()
-    }
-}
-
-/// Request ids are sequential: a multiplicative hash spreads them well at a fraction of
-/// SipHash's cost on the fault path.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
-        }
-    }
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Receive-side state, owned by whoever leads.
-///
-/// Small responses are read with one read call: when no page read is pending, the leader reads
-/// up to [`READ_AHEAD`] bytes at once and takes the header and small payloads from there. While a
-/// page read is pending it reads headers exactly, so page payloads go straight to their buffers
-/// (only a page whose request raced with a read-ahead can have its first bytes copied from it).
-struct Reader {
-    header: [u8; HEADER_LEN],
-    have: usize,
-    ahead: Box<[u8; READ_AHEAD]>,
-    ahead_start: usize,
-    ahead_end: usize,
-    scratch: Vec<u8>,
-}
-
-/// Read-ahead size: a header and a small payload.
-const READ_AHEAD: usize = 256;
-
-impl Reader {
-    fn new() -> Reader {
-        Reader {
-            header: [0; HEADER_LEN],
-            have: 0,
-            ahead: Box::new([0; READ_AHEAD]),
-            ahead_start: 0,
-            ahead_end: 0,
-            scratch: Vec::new(),
-        }
-    }
-
-    /// Moves read-ahead bytes into `dst`; returns how many.
-    fn take_ahead(&mut self, dst: &mut [u8]) -> usize {
-        let n = dst.len().min(self.ahead_end - self.ahead_start);
-        dst[..n].copy_from_slice(&self.ahead[self.ahead_start..self.ahead_start + n]);
-        self.ahead_start += n;
-        n
-    }
-
-    /// Fills `dst` from the read-ahead, then straight from the stream.
-    fn payload(
-        &mut self,
-        stream: &dyn ByteStream,
-        dst: &mut [u8],
-        policy: WaitPolicy,
-        deadline: Option<Instant>,
-    ) -> Result<(), ReadStop> {
-        let n = self.take_ahead(dst);
-        read_exact(stream, &mut dst[n..], policy, deadline)
-    }
-}
 
 struct Shared {
     stream: Box<dyn ByteStream>,
