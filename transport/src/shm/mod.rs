@@ -85,6 +85,8 @@ pub(crate) struct ShmByteStream {
     peer_gone: AtomicBool,
     closed: AtomicBool,
     peer: String,
+    /// Producer-side caches of each ring's `head` (only the ring we write uses its entry).
+    head_cache: [AtomicU64; 2],
 }
 
 // SAFETY: the raw memory is owned by `map`, which lives as long as the stream; concurrent use
@@ -123,6 +125,7 @@ impl ShmByteStream {
             peer_gone: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             peer,
+            head_cache: [AtomicU64::new(0), AtomicU64::new(0)],
         })
     }
 
@@ -133,13 +136,14 @@ impl ShmByteStream {
     }
 
     fn ring(&self, hdr_off: usize, data_off: usize) -> Ring<'_, RawBytes> {
+        let cache = if hdr_off == RING_HDR_A { &self.head_cache[0] } else { &self.head_cache[1] };
         // SAFETY: hdr_off is one of RING_HDR_A/B, inside the mapping (checked against
         // layout_len in new), 64-aligned, and holds a RingHeader made of atomics, which any
         // bit pattern (zeroed memfd) initialises validly.
         let hdr = unsafe { &*self.map.as_ptr().add(hdr_off).cast::<RingHeader>() };
         // SAFETY: [data_off, data_off + cap) lies inside the mapping (layout_len).
         let ptr = unsafe { self.map.as_ptr().add(data_off) };
-        Ring::new(hdr, RawBytes { ptr, cap: self.cap })
+        Ring::new(hdr, RawBytes { ptr, cap: self.cap }, cache)
     }
 
     /// The ring we write.

@@ -99,13 +99,15 @@ unsafe impl RingBytes for RawBytes {
 pub(crate) struct Ring<'a, B: RingBytes> {
     hdr: &'a RingHeader,
     bytes: B,
+    /// The producer's last view of `head`, in its own (unshared) memory.
+    head_cache: &'a AtomicU64,
 }
 
 impl<'a, B: RingBytes> Ring<'a, B> {
     /// A ring over `hdr` and `bytes`.
-    pub(crate) fn new(hdr: &'a RingHeader, bytes: B) -> Ring<'a, B> {
+    pub(crate) fn new(hdr: &'a RingHeader, bytes: B, head_cache: &'a AtomicU64) -> Ring<'a, B> {
         debug_assert!(bytes.capacity().is_power_of_two());
-        Ring { hdr, bytes }
+        Ring { hdr, bytes, head_cache }
     }
 
     /// The control block.
@@ -129,7 +131,13 @@ impl<'a, B: RingBytes> Ring<'a, B> {
     /// Producer: appends as much of `src` as fits; returns the number of bytes written.
     pub(crate) fn push(&self, src: &[u8]) -> usize {
         let tail = self.hdr.tail.0.load(Ordering::Relaxed); // only we write it
-        let head = self.hdr.head.0.load(Ordering::Acquire);
+                                                            // A stale `head` only under-states the free space, so read the consumer's line (a
+                                                            // cache miss) only when the cached value says there is not enough room.
+        let mut head = self.head_cache.load(Ordering::Relaxed);
+        if self.cap() - (tail - head) < src.len() as u64 {
+            head = self.hdr.head.0.load(Ordering::Acquire);
+            self.head_cache.store(head, Ordering::Relaxed);
+        }
         let free = self.cap() - (tail - head);
         let n = usize::try_from(free).unwrap_or(usize::MAX).min(src.len());
         if n == 0 {
@@ -194,7 +202,8 @@ mod tests {
     fn bytes_come_out_in_order_across_the_wrap() {
         let hdr = header();
         let mut store = vec![0u8; 8];
-        let ring = Ring::new(&hdr, RawBytes { ptr: store.as_mut_ptr(), cap: 8 });
+        let cache = AtomicU64::new(0);
+        let ring = Ring::new(&hdr, RawBytes { ptr: store.as_mut_ptr(), cap: 8 }, &cache);
         let mut out = Vec::new();
         let mut next = 0u8;
         let mut buf = [0u8; 5];
@@ -217,7 +226,8 @@ mod tests {
     fn a_full_ring_takes_nothing_more() {
         let hdr = header();
         let mut store = vec![0u8; 4];
-        let ring = Ring::new(&hdr, RawBytes { ptr: store.as_mut_ptr(), cap: 4 });
+        let cache = AtomicU64::new(0);
+        let ring = Ring::new(&hdr, RawBytes { ptr: store.as_mut_ptr(), cap: 4 }, &cache);
         assert_eq!(ring.push(b"abcdef"), 4);
         assert!(ring.is_full());
         assert_eq!(ring.push(b"x"), 0);
@@ -281,7 +291,8 @@ mod loom_tests {
             }
             let (h2, s2) = (hdr.clone(), store.clone());
             let producer = loom::thread::spawn(move || {
-                let ring = Ring::new(&h2, Shared(s2));
+                let cache = AtomicU64::new(0);
+                let ring = Ring::new(&h2, Shared(s2), &cache);
                 let data = [1u8, 2, 3, 4, 5, 6];
                 let mut sent = 0;
                 while sent < data.len() {
@@ -292,7 +303,8 @@ mod loom_tests {
                     }
                 }
             });
-            let ring = Ring::new(&hdr, Shared(store));
+            let cache = AtomicU64::new(0);
+            let ring = Ring::new(&hdr, Shared(store), &cache);
             let mut got = Vec::new();
             let mut buf = [0u8; 3];
             while got.len() < 6 {
