@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{server_handshake, ClusterKey, ServerInfo};
 use crate::page::PageWindow;
-use crate::stream::{read_some, ByteStream, ReadStop, WaitPolicy};
+use crate::stream::{read_some, ByteStream, Deadline, ReadStop, WaitPolicy};
 use crate::wire::{Header, Opcode, Status, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE, PAGE_SIZE_U32};
 
 /// A failure a [`Service`] reports to its caller.
@@ -296,7 +296,7 @@ pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn B
             end -= start;
             start = 0;
         }
-        match read_some(stream, &mut buf[end..], cfg.policy, Some(Instant::now() + STOP_POLL)) {
+        match read_some(stream, &mut buf[end..], cfg.policy, Deadline::In(STOP_POLL)) {
             Ok(n) => end += n,
             Err(ReadStop::TimedOut) => {
                 if stop.load(Ordering::Acquire) {

@@ -57,6 +57,36 @@ pub(crate) trait ByteStream: Send + Sync {
     fn peer(&self) -> String;
 }
 
+/// When a wait gives up. `In` is resolved against the clock only if the wait actually has to
+/// wait, so a read whose bytes are already there costs no clock read (~25 ns on these VMs, and
+/// the fault path does several reads per request).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Deadline {
+    /// At this instant.
+    At(Instant),
+    /// This long after the wait starts waiting.
+    In(Duration),
+    /// Never.
+    Never,
+}
+
+impl Deadline {
+    /// The instant, measuring `In` from `now`.
+    pub(crate) fn resolve(self, now: Instant) -> Option<Instant> {
+        match self {
+            Deadline::At(t) => Some(t),
+            Deadline::In(d) => Some(now + d),
+            Deadline::Never => None,
+        }
+    }
+}
+
+impl From<Option<Instant>> for Deadline {
+    fn from(d: Option<Instant>) -> Deadline {
+        d.map_or(Deadline::Never, Deadline::At)
+    }
+}
+
 /// Why a blocking read stopped short.
 #[derive(Debug)]
 pub(crate) enum ReadStop {
@@ -79,9 +109,17 @@ pub(crate) fn read_some(
     stream: &dyn ByteStream,
     buf: &mut [u8],
     policy: WaitPolicy,
-    deadline: Option<Instant>,
+    deadline: impl Into<Deadline>,
 ) -> Result<usize, ReadStop> {
+    // Fast path: bytes already there, no clock read.
+    match stream.try_read(buf) {
+        Ok(0) => return Err(ReadStop::Eof),
+        Ok(n) => return Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e) => return Err(ReadStop::Io(e)),
+    }
     let start = Instant::now();
+    let deadline = deadline.into().resolve(start);
     let mut spins: u32 = 0;
     loop {
         match stream.try_read(buf) {
@@ -92,7 +130,7 @@ pub(crate) fn read_some(
             Err(e) => return Err(ReadStop::Io(e)),
         }
         spins = spins.wrapping_add(1);
-        // Reading the clock costs ~20 ns; check it every few polls only.
+        // Reading the clock costs ~25 ns; check it every few polls only.
         if spins % 16 != 0 && !policy.spin.is_zero() {
             std::hint::spin_loop();
             continue;
@@ -120,11 +158,16 @@ pub(crate) fn read_exact(
     stream: &dyn ByteStream,
     buf: &mut [u8],
     policy: WaitPolicy,
-    deadline: Option<Instant>,
+    deadline: impl Into<Deadline>,
 ) -> Result<(), ReadStop> {
+    let mut deadline = deadline.into();
     let mut done = 0;
     while done < buf.len() {
         done += read_some(stream, &mut buf[done..], policy, deadline)?;
+        // Later pieces share the first piece's deadline once it is known.
+        if let (Deadline::In(d), true) = (deadline, done < buf.len()) {
+            deadline = Deadline::At(Instant::now() + d);
+        }
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ mod slot;
 
 use crate::auth::ServerInfo;
 use crate::page::Page;
-use crate::stream::{read_some, ByteStream, ReadStop, WaitPolicy};
+use crate::stream::{read_some, ByteStream, Deadline, ReadStop, WaitPolicy};
 use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
 use reader::Reader;
 use slot::{lock, Dest, PendingMap, Request, Slot};
@@ -364,8 +364,9 @@ impl Connection {
 
     /// Waits until every slot is final, leading the receive side when nobody else does.
     fn wait(&self, slots: &[(u64, Arc<Slot>)]) -> Result<Responses, CallError> {
-        let start = Instant::now();
-        let deadline = start + self.shared.timeout;
+        let timeout = self.shared.timeout;
+        // Resolved against the clock only once this call has to wait as a follower.
+        let mut deadline = Deadline::In(timeout);
         'outer: while !slots.iter().all(|(_, s)| s.is_final()) {
             if let Ok(mut reader) = self.shared.reader.try_lock() {
                 let r = self.shared.lead(&mut reader, slots, deadline);
@@ -397,7 +398,9 @@ impl Connection {
                 std::hint::spin_loop();
             }
             let now = Instant::now();
-            if now >= deadline {
+            let until = deadline.resolve(now).unwrap_or(now + timeout);
+            deadline = Deadline::At(until);
+            if now >= until {
                 self.cancel(slots);
                 break;
             }
@@ -406,7 +409,7 @@ impl Connection {
             self.shared.park_announce();
             let leaderless = self.shared.reader.try_lock().is_ok();
             if !leaderless && !slots.iter().all(|(_, s)| s.is_final()) {
-                thread::park_timeout(MAX_PARK.min(deadline - now));
+                thread::park_timeout(MAX_PARK.min(until - now));
             }
             self.shared.park_withdraw();
         }
@@ -418,7 +421,7 @@ impl Connection {
                 first_err.get_or_insert(if self.is_closed() {
                     self.disconnected()
                 } else {
-                    CallError::TimedOut { peer: self.shared.peer.clone(), after: start.elapsed() }
+                    CallError::TimedOut { peer: self.shared.peer.clone(), after: timeout }
                 });
                 continue;
             }
@@ -497,7 +500,7 @@ impl Shared {
     }
 
     /// Reads frames until all of `mine` are final. Returns `Err(())` on the caller's time-out.
-    fn lead(&self, r: &mut Reader, mine: &[(u64, Arc<Slot>)], deadline: Instant) -> Result<(), ()> {
+    fn lead(&self, r: &mut Reader, mine: &[(u64, Arc<Slot>)], mut deadline: Deadline) -> Result<(), ()> {
         while !mine.iter().all(|(_, s)| s.is_final()) {
             if self.closed.get().is_some() {
                 return Ok(()); // `fail` has finished every slot
@@ -512,12 +515,12 @@ impl Shared {
                     continue;
                 }
                 let read = if self.page_reads.load(Ordering::Relaxed) == 0 {
-                    read_some(&*self.stream, &mut r.ahead[..], self.policy, Some(deadline)).map(|n| {
+                    read_some(&*self.stream, &mut r.ahead[..], self.policy, deadline).map(|n| {
                         r.ahead_start = 0;
                         r.ahead_end = n;
                     })
                 } else {
-                    read_some(&*self.stream, &mut r.header[r.have..], self.policy, Some(deadline)).map(|n| r.have += n)
+                    read_some(&*self.stream, &mut r.header[r.have..], self.policy, deadline).map(|n| r.have += n)
                 };
                 match read {
                     Ok(()) => {}
@@ -532,6 +535,13 @@ impl Shared {
             if let Err(reason) = self.complete_frame(r) {
                 self.fail(reason);
             }
+            // Fix the deadline once more than one frame is needed, so answers to other
+            // requests cannot keep extending this caller's wait.
+            if let Deadline::In(d) = deadline {
+                if !mine.iter().all(|(_, s)| s.is_final()) {
+                    deadline = Deadline::At(Instant::now() + d);
+                }
+            }
         }
         Ok(())
     }
@@ -542,7 +552,7 @@ impl Shared {
         if !h.is_response() || h.opcode.is_handshake() {
             return Err(format!("protocol error: unexpected {:?} frame from the server", h.opcode));
         }
-        let frame_deadline = Some(Instant::now() + self.timeout);
+        let frame_deadline = Deadline::In(self.timeout);
         let slot = lock(&self.pending).remove(&h.request_id);
         let Some(slot) = slot else {
             if h.request_id >= self.next_id.load(Ordering::Relaxed) {
@@ -575,7 +585,7 @@ impl Shared {
         r: &mut Reader,
         h: &Header,
         slot: &Slot,
-        deadline: Option<Instant>,
+        deadline: Deadline,
     ) -> Result<Result<Vec<u8>, CallError>, String> {
         if h.opcode != slot.expect {
             return Err(format!("protocol error: {:?} response to a {:?} request", h.opcode, slot.expect));

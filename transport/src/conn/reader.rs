@@ -1,8 +1,6 @@
 //! The receive-side state the leader owns.
 
-use std::time::Instant;
-
-use crate::stream::{read_exact, ByteStream, ReadStop, WaitPolicy};
+use crate::stream::{read_exact, ByteStream, Deadline, ReadStop, WaitPolicy};
 use crate::wire::HEADER_LEN;
 
 /// Receive-side state, owned by whoever leads.
@@ -49,7 +47,7 @@ impl Reader {
         stream: &dyn ByteStream,
         dst: &mut [u8],
         policy: WaitPolicy,
-        deadline: Option<Instant>,
+        deadline: Deadline,
     ) -> Result<(), ReadStop> {
         let n = self.take_ahead(dst);
         read_exact(stream, &mut dst[n..], policy, deadline)
