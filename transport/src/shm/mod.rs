@@ -445,3 +445,31 @@ mod tests {
         println!("raw shm 96 B round trip: min {:?} median {:?}", lat[0], lat[n / 2]);
     }
 }
+
+#[cfg(test)]
+mod conn_measure {
+    use std::time::{Duration, Instant};
+
+    /// The same round trip through the request layer (client `Connection` and server loop), to
+    /// compare with `raw_ring_round_trip`.
+    /// `cargo test --release -p mosaic-transport --lib conn_round_trip -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check: run by hand"]
+    fn conn_round_trip() {
+        let key = crate::ClusterKey::from_bytes(b"measurement-cluster-key").unwrap();
+        let name = format!("shm://conn-measure-{}", std::process::id());
+        let server = crate::listen(&name, crate::ServerConfig::new(key.clone()).service(crate::Echo)).unwrap();
+        let conn = crate::connect(server.uri(), &crate::ConnectOptions::new(key)).unwrap();
+        let msg = [7u8; 64];
+        let n = 200_000;
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            conn.call(1, &msg).unwrap();
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        let med: Duration = lat[n / 2];
+        println!("conn shm 64 B call round trip: min {:?} median {:?}", lat[0], med);
+    }
+}
