@@ -263,11 +263,27 @@ impl Conn {
 
     /// Waits for a free buffer from `free`, polling completions; fails if the connection broke.
     fn take(&self, free: &Mutex<Vec<usize>>) -> io::Result<usize> {
+        self.wait_for(|| lock(free).pop())
+    }
+
+    /// Takes `n` buffers at once (all or none, so threads holding part of what they need cannot
+    /// deadlock each other).
+    fn take_n(&self, free: &Mutex<Vec<usize>>, n: usize) -> io::Result<Vec<usize>> {
+        self.wait_for(|| {
+            let mut f = lock(free);
+            let at = f.len().checked_sub(n)?;
+            Some(f.split_off(at))
+        })
+    }
+
+    /// Retries `ready` until it yields, polling completions (which free buffers) in between, and
+    /// sleeping briefly after 100 us; fails as soon as the connection breaks.
+    fn wait_for<T>(&self, mut ready: impl FnMut() -> Option<T>) -> io::Result<T> {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            if let Some(i) = lock(free).pop() {
-                return Ok(i);
+            if let Some(v) = ready() {
+                return Ok(v);
             }
             if let Some(e) = self.broken() {
                 return Err(e);
@@ -430,10 +446,7 @@ impl RdmaPages {
             }
         }
         for chunk in pages.chunks_mut(STAGING_PAGES / 4) {
-            let mut slots = Vec::with_capacity(chunk.len());
-            for _ in 0..chunk.len() {
-                slots.push(c.take(&c.free_staging).map_err(|e| e.to_string())?);
-            }
+            let slots = c.take_n(&c.free_staging, chunk.len()).map_err(|e| e.to_string())?;
             let result = self.run_chunk(op, chunk, &slots);
             lock(&c.free_staging).extend(slots);
             result?;

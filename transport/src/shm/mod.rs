@@ -86,7 +86,7 @@ pub(crate) struct ShmByteStream {
     closed: AtomicBool,
     peer: String,
     /// Producer-side caches of each ring's `head` (only the ring we write uses its entry).
-    head_cache: [AtomicU64; 2],
+    head_cache: [ring::HeadCache; 2],
 }
 
 // SAFETY: the raw memory is owned by `map`, which lives as long as the stream; concurrent use
@@ -125,7 +125,7 @@ impl ShmByteStream {
             peer_gone: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             peer,
-            head_cache: [AtomicU64::new(0), AtomicU64::new(0)],
+            head_cache: [ring::HeadCache::new(0), ring::HeadCache::new(0)],
         })
     }
 

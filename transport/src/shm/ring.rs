@@ -22,6 +22,9 @@ use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+/// The atomic the producer's `head` cache is made of (loom's under `cfg(loom)`).
+pub(crate) type HeadCache = AtomicU64;
+
 /// One value on its own cache line, so producer and consumer counters do not false-share.
 #[repr(C, align(64))]
 pub(crate) struct CacheLine<T>(pub(crate) T);
