@@ -52,8 +52,9 @@ enum Cmd {
         /// How waiting threads wait, on both ends.
         #[arg(long, value_enum, default_value_t = Wait::Spin)]
         wait: Wait,
-        /// Also run the peer tool in the same invocation (sockperf for tcp, ucx_perftest for shm,
-        /// memcpy for shm streaming) and print ours/peer beside each figure.
+        /// Also run the peer tool in the same invocation and print ours/peer beside each figure:
+        /// sockperf ping-pong for tcp, ucx_perftest tag_lat/tag_bw (UCX_TLS=posix,self) for shm,
+        /// plus single-thread memcpy reference lines beside the shm stream.
         #[arg(long)]
         peer: bool,
         /// Link preset or parameters for `sim` (e.g. fast-ethernet, 10gbe, "lat=50us,bw=1Gbit").
@@ -83,6 +84,10 @@ fn main() -> ExitCode {
         Cmd::Transport { transports, sizes, outstanding, time, wait, peer, sim_link, json } => {
             if !(0.01..=600.0).contains(&time) {
                 Err("--time must be between 0.01 and 600 seconds".to_string())
+            } else if let Some(t) = transports.iter().find(|t| !["tcp", "shm", "sim", "rdma"].contains(&t.as_str())) {
+                Err(format!("unknown transport {t:?}: expected tcp, shm, sim or rdma"))
+            } else if let Err(e) = mosaic_transport::LinkSpec::parse(&sim_link) {
+                Err(format!("--sim-link: {e}"))
             } else if outstanding.iter().any(|&n| n == 0 || n > 256) {
                 Err("--outstanding values must be between 1 and 256".to_string())
             } else if sizes.iter().any(|&s| s > 1 << 20) {

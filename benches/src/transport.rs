@@ -182,7 +182,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
     let mut progress = Progress { done: 0, total: per_transport * plan.transports.len(), quiet: false };
     if !plan.json {
         println!(
-            "mosaic-bench transport: wait={wait}, {:.1} s per figure, round trips unless noted",
+            "mosaic-bench transport: wait={wait}, {:.2} s per figure, round trips unless noted",
             plan.time.as_secs_f64()
         );
         println!("{TABLE_HEADER}");
@@ -259,7 +259,7 @@ fn start_for(t: &str, key_text: &str, plan: &Plan) -> Result<(Option<ChildServer
             let uri = s.uri.clone();
             Ok((Some(s), uri))
         }
-        "rdma" => Err("built without RDMA (cargo build --features rdma)".into()),
+        "rdma" => Err("built without RDMA (cargo build --release -p mosaic-bench --features rdma)".into()),
         other => Err(format!("unknown transport {other:?}")),
     }
 }
