@@ -215,6 +215,9 @@ struct DirState {
     end: Option<io::ErrorKind>,
     /// Bytes of the front chunk already consumed, inbound only.
     front_off: usize,
+    /// Frames that started in this direction, and how many of them were lost (and resent).
+    frames_sent: u64,
+    frames_lost: u64,
 }
 
 struct Chunk {
@@ -234,6 +237,8 @@ impl Direction {
                 frames: FrameSplitter::new(),
                 end: None,
                 front_off: 0,
+                frames_sent: 0,
+                frames_lost: 0,
             }),
             cv: Condvar::new(),
         }
@@ -251,9 +256,11 @@ impl Direction {
         st.link_free = depart;
         let mut arrive = depart + spec.latency;
         let starts = st.frames.feed(&bytes);
+        st.frames_sent += starts as u64;
         for _ in 0..starts {
             if spec.loss > 0.0 && st.rng.next_f64() < spec.loss {
                 arrive += spec.rto;
+                st.frames_lost += 1;
             }
         }
         // A reliable link delivers in order: nothing overtakes a retransmitted frame.
@@ -300,6 +307,13 @@ impl SimLink {
     /// True while partitioned.
     pub fn is_partitioned(&self) -> bool {
         self.0.partitioned.load(Ordering::Acquire)
+    }
+
+    /// Frames that crossed the link so far and how many of them were lost (each cost `rto`),
+    /// both directions together: `(sent, lost)`.
+    pub fn frame_counts(&self) -> (u64, u64) {
+        let (o, i) = (self.0.out.lock(), self.0.inb.lock());
+        (o.frames_sent + i.frames_sent, o.frames_lost + i.frames_lost)
     }
 
     /// The link's behaviour.
