@@ -34,6 +34,15 @@
 //! assert_eq!(back.0[0], 42);
 //! ```
 //!
+//! # Cargo features
+//! - `rdma`: the `rdma://` back-end, through a small C layer over rdma-core's libibverbs. Without
+//!   it, `rdma://` URIs fail with [`ConnectError::Unsupported`] / [`ListenError::Unsupported`].
+//!
+//! # System dependencies
+//! None by default (Linux only: memfd, eventfd, abstract Unix sockets). With `rdma`: a C compiler
+//! and `libibverbs-dev` to build; an RDMA device (or soft-RoCE, `rdma link add rxe0 type rxe
+//! netdev eth0`) to run, chosen by `MOSAIC_RDMA_DEVICE`.
+//!
 //! # Waiting
 //! Waiting threads busy-poll for a bounded time, then sleep ([`WaitPolicy`]): on the 2-vCPU
 //! machines this was built on a cross-core wake-up costs 30-35 us, against ~8 us for a polled
