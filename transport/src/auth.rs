@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use crate::stream::{read_exact, ByteStream, ReadStop, WaitPolicy};
 use crate::sys;
-use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN};
+use crate::wire::{len32, FrameError, Header, Opcode, Status, HEADER_LEN};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -187,10 +187,6 @@ fn nonce() -> Result<[u8; NONCE_LEN], HandshakeError> {
     let mut n = [0u8; NONCE_LEN];
     sys::random_bytes(&mut n)?;
     Ok(n)
-}
-
-fn len32(b: &[u8]) -> u32 {
-    u32::try_from(b.len()).unwrap_or(u32::MAX)
 }
 
 /// Runs the client side of the handshake.

@@ -29,7 +29,7 @@ impl ByteStream for Scripted {
         Ok(())
     }
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut g = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::sync::lock(&self.input);
         let (data, pos) = &mut *g;
         // Hand out at most 7 bytes at a time, so frames arrive split at every boundary.
         let n = buf.len().min(data.len() - *pos).min(7);

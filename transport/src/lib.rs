@@ -75,6 +75,7 @@ mod server;
 mod shm;
 pub mod sim;
 mod stream;
+mod sync;
 mod sys;
 mod tcp;
 mod uri;

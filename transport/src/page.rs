@@ -107,7 +107,7 @@ impl PageWindow {
     /// Copies page `index` into `dst`.
     pub fn read(&self, index: u64, dst: &mut [u8; PAGE_SIZE]) -> Result<(), Status> {
         let (src, lock) = self.locate(index)?;
-        let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = crate::sync::lock(lock);
         // SAFETY: `src` points at PAGE_SIZE bytes inside the mapping (locate); the stripe lock
         // excludes concurrent writers of this page; `dst` is a distinct Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
@@ -117,7 +117,7 @@ impl PageWindow {
     /// Copies `src` into page `index`.
     pub fn write(&self, index: u64, src: &[u8; PAGE_SIZE]) -> Result<(), Status> {
         let (dst, lock) = self.locate(index)?;
-        let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = crate::sync::lock(lock);
         // SAFETY: `dst` points at PAGE_SIZE bytes inside the mapping (locate); the stripe lock
         // excludes every other reader and writer of this page; `src` is a distinct Rust buffer.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) };

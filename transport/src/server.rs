@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use crate::auth::{server_handshake, ClusterKey, ServerInfo};
 use crate::page::PageWindow;
 use crate::stream::{read_some, ByteStream, Deadline, ReadStop, WaitPolicy};
+use crate::sync::lock;
+use crate::wire::len32;
 use crate::wire::{Header, Opcode, Status, DEFAULT_MAX_FRAME, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE, PAGE_SIZE_U32};
 
 /// A failure a [`Service`] reports to its caller.
@@ -213,10 +215,6 @@ impl Drop for Server {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn spawn_conn(ctx: &Arc<Ctx>, stream: Box<dyn ByteStream>) {
     let stream: Arc<dyn ByteStream> = Arc::from(stream);
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -372,8 +370,4 @@ fn with_window(
 
 fn page_error(s: Status, index: u64, w: &PageWindow) -> ServiceError {
     ServiceError::new(s, format!("page {index} is outside the window of {} pages", w.pages()))
-}
-
-fn len32(b: &[u8]) -> u32 {
-    u32::try_from(b.len()).unwrap_or(u32::MAX)
 }

@@ -190,9 +190,8 @@ impl FrameSplitter {
             bytes = &bytes[n..];
             if self.have == HEADER_LEN {
                 self.have = 0;
-                // The length field; a malformed header is the receiver's business, not ours.
-                self.payload_left =
-                    u64::from(u32::from_le_bytes([self.header[24], self.header[25], self.header[26], self.header[27]]));
+                // A malformed header is the receiver's business, not ours.
+                self.payload_left = u64::from(crate::wire::length_field(&self.header));
             }
         }
         starts
@@ -245,7 +244,7 @@ impl Direction {
     }
 
     fn lock(&self) -> MutexGuard<'_, DirState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Queues `bytes`, stamped with their arrival time under `spec`.
@@ -504,7 +503,7 @@ impl ByteStream for SimStream {
 impl Drop for SimStream {
     fn drop(&mut self) {
         self.shutdown();
-        let pumps: Vec<_> = self.pumps.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        let pumps: Vec<_> = crate::sync::lock(&self.pumps).drain(..).collect();
         for p in pumps {
             let _ = p.join();
         }

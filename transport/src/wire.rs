@@ -41,6 +41,18 @@ pub const FLAG_RESPONSE: u16 = 1 << 0;
 pub const FLAG_ERROR: u16 = 1 << 1;
 const KNOWN_FLAGS: u16 = FLAG_RESPONSE | FLAG_ERROR;
 
+/// A payload's length as the header's `len` field. Callers bound payloads by the maximum frame
+/// size (at most [`MAX_FRAME_LIMIT`]) before sending, so the saturation never happens in practice.
+pub(crate) fn len32(payload: &[u8]) -> u32 {
+    u32::try_from(payload.len()).unwrap_or(u32::MAX)
+}
+
+/// The `len` field of an encoded header, without validating the rest (for code that only
+/// follows frame boundaries, like the simulated link).
+pub(crate) fn length_field(header: &[u8; HEADER_LEN]) -> u32 {
+    u32::from_le_bytes([header[24], header[25], header[26], header[27]])
+}
+
 /// What a frame asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]

@@ -36,9 +36,10 @@ mod slot;
 use crate::auth::ServerInfo;
 use crate::page::Page;
 use crate::stream::{read_some, ByteStream, Deadline, ReadStop, WaitPolicy};
+use crate::sync::lock;
 use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
 use reader::Reader;
-use slot::{lock, Dest, PendingMap, Request, Slot};
+use slot::{Dest, PendingMap, Request, Slot};
 
 /// Why a request failed.
 #[derive(Clone, Debug, Error)]

@@ -33,7 +33,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use verbs::{MemoryRegion, Op, QpInfo, Queue, QueuePair, Wc};
@@ -41,6 +41,7 @@ use verbs::{MemoryRegion, Op, QpInfo, Queue, QueuePair, Wc};
 use crate::auth::{client_handshake, server_handshake, ClusterKey, ServerInfo};
 use crate::page::{Page, PageWindow};
 use crate::stream::{read_exact, ByteStream, WaitPolicy};
+use crate::sync::lock;
 use crate::sys::{self, Mapping};
 use crate::tcp::TcpByteStream;
 use crate::wire::PAGE_SIZE;
@@ -70,10 +71,6 @@ fn device_from_env() -> (String, i32) {
     let dev = std::env::var(DEVICE_ENV).unwrap_or_default();
     let gid = std::env::var(GID_INDEX_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     (dev, gid)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A registered array of equal buffers.
