@@ -114,6 +114,22 @@ impl PageWindow {
         Ok(())
     }
 
+    /// Appends page `index` to `out` (one copy, straight from the window into the send buffer).
+    pub fn append_page(&self, index: u64, out: &mut Vec<u8>) -> Result<(), Status> {
+        let (src, lock) = self.locate(index)?;
+        out.reserve(PAGE_SIZE);
+        let len = out.len();
+        let _g = crate::sync::lock(lock);
+        // SAFETY: `src` points at PAGE_SIZE bytes inside the mapping (locate); the stripe lock
+        // excludes concurrent writers of this page; `reserve` made room for PAGE_SIZE bytes after
+        // `len`, which the copy initialises before `set_len` exposes them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, out.as_mut_ptr().add(len), PAGE_SIZE);
+            out.set_len(len + PAGE_SIZE);
+        }
+        Ok(())
+    }
+
     /// Copies `src` into page `index`.
     pub fn write(&self, index: u64, src: &[u8; PAGE_SIZE]) -> Result<(), Status> {
         let (dst, lock) = self.locate(index)?;
@@ -146,6 +162,11 @@ mod tests {
         w.read(3, &mut q.0).unwrap();
         assert_eq!(q.0, p.0);
         assert_eq!(w.read(4, &mut q.0), Err(Status::PageOutOfRange));
+        let mut out = vec![1u8, 2];
+        w.append_page(3, &mut out).unwrap();
+        assert_eq!((&out[..2], &out[2..]), (&[1u8, 2][..], &p.0[..]));
+        assert_eq!(w.append_page(4, &mut out), Err(Status::PageOutOfRange));
+        assert_eq!(out.len(), 2 + PAGE_SIZE);
         assert_eq!(w.write(u64::MAX, &p.0), Err(Status::PageOutOfRange));
     }
 

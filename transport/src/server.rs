@@ -332,9 +332,7 @@ fn answer(cfg: &ServerConfig, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
         Opcode::ReadPage => with_window(cfg, |w| {
             let at = out.len();
             out.extend_from_slice(&Header::response(h, PAGE_SIZE_U32).encode());
-            out.resize(at + HEADER_LEN + PAGE_SIZE, 0);
-            let page: &mut [u8; PAGE_SIZE] = (&mut out[at + HEADER_LEN..]).try_into().expect("resized to one page");
-            w.read(h.arg, page).map_err(|s| {
+            w.append_page(h.arg, out).map_err(|s| {
                 out.truncate(at);
                 page_error(s, h.arg, w)
             })
