@@ -173,9 +173,9 @@ impl Progress {
 
 /// Runs the plan and prints the figures.
 pub fn run(plan: &Plan) -> Result<(), String> {
-    let key_text = format!("bench-{}-{:x}", std::process::id(), Instant::now().elapsed().as_nanos() ^ 0x5eed);
-    let key = ClusterKey::from_bytes(format!("{key_text}-padding-for-length").as_bytes()).map_err(|e| e.to_string())?;
-    let key_text = format!("{key_text}-padding-for-length");
+    // A fresh key per run, handed to the child servers through their environment.
+    let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
     let policy = if plan.blocking { WaitPolicy::blocking() } else { WaitPolicy::DEFAULT };
     let wait = if plan.blocking { "blocking" } else { "spin" };
     let per_transport = plan.sizes.len() + 1 + plan.outstanding.len();

@@ -65,6 +65,9 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel's random source failed.
+    #[error("cannot read random bytes for a cluster key")]
+    Random(#[source] std::io::Error),
     /// Neither environment variable is set.
     #[error("no cluster key: set {KEY_ENV} or {KEY_FILE_ENV}")]
     Missing,
@@ -101,16 +104,12 @@ impl ClusterKey {
         Err(KeyError::Missing)
     }
 
-    /// A fresh random key (for a single-machine run that starts its own servers).
-    pub fn random() -> ClusterKey {
-        let mut k = vec![0u8; 32];
-        // The kernel's random source does not fail on Linux >= 3.17 once booted; fall back to a
-        // time-derived key only so that this constructor cannot panic.
-        if sys::random_bytes(&mut k).is_err() {
-            let t = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
-            k[..16].copy_from_slice(&t.to_le_bytes());
-        }
-        ClusterKey(k)
+    /// A fresh key as 64 hex characters (32 bytes from the kernel's random source), fit for
+    /// `MOSAIC_CLUSTER_KEY`: for a run that starts its own servers and hands them the key.
+    pub fn random_text() -> Result<String, KeyError> {
+        let mut k = [0u8; 32];
+        sys::random_bytes(&mut k).map_err(KeyError::Random)?;
+        Ok(k.iter().map(|b| format!("{b:02x}")).collect())
     }
 
     fn mac(&self, label: &[u8], a: &[u8], b: &[u8]) -> HmacSha256 {
@@ -271,6 +270,15 @@ mod tests {
     fn short_keys_are_refused() {
         assert!(matches!(ClusterKey::from_bytes(b"short"), Err(KeyError::TooShort(5))));
         assert!(ClusterKey::from_bytes(&[7u8; MIN_KEY_LEN]).is_ok());
+    }
+
+    #[test]
+    fn random_keys_are_hex_and_differ() {
+        let (a, b) = (ClusterKey::random_text().unwrap(), ClusterKey::random_text().unwrap());
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert!(ClusterKey::from_bytes(a.as_bytes()).is_ok());
     }
 
     #[test]
