@@ -52,6 +52,17 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::R
     Ok(usize::try_from(rc).unwrap_or(0))
 }
 
+/// Drains a side-channel socket that carries nothing after set-up (shm, rdma) and says whether
+/// the peer hung up: end of stream or an error other than "nothing to read".
+pub(crate) fn side_channel_closed(mut sock: impl std::io::Read) -> bool {
+    let mut b = [0u8; 16];
+    match sock.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted,
+    }
+}
+
 /// A non-blocking, close-on-exec eventfd.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.

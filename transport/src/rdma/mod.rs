@@ -245,12 +245,8 @@ impl Conn {
     }
 
     fn note_socket_readable(&self) {
-        let mut b = [0u8; 16];
-        match self.sock.try_read(&mut b) {
-            Ok(0) => self.peer_gone.store(true, Ordering::Release),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.peer_gone.store(true, Ordering::Release),
+        if sys::side_channel_closed(self.sock.socket()) {
+            self.peer_gone.store(true, Ordering::Release);
         }
     }
 

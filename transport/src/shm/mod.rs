@@ -186,15 +186,8 @@ impl ShmByteStream {
         if fds[0].revents != 0 {
             sys::eventfd_drain(self.efd[which].as_fd());
         }
-        if fds[1].revents != 0 {
-            let mut b = [0u8; 16];
-            // The protocol sends nothing on the socket after set-up: readable means closed.
-            match std::io::Read::read(&mut &self.sock, &mut b) {
-                Ok(0) => self.peer_gone.store(true, Ordering::Release),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => self.peer_gone.store(true, Ordering::Release),
-            }
+        if fds[1].revents != 0 && sys::side_channel_closed(&self.sock) {
+            self.peer_gone.store(true, Ordering::Release);
         }
         Ok(())
     }
