@@ -39,6 +39,25 @@ fn start(uri: &str) -> Server {
     Server { child, uri }
 }
 
+/// Waits until every thread of `pid` is stopped: `kill -STOP` returns before a thread running on
+/// the other core has actually stopped, and such a thread could still answer a request.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let all_stopped = tasks.map_while(Result::ok).all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            stat.rsplit(')').next().map(str::trim_start).is_some_and(|rest| rest.starts_with('T'))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
     assert!(ok, "kill {sig} failed");
@@ -54,6 +73,7 @@ fn dies_mid_request(bind: &str, one_sided_reads_bypass_server: bool) {
     conn.read_page(1, &mut page).unwrap();
 
     signal(&server.child, "-STOP");
+    wait_stopped(server.child.id());
     let c = conn.clone();
     let start = Instant::now();
     let waiter = std::thread::spawn(move || {
