@@ -18,10 +18,13 @@ pub const SINK: u64 = 2;
 struct BenchService;
 
 impl Service for BenchService {
-    fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError> {
+    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         match method {
-            ECHO => Ok(request.to_vec()),
-            SINK => Ok(Vec::new()),
+            ECHO => {
+                response.extend_from_slice(request);
+                Ok(())
+            }
+            SINK => Ok(()),
             m => Err(ServiceError::new(mosaic_transport::Status::UnknownMethod, format!("no method {m}"))),
         }
     }

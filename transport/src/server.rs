@@ -36,8 +36,13 @@ impl ServiceError {
 
 /// The application behind a server: answers [`Connection::call`](crate::Connection::call)s.
 pub trait Service: Send + Sync + 'static {
-    /// Answers a call to `method` with `request`; runs on the connection's thread.
-    fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError>;
+    /// Answers a call to `method` with `request` by appending the response payload to
+    /// `response`; runs on the connection's thread.
+    ///
+    /// `response` is the connection's send buffer: it may already hold earlier answers, so a
+    /// service only appends (a response written in place costs no allocation or extra copy).
+    /// Whatever was appended is discarded when the call returns an error.
+    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError>;
 }
 
 /// A service that answers every call with its request: for tests and benchmarks.
@@ -45,8 +50,9 @@ pub trait Service: Send + Sync + 'static {
 pub struct Echo;
 
 impl Service for Echo {
-    fn call(&self, _method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError> {
-        Ok(request.to_vec())
+    fn call(&self, _method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        response.extend_from_slice(request);
+        Ok(())
     }
 }
 
@@ -55,7 +61,7 @@ impl Service for Echo {
 pub struct NoService;
 
 impl Service for NoService {
-    fn call(&self, method: u64, _request: &[u8]) -> Result<Vec<u8>, ServiceError> {
+    fn call(&self, method: u64, _request: &[u8], _response: &mut Vec<u8>) -> Result<(), ServiceError> {
         Err(ServiceError::new(Status::UnknownMethod, format!("no method {method}")))
     }
 }
@@ -318,17 +324,28 @@ pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn B
 /// Appends the answer to one request to `out`.
 fn answer(cfg: &ServerConfig, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
     let result: Result<(), ServiceError> = match h.opcode {
-        Opcode::Call => match cfg.service.call(h.arg, payload) {
-            Ok(resp) if resp.len() <= cfg.max_frame as usize => {
-                out.extend_from_slice(&Header::response(h, len32(&resp)).encode());
-                out.extend_from_slice(&resp);
-                Ok(())
+        Opcode::Call => {
+            // Reserve the header, let the service append its payload, then fill the header in.
+            let at = out.len();
+            out.extend_from_slice(&[0u8; HEADER_LEN]);
+            let called = cfg.service.call(h.arg, payload, out).and_then(|()| {
+                let len = out.len() - at - HEADER_LEN;
+                u32::try_from(len)
+                    .ok()
+                    .filter(|l| *l <= cfg.max_frame)
+                    .ok_or_else(|| ServiceError::new(Status::Handler, format!("response of {len} bytes is too large")))
+            });
+            match called {
+                Ok(len) => {
+                    out[at..at + HEADER_LEN].copy_from_slice(&Header::response(h, len).encode());
+                    Ok(())
+                }
+                Err(e) => {
+                    out.truncate(at);
+                    Err(e)
+                }
             }
-            Ok(resp) => {
-                Err(ServiceError::new(Status::Handler, format!("response of {} bytes is too large", resp.len())))
-            }
-            Err(e) => Err(e),
-        },
+        }
         Opcode::ReadPage => with_window(cfg, |w| {
             let at = out.len();
             out.extend_from_slice(&Header::response(h, PAGE_SIZE_U32).encode());

@@ -22,15 +22,19 @@ fn key() -> ClusterKey {
 struct TestService;
 
 impl Service for TestService {
-    fn call(&self, method: u64, request: &[u8]) -> Result<Vec<u8>, ServiceError> {
+    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         match method {
             99 => {
                 let ms = request.first().copied().unwrap_or(0);
                 std::thread::sleep(Duration::from_millis(u64::from(ms)));
-                Ok(Vec::new())
+                Ok(())
             }
-            7 => Err(ServiceError::new(Status::Full, "no room")),
-            _ => Echo.call(method, request),
+            7 => {
+                // Appended bytes must be discarded with the error.
+                response.extend_from_slice(b"partial answer");
+                Err(ServiceError::new(Status::Full, "no room"))
+            }
+            _ => Echo.call(method, request, response),
         }
     }
 }
