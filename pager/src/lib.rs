@@ -1,0 +1,183 @@
+//! Mosaic's pager: bytes into an address space, on demand, with `userfaultfd`.
+//!
+//! A [`Region`] reserves a range of address space (optionally at a fixed address) and registers
+//! it with a userfaultfd for missing-page faults (and write-protect tracking). The first touch of
+//! each page asks the region's [`PageSource`] for its contents, which the pager installs
+//! atomically (`UFFDIO_COPY`, or the zero page) before the faulting thread continues. The layer
+//! above (network RAM, DSM, migration) decides where pages come from; the pager only moves them
+//! into and out of the address space:
+//!
+//! - install ([`RegionCore::install`], batches, the zero page), for prefetch or push;
+//! - drop ([`RegionCore::drop_pages`]): the next touch faults again;
+//! - write-protect, poison ([`RegionCore::poison`]: a touch raises SIGBUS), and
+//! - dirty tracking ([`RegionCore::take_written`]): which pages were written since the last call,
+//!   found by `PAGEMAP_SCAN` with the kernel resolving write-protect faults itself
+//!   (`UFFD_FEATURE_WP_ASYNC`), so a write never waits for user space.
+//!
+//! # Who serves a fault
+//! [`FaultMode::Workers`]: handler threads read fault messages and install pages; the faulting
+//! thread sleeps in the kernel. Works for every access, including a system call (`read(2)` into a
+//! region buffer) that touches a missing page. Costs a thread hop per fault.
+//!
+//! [`FaultMode::FaultingThread`]: `UFFD_FEATURE_SIGBUS` makes the fault a SIGBUS in the faulting
+//! thread, whose handler fetches and installs the page itself and returns, so the access is
+//! retried: no thread hop, no cross-core wake-up (30-70 us on the 2-vCPU VMs this was built on).
+//! Two costs: the [`PageSource`] runs inside a signal handler (it must not take a lock the
+//! interrupted code may hold, see [`PageSource`]), and a *system call* that touches a missing page
+//! fails with `EFAULT` instead of faulting, so buffers handed to the kernel must be touched (or
+//! [`RegionCore::prefault`]ed) first.
+//!
+//! # Failing closed
+//! When the source cannot produce a page (its server died, no replica is left), the page is
+//! poisoned (`UFFDIO_POISON`) and the access raises SIGBUS, with the page and the reason logged.
+//! The pager never turns a failed fetch into a zero page.
+//!
+//! # fork, mremap, munmap
+//! - fork: the region is `MADV_DONTFORK`: a child process does not inherit it (touching its
+//!   addresses in the child is a segmentation fault), because a child's copy could not be served.
+//! - mremap of the whole region: followed (faults are served at the new address). mremap of part
+//!   of it: the region is marked broken and faults in the moved part are refused (poisoned).
+//! - munmap by the application: the unmapped pages are forgotten and never unmapped again by the
+//!   region (the addresses may have been reused).
+//! - `MADV_DONTNEED` by the application: reported to the source ([`PageSource::discarded`]).
+//!
+//! # Kernel requirements
+//! Linux 6.7 or later with userfaultfd (`/dev/userfaultfd` or the system call), features
+//! `EVENT_REMAP`, `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`, and for dirty tracking `WP_ASYNC` and
+//! `PAGEMAP_SCAN`; `SIGBUS` for [`FaultMode::FaultingThread`]. [`Region::new`] checks them and
+//! names what is missing ([`PagerError::Unsupported`]).
+
+use std::ops::Range;
+
+mod install;
+mod pagemap;
+mod region;
+mod signal;
+mod uffd;
+mod worker;
+
+pub use region::{FaultMode, PagerStats, Region, RegionConfig, RegionCore};
+pub use uffd::feature;
+
+/// Size of a page.
+pub const PAGE_SIZE: usize = 4096;
+
+/// A page-aligned buffer of one page, for sources to fill.
+#[derive(Clone)]
+#[repr(C, align(4096))]
+pub struct PageBuf(pub [u8; PAGE_SIZE]);
+
+impl PageBuf {
+    /// A zeroed page.
+    pub const fn zeroed() -> PageBuf {
+        PageBuf([0; PAGE_SIZE])
+    }
+}
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageBuf(..)")
+    }
+}
+
+/// What a [`PageSource`] put in the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filled {
+    /// The buffer holds the page.
+    Data,
+    /// The page is all zeros (installs the shared zero page; the buffer is ignored).
+    Zero,
+}
+
+/// Why a [`PageSource`] could not produce a page. The pager poisons the page and logs this.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FillError(pub String);
+
+/// One missing-page fault, as a [`PageSource`] sees it.
+#[derive(Debug)]
+pub struct Fault<'a> {
+    /// The page's index in the region.
+    pub index: u64,
+    /// The access was a write (where the hardware tells; false when unknown).
+    pub write: bool,
+    /// The region, to install further pages (prefetch) while serving this one.
+    pub region: &'a RegionCore,
+}
+
+/// Where a region's pages come from.
+///
+/// # In a signal handler
+/// With [`FaultMode::FaultingThread`], [`fill`](PageSource::fill) runs inside the SIGBUS handler
+/// of the thread that touched the page. It may block, allocate and use the transport, with one
+/// rule: it must not take a lock that the faulting code could be holding at the time of the
+/// touch. Touches of region memory from inside the source itself, or from a signal handler that
+/// interrupted `malloc`, would deadlock.
+pub trait PageSource: Send + Sync + 'static {
+    /// Produces page `fault.index` into `page`.
+    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError>;
+
+    /// The application discarded these pages (`MADV_DONTNEED`): by Linux semantics their next
+    /// touch must read zeros. The default does nothing (the next touch fetches the source's copy).
+    fn discarded(&self, pages: Range<u64>) {
+        let _ = pages;
+    }
+}
+
+/// A shared source: the region holds one reference, the caller keeps another.
+impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+        (**self).fill(fault, page)
+    }
+    fn discarded(&self, pages: Range<u64>) {
+        (**self).discarded(pages);
+    }
+}
+
+/// Why a pager operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PagerError {
+    /// No userfaultfd could be opened.
+    #[error(
+        "cannot open a userfaultfd: {0} (needs read/write access to /dev/userfaultfd, or \
+         CAP_SYS_PTRACE, or sysctl vm.unprivileged_userfaultfd=1)"
+    )]
+    NoUserfaultfd(#[source] std::io::Error),
+    /// The kernel lacks features this configuration needs.
+    #[error("this kernel's userfaultfd lacks {missing:?} (needed for {needed_for}); Linux 6.7 or later has them all")]
+    Unsupported {
+        /// The missing feature names.
+        missing: Vec<&'static str>,
+        /// What needed them.
+        needed_for: &'static str,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid region configuration: {0}")]
+    Config(String),
+    /// A system call failed.
+    #[error("{op} failed: {err}")]
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// The kernel's error.
+        #[source]
+        err: std::io::Error,
+    },
+    /// A page index outside the region.
+    #[error("pages {first}..{end} are outside the region of {pages} pages")]
+    OutOfRange {
+        /// First page asked for.
+        first: u64,
+        /// One past the last page asked for.
+        end: u64,
+        /// Pages in the region.
+        pages: u64,
+    },
+    /// The region was unmapped or remapped under the pager, or the process is exiting.
+    #[error("the region is gone: {0}")]
+    Gone(String),
+    /// Another fault-handling region uses SIGBUS in a way that conflicts.
+    #[error("cannot install the SIGBUS handler: {0}")]
+    Signal(String),
+}

@@ -1,0 +1,766 @@
+//! A registered region: the mapping, its userfaultfd, how its faults are served, and the page
+//! operations the layers above use.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::install::{install, Fill, InstallError, Installed};
+use crate::pagemap::{Pagemap, Query, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
+use crate::uffd::{self, feature, RawMsg, UffdOps, Userfaultfd};
+use crate::{signal, worker, Fault, FillError, Filled, PageBuf, PageSource, PagerError, PAGE_SIZE};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Who serves a region's faults (see the crate documentation for the trade-off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultMode {
+    /// This many handler threads read fault messages and install pages.
+    Workers(usize),
+    /// The faulting thread serves its own fault, in a SIGBUS handler.
+    FaultingThread,
+}
+
+/// How to create a [`Region`].
+#[derive(Clone, Debug)]
+pub struct RegionConfig {
+    /// Size in pages.
+    pub pages: u64,
+    /// Map at exactly this address (page-aligned; fails if anything is mapped there).
+    pub fixed_addr: Option<usize>,
+    /// Who serves faults.
+    pub mode: FaultMode,
+    /// Track written pages ([`RegionCore::take_written`]); pages are installed write-protected.
+    pub track_dirty: bool,
+    /// How long an idle fault worker busy-polls before it sleeps.
+    pub worker_spin: Duration,
+    /// A name for logs and errors.
+    pub name: String,
+}
+
+impl RegionConfig {
+    /// A region of `pages` pages, served by one worker thread, without dirty tracking.
+    pub fn new(pages: u64) -> RegionConfig {
+        RegionConfig {
+            pages,
+            fixed_addr: None,
+            mode: FaultMode::Workers(1),
+            track_dirty: false,
+            worker_spin: Duration::from_micros(50),
+            name: "region".into(),
+        }
+    }
+
+    /// Sets who serves faults.
+    pub fn mode(mut self, mode: FaultMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Turns dirty tracking on or off.
+    pub fn track_dirty(mut self, on: bool) -> Self {
+        self.track_dirty = on;
+        self
+    }
+
+    /// Maps the region at `addr`.
+    pub fn fixed_addr(mut self, addr: usize) -> Self {
+        self.fixed_addr = Some(addr);
+        self
+    }
+
+    /// Names the region in logs.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets how long idle workers busy-poll.
+    pub fn worker_spin(mut self, spin: Duration) -> Self {
+        self.worker_spin = spin;
+        self
+    }
+
+    fn validate(&self) -> Result<u64, PagerError> {
+        if self.pages == 0 {
+            return Err(PagerError::Config("a region needs at least one page".into()));
+        }
+        let len = self
+            .pages
+            .checked_mul(PAGE)
+            .filter(|l| *l <= 1 << 47)
+            .ok_or_else(|| PagerError::Config(format!("{} pages exceed the address space", self.pages)))?;
+        if let Some(a) = self.fixed_addr {
+            if a % PAGE_SIZE != 0 || a == 0 {
+                return Err(PagerError::Config(format!("fixed address {a:#x} is not a non-zero page boundary")));
+            }
+        }
+        if let FaultMode::Workers(0) = self.mode {
+            return Err(PagerError::Config("FaultMode::Workers needs at least one thread".into()));
+        }
+        Ok(len)
+    }
+}
+
+/// Counters, all since the region was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagerStats {
+    /// Missing-page faults served.
+    pub faults: u64,
+    /// Pages installed from data (faults and explicit installs).
+    pub installed: u64,
+    /// Zero pages installed.
+    pub zero: u64,
+    /// Installs that found the page already present.
+    pub already_present: u64,
+    /// Pages poisoned because the source failed.
+    pub lost: u64,
+    /// Pages dropped.
+    pub dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    faults: AtomicU64,
+    installed: AtomicU64,
+    zero: AtomicU64,
+    already_present: AtomicU64,
+    lost: AtomicU64,
+    dropped: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The shared part of a region: what fault handlers and sources use. Reach it through
+/// [`Region`] (which dereferences to it) or [`Fault::region`].
+pub struct RegionCore {
+    name: String,
+    /// Current start address (changes if the application mremaps the whole region).
+    base: AtomicU64,
+    /// Address the region was created at (the signal handler's lookup key moves with `base`).
+    pages: u64,
+    uffd: Userfaultfd,
+    source: Box<dyn PageSource>,
+    mode: FaultMode,
+    track_dirty: bool,
+    pagemap: Option<Pagemap>,
+    /// Set when the application remapped part of the region: why it is no longer whole.
+    broken: OnceLock<String>,
+    /// Address ranges the application unmapped or moved away: never ours to unmap again.
+    foreign: Mutex<Vec<Range<u64>>>,
+    /// Ranges this region is dropping itself, so their REMOVE events are not the application's.
+    self_drops: Mutex<Vec<Range<u64>>>,
+    stats: Counters,
+}
+
+impl std::fmt::Debug for RegionCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionCore")
+            .field("name", &self.name)
+            .field("base", &format_args!("{:#x}", self.base()))
+            .field("pages", &self.pages)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A range of address space whose pages are filled on demand by a [`PageSource`].
+///
+/// Dropping it stops its fault handling, unregisters and unmaps it; touching its memory after
+/// that is a use after free, as with any unmapped memory.
+#[derive(Debug)]
+pub struct Region {
+    core: Arc<RegionCore>,
+    workers: Option<worker::Workers>,
+    signal_slot: Option<signal::Slot>,
+}
+
+impl std::ops::Deref for Region {
+    type Target = RegionCore;
+    fn deref(&self) -> &RegionCore {
+        &self.core
+    }
+}
+
+/// The features a configuration needs, and what for.
+fn needed_features(cfg: &RegionConfig) -> Vec<(u64, &'static str)> {
+    let mut need = vec![(
+        feature::EVENT_REMAP | feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::POISON,
+        "following mremap/munmap/MADV_DONTNEED and failing closed",
+    )];
+    if cfg.track_dirty {
+        need.push((feature::PAGEFAULT_FLAG_WP | feature::WP_ASYNC, "dirty tracking"));
+    }
+    if cfg.mode == FaultMode::FaultingThread {
+        need.push((feature::SIGBUS, "serving faults on the faulting thread"));
+    }
+    need
+}
+
+impl Region {
+    /// Maps and registers a region whose missing pages come from `source`, and starts serving
+    /// its faults.
+    pub fn new(cfg: RegionConfig, source: impl PageSource) -> Result<Region, PagerError> {
+        let len = cfg.validate()?;
+        let available = Userfaultfd::available_features().map_err(PagerError::NoUserfaultfd)?;
+        let mut want = 0;
+        for (bits, needed_for) in needed_features(&cfg) {
+            let missing = bits & !available;
+            if missing != 0 {
+                return Err(PagerError::Unsupported { missing: feature::names(missing), needed_for });
+            }
+            want |= bits;
+        }
+        // Optional: batched installs move pages instead of copying where the kernel can.
+        want |= available & feature::MOVE;
+        let uffd = Userfaultfd::open(want).map_err(PagerError::NoUserfaultfd)?;
+        let pagemap = if cfg.track_dirty {
+            Some(Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?)
+        } else {
+            None
+        };
+        let base = map(cfg.fixed_addr, len)?;
+        let core = Arc::new(RegionCore {
+            name: cfg.name.clone(),
+            base: AtomicU64::new(base),
+            pages: cfg.pages,
+            uffd,
+            source: Box::new(source),
+            mode: cfg.mode,
+            track_dirty: cfg.track_dirty,
+            pagemap,
+            broken: OnceLock::new(),
+            foreign: Mutex::new(Vec::new()),
+            self_drops: Mutex::new(Vec::new()),
+            stats: Counters::default(),
+        });
+        // From here on, dropping `region` unmaps.
+        let mut region = Region { core, workers: None, signal_slot: None };
+        region.register(len)?;
+        if cfg.track_dirty {
+            // Probe PAGEMAP_SCAN now, so a kernel without it fails here and not at first use.
+            region.scan(0, 1, Query { require: PAGE_IS_WRITTEN, exclude: 0, reprotect: false }).map_err(
+                |e| match e {
+                    PagerError::Os { err, .. } if err.raw_os_error() == Some(libc::ENOTTY) => {
+                        PagerError::Unsupported { missing: vec!["PAGEMAP_SCAN"], needed_for: "dirty tracking" }
+                    }
+                    e => e,
+                },
+            )?;
+        }
+        let threads = match cfg.mode {
+            FaultMode::Workers(n) => n,
+            FaultMode::FaultingThread => {
+                region.signal_slot = Some(signal::Slot::register(&region.core)?);
+                1 // reads the non-fault events (mremap, munmap, MADV_DONTNEED)
+            }
+        };
+        region.workers = Some(
+            worker::Workers::start(&region.core, threads, cfg.worker_spin)
+                .map_err(|err| PagerError::Os { op: "spawn fault worker", err })?,
+        );
+        Ok(region)
+    }
+
+    fn register(&self, len: u64) -> Result<(), PagerError> {
+        let base = self.base();
+        let mut mode = uffd::REGISTER_MODE_MISSING;
+        if self.track_dirty {
+            mode |= uffd::REGISTER_MODE_WP;
+        }
+        let ioctls =
+            self.uffd.register(base, len, mode).map_err(|err| PagerError::Os { op: "UFFDIO_REGISTER", err })?;
+        let mut need = uffd::NEED_RANGE_IOCTLS;
+        if !self.track_dirty {
+            need &= !(1 << 0x06);
+        }
+        if ioctls & need != need {
+            return Err(PagerError::Unsupported {
+                missing: vec!["UFFDIO_COPY/ZEROPAGE/WAKE/WRITEPROTECT on anonymous memory"],
+                needed_for: "installing pages",
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops fault handling, unregisters and unmaps. Errors are logged; nothing is leaked
+    /// except address space the application took over.
+    fn teardown(&mut self) {
+        if let Some(slot) = self.signal_slot.take() {
+            slot.unregister();
+        }
+        if let Some(w) = self.workers.take() {
+            w.stop();
+        }
+        let (base, len) = (self.base(), self.len() as u64);
+        if let Err(e) = self.uffd.unregister(base, len) {
+            // ENOMEM/EINVAL when part was unmapped: the rest is unregistered by munmap anyway.
+            log::debug!("region {}: unregister: {e}", self.name);
+        }
+        let foreign = crate::region::lock(&self.foreign).clone();
+        for r in subtract(base..base + len, &foreign) {
+            unmap(r.start, r.end - r.start);
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `range` minus every range in `holes`.
+fn subtract(range: Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = vec![range];
+    for h in holes {
+        out = out
+            .into_iter()
+            .flat_map(|r| {
+                if h.end <= r.start || h.start >= r.end {
+                    return vec![r];
+                }
+                let mut v = Vec::new();
+                if r.start < h.start {
+                    v.push(r.start..h.start);
+                }
+                if h.end < r.end {
+                    v.push(h.end..r.end);
+                }
+                v
+            })
+            .collect();
+    }
+    out
+}
+
+fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
+    let len_usize = usize::try_from(len).map_err(|_| PagerError::Config("region too large".into()))?;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if fixed.is_some() {
+        flags |= libc::MAP_FIXED_NOREPLACE;
+    }
+    let hint = fixed.unwrap_or(0) as *mut libc::c_void;
+    // SAFETY: an anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe { libc::mmap(hint, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EEXIST) {
+            return Err(PagerError::Config(format!("address {:#x} is already in use", fixed.unwrap_or(0))));
+        }
+        return Err(PagerError::Os { op: "mmap", err });
+    }
+    if let Some(a) = fixed {
+        if p as usize != a {
+            // An old kernel that ignores MAP_FIXED_NOREPLACE treats it as a hint.
+            unmap(p as u64, len);
+            return Err(PagerError::Config(format!("could not map at {a:#x}")));
+        }
+    }
+    // SAFETY: advising our own fresh mapping. A child must not inherit pages it cannot be served.
+    let rc = unsafe { libc::madvise(p, len_usize, libc::MADV_DONTFORK) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        unmap(p as u64, len);
+        return Err(PagerError::Os { op: "madvise(MADV_DONTFORK)", err });
+    }
+    Ok(p as u64)
+}
+
+fn unmap(start: u64, len: u64) {
+    // SAFETY: only ranges this region mapped and still owns (see `foreign`) are unmapped.
+    let rc = unsafe { libc::munmap(start as *mut libc::c_void, usize::try_from(len).unwrap_or(0)) };
+    if rc != 0 {
+        log::warn!("munmap({start:#x}, {len}) failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl RegionCore {
+    /// The region's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The first byte of the region.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base() as *mut u8
+    }
+
+    pub(crate) fn base(&self) -> u64 {
+        self.base.load(Ordering::Acquire)
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        usize::try_from(self.pages * PAGE).unwrap_or(usize::MAX)
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Size in pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Who serves faults.
+    pub fn mode(&self) -> FaultMode {
+        self.mode
+    }
+
+    /// Why the region is no longer whole, if the application remapped part of it.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> PagerStats {
+        let s = &self.stats;
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PagerStats {
+            faults: l(&s.faults),
+            installed: l(&s.installed),
+            zero: l(&s.zero),
+            already_present: l(&s.already_present),
+            lost: l(&s.lost),
+            dropped: l(&s.dropped),
+        }
+    }
+
+    fn check(&self, first: u64, count: u64) -> Result<u64, PagerError> {
+        let end = first.checked_add(count).filter(|e| *e <= self.pages);
+        match end {
+            Some(_) if count > 0 => Ok(self.base() + first * PAGE),
+            _ => Err(PagerError::OutOfRange { first, end: first.saturating_add(count), pages: self.pages }),
+        }
+    }
+
+    fn installed(&self, r: Result<Installed, InstallError>) -> Result<Installed, PagerError> {
+        match r {
+            Ok(i) => {
+                bump(&self.stats.already_present, i.present);
+                Ok(i)
+            }
+            Err(InstallError::Gone) => Err(PagerError::Gone(format!("region {} is no longer registered", self.name))),
+            Err(InstallError::Busy(d)) => Err(PagerError::Os {
+                op: "install",
+                err: std::io::Error::new(std::io::ErrorKind::WouldBlock, format!("address space busy for {d:?}")),
+            }),
+            Err(InstallError::Os { op, err }) => Err(PagerError::Os { op, err }),
+        }
+    }
+
+    /// Installs `pages` at `first`, `first + 1`, ... where they are missing (prefetch, push).
+    /// Returns how many were installed; pages already present are left as they are.
+    pub fn install(&self, first: u64, pages: &[PageBuf]) -> Result<u64, PagerError> {
+        let dst = self.check(first, pages.len() as u64)?;
+        let fill = Fill::Copy { src: pages.as_ptr() as u64, wp: self.track_dirty };
+        let r = self.installed(install(&self.uffd, dst, pages.len() as u64 * PAGE, fill, false, &mut || {}))?;
+        bump(&self.stats.installed, r.new);
+        Ok(r.new)
+    }
+
+    /// Installs `pages` at `first`, `first + 1`, ... where they are missing by *moving* them out
+    /// of the buffer (`UFFDIO_MOVE`: page-table entries change hands, no data is copied; about
+    /// 10x cheaper than [`install`](Self::install) for large batches). Afterwards the buffer's
+    /// moved pages read as zeros. Falls back to copying on kernels without `UFFDIO_MOVE`, and for
+    /// pages `UFFDIO_MOVE` cannot take (`EBUSY`: shared or never-written buffer pages).
+    ///
+    /// With dirty tracking, moved pages count as written until the next
+    /// [`take_written`](Self::take_written) (they arrive unprotected; protecting them afterwards
+    /// could hide a write made in between).
+    pub fn install_moving(&self, first: u64, pages: &mut [PageBuf]) -> Result<u64, PagerError> {
+        let dst = self.check(first, pages.len() as u64)?;
+        if self.uffd.features() & feature::MOVE == 0 {
+            return self.install(first, pages);
+        }
+        let len = pages.len() as u64 * PAGE;
+        let src = pages.as_mut_ptr() as u64;
+        match install(&self.uffd, dst, len, Fill::Move { src }, false, &mut || {}) {
+            Ok(r) => {
+                bump(&self.stats.installed, r.new);
+                bump(&self.stats.already_present, r.present);
+                Ok(r.new)
+            }
+            Err(InstallError::Os { err, .. }) if err.raw_os_error() == Some(libc::EBUSY) => {
+                // Some page could not be moved: copy whatever is still missing.
+                self.install(first, pages)
+            }
+            Err(e) => self.installed(Err(e)).map(|i| i.new),
+        }
+    }
+
+    /// Installs the zero page at `count` pages from `first` where they are missing.
+    pub fn install_zero(&self, first: u64, count: u64) -> Result<u64, PagerError> {
+        let dst = self.check(first, count)?;
+        let r = self.installed(install(&self.uffd, dst, count * PAGE, Fill::Zero, false, &mut || {}))?;
+        bump(&self.stats.zero, r.new);
+        Ok(r.new)
+    }
+
+    /// Poisons `count` pages from `first` where they are missing: touching them raises SIGBUS.
+    pub fn poison(&self, first: u64, count: u64) -> Result<u64, PagerError> {
+        let dst = self.check(first, count)?;
+        let r = self.installed(install(&self.uffd, dst, count * PAGE, Fill::Poison, false, &mut || {}))?;
+        Ok(r.new)
+    }
+
+    /// Drops `count` pages from `first` (present or not): their memory is freed and their next
+    /// touch faults again. Dirty pages must have been saved by the caller first.
+    pub fn drop_pages(&self, first: u64, count: u64) -> Result<(), PagerError> {
+        let start = self.check(first, count)?;
+        let range = start..start + count * PAGE;
+        // The REMOVE event this madvise raises is recognised by this entry, which the event
+        // handler removes when it sees the event (madvise returns as soon as the event is read,
+        // possibly before it is handled).
+        lock(&self.self_drops).push(range.clone());
+        // SAFETY: the range is inside this region's mapping (checked above).
+        let rc = unsafe {
+            libc::madvise(start as *mut libc::c_void, usize::try_from(count * PAGE).unwrap_or(0), libc::MADV_DONTNEED)
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            let mut drops = lock(&self.self_drops);
+            if let Some(i) = drops.iter().position(|r| *r == range) {
+                drops.swap_remove(i);
+            }
+            return Err(PagerError::Os { op: "madvise(MADV_DONTNEED)", err });
+        }
+        bump(&self.stats.dropped, count);
+        Ok(())
+    }
+
+    /// Write-protects (or unprotects) `count` pages from `first`. With dirty tracking, a
+    /// protected page that is written shows up in [`take_written`](Self::take_written).
+    pub fn write_protect(&self, first: u64, count: u64, protect: bool) -> Result<(), PagerError> {
+        if !self.track_dirty {
+            return Err(PagerError::Config("write protection needs a region created with track_dirty".into()));
+        }
+        let start = self.check(first, count)?;
+        self.uffd
+            .write_protect(start, count * PAGE, protect)
+            .map_err(|err| PagerError::Os { op: "UFFDIO_WRITEPROTECT", err })
+    }
+
+    /// Page ranges among `count` pages from `first` that were written since they were installed
+    /// or last returned here, and write-protects them again in the same atomic walk, so a write
+    /// that races with the scan is either returned now or next time, never lost.
+    pub fn take_written(&self, first: u64, count: u64) -> Result<Vec<Range<u64>>, PagerError> {
+        if !self.track_dirty {
+            return Err(PagerError::Config("take_written needs a region created with track_dirty".into()));
+        }
+        let q = Query { require: PAGE_IS_WRITTEN | PAGE_IS_PRESENT, exclude: PAGE_IS_PFNZERO, reprotect: true };
+        self.scan(first, count, q)
+    }
+
+    /// Page ranges among `count` pages from `first` that are present in memory.
+    pub fn present(&self, first: u64, count: u64) -> Result<Vec<Range<u64>>, PagerError> {
+        self.scan(first, count, Query { require: PAGE_IS_PRESENT, exclude: 0, reprotect: false })
+    }
+
+    fn scan(&self, first: u64, count: u64, q: Query) -> Result<Vec<Range<u64>>, PagerError> {
+        let start = self.check(first, count)?;
+        let owned;
+        let pm = match &self.pagemap {
+            Some(p) => p,
+            None => {
+                owned = Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?;
+                &owned
+            }
+        };
+        let base = self.base();
+        let ranges =
+            pm.scan(start, start + count * PAGE, q).map_err(|err| PagerError::Os { op: "PAGEMAP_SCAN", err })?;
+        Ok(ranges.into_iter().map(|r| (r.start - base) / PAGE..(r.end - base) / PAGE).collect())
+    }
+
+    /// Touches `count` pages from `first` for reading, so each is present before the region's
+    /// memory is handed to a system call (needed with [`FaultMode::FaultingThread`], where a
+    /// system call that meets a missing page fails with `EFAULT`).
+    pub fn prefault(&self, first: u64, count: u64) -> Result<(), PagerError> {
+        let start = self.check(first, count)?;
+        for i in 0..count {
+            // SAFETY: the address is inside the mapping (checked above); a volatile read of one
+            // byte only makes the kernel (or our SIGBUS handler) bring the page in.
+            unsafe { std::ptr::read_volatile((start + i * PAGE) as *const u8) };
+        }
+        Ok(())
+    }
+
+    /// Serves a missing-page fault at `addr`: asks the source, installs the page (or poisons it
+    /// if the source failed). `wake` wakes the threads waiting on it (worker mode).
+    /// `on_again` lets pending events be read when the address space is changing.
+    /// Returns false if the page was lost (poisoned) instead of installed.
+    pub(crate) fn serve_fault(&self, addr: u64, write: bool, wake: bool, on_again: &mut dyn FnMut()) -> bool {
+        let page_addr = addr & !(PAGE - 1);
+        let base = self.base();
+        if page_addr < base || page_addr >= base + self.pages * PAGE {
+            // A part the application moved elsewhere: fail closed.
+            self.report_loss(page_addr, "the page was moved away from the region by mremap");
+            let _ = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again);
+            return false;
+        }
+        bump(&self.stats.faults, 1);
+        let index = (page_addr - base) / PAGE;
+        let mut buf = PageBuf::zeroed();
+        let filled = {
+            // The source sees the region through a plain reference, valid for this call.
+            let fault = Fault { index, write, region: self };
+            // A panicking source must not kill a worker (its waiters would hang) or unwind out
+            // of a signal handler (which aborts): it counts as a failed fetch.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
+                .unwrap_or_else(|_| Err(FillError("the page source panicked".into())))
+        };
+        let result = match filled {
+            Ok(Filled::Data) => {
+                let fill = Fill::Copy { src: std::ptr::addr_of!(buf) as u64, wp: self.track_dirty };
+                install(&self.uffd, page_addr, PAGE, fill, !wake, on_again).map(|r| (r, false))
+            }
+            Ok(Filled::Zero) => install(&self.uffd, page_addr, PAGE, Fill::Zero, !wake, on_again).map(|r| (r, true)),
+            Err(FillError(why)) => {
+                self.report_loss(page_addr, &why);
+                bump(&self.stats.lost, 1);
+                if let Err(e) = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again) {
+                    self.report_loss(page_addr, &format!("and poisoning it failed too: {e}"));
+                }
+                return false;
+            }
+        };
+        match result {
+            Ok((r, zero)) => {
+                bump(if zero { &self.stats.zero } else { &self.stats.installed }, r.new);
+                bump(&self.stats.already_present, r.present);
+                true
+            }
+            Err(InstallError::Gone) => true, // unmapped under us: nobody is waiting any more
+            Err(e) => {
+                // The faulting thread cannot be left waiting: poison the page so it gets SIGBUS.
+                self.report_loss(page_addr, &format!("installing it failed: {e}"));
+                bump(&self.stats.lost, 1);
+                let _ = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again);
+                false
+            }
+        }
+    }
+
+    fn report_loss(&self, page_addr: u64, why: &str) {
+        let base = self.base();
+        let index = page_addr.wrapping_sub(base) / PAGE;
+        signal::report(format_args!(
+            "mosaic pager: region {} page {index} (address {page_addr:#x}) is lost, an access raises SIGBUS: {why}\n",
+            self.name
+        ));
+    }
+
+    /// Handles a non-fault event: mremap, munmap, MADV_DONTNEED.
+    pub(crate) fn handle_event(&self, msg: &RawMsg) {
+        let arg = msg.arg;
+        let base = self.base();
+        let len = self.pages * PAGE;
+        match msg.event {
+            uffd::EVENT_REMAP => {
+                let (from, to, moved) = (arg[0], arg[1], arg[2]);
+                if from == base && moved == len {
+                    self.base.store(to, Ordering::Release);
+                    log::info!("region {}: moved by mremap from {from:#x} to {to:#x}", self.name);
+                } else {
+                    let why = format!(
+                        "the application moved {moved} bytes at {from:#x} to {to:#x} with mremap, splitting the \
+                         region; faults in the moved part are refused"
+                    );
+                    log::error!("region {}: {why}", self.name);
+                    let _ = self.broken.set(why);
+                    lock(&self.foreign).push(from..from + moved);
+                }
+            }
+            uffd::EVENT_UNMAP => {
+                let (start, end) = (arg[0], arg[1]);
+                log::warn!("region {}: the application unmapped {start:#x}..{end:#x}", self.name);
+                if start <= base && end >= base + len {
+                    let _ = self.broken.set("the application unmapped the region".into());
+                }
+                lock(&self.foreign).push(start..end);
+            }
+            uffd::EVENT_REMOVE => {
+                let (start, end) = (arg[0], arg[1]);
+                let ours = {
+                    let mut drops = lock(&self.self_drops);
+                    match drops.iter().position(|r| r.start <= start && end <= r.end) {
+                        Some(i) => {
+                            // The last event of a drop (one per VMA it spans) retires its entry.
+                            if drops[i].end == end {
+                                drops.swap_remove(i);
+                            }
+                            true
+                        }
+                        None => false,
+                    }
+                };
+                if !ours && end > base && start < base + len {
+                    let first = (start.max(base) - base) / PAGE;
+                    let last = (end.min(base + len) - base).div_ceil(PAGE);
+                    self.source.discarded(first..last);
+                }
+            }
+            uffd::EVENT_FORK => {
+                // Not requested (the region is MADV_DONTFORK); a kernel sending it anyway gets
+                // the descriptor closed by the kernel when the child's side is dropped.
+                log::warn!("region {}: unexpected fork event", self.name);
+            }
+            e => log::warn!("region {}: unknown userfaultfd event {e:#x}", self.name),
+        }
+    }
+
+    pub(crate) fn uffd(&self) -> &Userfaultfd {
+        &self.uffd
+    }
+
+    /// True if `addr` is one this region serves faults for (its current range, or a part the
+    /// application moved away, which it refuses).
+    pub(crate) fn owns_fault(&self, addr: u64) -> bool {
+        let base = self.base();
+        (base..base + self.pages * PAGE).contains(&addr) || lock_free_moved(self, addr)
+    }
+}
+
+/// Whether `addr` lies in a part of the region the application moved away. Runs in the signal
+/// handler, so it only tries the lock: a contended lock (an event being handled right now) means
+/// "not ours", and the access is retried.
+fn lock_free_moved(core: &RegionCore, addr: u64) -> bool {
+    core.broken.get().is_some() && core.foreign.try_lock().map(|f| f.iter().any(|r| r.contains(&addr))).unwrap_or(false)
+}
+
+/// Time-bounded wait helper for teardown paths.
+pub(crate) fn wait_until(mut done: impl FnMut() -> bool, limit: Duration) -> bool {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subtract;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn subtract_cuts_holes() {
+        assert_eq!(subtract(0..100, &[]), vec![0..100]);
+        assert_eq!(subtract(0..100, &[10..20, 50..60]), vec![0..10, 20..50, 60..100]);
+        assert_eq!(subtract(0..100, &[0..100]), Vec::<std::ops::Range<u64>>::new());
+        assert_eq!(subtract(0..100, &[90..200]), vec![0..90]);
+    }
+}

@@ -1,0 +1,193 @@
+//! Serving faults on the faulting thread: the process-wide SIGBUS handler and the table of
+//! regions it serves.
+//!
+//! With `UFFD_FEATURE_SIGBUS` a missing-page fault raises SIGBUS (code `BUS_ADRERR`) in the
+//! faulting thread instead of queueing a message. The handler looks the address up in a fixed
+//! table of regions (no allocation, no lock), serves the fault with the region's source, and
+//! returns: the access is retried and finds the page. A SIGBUS that is not ours (another cause,
+//! or a poisoned page: code `BUS_MCEERR_AR`) goes to the handler that was installed before ours,
+//! or gets the default action (the process dies with SIGBUS, as it would have without Mosaic).
+//!
+//! # Lifetimes
+//! The table holds a strong reference to each registered region. A handler announces itself in
+//! `ACTIVE` before it reads the table; unregistering clears the slot and then waits until no
+//! handler is active before it releases the reference, so a handler never sees a freed region.
+
+use std::fmt::Write as _;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::region::{wait_until, RegionCore};
+use crate::PagerError;
+
+/// Regions that can be registered at once in this mode.
+const SLOTS: usize = 64;
+
+static REGIONS: [AtomicPtr<RegionCore>; SLOTS] = [const { AtomicPtr::new(null_mut()) }; SLOTS];
+/// Handlers currently between reading the table and finishing with what they found.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// The page this thread last failed to get. Kernels without CONFIG_MEMORY_FAILURE report an
+    /// access to a poisoned page as an ordinary BUS_ADRERR, which would look like the next
+    /// missing-page fault: a second SIGBUS for the same page is passed on instead, so the thread
+    /// dies of SIGBUS rather than retrying forever. (Const-initialised and without a destructor,
+    /// so reading it in a signal handler allocates nothing.)
+    static LAST_LOST: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
+}
+
+/// The SIGBUS disposition before ours, or why ours could not be installed.
+static PREVIOUS: OnceLock<Result<libc::sigaction, String>> = OnceLock::new();
+
+/// A region's place in the table; unregister before the region is torn down.
+#[derive(Debug)]
+pub(crate) struct Slot(usize);
+
+impl Slot {
+    pub(crate) fn register(core: &Arc<RegionCore>) -> Result<Slot, PagerError> {
+        install_handler()?;
+        let p = Arc::into_raw(core.clone()).cast_mut();
+        for (i, s) in REGIONS.iter().enumerate() {
+            if s.compare_exchange(null_mut(), p, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return Ok(Slot(i));
+            }
+        }
+        // SAFETY: `p` came from `Arc::into_raw` above and was not stored anywhere.
+        drop(unsafe { Arc::from_raw(p) });
+        Err(PagerError::Config(format!(
+            "at most {SLOTS} regions can serve faults on the faulting thread at once; use FaultMode::Workers"
+        )))
+    }
+
+    pub(crate) fn unregister(self) {
+        let p = REGIONS[self.0].swap(null_mut(), Ordering::SeqCst);
+        if p.is_null() {
+            return;
+        }
+        // A handler that read the slot before the swap is counted in ACTIVE. It is serving a
+        // fault, which is bounded by the source's own time-outs.
+        if wait_until(|| ACTIVE.load(Ordering::SeqCst) == 0, Duration::from_secs(120)) {
+            // SAFETY: `p` came from `Arc::into_raw` in `register`, the slot no longer holds it,
+            // and no handler that could have read it is still running.
+            drop(unsafe { Arc::from_raw(p) });
+        } else {
+            log::error!("a SIGBUS handler is still running after 120 s; leaking one region's bookkeeping");
+        }
+    }
+}
+
+fn install_handler() -> Result<(), PagerError> {
+    let prev = PREVIOUS.get_or_init(|| {
+        // SAFETY: a zeroed sigaction is a valid "no handler, empty mask" value to fill in.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        // Not SA_ONSTACK: the handler fetches pages over the network and needs a real stack, not
+        // the few KiB of an alternate signal stack (Rust's runtime installs one per thread).
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // SAFETY: `sa.sa_mask` is a valid sigset_t to initialise.
+        unsafe { libc::sigemptyset(&raw mut sa.sa_mask) };
+        // SAFETY: as above, an all-zero sigaction to receive the previous disposition.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid sigaction structs for the call.
+        if unsafe { libc::sigaction(libc::SIGBUS, &raw const sa, &raw mut old) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(old)
+    });
+    prev.as_ref().map(|_| ()).map_err(|e| PagerError::Signal(e.clone()))
+}
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is thread-local; saving and restoring it keeps the interrupted code's value.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    ACTIVE.fetch_add(1, Ordering::SeqCst);
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
+    let mut served = false;
+    let page = addr & !(crate::PAGE_SIZE as u64 - 1);
+    if code == libc::BUS_ADRERR && LAST_LOST.get() != page {
+        for s in &REGIONS {
+            let p = s.load(Ordering::SeqCst);
+            if p.is_null() {
+                continue;
+            }
+            // SAFETY: a non-null slot holds a strong reference that `unregister` releases only
+            // after ACTIVE (which counts us) drops to zero.
+            let core = unsafe { &*p };
+            if core.owns_fault(addr) {
+                if !core.serve_fault(addr, is_write(ctx), false, &mut || {}) {
+                    LAST_LOST.set(page);
+                }
+                served = true;
+                break;
+            }
+        }
+    }
+    ACTIVE.fetch_sub(1, Ordering::SeqCst);
+    // SAFETY: restoring the value saved above.
+    unsafe { *libc::__errno_location() = saved_errno };
+    if !served {
+        chain(sig, info, ctx);
+    }
+}
+
+/// Passes a SIGBUS that is not ours to the previous handler, or gives it the default action.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let Some(Ok(prev)) = PREVIOUS.get() else { return };
+    let h = prev.sa_sigaction;
+    if h == libc::SIG_DFL || h == libc::SIG_IGN {
+        // Restore the default and re-raise: it is delivered when this handler returns (SIGBUS is
+        // blocked while it runs), so the process dies of SIGBUS as it would have without us.
+        // SAFETY: signal() and raise() are async-signal-safe.
+        unsafe {
+            libc::signal(libc::SIGBUS, libc::SIG_DFL);
+            libc::raise(libc::SIGBUS);
+        }
+        return;
+    }
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous disposition was installed as an SA_SIGINFO handler with this
+        // signature; we forward the arguments the kernel gave us.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = unsafe { std::mem::transmute(h) };
+        f(sig, info, ctx);
+    } else {
+        // SAFETY: the previous disposition was a plain one-argument handler.
+        let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+        f(sig);
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
+fn is_write(ctx: *mut libc::c_void) -> bool {
+    // SAFETY: the kernel passes a valid ucontext for a SA_SIGINFO handler; on x86-64 the page
+    // fault error code is saved in REG_ERR, whose bit 1 means a write access.
+    let err = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_ERR as usize] };
+    err & 2 != 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_env = "gnu")))]
+fn is_write(_ctx: *mut libc::c_void) -> bool {
+    false
+}
+
+/// Writes a report line to standard error without allocating or locking (usable in a signal
+/// handler); long reports are cut at 512 bytes.
+pub(crate) fn report(args: std::fmt::Arguments<'_>) {
+    struct Buf {
+        b: [u8; 512],
+        n: usize,
+    }
+    impl std::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let take = s.len().min(self.b.len() - self.n);
+            self.b[self.n..self.n + take].copy_from_slice(&s.as_bytes()[..take]);
+            self.n += take;
+            Ok(())
+        }
+    }
+    let mut buf = Buf { b: [0; 512], n: 0 };
+    let _ = buf.write_fmt(args);
+    // SAFETY: write(2) of our own initialised buffer to standard error.
+    let _ = unsafe { libc::write(2, buf.b.as_ptr().cast(), buf.n) };
+}
