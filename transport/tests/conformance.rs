@@ -127,6 +127,30 @@ fn calls_echo_every_size<B: Backend>() {
     assert!(matches!(c.call_batch(1, &[b"ok", &too_big]), Err(CallError::TooLarge { .. })));
 }
 
+fn page_calls_land_in_the_callers_page<B: Backend>() {
+    let s = server::<B>(0);
+    let c = client::<B>(&s);
+    let src = page_of(3);
+    let mut dst = Page::boxed();
+    c.call_page(1, &src.0, &mut dst).unwrap();
+    assert_eq!(dst.0, src.0);
+    let srcs: Vec<Box<Page>> = (0..8).map(page_of).collect();
+    let mut dsts: Vec<Box<Page>> = (0..8).map(|_| Page::boxed()).collect();
+    let mut calls: Vec<(&[u8], &mut Page)> =
+        srcs.iter().map(|p| &p.0[..]).zip(dsts.iter_mut().map(|d| &mut **d)).collect();
+    c.call_pages(1, &mut calls).unwrap();
+    for (s, d) in srcs.iter().zip(&dsts) {
+        assert_eq!(s.0, d.0);
+    }
+    // A response of the wrong size fails that call only; the connection stays in sync.
+    let e = c.call_page(1, b"ten bytes!", &mut dst).unwrap_err();
+    assert!(matches!(e, CallError::WrongSize { expected: 4096, got: 10, .. }), "{e}");
+    assert_eq!(dst.0, src.0, "a wrong-size answer does not touch the page");
+    assert_eq!(c.call_page(7, b"", &mut dst).unwrap_err().status(), Some(Status::Full));
+    c.call_page(1, &srcs[5].0, &mut dst).unwrap();
+    assert_eq!(dst.0, srcs[5].0);
+}
+
 fn service_errors_reach_the_caller<B: Backend>() {
     let s = server::<B>(0);
     let c = client::<B>(&s);
@@ -294,6 +318,14 @@ macro_rules! suite {
                     return;
                 }
                 super::calls_echo_every_size::<$backend>();
+            }
+            #[test]
+            $(#[ignore = $ignore])?
+            fn page_calls_land_in_the_callers_page() {
+                if !super::available::<$backend>() {
+                    return;
+                }
+                super::page_calls_land_in_the_callers_page::<$backend>();
             }
             #[test]
             $(#[ignore = $ignore])?

@@ -73,6 +73,16 @@ pub enum CallError {
         /// The peer's message.
         message: String,
     },
+    /// A response that should have been one page had another size (the connection stays usable).
+    #[error("{peer} answered with {got} bytes where one page ({expected} bytes) was expected")]
+    WrongSize {
+        /// The peer.
+        peer: String,
+        /// Bytes expected.
+        expected: usize,
+        /// Bytes received.
+        got: usize,
+    },
     /// The request payload is larger than the peer accepts in one frame.
     #[error("request of {len} bytes exceeds the peer's maximum frame of {max} bytes")]
     TooLarge {
@@ -218,6 +228,24 @@ impl Connection {
             payload: r,
         }))
         .map(SmallVec::into_vec)
+    }
+
+    /// Calls `method` with `request`; the response, which must be exactly one page, lands
+    /// directly in `dst` (no intermediate copy).
+    pub fn call_page(&self, method: u64, request: &[u8], dst: &mut Page) -> Result<(), CallError> {
+        self.call_pages(method, &mut [(request, dst)])
+    }
+
+    /// Several [`call_page`](Self::call_page)s at once (one write, one wait); each response lands
+    /// in its page. If any fails, the first failure is returned.
+    pub fn call_pages(&self, method: u64, calls: &mut [(&[u8], &mut Page)]) -> Result<(), CallError> {
+        let reqs = calls.iter_mut().map(|(request, dst)| Request {
+            opcode: Opcode::Call,
+            arg: method,
+            dest: Dest::Page(dst.0.as_mut_ptr()),
+            payload: request,
+        });
+        self.submit(reqs).map(|_| ())
     }
 
     /// Reads page `index` of the peer's window into `dst`.
@@ -603,10 +631,20 @@ impl Shared {
             }));
         }
         match slot.dest {
+            Dest::Page(_) if h.len as usize != PAGE_SIZE => {
+                // A call answered with something other than one page (`decode` guarantees the
+                // size for page reads): drain it to stay in frame sync, fail only this request.
+                let mut scratch = std::mem::take(&mut r.scratch);
+                scratch.resize(h.len as usize, 0);
+                let read = r.payload(stream, &mut scratch, self.policy, deadline).map_err(describe);
+                r.scratch = scratch;
+                read?;
+                Ok(Err(CallError::WrongSize { peer: self.peer.clone(), expected: PAGE_SIZE, got: h.len as usize }))
+            }
             Dest::Page(ptr) => {
                 // SAFETY: `ptr` is the caller's `&mut Page` (PAGE_SIZE bytes), which stays
                 // valid and unaliased while the slot is out of `pending` and not final
-                // (module invariants 2 and 3). `decode` checked that len == PAGE_SIZE.
+                // (module invariants 2 and 3). The size was checked just above.
                 let dst = unsafe { std::slice::from_raw_parts_mut(ptr, PAGE_SIZE) };
                 r.payload(stream, dst, self.policy, deadline).map_err(describe)?;
                 Ok(Ok(Vec::new()))
