@@ -56,7 +56,7 @@ mod signal;
 mod uffd;
 mod worker;
 
-pub use region::{FaultMode, PagerStats, Region, RegionConfig, RegionCore};
+pub use region::{DirtyTracking, FaultMode, PagerStats, Region, RegionConfig, RegionCore};
 pub use uffd::feature;
 
 /// Size of a page.
@@ -117,6 +117,15 @@ pub trait PageSource: Send + Sync + 'static {
     /// Produces page `fault.index` into `page`.
     fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError>;
 
+    /// With [`DirtyTracking::Faults`]: page `index`, installed write-protected, is about to be
+    /// written for the first time since. The write proceeds when this returns, so a source that is
+    /// saving the page elsewhere can make the writer wait here. (A fault whose first access is a
+    /// write does not come here: [`Fault::write`] tells the source, and the page is installed
+    /// writable.)
+    fn written(&self, index: u64) {
+        let _ = index;
+    }
+
     /// The application discarded these pages (`MADV_DONTNEED`): by Linux semantics their next
     /// touch must read zeros. The default does nothing (the next touch fetches the source's copy).
     fn discarded(&self, pages: Range<u64>) {
@@ -128,6 +137,9 @@ pub trait PageSource: Send + Sync + 'static {
 impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
     fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
         (**self).fill(fault, page)
+    }
+    fn written(&self, index: u64) {
+        (**self).written(index);
     }
     fn discarded(&self, pages: Range<u64>) {
         (**self).discarded(pages);

@@ -22,6 +22,22 @@ pub enum FaultMode {
     FaultingThread,
 }
 
+/// How a region learns which pages were written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// Not at all.
+    Off,
+    /// The kernel resolves write-protect faults itself (`UFFD_FEATURE_WP_ASYNC`) and
+    /// [`RegionCore::take_written`] finds the written pages with `PAGEMAP_SCAN`: writes cost
+    /// nothing, but the answer is only as fresh as the last scan.
+    Scan,
+    /// Exact: pages are installed write-protected unless the fault was a write, and the first
+    /// write to a protected page is a fault that calls [`PageSource::written`] before the write
+    /// proceeds. Costs one fault per write epoch of a page that was first read; lets the layer
+    /// above hold writers off while it saves a page.
+    Faults,
+}
+
 /// How to create a [`Region`].
 #[derive(Clone, Debug)]
 pub struct RegionConfig {
@@ -31,8 +47,12 @@ pub struct RegionConfig {
     pub fixed_addr: Option<usize>,
     /// Who serves faults.
     pub mode: FaultMode,
-    /// Track written pages ([`RegionCore::take_written`]); pages are installed write-protected.
-    pub track_dirty: bool,
+    /// How written pages are tracked.
+    pub dirty: DirtyTracking,
+    /// Report the application's `MADV_DONTNEED` of region pages to [`PageSource::discarded`].
+    /// Costs a message to a fault worker per `madvise` call (the region's own
+    /// [`drop_pages`](RegionCore::drop_pages) included).
+    pub report_discards: bool,
     /// How long an idle fault worker busy-polls before it sleeps.
     pub worker_spin: Duration,
     /// A name for logs and errors.
@@ -46,7 +66,8 @@ impl RegionConfig {
             pages,
             fixed_addr: None,
             mode: FaultMode::Workers(1),
-            track_dirty: false,
+            dirty: DirtyTracking::Off,
+            report_discards: true,
             worker_spin: Duration::from_micros(50),
             name: "region".into(),
         }
@@ -58,9 +79,15 @@ impl RegionConfig {
         self
     }
 
-    /// Turns dirty tracking on or off.
-    pub fn track_dirty(mut self, on: bool) -> Self {
-        self.track_dirty = on;
+    /// Sets how written pages are tracked.
+    pub fn dirty(mut self, dirty: DirtyTracking) -> Self {
+        self.dirty = dirty;
+        self
+    }
+
+    /// Turns reporting of the application's `MADV_DONTNEED` on or off.
+    pub fn report_discards(mut self, on: bool) -> Self {
+        self.report_discards = on;
         self
     }
 
@@ -145,7 +172,7 @@ pub struct RegionCore {
     uffd: Userfaultfd,
     source: Box<dyn PageSource>,
     mode: FaultMode,
-    track_dirty: bool,
+    dirty: DirtyTracking,
     pagemap: Option<Pagemap>,
     /// Set when the application remapped part of the region: why it is no longer whole.
     broken: OnceLock<String>,
@@ -188,11 +215,16 @@ impl std::ops::Deref for Region {
 /// The features a configuration needs, and what for.
 fn needed_features(cfg: &RegionConfig) -> Vec<(u64, &'static str)> {
     let mut need = vec![(
-        feature::EVENT_REMAP | feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::POISON,
-        "following mremap/munmap/MADV_DONTNEED and failing closed",
+        feature::EVENT_REMAP | feature::EVENT_UNMAP | feature::POISON,
+        "following mremap/munmap and failing closed",
     )];
-    if cfg.track_dirty {
-        need.push((feature::PAGEFAULT_FLAG_WP | feature::WP_ASYNC, "dirty tracking"));
+    if cfg.report_discards {
+        need.push((feature::EVENT_REMOVE, "reporting MADV_DONTNEED"));
+    }
+    match cfg.dirty {
+        DirtyTracking::Off => {}
+        DirtyTracking::Scan => need.push((feature::PAGEFAULT_FLAG_WP | feature::WP_ASYNC, "dirty tracking by scan")),
+        DirtyTracking::Faults => need.push((feature::PAGEFAULT_FLAG_WP, "dirty tracking by write faults")),
     }
     if cfg.mode == FaultMode::FaultingThread {
         need.push((feature::SIGBUS, "serving faults on the faulting thread"));
@@ -217,7 +249,7 @@ impl Region {
         // Optional: batched installs move pages instead of copying where the kernel can.
         want |= available & feature::MOVE;
         let uffd = Userfaultfd::open(want).map_err(PagerError::NoUserfaultfd)?;
-        let pagemap = if cfg.track_dirty {
+        let pagemap = if cfg.dirty == DirtyTracking::Scan {
             Some(Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?)
         } else {
             None
@@ -230,7 +262,7 @@ impl Region {
             uffd,
             source: Box::new(source),
             mode: cfg.mode,
-            track_dirty: cfg.track_dirty,
+            dirty: cfg.dirty,
             pagemap,
             broken: OnceLock::new(),
             foreign: Mutex::new(Vec::new()),
@@ -240,7 +272,7 @@ impl Region {
         // From here on, dropping `region` unmaps.
         let mut region = Region { core, workers: None, signal_slot: None };
         region.register(len)?;
-        if cfg.track_dirty {
+        if cfg.dirty == DirtyTracking::Scan {
             // Probe PAGEMAP_SCAN now, so a kernel without it fails here and not at first use.
             region.scan(0, 1, Query { require: PAGE_IS_WRITTEN, exclude: 0, reprotect: false }).map_err(
                 |e| match e {
@@ -268,13 +300,13 @@ impl Region {
     fn register(&self, len: u64) -> Result<(), PagerError> {
         let base = self.base();
         let mut mode = uffd::REGISTER_MODE_MISSING;
-        if self.track_dirty {
+        if self.dirty != DirtyTracking::Off {
             mode |= uffd::REGISTER_MODE_WP;
         }
         let ioctls =
             self.uffd.register(base, len, mode).map_err(|err| PagerError::Os { op: "UFFDIO_REGISTER", err })?;
         let mut need = uffd::NEED_RANGE_IOCTLS;
-        if !self.track_dirty {
+        if self.dirty == DirtyTracking::Off {
             need &= !(1 << 0x06);
         }
         if ioctls & need != need {
@@ -463,7 +495,7 @@ impl RegionCore {
     /// Returns how many were installed; pages already present are left as they are.
     pub fn install(&self, first: u64, pages: &[PageBuf]) -> Result<u64, PagerError> {
         let dst = self.check(first, pages.len() as u64)?;
-        let fill = Fill::Copy { src: pages.as_ptr() as u64, wp: self.track_dirty };
+        let fill = Fill::Copy { src: pages.as_ptr() as u64, wp: self.dirty != DirtyTracking::Off };
         let r = self.installed(install(&self.uffd, dst, pages.len() as u64 * PAGE, fill, false, &mut || {}))?;
         bump(&self.stats.installed, r.new);
         Ok(r.new)
@@ -542,8 +574,8 @@ impl RegionCore {
     /// Write-protects (or unprotects) `count` pages from `first`. With dirty tracking, a
     /// protected page that is written shows up in [`take_written`](Self::take_written).
     pub fn write_protect(&self, first: u64, count: u64, protect: bool) -> Result<(), PagerError> {
-        if !self.track_dirty {
-            return Err(PagerError::Config("write protection needs a region created with track_dirty".into()));
+        if self.dirty == DirtyTracking::Off {
+            return Err(PagerError::Config("write protection needs a region with dirty tracking".into()));
         }
         let start = self.check(first, count)?;
         self.uffd
@@ -555,8 +587,8 @@ impl RegionCore {
     /// or last returned here, and write-protects them again in the same atomic walk, so a write
     /// that races with the scan is either returned now or next time, never lost.
     pub fn take_written(&self, first: u64, count: u64) -> Result<Vec<Range<u64>>, PagerError> {
-        if !self.track_dirty {
-            return Err(PagerError::Config("take_written needs a region created with track_dirty".into()));
+        if self.dirty != DirtyTracking::Scan {
+            return Err(PagerError::Config("take_written needs a region with DirtyTracking::Scan".into()));
         }
         let q = Query { require: PAGE_IS_WRITTEN | PAGE_IS_PRESENT, exclude: PAGE_IS_PFNZERO, reprotect: true };
         self.scan(first, count, q)
@@ -620,10 +652,24 @@ impl RegionCore {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
                 .unwrap_or_else(|_| Err(FillError("the page source panicked".into())))
         };
+        // Exact tracking installs a page written at once unprotected (the source saw `write`);
+        // scan tracking protects everything and lets the kernel unprotect on write.
+        let wp = match self.dirty {
+            DirtyTracking::Off => false,
+            DirtyTracking::Scan => true,
+            DirtyTracking::Faults => !write,
+        };
         let result = match filled {
             Ok(Filled::Data) => {
-                let fill = Fill::Copy { src: std::ptr::addr_of!(buf) as u64, wp: self.track_dirty };
+                let fill = Fill::Copy { src: std::ptr::addr_of!(buf) as u64, wp };
                 install(&self.uffd, page_addr, PAGE, fill, !wake, on_again).map(|r| (r, false))
+            }
+            Ok(Filled::Zero) if self.dirty == DirtyTracking::Faults => {
+                // The shared zero page cannot be write-protected: a write to it would go
+                // unnoticed. Install a protected copy of zeros instead.
+                buf.0.fill(0);
+                let fill = Fill::Copy { src: std::ptr::addr_of!(buf) as u64, wp };
+                install(&self.uffd, page_addr, PAGE, fill, !wake, on_again).map(|r| (r, true))
             }
             Ok(Filled::Zero) => install(&self.uffd, page_addr, PAGE, Fill::Zero, !wake, on_again).map(|r| (r, true)),
             Err(FillError(why)) => {
@@ -639,6 +685,11 @@ impl RegionCore {
             Ok((r, zero)) => {
                 bump(if zero { &self.stats.zero } else { &self.stats.installed }, r.new);
                 bump(&self.stats.already_present, r.present);
+                if r.present > 0 && !wake && self.dirty == DirtyTracking::Faults && cfg!(not(target_arch = "x86_64")) {
+                    // Signal mode where the hardware does not say: a "missing" page that was
+                    // present is a write to a protected page.
+                    self.serve_write_fault(addr, false);
+                }
                 true
             }
             Err(InstallError::Gone) => true, // unmapped under us: nobody is waiting any more
@@ -650,6 +701,43 @@ impl RegionCore {
                 false
             }
         }
+    }
+
+    /// Serves a write-protect fault (exact dirty tracking): tells the source, then unprotects the
+    /// page and, if `wake`, wakes the writer.
+    pub(crate) fn serve_write_fault(&self, addr: u64, wake: bool) {
+        let page_addr = addr & !(PAGE - 1);
+        let base = self.base();
+        if self.dirty == DirtyTracking::Faults && page_addr >= base && page_addr < base + self.pages * PAGE {
+            let index = (page_addr - base) / PAGE;
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.written(index))).is_err() {
+                signal::report(format_args!(
+                    "mosaic pager: region {}: the page source panicked in written()\n",
+                    self.name
+                ));
+            }
+        }
+        // Unprotecting wakes the writer unless told not to (the ioctl's DONTWAKE).
+        if let Err(e) = self.uffd.unprotect(page_addr, PAGE, !wake) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                signal::report(format_args!(
+                    "mosaic pager: region {}: unprotecting {page_addr:#x} failed: {e}\n",
+                    self.name
+                ));
+            }
+        }
+    }
+
+    /// Wakes the threads waiting on faults in `count` pages from `first` (after a source
+    /// deferred them).
+    pub fn wake(&self, first: u64, count: u64) -> Result<(), PagerError> {
+        let start = self.check(first, count)?;
+        self.uffd.wake(start, count * PAGE).map_err(|err| PagerError::Os { op: "UFFDIO_WAKE", err })
+    }
+
+    /// How written pages are tracked.
+    pub fn dirty_tracking(&self) -> DirtyTracking {
+        self.dirty
     }
 
     fn report_loss(&self, page_addr: u64, why: &str) {

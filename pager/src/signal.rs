@@ -116,7 +116,10 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             // after ACTIVE (which counts us) drops to zero.
             let core = unsafe { &*p };
             if core.owns_fault(addr) {
-                if !core.serve_fault(addr, is_write(ctx), false, &mut || {}) {
+                let (write, protection) = access(ctx);
+                if protection {
+                    core.serve_write_fault(addr, false);
+                } else if !core.serve_fault(addr, write, false, &mut || {}) {
                     LAST_LOST.set(page);
                 }
                 served = true;
@@ -158,17 +161,21 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     }
 }
 
+/// (write access, protection fault on a present page) from the fault's saved state.
 #[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
-fn is_write(ctx: *mut libc::c_void) -> bool {
+fn access(ctx: *mut libc::c_void) -> (bool, bool) {
     // SAFETY: the kernel passes a valid ucontext for a SA_SIGINFO handler; on x86-64 the page
-    // fault error code is saved in REG_ERR, whose bit 1 means a write access.
+    // fault error code is saved in REG_ERR: bit 0 set means the page was present (a protection
+    // fault), bit 1 a write access.
     let err = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_ERR as usize] };
-    err & 2 != 0
+    (err & 2 != 0, err & 1 != 0)
 }
 
+/// Elsewhere the kind is unknown: treated as a missing page; `serve_fault` notices a present
+/// page and treats the fault as a write to a protected one.
 #[cfg(not(all(target_arch = "x86_64", target_env = "gnu")))]
-fn is_write(_ctx: *mut libc::c_void) -> bool {
-    false
+fn access(_ctx: *mut libc::c_void) -> (bool, bool) {
+    (false, false)
 }
 
 /// Writes a report line to standard error without allocating or locking (usable in a signal

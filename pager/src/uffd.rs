@@ -86,6 +86,7 @@ pub(crate) const NEED_RANGE_IOCTLS: u64 = (1 << 0x02) | (1 << 0x03) | (1 << 0x04
 const COPY_MODE_DONTWAKE: u64 = 1 << 0;
 const COPY_MODE_WP: u64 = 1 << 1;
 const WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
 /// `uffd_msg.event` values.
 pub(crate) const EVENT_PAGEFAULT: u8 = 0x12;
@@ -286,6 +287,15 @@ impl Userfaultfd {
         // SAFETY: every caller passes the ioctl number matching the struct `arg` points to, which
         // lives on the caller's stack for the duration of the call.
         unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, arg) }
+    }
+}
+
+impl Userfaultfd {
+    /// Clears write protection on the range, waking the writers unless `dont_wake`.
+    pub(crate) fn unprotect(&self, start: u64, len: u64, dont_wake: bool) -> io::Result<()> {
+        let mode = if dont_wake { WRITEPROTECT_MODE_DONTWAKE } else { 0 };
+        let mut w = UffdioWriteprotect { range: UffdioRange { start, len }, mode };
+        errno_result(self.range_op(UFFDIO_WRITEPROTECT, (&raw mut w).cast()))
     }
 }
 

@@ -112,13 +112,7 @@ fn handle(core: &RegionCore, m: &RawMsg, backlog: &mut VecDeque<RawMsg>) {
     }
     let (flags, addr) = (m.arg[0], m.arg[1]);
     if flags & uffd::PAGEFAULT_FLAG_WP != 0 {
-        // Only synchronous write protection reports these; regions use WP_ASYNC, so this is a
-        // kernel that ignored it. Unprotect so the writer is not stuck.
-        let page = addr & !(crate::PAGE_SIZE as u64 - 1);
-        use crate::uffd::UffdOps;
-        if let Err(e) = core.uffd().write_protect(page, crate::PAGE_SIZE as u64, false) {
-            log::error!("region {}: unprotecting {page:#x} failed: {e}", core.name());
-        }
+        core.serve_write_fault(addr, true);
         return;
     }
     let write = flags & uffd::PAGEFAULT_FLAG_WRITE != 0;

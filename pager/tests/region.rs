@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mosaic_pager::{
-    Fault, FaultMode, FillError, Filled, PageBuf, PageSource, PagerError, PagerStats, Region, RegionConfig, PAGE_SIZE,
+    DirtyTracking, Fault, FaultMode, FillError, Filled, PageBuf, PageSource, PagerError, PagerStats, Region,
+    RegionConfig, PAGE_SIZE,
 };
 
 const MODES: [FaultMode; 3] = [FaultMode::Workers(1), FaultMode::Workers(3), FaultMode::FaultingThread];
@@ -24,6 +25,11 @@ struct Pattern {
     calls: AtomicU64,
     fail: Vec<u64>,
     discarded: Mutex<Vec<Range<u64>>>,
+    /// Where the region is, once known, so `written` can look at a page before it is written.
+    base: AtomicU64,
+    /// (page, its first byte when `written` was called, whether the fault said "write").
+    written: Mutex<Vec<(u64, u8)>>,
+    write_faults: Mutex<Vec<u64>>,
 }
 
 fn byte(index: u64, offset: usize) -> u8 {
@@ -33,6 +39,9 @@ fn byte(index: u64, offset: usize) -> u8 {
 impl PageSource for Pattern {
     fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if fault.write {
+            self.write_faults.lock().unwrap().push(fault.index);
+        }
         if self.fail.contains(&fault.index) {
             return Err(FillError(format!("test source refuses page {}", fault.index)));
         }
@@ -48,11 +57,18 @@ impl PageSource for Pattern {
     fn discarded(&self, pages: Range<u64>) {
         self.discarded.lock().unwrap().push(pages);
     }
+
+    fn written(&self, index: u64) {
+        let base = self.base.load(Ordering::SeqCst);
+        // SAFETY: the page is present and write-protected; reading it does not fault.
+        let first = unsafe { std::ptr::read_volatile((base + index * PAGE_SIZE as u64) as *const u8) };
+        self.written.lock().unwrap().push((index, first));
+    }
 }
 
-fn region(pages: u64, mode: FaultMode, dirty: bool) -> (Region, Arc<Pattern>) {
+fn region(pages: u64, mode: FaultMode, dirty: DirtyTracking) -> (Region, Arc<Pattern>) {
     let src = Arc::new(Pattern::default());
-    let r = Region::new(RegionConfig::new(pages).mode(mode).track_dirty(dirty).name("test"), src.clone()).unwrap();
+    let r = Region::new(RegionConfig::new(pages).mode(mode).dirty(dirty).name("test"), src.clone()).unwrap();
     (r, src)
 }
 
@@ -85,7 +101,7 @@ fn settled(r: &Region, ok: impl Fn(&PagerStats) -> bool) -> PagerStats {
 #[test]
 fn faults_are_served_with_the_sources_data_in_every_mode() {
     for mode in MODES {
-        let (r, src) = region(64, mode, false);
+        let (r, src) = region(64, mode, DirtyTracking::Off);
         for i in (0..64).rev() {
             check_page(&r, i);
         }
@@ -101,7 +117,7 @@ fn faults_are_served_with_the_sources_data_in_every_mode() {
 #[test]
 fn many_threads_faulting_the_same_pages_all_see_the_right_data() {
     for mode in MODES {
-        let (r, src) = region(256, mode, false);
+        let (r, src) = region(256, mode, DirtyTracking::Off);
         let r = Arc::new(r);
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -126,7 +142,7 @@ fn many_threads_faulting_the_same_pages_all_see_the_right_data() {
 #[test]
 fn writes_after_a_fault_stick_and_zero_pages_are_writable() {
     for mode in MODES {
-        let (r, _src) = region(2000, mode, true);
+        let (r, _src) = region(2000, mode, DirtyTracking::Scan);
         let p = r.as_ptr();
         // SAFETY: inside the region.
         unsafe {
@@ -145,7 +161,7 @@ fn writes_after_a_fault_stick_and_zero_pages_are_writable() {
 
 #[test]
 fn installed_pages_need_no_fault_and_existing_pages_are_kept() {
-    let (r, src) = region(16, FaultMode::Workers(1), false);
+    let (r, src) = region(16, FaultMode::Workers(1), DirtyTracking::Off);
     let mut pages = vec![PageBuf::zeroed(), PageBuf::zeroed()];
     pages[0].0.fill(1);
     pages[1].0.fill(2);
@@ -163,7 +179,7 @@ fn installed_pages_need_no_fault_and_existing_pages_are_kept() {
 
 #[test]
 fn install_moving_moves_pages_without_copying() {
-    let (r, src) = region(300, FaultMode::Workers(1), true);
+    let (r, src) = region(300, FaultMode::Workers(1), DirtyTracking::Scan);
     let mut staging: Vec<PageBuf> = (0..256).map(|_| PageBuf::zeroed()).collect();
     for (i, p) in staging.iter_mut().enumerate() {
         p.0.fill(i as u8);
@@ -181,7 +197,7 @@ fn install_moving_moves_pages_without_copying() {
 #[test]
 fn dropped_pages_fault_again_and_are_not_reported_as_discarded() {
     for mode in MODES {
-        let (r, src) = region(32, mode, false);
+        let (r, src) = region(32, mode, DirtyTracking::Off);
         for i in 0..32 {
             check_page(&r, i);
         }
@@ -197,7 +213,7 @@ fn dropped_pages_fault_again_and_are_not_reported_as_discarded() {
 
 #[test]
 fn the_applications_madv_dontneed_reaches_the_source() {
-    let (r, src) = region(32, FaultMode::Workers(1), false);
+    let (r, src) = region(32, FaultMode::Workers(1), DirtyTracking::Off);
     for i in 0..32 {
         check_page(&r, i);
     }
@@ -215,7 +231,7 @@ fn the_applications_madv_dontneed_reaches_the_source() {
 #[test]
 fn written_pages_are_reported_once_per_write_epoch() {
     for mode in MODES {
-        let (r, _src) = region(2000, mode, true);
+        let (r, _src) = region(2000, mode, DirtyTracking::Scan);
         for i in 0..16 {
             check_page(&r, i);
         }
@@ -248,6 +264,35 @@ fn written_pages_are_reported_once_per_write_epoch() {
 }
 
 #[test]
+fn exact_dirty_tracking_hears_of_each_first_write_before_it_lands() {
+    for mode in MODES {
+        let (r, src) = region(2000, mode, DirtyTracking::Faults);
+        src.base.store(r.as_ptr() as u64, Ordering::SeqCst);
+        let p = r.as_ptr();
+        check_page(&r, 4); // read: installed protected
+                           // SAFETY: reads and writes inside the region.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(p.add(1100 * PAGE_SIZE)), 0); // zero page, read
+            *p.add(4 * PAGE_SIZE) = 0xEE; // first write: written(4) sees the old byte
+            *p.add(4 * PAGE_SIZE + 1) = 0xEF; // same epoch: no call
+            *p.add(9 * PAGE_SIZE) = 1; // a write fault on a missing page: installed writable
+            *p.add(9 * PAGE_SIZE + 1) = 2;
+            *p.add(1100 * PAGE_SIZE) = 5; // a protected zero page: heard of too
+            assert_eq!(*p.add(4 * PAGE_SIZE), 0xEE);
+            assert_eq!(*p.add(4 * PAGE_SIZE + 2), byte(4, 2));
+            assert_eq!(*p.add(1100 * PAGE_SIZE), 5);
+        }
+        assert_eq!(*src.written.lock().unwrap(), vec![(4, byte(4, 0)), (1100, 0)], "{mode:?}");
+        assert_eq!(*src.write_faults.lock().unwrap(), vec![9], "{mode:?}");
+        // Protect again (a new epoch): the next write is heard of again.
+        r.write_protect(4, 1, true).unwrap();
+        // SAFETY: a write inside the region.
+        unsafe { *p.add(4 * PAGE_SIZE + 3) = 1 };
+        assert_eq!(src.written.lock().unwrap().last(), Some(&(4, 0xEE)), "{mode:?}");
+    }
+}
+
+#[test]
 fn a_fixed_address_is_honoured_and_an_occupied_one_refused() {
     // An address far from where the kernel places mappings, so parallel tests cannot take it.
     let addr = 0x3f00_0000_0000usize + (std::process::id() as usize % 1024) * (1 << 24);
@@ -269,7 +314,7 @@ fn bad_configurations_and_ranges_are_refused() {
         Region::new(RegionConfig::new(4).mode(FaultMode::Workers(0)), src.clone()),
         Err(PagerError::Config(_))
     ));
-    let (r, _) = region(8, FaultMode::Workers(1), false);
+    let (r, _) = region(8, FaultMode::Workers(1), DirtyTracking::Off);
     assert!(matches!(r.drop_pages(6, 3), Err(PagerError::OutOfRange { first: 6, end: 9, pages: 8 })));
     assert!(matches!(r.install_zero(u64::MAX, 2), Err(PagerError::OutOfRange { .. })));
     assert!(matches!(r.poison(0, 0), Err(PagerError::OutOfRange { .. })));
@@ -279,7 +324,7 @@ fn bad_configurations_and_ranges_are_refused() {
 #[test]
 fn mremap_of_the_whole_region_is_followed() {
     for mode in [FaultMode::Workers(1), FaultMode::FaultingThread] {
-        let (r, src) = region(16, mode, false);
+        let (r, src) = region(16, mode, DirtyTracking::Off);
         check_page(&r, 0);
         let old = r.as_ptr();
         // SAFETY: move the whole region elsewhere, as an application's realloc might.
@@ -312,7 +357,7 @@ fn mremap_of_the_whole_region_is_followed() {
 
 #[test]
 fn an_application_munmap_is_noticed_and_not_unmapped_again() {
-    let (r, _src) = region(16, FaultMode::Workers(1), false);
+    let (r, _src) = region(16, FaultMode::Workers(1), DirtyTracking::Off);
     let p = r.as_ptr();
     // SAFETY: the application maps something of its own over the region's last four
     // pages (an implicit munmap, atomic so no parallel test can take the hole), which dropping
