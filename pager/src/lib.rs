@@ -89,6 +89,18 @@ pub enum Filled {
     Zero,
 }
 
+/// What became of a page a [`PageSource`] filled (see [`PageSource::installed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It is in the region now.
+    Installed,
+    /// The page was already present (another thread's fault or install got there first); the
+    /// filled data was not used.
+    AlreadyPresent,
+    /// The source failed or installing failed: the page is poisoned (touching it raises SIGBUS).
+    Lost,
+}
+
 /// Why a [`PageSource`] could not produce a page. The pager poisons the page and logs this.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{0}")]
@@ -117,6 +129,12 @@ pub trait PageSource: Send + Sync + 'static {
     /// Produces page `fault.index` into `page`.
     fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError>;
 
+    /// After [`fill`](PageSource::fill) (successful or not): what became of page `index`. A
+    /// source that tracks residency updates it here, once the page really is in the region.
+    fn installed(&self, index: u64, outcome: Outcome) {
+        let _ = (index, outcome);
+    }
+
     /// With [`DirtyTracking::Faults`]: page `index`, installed write-protected, is about to be
     /// written for the first time since. The write proceeds when this returns, so a source that is
     /// saving the page elsewhere can make the writer wait here. (A fault whose first access is a
@@ -137,6 +155,9 @@ pub trait PageSource: Send + Sync + 'static {
 impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
     fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
         (**self).fill(fault, page)
+    }
+    fn installed(&self, index: u64, outcome: Outcome) {
+        (**self).installed(index, outcome);
     }
     fn written(&self, index: u64) {
         (**self).written(index);

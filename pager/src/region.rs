@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::install::{install, Fill, InstallError, Installed};
 use crate::pagemap::{Pagemap, Query, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::uffd::{self, feature, RawMsg, UffdOps, Userfaultfd};
-use crate::{signal, worker, Fault, FillError, Filled, PageBuf, PageSource, PagerError, PAGE_SIZE};
+use crate::{signal, worker, Fault, FillError, Filled, Outcome, PageBuf, PageSource, PagerError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -203,6 +203,15 @@ pub struct Region {
     core: Arc<RegionCore>,
     workers: Option<worker::Workers>,
     signal_slot: Option<signal::Slot>,
+}
+
+impl Region {
+    /// A shared handle on the region's core, for threads that work on the region in the
+    /// background. It must not be used after the [`Region`] is dropped: operations then fail,
+    /// and the memory is unmapped.
+    pub fn core(&self) -> Arc<RegionCore> {
+        self.core.clone()
+    }
 }
 
 impl std::ops::Deref for Region {
@@ -678,6 +687,7 @@ impl RegionCore {
                 if let Err(e) = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again) {
                     self.report_loss(page_addr, &format!("and poisoning it failed too: {e}"));
                 }
+                self.tell_source(index, Outcome::Lost);
                 return false;
             }
         };
@@ -685,6 +695,7 @@ impl RegionCore {
             Ok((r, zero)) => {
                 bump(if zero { &self.stats.zero } else { &self.stats.installed }, r.new);
                 bump(&self.stats.already_present, r.present);
+                self.tell_source(index, if r.new > 0 { Outcome::Installed } else { Outcome::AlreadyPresent });
                 if r.present > 0 && !wake && self.dirty == DirtyTracking::Faults && cfg!(not(target_arch = "x86_64")) {
                     // Signal mode where the hardware does not say: a "missing" page that was
                     // present is a write to a protected page.
@@ -692,14 +703,28 @@ impl RegionCore {
                 }
                 true
             }
-            Err(InstallError::Gone) => true, // unmapped under us: nobody is waiting any more
+            Err(InstallError::Gone) => {
+                // Unmapped under us: nobody is waiting any more.
+                self.tell_source(index, Outcome::Lost);
+                true
+            }
             Err(e) => {
                 // The faulting thread cannot be left waiting: poison the page so it gets SIGBUS.
                 self.report_loss(page_addr, &format!("installing it failed: {e}"));
                 bump(&self.stats.lost, 1);
                 let _ = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again);
+                self.tell_source(index, Outcome::Lost);
                 false
             }
+        }
+    }
+
+    fn tell_source(&self, index: u64, outcome: Outcome) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.installed(index, outcome))).is_err() {
+            signal::report(format_args!(
+                "mosaic pager: region {}: the page source panicked in installed()\n",
+                self.name
+            ));
         }
     }
 

@@ -45,6 +45,13 @@ pub trait Service: Send + Sync + 'static {
     fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError>;
 }
 
+/// A shared service: the server holds one reference, the caller keeps another.
+impl<T: Service> Service for Arc<T> {
+    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        (**self).call(method, request, response)
+    }
+}
+
 /// A service that answers every call with its request: for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Echo;

@@ -293,6 +293,10 @@ pub enum Status {
     AuthFailed = 6,
     /// The request was malformed at the application level.
     BadRequest = 7,
+    /// The named item (page, region, session) does not exist on this server.
+    NotFound = 8,
+    /// The client's lease expired: the server reclaimed what it held for it.
+    Expired = 9,
 }
 
 impl Status {
@@ -306,6 +310,8 @@ impl Status {
             5 => Status::Full,
             6 => Status::AuthFailed,
             7 => Status::BadRequest,
+            8 => Status::NotFound,
+            9 => Status::Expired,
             _ => return None,
         })
     }

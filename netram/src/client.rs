@@ -1,0 +1,556 @@
+//! [`NetRam`]: a region of any size whose pages live on memory servers, with a bounded number
+//! resident in local RAM.
+//!
+//! Faults fetch pages from a server holding them ([`Source`], running on the faulting thread by
+//! default); an evictor thread keeps the resident set within the budget, writing dirty pages back
+//! to every copy's server before dropping them; a background thread renews the leases and
+//! rebuilds copies lost with a server. Page states and their invariants are in [`crate::pages`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mosaic_pager::{
+    DirtyTracking, Fault, FaultMode, FillError, Filled, Outcome, PageBuf, PageSource, Region, RegionConfig, RegionCore,
+};
+use mosaic_transport::{ClusterKey, Page};
+
+use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETCHING, LOST, REMOTE};
+use crate::servers::ServerSet;
+use crate::{NetRamError, PAGE_SIZE};
+
+/// How long a fault waits for a page another thread is fetching or evicting.
+const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+/// Pages the evictor handles per round.
+const EVICT_BATCH: usize = 64;
+/// The smallest resident budget, in pages.
+pub const MIN_BUDGET_PAGES: u64 = 64;
+
+/// How to create a [`NetRam`] region.
+#[derive(Clone, Debug)]
+pub struct NetRamConfig {
+    /// Memory server URIs (`tcp://HOST:PORT`, `shm://NAME`, `rdma://HOST:PORT`).
+    pub servers: Vec<String>,
+    /// The cluster key.
+    pub key: ClusterKey,
+    /// Region size in bytes (rounded up to pages).
+    pub size: u64,
+    /// Local RAM the region may use, in bytes (at least [`MIN_BUDGET_PAGES`] pages).
+    pub resident_budget: u64,
+    /// Copies of each page on distinct servers (default: 2 where two servers exist, else 1).
+    /// With one copy, losing its server loses the pages: touching one raises SIGBUS.
+    pub copies: usize,
+    /// Who serves faults (default: the faulting thread; see `mosaic_pager`).
+    pub fault_mode: FaultMode,
+    /// Lease asked of the servers: a client silent this long loses its pages.
+    pub lease: Duration,
+    /// Time-out of one request to a server.
+    pub timeout: Duration,
+    /// Name for logs.
+    pub name: String,
+}
+
+impl NetRamConfig {
+    /// A region of `size` bytes on `servers`, keeping at most `resident_budget` bytes local.
+    pub fn new(servers: Vec<String>, key: ClusterKey, size: u64, resident_budget: u64) -> NetRamConfig {
+        let copies = if servers.len() >= 2 { 2 } else { 1 };
+        NetRamConfig {
+            servers,
+            key,
+            size,
+            resident_budget,
+            copies,
+            fault_mode: FaultMode::FaultingThread,
+            lease: Duration::from_secs(30),
+            timeout: Duration::from_secs(5),
+            name: "netram".into(),
+        }
+    }
+}
+
+/// Counters of one region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRamStats {
+    /// Faults served from a server.
+    pub fetched: u64,
+    /// Faults on never-stored pages, served as zeros.
+    pub zero_filled: u64,
+    /// Pages dropped from local RAM.
+    pub evicted: u64,
+    /// Dirty pages written to the servers.
+    pub written_back: u64,
+    /// Reads that had to use another copy because a server failed.
+    pub failovers: u64,
+    /// Copies re-created after a server was lost.
+    pub rebuilt: u64,
+    /// Pages lost (no copy left; touching them raises SIGBUS).
+    pub lost: u64,
+    /// Pages resident now.
+    pub resident: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    fetched: AtomicU64,
+    zero_filled: AtomicU64,
+    evicted: AtomicU64,
+    written_back: AtomicU64,
+    failovers: AtomicU64,
+    rebuilt: AtomicU64,
+    lost: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+struct Shared {
+    name: String,
+    table: PageTable,
+    servers: ServerSet,
+    resident: AtomicU64,
+    budget: u64,
+    /// Resident pages in the order they came in: the evictor's candidates.
+    queue: Mutex<VecDeque<u64>>,
+    evict_wanted: (Mutex<bool>, Condvar),
+    stats: Counters,
+}
+
+thread_local! {
+    /// What the last `fill` on this thread decided: (page, state once installed, whether the
+    /// page was already counted as resident). Read by `installed`, which the pager calls next
+    /// on the same thread. Const-initialised: safe in a signal handler.
+    static DECIDED: std::cell::Cell<(u64, u8, bool)> = const { std::cell::Cell::new((u64::MAX, 0, false)) };
+}
+
+/// The region's page source: what the pager calls on faults.
+struct Source(Arc<Shared>);
+
+impl PageSource for Source {
+    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+        let s = &self.0;
+        let i = fault.index;
+        loop {
+            let st = s.table.settle(i, SETTLE_LIMIT).ok_or_else(|| {
+                FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"))
+            })?;
+            if !s.table.cas(i, st, FETCHING) {
+                continue;
+            }
+            let dirty_or = |clean| if fault.write { DIRTY } else { clean };
+            return match st {
+                ABSENT => {
+                    DECIDED.set((i, dirty_or(CLEAN_ABSENT), false));
+                    bump(&s.stats.zero_filled, 1);
+                    Ok(Filled::Zero)
+                }
+                REMOTE => {
+                    let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
+                        .ok_or_else(|| FillError("misaligned page".into()))?[0];
+                    match s.fetch(i, dst) {
+                        Ok(()) => {
+                            DECIDED.set((i, dirty_or(CLEAN), false));
+                            bump(&s.stats.fetched, 1);
+                            Ok(Filled::Data)
+                        }
+                        Err(why) => {
+                            s.table.set(i, LOST);
+                            bump(&s.stats.lost, 1);
+                            Err(FillError(why))
+                        }
+                    }
+                }
+                LOST => {
+                    s.table.set(i, LOST);
+                    Err(FillError(format!("page {i} was lost earlier: no copy is left")))
+                }
+                // Resident in our books, yet it faulted: either a stale fault another thread
+                // already served (the install will find the page present), or the application
+                // discarded it (MADV_DONTNEED), which by Linux semantics reads as zeros. Either
+                // way zeros are right; mark it dirty so its remote copy is replaced.
+                _ => {
+                    DECIDED.set((i, DIRTY, true));
+                    Ok(Filled::Zero)
+                }
+            };
+        }
+    }
+
+    fn installed(&self, index: u64, outcome: Outcome) {
+        let s = &self.0;
+        let (i, state, counted) = DECIDED.get();
+        if i != index || s.table.get(index) != FETCHING {
+            return; // not a decision of ours (cannot happen: fill and installed pair up)
+        }
+        match outcome {
+            Outcome::Installed | Outcome::AlreadyPresent => {
+                s.table.set(index, state);
+                if !counted && outcome == Outcome::Installed {
+                    let resident = s.resident.fetch_add(1, Ordering::AcqRel) + 1;
+                    crate::lock(&s.queue).push_back(index);
+                    if resident > s.budget {
+                        s.wake_evictor();
+                    }
+                }
+            }
+            Outcome::Lost => s.table.set(index, LOST),
+        }
+    }
+
+    fn written(&self, index: u64) {
+        let s = &self.0;
+        loop {
+            match s.table.get(index) {
+                st @ (CLEAN | CLEAN_ABSENT) => {
+                    if s.table.cas(index, st, DIRTY) {
+                        return;
+                    }
+                }
+                // Being saved and dropped: wait; the write then faults the page back in.
+                EVICTING | FETCHING => {
+                    if s.table.settle(index, SETTLE_LIMIT).is_none() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn fetch(&self, i: u64, dst: &mut Page) -> Result<(), String> {
+        let holders = self.table.holders(i);
+        if holders == 0 {
+            return Err(format!("page {i} has no copy on any server"));
+        }
+        match self.servers.fetch(i, holders, dst) {
+            Ok(()) => {
+                if holders & !self.servers.live_mask() != 0 {
+                    bump(&self.stats.failovers, 1);
+                }
+                Ok(())
+            }
+            Err((failed, why)) => {
+                self.table.drop_holders(i, failed);
+                Err(format!("no server could return page {i}: {why}"))
+            }
+        }
+    }
+
+    fn wake_evictor(&self) {
+        let (m, c) = &self.evict_wanted;
+        *crate::lock(m) = true;
+        c.notify_one();
+    }
+
+    /// Evicts until the resident set is within the budget (or nothing more can go).
+    fn evict(&self, core: &RegionCore, stop: &AtomicBool) {
+        let low = self.budget - self.budget / 16;
+        let mut stuck_rounds = 0;
+        while self.resident.load(Ordering::Acquire) > low && !stop.load(Ordering::Acquire) && stuck_rounds < 3 {
+            let batch: Vec<u64> = {
+                let mut q = crate::lock(&self.queue);
+                let n = q.len().min(EVICT_BATCH);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            if self.evict_batch(core, &batch) == 0 {
+                stuck_rounds += 1;
+            } else {
+                stuck_rounds = 0;
+            }
+        }
+    }
+
+    /// Evicts what it can of `batch`; returns how many pages left local RAM.
+    fn evict_batch(&self, core: &RegionCore, batch: &[u64]) -> u64 {
+        let mut victims: Vec<(u64, u8)> = Vec::with_capacity(batch.len());
+        for &i in batch {
+            let st = self.table.get(i);
+            if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
+                victims.push((i, st));
+            }
+        }
+        // Freeze the dirty pages: from here their writers wait in `written`, so the copy
+        // taken below is final.
+        let mut saved: Vec<(u64, Box<Page>)> = Vec::new();
+        for &(i, st) in &victims {
+            if st == DIRTY {
+                if let Err(e) = core.write_protect(i, 1, true) {
+                    log::warn!("region {}: cannot write-protect page {i}: {e}", self.name);
+                }
+                let mut p = Page::boxed();
+                // SAFETY: page `i` is inside the live region (the evictor stops before the region
+                // is unmapped), resident and write-protected, so nobody writes it while we copy.
+                let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
+                p.0.copy_from_slice(src);
+                saved.push((i, p));
+            }
+        }
+        let refs: Vec<(u64, &[u8; PAGE_SIZE])> = saved.iter().map(|(i, p)| (*i, &p.0)).collect();
+        let masks = self.servers.put(&refs);
+        let mut stored = std::collections::HashMap::new();
+        for ((i, _), mask) in saved.iter().zip(masks) {
+            stored.insert(*i, mask);
+        }
+        let mut gone = 0;
+        for &(i, st) in &victims {
+            let next = match st {
+                DIRTY => match stored.get(&i).copied().unwrap_or(0) {
+                    0 => {
+                        // Nowhere to put it: it stays resident and dirty.
+                        let _ = core.write_protect(i, 1, false);
+                        self.table.set(i, DIRTY);
+                        crate::lock(&self.queue).push_back(i);
+                        continue;
+                    }
+                    mask => {
+                        let old = self.table.holders(i) & !mask;
+                        if old != 0 {
+                            self.servers.free(old, &[i]);
+                        }
+                        self.table.set_holders(i, mask);
+                        bump(&self.stats.written_back, 1);
+                        REMOTE
+                    }
+                },
+                CLEAN => REMOTE,
+                _ => ABSENT,
+            };
+            if let Err(e) = core.drop_pages(i, 1) {
+                log::warn!("region {}: cannot drop page {i}: {e}", self.name);
+                self.table.set(i, if next == REMOTE { CLEAN } else { CLEAN_ABSENT });
+                continue;
+            }
+            self.table.set(i, next);
+            gone += 1;
+        }
+        self.resident.fetch_sub(gone, Ordering::AcqRel);
+        bump(&self.stats.evicted, gone);
+        gone
+    }
+
+    /// Re-creates copies lost with dead servers, for pages not resident (resident dirty pages
+    /// get their copies when evicted).
+    fn rebuild(&self, stop: &AtomicBool) {
+        let live = self.servers.live_mask();
+        let want = self.servers.copies();
+        let mut page = Page::boxed();
+        for i in 0..self.table.len() {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let holders = self.table.holders(i);
+            if holders == 0 || holders & !live == 0 && (holders & live).count_ones() as usize >= want {
+                continue;
+            }
+            if !self.table.cas(i, REMOTE, FETCHING) {
+                continue; // resident or busy: its next eviction stores it where it belongs
+            }
+            let alive = holders & live;
+            let result = if alive == 0 {
+                Err("no live copy".to_string())
+            } else {
+                self.servers.fetch(i, alive, &mut page).map_err(|(_, why)| why)
+            };
+            match result {
+                Ok(()) => {
+                    let mask = self.servers.put(&[(i, &page.0)])[0];
+                    if mask != 0 {
+                        self.table.set_holders(i, mask | alive);
+                        bump(&self.stats.rebuilt, 1);
+                    } else {
+                        self.table.set_holders(i, alive);
+                    }
+                    self.table.set(i, REMOTE);
+                }
+                Err(_) => {
+                    self.table.set_holders(i, alive);
+                    self.table.set(i, REMOTE); // a fetch decides LOST, with the page named
+                }
+            }
+        }
+    }
+}
+
+/// Byte offset of page `i` (below the region's length, which is a `usize`).
+#[allow(clippy::cast_possible_truncation)]
+fn offset(i: u64) -> usize {
+    i as usize * PAGE_SIZE
+}
+
+/// A region of network RAM. Dereferences to the underlying [`RegionCore`] (address, size,
+/// pager statistics).
+pub struct NetRam {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    region: Option<Region>,
+}
+
+impl std::fmt::Debug for NetRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetRam").field("name", &self.shared.name).field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+impl NetRam {
+    /// Connects to the servers and maps the region.
+    pub fn new(cfg: NetRamConfig) -> Result<NetRam, NetRamError> {
+        let pages = cfg.size.div_ceil(PAGE_SIZE as u64);
+        if pages == 0 {
+            return Err(NetRamError::Config("a region needs a size of at least one byte".into()));
+        }
+        let budget = cfg.resident_budget / PAGE_SIZE as u64;
+        if budget < MIN_BUDGET_PAGES {
+            return Err(NetRamError::Config(format!(
+                "a resident budget of {} bytes is below the minimum of {} pages ({} KiB)",
+                cfg.resident_budget,
+                MIN_BUDGET_PAGES,
+                MIN_BUDGET_PAGES * PAGE_SIZE as u64 / 1024
+            )));
+        }
+        let mut id = [0u8; 24];
+        getrandom::fill(&mut id)
+            .map_err(|e| NetRamError::Config(format!("no random source for the client id: {e}")))?;
+        let client: [u8; 16] = id[..16].try_into().unwrap_or_default();
+        let region_id = u64::from_le_bytes(id[16..].try_into().unwrap_or_default());
+        let servers =
+            ServerSet::connect(&cfg.servers, &cfg.key, client, region_id, cfg.copies, cfg.lease, cfg.timeout)?;
+        let shared = Arc::new(Shared {
+            name: cfg.name.clone(),
+            table: PageTable::new(pages),
+            servers,
+            resident: AtomicU64::new(0),
+            budget,
+            queue: Mutex::new(VecDeque::new()),
+            evict_wanted: (Mutex::new(false), Condvar::new()),
+            stats: Counters::default(),
+        });
+        let rcfg = RegionConfig::new(pages)
+            .mode(cfg.fault_mode)
+            .dirty(DirtyTracking::Faults)
+            .report_discards(false)
+            .name(cfg.name.clone());
+        let region = Region::new(rcfg, Source(shared.clone())).map_err(NetRamError::Pager)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut ram = NetRam { shared, threads: Vec::new(), stop, region: Some(region) };
+        ram.spawn_background(cfg.lease)?;
+        Ok(ram)
+    }
+
+    fn spawn_background(&mut self, lease: Duration) -> Result<(), NetRamError> {
+        let core = self.region.as_ref().map(|r| r.core()).ok_or_else(|| NetRamError::Config("no region".into()))?;
+        let (shared, stop) = (self.shared.clone(), self.stop.clone());
+        let evictor = std::thread::Builder::new().name("mosaic-evict".into()).spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                {
+                    let (m, c) = &shared.evict_wanted;
+                    let mut wanted = crate::lock(m);
+                    if !*wanted {
+                        wanted = c
+                            .wait_timeout(wanted, Duration::from_millis(20))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                    *wanted = false;
+                }
+                if shared.resident.load(Ordering::Acquire) > shared.budget {
+                    shared.evict(&core, &stop);
+                }
+            }
+        });
+        self.threads.push(evictor.map_err(|e| NetRamError::Config(format!("cannot start the evictor: {e}")))?);
+        let (shared, stop) = (self.shared.clone(), self.stop.clone());
+        let every = (lease / 3).max(Duration::from_millis(30));
+        let keeper = std::thread::Builder::new().name("mosaic-lease".into()).spawn(move || {
+            let mut last_live = shared.servers.live_mask();
+            let mut next_renew = Instant::now() + every;
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(10));
+                if Instant::now() >= next_renew {
+                    shared.servers.renew();
+                    next_renew = Instant::now() + every;
+                }
+                let live = shared.servers.live_mask();
+                if live != last_live {
+                    log::warn!("region {}: a memory server was lost; rebuilding the missing copies", shared.name);
+                    shared.rebuild(&stop);
+                    last_live = live;
+                }
+            }
+        });
+        self.threads.push(keeper.map_err(|e| NetRamError::Config(format!("cannot start the lease keeper: {e}")))?);
+        Ok(())
+    }
+
+    /// The first byte of the region.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.region.as_ref().map_or(std::ptr::null_mut(), |r| r.as_ptr())
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.region.as_ref().map_or(0, |r| r.len())
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> NetRamStats {
+        let c = &self.shared.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NetRamStats {
+            fetched: l(&c.fetched),
+            zero_filled: l(&c.zero_filled),
+            evicted: l(&c.evicted),
+            written_back: l(&c.written_back),
+            failovers: l(&c.failovers),
+            rebuilt: l(&c.rebuilt),
+            lost: l(&c.lost),
+            resident: self.shared.resident.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where the pages are: for each server, its URI, whether it is alive, and how many of this
+    /// region's pages it holds a copy of.
+    pub fn placement(&self) -> Vec<(String, bool, u64)> {
+        let t = &self.shared.table;
+        let mut counts = vec![0u64; self.shared.servers.members.len()];
+        for i in 0..t.len() {
+            let h = t.holders(i);
+            for (k, c) in counts.iter_mut().enumerate() {
+                if h & (1 << k) != 0 {
+                    *c += 1;
+                }
+            }
+        }
+        self.shared.servers.members.iter().zip(counts).map(|(m, c)| (m.uri.clone(), m.alive(), c)).collect()
+    }
+
+    /// The pager region underneath.
+    pub fn region(&self) -> &RegionCore {
+        self.region.as_deref().unwrap_or_else(|| unreachable!("the region lives as long as NetRam"))
+    }
+}
+
+impl Drop for NetRam {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.shared.wake_evictor();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Unmap first (no fault can need the servers any more), then end the sessions.
+        drop(self.region.take());
+        self.shared.servers.close();
+    }
+}

@@ -1,0 +1,137 @@
+//! Per-page state of a network-RAM region, and which servers hold each page.
+//!
+//! ```text
+//!            fault                      installed
+//!  ABSENT ----------> FETCHING(zero) ------------> CLEAN_ABSENT / DIRTY (if the fault wrote)
+//!  REMOTE ----------> FETCHING(data) ------------> CLEAN / DIRTY
+//!                           | every holder failed
+//!                           v
+//!                          LOST (poisoned: SIGBUS)
+//!  CLEAN, CLEAN_ABSENT --first write (WP fault)--> DIRTY
+//!  CLEAN, CLEAN_ABSENT, DIRTY --evictor--> EVICTING --saved, dropped--> REMOTE / ABSENT
+//!                                                   --could not save--> DIRTY (stays resident)
+//! ```
+//! Invariants:
+//! 1. Only the thread that moved a page into FETCHING or EVICTING moves it out again.
+//! 2. A page is in the region's memory iff its state is CLEAN, CLEAN_ABSENT or DIRTY (or it is
+//!    FETCHING/EVICTING and its owner is between the two).
+//! 3. REMOTE implies at least one holder bit; a page whose last holder is gone is LOST on the
+//!    next fetch, never silently zero.
+//! 4. A resident page whose state is not DIRTY has the same contents as its remote copy (or is
+//!    zero with no remote copy, CLEAN_ABSENT), because it is installed write-protected and its
+//!    first write goes through `written`, which marks it DIRTY before the write lands.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// Never stored anywhere and not resident: reads as zeros.
+pub(crate) const ABSENT: u8 = 0;
+/// Stored on the servers in its holder mask, not resident.
+pub(crate) const REMOTE: u8 = 1;
+/// A thread is bringing it in.
+pub(crate) const FETCHING: u8 = 2;
+/// Resident, same as the remote copy.
+pub(crate) const CLEAN: u8 = 3;
+/// Resident, zeros, no remote copy.
+pub(crate) const CLEAN_ABSENT: u8 = 4;
+/// Resident, differs from any remote copy.
+pub(crate) const DIRTY: u8 = 5;
+/// The evictor is saving and dropping it.
+pub(crate) const EVICTING: u8 = 6;
+/// No copy is left: touching it raises SIGBUS.
+pub(crate) const LOST: u8 = 7;
+
+/// A page number as an index: the table was built from a `usize` length, so every valid page
+/// number fits (an out-of-range one panics on the index, as any bug would).
+#[allow(clippy::cast_possible_truncation)]
+fn idx(i: u64) -> usize {
+    i as usize
+}
+
+/// States and holder masks of every page of a region.
+pub(crate) struct PageTable {
+    state: Vec<AtomicU8>,
+    holders: Vec<AtomicU32>,
+}
+
+impl PageTable {
+    pub(crate) fn new(pages: u64) -> PageTable {
+        let n = usize::try_from(pages).unwrap_or(usize::MAX);
+        PageTable {
+            state: (0..n).map(|_| AtomicU8::new(ABSENT)).collect(),
+            holders: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        }
+    }
+
+    pub(crate) fn get(&self, i: u64) -> u8 {
+        self.state[idx(i)].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set(&self, i: u64, s: u8) {
+        self.state[idx(i)].store(s, Ordering::Release);
+    }
+
+    /// Moves page `i` from `from` to `to`; false if it was not in `from`.
+    pub(crate) fn cas(&self, i: u64, from: u8, to: u8) -> bool {
+        self.state[idx(i)].compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    pub(crate) fn holders(&self, i: u64) -> u32 {
+        self.holders[idx(i)].load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_holders(&self, i: u64, mask: u32) {
+        self.holders[idx(i)].store(mask, Ordering::Release);
+    }
+
+    /// Clears `mask` from page `i`'s holders; returns what is left.
+    pub(crate) fn drop_holders(&self, i: u64, mask: u32) -> u32 {
+        self.holders[idx(i)].fetch_and(!mask, Ordering::AcqRel) & !mask
+    }
+
+    /// Waits while page `i` is in a transient state (FETCHING or EVICTING) owned by another
+    /// thread; returns the state it settled in, or `None` after `limit`.
+    pub(crate) fn settle(&self, i: u64, limit: Duration) -> Option<u8> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let s = self.get(i);
+            if s != FETCHING && s != EVICTING {
+                return Some(s);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            spins += 1;
+            if spins < 200 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.state.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_are_compare_and_swap() {
+        let t = PageTable::new(4);
+        assert_eq!(t.get(2), ABSENT);
+        assert!(t.cas(2, ABSENT, FETCHING));
+        assert!(!t.cas(2, ABSENT, FETCHING), "only one thread fetches");
+        t.set(2, CLEAN);
+        assert_eq!(t.settle(2, Duration::ZERO), Some(CLEAN));
+        t.set(3, EVICTING);
+        assert_eq!(t.settle(3, Duration::from_millis(1)), None);
+        t.set_holders(1, 0b101);
+        assert_eq!(t.drop_holders(1, 0b100), 0b001);
+        assert_eq!(t.holders(1), 0b001);
+    }
+}

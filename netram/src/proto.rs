@@ -1,0 +1,281 @@
+//! The memory-server protocol: calls over any transport, little-endian, every field checked.
+//!
+//! | method | request                                              | response                    |
+//! |--------|------------------------------------------------------|-----------------------------|
+//! | OPEN   | client, lease_ms                                     | [`ServerState`]             |
+//! | PUT    | client, region, n, n page numbers, n pages of data   | [`ServerState`]             |
+//! | GET    | client, region, page                                 | the page (4096 bytes)       |
+//! | FREE   | client, region, n, n page numbers (n = ALL: region)  | pages freed (u64)           |
+//! | STAT   | (empty)                                              | [`ServerState`]             |
+//! | RENEW  | client                                               | [`ServerState`]             |
+//! | CLOSE  | client                                               | pages freed (u64)           |
+//!
+//! A client is a random 128-bit id chosen by the client: pages are stored under (client, region,
+//! page), so a client reaches only what it stored. Every request from a client renews its lease;
+//! a client silent for longer than its lease loses everything it stored (its requests then fail
+//! with `Status::Expired`).
+
+use crate::PAGE_SIZE;
+
+/// Opens (or resumes) a session.
+pub const OPEN: u64 = 1;
+/// Stores pages.
+pub const PUT: u64 = 2;
+/// Fetches one page.
+pub const GET: u64 = 3;
+/// Frees pages, or a whole region.
+pub const FREE: u64 = 4;
+/// Capacity and free space.
+pub const STAT: u64 = 5;
+/// Renews a lease.
+pub const RENEW: u64 = 6;
+/// Ends a session, freeing everything.
+pub const CLOSE: u64 = 7;
+
+/// A client's identity.
+pub type ClientId = [u8; 16];
+
+/// `FREE` with this count frees the whole region.
+pub const ALL: u32 = u32::MAX;
+
+/// Most pages in one PUT or FREE.
+pub const MAX_BATCH: usize = 256;
+
+/// A request that does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed {what} request: {why}")]
+pub struct ProtoError {
+    /// Which request.
+    pub what: &'static str,
+    /// What is wrong.
+    pub why: String,
+}
+
+fn err(what: &'static str, why: impl Into<String>) -> ProtoError {
+    ProtoError { what, why: why.into() }
+}
+
+/// A little-endian reader over a request, failing with a [`ProtoError`].
+struct Reader<'a> {
+    what: &'static str,
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.buf.len() < n {
+            return Err(err(self.what, format!("truncated: needs {n} more bytes, has {}", self.buf.len())));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
+    }
+    fn client(&mut self) -> Result<ClientId, ProtoError> {
+        Ok(self.take(16)?.try_into().unwrap_or_default())
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(err(self.what, format!("{} unexpected trailing bytes", self.buf.len())))
+        }
+    }
+}
+
+/// Server capacity and free space, in pages, and the lease it grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerState {
+    /// Pages the server can hold.
+    pub capacity_pages: u64,
+    /// Pages still free.
+    pub free_pages: u64,
+    /// The lease granted, in milliseconds.
+    pub lease_ms: u32,
+}
+
+impl ServerState {
+    /// Appends the encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.capacity_pages.to_le_bytes());
+        out.extend_from_slice(&self.free_pages.to_le_bytes());
+        out.extend_from_slice(&self.lease_ms.to_le_bytes());
+    }
+
+    /// Parses a response.
+    pub fn decode(buf: &[u8]) -> Result<ServerState, ProtoError> {
+        let mut r = Reader { what: "server state", buf };
+        let s = ServerState { capacity_pages: r.u64()?, free_pages: r.u64()?, lease_ms: r.u32()? };
+        r.end()?;
+        Ok(s)
+    }
+}
+
+/// OPEN and RENEW/CLOSE requests.
+pub fn encode_open(client: &ClientId, lease_ms: u32) -> Vec<u8> {
+    let mut v = client.to_vec();
+    v.extend_from_slice(&lease_ms.to_le_bytes());
+    v
+}
+
+/// Parses an OPEN request.
+pub fn decode_open(buf: &[u8]) -> Result<(ClientId, u32), ProtoError> {
+    let mut r = Reader { what: "OPEN", buf };
+    let out = (r.client()?, r.u32()?);
+    r.end()?;
+    Ok(out)
+}
+
+/// Parses a request that carries only the client id (RENEW, CLOSE).
+pub fn decode_client(what: &'static str, buf: &[u8]) -> Result<ClientId, ProtoError> {
+    let mut r = Reader { what, buf };
+    let c = r.client()?;
+    r.end()?;
+    Ok(c)
+}
+
+/// A GET request.
+pub fn encode_get(client: &ClientId, region: u64, page: u64) -> [u8; 32] {
+    let mut v = [0u8; 32];
+    v[..16].copy_from_slice(client);
+    v[16..24].copy_from_slice(&region.to_le_bytes());
+    v[24..].copy_from_slice(&page.to_le_bytes());
+    v
+}
+
+/// Parses a GET request.
+pub fn decode_get(buf: &[u8]) -> Result<(ClientId, u64, u64), ProtoError> {
+    let mut r = Reader { what: "GET", buf };
+    let out = (r.client()?, r.u64()?, r.u64()?);
+    r.end()?;
+    Ok(out)
+}
+
+/// The head of a PUT or FREE: client, region, page numbers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Batch<'a> {
+    /// Who.
+    pub client: ClientId,
+    /// Which region.
+    pub region: u64,
+    /// The page numbers (`None` for FREE of the whole region).
+    pub pages: Option<Vec<u64>>,
+    /// For PUT: the pages' data, `pages.len() * PAGE_SIZE` bytes.
+    pub data: &'a [u8],
+}
+
+/// A PUT request of `pages` (page number, data) pairs.
+pub fn encode_put(client: &ClientId, region: u64, pages: &[(u64, &[u8; PAGE_SIZE])]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 + pages.len() * (8 + PAGE_SIZE));
+    encode_batch_head(&mut v, client, region, count(pages.len()));
+    for (p, _) in pages {
+        v.extend_from_slice(&p.to_le_bytes());
+    }
+    for (_, d) in pages {
+        v.extend_from_slice(&d[..]);
+    }
+    v
+}
+
+/// A FREE request for `pages`, or for the whole region if `None`.
+pub fn encode_free(client: &ClientId, region: u64, pages: Option<&[u64]>) -> Vec<u8> {
+    let mut v = Vec::new();
+    match pages {
+        None => encode_batch_head(&mut v, client, region, ALL),
+        Some(ps) => {
+            encode_batch_head(&mut v, client, region, count(ps.len()));
+            for p in ps {
+                v.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+    }
+    v
+}
+
+/// A batch length for the wire. Batches beyond [`MAX_BATCH`] are refused by the server, so an
+/// impossible length only needs to stay distinct from [`ALL`].
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(ALL - 1).min(ALL - 1)
+}
+
+fn encode_batch_head(v: &mut Vec<u8>, client: &ClientId, region: u64, n: u32) {
+    v.extend_from_slice(client);
+    v.extend_from_slice(&region.to_le_bytes());
+    v.extend_from_slice(&n.to_le_bytes());
+    v.extend_from_slice(&[0u8; 4]);
+}
+
+/// Parses a PUT (`with_data`) or FREE request.
+pub fn decode_batch<'a>(what: &'static str, buf: &'a [u8], with_data: bool) -> Result<Batch<'a>, ProtoError> {
+    let mut r = Reader { what, buf };
+    let client = r.client()?;
+    let region = r.u64()?;
+    let n = r.u32()?;
+    r.take(4)?;
+    if n == ALL && !with_data {
+        r.end()?;
+        return Ok(Batch { client, region, pages: None, data: &[] });
+    }
+    let n = n as usize;
+    if n == 0 || n > MAX_BATCH {
+        return Err(err(what, format!("{n} pages: must be between 1 and {MAX_BATCH}")));
+    }
+    let mut pages = Vec::with_capacity(n);
+    for _ in 0..n {
+        pages.push(r.u64()?);
+    }
+    let data = if with_data { r.take(n * PAGE_SIZE)? } else { &[] };
+    r.end()?;
+    Ok(Batch { client, region, pages: Some(pages), data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: ClientId = [7; 16];
+
+    #[test]
+    fn requests_round_trip() {
+        assert_eq!(decode_open(&encode_open(&C, 1500)).unwrap(), (C, 1500));
+        assert_eq!(decode_get(&encode_get(&C, 3, 99)).unwrap(), (C, 3, 99));
+        let a = [1u8; PAGE_SIZE];
+        let b = [2u8; PAGE_SIZE];
+        let put = encode_put(&C, 5, &[(10, &a), (12, &b)]);
+        let batch = decode_batch("PUT", &put, true).unwrap();
+        assert_eq!((batch.client, batch.region, batch.pages.clone()), (C, 5, Some(vec![10, 12])));
+        assert_eq!(&batch.data[..PAGE_SIZE], &a[..]);
+        assert_eq!(&batch.data[PAGE_SIZE..], &b[..]);
+        let free = encode_free(&C, 5, Some(&[1, 2, 3]));
+        assert_eq!(decode_batch("FREE", &free, false).unwrap().pages, Some(vec![1, 2, 3]));
+        let all = encode_free(&C, 5, None);
+        assert_eq!(decode_batch("FREE", &all, false).unwrap().pages, None);
+        let s = ServerState { capacity_pages: 10, free_pages: 4, lease_ms: 9 };
+        let mut v = Vec::new();
+        s.encode(&mut v);
+        assert_eq!(ServerState::decode(&v).unwrap(), s);
+    }
+
+    #[test]
+    fn malformed_requests_are_typed_errors() {
+        assert!(decode_open(&[0; 19]).unwrap_err().why.contains("truncated"));
+        assert!(decode_open(&[0; 21]).unwrap_err().why.contains("trailing"));
+        assert!(decode_get(&[0; 31]).is_err());
+        let a = [1u8; PAGE_SIZE];
+        let put = encode_put(&C, 5, &[(10, &a)]);
+        assert!(decode_batch("PUT", &put[..put.len() - 1], true).is_err(), "short data");
+        let mut zero = encode_free(&C, 5, Some(&[]));
+        assert!(decode_batch("FREE", &zero, false).unwrap_err().why.contains("between 1 and"));
+        zero[24..28].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(decode_batch("FREE", &zero, false).is_err(), "too many pages");
+        // A PUT cannot use the whole-region count.
+        let mut all = encode_free(&C, 5, None);
+        all.extend_from_slice(&[0; 8]);
+        assert!(decode_batch("PUT", &all, true).is_err());
+    }
+}

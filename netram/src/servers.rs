@@ -1,0 +1,278 @@
+//! The memory servers one region uses: connections, liveness, free space, where each slab goes
+//! (power of two choices over free memory), fetching a page from whichever holder answers, and
+//! storing batches of pages on every copy's server.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use mosaic_transport::{connect, CallError, ClusterKey, ConnectOptions, Connection, Page, Status};
+
+use crate::proto::{self, ClientId, ServerState, MAX_BATCH};
+use crate::{NetRamError, PAGE_SIZE};
+
+/// Pages per slab: placement is decided per slab.
+pub(crate) const SLAB_PAGES: u64 = 256;
+/// At most this many servers per region (holder masks are 32 bits).
+pub(crate) const MAX_SERVERS: usize = 32;
+
+/// One memory server.
+pub(crate) struct Member {
+    pub(crate) uri: String,
+    conn: Connection,
+    free: AtomicU64,
+    alive: AtomicBool,
+}
+
+impl Member {
+    pub(crate) fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+}
+
+/// The servers of one region.
+pub(crate) struct ServerSet {
+    pub(crate) members: Vec<Member>,
+    client: ClientId,
+    region: u64,
+    copies: usize,
+    placement: Mutex<HashMap<u64, Vec<usize>>>,
+    rng: AtomicU64,
+}
+
+impl ServerSet {
+    /// Connects to every server and opens a session on each.
+    pub(crate) fn connect(
+        uris: &[String],
+        key: &ClusterKey,
+        client: ClientId,
+        region: u64,
+        copies: usize,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<ServerSet, NetRamError> {
+        if uris.is_empty() {
+            return Err(NetRamError::Config("no memory servers given".into()));
+        }
+        if uris.len() > MAX_SERVERS {
+            return Err(NetRamError::Config(format!("at most {MAX_SERVERS} servers per region, got {}", uris.len())));
+        }
+        if copies == 0 || copies > uris.len() {
+            return Err(NetRamError::Config(format!(
+                "{copies} copies of each page need at least {copies} servers, got {}",
+                uris.len()
+            )));
+        }
+        let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX);
+        let opts = ConnectOptions::new(key.clone()).timeout(timeout);
+        let mut members = Vec::new();
+        for uri in uris {
+            let unreachable = |reason: String| NetRamError::Unreachable { uri: uri.clone(), reason };
+            let conn = connect(uri, &opts).map_err(|e| unreachable(crate::chain(&e)))?;
+            let st = conn
+                .call(proto::OPEN, &proto::encode_open(&client, lease_ms))
+                .map_err(|e| unreachable(e.to_string()))?;
+            let st = ServerState::decode(&st).map_err(|e| unreachable(e.to_string()))?;
+            members.push(Member {
+                uri: uri.clone(),
+                conn,
+                free: AtomicU64::new(st.free_pages),
+                alive: AtomicBool::new(true),
+            });
+        }
+        let seed = u64::from_le_bytes(client[..8].try_into().unwrap_or_default()) | 1;
+        Ok(ServerSet {
+            members,
+            client,
+            region,
+            copies,
+            placement: Mutex::new(HashMap::new()),
+            rng: AtomicU64::new(seed),
+        })
+    }
+
+    fn random(&self) -> u64 {
+        // xorshift64*, shared: races only mix the sequence further.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Ordering::Relaxed);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub(crate) fn mark_dead(&self, i: usize, why: &str) {
+        if self.members[i].alive.swap(false, Ordering::AcqRel) {
+            log::error!("memory server {} is unreachable, using the remaining copies: {why}", self.members[i].uri);
+        }
+    }
+
+    /// Picks one live server not in `exclude` by power of two choices over free memory.
+    fn choose(&self, exclude: &[usize]) -> Option<usize> {
+        let live: Vec<usize> = (0..self.members.len())
+            .filter(|i| {
+                !exclude.contains(i) && self.members[*i].alive() && self.members[*i].free.load(Ordering::Relaxed) > 0
+            })
+            .collect();
+        match live.len() {
+            0 => None,
+            1 => Some(live[0]),
+            n => {
+                let pick = || usize::try_from(self.random() % n as u64).unwrap_or(0);
+                let a = live[pick()];
+                let mut b = live[pick()];
+                if a == b {
+                    b = live[(live.iter().position(|x| *x == a).unwrap_or(0) + 1) % n];
+                }
+                let free = |i: usize| self.members[i].free.load(Ordering::Relaxed);
+                Some(if free(a) >= free(b) { a } else { b })
+            }
+        }
+    }
+
+    /// The servers that should hold slab `slab`'s copies: its placement, with dead or full
+    /// members replaced.
+    pub(crate) fn servers_for(&self, slab: u64) -> Vec<usize> {
+        let mut p = crate::lock(&self.placement);
+        let entry = p.entry(slab).or_default();
+        entry.retain(|i| self.members[*i].alive() && self.members[*i].free.load(Ordering::Relaxed) > 0);
+        while entry.len() < self.copies {
+            match self.choose(entry) {
+                Some(i) => entry.push(i),
+                None => break,
+            }
+        }
+        entry.clone()
+    }
+
+    /// Fetches page `page` into `dst` from one of the servers in `holders`. On failure, the
+    /// servers that failed are cleared from the returned mask (`Err` carries what was tried).
+    pub(crate) fn fetch(&self, page: u64, holders: u32, dst: &mut Page) -> Result<(), (u32, String)> {
+        let req = proto::encode_get(&self.client, self.region, page);
+        let mut failed = 0u32;
+        let mut why = String::new();
+        for i in 0..self.members.len() {
+            if holders & (1 << i) == 0 || !self.members[i].alive() {
+                continue;
+            }
+            match self.members[i].conn.call_page(proto::GET, &req, dst) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    failed |= 1 << i;
+                    why = format!("{}: {e}", self.members[i].uri);
+                    if !matches!(e, CallError::Remote { .. } | CallError::WrongSize { .. }) {
+                        self.mark_dead(i, &e.to_string());
+                    }
+                }
+            }
+        }
+        if why.is_empty() {
+            why = "every server that held it is down".into();
+        }
+        Err((failed, why))
+    }
+
+    /// Stores each page on its slab's servers; returns, per page, the mask of servers that now
+    /// hold it (0: none could).
+    pub(crate) fn put(&self, pages: &[(u64, &[u8; PAGE_SIZE])]) -> Vec<u32> {
+        let mut stored = vec![0u32; pages.len()];
+        // Up to three placement rounds: a full or dead server is replaced and its pages retried.
+        for _round in 0..3 {
+            let mut by_server: HashMap<usize, Vec<usize>> = HashMap::new();
+            for (k, (page, _)) in pages.iter().enumerate() {
+                let have = stored[k].count_ones() as usize;
+                if have >= self.copies {
+                    continue;
+                }
+                let mut targets = self.servers_for(page / SLAB_PAGES);
+                targets.retain(|t| stored[k] & (1 << t) == 0);
+                for t in targets.into_iter().take(self.copies - have) {
+                    by_server.entry(t).or_default().push(k);
+                }
+            }
+            if by_server.is_empty() {
+                break;
+            }
+            for (server, ks) in by_server {
+                for chunk in ks.chunks(MAX_BATCH) {
+                    let batch: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|k| pages[*k]).collect();
+                    let req = proto::encode_put(&self.client, self.region, &batch);
+                    let m = &self.members[server];
+                    match m.conn.call(proto::PUT, &req) {
+                        Ok(resp) => {
+                            if let Ok(st) = ServerState::decode(&resp) {
+                                m.free.store(st.free_pages, Ordering::Relaxed);
+                            }
+                            for k in chunk {
+                                if stored[*k] & (1 << server) == 0 {
+                                    stored[*k] |= 1 << server;
+                                }
+                            }
+                        }
+                        Err(e) if e.status() == Some(Status::Full) => {
+                            log::warn!("memory server {} is full: {e}", m.uri);
+                            m.free.store(0, Ordering::Relaxed);
+                        }
+                        Err(e) => self.mark_dead(server, &e.to_string()),
+                    }
+                }
+            }
+        }
+        stored
+    }
+
+    /// Frees `pages` on the servers in `mask` (best effort: a copy nobody frees is reclaimed
+    /// when the lease ends).
+    pub(crate) fn free(&self, mask: u32, pages: &[u64]) {
+        for (i, m) in self.members.iter().enumerate() {
+            if mask & (1 << i) == 0 || !m.alive() {
+                continue;
+            }
+            for chunk in pages.chunks(MAX_BATCH) {
+                if let Err(e) = m.conn.call(proto::FREE, &proto::encode_free(&self.client, self.region, Some(chunk))) {
+                    log::debug!("freeing pages on {}: {e}", m.uri);
+                }
+            }
+        }
+    }
+
+    /// Renews the lease on every live server.
+    pub(crate) fn renew(&self) {
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.alive() {
+                continue;
+            }
+            let mut req = self.client.to_vec();
+            req.truncate(16);
+            match m.conn.call(proto::RENEW, &req) {
+                Ok(resp) => {
+                    if let Ok(st) = ServerState::decode(&resp) {
+                        m.free.store(st.free_pages, Ordering::Relaxed);
+                    }
+                }
+                Err(e) if e.status().is_some() => log::error!("memory server {} refused to renew: {e}", m.uri),
+                Err(e) => self.mark_dead(i, &e.to_string()),
+            }
+        }
+    }
+
+    /// Ends the session on every live server, freeing what it holds there.
+    pub(crate) fn close(&self) {
+        for m in &self.members {
+            if m.alive() {
+                let _ = m.conn.call(proto::CLOSE, &self.client);
+            }
+        }
+    }
+
+    /// The copies wanted per page.
+    pub(crate) fn copies(&self) -> usize {
+        self.copies
+    }
+
+    /// Mask of the live servers.
+    pub(crate) fn live_mask(&self) -> u32 {
+        self.members.iter().enumerate().filter(|(_, m)| m.alive()).fold(0, |acc, (i, _)| acc | 1 << i)
+    }
+}

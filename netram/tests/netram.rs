@@ -1,0 +1,184 @@
+#![allow(missing_docs, clippy::cast_possible_truncation)]
+//! Network RAM end to end on loopback: data integrity with eviction running, server death with
+//! and without copies, full servers, wrong keys, unreachable servers.
+
+use std::sync::Arc;
+
+use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamError};
+use mosaic_pager::FaultMode;
+use mosaic_transport::ClusterKey;
+
+const MIB: u64 = 1 << 20;
+
+fn key() -> ClusterKey {
+    ClusterKey::from_bytes(b"netram-test-cluster-key").unwrap()
+}
+
+fn servers(n: usize, capacity: u64) -> Vec<MemServer> {
+    (0..n).map(|_| MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(capacity, key())).unwrap()).collect()
+}
+
+fn uris(s: &[MemServer]) -> Vec<String> {
+    s.iter().map(|m| m.uri().to_string()).collect()
+}
+
+#[allow(clippy::mut_from_ref)] // the region is raw memory shared like any mmap
+fn words(ram: &NetRam) -> &mut [u64] {
+    // SAFETY: the region is mapped for ram.len() bytes while `ram` lives; tests use it like any
+    // other memory.
+    unsafe { std::slice::from_raw_parts_mut(ram.as_ptr().cast::<u64>(), ram.len() / 8) }
+}
+
+fn value(i: usize, round: u64) -> u64 {
+    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round
+}
+
+#[test]
+fn data_survives_eviction_in_every_fault_mode() {
+    for mode in [FaultMode::FaultingThread, FaultMode::Workers(2)] {
+        let s = servers(2, 64 * MIB);
+        let mut cfg = NetRamConfig::new(uris(&s), key(), 16 * MIB, MIB);
+        cfg.fault_mode = mode;
+        let ram = NetRam::new(cfg).unwrap();
+        let w = words(&ram);
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = value(i, 1);
+        }
+        for (i, x) in w.iter().enumerate() {
+            assert_eq!(*x, value(i, 1), "{mode:?}: word {i}");
+        }
+        // Rewrite half, read all again.
+        for (i, x) in w.iter_mut().enumerate().step_by(2) {
+            *x = value(i, 2);
+        }
+        for (i, x) in w.iter().enumerate() {
+            assert_eq!(*x, value(i, if i % 2 == 0 { 2 } else { 1 }), "{mode:?}: word {i}");
+        }
+        let st = ram.stats();
+        assert!(st.evicted > 4000, "{mode:?}: eviction ran: {st:?}");
+        assert!(st.written_back > 4000, "{mode:?}: {st:?}");
+        assert!(st.resident <= 256 + 64, "{mode:?}: resident {} pages over a budget of 256: {st:?}", st.resident);
+        // Two copies of everything that was written back.
+        let placed = ram.placement();
+        assert_eq!(placed.len(), 2);
+        let copies: u64 = placed.iter().map(|p| p.2).sum();
+        let remote = 4096 - st.resident;
+        assert!(copies >= 2 * remote - 64, "{mode:?}: {placed:?} for {remote} remote pages");
+    }
+}
+
+#[test]
+fn concurrent_writers_keep_their_data_with_eviction_running() {
+    let s = servers(2, 64 * MIB);
+    let ram = Arc::new(NetRam::new(NetRamConfig::new(uris(&s), key(), 8 * MIB, MIB / 2)).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let ram = ram.clone();
+            std::thread::spawn(move || {
+                let w = words(&ram);
+                let n = w.len();
+                for round in 0..3u64 {
+                    for i in (t..n).step_by(4) {
+                        w[i] = value(i, round);
+                    }
+                    for i in (t..n).step_by(4) {
+                        assert_eq!(w[i], value(i, round), "thread {t} round {round} word {i}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let w = words(&ram);
+    let sum: u64 = w.iter().fold(0u64, |a, x| a.wrapping_add(*x));
+    let expect: u64 = (0..w.len()).fold(0u64, |a, i| a.wrapping_add(value(i, 2)));
+    assert_eq!(sum, expect);
+    assert!(ram.stats().evicted > 1000, "{:?}", ram.stats());
+}
+
+#[test]
+fn a_server_killed_mid_run_loses_nothing_with_two_copies() {
+    let mut s = servers(3, 64 * MIB);
+    let ram = NetRam::new(NetRamConfig::new(uris(&s), key(), 8 * MIB, MIB / 2)).unwrap();
+    let w = words(&ram);
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 7);
+    }
+    // Kill the server holding the most copies.
+    let placed = ram.placement();
+    let victim = (0..3).max_by_key(|k| placed[*k].2).unwrap();
+    s.remove(victim).shutdown();
+    for (i, x) in w.iter().enumerate() {
+        assert_eq!(*x, value(i, 7), "word {i} after losing a server");
+    }
+    // Writes still find two live servers.
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 8);
+    }
+    for (i, x) in w.iter().enumerate() {
+        assert_eq!(*x, value(i, 8), "word {i}");
+    }
+    let st = ram.stats();
+    assert_eq!(st.lost, 0, "{st:?}");
+    assert!(!ram.placement()[victim].1, "the dead server is marked dead");
+}
+
+#[test]
+fn pages_go_to_servers_with_room_and_stay_local_when_all_are_full() {
+    // 1 MiB + 4 MiB of servers for 5 MiB of data, one copy: both servers are needed.
+    let s = vec![
+        MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(MIB, key())).unwrap(),
+        MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(4 * MIB, key())).unwrap(),
+    ];
+    let mut cfg = NetRamConfig::new(uris(&s), key(), 5 * MIB, MIB / 2);
+    cfg.copies = 1;
+    let ram = NetRam::new(cfg).unwrap();
+    let w = words(&ram);
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 3);
+    }
+    for (i, x) in w.iter().enumerate() {
+        assert_eq!(*x, value(i, 3), "word {i}");
+    }
+    assert!(s[0].stats().used_pages > 0, "the small server took pages once the big one had less room");
+    assert_eq!(ram.stats().lost, 0);
+    drop(ram);
+
+    // 2 MiB of servers for 4 MiB: what does not fit stays resident, over budget, intact.
+    let s = vec![
+        MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(MIB, key())).unwrap(),
+        MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(MIB, key())).unwrap(),
+    ];
+    let mut cfg = NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2);
+    cfg.copies = 1;
+    let ram = NetRam::new(cfg).unwrap();
+    let w = words(&ram);
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 4);
+    }
+    for (i, x) in w.iter().enumerate() {
+        assert_eq!(*x, value(i, 4), "word {i}");
+    }
+    assert_eq!(s[0].stats().used_pages + s[1].stats().used_pages, 512, "both servers full");
+    let st = ram.stats();
+    assert!(st.resident >= 1024 - 512, "{st:?}");
+    assert_eq!(st.lost, 0);
+}
+
+#[test]
+fn wrong_key_and_unreachable_servers_are_clear_errors() {
+    let s = servers(1, 4 * MIB);
+    let other = ClusterKey::from_bytes(b"some-other-cluster-key").unwrap();
+    let e = NetRam::new(NetRamConfig::new(uris(&s), other, MIB, MIB)).unwrap_err();
+    assert!(matches!(e, NetRamError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("key"), "{e}");
+    let e = NetRam::new(NetRamConfig::new(vec!["tcp://127.0.0.1:1".into()], key(), MIB, MIB)).unwrap_err();
+    assert!(matches!(e, NetRamError::Unreachable { ref uri, .. } if uri == "tcp://127.0.0.1:1"), "{e}");
+    let mut cfg = NetRamConfig::new(uris(&s), key(), MIB, MIB);
+    cfg.copies = 2;
+    assert!(matches!(NetRam::new(cfg), Err(NetRamError::Config(_))), "2 copies on 1 server");
+    assert!(matches!(NetRam::new(NetRamConfig::new(uris(&s), key(), MIB, 4096)), Err(NetRamError::Config(_))));
+    assert!(matches!(NetRam::new(NetRamConfig::new(vec![], key(), MIB, MIB)), Err(NetRamError::Config(_))));
+}
