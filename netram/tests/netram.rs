@@ -182,3 +182,135 @@ fn wrong_key_and_unreachable_servers_are_clear_errors() {
     assert!(matches!(NetRam::new(NetRamConfig::new(uris(&s), key(), MIB, 4096)), Err(NetRamError::Config(_))));
     assert!(matches!(NetRam::new(NetRamConfig::new(vec![], key(), MIB, MIB)), Err(NetRamError::Config(_))));
 }
+
+// ----- scenarios that end a process, run in a child: this binary re-run with `child_scenario` ---
+
+const CHILD_ENV: &str = "MOSAIC_NETRAM_CHILD";
+
+fn run_child(scenario: &str, extra_env: &[(&str, String)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--ignored", "--exact", "child_scenario", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, scenario)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Waits up to 60 s for the child; kills it if it hangs.
+fn finish(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().unwrap().take(1 << 20).read_to_string(&mut err);
+            return (status, err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("child hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The child's part. Ignored, so it never counts as a test by itself.
+#[test]
+#[ignore = "the child process of the process-level tests, not a test by itself"]
+fn child_scenario() {
+    let scenario = std::env::var(CHILD_ENV).expect("run by the process-level tests");
+    match scenario.as_str() {
+        "lose-only-copy" => {
+            let s = servers(1, 64 * MIB);
+            let ram = NetRam::new(NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2)).unwrap();
+            let w = words(&ram);
+            for (i, x) in w.iter_mut().enumerate() {
+                *x = value(i, 5);
+            }
+            let mut s = s;
+            s.pop().unwrap().shutdown();
+            eprintln!("SERVER GONE");
+            let mut sum = 0u64;
+            for x in w.iter() {
+                sum = sum.wrapping_add(*x);
+            }
+            eprintln!("READ EVERYTHING: SHOULD NOT GET HERE {sum}");
+        }
+        "hold-pages" => {
+            let uri = std::env::var("MOSAIC_TEST_SERVER").unwrap();
+            let mut cfg = NetRamConfig::new(vec![uri], key(), 4 * MIB, MIB / 2);
+            cfg.lease = std::time::Duration::from_millis(300);
+            let ram = NetRam::new(cfg).unwrap();
+            let w = words(&ram);
+            for (i, x) in w.iter_mut().enumerate() {
+                *x = value(i, 6);
+            }
+            println!("STORED {}", ram.stats().written_back);
+            use std::io::Write;
+            std::io::stdout().flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(60));
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+#[test]
+fn losing_the_only_copy_raises_sigbus_and_names_the_page() {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, stderr) = finish(run_child("lose-only-copy", &[]));
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}\n{stderr}");
+    assert!(stderr.contains("SERVER GONE"), "{stderr}");
+    assert!(!stderr.contains("SHOULD NOT GET HERE"), "{stderr}");
+    assert!(stderr.contains("is lost, an access raises SIGBUS"), "{stderr}");
+    assert!(stderr.contains("no server could return page"), "{stderr}");
+}
+
+#[test]
+fn a_dead_clients_pages_are_reclaimed_after_its_lease() {
+    use std::io::BufRead;
+    let server = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(64 * MIB, key())).unwrap();
+    let mut child = run_child("hold-pages", &[("MOSAIC_TEST_SERVER", server.uri().to_string())]);
+    // Nothing reads the child's standard error here: drain it so the child never blocks on it.
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut { err }, &mut std::io::stderr()));
+    let stdout = child.stdout.take().unwrap();
+    // The test harness prints its own lines first.
+    let lines: Vec<String> = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take(20)
+        .take_while(|l| !l.contains("STORED"))
+        .collect();
+    assert!(lines.len() < 20, "the child never stored its pages: {lines:?}");
+    let held = server.stats();
+    assert!(held.used_pages > 0 && held.clients == 1, "{held:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.stats().used_pages > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(server.stats(), mosaic_netram::StoreStats { capacity_pages: 16384, used_pages: 0, clients: 0 });
+}
+
+#[test]
+fn unknown_regions_and_clients_get_typed_errors_over_the_wire() {
+    use mosaic_netram::proto;
+    use mosaic_transport::{connect, ConnectOptions, Page, Status};
+    let server = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(MIB, key())).unwrap();
+    let conn = connect(server.uri(), &ConnectOptions::new(key())).unwrap();
+    let me = [3u8; 16];
+    let mut page = Page::boxed();
+    let e = conn.call_page(proto::GET, &proto::encode_get(&me, 1, 0), &mut page).unwrap_err();
+    assert_eq!(e.status(), Some(Status::NotFound), "{e}");
+    assert!(e.to_string().contains("open a session"), "{e}");
+    conn.call(proto::OPEN, &proto::encode_open(&me, 10_000)).unwrap();
+    let e = conn.call_page(proto::GET, &proto::encode_get(&me, 42, 0), &mut page).unwrap_err();
+    assert_eq!(e.status(), Some(Status::NotFound), "{e}");
+    assert!(e.to_string().contains("region 42"), "{e}");
+    let e = conn.call(proto::PUT, b"garbage").unwrap_err();
+    assert_eq!(e.status(), Some(Status::BadRequest), "{e}");
+}
