@@ -50,6 +50,8 @@ pub struct NetRamConfig {
     pub timeout: Duration,
     /// Name for logs.
     pub name: String,
+    /// Prefetch along strided fault streams (sequential scans, strided loops). Default on.
+    pub prefetch: bool,
 }
 
 impl NetRamConfig {
@@ -66,6 +68,7 @@ impl NetRamConfig {
             lease: Duration::from_secs(30),
             timeout: Duration::from_secs(5),
             name: "netram".into(),
+            prefetch: true,
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct NetRamStats {
     pub fetched: u64,
     /// Faults on never-stored pages, served as zeros.
     pub zero_filled: u64,
+    /// Pages brought in ahead of a strided fault stream.
+    pub prefetched: u64,
     /// Pages dropped from local RAM.
     pub evicted: u64,
     /// Dirty pages written to the servers.
@@ -94,6 +99,7 @@ pub struct NetRamStats {
 #[derive(Default)]
 struct Counters {
     fetched: AtomicU64,
+    prefetched: AtomicU64,
     zero_filled: AtomicU64,
     evicted: AtomicU64,
     written_back: AtomicU64,
@@ -108,6 +114,8 @@ fn bump(c: &AtomicU64, n: u64) {
 
 struct Shared {
     name: String,
+    prefetch: crate::prefetch::Prefetcher,
+    prefetch_on: bool,
     table: PageTable,
     servers: ServerSet,
     resident: AtomicU64,
@@ -149,7 +157,12 @@ impl PageSource for Source {
                 REMOTE => {
                     let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
                         .ok_or_else(|| FillError("misaligned page".into()))?[0];
-                    match s.fetch(i, dst) {
+                    let prefetched = match s.prefetch.on_fault(i) {
+                        Some((stride, window)) if s.prefetch_on => s.fetch_with_prefetch(fault, i, stride, window, dst),
+                        _ => false,
+                    };
+                    let fetched = if prefetched { Ok(()) } else { s.fetch(i, dst) };
+                    match fetched {
                         Ok(()) => {
                             DECIDED.set((i, dirty_or(CLEAN), false));
                             bump(&s.stats.fetched, 1);
@@ -221,6 +234,61 @@ impl PageSource for Source {
 }
 
 impl Shared {
+    /// Fetches page `i` into `dst` together with up to `window` pages ahead of it along
+    /// `stride` that are on the servers, and installs those. Returns whether `i` arrived (if
+    /// not, the caller fetches it alone, with failover).
+    fn fetch_with_prefetch(&self, fault: &Fault<'_>, i: u64, stride: i64, window: u64, dst: &mut Page) -> bool {
+        let mut extra = Vec::new();
+        for k in 1..=window {
+            let Some(p) = i.checked_add_signed(stride.saturating_mul(k as i64)).filter(|p| *p < self.table.len())
+            else {
+                break;
+            };
+            if self.table.get(p) == REMOTE && self.table.cas(p, REMOTE, FETCHING) {
+                extra.push(p);
+            }
+        }
+        if extra.is_empty() {
+            return false;
+        }
+        let mut bufs: Vec<PageBuf> = (0..extra.len()).map(|_| PageBuf::zeroed()).collect();
+        let reqs: Vec<(u64, u32)> =
+            std::iter::once(i).chain(extra.iter().copied()).map(|p| (p, self.table.holders(p))).collect();
+        let ok = {
+            let mut dsts: Vec<&mut Page> = Vec::with_capacity(reqs.len());
+            dsts.push(dst);
+            for b in &mut bufs {
+                if let Some(p) = Page::slice_from_bytes_mut(&mut b.0) {
+                    dsts.push(&mut p[0]);
+                }
+            }
+            if dsts.len() != reqs.len() {
+                vec![false; reqs.len()]
+            } else {
+                self.servers.fetch_many(&reqs, &mut dsts)
+            }
+        };
+        let mut installed = 0;
+        for (k, p) in extra.iter().enumerate() {
+            let arrived = ok[k + 1] && fault.region.install(*p, std::slice::from_ref(&bufs[k])).is_ok();
+            if arrived {
+                self.table.set(*p, CLEAN);
+                crate::lock(&self.queue).push_back(*p);
+                installed += 1;
+            } else {
+                self.table.set(*p, REMOTE);
+            }
+        }
+        if let Some(last) = extra.last() {
+            self.prefetch.prefetched_up_to(*last);
+        }
+        bump(&self.stats.prefetched, installed);
+        if self.resident.fetch_add(installed, Ordering::AcqRel) + installed > self.budget {
+            self.wake_evictor();
+        }
+        ok[0]
+    }
+
     fn fetch(&self, i: u64, dst: &mut Page) -> Result<(), String> {
         let holders = self.table.holders(i);
         if holders == 0 {
@@ -276,37 +344,35 @@ impl Shared {
                 victims.push((i, st));
             }
         }
-        // Freeze the dirty pages: from here their writers wait in `written`, so the copy
-        // taken below is final.
-        let mut saved: Vec<(u64, Box<Page>)> = Vec::new();
-        for &(i, st) in &victims {
-            if st == DIRTY {
-                if let Err(e) = core.write_protect(i, 1, true) {
-                    log::warn!("region {}: cannot write-protect page {i}: {e}", self.name);
-                }
-                let mut p = Page::boxed();
-                // SAFETY: page `i` is inside the live region (the evictor stops before the region
-                // is unmapped), resident and write-protected, so nobody writes it while we copy.
-                let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
-                p.0.copy_from_slice(src);
-                saved.push((i, p));
+        victims.sort_unstable();
+        // Freeze the dirty pages (one ioctl per contiguous run): from here their writers wait
+        // in `written`, so the copies taken below are final.
+        let dirty: Vec<u64> = victims.iter().filter(|v| v.1 == DIRTY).map(|v| v.0).collect();
+        for r in runs(&dirty) {
+            if let Err(e) = core.write_protect(r.start, r.end - r.start, true) {
+                log::warn!("region {}: cannot write-protect pages {r:?}: {e}", self.name);
             }
         }
-        let refs: Vec<(u64, &[u8; PAGE_SIZE])> = saved.iter().map(|(i, p)| (*i, &p.0)).collect();
-        let masks = self.servers.put(&refs);
-        let mut stored = std::collections::HashMap::new();
-        for ((i, _), mask) in saved.iter().zip(masks) {
-            stored.insert(*i, mask);
+        let mut saved: Vec<Box<Page>> = Vec::with_capacity(dirty.len());
+        for &i in &dirty {
+            let mut p = Page::boxed();
+            // SAFETY: page `i` is inside the live region (the evictor stops before the region is
+            // unmapped), resident and write-protected, so nobody writes it while we copy.
+            let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
+            p.0.copy_from_slice(src);
+            saved.push(p);
         }
-        let mut gone = 0;
+        let refs: Vec<(u64, &[u8; PAGE_SIZE])> = dirty.iter().zip(&saved).map(|(i, p)| (*i, &p.0)).collect();
+        let masks = self.servers.put(&refs);
+        let stored: std::collections::HashMap<u64, u32> = dirty.iter().copied().zip(masks).collect();
+        // Decide where each victim goes; pages with nowhere to go stay resident and dirty.
+        let mut leaving: Vec<(u64, u8)> = Vec::with_capacity(victims.len());
+        let mut kept = Vec::new();
         for &(i, st) in &victims {
             let next = match st {
                 DIRTY => match stored.get(&i).copied().unwrap_or(0) {
                     0 => {
-                        // Nowhere to put it: it stays resident and dirty.
-                        let _ = core.write_protect(i, 1, false);
-                        self.table.set(i, DIRTY);
-                        crate::lock(&self.queue).push_back(i);
+                        kept.push(i);
                         continue;
                     }
                     mask => {
@@ -322,13 +388,33 @@ impl Shared {
                 CLEAN => REMOTE,
                 _ => ABSENT,
             };
-            if let Err(e) = core.drop_pages(i, 1) {
-                log::warn!("region {}: cannot drop page {i}: {e}", self.name);
-                self.table.set(i, if next == REMOTE { CLEAN } else { CLEAN_ABSENT });
-                continue;
+            leaving.push((i, next));
+        }
+        for r in runs(&kept) {
+            let _ = core.write_protect(r.start, r.end - r.start, false);
+        }
+        for &i in &kept {
+            self.table.set(i, DIRTY);
+        }
+        crate::lock(&self.queue).extend(kept.iter().copied());
+        // Drop the rest, one madvise per contiguous run.
+        let pages: Vec<u64> = leaving.iter().map(|l| l.0).collect();
+        let mut failed = std::collections::HashSet::new();
+        for r in runs(&pages) {
+            if let Err(e) = core.drop_pages(r.start, r.end - r.start) {
+                log::warn!("region {}: cannot drop pages {r:?}: {e}", self.name);
+                failed.extend(r);
             }
-            self.table.set(i, next);
-            gone += 1;
+        }
+        let mut gone = 0;
+        for (i, next) in leaving {
+            if failed.contains(&i) {
+                self.table.set(i, if next == REMOTE { CLEAN } else { CLEAN_ABSENT });
+                crate::lock(&self.queue).push_back(i);
+            } else {
+                self.table.set(i, next);
+                gone += 1;
+            }
         }
         self.resident.fetch_sub(gone, Ordering::AcqRel);
         bump(&self.stats.evicted, gone);
@@ -378,6 +464,18 @@ impl Shared {
     }
 }
 
+/// The sorted `pages` as contiguous ranges.
+fn runs(pages: &[u64]) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some(r) if r.end == p => r.end += 1,
+            _ => out.push(p..p + 1),
+        }
+    }
+    out
+}
+
 /// Byte offset of page `i` (below the region's length, which is a `usize`).
 #[allow(clippy::cast_possible_truncation)]
 fn offset(i: u64) -> usize {
@@ -424,6 +522,8 @@ impl NetRam {
             ServerSet::connect(&cfg.servers, &cfg.key, client, region_id, cfg.copies, cfg.lease, cfg.timeout)?;
         let shared = Arc::new(Shared {
             name: cfg.name.clone(),
+            prefetch: crate::prefetch::Prefetcher::default(),
+            prefetch_on: cfg.prefetch,
             table: PageTable::new(pages),
             servers,
             resident: AtomicU64::new(0),
@@ -511,6 +611,7 @@ impl NetRam {
         NetRamStats {
             fetched: l(&c.fetched),
             zero_filled: l(&c.zero_filled),
+            prefetched: l(&c.prefetched),
             evicted: l(&c.evicted),
             written_back: l(&c.written_back),
             failovers: l(&c.failovers),

@@ -35,6 +35,7 @@
 
 mod client;
 mod pages;
+mod prefetch;
 pub mod proto;
 mod server;
 mod servers;

@@ -173,6 +173,40 @@ impl ServerSet {
         Err((failed, why))
     }
 
+    /// Fetches several pages with one batch of requests per server: `reqs[k]` is (page, holder
+    /// mask), landing in `dsts[k]`. Returns which arrived. A batch that fails fails all of its
+    /// pages (the caller retries what it needs one by one, with failover).
+    pub(crate) fn fetch_many(&self, reqs: &[(u64, u32)], dsts: &mut [&mut Page]) -> Vec<bool> {
+        let mut ok = vec![false; reqs.len()];
+        let mut by_server: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (k, (_, holders)) in reqs.iter().enumerate() {
+            if let Some(i) = (0..self.members.len()).find(|i| holders & (1 << i) != 0 && self.members[*i].alive()) {
+                by_server.entry(i).or_default().push(k);
+            }
+        }
+        for (server, ks) in by_server {
+            let bodies: Vec<[u8; 32]> =
+                ks.iter().map(|k| proto::encode_get(&self.client, self.region, reqs[*k].0)).collect();
+            let mut calls: Vec<(&[u8], &mut Page)> = Vec::with_capacity(ks.len());
+            let mut body = bodies.iter();
+            for (k, dst) in dsts.iter_mut().enumerate() {
+                if ks.contains(&k) {
+                    if let Some(b) = body.next() {
+                        calls.push((&b[..], &mut **dst));
+                    }
+                }
+            }
+            match self.members[server].conn.call_pages(proto::GET, &mut calls) {
+                Ok(()) => ks.iter().for_each(|k| ok[*k] = true),
+                Err(e @ (CallError::Remote { .. } | CallError::WrongSize { .. })) => {
+                    log::debug!("batched fetch from {}: {e}", self.members[server].uri);
+                }
+                Err(e) => self.mark_dead(server, &e.to_string()),
+            }
+        }
+        ok
+    }
+
     /// Stores each page on its slab's servers; returns, per page, the mask of servers that now
     /// hold it (0: none could).
     pub(crate) fn put(&self, pages: &[(u64, &[u8; PAGE_SIZE])]) -> Vec<u32> {

@@ -1,0 +1,272 @@
+//! `netram-demo`: a local Mosaic cluster on loopback, and a sort four times larger than its RAM.
+//!
+//! Starts memory servers as separate processes on 127.0.0.1 (this binary, re-run as `serve`),
+//! maps a network-RAM region whose resident budget is a quarter of its size, fills it with
+//! pseudo-random 64-bit keys, sorts them in place, and proves the result: sorted, and the same
+//! multiset of keys (sum and xor of all keys unchanged). It prints where the pages went and the
+//! figures, beside the same sort on ordinary local memory.
+//!
+//! ```text
+//! cargo run --release -p mosaic-examples --bin netram-demo
+//! cargo run --release -p mosaic-examples --bin netram-demo -- --size 1G --budget 256M --servers 4
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use mosaic_netram::{parse_size, MemServer, MemServerConfig, NetRam, NetRamConfig};
+use mosaic_pager::FaultMode;
+use mosaic_transport::ClusterKey;
+
+#[derive(Parser)]
+#[command(
+    name = "netram-demo",
+    version,
+    about = "A local Mosaic cluster on loopback sorting more data than its RAM budget"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Data to sort (a network-RAM region of this size).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    size: u64,
+    /// Local RAM the region may use.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    budget: u64,
+    /// Memory servers to start (separate processes on 127.0.0.1).
+    #[arg(long, default_value_t = 3)]
+    servers: usize,
+    /// Copies of each page (on distinct servers).
+    #[arg(long, default_value_t = 2)]
+    copies: usize,
+    /// Transport between the program and its servers: tcp or shm.
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Serve faults with worker threads instead of on the faulting thread.
+    #[arg(long)]
+    workers: bool,
+    /// Skip the all-local reference run.
+    #[arg(long)]
+    no_reference: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs one memory server until standard input closes (used by the demo itself).
+    Serve {
+        /// Where to listen.
+        #[arg(long)]
+        uri: String,
+        /// RAM to donate.
+        #[arg(long, value_parser = parse_size)]
+        capacity: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Some(Cmd::Serve { uri, capacity }) => serve(uri, *capacity),
+        None => demo(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netram-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(uri: &str, capacity: u64) -> Result<(), String> {
+    let key = ClusterKey::from_env().map_err(|e| e.to_string())?;
+    let server = MemServer::start(uri, MemServerConfig::new(capacity, key)).map_err(|e| e.to_string())?;
+    println!("READY {}", server.uri());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    server.shutdown();
+    Ok(())
+}
+
+/// A memory server in a child process; it exits when this handle (its stdin) is dropped.
+struct ServerProcess {
+    child: Child,
+    _stdin: ChildStdin,
+    uri: String,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(uri: &str, capacity: u64, key_text: &str) -> Result<ServerProcess, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--uri", uri, "--capacity", &capacity.to_string()])
+        .env("MOSAIC_CLUSTER_KEY", key_text)
+        .env_remove("MOSAIC_CLUSTER_KEY_FILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start a memory server: {e}"))?;
+    let stdin = child.stdin.take().ok_or("no stdin")?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+    let uri = line
+        .trim()
+        .strip_prefix("READY ")
+        .ok_or_else(|| format!("memory server failed to start: {line:?}"))?
+        .to_string();
+    Ok(ServerProcess { child, _stdin: stdin, uri })
+}
+
+fn mib(bytes: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let m = bytes as f64 / (1u64 << 20) as f64;
+    m
+}
+
+/// xorshift64*: reproducible keys without a dependency.
+fn keys(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// (wrapping sum, xor) of the keys: unchanged by any permutation.
+fn checksum(v: &[u64]) -> (u64, u64) {
+    v.iter().fold((0u64, 0u64), |(s, x), k| (s.wrapping_add(*k), x ^ k))
+}
+
+fn fill(v: &mut [u64]) -> (u64, u64) {
+    let mut next = keys(0x5EED);
+    for k in v.iter_mut() {
+        *k = next();
+    }
+    checksum(v)
+}
+
+fn check(v: &[u64], before: (u64, u64)) -> Result<(), String> {
+    if let Some(i) = v.windows(2).position(|w| w[0] > w[1]) {
+        return Err(format!("not sorted at element {i}"));
+    }
+    let after = checksum(v);
+    if after != before {
+        return Err(format!("checksum changed: {before:x?} before, {after:x?} after"));
+    }
+    Ok(())
+}
+
+fn demo(cli: &Cli) -> Result<(), String> {
+    if cli.size < 1 << 20 || cli.budget < 1 << 20 {
+        return Err("--size and --budget must be at least 1M".into());
+    }
+    if !["tcp", "shm"].contains(&cli.transport.as_str()) {
+        return Err(format!("--transport {}: expected tcp or shm", cli.transport));
+    }
+    if cli.servers == 0 || cli.copies == 0 || cli.copies > cli.servers {
+        return Err(format!("{} copies need at least as many servers (got {})", cli.copies, cli.servers));
+    }
+    let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
+    // Room for every copy, plus half again so placement has a choice.
+    let capacity = cli.size * cli.copies as u64 / cli.servers as u64 * 3 / 2 + (16 << 20);
+    println!(
+        "starting {} memory servers on loopback ({}), {:.0} MiB each...",
+        cli.servers,
+        cli.transport,
+        mib(capacity)
+    );
+    let mut servers = Vec::new();
+    for n in 0..cli.servers {
+        let uri = match cli.transport.as_str() {
+            "shm" => format!("shm://netram-demo-{}-{n}", std::process::id()),
+            _ => "tcp://127.0.0.1:0".to_string(),
+        };
+        let s = start_server(&uri, capacity, &key_text)?;
+        println!("  server {n}: {} (pid {})", s.uri, s.child.id());
+        servers.push(s);
+    }
+    let mut cfg = NetRamConfig::new(servers.iter().map(|s| s.uri.clone()).collect(), key, cli.size, cli.budget);
+    cfg.copies = cli.copies;
+    cfg.name = "sort".into();
+    if cli.workers {
+        cfg.fault_mode = FaultMode::Workers(2);
+    }
+    let ram = NetRam::new(cfg).map_err(|e| e.to_string())?;
+    println!(
+        "network RAM: a {:.0} MiB region with a {:.0} MiB resident budget ({:.1}x), {} copies of every page",
+        mib(cli.size),
+        mib(cli.budget),
+        mib(cli.size) / mib(cli.budget),
+        cli.copies
+    );
+    let n = ram.len() / 8;
+    // SAFETY: the region is mapped, readable and writable, for `ram.len()` bytes while `ram`
+    // lives, and nothing else refers to it.
+    let data = unsafe { std::slice::from_raw_parts_mut(ram.as_ptr().cast::<u64>(), n) };
+
+    let t = Instant::now();
+    let sums = fill(data);
+    let fill_time = t.elapsed();
+    println!("filled {n} keys in {:.2} s", fill_time.as_secs_f64());
+    let t = Instant::now();
+    data.sort_unstable();
+    let sort_time = t.elapsed();
+    println!("sorted in {:.2} s", sort_time.as_secs_f64());
+    let t = Instant::now();
+    let verdict = check(data, sums);
+    let check_time = t.elapsed();
+    let st = ram.stats();
+    println!(
+        "checked in {:.2} s: {}",
+        check_time.as_secs_f64(),
+        verdict.as_ref().map_or_else(|e| e.as_str(), |()| "sorted, checksum equal")
+    );
+    println!();
+    println!("where the pages went:");
+    println!(
+        "  resident here: {} pages ({:.1} MiB, budget {:.0} MiB)",
+        st.resident,
+        mib(st.resident * 4096),
+        mib(cli.budget)
+    );
+    for (uri, alive, pages) in ram.placement() {
+        println!("  {uri}: {pages} pages ({:.1} MiB){}", mib(pages * 4096), if alive { "" } else { " (dead)" });
+    }
+    println!(
+        "faults served from servers: {} (plus {} pages prefetched), as zeros: {}; pages evicted: {}, written back: {}, lost: {}",
+        st.fetched, st.prefetched, st.zero_filled, st.evicted, st.written_back, st.lost
+    );
+    let total = fill_time + sort_time + check_time;
+    if !cli.no_reference {
+        let t = Instant::now();
+        let mut local = vec![0u64; n];
+        let sums = fill(&mut local);
+        local.sort_unstable();
+        check(&local, sums)?;
+        let local_time = t.elapsed();
+        println!(
+            "\nthe same job on local memory: {:.2} s; under network RAM: {:.2} s ({:.1}x, with {:.0}% of the data resident)",
+            local_time.as_secs_f64(),
+            total.as_secs_f64(),
+            total.as_secs_f64() / local_time.as_secs_f64().max(1e-9),
+            mib(cli.budget) / mib(cli.size) * 100.0
+        );
+    }
+    drop(ram);
+    drop(servers);
+    verdict
+}
