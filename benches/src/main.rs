@@ -2,9 +2,13 @@
 //!
 //! ```text
 //! mosaic-bench transport [--transports tcp,shm,sim] [--peer] [--json] [--time SECS] [--wait spin|blocking]
+//! mosaic-bench netram [--transports tcp,shm] [--threads 1,4,16] [--resident 100,50,25] [--json]
+//! mosaic-bench rmw [--size 64M] [--time 5]
 //! mosaic-bench serve --uri URI [--window-pages N]
+//! mosaic-bench serve-ram --uri URI --capacity SIZE
 //! ```
 
+mod netram;
 mod peer;
 mod serve;
 mod stats;
@@ -64,6 +68,60 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Network RAM: remote fault latency and faults/s, scans with and without prefetch, random
+    /// read-modify-write at several resident fractions; beside, in the same run, the memory
+    /// server's 4 KiB page read over the bare transport and the pager's local install cost.
+    ///
+    /// Starts one memory server per transport in a child process on this host unless given
+    /// `--servers`.
+    Netram {
+        /// Transports to measure, comma-separated: tcp, shm.
+        #[arg(long, value_delimiter = ',', default_value = "tcp,shm")]
+        transports: Vec<String>,
+        /// Use these memory servers (URIs) instead of starting one.
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<String>,
+        /// Thread counts for the faults/s figures.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        threads: Vec<usize>,
+        /// Resident fractions, in percent, for the read-modify-write figures.
+        #[arg(long, value_delimiter = ',', default_value = "100,50,25")]
+        resident: Vec<u64>,
+        /// Region size for the fault and scan figures.
+        #[arg(long, default_value = "64M", value_parser = mosaic_netram::parse_size)]
+        size: u64,
+        /// Working set of the read-modify-write figures.
+        #[arg(long, default_value = "64M", value_parser = mosaic_netram::parse_size)]
+        rmw_size: u64,
+        /// Timed seconds per figure.
+        #[arg(long, default_value_t = 1.0)]
+        time: f64,
+        /// Serve faults with a worker thread instead of on the faulting thread.
+        #[arg(long)]
+        workers: bool,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The read-modify-write workload of `netram` on ordinary memory, alone: run it under a
+    /// memory cgroup limit with swap to compare with kernel swapping (prints one JSON line).
+    Rmw {
+        /// Working set.
+        #[arg(long, default_value = "64M", value_parser = mosaic_netram::parse_size)]
+        size: u64,
+        /// Timed seconds.
+        #[arg(long, default_value_t = 5.0)]
+        time: f64,
+    },
+    /// Runs a memory server until standard input closes (used by `netram`).
+    ServeRam {
+        /// Where to listen: tcp://HOST:PORT or shm://NAME.
+        #[arg(long)]
+        uri: String,
+        /// RAM to donate, in bytes.
+        #[arg(long, value_parser = mosaic_netram::parse_size)]
+        capacity: u64,
+    },
     /// Runs a benchmark server until standard input closes (used by `transport`).
     Serve {
         /// Where to listen: tcp://HOST:PORT or shm://NAME.
@@ -105,6 +163,37 @@ fn main() -> ExitCode {
                 })
             }
         }
+        Cmd::Netram { transports, servers, threads, resident, size, rmw_size, time, workers, json } => {
+            if !(0.01..=600.0).contains(&time) {
+                Err("--time must be between 0.01 and 600 seconds".to_string())
+            } else if threads.iter().any(|&n| n == 0 || n > 256) {
+                Err("--threads values must be between 1 and 256".to_string())
+            } else if resident.iter().any(|&p| p == 0 || p > 100) {
+                Err("--resident values must be percentages between 1 and 100".to_string())
+            } else if size < 4 << 20 || rmw_size < 1 << 20 {
+                Err("--size must be at least 4M and --rmw-size at least 1M".to_string())
+            } else {
+                netram::run(&netram::Plan {
+                    transports,
+                    servers,
+                    threads,
+                    resident,
+                    size,
+                    rmw_size,
+                    time: Duration::from_secs_f64(time),
+                    workers,
+                    json,
+                })
+            }
+        }
+        Cmd::Rmw { size, time } => {
+            let mut w: Vec<u64> = vec![0; usize::try_from(size / 8).unwrap_or(0)];
+            netram::fill_random(&mut w);
+            let rate = netram::rmw_ops_per_s(&mut w, Duration::from_secs_f64(time.clamp(0.01, 3600.0)));
+            println!("{}", serde_json::json!({"bench": "rmw", "size": size, "ops_per_s": rate.round()}));
+            Ok(())
+        }
+        Cmd::ServeRam { uri, capacity } => serve::serve_ram(&uri, capacity),
         Cmd::Serve { uri, window_pages, wait } => {
             let policy = match wait {
                 Wait::Spin => mosaic_transport::WaitPolicy::DEFAULT,

@@ -44,6 +44,19 @@ pub fn serve(uri: &str, window_pages: u64, policy: WaitPolicy) -> Result<(), Str
     Ok(())
 }
 
+/// Runs a memory server at `uri` donating `capacity` bytes until standard input closes.
+pub fn serve_ram(uri: &str, capacity: u64) -> Result<(), String> {
+    let key = ClusterKey::from_env().map_err(|e| e.to_string())?;
+    let server = mosaic_netram::MemServer::start(uri, mosaic_netram::MemServerConfig::new(capacity, key))
+        .map_err(|e| e.to_string())?;
+    println!("READY {}", server.uri());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    server.shutdown();
+    Ok(())
+}
+
 /// A benchmark server running in a child process; killed on drop.
 pub struct ChildServer {
     child: Child,
@@ -55,12 +68,19 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts `mosaic-bench serve` at `uri` with `key`, and waits until it listens.
     pub fn start(uri: &str, key_text: &str, window_pages: u64, blocking: bool) -> Result<ChildServer, String> {
+        let pages = window_pages.to_string();
+        let mut args = vec!["serve", "--uri", uri, "--window-pages", &pages];
+        if blocking {
+            args.extend(["--wait", "blocking"]);
+        }
+        ChildServer::spawn(&args, key_text, uri)
+    }
+
+    /// Runs this binary with `args` (a server subcommand) and waits for its `READY <uri>` line.
+    pub fn spawn(args: &[&str], key_text: &str, uri: &str) -> Result<ChildServer, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
         let mut cmd = Command::new(exe);
-        cmd.args(["serve", "--uri", uri, "--window-pages", &window_pages.to_string()]);
-        if blocking {
-            cmd.args(["--wait", "blocking"]);
-        }
+        cmd.args(args);
         let mut child = cmd
             .env(mosaic_transport::KEY_ENV, key_text)
             .stdin(Stdio::piped())

@@ -115,11 +115,15 @@ fn bump(c: &AtomicU64, n: u64) {
 struct Shared {
     name: String,
     prefetch: crate::prefetch::Prefetcher,
-    prefetch_on: bool,
+    prefetch_on: AtomicBool,
+    /// Pages installed write-protected, and how many of them were written since: the
+    /// read-modify-write predictor.
+    protected_installs: AtomicU64,
+    upgrades: AtomicU64,
     table: PageTable,
     servers: ServerSet,
     resident: AtomicU64,
-    budget: u64,
+    budget: AtomicU64,
     /// Resident pages in the order they came in: the evictor's candidates.
     queue: Mutex<VecDeque<u64>>,
     evict_wanted: (Mutex<bool>, Condvar),
@@ -147,7 +151,14 @@ impl PageSource for Source {
             if !s.table.cas(i, st, FETCHING) {
                 continue;
             }
-            let dirty_or = |clean| if fault.write { DIRTY } else { clean };
+            // A read fault in a read-modify-write stream is followed by a write-protect fault on
+            // the same page; when most are, install read-faulted pages writable (and dirty) at
+            // once and spare the second fault.
+            let write = fault.write || s.writes_likely();
+            if write && !fault.write {
+                fault.install_writable();
+            }
+            let dirty_or = |clean| if write { DIRTY } else { clean };
             return match st {
                 ABSENT => {
                     DECIDED.set((i, dirty_or(CLEAN_ABSENT), false));
@@ -157,9 +168,10 @@ impl PageSource for Source {
                 REMOTE => {
                     let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
                         .ok_or_else(|| FillError("misaligned page".into()))?[0];
-                    let prefetched = match s.prefetch.on_fault(i) {
-                        Some((stride, window)) if s.prefetch_on => s.fetch_with_prefetch(fault, i, stride, window, dst),
-                        _ => false,
+                    let trend = if s.prefetch_on.load(Ordering::Relaxed) { s.prefetch.on_fault(i) } else { None };
+                    let prefetched = match trend {
+                        Some((stride, window)) => s.fetch_with_prefetch(fault, i, stride, window, dst),
+                        None => false,
                     };
                     let fetched = if prefetched { Ok(()) } else { s.fetch(i, dst) };
                     match fetched {
@@ -200,10 +212,13 @@ impl PageSource for Source {
         match outcome {
             Outcome::Installed | Outcome::AlreadyPresent => {
                 s.table.set(index, state);
+                if state != DIRTY {
+                    s.note_protected_install(1);
+                }
                 if !counted && outcome == Outcome::Installed {
                     let resident = s.resident.fetch_add(1, Ordering::AcqRel) + 1;
                     crate::lock(&s.queue).push_back(index);
-                    if resident > s.budget {
+                    if resident > s.budget.load(Ordering::Relaxed) {
                         s.wake_evictor();
                     }
                 }
@@ -218,6 +233,7 @@ impl PageSource for Source {
             match s.table.get(index) {
                 st @ (CLEAN | CLEAN_ABSENT) => {
                     if s.table.cas(index, st, DIRTY) {
+                        s.upgrades.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
                 }
@@ -234,6 +250,24 @@ impl PageSource for Source {
 }
 
 impl Shared {
+    /// Whether most pages installed write-protected were written soon after (a read-modify-write
+    /// stream), over a window of the last few thousand installs.
+    fn writes_likely(&self) -> bool {
+        let reads = self.protected_installs.load(Ordering::Relaxed);
+        let writes = self.upgrades.load(Ordering::Relaxed);
+        reads >= 64 && writes * 4 > reads * 3
+    }
+
+    /// Counts pages installed write-protected; ages both counters so the prediction follows
+    /// the workload.
+    fn note_protected_install(&self, n: u64) {
+        if self.protected_installs.fetch_add(n, Ordering::Relaxed) + n > 4096 {
+            self.protected_installs.store(2048, Ordering::Relaxed);
+            let w = self.upgrades.load(Ordering::Relaxed);
+            self.upgrades.store(w / 2, Ordering::Relaxed);
+        }
+    }
+
     /// Fetches page `i` into `dst` together with up to `window` pages ahead of it along
     /// `stride` that are on the servers, and installs those. Returns whether `i` arrived (if
     /// not, the caller fetches it alone, with failover).
@@ -283,7 +317,8 @@ impl Shared {
             self.prefetch.prefetched_up_to(*last);
         }
         bump(&self.stats.prefetched, installed);
-        if self.resident.fetch_add(installed, Ordering::AcqRel) + installed > self.budget {
+        self.note_protected_install(installed);
+        if self.resident.fetch_add(installed, Ordering::AcqRel) + installed > self.budget.load(Ordering::Relaxed) {
             self.wake_evictor();
         }
         ok[0]
@@ -316,7 +351,8 @@ impl Shared {
 
     /// Evicts until the resident set is within the budget (or nothing more can go).
     fn evict(&self, core: &RegionCore, stop: &AtomicBool) {
-        let low = self.budget - self.budget / 16;
+        let budget = self.budget.load(Ordering::Relaxed);
+        let low = budget - budget / 16;
         let mut stuck_rounds = 0;
         while self.resident.load(Ordering::Acquire) > low && !stop.load(Ordering::Acquire) && stuck_rounds < 3 {
             let batch: Vec<u64> = {
@@ -523,11 +559,13 @@ impl NetRam {
         let shared = Arc::new(Shared {
             name: cfg.name.clone(),
             prefetch: crate::prefetch::Prefetcher::default(),
-            prefetch_on: cfg.prefetch,
+            prefetch_on: AtomicBool::new(cfg.prefetch),
+            protected_installs: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
             table: PageTable::new(pages),
             servers,
             resident: AtomicU64::new(0),
-            budget,
+            budget: AtomicU64::new(budget),
             queue: Mutex::new(VecDeque::new()),
             evict_wanted: (Mutex::new(false), Condvar::new()),
             stats: Counters::default(),
@@ -560,7 +598,7 @@ impl NetRam {
                     }
                     *wanted = false;
                 }
-                if shared.resident.load(Ordering::Acquire) > shared.budget {
+                if shared.resident.load(Ordering::Acquire) > shared.budget.load(Ordering::Relaxed) {
                     shared.evict(&core, &stop);
                 }
             }
@@ -635,6 +673,23 @@ impl NetRam {
             }
         }
         self.shared.servers.members.iter().zip(counts).map(|(m, c)| (m.uri.clone(), m.alive(), c)).collect()
+    }
+
+    /// Changes the resident budget (at least [`MIN_BUDGET_PAGES`] pages); a smaller budget is
+    /// reached by evicting in the background.
+    pub fn set_resident_budget(&self, bytes: u64) -> Result<(), NetRamError> {
+        let pages = bytes / PAGE_SIZE as u64;
+        if pages < MIN_BUDGET_PAGES {
+            return Err(NetRamError::Config(format!("a resident budget must be at least {MIN_BUDGET_PAGES} pages")));
+        }
+        self.shared.budget.store(pages, Ordering::Relaxed);
+        self.shared.wake_evictor();
+        Ok(())
+    }
+
+    /// Turns prefetching on or off.
+    pub fn set_prefetch(&self, on: bool) {
+        self.shared.prefetch_on.store(on, Ordering::Relaxed);
     }
 
     /// The pager region underneath.

@@ -40,11 +40,16 @@ impl State {
         }
         let start = (self.next + HISTORY - self.len) % HISTORY;
         let at = |k: usize| self.last[(start + k) % HISTORY];
-        #[allow(clippy::cast_possible_wrap)]
-        let deltas: Vec<i64> = (1..self.len).map(|k| at(k).wrapping_sub(at(k - 1)) as i64).collect();
+        let mut buf = [0i64; HISTORY];
+        for k in 1..self.len {
+            #[allow(clippy::cast_possible_wrap)]
+            let d = at(k).wrapping_sub(at(k - 1)) as i64;
+            buf[k - 1] = d;
+        }
+        let deltas = &buf[..self.len - 1];
         // Boyer-Moore vote, then a count to confirm.
         let (mut cand, mut votes) = (0i64, 0usize);
-        for &d in &deltas {
+        for &d in deltas {
             if votes == 0 {
                 cand = d;
                 votes = 1;

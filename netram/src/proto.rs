@@ -38,8 +38,9 @@ pub type ClientId = [u8; 16];
 /// `FREE` with this count frees the whole region.
 pub const ALL: u32 = u32::MAX;
 
-/// Most pages in one PUT or FREE.
-pub const MAX_BATCH: usize = 256;
+/// Most pages in one PUT or FREE: a full PUT (240 pages and their numbers, 985 KB) stays under
+/// the transport's default maximum frame of 1 MiB.
+pub const MAX_BATCH: usize = 240;
 
 /// A request that does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

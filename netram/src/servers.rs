@@ -20,7 +20,10 @@ pub(crate) const MAX_SERVERS: usize = 32;
 /// One memory server.
 pub(crate) struct Member {
     pub(crate) uri: String,
+    /// Faults' page reads: never queued behind a bulk write-back.
     conn: Connection,
+    /// Write-backs, frees and lease renewals.
+    bulk: Connection,
     free: AtomicU64,
     alive: AtomicBool,
 }
@@ -74,9 +77,11 @@ impl ServerSet {
                 .call(proto::OPEN, &proto::encode_open(&client, lease_ms))
                 .map_err(|e| unreachable(e.to_string()))?;
             let st = ServerState::decode(&st).map_err(|e| unreachable(e.to_string()))?;
+            let bulk = connect(uri, &opts).map_err(|e| unreachable(crate::chain(&e)))?;
             members.push(Member {
                 uri: uri.clone(),
                 conn,
+                bulk,
                 free: AtomicU64::new(st.free_pages),
                 alive: AtomicBool::new(true),
             });
@@ -233,7 +238,7 @@ impl ServerSet {
                     let batch: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|k| pages[*k]).collect();
                     let req = proto::encode_put(&self.client, self.region, &batch);
                     let m = &self.members[server];
-                    match m.conn.call(proto::PUT, &req) {
+                    match m.bulk.call(proto::PUT, &req) {
                         Ok(resp) => {
                             if let Ok(st) = ServerState::decode(&resp) {
                                 m.free.store(st.free_pages, Ordering::Relaxed);
@@ -264,7 +269,7 @@ impl ServerSet {
                 continue;
             }
             for chunk in pages.chunks(MAX_BATCH) {
-                if let Err(e) = m.conn.call(proto::FREE, &proto::encode_free(&self.client, self.region, Some(chunk))) {
+                if let Err(e) = m.bulk.call(proto::FREE, &proto::encode_free(&self.client, self.region, Some(chunk))) {
                     log::debug!("freeing pages on {}: {e}", m.uri);
                 }
             }
@@ -279,7 +284,7 @@ impl ServerSet {
             }
             let mut req = self.client.to_vec();
             req.truncate(16);
-            match m.conn.call(proto::RENEW, &req) {
+            match m.bulk.call(proto::RENEW, &req) {
                 Ok(resp) => {
                     if let Ok(st) = ServerState::decode(&resp) {
                         m.free.store(st.free_pages, Ordering::Relaxed);

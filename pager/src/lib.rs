@@ -115,6 +115,26 @@ pub struct Fault<'a> {
     pub write: bool,
     /// The region, to install further pages (prefetch) while serving this one.
     pub region: &'a RegionCore,
+    /// Set by the source ([`Fault::install_writable`]).
+    writable: std::cell::Cell<bool>,
+}
+
+impl<'a> Fault<'a> {
+    pub(crate) fn new(index: u64, write: bool, region: &'a RegionCore) -> Fault<'a> {
+        Fault { index, write, region, writable: std::cell::Cell::new(write) }
+    }
+
+    /// With [`DirtyTracking::Faults`]: install this page writable even though the access was a
+    /// read, because the source already counts it as written (for example when it predicts a
+    /// read-modify-write and wants to spare the second, write-protect fault). Without this, a read
+    /// fault installs the page write-protected.
+    pub fn install_writable(&self) {
+        self.writable.set(true);
+    }
+
+    pub(crate) fn writable(&self) -> bool {
+        self.writable.get()
+    }
 }
 
 /// Where a region's pages come from.

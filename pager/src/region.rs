@@ -20,6 +20,10 @@ pub enum FaultMode {
     Workers(usize),
     /// The faulting thread serves its own fault, in a SIGBUS handler.
     FaultingThread,
+    /// One worker per CPU, each pinned to its CPU and sleeping (never spinning) until a fault
+    /// arrives: a faulting thread's own CPU goes idle when it blocks, so the worker there runs at
+    /// once, with no cross-CPU wake-up and no signal. Serves system calls' faults too.
+    PerCpu,
 }
 
 /// How a region learns which pages were written.
@@ -292,15 +296,20 @@ impl Region {
                 },
             )?;
         }
-        let threads = match cfg.mode {
-            FaultMode::Workers(n) => n,
+        let (threads, spin, pin) = match cfg.mode {
+            FaultMode::Workers(n) => (n, cfg.worker_spin, Vec::new()),
             FaultMode::FaultingThread => {
                 region.signal_slot = Some(signal::Slot::register(&region.core)?);
-                1 // reads the non-fault events (mremap, munmap, MADV_DONTNEED)
+                // One worker reads the non-fault events (mremap, munmap, MADV_DONTNEED).
+                (1, cfg.worker_spin, Vec::new())
+            }
+            FaultMode::PerCpu => {
+                let cpus = worker::allowed_cpus();
+                (cpus.len().max(1), Duration::ZERO, cpus)
             }
         };
         region.workers = Some(
-            worker::Workers::start(&region.core, threads, cfg.worker_spin)
+            worker::Workers::start(&region.core, threads, spin, &pin)
                 .map_err(|err| PagerError::Os { op: "spawn fault worker", err })?,
         );
         Ok(region)
@@ -653,20 +662,18 @@ impl RegionCore {
         bump(&self.stats.faults, 1);
         let index = (page_addr - base) / PAGE;
         let mut buf = PageBuf::zeroed();
-        let filled = {
-            // The source sees the region through a plain reference, valid for this call.
-            let fault = Fault { index, write, region: self };
-            // A panicking source must not kill a worker (its waiters would hang) or unwind out
-            // of a signal handler (which aborts): it counts as a failed fetch.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
-                .unwrap_or_else(|_| Err(FillError("the page source panicked".into())))
-        };
-        // Exact tracking installs a page written at once unprotected (the source saw `write`);
-        // scan tracking protects everything and lets the kernel unprotect on write.
+        // The source sees the region through a plain reference, valid for this call.
+        let fault = Fault::new(index, write, self);
+        // A panicking source must not kill a worker (its waiters would hang) or unwind out of a
+        // signal handler (which aborts): it counts as a failed fetch.
+        let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
+            .unwrap_or_else(|_| Err(FillError("the page source panicked".into())));
+        // Exact tracking installs a page written at once (or that the source counts as written)
+        // unprotected; scan tracking protects everything and lets the kernel unprotect on write.
         let wp = match self.dirty {
             DirtyTracking::Off => false,
             DirtyTracking::Scan => true,
-            DirtyTracking::Faults => !write,
+            DirtyTracking::Faults => !fault.writable(),
         };
         let result = match filled {
             Ok(Filled::Data) => {

@@ -27,7 +27,8 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    pub(crate) fn start(core: &Arc<RegionCore>, n: usize, spin: Duration) -> io::Result<Workers> {
+    /// Starts `n` workers; with `pin`, worker `i` runs only on CPU `pin[i]`.
+    pub(crate) fn start(core: &Arc<RegionCore>, n: usize, spin: Duration, pin: &[usize]) -> io::Result<Workers> {
         // SAFETY: eventfd returns a new descriptor that we own, or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -38,9 +39,13 @@ impl Workers {
         let mut w = Workers { stop: Arc::new(AtomicBool::new(false)), stop_fd, threads: Vec::new() };
         for i in 0..n {
             let (core, stop, stop_fd) = (core.clone(), w.stop.clone(), w.stop_fd.clone());
-            let t = std::thread::Builder::new()
-                .name(format!("mosaic-fault-{i}"))
-                .spawn(move || run(&core, &stop, &stop_fd, spin));
+            let cpu = pin.get(i).copied();
+            let t = std::thread::Builder::new().name(format!("mosaic-fault-{i}")).spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu);
+                }
+                run(&core, &stop, &stop_fd, spin);
+            });
             match t {
                 Ok(t) => w.threads.push(t),
                 Err(e) => {
@@ -61,6 +66,31 @@ impl Workers {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// Restricts the calling thread to `cpu` (best effort: a failure leaves it unpinned).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity(0, ...) act on
+    // that local set and the calling thread only.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            log::debug!("cannot pin a fault worker to CPU {cpu}: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+pub(crate) fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set we pass; CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|c| libc::CPU_ISSET(*c, &set)).collect()
     }
 }
 

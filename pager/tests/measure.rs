@@ -47,7 +47,7 @@ fn fault_latency(mode: FaultMode, pages: u64) -> Vec<u64> {
 #[ignore = "a measurement, not a check: run by hand"]
 fn local_fault_latency_by_mode() {
     for round in 0..3 {
-        for mode in [FaultMode::Workers(1), FaultMode::FaultingThread] {
+        for mode in [FaultMode::Workers(1), FaultMode::FaultingThread, FaultMode::PerCpu] {
             let lat = fault_latency(mode, 20_000);
             println!("round {round} {mode:?}: {}", summary(lat));
         }

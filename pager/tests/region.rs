@@ -16,7 +16,8 @@ use mosaic_pager::{
     RegionConfig, PAGE_SIZE,
 };
 
-const MODES: [FaultMode; 3] = [FaultMode::Workers(1), FaultMode::Workers(3), FaultMode::FaultingThread];
+const MODES: [FaultMode; 4] =
+    [FaultMode::Workers(1), FaultMode::Workers(3), FaultMode::FaultingThread, FaultMode::PerCpu];
 
 /// Fills page i with bytes derived from i; counts calls; pages listed in `fail` fail; page
 /// `zero_from..` are zero pages.

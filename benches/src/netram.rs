@@ -1,0 +1,406 @@
+//! `mosaic-bench netram`: remote fault latency and throughput, scans with and without prefetch,
+//! and random read-modify-write at several resident fractions, beside the two costs a fault is
+//! made of, measured in the same run: the transport's 4 KiB page read (the memory server's GET,
+//! the request a fault sends) and the pager's local install (`UFFDIO_COPY` of one page).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mosaic_netram::{proto, NetRam, NetRamConfig};
+use mosaic_pager::{Fault, FaultMode, FillError, Filled, PageBuf, PageSource, Region, RegionConfig};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, Page, PAGE_SIZE};
+use serde_json::json;
+
+use crate::serve::ChildServer;
+use crate::stats::{count_f64, Samples, Summary};
+
+/// What to measure.
+pub struct Plan {
+    /// Transports: tcp, shm.
+    pub transports: Vec<String>,
+    /// Use these servers instead of starting two per transport.
+    pub servers: Vec<String>,
+    /// Thread counts for faults/s.
+    pub threads: Vec<usize>,
+    /// Resident fractions (percent) for the read-modify-write workload.
+    pub resident: Vec<u64>,
+    /// Region size for the fault and scan figures, in bytes.
+    pub size: u64,
+    /// Working set of the read-modify-write workload, in bytes.
+    pub rmw_size: u64,
+    /// Seconds per timed figure.
+    pub time: Duration,
+    /// Serve faults with worker threads instead of on the faulting thread.
+    pub workers: bool,
+    /// One JSON object per line.
+    pub json: bool,
+}
+
+/// One figure.
+#[derive(Default)]
+struct Figure {
+    transport: String,
+    op: &'static str,
+    threads: usize,
+    resident_pct: Option<u64>,
+    prefetch: Option<bool>,
+    outstanding: Option<usize>,
+    latency: Option<Summary>,
+    per_s: Option<(&'static str, f64)>,
+    mb_per_s: Option<f64>,
+}
+
+impl Figure {
+    fn new(transport: &str, op: &'static str) -> Figure {
+        Figure { transport: transport.into(), op, threads: 1, ..Figure::default() }
+    }
+
+    fn print(&self, json_out: bool, mode: &str) {
+        if json_out {
+            let mut v = json!({"bench": "netram", "transport": self.transport, "op": self.op, "threads": self.threads, "fault_mode": mode});
+            let o = v.as_object_mut().expect("object");
+            if let Some(p) = self.resident_pct {
+                o.insert("resident_pct".into(), json!(p));
+            }
+            if let Some(p) = self.prefetch {
+                o.insert("prefetch".into(), json!(p));
+            }
+            if let Some(n) = self.outstanding {
+                o.insert("outstanding".into(), json!(n));
+            }
+            if let Some(l) = self.latency {
+                o.insert("min_us".into(), json!(round3(l.min_us)));
+                o.insert("median_us".into(), json!(round3(l.median_us)));
+                o.insert("p99_us".into(), json!(round3(l.p99_us)));
+                o.insert("samples".into(), json!(l.count));
+            }
+            if let Some((k, v)) = self.per_s {
+                o.insert(k.into(), json!(v.round()));
+            }
+            if let Some(b) = self.mb_per_s {
+                o.insert("mb_per_s".into(), json!(round3(b)));
+            }
+            println!("{v}");
+        } else {
+            let mut what = self.op.to_string();
+            if let Some(p) = self.prefetch {
+                what += if p { " +prefetch" } else { " no-prefetch" };
+            }
+            if let Some(p) = self.resident_pct {
+                what += &format!(" {p}% resident");
+            }
+            if let Some(n) = self.outstanding {
+                what += &format!(" x{n}");
+            }
+            let lat = self
+                .latency
+                .map(|l| format!("min {:.2} / median {:.2} / p99 {:.2} us", l.min_us, l.median_us, l.p99_us))
+                .unwrap_or_default();
+            let rate = self.per_s.map(|(k, v)| format!("{v:.0} {}", k.trim_end_matches("_per_s"))).unwrap_or_default();
+            let bw = self.mb_per_s.map(|b| format!("{b:.0} MB/s")).unwrap_or_default();
+            println!("{:<5} {:<32} {:>3} thr  {lat} {rate} {bw}", self.transport, what, self.threads);
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Runs the plan.
+pub fn run(plan: &Plan) -> Result<(), String> {
+    let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
+    let mode = if plan.workers { "workers" } else { "faulting-thread" };
+    if !plan.json {
+        println!("mosaic-bench netram: faults served on the {mode}, {:.2} s per timed figure", plan.time.as_secs_f64());
+    }
+    let install = install_figure()?;
+    install.print(plan.json, mode);
+    for t in &plan.transports {
+        let (_children, uris) = servers_for(t, plan, &key_text)?;
+        eprintln!("[{t}] servers: {}", uris.join(", "));
+        for f in transport_figures(t, &uris, &key, plan)? {
+            f.print(plan.json, mode);
+        }
+        for f in fault_and_scan_figures(t, &uris, &key, plan)? {
+            f.print(plan.json, mode);
+        }
+        for &pct in &plan.resident {
+            eprintln!("[{t}] rmw at {pct}% resident");
+            rmw_figure(t, &uris, &key, plan, pct)?.print(plan.json, mode);
+        }
+    }
+    eprintln!("[local] rmw on ordinary memory");
+    rmw_local(plan).print(plan.json, mode);
+    Ok(())
+}
+
+fn servers_for(t: &str, plan: &Plan, key_text: &str) -> Result<(Vec<ChildServer>, Vec<String>), String> {
+    if !plan.servers.is_empty() {
+        return Ok((Vec::new(), plan.servers.clone()));
+    }
+    // One server: on a machine with few cores, every extra server's busy-polling thread competes
+    // with the client for a CPU, which would measure the co-location and not the fault path.
+    let capacity = (plan.size.max(plan.rmw_size) * 2).to_string();
+    let mut children = Vec::new();
+    for n in 0..1 {
+        let uri = match t {
+            "tcp" => "tcp://127.0.0.1:0".to_string(),
+            "shm" => format!("shm://mosaic-bench-ram-{}-{n}", std::process::id()),
+            other => return Err(format!("unknown transport {other:?}: expected tcp or shm")),
+        };
+        children.push(ChildServer::spawn(&["serve-ram", "--uri", &uri, "--capacity", &capacity], key_text, &uri)?);
+    }
+    let uris = children.iter().map(|c| c.uri.clone()).collect();
+    Ok((children, uris))
+}
+
+fn config(uris: &[String], key: &ClusterKey, size: u64, budget: u64, plan: &Plan) -> NetRamConfig {
+    let mut cfg = NetRamConfig::new(uris.to_vec(), key.clone(), size, budget);
+    cfg.copies = 1;
+    if plan.workers {
+        cfg.fault_mode = FaultMode::Workers(1);
+    }
+    cfg.name = "bench".into();
+    cfg
+}
+
+/// The pager's local install cost: one page copied into a fresh page of a registered region.
+fn install_figure() -> Result<Figure, String> {
+    struct Never;
+    impl PageSource for Never {
+        fn fill(&self, _: &Fault<'_>, _: &mut PageBuf) -> Result<Filled, FillError> {
+            Err(FillError("the install benchmark never faults".into()))
+        }
+    }
+    let pages = 20_000u64;
+    let region = Region::new(RegionConfig::new(pages), Never).map_err(|e| e.to_string())?;
+    let page = [PageBuf([7; PAGE_SIZE])];
+    let mut s = Samples::with_capacity(20_000);
+    for i in 0..pages {
+        let t = Instant::now();
+        region.install(i, &page).map_err(|e| e.to_string())?;
+        s.push(t.elapsed());
+    }
+    let mut f = Figure::new("local", "install");
+    f.latency = s.summary();
+    Ok(f)
+}
+
+/// The memory server's GET (the request a fault sends) over the bare transport, one at a time
+/// and 64 in flight.
+fn transport_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) -> Result<Vec<Figure>, String> {
+    let conn = connect(&uris[0], &ConnectOptions::new(key.clone())).map_err(|e| format!("{t}: {e}"))?;
+    let client = [0x42u8; 16];
+    conn.call(proto::OPEN, &proto::encode_open(&client, 60_000)).map_err(|e| e.to_string())?;
+    let pages: Vec<u64> = (0..proto::MAX_BATCH as u64).collect();
+    let data = [5u8; PAGE_SIZE];
+    let batch: Vec<(u64, &[u8; PAGE_SIZE])> = pages.iter().map(|p| (*p, &data)).collect();
+    conn.call(proto::PUT, &proto::encode_put(&client, 1, &batch)).map_err(|e| e.to_string())?;
+    let mut page = Page::boxed();
+    let mut next = 0u64;
+    let (mut s, _) = crate::stats::time_loop(plan.time / 5, plan.time, 2_000_000, || {
+        next = (next + 97) % proto::MAX_BATCH as u64;
+        conn.call_page(proto::GET, &proto::encode_get(&client, 1, next), &mut page)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut one = Figure::new(t, "read_page");
+    one.latency = s.summary();
+    one.outstanding = Some(1);
+    let mut bufs = Page::vec(64);
+    let reqs: Vec<[u8; 32]> = (0..64).map(|k| proto::encode_get(&client, 1, k * 3 % proto::MAX_BATCH as u64)).collect();
+    let (s, wall) = crate::stats::time_loop(plan.time / 5, plan.time, usize::MAX, || {
+        let mut calls: Vec<(&[u8], &mut Page)> = reqs.iter().map(|r| &r[..]).zip(bufs.iter_mut()).collect();
+        conn.call_pages(proto::GET, &mut calls)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut many = Figure::new(t, "read_page");
+    many.outstanding = Some(64);
+    many.mb_per_s = Some(count_f64(s.len() * 64 * PAGE_SIZE) / wall.as_secs_f64() / 1e6);
+    let _ = conn.call(proto::CLOSE, &client);
+    Ok(vec![one, many])
+}
+
+/// Fills every page of `ram` with data and waits until the evictor has pushed nearly all of it
+/// to the servers.
+fn populate(ram: &NetRam) {
+    let words = ram.len() / 8;
+    // SAFETY: the region is mapped for ram.len() bytes while `ram` lives.
+    let w = unsafe { std::slice::from_raw_parts_mut(ram.as_ptr().cast::<u64>(), words) };
+    for (i, x) in w.iter_mut().enumerate().step_by(PAGE_SIZE / 8) {
+        *x = i as u64;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let budget_pages = 512;
+    while ram.stats().resident > budget_pages && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Makes every page remote: shrinks the budget to the minimum, waits for the evictor, then
+/// (if `roomy`) raises it to the whole region so the next figure runs without eviction.
+fn make_remote(ram: &NetRam, roomy: bool) {
+    let min = mosaic_netram::MIN_BUDGET_PAGES * PAGE_SIZE as u64;
+    let _ = ram.set_resident_budget(min);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ram.stats().resident > mosaic_netram::MIN_BUDGET_PAGES && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if roomy {
+        let _ = ram.set_resident_budget(ram.len() as u64 + (16 << 20));
+    }
+}
+
+/// A cheap per-thread random sequence.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn touch(ram: &NetRam, page: u64) -> u8 {
+    // SAFETY: `page` is below the region's page count; reading one byte faults it in.
+    unsafe { std::ptr::read_volatile(ram.as_ptr().add(usize::try_from(page).unwrap_or(0) * PAGE_SIZE)) }
+}
+
+fn fault_and_scan_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) -> Result<Vec<Figure>, String> {
+    let mut out = Vec::new();
+    let ram = NetRam::new(config(uris, key, plan.size, 1 << 20, plan)).map_err(|e| e.to_string())?;
+    let pages = (ram.len() / PAGE_SIZE) as u64;
+    eprintln!("[{t}] populating {} MiB", plan.size >> 20);
+    populate(&ram);
+    ram.set_prefetch(false);
+
+    // Latency of single faults, in random order, with no eviction running (eviction is part of
+    // the throughput figures below).
+    eprintln!("[{t}] fault latency");
+    make_remote(&ram, true);
+    let mut next = rng(7);
+    let mut s = Samples::with_capacity(100_000);
+    let end = Instant::now() + plan.time;
+    while Instant::now() < end {
+        let p = next() % pages;
+        let before = ram.stats().fetched;
+        let t0 = Instant::now();
+        touch(&ram, p);
+        let d = t0.elapsed();
+        if ram.stats().fetched > before {
+            s.push(d);
+        }
+    }
+    let mut f = Figure::new(t, "fault");
+    f.latency = s.summary();
+    f.prefetch = Some(false);
+    out.push(f);
+
+    // Faults per second with several threads.
+    let ram = Arc::new(ram);
+    // Steady state: pages cycle through a 1 MiB budget, so eviction runs alongside.
+    make_remote(&ram, false);
+    let _ = ram.set_resident_budget(1 << 20);
+    for &threads in &plan.threads {
+        eprintln!("[{t}] faults/s with {threads} threads");
+        let stop = Arc::new(AtomicBool::new(false));
+        let before = ram.stats().fetched;
+        let start = Instant::now();
+        let workers: Vec<_> = (0..threads)
+            .map(|k| {
+                let (ram, stop) = (ram.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut next = rng(k as u64 * 7919 + 1);
+                    while !stop.load(Ordering::Relaxed) {
+                        touch(&ram, next() % pages);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(plan.time);
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            let _ = w.join();
+        }
+        let faults = ram.stats().fetched - before;
+        let mut f = Figure::new(t, "fault");
+        f.threads = threads;
+        f.prefetch = Some(false);
+        f.per_s =
+            Some(("faults_per_s", count_f64(usize::try_from(faults).unwrap_or(0)) / start.elapsed().as_secs_f64()));
+        out.push(f);
+    }
+
+    // Sequential scans of the whole region, without and with prefetch.
+    for prefetch in [false, true] {
+        eprintln!("[{t}] sequential scan, prefetch {prefetch}");
+        // A scan of data larger than its budget: eviction runs alongside.
+        make_remote(&ram, false);
+        let _ = ram.set_resident_budget(1 << 20);
+        ram.set_prefetch(prefetch);
+        let sum = AtomicU64::new(0);
+        let start = Instant::now();
+        for p in 0..pages {
+            sum.fetch_add(u64::from(touch(&ram, p)), Ordering::Relaxed);
+        }
+        let wall = start.elapsed();
+        let mut f = Figure::new(t, "scan");
+        f.prefetch = Some(prefetch);
+        f.mb_per_s = Some(count_f64(ram.len()) / wall.as_secs_f64() / 1e6);
+        out.push(f);
+    }
+    Ok(out)
+}
+
+/// The read-modify-write loop: random 8-byte updates over `w` for `time`; returns ops/s.
+pub fn rmw_ops_per_s(w: &mut [u64], time: Duration) -> f64 {
+    let mut next = rng(99);
+    let n = w.len() as u64;
+    let mut ops = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        for _ in 0..256 {
+            let i = usize::try_from(next() % n).unwrap_or(0);
+            w[i] = w[i].wrapping_mul(31).wrapping_add(1);
+        }
+        ops += 256;
+    }
+    count_f64(ops) / start.elapsed().as_secs_f64()
+}
+
+fn rmw_figure(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan, pct: u64) -> Result<Figure, String> {
+    let budget = (plan.rmw_size * pct / 100).max(mosaic_netram::MIN_BUDGET_PAGES * PAGE_SIZE as u64);
+    // Headroom over the working set at 100%, so "all resident" really is.
+    let budget = if pct >= 100 { budget + (4 << 20) } else { budget };
+    let ram = NetRam::new(config(uris, key, plan.rmw_size, budget, plan)).map_err(|e| e.to_string())?;
+    let words = ram.len() / 8;
+    // SAFETY: the region is mapped for ram.len() bytes while `ram` lives.
+    let w = unsafe { std::slice::from_raw_parts_mut(ram.as_ptr().cast::<u64>(), words) };
+    fill_random(w);
+    let rate = rmw_ops_per_s(w, plan.time);
+    let mut f = Figure::new(t, "rmw");
+    f.resident_pct = Some(pct);
+    f.per_s = Some(("ops_per_s", rate));
+    Ok(f)
+}
+
+/// Fills `w` with incompressible data (so kernel swap to zram gets no help from compression).
+pub fn fill_random(w: &mut [u64]) {
+    let mut next = rng(0xDA7A);
+    for x in w.iter_mut() {
+        *x = next();
+    }
+}
+
+fn rmw_local(plan: &Plan) -> Figure {
+    let mut w: Vec<u64> = vec![0; usize::try_from(plan.rmw_size / 8).unwrap_or(0)];
+    fill_random(&mut w);
+    let rate = rmw_ops_per_s(&mut w, plan.time);
+    let mut f = Figure::new("local", "rmw");
+    f.resident_pct = Some(100);
+    f.per_s = Some(("ops_per_s", rate));
+    f
+}
