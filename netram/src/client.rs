@@ -52,6 +52,11 @@ pub struct NetRamConfig {
     pub name: String,
     /// Prefetch along strided fault streams (sequential scans, strided loops). Default on.
     pub prefetch: bool,
+    /// Keep a quarter of the budget as a local cache of recently evicted pages: a page touched
+    /// again soon after its eviction comes back from here, not from a server, and returns to the
+    /// resident set. Together with first-in-first-out eviction of the resident set this
+    /// approximates LRU (hot pages keep coming back; cold ones age out). Off: plain FIFO.
+    pub victim_cache: bool,
 }
 
 impl NetRamConfig {
@@ -69,6 +74,7 @@ impl NetRamConfig {
             timeout: Duration::from_secs(5),
             name: "netram".into(),
             prefetch: true,
+            victim_cache: true,
         }
     }
 }
@@ -82,6 +88,8 @@ pub struct NetRamStats {
     pub zero_filled: u64,
     /// Pages brought in ahead of a strided fault stream.
     pub prefetched: u64,
+    /// Faults served from the local cache of recently evicted pages.
+    pub cache_hits: u64,
     /// Pages dropped from local RAM.
     pub evicted: u64,
     /// Dirty pages written to the servers.
@@ -98,6 +106,7 @@ pub struct NetRamStats {
 
 #[derive(Default)]
 struct Counters {
+    cache_hits: AtomicU64,
     fetched: AtomicU64,
     prefetched: AtomicU64,
     zero_filled: AtomicU64,
@@ -124,6 +133,8 @@ struct Shared {
     servers: ServerSet,
     resident: AtomicU64,
     budget: AtomicU64,
+    /// Recently evicted pages (copies of what the servers hold), newest last.
+    victims: Mutex<VictimCache>,
     /// Resident pages in the order they came in: the evictor's candidates.
     queue: Mutex<VecDeque<u64>>,
     evict_wanted: (Mutex<bool>, Condvar),
@@ -168,6 +179,13 @@ impl PageSource for Source {
                 REMOTE => {
                     let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
                         .ok_or_else(|| FillError("misaligned page".into()))?[0];
+                    if let Some(copy) = crate::lock(&s.victims).take(i) {
+                        dst.0.copy_from_slice(&copy.0);
+                        DECIDED.set((i, dirty_or(CLEAN), false));
+                        bump(&s.stats.cache_hits, 1);
+                        s.table.mark_hot(i);
+                        return Ok(Filled::Data);
+                    }
                     let trend = if s.prefetch_on.load(Ordering::Relaxed) { s.prefetch.on_fault(i) } else { None };
                     let prefetched = match trend {
                         Some((stride, window)) => s.fetch_with_prefetch(fault, i, stride, window, dst),
@@ -218,7 +236,7 @@ impl PageSource for Source {
                 if !counted && outcome == Outcome::Installed {
                     let resident = s.resident.fetch_add(1, Ordering::AcqRel) + 1;
                     crate::lock(&s.queue).push_back(index);
-                    if resident > s.budget.load(Ordering::Relaxed) {
+                    if resident > s.active_budget() {
                         s.wake_evictor();
                     }
                 }
@@ -250,6 +268,13 @@ impl PageSource for Source {
 }
 
 impl Shared {
+    /// Pages the region itself may hold: the budget minus the victim cache's share.
+    fn active_budget(&self) -> u64 {
+        let budget = self.budget.load(Ordering::Relaxed);
+        let cache = u64::try_from(crate::lock(&self.victims).capacity).unwrap_or(0);
+        budget - cache.min(budget / 2)
+    }
+
     /// Whether most pages installed write-protected were written soon after (a read-modify-write
     /// stream), over a window of the last few thousand installs.
     fn writes_likely(&self) -> bool {
@@ -318,7 +343,7 @@ impl Shared {
         }
         bump(&self.stats.prefetched, installed);
         self.note_protected_install(installed);
-        if self.resident.fetch_add(installed, Ordering::AcqRel) + installed > self.budget.load(Ordering::Relaxed) {
+        if self.resident.fetch_add(installed, Ordering::AcqRel) + installed > self.active_budget() {
             self.wake_evictor();
         }
         ok[0]
@@ -351,7 +376,7 @@ impl Shared {
 
     /// Evicts until the resident set is within the budget (or nothing more can go).
     fn evict(&self, core: &RegionCore, stop: &AtomicBool) {
-        let budget = self.budget.load(Ordering::Relaxed);
+        let budget = self.active_budget();
         let low = budget - budget / 16;
         let mut stuck_rounds = 0;
         while self.resident.load(Ordering::Acquire) > low && !stop.load(Ordering::Acquire) && stuck_rounds < 3 {
@@ -374,12 +399,18 @@ impl Shared {
     /// Evicts what it can of `batch`; returns how many pages left local RAM.
     fn evict_batch(&self, core: &RegionCore, batch: &[u64]) -> u64 {
         let mut victims: Vec<(u64, u8)> = Vec::with_capacity(batch.len());
+        let mut second_chance = Vec::new();
         for &i in batch {
+            if self.table.take_hot(i) {
+                second_chance.push(i);
+                continue;
+            }
             let st = self.table.get(i);
             if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
                 victims.push((i, st));
             }
         }
+        crate::lock(&self.queue).extend(second_chance);
         victims.sort_unstable();
         // Freeze the dirty pages (one ioctl per contiguous run): from here their writers wait
         // in `written`, so the copies taken below are final.
@@ -401,6 +432,7 @@ impl Shared {
         let refs: Vec<(u64, &[u8; PAGE_SIZE])> = dirty.iter().zip(&saved).map(|(i, p)| (*i, &p.0)).collect();
         let masks = self.servers.put(&refs);
         let stored: std::collections::HashMap<u64, u32> = dirty.iter().copied().zip(masks).collect();
+        let mut copies: std::collections::HashMap<u64, Box<Page>> = dirty.iter().copied().zip(saved).collect();
         // Decide where each victim goes; pages with nowhere to go stay resident and dirty.
         let mut leaving: Vec<(u64, u8)> = Vec::with_capacity(victims.len());
         let mut kept = Vec::new();
@@ -433,13 +465,39 @@ impl Shared {
             self.table.set(i, DIRTY);
         }
         crate::lock(&self.queue).extend(kept.iter().copied());
-        // Drop the rest, one madvise per contiguous run.
+        // Keep copies of what leaves for the servers in the victim cache (clean pages are
+        // write-protected, so their copy is stable), then drop, one madvise per contiguous run.
+        let caching = crate::lock(&self.victims).capacity > 0;
+        let mut cached = Vec::new();
+        if caching {
+            for &(i, next) in &leaving {
+                if next != REMOTE {
+                    continue;
+                }
+                let copy = copies.remove(&i).unwrap_or_else(|| {
+                    let mut p = Page::boxed();
+                    // SAFETY: as above: inside the live region, resident, write-protected (clean).
+                    let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
+                    p.0.copy_from_slice(src);
+                    p
+                });
+                cached.push((i, copy));
+            }
+        }
         let pages: Vec<u64> = leaving.iter().map(|l| l.0).collect();
         let mut failed = std::collections::HashSet::new();
         for r in runs(&pages) {
             if let Err(e) = core.drop_pages(r.start, r.end - r.start) {
                 log::warn!("region {}: cannot drop pages {r:?}: {e}", self.name);
                 failed.extend(r);
+            }
+        }
+        {
+            let mut v = crate::lock(&self.victims);
+            for (i, copy) in cached {
+                if !failed.contains(&i) {
+                    v.insert(i, copy);
+                }
             }
         }
         let mut gone = 0;
@@ -497,6 +555,51 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// Copies of recently evicted pages, oldest first out.
+struct VictimCache {
+    /// Page -> (insertion number, copy).
+    pages: std::collections::HashMap<u64, (u64, Box<Page>)>,
+    /// (page, insertion number), oldest first; entries whose number no longer matches are stale.
+    order: VecDeque<(u64, u64)>,
+    inserted: u64,
+    capacity: usize,
+}
+
+impl VictimCache {
+    fn new(capacity: u64) -> VictimCache {
+        VictimCache {
+            pages: std::collections::HashMap::new(),
+            order: VecDeque::new(),
+            inserted: 0,
+            capacity: usize::try_from(capacity).unwrap_or(0),
+        }
+    }
+
+    fn insert(&mut self, page: u64, copy: Box<Page>) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.inserted += 1;
+        self.pages.insert(page, (self.inserted, copy));
+        self.order.push_back((page, self.inserted));
+        while self.pages.len() > self.capacity {
+            let Some((old, n)) = self.order.pop_front() else { break };
+            if self.pages.get(&old).is_some_and(|(m, _)| *m == n) {
+                self.pages.remove(&old);
+            }
+        }
+        // Stale names of pages taken back pile up only until the next sweep.
+        if self.order.len() > 4 * self.capacity.max(16) {
+            let pages = &self.pages;
+            self.order.retain(|(p, n)| pages.get(p).is_some_and(|(m, _)| m == n));
+        }
+    }
+
+    fn take(&mut self, page: u64) -> Option<Box<Page>> {
+        self.pages.remove(&page).map(|(_, copy)| copy)
     }
 }
 
@@ -566,6 +669,7 @@ impl NetRam {
             servers,
             resident: AtomicU64::new(0),
             budget: AtomicU64::new(budget),
+            victims: Mutex::new(VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 })),
             queue: Mutex::new(VecDeque::new()),
             evict_wanted: (Mutex::new(false), Condvar::new()),
             stats: Counters::default(),
@@ -598,7 +702,7 @@ impl NetRam {
                     }
                     *wanted = false;
                 }
-                if shared.resident.load(Ordering::Acquire) > shared.budget.load(Ordering::Relaxed) {
+                if shared.resident.load(Ordering::Acquire) > shared.active_budget() {
                     shared.evict(&core, &stop);
                 }
             }
@@ -650,6 +754,7 @@ impl NetRam {
             fetched: l(&c.fetched),
             zero_filled: l(&c.zero_filled),
             prefetched: l(&c.prefetched),
+            cache_hits: l(&c.cache_hits),
             evicted: l(&c.evicted),
             written_back: l(&c.written_back),
             failovers: l(&c.failovers),

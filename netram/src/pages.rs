@@ -21,7 +21,7 @@
 //!    zero with no remote copy, CLEAN_ABSENT), because it is installed write-protected and its
 //!    first write goes through `written`, which marks it DIRTY before the write lands.
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// Never stored anywhere and not resident: reads as zeros.
@@ -52,6 +52,9 @@ fn idx(i: u64) -> usize {
 pub(crate) struct PageTable {
     state: Vec<AtomicU8>,
     holders: Vec<AtomicU32>,
+    /// Set when a page came back soon after its eviction: it gets a second pass through the
+    /// resident queue before it is evicted again.
+    hot: Vec<AtomicBool>,
 }
 
 impl PageTable {
@@ -60,6 +63,7 @@ impl PageTable {
         PageTable {
             state: (0..n).map(|_| AtomicU8::new(ABSENT)).collect(),
             holders: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            hot: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -74,6 +78,15 @@ impl PageTable {
     /// Moves page `i` from `from` to `to`; false if it was not in `from`.
     pub(crate) fn cas(&self, i: u64, from: u8, to: u8) -> bool {
         self.state[idx(i)].compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    pub(crate) fn mark_hot(&self, i: u64) {
+        self.hot[idx(i)].store(true, Ordering::Relaxed);
+    }
+
+    /// Clears page `i`'s hot mark; returns whether it was set.
+    pub(crate) fn take_hot(&self, i: u64) -> bool {
+        self.hot[idx(i)].swap(false, Ordering::Relaxed)
     }
 
     pub(crate) fn holders(&self, i: u64) -> u32 {
