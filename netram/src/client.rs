@@ -18,7 +18,7 @@ use mosaic_pager::{
 use mosaic_transport::{ClusterKey, Page};
 
 use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETCHING, LOST, REMOTE};
-use crate::servers::ServerSet;
+use crate::servers::{ServerSet, FILE_HOLDER};
 use crate::{NetRamError, PAGE_SIZE};
 
 /// How long a fault waits for a page another thread is fetching or evicting.
@@ -52,6 +52,10 @@ pub struct NetRamConfig {
     pub name: String,
     /// Prefetch along strided fault streams (sequential scans, strided loops). Default on.
     pub prefetch: bool,
+    /// Also keep every written-back page in this local file (created if missing, sparse, the
+    /// region's size): a second copy that needs no second server. With it, losing every server
+    /// loses nothing; reads fall back to the file when no server can answer.
+    pub backing_file: Option<std::path::PathBuf>,
     /// Keep a quarter of the budget as a local cache of recently evicted pages: a page touched
     /// again soon after its eviction comes back from here, not from a server, and returns to the
     /// resident set. Together with first-in-first-out eviction of the resident set this
@@ -75,6 +79,7 @@ impl NetRamConfig {
             name: "netram".into(),
             prefetch: true,
             victim_cache: true,
+            backing_file: None,
         }
     }
 }
@@ -133,6 +138,8 @@ struct Shared {
     servers: ServerSet,
     resident: AtomicU64,
     budget: AtomicU64,
+    /// The local backing file, if any.
+    file: Option<std::fs::File>,
     /// Recently evicted pages (copies of what the servers hold), newest last.
     victims: Mutex<VictimCache>,
     /// Resident pages in the order they came in: the evictor's candidates.
@@ -354,17 +361,57 @@ impl Shared {
         if holders == 0 {
             return Err(format!("page {i} has no copy on any server"));
         }
-        match self.servers.fetch(i, holders, dst) {
-            Ok(()) => {
-                if holders & !self.servers.live_mask() != 0 {
-                    bump(&self.stats.failovers, 1);
+        let on_servers = holders & !FILE_HOLDER;
+        let why = if on_servers == 0 {
+            String::from("no server holds it")
+        } else {
+            match self.servers.fetch(i, on_servers, dst) {
+                Ok(()) => {
+                    if on_servers & !self.servers.live_mask() != 0 {
+                        bump(&self.stats.failovers, 1);
+                    }
+                    return Ok(());
                 }
-                Ok(())
+                Err((failed, why)) => {
+                    self.table.drop_holders(i, failed);
+                    why
+                }
             }
-            Err((failed, why)) => {
-                self.table.drop_holders(i, failed);
-                Err(format!("no server could return page {i}: {why}"))
+        };
+        if holders & FILE_HOLDER != 0 {
+            if let Some(f) = &self.file {
+                use std::os::unix::fs::FileExt;
+                match f.read_exact_at(&mut dst.0, i * PAGE_SIZE as u64) {
+                    Ok(()) => {
+                        bump(&self.stats.failovers, u64::from(on_servers != 0));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "no server could return page {i} ({why}), and the backing file failed: {e}"
+                        ))
+                    }
+                }
             }
+        }
+        Err(format!("no server could return page {i}: {why}"))
+    }
+
+    /// Writes the pages to the backing file, if there is one; returns which were written.
+    fn write_file(&self, pages: &[(u64, &[u8; PAGE_SIZE])]) -> Vec<bool> {
+        use std::os::unix::fs::FileExt;
+        match &self.file {
+            None => vec![false; pages.len()],
+            Some(f) => pages
+                .iter()
+                .map(|(i, data)| match f.write_all_at(&data[..], i * PAGE_SIZE as u64) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::error!("region {}: writing page {i} to the backing file failed: {e}", self.name);
+                        false
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -431,7 +478,12 @@ impl Shared {
         }
         let refs: Vec<(u64, &[u8; PAGE_SIZE])> = dirty.iter().zip(&saved).map(|(i, p)| (*i, &p.0)).collect();
         let masks = self.servers.put(&refs);
-        let stored: std::collections::HashMap<u64, u32> = dirty.iter().copied().zip(masks).collect();
+        let in_file = self.write_file(&refs);
+        let stored: std::collections::HashMap<u64, u32> = dirty
+            .iter()
+            .copied()
+            .zip(masks.into_iter().zip(in_file).map(|(m, f)| if f { m | FILE_HOLDER } else { m }))
+            .collect();
         let mut copies: std::collections::HashMap<u64, Box<Page>> = dirty.iter().copied().zip(saved).collect();
         // Decide where each victim goes; pages with nowhere to go stay resident and dirty.
         let mut leaving: Vec<(u64, u8)> = Vec::with_capacity(victims.len());
@@ -525,35 +577,25 @@ impl Shared {
             if stop.load(Ordering::Acquire) {
                 return;
             }
-            let holders = self.table.holders(i);
-            if holders == 0 || holders & !live == 0 && (holders & live).count_ones() as usize >= want {
+            let all = self.table.holders(i);
+            let (file, holders) = (all & FILE_HOLDER, all & !FILE_HOLDER);
+            if all == 0 || holders & !live == 0 && (holders & live).count_ones() as usize >= want {
                 continue;
             }
             if !self.table.cas(i, REMOTE, FETCHING) {
                 continue; // resident or busy: its next eviction stores it where it belongs
             }
             let alive = holders & live;
-            let result = if alive == 0 {
-                Err("no live copy".to_string())
-            } else {
-                self.servers.fetch(i, alive, &mut page).map_err(|(_, why)| why)
-            };
-            match result {
-                Ok(()) => {
-                    let mask = self.servers.put(&[(i, &page.0)])[0];
-                    if mask != 0 {
-                        self.table.set_holders(i, mask | alive);
-                        bump(&self.stats.rebuilt, 1);
-                    } else {
-                        self.table.set_holders(i, alive);
-                    }
-                    self.table.set(i, REMOTE);
+            self.table.set_holders(i, alive | file);
+            // If no copy can be read, a fault decides LOST, with the page named.
+            if self.fetch(i, &mut page).is_ok() {
+                let mask = self.servers.put(&[(i, &page.0)])[0];
+                if mask != 0 {
+                    bump(&self.stats.rebuilt, 1);
                 }
-                Err(_) => {
-                    self.table.set_holders(i, alive);
-                    self.table.set(i, REMOTE); // a fetch decides LOST, with the page named
-                }
+                self.table.set_holders(i, mask | self.table.holders(i));
             }
+            self.table.set(i, REMOTE);
         }
     }
 }
@@ -659,6 +701,20 @@ impl NetRam {
         let region_id = u64::from_le_bytes(id[16..].try_into().unwrap_or_default());
         let servers =
             ServerSet::connect(&cfg.servers, &cfg.key, client, region_id, cfg.copies, cfg.lease, cfg.timeout)?;
+        let file = match &cfg.backing_file {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(pages * PAGE_SIZE as u64).map(|()| f))
+                    .map_err(|e| NetRamError::Config(format!("backing file {}: {e}", path.display())))?;
+                Some(f)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             name: cfg.name.clone(),
             prefetch: crate::prefetch::Prefetcher::default(),
@@ -669,6 +725,7 @@ impl NetRam {
             servers,
             resident: AtomicU64::new(0),
             budget: AtomicU64::new(budget),
+            file,
             victims: Mutex::new(VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 })),
             queue: Mutex::new(VecDeque::new()),
             evict_wanted: (Mutex::new(false), Condvar::new()),

@@ -14,8 +14,11 @@ use crate::{NetRamError, PAGE_SIZE};
 
 /// Pages per slab: placement is decided per slab.
 pub(crate) const SLAB_PAGES: u64 = 256;
-/// At most this many servers per region (holder masks are 32 bits).
-pub(crate) const MAX_SERVERS: usize = 32;
+/// At most this many servers per region (holder masks are 32 bits; the top bit is the local
+/// backing file).
+pub(crate) const MAX_SERVERS: usize = 31;
+/// The holder bit of the local backing file.
+pub(crate) const FILE_HOLDER: u32 = 1 << 31;
 
 /// One memory server.
 pub(crate) struct Member {

@@ -356,3 +356,30 @@ fn the_lru_approximation_fetches_less_than_fifo_on_a_skewed_workload() {
     assert!(lru * 10 < fifo * 9, "LRU approximation fetched {lru} pages, FIFO {fifo}: expected at least 10% fewer");
     eprintln!("skewed workload: FIFO fetched {fifo} pages, the LRU approximation {lru} (+{lru_hits} from its cache)");
 }
+
+#[test]
+fn a_local_backing_file_keeps_the_data_when_the_only_server_dies() {
+    let dir = std::env::temp_dir().join(format!("mosaic-netram-backing-{}", std::process::id()));
+    let mut s = servers(1, 64 * MIB);
+    let mut cfg = NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2);
+    cfg.backing_file = Some(dir.clone());
+    let ram = NetRam::new(cfg).unwrap();
+    let w = words(&ram);
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 11);
+    }
+    s.pop().unwrap().shutdown();
+    for (i, x) in w.iter().enumerate() {
+        assert_eq!(*x, value(i, 11), "word {i} after losing the only server");
+    }
+    assert_eq!(ram.stats().lost, 0);
+    // New writes still find a home: the file.
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 12);
+    }
+    for (i, x) in w.iter().enumerate() {
+        assert_eq!(*x, value(i, 12), "word {i}");
+    }
+    drop(ram);
+    let _ = std::fs::remove_file(&dir);
+}
