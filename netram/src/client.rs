@@ -334,16 +334,31 @@ impl Shared {
                 self.servers.fetch_many(&reqs, &mut dsts)
             }
         };
+        // Install runs of consecutive pages that arrived with one ioctl each.
         let mut installed = 0;
-        for (k, p) in extra.iter().enumerate() {
-            let arrived = ok[k + 1] && fault.region.install(*p, std::slice::from_ref(&bufs[k])).is_ok();
-            if arrived {
-                self.table.set(*p, CLEAN);
-                crate::lock(&self.queue).push_back(*p);
-                installed += 1;
-            } else {
-                self.table.set(*p, REMOTE);
+        let mut k = 0;
+        while k < extra.len() {
+            let mut end = k + 1;
+            while ok[k + 1] && end < extra.len() && ok[end + 1] && extra[end] == extra[end - 1] + 1 {
+                end += 1;
             }
+            let run = &extra[k..end];
+            let whole = ok[k + 1] && fault.region.install(run[0], &bufs[k..end]).is_ok();
+            let mut q = crate::lock(&self.queue);
+            for (j, p) in run.iter().enumerate() {
+                // After a failed run install some pages may be in: installing again one by one
+                // tells (Ok means present now, whoever put it there).
+                let arrived =
+                    whole || ok[k + j + 1] && fault.region.install(*p, std::slice::from_ref(&bufs[k + j])).is_ok();
+                if arrived {
+                    self.table.set(*p, CLEAN);
+                    q.push_back(*p);
+                    installed += 1;
+                } else {
+                    self.table.set(*p, REMOTE);
+                }
+            }
+            k = end;
         }
         if let Some(last) = extra.last() {
             self.prefetch.prefetched_up_to(*last);
