@@ -275,11 +275,13 @@ impl PageSource for Source {
 }
 
 impl Shared {
-    /// Pages the region itself may hold: the budget minus the victim cache's share.
+    /// Pages the region itself may hold: the budget minus what the victim cache holds now. A
+    /// working set that fits the budget is never evicted (the cache stays empty); one that does
+    /// not settles at three quarters resident, a quarter cached.
     fn active_budget(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
-        let cache = u64::try_from(crate::lock(&self.victims).capacity).unwrap_or(0);
-        budget - cache.min(budget / 2)
+        let cached = u64::try_from(crate::lock(&self.victims).pages.len()).unwrap_or(0);
+        budget - cached.min(budget / 2)
     }
 
     /// Whether most pages installed write-protected were written soon after (a read-modify-write
