@@ -1,0 +1,174 @@
+/*
+ * Every function of mosaic.h, including the error paths: NULL handles and arguments, a double
+ * destroy, wrong sizes, an unreachable server, calls before mosaic_init, finalize with live
+ * handles. Then real use: an in-process memory server and a region four times its resident
+ * budget, filled and checksummed. Built with -Wall -Wextra -Werror, plain and under
+ * AddressSanitizer, by .ci/run (see ffi/tests/c/run.sh).
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mosaic.h"
+
+static int failures = 0;
+
+#define CHECK(cond)                                                                         \
+    do {                                                                                    \
+        if (!(cond)) {                                                                      \
+            fprintf(stderr, "FAILED %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
+                    mosaic_last_error());                                                   \
+            failures++;                                                                     \
+        }                                                                                   \
+    } while (0)
+
+#define EXPECT(call, status) CHECK((call) == (status))
+
+static const char *KEY = "c-test-cluster-key-0123456789";
+
+static void before_init(void) {
+    mosaic_netram_options opts;
+    mosaic_netram *r = (mosaic_netram *)0x1;
+    mosaic_memserver *s = NULL;
+    EXPECT(mosaic_netram_options_init(&opts), MOSAIC_OK);
+    opts.size = 1 << 20;
+    opts.servers = "tcp://127.0.0.1:1";
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_ERR_NOT_INITIALIZED);
+    CHECK(r == NULL); /* the out-pointer is cleared on failure */
+    CHECK(strstr(mosaic_last_error(), "mosaic_init") != NULL);
+    EXPECT(mosaic_memserver_start("tcp://127.0.0.1:0", 1 << 20, &s), MOSAIC_ERR_NOT_INITIALIZED);
+    EXPECT(mosaic_finalize(), MOSAIC_ERR_NOT_INITIALIZED);
+    EXPECT(mosaic_init("short"), MOSAIC_ERR_INVALID); /* keys have at least 16 bytes */
+    CHECK(strlen(mosaic_last_error()) > 0);
+}
+
+static void strings(void) {
+    for (int s = 0; s <= 10; s++) {
+        const char *m = mosaic_strerror(s);
+        CHECK(m != NULL && strlen(m) > 0);
+    }
+    CHECK(strcmp(mosaic_strerror(0), "success") == 0);
+    CHECK(strcmp(mosaic_strerror(-1), "unknown status") == 0);
+    CHECK(strcmp(mosaic_strerror(12345), "unknown status") == 0);
+}
+
+static void null_arguments(void) {
+    mosaic_netram_options opts;
+    mosaic_netram *r = NULL;
+    mosaic_netram_stats st;
+    mosaic_memserver *s = NULL;
+    EXPECT(mosaic_netram_options_init(NULL), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_netram_create(NULL, &r), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_netram_options_init(&opts), MOSAIC_OK);
+    EXPECT(mosaic_netram_create(&opts, NULL), MOSAIC_ERR_NULL);
+    CHECK(mosaic_netram_ptr(NULL) == NULL);
+    CHECK(mosaic_netram_size(NULL) == 0);
+    EXPECT(mosaic_netram_get_stats(NULL, &st), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_netram_destroy(NULL), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_memserver_start(NULL, 1 << 20, &s), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_memserver_start("tcp://127.0.0.1:0", 1 << 20, NULL), MOSAIC_ERR_NULL);
+    CHECK(mosaic_memserver_uri(NULL) == NULL);
+    EXPECT(mosaic_memserver_stop(NULL), MOSAIC_ERR_NULL);
+    /* A pointer that is not a handle at all. */
+    mosaic_netram *bogus = (mosaic_netram *)&opts;
+    EXPECT(mosaic_netram_destroy(bogus), MOSAIC_ERR_BAD_HANDLE);
+    EXPECT(mosaic_netram_get_stats(bogus, &st), MOSAIC_ERR_BAD_HANDLE);
+    CHECK(mosaic_netram_ptr(bogus) == NULL);
+}
+
+static void bad_options(const char *server) {
+    mosaic_netram_options opts;
+    mosaic_netram *r = NULL;
+    EXPECT(mosaic_netram_options_init(&opts), MOSAIC_OK);
+    opts.servers = server;
+    opts.size = 0; /* no size */
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_ERR_INVALID);
+    opts.size = 8 << 20;
+    opts.resident_budget = 4096; /* below the minimum budget */
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_ERR_INVALID);
+    CHECK(strstr(mosaic_last_error(), "budget") != NULL);
+    opts.resident_budget = 1 << 20;
+    opts.fault_mode = 7;
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_ERR_INVALID);
+    opts.fault_mode = MOSAIC_FAULT_THREAD;
+    opts.copies = 2; /* two copies on one server */
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_ERR_INVALID);
+    opts.copies = 0;
+    opts.servers = "tcp://127.0.0.1:1"; /* nobody listens there */
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_ERR_UNREACHABLE);
+    CHECK(strstr(mosaic_last_error(), "tcp://127.0.0.1:1") != NULL);
+    opts.servers = "not-a-uri";
+    CHECK(mosaic_netram_create(&opts, &r) != MOSAIC_OK);
+    CHECK(r == NULL);
+}
+
+static uint64_t mix(uint64_t i) { return i * 0x9E3779B97F4A7C15ull ^ (i >> 7); }
+
+static void real_use(const char *server, uint32_t fault_mode) {
+    mosaic_netram_options opts;
+    mosaic_netram *r = NULL;
+    mosaic_netram_stats st;
+    EXPECT(mosaic_netram_options_init(&opts), MOSAIC_OK);
+    opts.servers = server;
+    opts.size = 8 << 20;
+    opts.resident_budget = 2 << 20; /* a quarter of the region */
+    opts.fault_mode = fault_mode;
+    EXPECT(mosaic_netram_create(&opts, &r), MOSAIC_OK);
+    if (r == NULL) return;
+    uint64_t *w = (uint64_t *)mosaic_netram_ptr(r);
+    uint64_t n = mosaic_netram_size(r) / sizeof(uint64_t);
+    CHECK(w != NULL && n == (8 << 20) / 8);
+    uint64_t sum = 0, check = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        w[i] = mix(i);
+        sum += mix(i);
+    }
+    for (uint64_t i = 0; i < n; i++) check += w[i];
+    CHECK(sum == check);
+    EXPECT(mosaic_netram_get_stats(r, &st), MOSAIC_OK);
+    CHECK(st.evicted > 0 && st.written_back > 0 && st.lost == 0);
+    EXPECT(mosaic_netram_get_stats(r, NULL), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_finalize(), MOSAIC_ERR_BUSY); /* a live region */
+    EXPECT(mosaic_netram_destroy(r), MOSAIC_OK);
+    EXPECT(mosaic_netram_destroy(r), MOSAIC_ERR_BAD_HANDLE); /* double free refused */
+    CHECK(mosaic_netram_ptr(r) == NULL);
+    CHECK(mosaic_netram_size(r) == 0);
+    printf("fault mode %u: %llu pages fetched, %llu evicted, %llu written back, checksum ok\n", fault_mode,
+           (unsigned long long)st.fetched, (unsigned long long)st.evicted, (unsigned long long)st.written_back);
+}
+
+int main(void) {
+    strings();
+    before_init();
+    EXPECT(mosaic_init(KEY), MOSAIC_OK);
+    EXPECT(mosaic_init(KEY), MOSAIC_ERR_ALREADY_INITIALIZED);
+    null_arguments();
+
+    mosaic_memserver *s = NULL;
+    EXPECT(mosaic_memserver_start("tcp://127.0.0.1:0", 0, &s), MOSAIC_ERR_INVALID); /* no capacity */
+    EXPECT(mosaic_memserver_start("bogus://x", 1 << 20, &s), MOSAIC_ERR_OS);
+    EXPECT(mosaic_memserver_start("tcp://127.0.0.1:0", 64 << 20, &s), MOSAIC_OK);
+    const char *uri = mosaic_memserver_uri(s);
+    CHECK(uri != NULL && strncmp(uri, "tcp://127.0.0.1:", 16) == 0);
+    char server[128];
+    snprintf(server, sizeof server, "%s", uri ? uri : "");
+
+    bad_options(server);
+    real_use(server, MOSAIC_FAULT_THREAD);
+    real_use(server, MOSAIC_FAULT_PER_CPU);
+
+    EXPECT(mosaic_finalize(), MOSAIC_ERR_BUSY); /* the server is live */
+    EXPECT(mosaic_memserver_stop(s), MOSAIC_OK);
+    EXPECT(mosaic_memserver_stop(s), MOSAIC_ERR_BAD_HANDLE);
+    CHECK(mosaic_memserver_uri(s) == NULL);
+    EXPECT(mosaic_finalize(), MOSAIC_OK);
+    EXPECT(mosaic_finalize(), MOSAIC_ERR_NOT_INITIALIZED);
+
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("all C API checks passed\n");
+    return 0;
+}
