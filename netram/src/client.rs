@@ -866,6 +866,56 @@ impl NetRam {
         Ok(())
     }
 
+    /// Forgets `count` pages from `first` (an allocator's free): afterwards they read as zeros;
+    /// their local memory and their copies on the servers are released.
+    pub fn discard(&self, first: u64, count: u64) -> Result<(), NetRamError> {
+        let s = &self.shared;
+        let end = first.checked_add(count).filter(|e| *e <= s.table.len()).ok_or_else(|| {
+            NetRamError::Config(format!("pages {first}..+{count} are outside the region of {} pages", s.table.len()))
+        })?;
+        let region = self.region();
+        let mut dropped = Vec::new();
+        let mut remote: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
+        for i in first..end {
+            loop {
+                let st = s.table.settle(i, SETTLE_LIMIT).unwrap_or(LOST);
+                if st == ABSENT {
+                    break;
+                }
+                if !s.table.cas(i, st, EVICTING) {
+                    continue;
+                }
+                let holders = s.table.holders(i);
+                if holders & !FILE_HOLDER != 0 {
+                    remote.entry(holders & !FILE_HOLDER).or_default().push(i);
+                }
+                s.table.set_holders(i, 0);
+                if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY | LOST) {
+                    dropped.push((i, st != LOST));
+                } else {
+                    s.table.set(i, ABSENT);
+                }
+                crate::lock(&s.victims).take(i);
+                break;
+            }
+        }
+        let pages: Vec<u64> = dropped.iter().map(|d| d.0).collect();
+        for r in runs(&pages) {
+            if let Err(e) = region.drop_pages(r.start, r.end - r.start) {
+                log::warn!("region {}: discarding pages {r:?}: {e}", s.name);
+            }
+        }
+        let resident = dropped.iter().filter(|d| d.1).count() as u64;
+        for (i, _) in dropped {
+            s.table.set(i, ABSENT);
+        }
+        s.resident.fetch_sub(resident, Ordering::AcqRel);
+        for (mask, pages) in remote {
+            s.servers.free(mask, &pages);
+        }
+        Ok(())
+    }
+
     /// Turns prefetching on or off.
     pub fn set_prefetch(&self, on: bool) {
         self.shared.prefetch_on.store(on, Ordering::Relaxed);

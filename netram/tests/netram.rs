@@ -383,3 +383,30 @@ fn a_local_backing_file_keeps_the_data_when_the_only_server_dies() {
     drop(ram);
     let _ = std::fs::remove_file(&dir);
 }
+
+#[test]
+fn discarded_pages_read_as_zeros_and_free_their_copies() {
+    let s = servers(2, 64 * MIB);
+    let ram = NetRam::new(NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2)).unwrap();
+    let w = words(&ram);
+    for (i, x) in w.iter_mut().enumerate() {
+        *x = value(i, 13) | 1;
+    }
+    // Let the evictor finish, so the copies counted below stay put.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ram.stats().resident > 128 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let stored_before = s[0].stats().used_pages + s[1].stats().used_pages;
+    assert!(stored_before > 0);
+    // Discard the whole first half (all of it on the servers by now).
+    ram.discard(0, 512).unwrap();
+    let stored_after = s[0].stats().used_pages + s[1].stats().used_pages;
+    assert_eq!(stored_after, stored_before - 2 * 512, "both copies of the 512 pages freed");
+    let half = w.len() / 2;
+    assert!(w[..half].iter().all(|x| *x == 0), "discarded pages read as zeros");
+    for (i, x) in w.iter().enumerate().skip(half) {
+        assert_eq!(*x, value(i, 13) | 1, "word {i} kept");
+    }
+    assert!(ram.discard(1000, 100).is_err(), "out of range");
+}
