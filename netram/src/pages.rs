@@ -41,6 +41,31 @@ pub(crate) const EVICTING: u8 = 6;
 /// No copy is left: touching it raises SIGBUS.
 pub(crate) const LOST: u8 = 7;
 
+/// A vector of `n` zeroed atomics, allocated as zeroed memory.
+fn zeroed<A: Zeroable>(n: usize) -> Vec<A> {
+    let mut v = std::mem::ManuallyDrop::new(vec![A::Plain::default(); n]);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: `A` has the same size, alignment and bit validity as `A::Plain` (the `Zeroable`
+    // contract, true of the standard atomics and their plain integers), so the allocation made
+    // for `cap` plain values is a valid allocation of `cap` atomics holding the same (zero)
+    // values; ownership moves from the forgotten vector to the new one.
+    unsafe { Vec::from_raw_parts(ptr.cast::<A>(), len, cap) }
+}
+
+/// An atomic with a plain twin of identical layout whose zero is the atomic's zero.
+trait Zeroable {
+    type Plain: Default + Clone;
+}
+impl Zeroable for AtomicU8 {
+    type Plain = u8;
+}
+impl Zeroable for AtomicU32 {
+    type Plain = u32;
+}
+impl Zeroable for AtomicBool {
+    type Plain = bool;
+}
+
 /// A page number as an index: the table was built from a `usize` length, so every valid page
 /// number fits (an out-of-range one panics on the index, as any bug would).
 #[allow(clippy::cast_possible_truncation)]
@@ -60,11 +85,9 @@ pub(crate) struct PageTable {
 impl PageTable {
     pub(crate) fn new(pages: u64) -> PageTable {
         let n = usize::try_from(pages).unwrap_or(usize::MAX);
-        PageTable {
-            state: (0..n).map(|_| AtomicU8::new(ABSENT)).collect(),
-            holders: (0..n).map(|_| AtomicU32::new(0)).collect(),
-            hot: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        }
+        // Zeroed allocations (ABSENT, no holders, not hot): for a large region the allocator
+        // hands out untouched zero pages, so a table costs memory only where pages are used.
+        PageTable { state: zeroed(n), holders: zeroed(n), hot: zeroed(n) }
     }
 
     pub(crate) fn get(&self, i: u64) -> u8 {

@@ -1,0 +1,199 @@
+//! `mosrun`: runs an unmodified program with its large allocations on Mosaic network RAM.
+//!
+//! ```text
+//! mosrun [--servers URI,...] [--local-budget SIZE] [--threshold SIZE] -- PROGRAM [ARGS...]
+//! ```
+//! It checks that every server answers with the cluster key, then runs PROGRAM with
+//! `libmosaic_preload.so` preloaded and configured through the environment. Without `--servers`
+//! it starts a memory server on loopback inside its own process for the duration of the run.
+//! It exits with the program's status (128 + N if the program died of signal N).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use clap::Parser;
+use mosaic_netram::{parse_size, proto, MemServer, MemServerConfig, MIN_BUDGET_PAGES, PAGE_SIZE};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "mosrun",
+    version,
+    about = "Runs a program with its large allocations on Mosaic network RAM",
+    long_about = "Runs PROGRAM unmodified, with allocations of at least --threshold bytes placed on \
+                  network RAM (memory servers) and at most --local-budget of them kept in local \
+                  RAM. Sizes are written like 512M, 2G or 1GiB. The cluster key comes from \
+                  MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; without servers and without a \
+                  key, mosrun starts a memory server on loopback with a fresh random key.\n\n\
+                  Limits: a child the program forks does not inherit its network-RAM allocations \
+                  (children that exec are unaffected). Programs that hand large buffers to system \
+                  calls work (faults are served by worker threads)."
+)]
+struct Cli {
+    /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: start one on
+    /// loopback for this run.
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<String>,
+    /// Local RAM the program's large allocations may use.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    local_budget: u64,
+    /// Smallest allocation placed on network RAM.
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    threshold: u64,
+    /// Address space reserved for large allocations (their total at any time).
+    #[arg(long, default_value = "16G", value_parser = parse_size)]
+    size: u64,
+    /// Copies of each page on distinct servers (default: 2 with two or more servers, else 1).
+    #[arg(long)]
+    copies: Option<usize>,
+    /// RAM the embedded loopback server may hold (when no --servers are given).
+    #[arg(long, default_value = "32G", value_parser = parse_size)]
+    server_capacity: u64,
+    /// Where libmosaic_preload.so is (default: $MOSAIC_PRELOAD_LIB, else beside mosrun, else
+    /// ../lib from it).
+    #[arg(long)]
+    preload: Option<PathBuf>,
+    /// Say what is being set up.
+    #[arg(long, short)]
+    verbose: bool,
+    /// The program and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    program: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mosrun: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn find_preload(cli: &Cli) -> Result<PathBuf, String> {
+    if let Some(p) = cli.preload.clone().or_else(|| std::env::var_os("MOSAIC_PRELOAD_LIB").map(PathBuf::from)) {
+        return if p.is_file() { Ok(p) } else { Err(format!("{}: no such file", p.display())) };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let dir = exe.parent().ok_or("mosrun has no directory")?;
+    let candidates = [dir.join("libmosaic_preload.so"), dir.join("../lib/libmosaic_preload.so")];
+    candidates.iter().find(|c| c.is_file()).cloned().ok_or_else(|| {
+        format!(
+            "cannot find libmosaic_preload.so beside {} or in ../lib (build it with `cargo build --release -p mosaic-preload`, or pass --preload)",
+            exe.display()
+        )
+    })
+}
+
+/// Connects to `uri`, opens and closes a session: the server answers and shares our key.
+fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
+    let conn = connect(uri, &ConnectOptions::new(key.clone()).timeout(std::time::Duration::from_secs(5)))
+        .map_err(|e| format!("memory server {uri} cannot be reached: {e}{}", sources(&e)))?;
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| e.to_string())?;
+    conn.call(proto::OPEN, &proto::encode_open(&id, 1000))
+        .map_err(|e| format!("memory server {uri} refused a session: {e}"))?;
+    let _ = conn.call(proto::CLOSE, &id);
+    Ok(())
+}
+
+fn sources(e: &dyn std::error::Error) -> String {
+    let mut s = String::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, String> {
+    let min_budget = MIN_BUDGET_PAGES * PAGE_SIZE as u64;
+    if cli.local_budget < min_budget {
+        return Err(format!(
+            "--local-budget {} is impossible: the least is {} KiB",
+            cli.local_budget,
+            min_budget / 1024
+        ));
+    }
+    if cli.threshold < PAGE_SIZE as u64 {
+        return Err(format!("--threshold must be at least one page ({PAGE_SIZE} bytes)"));
+    }
+    if cli.size < cli.local_budget {
+        return Err("--size must be at least --local-budget".into());
+    }
+    let preload = find_preload(cli)?;
+    // The key: the environment's, or a fresh one handed to the program and the embedded server.
+    let (key, key_text) = match ClusterKey::from_env() {
+        Ok(k) => (k, None),
+        Err(_) if cli.servers.is_empty() => {
+            let text = ClusterKey::random_text().map_err(|e| e.to_string())?;
+            (ClusterKey::from_bytes(text.as_bytes()).map_err(|e| e.to_string())?, Some(text))
+        }
+        Err(e) => return Err(format!("{e} (needed to talk to --servers)")),
+    };
+    let mut embedded = None;
+    let servers = if cli.servers.is_empty() {
+        let s = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(cli.server_capacity, key.clone()))
+            .map_err(|e| format!("cannot start the loopback memory server: {e}"))?;
+        if cli.verbose {
+            eprintln!("mosrun: started a memory server at {} (up to {} MiB)", s.uri(), cli.server_capacity >> 20);
+        }
+        let uri = s.uri().to_string();
+        embedded = Some(s);
+        vec![uri]
+    } else {
+        cli.servers.clone()
+    };
+    for s in &servers {
+        check_server(s, &key)?;
+    }
+    if let Some(c) = cli.copies {
+        if c == 0 || c > servers.len() {
+            return Err(format!("--copies {c} needs at least {c} servers, got {}", servers.len()));
+        }
+    }
+    let mut preloads = preload.display().to_string();
+    if let Ok(old) = std::env::var("LD_PRELOAD") {
+        if !old.is_empty() {
+            preloads = format!("{preloads}:{old}");
+        }
+    }
+    if cli.verbose {
+        eprintln!(
+            "mosrun: {} with allocations of {} bytes or more on {} (local budget {} MiB)",
+            cli.program[0],
+            cli.threshold,
+            servers.join(","),
+            cli.local_budget >> 20
+        );
+    }
+    let mut cmd = Command::new(&cli.program[0]);
+    cmd.args(&cli.program[1..])
+        .env("LD_PRELOAD", preloads)
+        .env("MOSAIC_SERVERS", servers.join(","))
+        .env("MOSAIC_LOCAL_BUDGET", cli.local_budget.to_string())
+        .env("MOSAIC_THRESHOLD", cli.threshold.to_string())
+        .env("MOSAIC_NETRAM_SIZE", cli.size.to_string());
+    if let Some(c) = cli.copies {
+        cmd.env("MOSAIC_COPIES", c.to_string());
+    }
+    if let Some(text) = key_text {
+        cmd.env(mosaic_transport::KEY_ENV, text).env_remove(mosaic_transport::KEY_FILE_ENV);
+    }
+    let status = cmd.status().map_err(|e| format!("cannot run {}: {e}", cli.program[0]))?;
+    drop(embedded);
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        (None, Some(sig)) => {
+            eprintln!("mosrun: {} died of signal {sig}", cli.program[0]);
+            ExitCode::from(u8::try_from(128 + sig).unwrap_or(255))
+        }
+        _ => ExitCode::FAILURE,
+    })
+}

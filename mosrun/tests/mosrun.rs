@@ -1,0 +1,124 @@
+#![allow(missing_docs)]
+//! mosrun end to end: unmodified programs (a C program built without Mosaic, python3, sort) run
+//! with a local budget smaller than their working set give the same output as without Mosaic,
+//! within the budget plus a stated overhead; bad setups fail with clear errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Peak RSS over the local budget that the tests accept: the region's page tables, the victim
+/// cache's allocator slack, eviction buffers, Mosaic's threads and the program itself.
+const OVERHEAD_KIB: u64 = 48 * 1024;
+
+/// mosrun, with libmosaic_preload.so built beside it (a `cargo test -p mosrun` alone does not
+/// build another package's library).
+fn mosrun() -> Command {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_mosrun"));
+    BUILD.call_once(|| {
+        let profile = exe.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()).unwrap_or("debug").to_string();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", "mosaic-preload"]);
+        if profile == "release" {
+            cargo.arg("--release");
+        }
+        let st = cargo.status().unwrap();
+        assert!(st.success(), "building mosaic-preload failed");
+    });
+    Command::new(exe)
+}
+
+fn bigalloc() -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bigalloc");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../preload/tests/c/bigalloc.c");
+    let st =
+        Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"]).arg(&out).arg(&src).status().unwrap();
+    assert!(st.success(), "cc failed");
+    out
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "status {:?}\nstdout {}\nstderr {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn maxrss_kib(stderr: &[u8]) -> u64 {
+    let s = String::from_utf8_lossy(stderr);
+    s.lines()
+        .find_map(|l| l.strip_prefix("maxrss_kib "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no maxrss line in {s}"))
+}
+
+#[test]
+fn an_unmodified_c_program_gives_the_same_output_within_the_budget() {
+    let prog = bigalloc();
+    let plain = Command::new(&prog).arg("128").output().unwrap();
+    let expected = ok(&plain);
+    assert!(maxrss_kib(&plain.stderr) > 128 * 1024, "the program really uses its memory");
+    let under = mosrun().args(["--local-budget", "32M", "--"]).arg(&prog).arg("128").output().unwrap();
+    assert_eq!(ok(&under), expected);
+    let rss = maxrss_kib(&under.stderr);
+    assert!(rss <= 32 * 1024 + OVERHEAD_KIB, "peak RSS {rss} KiB over a 32 MiB budget");
+}
+
+#[test]
+fn python_and_sort_give_the_same_output() {
+    let py = "b = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = i % 251\nprint(sum(b[::4096]), len(b))";
+    if Command::new("python3").arg("-c").arg("1").status().is_ok_and(|s| s.success()) {
+        let plain = ok(&Command::new("python3").arg("-c").arg(py).output().unwrap());
+        let under = ok(&mosrun().args(["--local-budget", "16M", "--", "python3", "-c", py]).output().unwrap());
+        assert_eq!(under, plain);
+    } else {
+        eprintln!("skipped python3: not installed");
+    }
+    // sort reads its input into large buffers with read(2): faults inside system calls.
+    let input = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sort-input");
+    let mut text = String::new();
+    let mut x = 88_172_645_463_325_252u64;
+    for _ in 0..400_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.push_str(&format!("{x:020} line\n"));
+    }
+    std::fs::write(&input, text).unwrap();
+    let plain = ok(&Command::new("sort").args(["-S", "64M"]).arg(&input).output().unwrap());
+    let under = ok(&mosrun().args(["--local-budget", "8M", "--", "sort", "-S", "64M"]).arg(&input).output().unwrap());
+    assert!(under == plain, "sort output differs under mosrun");
+}
+
+#[test]
+fn exit_status_and_signals_come_through() {
+    assert_eq!(mosrun().args(["--", "sh", "-c", "exit 7"]).status().unwrap().code(), Some(7));
+    assert_eq!(mosrun().args(["--", "sh", "-c", "kill -TERM $$"]).status().unwrap().code(), Some(128 + 15));
+}
+
+#[test]
+fn bad_setups_fail_with_clear_errors() {
+    let o = mosrun()
+        .args(["--servers", "tcp://127.0.0.1:1", "--", "true"])
+        .env("MOSAIC_CLUSTER_KEY", "mosrun-test-cluster-key")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("tcp://127.0.0.1:1 cannot be reached"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = mosrun().args(["--local-budget", "4K", "--", "true"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("impossible"));
+    let o = mosrun().args(["--local-budget", "lots", "--", "true"]).output().unwrap();
+    assert!(!o.status.success());
+    let o = mosrun().args(["--", "/nonexistent/program"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot run /nonexistent/program"));
+}
