@@ -187,7 +187,7 @@ impl PageSource for Source {
                     let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
                         .ok_or_else(|| FillError("misaligned page".into()))?[0];
                     if let Some(copy) = crate::lock(&s.victims).take(i) {
-                        dst.0.copy_from_slice(&copy.0);
+                        dst.0.copy_from_slice(&copy[..]);
                         DECIDED.set((i, dirty_or(CLEAN), false));
                         bump(&s.stats.cache_hits, 1);
                         s.table.mark_hot(i);
@@ -484,16 +484,10 @@ impl Shared {
                 log::warn!("region {}: cannot write-protect pages {r:?}: {e}", self.name);
             }
         }
-        let mut saved: Vec<Box<Page>> = Vec::with_capacity(dirty.len());
-        for &i in &dirty {
-            let mut p = Page::boxed();
-            // SAFETY: page `i` is inside the live region (the evictor stops before the region is
-            // unmapped), resident and write-protected, so nobody writes it while we copy.
-            let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
-            p.0.copy_from_slice(src);
-            saved.push(p);
-        }
-        let refs: Vec<(u64, &[u8; PAGE_SIZE])> = dirty.iter().zip(&saved).map(|(i, p)| (*i, &p.0)).collect();
+        // SAFETY: each page is inside the live region (the evictor stops before the region is
+        // unmapped), resident and write-protected, so nobody writes it while we copy.
+        let saved: Vec<Copy> = dirty.iter().map(|&i| unsafe { copy_of(core, i) }).collect();
+        let refs: Vec<(u64, &[u8; PAGE_SIZE])> = dirty.iter().zip(&saved).map(|(i, p)| (*i, &**p)).collect();
         let masks = self.servers.put(&refs);
         let in_file = self.write_file(&refs);
         let stored: std::collections::HashMap<u64, u32> = dirty
@@ -501,7 +495,7 @@ impl Shared {
             .copied()
             .zip(masks.into_iter().zip(in_file).map(|(m, f)| if f { m | FILE_HOLDER } else { m }))
             .collect();
-        let mut copies: std::collections::HashMap<u64, Box<Page>> = dirty.iter().copied().zip(saved).collect();
+        let mut copies: std::collections::HashMap<u64, Copy> = dirty.iter().copied().zip(saved).collect();
         // Decide where each victim goes; pages with nowhere to go stay resident and dirty.
         let mut leaving: Vec<(u64, u8)> = Vec::with_capacity(victims.len());
         let mut kept = Vec::new();
@@ -543,13 +537,8 @@ impl Shared {
                 if next != REMOTE {
                     continue;
                 }
-                let copy = copies.remove(&i).unwrap_or_else(|| {
-                    let mut p = Page::boxed();
-                    // SAFETY: as above: inside the live region, resident, write-protected (clean).
-                    let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
-                    p.0.copy_from_slice(src);
-                    p
-                });
+                // SAFETY: as above: inside the live region, resident, write-protected (clean).
+                let copy = copies.remove(&i).unwrap_or_else(|| unsafe { copy_of(core, i) });
                 cached.push((i, copy));
             }
         }
@@ -617,10 +606,28 @@ impl Shared {
     }
 }
 
+/// A copy of a page's contents. Not page-aligned on purpose: an aligned 4 KiB allocation costs
+/// glibc up to twice its size, and thousands of these are live at once.
+type Copy = Box<[u8; PAGE_SIZE]>;
+
+/// Copies page `i` of the region.
+///
+/// # Safety
+/// Page `i` must be inside the live region and must not be written during the copy (resident
+/// and write-protected).
+unsafe fn copy_of(core: &RegionCore, i: u64) -> Copy {
+    let mut c: Copy =
+        vec![0u8; PAGE_SIZE].into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!("PAGE_SIZE bytes"));
+    // SAFETY: the caller guarantees the page is mapped, inside the region and stable.
+    let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
+    c.copy_from_slice(src);
+    c
+}
+
 /// Copies of recently evicted pages, oldest first out.
 struct VictimCache {
     /// Page -> (insertion number, copy).
-    pages: std::collections::HashMap<u64, (u64, Box<Page>)>,
+    pages: std::collections::HashMap<u64, (u64, Copy)>,
     /// (page, insertion number), oldest first; entries whose number no longer matches are stale.
     order: VecDeque<(u64, u64)>,
     inserted: u64,
@@ -637,7 +644,7 @@ impl VictimCache {
         }
     }
 
-    fn insert(&mut self, page: u64, copy: Box<Page>) {
+    fn insert(&mut self, page: u64, copy: Copy) {
         if self.capacity == 0 {
             return;
         }
@@ -657,7 +664,7 @@ impl VictimCache {
         }
     }
 
-    fn take(&mut self, page: u64) -> Option<Box<Page>> {
+    fn take(&mut self, page: u64) -> Option<Copy> {
         self.pages.remove(&page).map(|(_, copy)| copy)
     }
 }

@@ -392,17 +392,23 @@ fn discarded_pages_read_as_zeros_and_free_their_copies() {
     for (i, x) in w.iter_mut().enumerate() {
         *x = value(i, 13) | 1;
     }
-    // Let the evictor finish, so the copies counted below stay put.
+    // Let the evictor finish (no copies stored for 100 ms), so the count below stays put.
+    let stored = || s[0].stats().used_pages + s[1].stats().used_pages;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ram.stats().resident > 128 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut last = stored();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = stored();
+        if now == last && ram.stats().resident <= 128 {
+            break;
+        }
+        last = now;
     }
-    let stored_before = s[0].stats().used_pages + s[1].stats().used_pages;
+    let stored_before = stored();
     assert!(stored_before > 0);
     // Discard the whole first half (all of it on the servers by now).
     ram.discard(0, 512).unwrap();
-    let stored_after = s[0].stats().used_pages + s[1].stats().used_pages;
-    assert_eq!(stored_after, stored_before - 2 * 512, "both copies of the 512 pages freed");
+    assert_eq!(stored(), stored_before - 2 * 512, "both copies of the 512 pages freed");
     let half = w.len() / 2;
     assert!(w[..half].iter().all(|x| *x == 0), "discarded pages read as zeros");
     for (i, x) in w.iter().enumerate().skip(half) {
