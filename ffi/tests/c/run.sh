@@ -19,3 +19,12 @@ for t in test_api_static test_api_shared test_api_asan; do
   echo "--- $t"
   ASAN_OPTIONS=handle_sigbus=0:detect_leaks=1 "$out/$t"
 done
+
+# The examples: C (a heat stencil) and Fortran (iso_c_binding), each over network RAM four times
+# their local budget, with an in-process memory server.
+cc "${cflags[@]}" -O2 examples/c/stencil.c target/release/libmosaic.a "${libs[@]}" -o "$out/stencil"
+echo "--- examples/c/stencil.c"
+env -u MOSAIC_SERVERS "$out/stencil" 32
+gfortran -Wall -Werror -O2 examples/fortran/sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_sum"
+echo "--- examples/fortran/sum.f90"
+"$out/fortran_sum"
