@@ -122,3 +122,16 @@ fn bad_setups_fail_with_clear_errors() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot run /nonexistent/program"));
 }
+
+#[test]
+fn a_program_that_forks_and_execs_keeps_working() {
+    if !Command::new("python3").arg("-c").arg("1").status().is_ok_and(|s| s.success()) {
+        eprintln!("skipped: python3 not installed");
+        return;
+    }
+    let py = "import subprocess\nb = bytearray(32 << 20)\nb[5 << 20] = 7\n\
+              out = subprocess.run(['echo', 'child ok'], capture_output=True, text=True).stdout.strip()\n\
+              print(out, b[5 << 20], len(b))";
+    let under = ok(&mosrun().args(["--local-budget", "8M", "--", "python3", "-c", py]).output().unwrap());
+    assert_eq!(under.trim(), format!("child ok 7 {}", 32 << 20));
+}

@@ -5,6 +5,7 @@
  * budget, filled and checksummed. Built with -Wall -Wextra -Werror, plain and under
  * AddressSanitizer, by .ci/run (see ffi/tests/c/run.sh).
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -138,6 +139,39 @@ static void real_use(const char *server, uint32_t fault_mode) {
            (unsigned long long)st.fetched, (unsigned long long)st.evicted, (unsigned long long)st.written_back);
 }
 
+/* Regions created, used and destroyed by several threads at once. */
+struct worker { const char *server; int id; int ok; };
+
+static void *worker_main(void *arg) {
+    struct worker *w = arg;
+    mosaic_netram_options o;
+    mosaic_netram *r = NULL;
+    if (mosaic_netram_options_init(&o) != MOSAIC_OK) return NULL;
+    o.servers = w->server;
+    o.size = 4 << 20;
+    o.resident_budget = 1 << 20;
+    if (mosaic_netram_create(&o, &r) != MOSAIC_OK) return NULL;
+    uint64_t *p = mosaic_netram_ptr(r);
+    uint64_t n = mosaic_netram_size(r) / 8, sum = 0;
+    for (uint64_t i = 0; i < n; i++) p[i] = mix(i + (uint64_t)w->id);
+    for (uint64_t i = 0; i < n; i++) sum += p[i] - mix(i + (uint64_t)w->id);
+    w->ok = sum == 0 && mosaic_netram_destroy(r) == MOSAIC_OK;
+    return NULL;
+}
+
+static void threads(const char *server) {
+    pthread_t t[4];
+    struct worker w[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = (struct worker){server, i, 0};
+        CHECK(pthread_create(&t[i], NULL, worker_main, &w[i]) == 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(t[i], NULL);
+        CHECK(w[i].ok);
+    }
+}
+
 int main(void) {
     strings();
     before_init();
@@ -157,6 +191,7 @@ int main(void) {
     bad_options(server);
     real_use(server, MOSAIC_FAULT_THREAD);
     real_use(server, MOSAIC_FAULT_PER_CPU);
+    threads(server);
 
     EXPECT(mosaic_finalize(), MOSAIC_ERR_BUSY); /* the server is live */
     EXPECT(mosaic_memserver_stop(s), MOSAIC_OK);
