@@ -217,6 +217,11 @@ pub extern "C" fn mosaic_finalize() -> MosaicStatus {
 /// A description of `status` (a static string; unknown values get "unknown status").
 #[no_mangle]
 pub extern "C" fn mosaic_strerror(status: c_int) -> *const c_char {
+    // Cannot panic (a table of static strings), but every export keeps the boundary.
+    catch_unwind(|| strerror(status)).unwrap_or(c"unknown status".as_ptr())
+}
+
+fn strerror(status: c_int) -> *const c_char {
     let s: &'static std::ffi::CStr = match status {
         0 => c"success",
         1 => c"a required pointer argument was NULL",
@@ -238,7 +243,7 @@ pub extern "C" fn mosaic_strerror(status: c_int) -> *const c_char {
 /// until the next failing call on this thread.
 #[no_mangle]
 pub extern "C" fn mosaic_last_error() -> *const c_char {
-    c::last_error()
+    catch_unwind(c::last_error).unwrap_or(c"".as_ptr())
 }
 
 /// Fills `opts` with the defaults: no size, a 64 MiB budget, servers from the environment,
