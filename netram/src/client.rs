@@ -144,6 +144,12 @@ struct Shared {
     victims: Mutex<VictimCache>,
     /// Resident pages in the order they came in: the evictor's candidates.
     queue: Mutex<VecDeque<u64>>,
+    /// The page the evictor is copying right now (u64::MAX: none). If the application discarded
+    /// it (MADV_DONTNEED), the copy faults; that fault is served with zeros (the content of a
+    /// discarded page) instead of waiting for the evictor, which is waiting for the fault.
+    copying: AtomicU64,
+    /// Set when that happened to the page being copied.
+    copy_discarded: AtomicBool,
     evict_wanted: (Mutex<bool>, Condvar),
     stats: Counters,
 }
@@ -162,6 +168,10 @@ impl PageSource for Source {
     fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
         let s = &self.0;
         let i = fault.index;
+        if s.copying.load(Ordering::Acquire) == i && s.table.get(i) == EVICTING {
+            s.copy_discarded.store(true, Ordering::Release);
+            return Ok(Filled::Zero);
+        }
         loop {
             let st = s.table.settle(i, SETTLE_LIMIT).ok_or_else(|| {
                 FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"))
@@ -275,6 +285,20 @@ impl PageSource for Source {
 }
 
 impl Shared {
+    /// Copies page `i`, which the evictor owns (EVICTING), announcing it in `copying`.
+    ///
+    /// # Safety
+    /// As [`copy_of`].
+    /// Returns the copy, and whether the application had discarded the page (the copy is zeros).
+    unsafe fn copy_page(&self, core: &RegionCore, i: u64) -> (Copy, bool) {
+        self.copy_discarded.store(false, Ordering::Release);
+        self.copying.store(i, Ordering::Release);
+        // SAFETY: forwarded from the caller.
+        let c = unsafe { copy_of(core, i) };
+        self.copying.store(u64::MAX, Ordering::Release);
+        (c, self.copy_discarded.swap(false, Ordering::AcqRel))
+    }
+
     /// Pages the region itself may hold: the budget minus what the victim cache holds now. A
     /// working set that fits the budget is never evicted (the cache stays empty); one that does
     /// not settles at three quarters resident, a quarter cached.
@@ -486,7 +510,8 @@ impl Shared {
         }
         // SAFETY: each page is inside the live region (the evictor stops before the region is
         // unmapped), resident and write-protected, so nobody writes it while we copy.
-        let saved: Vec<Copy> = dirty.iter().map(|&i| unsafe { copy_of(core, i) }).collect();
+        // (A discarded dirty page is saved as the zeros it now holds.)
+        let saved: Vec<Copy> = dirty.iter().map(|&i| unsafe { self.copy_page(core, i) }.0).collect();
         let refs: Vec<(u64, &[u8; PAGE_SIZE])> = dirty.iter().zip(&saved).map(|(i, p)| (*i, &**p)).collect();
         let masks = self.servers.put(&refs);
         let in_file = self.write_file(&refs);
@@ -532,15 +557,34 @@ impl Shared {
         // write-protected, so their copy is stable), then drop, one madvise per contiguous run.
         let caching = crate::lock(&self.victims).capacity > 0;
         let mut cached = Vec::new();
+        let mut discarded = Vec::new();
         if caching {
             for &(i, next) in &leaving {
                 if next != REMOTE {
                     continue;
                 }
-                // SAFETY: as above: inside the live region, resident, write-protected (clean).
-                let copy = copies.remove(&i).unwrap_or_else(|| unsafe { copy_of(core, i) });
+                let copy = match copies.remove(&i) {
+                    Some(c) => c,
+                    // SAFETY: as above: inside the live region, resident, write-protected (clean).
+                    None => match unsafe { self.copy_page(core, i) } {
+                        (c, false) => c,
+                        // The application discarded this clean page: its content is zeros now,
+                        // not the servers' copy. Keep it resident and dirty: saved next time.
+                        (_, true) => {
+                            discarded.push(i);
+                            continue;
+                        }
+                    },
+                };
                 cached.push((i, copy));
             }
+        }
+        if !discarded.is_empty() {
+            leaving.retain(|(i, _)| !discarded.contains(i));
+            for &i in &discarded {
+                self.table.set(i, DIRTY);
+            }
+            crate::lock(&self.queue).extend(discarded.iter().copied());
         }
         let pages: Vec<u64> = leaving.iter().map(|l| l.0).collect();
         let mut failed = std::collections::HashSet::new();
@@ -752,6 +796,8 @@ impl NetRam {
             file,
             victims: Mutex::new(VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 })),
             queue: Mutex::new(VecDeque::new()),
+            copying: AtomicU64::new(u64::MAX),
+            copy_discarded: AtomicBool::new(false),
             evict_wanted: (Mutex::new(false), Condvar::new()),
             stats: Counters::default(),
         });

@@ -416,3 +416,43 @@ fn discarded_pages_read_as_zeros_and_free_their_copies() {
     }
     assert!(ram.discard(1000, 100).is_err(), "out of range");
 }
+
+/// The application discarding pages (MADV_DONTNEED) while the evictor copies them must neither
+/// hang nor crash; each discarded page then reads as zeros or as its last written value (which of
+/// the two depends on whether it was still resident: without discard events, a discard of a page
+/// already on the servers cannot be seen).
+#[test]
+fn madv_dontneed_racing_eviction_neither_hangs_nor_crashes() {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let worker = std::thread::spawn(move || {
+        for mode in [FaultMode::FaultingThread, FaultMode::PerCpu] {
+            let s = servers(1, 64 * MIB);
+            let mut cfg = NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2);
+            cfg.fault_mode = mode;
+            let ram = NetRam::new(cfg).unwrap();
+            let w = words(&ram);
+            let per_page = 4096 / 8;
+            for round in 0..4u64 {
+                for (i, x) in w.iter_mut().enumerate() {
+                    *x = value(i, round) | 1;
+                }
+                for p in (0..1024).step_by(3) {
+                    // SAFETY: inside the region, as an application would.
+                    let rc = unsafe { libc::madvise(ram.as_ptr().add(p * 4096).cast(), 4096, libc::MADV_DONTNEED) };
+                    assert_eq!(rc, 0);
+                    let i = p * per_page;
+                    assert!(w[i] == 0 || w[i] == value(i, round) | 1, "{mode:?} page {p}: {:#x}", w[i]);
+                }
+            }
+            assert_eq!(ram.stats().lost, 0);
+        }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) && !worker.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "hung");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    worker.join().unwrap();
+}
