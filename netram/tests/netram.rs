@@ -456,3 +456,33 @@ fn madv_dontneed_racing_eviction_neither_hangs_nor_crashes() {
     }
     worker.join().unwrap();
 }
+
+/// Network RAM over RDMA: the memory server and the region's traffic on RC queue pairs. Needs a
+/// device (`MOSAIC_RDMA_DEVICE`) and a build with `--features mosaic-transport/rdma`; run by
+/// `.ci/rdma-vm-tests` inside a soft-RoCE VM.
+#[test]
+#[ignore = "needs an RDMA device: run by .ci/rdma-vm-tests in a soft-RoCE VM"]
+fn rdma_network_ram_end_to_end() {
+    if std::env::var_os("MOSAIC_RDMA_DEVICE").is_none() {
+        eprintln!("skipped: set MOSAIC_RDMA_DEVICE to run on an RDMA device");
+        return;
+    }
+    let s: Vec<MemServer> = (0..2)
+        .map(|_| MemServer::start("rdma://127.0.0.1:0", MemServerConfig::new(32 * MIB, key())).unwrap())
+        .collect();
+    for mode in [FaultMode::FaultingThread, FaultMode::PerCpu] {
+        let mut cfg = NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2);
+        cfg.fault_mode = mode;
+        let ram = NetRam::new(cfg).unwrap();
+        let w = words(&ram);
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = value(i, 21);
+        }
+        for (i, x) in w.iter().enumerate() {
+            assert_eq!(*x, value(i, 21), "{mode:?} word {i}");
+        }
+        let st = ram.stats();
+        assert!(st.written_back > 0 && st.lost == 0, "{mode:?}: {st:?}");
+        eprintln!("rdma {mode:?}: {st:?}");
+    }
+}

@@ -42,10 +42,14 @@
 //! - `MADV_DONTNEED` by the application: reported to the source ([`PageSource::discarded`]).
 //!
 //! # Kernel requirements
-//! Linux 6.7 or later with userfaultfd (`/dev/userfaultfd` or the system call), features
-//! `EVENT_REMAP`, `EVENT_REMOVE`, `EVENT_UNMAP`, `POISON`, and for dirty tracking `WP_ASYNC` and
-//! `PAGEMAP_SCAN`; `SIGBUS` for [`FaultMode::FaultingThread`]. [`Region::new`] checks them and
-//! names what is missing ([`PagerError::Unsupported`]).
+//! Userfaultfd (`/dev/userfaultfd` or the system call) with `EVENT_REMAP` and `EVENT_UNMAP`;
+//! `EVENT_REMOVE` to report discards; write-protect faults for [`DirtyTracking::Faults`]
+//! (Linux 5.7), `WP_ASYNC` and `PAGEMAP_SCAN` for [`DirtyTracking::Scan`] (6.7); `SIGBUS` for
+//! [`FaultMode::FaultingThread`]. Used where present: `POISON` (6.6; without it a lost page's
+//! faulting thread is sent SIGBUS directly), `MOVE` (6.8; without it moves become copies).
+//! [`Region::new`] checks them and names what is missing ([`PagerError::Unsupported`]).
+//! `MOSAIC_PAGER_DISABLE_FEATURES=POISON,MOVE` leaves features unused, to run an older kernel's
+//! paths on a newer one.
 
 use std::ops::Range;
 

@@ -225,12 +225,22 @@ impl std::ops::Deref for Region {
     }
 }
 
+/// Features to leave unused even where the kernel has them, from `MOSAIC_PAGER_DISABLE_FEATURES`
+/// (comma-separated names, e.g. `POISON,MOVE`): runs an older kernel's code paths on a newer one,
+/// for tests and for working around a kernel bug.
+fn disabled_features() -> u64 {
+    let Ok(list) = std::env::var("MOSAIC_PAGER_DISABLE_FEATURES") else { return 0 };
+    list.split(',')
+        .map(str::trim)
+        .filter_map(|name| feature::NAMES.iter().find(|(_, n)| n.eq_ignore_ascii_case(name)).map(|(b, _)| *b))
+        .fold(0, |acc, b| acc | b)
+}
+
 /// The features a configuration needs, and what for.
 fn needed_features(cfg: &RegionConfig) -> Vec<(u64, &'static str)> {
-    let mut need = vec![(
-        feature::EVENT_REMAP | feature::EVENT_UNMAP | feature::POISON,
-        "following mremap/munmap and failing closed",
-    )];
+    // Failing closed: UFFDIO_POISON where the kernel has it (6.6+); otherwise a signal to the
+    // faulting thread, whose id the fault message carries (THREAD_ID).
+    let mut need = vec![(feature::EVENT_REMAP | feature::EVENT_UNMAP, "following mremap and munmap")];
     if cfg.report_discards {
         need.push((feature::EVENT_REMOVE, "reporting MADV_DONTNEED"));
     }
@@ -250,7 +260,7 @@ impl Region {
     /// its faults.
     pub fn new(cfg: RegionConfig, source: impl PageSource) -> Result<Region, PagerError> {
         let len = cfg.validate()?;
-        let available = Userfaultfd::available_features().map_err(PagerError::NoUserfaultfd)?;
+        let available = Userfaultfd::available_features().map_err(PagerError::NoUserfaultfd)? & !disabled_features();
         let mut want = 0;
         for (bits, needed_for) in needed_features(&cfg) {
             let missing = bits & !available;
@@ -259,8 +269,15 @@ impl Region {
             }
             want |= bits;
         }
-        // Optional: batched installs move pages instead of copying where the kernel can.
-        want |= available & feature::MOVE;
+        // Optional: batched installs move pages instead of copying where the kernel can; lost
+        // pages are poisoned where it can, and their faulting threads signalled otherwise.
+        want |= available & (feature::MOVE | feature::POISON | feature::THREAD_ID);
+        if want & (feature::POISON | feature::THREAD_ID) == 0 && cfg.mode != FaultMode::FaultingThread {
+            return Err(PagerError::Unsupported {
+                missing: vec!["POISON", "THREAD_ID"],
+                needed_for: "failing closed when a page cannot be fetched",
+            });
+        }
         let uffd = Userfaultfd::open(want).map_err(PagerError::NoUserfaultfd)?;
         let pagemap = if cfg.dirty == DirtyTracking::Scan {
             Some(Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?)
@@ -558,8 +575,12 @@ impl RegionCore {
     }
 
     /// Poisons `count` pages from `first` where they are missing: touching them raises SIGBUS.
+    /// Needs `UFFDIO_POISON` (Linux 6.6).
     pub fn poison(&self, first: u64, count: u64) -> Result<u64, PagerError> {
         let dst = self.check(first, count)?;
+        if self.uffd.features() & feature::POISON == 0 {
+            return Err(PagerError::Unsupported { missing: vec!["POISON"], needed_for: "poisoning pages" });
+        }
         let r = self.installed(install(&self.uffd, dst, count * PAGE, Fill::Poison, false, &mut || {}))?;
         Ok(r.new)
     }
@@ -650,13 +671,20 @@ impl RegionCore {
     /// if the source failed). `wake` wakes the threads waiting on it (worker mode).
     /// `on_again` lets pending events be read when the address space is changing.
     /// Returns false if the page was lost (poisoned) instead of installed.
-    pub(crate) fn serve_fault(&self, addr: u64, write: bool, wake: bool, on_again: &mut dyn FnMut()) -> bool {
+    pub(crate) fn serve_fault(
+        &self,
+        addr: u64,
+        write: bool,
+        wake: bool,
+        tid: Option<i32>,
+        on_again: &mut dyn FnMut(),
+    ) -> bool {
         let page_addr = addr & !(PAGE - 1);
         let base = self.base();
         if page_addr < base || page_addr >= base + self.pages * PAGE {
             // A part the application moved elsewhere: fail closed.
             self.report_loss(page_addr, "the page was moved away from the region by mremap");
-            let _ = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again);
+            self.fail_closed(page_addr, wake, tid, on_again);
             return false;
         }
         bump(&self.stats.faults, 1);
@@ -691,9 +719,7 @@ impl RegionCore {
             Err(FillError(why)) => {
                 self.report_loss(page_addr, &why);
                 bump(&self.stats.lost, 1);
-                if let Err(e) = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again) {
-                    self.report_loss(page_addr, &format!("and poisoning it failed too: {e}"));
-                }
+                self.fail_closed(page_addr, wake, tid, on_again);
                 self.tell_source(index, Outcome::Lost);
                 return false;
             }
@@ -719,10 +745,35 @@ impl RegionCore {
                 // The faulting thread cannot be left waiting: poison the page so it gets SIGBUS.
                 self.report_loss(page_addr, &format!("installing it failed: {e}"));
                 bump(&self.stats.lost, 1);
-                let _ = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again);
+                self.fail_closed(page_addr, wake, tid, on_again);
                 self.tell_source(index, Outcome::Lost);
                 false
             }
+        }
+    }
+
+    /// Makes the access to a lost page end in SIGBUS, never in data: poisons the page where the
+    /// kernel can (every later access raises SIGBUS); otherwise signals the faulting thread and
+    /// wakes it (worker modes; a later access faults again and is refused again), or, on the
+    /// faulting thread itself, leaves the page missing so the retried access raises SIGBUS.
+    fn fail_closed(&self, page_addr: u64, wake: bool, tid: Option<i32>, on_again: &mut dyn FnMut()) {
+        if self.uffd.features() & feature::POISON != 0 {
+            if let Err(e) = install(&self.uffd, page_addr, PAGE, Fill::Poison, !wake, on_again) {
+                self.report_loss(page_addr, &format!("and poisoning it failed too: {e}"));
+            }
+            return;
+        }
+        if !wake {
+            return; // the SIGBUS handler passes the retried fault on (see signal.rs)
+        }
+        match tid {
+            Some(tid) => {
+                // SAFETY: tgkill sends SIGBUS to one thread of this process; the wake lets it
+                // leave the fault and take the signal, whose default action ends the process.
+                unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGBUS) };
+                let _ = self.uffd.wake(page_addr, PAGE);
+            }
+            None => self.report_loss(page_addr, "and the faulting thread is unknown: it stays blocked"),
         }
     }
 

@@ -119,7 +119,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
                 let (write, protection) = access(ctx);
                 if protection {
                     core.serve_write_fault(addr, false);
-                } else if !core.serve_fault(addr, write, false, &mut || {}) {
+                } else if !core.serve_fault(addr, write, false, None, &mut || {}) {
                     LAST_LOST.set(page);
                 }
                 served = true;

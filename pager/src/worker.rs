@@ -146,8 +146,10 @@ fn handle(core: &RegionCore, m: &RawMsg, backlog: &mut VecDeque<RawMsg>) {
         return;
     }
     let write = flags & uffd::PAGEFAULT_FLAG_WRITE != 0;
+    // The faulting thread's id, where the kernel reports it (UFFD_FEATURE_THREAD_ID).
+    let tid = i32::try_from(m.arg[2] & 0xffff_ffff).ok().filter(|t| *t > 0);
     let mut on_again = || read_events(core, backlog);
-    core.serve_fault(addr, write, true, &mut on_again);
+    core.serve_fault(addr, write, true, tid, &mut on_again);
 }
 
 /// While an install waits for the address space to settle: read pending messages, handle the

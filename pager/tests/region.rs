@@ -389,8 +389,13 @@ const CHILD_ENV: &str = "MOSAIC_PAGER_CHILD";
 /// Runs `scenario` in a child process (killed after 30 s) and returns its exit status and
 /// standard error.
 fn run_child(scenario: &str) -> (std::process::ExitStatus, String) {
+    run_child_env(scenario, &[])
+}
+
+fn run_child_env(scenario: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "child_scenario", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
         .env(CHILD_ENV, scenario)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -512,6 +517,18 @@ fn a_failed_fetch_raises_sigbus_and_names_the_page_never_zeros() {
         assert!(!stderr.contains("SHOULD NOT GET HERE"), "{mode}: {stderr}");
         assert!(stderr.contains("region doomed page 3"), "{mode}: {stderr}");
         assert!(stderr.contains("test source refuses page 3"), "{mode}: {stderr}");
+    }
+}
+
+#[test]
+fn without_uffdio_poison_a_failed_fetch_still_raises_sigbus() {
+    // Kernels before 6.6 have no UFFDIO_POISON: the pager signals the faulting thread instead.
+    for mode in ["workers", "signal"] {
+        let (status, stderr) = run_child_env(&format!("{mode}:lost"), &[("MOSAIC_PAGER_DISABLE_FEATURES", "POISON")]);
+        assert_eq!(status.signal(), Some(libc::SIGBUS), "{mode}: {status:?}\n{stderr}");
+        assert!(stderr.contains("READ PAGE 2"), "{mode}: {stderr}");
+        assert!(!stderr.contains("SHOULD NOT GET HERE"), "{mode}: {stderr}");
+        assert!(stderr.contains("region doomed page 3"), "{mode}: {stderr}");
     }
 }
 
