@@ -54,10 +54,17 @@ fn data_survives_eviction_in_every_fault_mode() {
         for (i, x) in w.iter().enumerate() {
             assert_eq!(*x, value(i, if i % 2 == 0 { 2 } else { 1 }), "{mode:?}: word {i}");
         }
+        // The evictor runs behind the writers: give it time to bring the resident set back
+        // within the budget (256 pages), then check.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while ram.stats().resident > 256 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
         let st = ram.stats();
         assert!(st.evicted > 4000, "{mode:?}: eviction ran: {st:?}");
         assert!(st.written_back > 4000, "{mode:?}: {st:?}");
-        assert!(st.resident <= 256 + 64, "{mode:?}: resident {} pages over a budget of 256: {st:?}", st.resident);
+        assert!(st.resident <= 256, "{mode:?}: resident {} pages over a budget of 256: {st:?}", st.resident);
         // Two copies of everything that was written back.
         let placed = ram.placement();
         assert_eq!(placed.len(), 2);
@@ -161,7 +168,12 @@ fn pages_go_to_servers_with_room_and_stay_local_when_all_are_full() {
     for (i, x) in w.iter().enumerate() {
         assert_eq!(*x, value(i, 4), "word {i}");
     }
-    assert_eq!(s[0].stats().used_pages + s[1].stats().used_pages, 512, "both servers full");
+    let used = || s[0].stats().used_pages + s[1].stats().used_pages;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while used() < 512 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(used(), 512, "both servers full");
     let st = ram.stats();
     assert!(st.resident >= 1024 - 512, "{st:?}");
     assert_eq!(st.lost, 0);
