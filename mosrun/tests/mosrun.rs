@@ -70,11 +70,18 @@ fn an_unmodified_c_program_gives_the_same_output_within_the_budget() {
 
 #[test]
 fn python_and_sort_give_the_same_output() {
-    let py = "b = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = i % 251\nprint(sum(b[::4096]), len(b))";
+    // 96 MiB in one bytearray, six times the budget; the peak RSS goes to stderr.
+    let py = "import resource, sys\nb = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = i % 251\n\
+              print(sum(b[::4096]), len(b))\n\
+              print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)";
     if Command::new("python3").arg("-c").arg("1").status().is_ok_and(|s| s.success()) {
-        let plain = ok(&Command::new("python3").arg("-c").arg(py).output().unwrap());
-        let under = ok(&mosrun().args(["--local-budget", "16M", "--", "python3", "-c", py]).output().unwrap());
-        assert_eq!(under, plain);
+        let plain = Command::new("python3").arg("-c").arg(py).output().unwrap();
+        let expected = ok(&plain);
+        assert!(maxrss_kib(&plain.stderr) > 96 * 1024);
+        let under = mosrun().args(["--local-budget", "16M", "--", "python3", "-c", py]).output().unwrap();
+        assert_eq!(ok(&under), expected);
+        let rss = maxrss_kib(&under.stderr);
+        assert!(rss <= 16 * 1024 + OVERHEAD_KIB, "python's peak RSS {rss} KiB over a 16 MiB budget");
     } else {
         eprintln!("skipped python3: not installed");
     }
