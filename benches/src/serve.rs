@@ -35,12 +35,18 @@ pub fn serve(uri: &str, window_pages: u64, policy: WaitPolicy) -> Result<(), Str
     let key = ClusterKey::from_env().map_err(|e| e.to_string())?;
     let window = Arc::new(PageWindow::new(window_pages).map_err(|e| format!("page window: {e}"))?);
     let cfg = ServerConfig::new(key).service(BenchService).window(window).policy(policy);
-    let server = listen(uri, cfg).map_err(|e| format!("{e}: {}", source_chain(&e)))?;
-    println!("READY {}", server.uri());
+    let server = listen(uri, cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
+    ready_until_stdin_closes(server.uri())?;
+    server.shutdown();
+    Ok(())
+}
+
+/// Says `READY <uri>` to the parent, then waits for it to close our standard input.
+fn ready_until_stdin_closes(uri: &str) -> Result<(), String> {
+    println!("READY {uri}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
-    server.shutdown();
     Ok(())
 }
 
@@ -49,10 +55,7 @@ pub fn serve_ram(uri: &str, capacity: u64) -> Result<(), String> {
     let key = ClusterKey::from_env().map_err(|e| e.to_string())?;
     let server = mosaic_netram::MemServer::start(uri, mosaic_netram::MemServerConfig::new(capacity, key))
         .map_err(|e| e.to_string())?;
-    println!("READY {}", server.uri());
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    ready_until_stdin_closes(server.uri())?;
     server.shutdown();
     Ok(())
 }
@@ -110,15 +113,4 @@ impl Drop for ChildServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The error and its sources, joined.
-pub fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }

@@ -6,7 +6,7 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection, Page, Wa
 use serde_json::json;
 
 use crate::peer::{self, PeerFigure};
-use crate::serve::{source_chain, ChildServer, ECHO, SINK};
+use crate::serve::{ChildServer, ECHO, SINK};
 use crate::stats::{count_f64, ns_to_f64, time_loop, Summary};
 
 /// What to run.
@@ -204,7 +204,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
             }
         };
         let opts = ConnectOptions::new(key.clone()).policy(policy).timeout(Duration::from_secs(30));
-        let conn = connect(&uri, &opts).map_err(|e| format!("{t}: {e}: {}", source_chain(&e)))?;
+        let conn = connect(&uri, &opts).map_err(|e| format!("{t}: {}", mosaic_transport::error_chain(&e)))?;
         for &size in &plan.sizes {
             progress.step(&format!("{t} pingpong {}", human_size(size)));
             let mut f = pingpong(&conn, t, size, plan)?;

@@ -92,24 +92,13 @@ fn find_preload(cli: &Cli) -> Result<PathBuf, String> {
 /// Connects to `uri`, opens and closes a session: the server answers and shares our key.
 fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
     let conn = connect(uri, &ConnectOptions::new(key.clone()).timeout(std::time::Duration::from_secs(5)))
-        .map_err(|e| format!("memory server {uri} cannot be reached: {e}{}", sources(&e)))?;
+        .map_err(|e| format!("memory server {uri} cannot be reached: {}", mosaic_transport::error_chain(&e)))?;
     let mut id = [0u8; 16];
     getrandom::fill(&mut id).map_err(|e| e.to_string())?;
     conn.call(proto::OPEN, &proto::encode_open(&id, 1000))
         .map_err(|e| format!("memory server {uri} refused a session: {e}"))?;
     let _ = conn.call(proto::CLOSE, &id);
     Ok(())
-}
-
-fn sources(e: &dyn std::error::Error) -> String {
-    let mut s = String::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {

@@ -141,7 +141,7 @@ struct Shared {
     /// The local backing file, if any.
     file: Option<std::fs::File>,
     /// Recently evicted pages (copies of what the servers hold), newest last.
-    victims: Mutex<VictimCache>,
+    victims: VictimCache,
     /// Resident pages in the order they came in: the evictor's candidates.
     queue: Mutex<VecDeque<u64>>,
     /// The page the evictor is copying right now (u64::MAX: none). If the application discarded
@@ -196,7 +196,7 @@ impl PageSource for Source {
                 REMOTE => {
                     let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
                         .ok_or_else(|| FillError("misaligned page".into()))?[0];
-                    if let Some(copy) = crate::lock(&s.victims).take(i) {
+                    if let Some(copy) = s.victims.take(i) {
                         dst.0.copy_from_slice(&copy[..]);
                         DECIDED.set((i, dirty_or(CLEAN), false));
                         bump(&s.stats.cache_hits, 1);
@@ -251,11 +251,7 @@ impl PageSource for Source {
                     s.note_protected_install(1);
                 }
                 if !counted && outcome == Outcome::Installed {
-                    let resident = s.resident.fetch_add(1, Ordering::AcqRel) + 1;
-                    crate::lock(&s.queue).push_back(index);
-                    if resident > s.active_budget() {
-                        s.wake_evictor();
-                    }
+                    s.admit(&[index]);
                 }
             }
             Outcome::Lost => s.table.set(index, LOST),
@@ -304,7 +300,7 @@ impl Shared {
     /// not settles at three quarters resident, a quarter cached.
     fn active_budget(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
-        let cached = u64::try_from(crate::lock(&self.victims).pages.len()).unwrap_or(0);
+        let cached = self.victims.len();
         budget - cached.min(budget / 2)
     }
 
@@ -361,7 +357,7 @@ impl Shared {
             }
         };
         // Install runs of consecutive pages that arrived with one ioctl each.
-        let mut installed = 0;
+        let mut arrived_pages = Vec::with_capacity(extra.len());
         let mut k = 0;
         while k < extra.len() {
             let mut end = k + 1;
@@ -370,7 +366,6 @@ impl Shared {
             }
             let run = &extra[k..end];
             let whole = ok[k + 1] && fault.region.install(run[0], &bufs[k..end]).is_ok();
-            let mut q = crate::lock(&self.queue);
             for (j, p) in run.iter().enumerate() {
                 // After a failed run install some pages may be in: installing again one by one
                 // tells (Ok means present now, whoever put it there).
@@ -378,8 +373,7 @@ impl Shared {
                     whole || ok[k + j + 1] && fault.region.install(*p, std::slice::from_ref(&bufs[k + j])).is_ok();
                 if arrived {
                     self.table.set(*p, CLEAN);
-                    q.push_back(*p);
-                    installed += 1;
+                    arrived_pages.push(*p);
                 } else {
                     self.table.set(*p, REMOTE);
                 }
@@ -389,12 +383,22 @@ impl Shared {
         if let Some(last) = extra.last() {
             self.prefetch.prefetched_up_to(*last);
         }
+        let installed = arrived_pages.len() as u64;
         bump(&self.stats.prefetched, installed);
         self.note_protected_install(installed);
-        if self.resident.fetch_add(installed, Ordering::AcqRel) + installed > self.active_budget() {
+        self.admit(&arrived_pages);
+        ok[0]
+    }
+
+    /// Counts newly installed pages as resident and hands them to the evictor (counted first,
+    /// so the evictor never takes away more than was counted).
+    fn admit(&self, pages: &[u64]) {
+        let n = pages.len() as u64;
+        let resident = self.resident.fetch_add(n, Ordering::AcqRel) + n;
+        crate::lock(&self.queue).extend(pages.iter().copied());
+        if resident > self.active_budget() {
             self.wake_evictor();
         }
-        ok[0]
     }
 
     fn fetch(&self, i: u64, dst: &mut Page) -> Result<(), String> {
@@ -523,6 +527,9 @@ impl Shared {
         let mut copies: std::collections::HashMap<u64, Copy> = dirty.iter().copied().zip(saved).collect();
         // Decide where each victim goes; pages with nowhere to go stay resident and dirty.
         let mut leaving: Vec<(u64, u8)> = Vec::with_capacity(victims.len());
+        // Copies left on servers a page no longer uses (its placement changed), freed in one
+        // request per server set below.
+        let mut stale: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
         let mut kept = Vec::new();
         for &(i, st) in &victims {
             let next = match st {
@@ -532,9 +539,9 @@ impl Shared {
                         continue;
                     }
                     mask => {
-                        let old = self.table.holders(i) & !mask;
+                        let old = self.table.holders(i) & !mask & !FILE_HOLDER;
                         if old != 0 {
-                            self.servers.free(old, &[i]);
+                            stale.entry(old).or_default().push(i);
                         }
                         self.table.set_holders(i, mask);
                         bump(&self.stats.written_back, 1);
@@ -546,6 +553,7 @@ impl Shared {
             };
             leaving.push((i, next));
         }
+        self.servers.free_stale(stale);
         for r in runs(&kept) {
             let _ = core.write_protect(r.start, r.end - r.start, false);
         }
@@ -555,7 +563,7 @@ impl Shared {
         crate::lock(&self.queue).extend(kept.iter().copied());
         // Keep copies of what leaves for the servers in the victim cache (clean pages are
         // write-protected, so their copy is stable), then drop, one madvise per contiguous run.
-        let caching = crate::lock(&self.victims).capacity > 0;
+        let caching = self.victims.capacity > 0;
         let mut cached = Vec::new();
         let mut discarded = Vec::new();
         if caching {
@@ -594,14 +602,7 @@ impl Shared {
                 failed.extend(r);
             }
         }
-        {
-            let mut v = crate::lock(&self.victims);
-            for (i, copy) in cached {
-                if !failed.contains(&i) {
-                    v.insert(i, copy);
-                }
-            }
-        }
+        self.victims.insert_all(cached.into_iter().filter(|(i, _)| !failed.contains(i)));
         let mut gone = 0;
         for (i, next) in leaving {
             if failed.contains(&i) {
@@ -670,6 +671,46 @@ unsafe fn copy_of(core: &RegionCore, i: u64) -> Copy {
 
 /// Copies of recently evicted pages, oldest first out.
 struct VictimCache {
+    map: Mutex<VictimMap>,
+    /// Pages held, readable without the lock: the fault path asks it on every fault.
+    len: AtomicU64,
+    capacity: u64,
+}
+
+impl VictimCache {
+    fn new(capacity: u64) -> VictimCache {
+        VictimCache { map: Mutex::new(VictimMap::new(capacity)), len: AtomicU64::new(0), capacity }
+    }
+
+    fn len(&self) -> u64 {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    fn insert_all(&self, copies: impl IntoIterator<Item = (u64, Copy)>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut m = crate::lock(&self.map);
+        for (page, copy) in copies {
+            m.insert(page, copy);
+        }
+        self.len.store(m.pages.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The copy of `page`, taken out of the cache. Takes no lock while the cache is empty.
+    fn take(&self, page: u64) -> Option<Copy> {
+        if self.len() == 0 {
+            return None;
+        }
+        let mut m = crate::lock(&self.map);
+        let copy = m.pages.remove(&page).map(|(_, copy)| copy);
+        self.len.store(m.pages.len() as u64, Ordering::Relaxed);
+        copy
+    }
+}
+
+/// The cache's bookkeeping, under its lock.
+struct VictimMap {
     /// Page -> (insertion number, copy).
     pages: std::collections::HashMap<u64, (u64, Copy)>,
     /// (page, insertion number), oldest first; entries whose number no longer matches are stale.
@@ -678,9 +719,9 @@ struct VictimCache {
     capacity: usize,
 }
 
-impl VictimCache {
-    fn new(capacity: u64) -> VictimCache {
-        VictimCache {
+impl VictimMap {
+    fn new(capacity: u64) -> VictimMap {
+        VictimMap {
             pages: std::collections::HashMap::new(),
             order: VecDeque::new(),
             inserted: 0,
@@ -689,9 +730,6 @@ impl VictimCache {
     }
 
     fn insert(&mut self, page: u64, copy: Copy) {
-        if self.capacity == 0 {
-            return;
-        }
         self.inserted += 1;
         self.pages.insert(page, (self.inserted, copy));
         self.order.push_back((page, self.inserted));
@@ -706,10 +744,6 @@ impl VictimCache {
             let pages = &self.pages;
             self.order.retain(|(p, n)| pages.get(p).is_some_and(|(m, _)| m == n));
         }
-    }
-
-    fn take(&mut self, page: u64) -> Option<Copy> {
-        self.pages.remove(&page).map(|(_, copy)| copy)
     }
 }
 
@@ -794,7 +828,7 @@ impl NetRam {
             resident: AtomicU64::new(0),
             budget: AtomicU64::new(budget),
             file,
-            victims: Mutex::new(VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 })),
+            victims: VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 }),
             queue: Mutex::new(VecDeque::new()),
             copying: AtomicU64::new(u64::MAX),
             copy_discarded: AtomicBool::new(false),
@@ -948,7 +982,7 @@ impl NetRam {
                 } else {
                     s.table.set(i, ABSENT);
                 }
-                crate::lock(&s.victims).take(i);
+                s.victims.take(i);
                 break;
             }
         }
@@ -963,9 +997,7 @@ impl NetRam {
             s.table.set(i, ABSENT);
         }
         s.resident.fetch_sub(resident, Ordering::AcqRel);
-        for (mask, pages) in remote {
-            s.servers.free(mask, &pages);
-        }
+        s.servers.free_stale(remote);
         Ok(())
     }
 

@@ -58,10 +58,37 @@ struct ClientState {
     lease: Duration,
 }
 
+/// The donated memory: slabs of pages, and the free slots among them.
 #[derive(Default)]
-struct Inner {
+struct Slabs {
     slabs: Vec<Box<[Page]>>,
     free: Vec<Slot>,
+}
+
+impl Slabs {
+    /// A free slot, taking a new slab from the system if none is left.
+    fn alloc(&mut self) -> Slot {
+        if let Some(s) = self.free.pop() {
+            return s;
+        }
+        let base = self.slabs.len() * SLAB_PAGES;
+        self.slabs.push(Page::vec(SLAB_PAGES).into_boxed_slice());
+        self.free.extend((base + 1..base + SLAB_PAGES).rev().map(slot));
+        slot(base)
+    }
+
+    fn page(&self, s: Slot) -> &Page {
+        &self.slabs[s as usize / SLAB_PAGES][s as usize % SLAB_PAGES]
+    }
+
+    fn page_mut(&mut self, s: Slot) -> &mut Page {
+        &mut self.slabs[s as usize / SLAB_PAGES][s as usize % SLAB_PAGES]
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    slabs: Slabs,
     used: u64,
     clients: HashMap<ClientId, ClientState>,
     expired: HashMap<ClientId, Instant>,
@@ -137,25 +164,10 @@ impl MemStore {
         Ok(c)
     }
 
-    fn page(g: &Inner, slot: Slot) -> &Page {
-        &g.slabs[slot as usize / SLAB_PAGES][slot as usize % SLAB_PAGES]
-    }
-
-    fn alloc(&self, g: &mut Inner) -> Slot {
-        if let Some(s) = g.free.pop() {
-            return s;
-        }
-        // Capacity was checked by the caller, so a new slab is within it.
-        let base = g.slabs.len() * SLAB_PAGES;
-        g.slabs.push(Page::vec(SLAB_PAGES).into_boxed_slice());
-        g.free.extend((base + 1..base + SLAB_PAGES).rev().map(slot));
-        slot(base)
-    }
-
     fn release(g: &mut Inner, slots: impl IntoIterator<Item = Slot>) -> u64 {
         let mut n = 0;
         for s in slots {
-            g.free.push(s);
+            g.slabs.free.push(s);
             n += 1;
         }
         g.used -= n;
@@ -186,32 +198,25 @@ impl MemStore {
             let c = Self::session(&mut g, &b.client)?;
             c.lease
         };
+        let Inner { slabs, used, clients, .. } = &mut *g;
+        let c = clients.get_mut(&b.client).ok_or_else(|| ServiceError::new(Status::NotFound, "unknown client"))?;
         let new = {
-            let c = &g.clients[&b.client];
             let mut seen = std::collections::HashSet::new();
             pages.iter().filter(|p| !c.pages.contains_key(&(b.region, **p)) && seen.insert(**p)).count() as u64
         };
-        if g.used + new > self.capacity_pages {
+        if *used + new > self.capacity_pages {
             return Err(ServiceError::new(
                 Status::Full,
-                format!("server full: {} of {} pages used, {new} more needed", g.used, self.capacity_pages),
+                format!("server full: {used} of {} pages used, {new} more needed", self.capacity_pages),
             ));
         }
-        for (i, p) in pages.iter().enumerate() {
-            let existing = g.clients[&b.client].pages.get(&(b.region, *p)).copied();
-            let slot = match existing {
-                Some(s) => s,
-                None => {
-                    let s = self.alloc(&mut g);
-                    g.used += 1;
-                    if let Some(c) = g.clients.get_mut(&b.client) {
-                        c.pages.insert((b.region, *p), s);
-                    }
-                    s
-                }
-            };
-            let src = &b.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            g.slabs[slot as usize / SLAB_PAGES][slot as usize % SLAB_PAGES].0.copy_from_slice(src);
+        for (p, src) in pages.iter().zip(b.data.chunks_exact(PAGE_SIZE)) {
+            // Capacity was checked above, so every new slot is within it.
+            let slot = *c.pages.entry((b.region, *p)).or_insert_with(|| {
+                *used += 1;
+                slabs.alloc()
+            });
+            slabs.page_mut(slot).0.copy_from_slice(src);
         }
         self.state(&g, lease).encode(out);
         Ok(())
@@ -223,7 +228,7 @@ impl MemStore {
         let slot = Self::session(&mut g, &client)?.pages.get(&(region, page)).copied();
         match slot {
             Some(s) => {
-                out.extend_from_slice(&Self::page(&g, s).0);
+                out.extend_from_slice(&g.slabs.page(s).0);
                 Ok(())
             }
             None => {
@@ -334,8 +339,8 @@ impl MemServer {
         }
         let store = Arc::new(MemStore::new(capacity_pages));
         let scfg = ServerConfig::new(cfg.key).service(store.clone()).policy(cfg.policy);
-        let server =
-            listen(uri, scfg).map_err(|e| NetRamError::Listen { uri: uri.to_string(), reason: crate::chain(&e) })?;
+        let server = listen(uri, scfg)
+            .map_err(|e| NetRamError::Listen { uri: uri.to_string(), reason: mosaic_transport::error_chain(&e) })?;
         let stop = Arc::new(AtomicBool::new(false));
         let reaper = {
             let (store, stop) = (store.clone(), stop.clone());

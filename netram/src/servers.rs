@@ -75,12 +75,12 @@ impl ServerSet {
         let mut members = Vec::new();
         for uri in uris {
             let unreachable = |reason: String| NetRamError::Unreachable { uri: uri.clone(), reason };
-            let conn = connect(uri, &opts).map_err(|e| unreachable(crate::chain(&e)))?;
+            let conn = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
             let st = conn
                 .call(proto::OPEN, &proto::encode_open(&client, lease_ms))
                 .map_err(|e| unreachable(e.to_string()))?;
             let st = ServerState::decode(&st).map_err(|e| unreachable(e.to_string()))?;
-            let bulk = connect(uri, &opts).map_err(|e| unreachable(crate::chain(&e)))?;
+            let bulk = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
             members.push(Member {
                 uri: uri.clone(),
                 conn,
@@ -192,18 +192,13 @@ impl ServerSet {
                 by_server.entry(i).or_default().push(k);
             }
         }
+        // Each destination is lent to exactly one server's batch.
+        let mut slots: Vec<Option<&mut Page>> = dsts.iter_mut().map(|d| Some(&mut **d)).collect();
         for (server, ks) in by_server {
             let bodies: Vec<[u8; 32]> =
                 ks.iter().map(|k| proto::encode_get(&self.client, self.region, reqs[*k].0)).collect();
-            let mut calls: Vec<(&[u8], &mut Page)> = Vec::with_capacity(ks.len());
-            let mut body = bodies.iter();
-            for (k, dst) in dsts.iter_mut().enumerate() {
-                if ks.contains(&k) {
-                    if let Some(b) = body.next() {
-                        calls.push((&b[..], &mut **dst));
-                    }
-                }
-            }
+            let mut calls: Vec<(&[u8], &mut Page)> =
+                bodies.iter().zip(&ks).filter_map(|(b, k)| slots[*k].take().map(|d| (&b[..], d))).collect();
             match self.members[server].conn.call_pages(proto::GET, &mut calls) {
                 Ok(()) => ks.iter().for_each(|k| ok[*k] = true),
                 Err(e @ (CallError::Remote { .. } | CallError::WrongSize { .. })) => {
@@ -262,6 +257,13 @@ impl ServerSet {
             }
         }
         stored
+    }
+
+    /// Frees each group of pages on the servers of its holder mask.
+    pub(crate) fn free_stale(&self, stale: HashMap<u32, Vec<u64>>) {
+        for (mask, pages) in stale {
+            self.free(mask, &pages);
+        }
     }
 
     /// Frees `pages` on the servers in `mask` (best effort: a copy nobody frees is reclaimed

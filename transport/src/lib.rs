@@ -201,6 +201,19 @@ pub enum ListenError {
     },
 }
 
+/// An error and its chain of sources on one line (`error: cause: cause of the cause`), for
+/// messages to people.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Connects to the server at `uri` and authenticates.
 pub fn connect(uri: &str, opts: &ConnectOptions) -> Result<Connection, ConnectError> {
     connect_endpoint(uri, Endpoint::parse(uri)?, opts).map(|(c, _)| c)
