@@ -65,6 +65,7 @@ fn an_unmodified_c_program_gives_the_same_output_within_the_budget() {
     let under = mosrun().args(["--local-budget", "32M", "--"]).arg(&prog).arg("128").output().unwrap();
     assert_eq!(ok(&under), expected);
     let rss = maxrss_kib(&under.stderr);
+    eprintln!("bigalloc 128 MiB under a 32 MiB budget: peak RSS {rss} KiB");
     assert!(rss <= 32 * 1024 + OVERHEAD_KIB, "peak RSS {rss} KiB over a 32 MiB budget");
 }
 
@@ -81,6 +82,7 @@ fn python_and_sort_give_the_same_output() {
         let under = mosrun().args(["--local-budget", "16M", "--", "python3", "-c", py]).output().unwrap();
         assert_eq!(ok(&under), expected);
         let rss = maxrss_kib(&under.stderr);
+        eprintln!("python3, 96 MiB under a 16 MiB budget: peak RSS {rss} KiB");
         assert!(rss <= 16 * 1024 + OVERHEAD_KIB, "python's peak RSS {rss} KiB over a 16 MiB budget");
     } else {
         eprintln!("skipped python3: not installed");

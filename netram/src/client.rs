@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use mosaic_pager::{
     DirtyTracking, Fault, FaultMode, FillError, Filled, Outcome, PageBuf, PageSource, Region, RegionConfig, RegionCore,
+    WriteDecision,
 };
 use mosaic_transport::{ClusterKey, Page};
 
@@ -25,6 +26,9 @@ use crate::{NetRamError, PAGE_SIZE};
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// Pages the evictor handles per round.
 const EVICT_BATCH: usize = 64;
+/// How long a fault waits for the evictor to make room when the resident set is over its hard
+/// limit, before it goes ahead anyway.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// The smallest resident budget, in pages.
 pub const MIN_BUDGET_PAGES: u64 = 64;
 
@@ -151,6 +155,9 @@ struct Shared {
     /// Set when that happened to the page being copied.
     copy_discarded: AtomicBool,
     evict_wanted: (Mutex<bool>, Condvar),
+    /// Set while the evictor cannot bring the resident set down (every server full, nothing
+    /// evictable): faults over the hard limit then go ahead instead of waiting for it.
+    evict_stalled: AtomicBool,
     stats: Counters,
 }
 
@@ -172,10 +179,31 @@ impl PageSource for Source {
             s.copy_discarded.store(true, Ordering::Release);
             return Ok(Filled::Zero);
         }
+        // Back-pressure: a fault that would take the resident set past its hard limit waits
+        // for the evictor (a worker asks again later instead), so a fast faulting thread cannot
+        // outrun eviction and overshoot the budget.
+        if s.over_hard_limit() {
+            if fault.can_defer {
+                if fault.waited < ROOM_WAIT {
+                    return Ok(Filled::Busy);
+                }
+            } else {
+                s.wait_for_room();
+            }
+        }
+        let hung = || FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"));
         loop {
-            let st = s.table.settle(i, SETTLE_LIMIT).ok_or_else(|| {
-                FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"))
-            })?;
+            let st = if fault.can_defer {
+                // A fault worker must not wait here: the evictor owning the page may itself
+                // fault (on a page the application discarded) and need this worker.
+                match s.table.get(i) {
+                    FETCHING | EVICTING if fault.waited > SETTLE_LIMIT => return Err(hung()),
+                    FETCHING | EVICTING => return Ok(Filled::Busy),
+                    st => st,
+                }
+            } else {
+                s.table.settle(i, SETTLE_LIMIT).ok_or_else(hung)?
+            };
             if !s.table.cas(i, st, FETCHING) {
                 continue;
             }
@@ -258,23 +286,26 @@ impl PageSource for Source {
         }
     }
 
-    fn written(&self, index: u64) {
-        let s = &self.0;
+    fn written(&self, fault: &Fault<'_>) -> WriteDecision {
+        let (s, index) = (&self.0, fault.index);
         loop {
             match s.table.get(index) {
                 st @ (CLEAN | CLEAN_ABSENT) => {
                     if s.table.cas(index, st, DIRTY) {
                         s.upgrades.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        return WriteDecision::Proceed;
                     }
                 }
-                // Being saved and dropped: wait; the write then faults the page back in.
+                // Being saved and dropped: wait (a worker asks again later, see `fill`); the
+                // write then faults the page back in.
+                EVICTING | FETCHING if fault.can_defer && fault.waited <= SETTLE_LIMIT => return WriteDecision::Busy,
+                EVICTING | FETCHING if fault.can_defer => return WriteDecision::Proceed,
                 EVICTING | FETCHING => {
                     if s.table.settle(index, SETTLE_LIMIT).is_none() {
-                        return;
+                        return WriteDecision::Proceed;
                     }
                 }
-                _ => return,
+                _ => return WriteDecision::Proceed,
             }
         }
     }
@@ -302,6 +333,24 @@ impl Shared {
         let budget = self.budget.load(Ordering::Relaxed);
         let cached = self.victims.len();
         budget - cached.min(budget / 2)
+    }
+
+    /// Whether the resident set is at its hard limit (the budget plus the slack the
+    /// asynchronous evictor works in) while the evictor can still make room.
+    fn over_hard_limit(&self) -> bool {
+        let budget = self.active_budget();
+        let limit = budget + (budget / 16).max(2 * EVICT_BATCH as u64);
+        self.resident.load(Ordering::Acquire) >= limit && !self.evict_stalled.load(Ordering::Acquire)
+    }
+
+    /// Waits (bounded by [`ROOM_WAIT`]) until the resident set is below its hard limit or the
+    /// evictor stalls. Polls with short sleeps and takes no lock but the evictor's wake-up.
+    fn wait_for_room(&self) {
+        self.wake_evictor();
+        let deadline = Instant::now() + ROOM_WAIT;
+        while self.over_hard_limit() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     /// Whether most pages installed write-protected were written soon after (a read-modify-write
@@ -478,13 +527,18 @@ impl Shared {
                 q.drain(..n).collect()
             };
             if batch.is_empty() {
+                self.evict_stalled.store(true, Ordering::Release);
                 return;
             }
             if self.evict_batch(core, &batch) == 0 {
                 stuck_rounds += 1;
             } else {
                 stuck_rounds = 0;
+                self.evict_stalled.store(false, Ordering::Release);
             }
+        }
+        if stuck_rounds >= 3 {
+            self.evict_stalled.store(true, Ordering::Release);
         }
     }
 
@@ -833,6 +887,7 @@ impl NetRam {
             copying: AtomicU64::new(u64::MAX),
             copy_discarded: AtomicBool::new(false),
             evict_wanted: (Mutex::new(false), Condvar::new()),
+            evict_stalled: AtomicBool::new(false),
             stats: Counters::default(),
         });
         let rcfg = RegionConfig::new(pages)
