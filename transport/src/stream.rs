@@ -51,6 +51,13 @@ pub(crate) trait ByteStream: Send + Sync {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Sleeps until bytes may be available, the stream closed, or `timeout` passed.
     fn wait_readable(&self, timeout: Duration) -> io::Result<()>;
+    /// Whether a read costs much more than copying what it returns (a system call per read, as
+    /// on a socket): then the client reads many frames at once and copies page payloads out,
+    /// rather than reading each page straight into its buffer with a read of its own. Streams
+    /// whose read is itself a copy out of shared memory say no.
+    fn batch_reads(&self) -> bool {
+        true
+    }
     /// Closes both directions; blocked readers and writers on both ends return.
     fn shutdown(&self);
     /// A human-readable name of the peer, for errors and logs.

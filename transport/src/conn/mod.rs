@@ -558,7 +558,13 @@ impl Shared {
                     r.have += n;
                     continue;
                 }
-                let read = if self.page_reads.load(Ordering::Relaxed) == 0 {
+                // A lone page read gets its payload straight into its page (header read exactly);
+                // with none, or, where reads are system calls, several (a batch, or many
+                // threads), one large read takes many frames at once and payloads are copied out
+                // of it: a 4 KiB copy costs a fraction of the read call it saves (tcp, 16 reads
+                // outstanding: 600,000 -> 713,000-740,000 pages/s).
+                let pages = self.page_reads.load(Ordering::Relaxed);
+                let read = if pages == 0 || pages > 1 && self.stream.batch_reads() {
                     read_some(&*self.stream, &mut r.ahead[..], self.policy, deadline).map(|n| {
                         r.ahead_start = 0;
                         r.ahead_end = n;

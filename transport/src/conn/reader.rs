@@ -5,10 +5,11 @@ use crate::wire::HEADER_LEN;
 
 /// Receive-side state, owned by whoever leads.
 ///
-/// Small responses are read with one read call: when no page read is pending, the leader reads
-/// up to [`READ_AHEAD`] bytes at once and takes the header and small payloads from there. While a
-/// page read is pending it reads headers exactly, so page payloads go straight to their buffers
-/// (only a page whose request raced with a read-ahead can have its first bytes copied from it).
+/// Responses are read many at a time: the leader reads up to [`READ_AHEAD`] bytes at once and
+/// takes headers and payloads from there, except while exactly one page read is pending (a
+/// single fault), or any is on a stream whose reads are copies anyway (shm): then it reads the
+/// header exactly, so the page's payload goes straight to its buffer with no copy. (A page whose request raced with a read-ahead has its first bytes copied
+/// from it.)
 pub(super) struct Reader {
     pub(super) header: [u8; HEADER_LEN],
     pub(super) have: usize,
@@ -18,8 +19,8 @@ pub(super) struct Reader {
     pub(super) scratch: Vec<u8>,
 }
 
-/// Read-ahead size: a header and a small payload.
-pub(super) const READ_AHEAD: usize = 256;
+/// Read-ahead size: sixteen page responses with their headers.
+pub(super) const READ_AHEAD: usize = 16 * (4096 + HEADER_LEN);
 
 impl Reader {
     pub(super) fn new() -> Reader {

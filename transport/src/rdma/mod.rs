@@ -380,6 +380,12 @@ impl ByteStream for RdmaByteStream {
         }
     }
 
+    /// A read is a copy out of the received buffers (and a completion-queue poll, no system
+    /// call): reading ahead would only add a second copy.
+    fn batch_reads(&self) -> bool {
+        false
+    }
+
     fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
         let c = &self.conn;
         {

@@ -252,6 +252,11 @@ impl ByteStream for ShmByteStream {
         Err(io::ErrorKind::WouldBlock.into())
     }
 
+    /// A read is a copy out of the receive ring: reading ahead would only add a second copy.
+    fn batch_reads(&self) -> bool {
+        false
+    }
+
     fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
         let rx = self.rx();
         rx.header().reader_sleeping.0.store(1, Ordering::SeqCst);
