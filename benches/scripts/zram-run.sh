@@ -21,6 +21,12 @@ mkdir "$cg"
 echo "$limit" > "$cg/memory.limit_in_bytes"
 echo 100 > "$cg/memory.swappiness" 2>/dev/null || true
 start=$(date +%s.%N)
-sh -c 'echo $$ > "$0/cgroup.procs"; exec "$@"' "$cg" "$@"
+status=0
+sh -c 'echo $$ > "$0/cgroup.procs"; exec "$@"' "$cg" "$@" || status=$?
 end=$(date +%s.%N)
+if [ "$status" -ne 0 ]; then
+  ooms=$(grep -s '^oom_kill ' "$cg/memory.oom_control" | awk '{print $2}')
+  echo "zram-run: the command exited with status $status${ooms:+ (cgroup OOM kills: $ooms)}; a limit of $limit bytes may be too tight" >&2
+  exit "$status"
+fi
 echo "zram-run: $(echo "$end - $start" | bc) s under a limit of $limit bytes" >&2
