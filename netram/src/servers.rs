@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use mosaic_transport::{connect, CallError, ClusterKey, ConnectOptions, Connection, Page, Status};
+use mosaic_transport::{connect, CallError, ClusterKey, ConnectOptions, Connection, Page, PagesInFlight, Status};
 
 use crate::proto::{self, ClientId, ServerState, MAX_BATCH};
 use crate::{NetRamError, PAGE_SIZE};
@@ -208,6 +208,24 @@ impl ServerSet {
             }
         }
         ok
+    }
+
+    /// The first live server in `holders`.
+    pub(crate) fn live_holder(&self, holders: u32) -> Option<usize> {
+        (0..self.members.len()).find(|i| holders & (1 << i) != 0 && self.members[*i].alive())
+    }
+
+    /// Sends GETs for `pages` to server `server` without waiting for the answers (see
+    /// [`Connection::start_call_pages`]).
+    pub(crate) fn start_fetch(&self, server: usize, pages: &[u64]) -> Result<PagesInFlight, CallError> {
+        let bodies: Vec<[u8; 32]> = pages.iter().map(|p| proto::encode_get(&self.client, self.region, *p)).collect();
+        let reqs: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
+        let m = &self.members[server];
+        m.conn.start_call_pages(proto::GET, &reqs, Page::vec(pages.len()).into_boxed_slice()).inspect_err(|e| {
+            if !matches!(e, CallError::Remote { .. } | CallError::WrongSize { .. }) {
+                self.mark_dead(server, &e.to_string());
+            }
+        })
     }
 
     /// Stores each page on its slab's servers; returns, per page, the mask of servers that now

@@ -653,3 +653,44 @@ fn a_prefetched_page_never_comes_back_from_a_stale_cached_copy() {
     }
     assert_eq!(ram.stats().lost, 0);
 }
+
+/// A scan keeps a window of pages requested ahead of it. That window must survive its server
+/// dying (the pages come from the other copy), and a discard of pages in it must neither wait
+/// for it nor let it install old contents afterwards.
+#[test]
+fn pages_requested_ahead_survive_a_dead_server_and_a_discard() {
+    let mut s = servers(3, 64 * MIB);
+    let ram = NetRam::new(NetRamConfig::new(uris(&s), key(), 8 * MIB, MIB)).unwrap();
+    let w = words(&ram);
+    let per_page = 4096 / 8;
+    let pages = w.len() / per_page;
+    for (i, x) in w.iter_mut().enumerate().step_by(per_page) {
+        *x = value(i, 3);
+    }
+    let read = |range: std::ops::Range<usize>, round: u64| {
+        for p in range {
+            let i = p * per_page;
+            assert_eq!(w[i], value(i, round), "page {p}");
+        }
+    };
+    // Half a scan: a window is now on its way for the pages after it.
+    read(0..pages / 2, 3);
+    let before = ram.stats();
+    let placed = ram.placement();
+    let victim = (0..3).max_by_key(|k| placed[*k].2).unwrap();
+    s.remove(victim).shutdown();
+    read(pages / 2..pages, 3);
+    let st = ram.stats();
+    assert!(st.prefetched > before.prefetched + 500, "the scan was prefetched: {st:?}");
+    assert_eq!(st.lost, 0, "{st:?}");
+    // Again, then discard the pages just ahead of where the scan stopped.
+    read(0..pages / 4, 3);
+    let t = std::time::Instant::now();
+    ram.discard((pages / 4) as u64, 256).unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_secs(10), "the discard waited for the window");
+    for p in pages / 4..pages / 4 + 256 {
+        assert_eq!(w[p * per_page], 0, "discarded page {p} reads as zeros");
+    }
+    read(pages / 4 + 256..pages, 3);
+    assert_eq!(ram.stats().lost, 0);
+}

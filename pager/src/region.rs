@@ -546,9 +546,26 @@ impl RegionCore {
     /// Installs `pages` at `first`, `first + 1`, ... where they are missing (prefetch, push).
     /// Returns how many were installed; pages already present are left as they are.
     pub fn install(&self, first: u64, pages: &[PageBuf]) -> Result<u64, PagerError> {
-        let dst = self.check(first, pages.len() as u64)?;
-        let fill = Fill::Copy { src: pages.as_ptr() as u64, wp: self.dirty != DirtyTracking::Off };
-        let r = self.installed(install(&self.uffd, dst, pages.len() as u64 * PAGE, fill, false, &mut || {}))?;
+        // SAFETY: a slice of `PageBuf`s is page-aligned bytes, PAGE_SIZE per page, no padding.
+        let bytes = unsafe { std::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), pages.len() * PAGE_SIZE) };
+        self.install_bytes(first, bytes)
+    }
+
+    /// [`install`](Self::install) from any page-aligned buffer of whole pages (pages another
+    /// crate's type holds, say); refused with [`PagerError::Config`] if `data` is misaligned or
+    /// not whole pages. Returns how many pages were installed.
+    pub fn install_bytes(&self, first: u64, data: &[u8]) -> Result<u64, PagerError> {
+        if data.len() % PAGE_SIZE != 0 || data.as_ptr().align_offset(PAGE_SIZE) != 0 {
+            return Err(PagerError::Config(format!(
+                "an install needs page-aligned whole pages, got {} bytes at {:p}",
+                data.len(),
+                data.as_ptr()
+            )));
+        }
+        let count = (data.len() / PAGE_SIZE) as u64;
+        let dst = self.check(first, count)?;
+        let fill = Fill::Copy { src: data.as_ptr() as u64, wp: self.dirty != DirtyTracking::Off };
+        let r = self.installed(install(&self.uffd, dst, count * PAGE, fill, false, &mut || {}))?;
         bump(&self.stats.installed, r.new);
         Ok(r.new)
     }

@@ -86,7 +86,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use auth::{ClusterKey, HandshakeError, KeyError, ServerInfo, KEY_ENV, KEY_FILE_ENV, MIN_KEY_LEN};
-pub use conn::{CallError, Connection};
+pub use conn::{CallError, Connection, PagesInFlight};
 pub use page::{Page, PageWindow};
 pub use server::{Echo, NoService, Server, ServerConfig, Service, ServiceError};
 pub use sim::{LinkSpec, SimLink};

@@ -39,6 +39,13 @@ impl Page {
         // every bit pattern is valid.
         Some(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<Page>(), n) })
     }
+
+    /// The bytes of consecutive pages, as one page-aligned slice.
+    pub fn as_bytes(pages: &[Page]) -> &[u8] {
+        // SAFETY: `[Page]` is `n` contiguous repr(C) `[u8; PAGE_SIZE]` arrays with no padding,
+        // all initialised, borrowed for the returned lifetime.
+        unsafe { std::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), pages.len() * PAGE_SIZE) }
+    }
 }
 
 impl std::fmt::Debug for Page {

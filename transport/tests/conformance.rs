@@ -149,6 +149,28 @@ fn page_calls_land_in_the_callers_page<B: Backend>() {
     assert_eq!(c.call_page(7, b"", &mut dst).unwrap_err().status(), Some(Status::Full));
     c.call_page(1, &srcs[5].0, &mut dst).unwrap();
     assert_eq!(dst.0, srcs[5].0);
+
+    // Started without waiting: other calls meanwhile (which may receive the responses), then
+    // collected on another thread; a wrong-size answer fails that call only.
+    let reqs: Vec<&[u8]> =
+        srcs.iter().enumerate().map(|(i, p)| if i == 3 { &b"short"[..] } else { &p.0[..] }).collect();
+    let pages: Box<[Page]> = Page::vec(8).into_boxed_slice();
+    let inflight = c.start_call_pages(1, &reqs, pages).unwrap();
+    assert_eq!(c.call(1, b"meanwhile").unwrap(), b"meanwhile");
+    let (pages, ok) = std::thread::spawn(move || inflight.wait()).join().unwrap();
+    assert_eq!(ok, (0..8).map(|i| i != 3).collect::<Vec<_>>());
+    for (i, (s, d)) in srcs.iter().zip(pages.iter()).enumerate() {
+        if i != 3 {
+            assert_eq!(s.0, d.0, "in-flight call {i}");
+        }
+    }
+    // Given up unanswered (dropped) and refused with the wrong number of pages: the connection
+    // carries on.
+    drop(c.start_call_pages(1, &reqs, pages).unwrap());
+    let two: Box<[Page]> = Page::vec(2).into_boxed_slice();
+    assert!(matches!(c.start_call_pages(1, &reqs, two), Err(CallError::WrongSize { expected: 8, got: 2, .. })));
+    c.call_page(1, &srcs[6].0, &mut dst).unwrap();
+    assert_eq!(dst.0, srcs[6].0);
 }
 
 fn service_errors_reach_the_caller<B: Backend>() {

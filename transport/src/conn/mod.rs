@@ -19,7 +19,9 @@
 //! 2. Only the leader (holder of `reader`) removes a slot to complete it, and it finishes the
 //!    frame (writing the payload into the slot's destination) before storing a final state.
 //! 3. A caller returns only after each of its slots is final, or after it removed the slot from
-//!    `pending` itself (time-out), so no one writes into its buffer afterwards.
+//!    `pending` itself (time-out), so no one writes into its buffer afterwards. For calls started
+//!    without waiting ([`Connection::start_call_pages`]) the [`PagesInFlight`] handle owns the
+//!    buffers instead, and hands them out (or frees them) only under the same condition.
 //! 4. Once `closed` is set, no slot is added to `pending`, and all slots in it fail.
 
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
@@ -153,6 +155,47 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// Page calls sent by [`Connection::start_call_pages`] and not yet collected. Owns the pages
+/// their responses land in.
+pub struct PagesInFlight {
+    conn: Connection,
+    slots: Slots,
+    /// `None` once handed back by `wait`.
+    pages: Option<Box<[Page]>>,
+}
+
+impl std::fmt::Debug for PagesInFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagesInFlight").field("peer", &self.conn.shared.peer).field("calls", &self.slots.len()).finish()
+    }
+}
+
+/// How long a thread waiting on calls another thread started parks at a time.
+const FOREIGN_PARK: Duration = Duration::from_micros(50);
+
+impl PagesInFlight {
+    /// Waits for every response (within the connection's time-out, counted from now) and hands
+    /// the pages back with, per call, whether its response arrived (its page holds it).
+    pub fn wait(mut self) -> (Box<[Page]>, Vec<bool>) {
+        let mine = self.slots.first().is_some_and(|(_, s)| s.waiter.id() == thread::current().id());
+        self.conn.wait_final(&self.slots, if mine { MAX_PARK } else { FOREIGN_PARK });
+        let ok = self.slots.iter().map(|(_, s)| s.succeeded()).collect();
+        // Every slot is final or withdrawn by now: nobody writes the pages any more.
+        self.slots.clear();
+        (self.pages.take().unwrap_or_default(), ok)
+    }
+}
+
+impl Drop for PagesInFlight {
+    /// Gives the calls up: withdraws those not yet answered and waits out one being received, so
+    /// the pages are nobody's when they are freed.
+    fn drop(&mut self) {
+        if !self.slots.is_empty() {
+            self.conn.cancel(&self.slots);
+        }
+    }
+}
+
 /// How long a follower spins before parking.
 const FOLLOWER_SPIN: Duration = Duration::from_micros(20);
 /// Followers that may spin at once: the cores left once the leader and one more busy thread
@@ -258,6 +301,57 @@ impl Connection {
             payload: request,
         });
         self.submit(reqs).map(|_| ())
+    }
+
+    /// Sends page calls (as [`call_pages`](Self::call_pages): `requests[k]`'s response lands in
+    /// `pages[k]`) and returns at once, without waiting for the responses: collect them later
+    /// with [`PagesInFlight::wait`], from any thread. Meanwhile any caller on this connection
+    /// may receive them. The pages belong to the calls until then; dropping the handle gives
+    /// the calls up. Refused with [`CallError::WrongSize`] unless there is one page per request.
+    pub fn start_call_pages(
+        &self,
+        method: u64,
+        requests: &[&[u8]],
+        mut pages: Box<[Page]>,
+    ) -> Result<PagesInFlight, CallError> {
+        if requests.len() != pages.len() {
+            return Err(CallError::WrongSize {
+                peer: self.shared.peer.clone(),
+                expected: requests.len(),
+                got: pages.len(),
+            });
+        }
+        let mut slots: Slots = SmallVec::new();
+        let mut frames: SmallVec<[([u8; HEADER_LEN], &[u8]); 4]> = SmallVec::new();
+        for (request, page) in requests.iter().zip(pages.iter_mut()) {
+            let registered = self.check_len(request.len()).and_then(|len| {
+                // The pointer stays valid when the box moves into the handle: the pages are on
+                // the heap, and the handle keeps them until the slots are final or withdrawn.
+                let slot = Slot::new(Dest::Page(page.0.as_mut_ptr()), Opcode::Call);
+                let id = self.register(&slot)?;
+                Ok((Header::request(Opcode::Call, id, method, len).encode(), id, slot))
+            });
+            match registered {
+                Ok((header, id, slot)) => {
+                    frames.push((header, request));
+                    slots.push((id, slot));
+                }
+                Err(e) => {
+                    self.abandon(&slots);
+                    return Err(e);
+                }
+            }
+        }
+        let mut bufs: SmallVec<[&[u8]; 8]> = SmallVec::with_capacity(2 * frames.len());
+        for (h, p) in &frames {
+            bufs.push(h);
+            bufs.push(p);
+        }
+        if let Err(e) = self.send(&bufs) {
+            self.abandon(&slots);
+            return Err(e);
+        }
+        Ok(PagesInFlight { conn: self.clone(), slots, pages: Some(pages) })
     }
 
     /// Reads page `index` of the peer's window into `dst`.
@@ -405,6 +499,15 @@ impl Connection {
 
     /// Waits until every slot is final, leading the receive side when nobody else does.
     fn wait(&self, slots: &[(u64, Arc<Slot>)]) -> Result<Responses, CallError> {
+        self.wait_final(slots, MAX_PARK);
+        self.collect(slots)
+    }
+
+    /// Waits until every slot is final or given up on (timed out, or the connection lost):
+    /// leads the receive side when nobody else does, else parks for at most `park` at a time (a
+    /// slot's completion unparks the thread that created it, so a thread waiting on another
+    /// thread's slots parks briefly).
+    fn wait_final(&self, slots: &[(u64, Arc<Slot>)], park: Duration) {
         let timeout = self.shared.timeout;
         // Resolved against the clock only once this call has to wait as a follower.
         let mut deadline = Deadline::In(timeout);
@@ -453,10 +556,15 @@ impl Connection {
             self.shared.park_announce();
             let leaderless = self.shared.reader.try_lock().is_ok();
             if !leaderless && !slots.iter().all(|(_, s)| s.is_final()) {
-                thread::park_timeout(MAX_PARK.min(until - now));
+                thread::park_timeout(park.min(until - now));
             }
             self.shared.park_withdraw();
         }
+    }
+
+    /// The outcomes of final slots, in order; the first failure if any failed or never finished.
+    fn collect(&self, slots: &[(u64, Arc<Slot>)]) -> Result<Responses, CallError> {
+        let timeout = self.shared.timeout;
         let mut out = Responses::with_capacity(slots.len());
         let mut first_err = None;
         for (_, s) in slots {

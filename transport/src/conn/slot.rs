@@ -40,7 +40,8 @@ pub(super) struct Slot {
 
 // SAFETY: the only non-Send/Sync field is `Dest::Page`'s pointer. It is dereferenced only by the
 // leader while the slot is out of `pending` and not yet final; during that time the caller that
-// owns the buffer is blocked in `wait` and holds no reference to it (module invariants 2 and 3).
+// owns the buffer is blocked in `wait` (or the buffer is held by a `PagesInFlight` handle) and
+// nobody holds a reference to it (module invariants 2 and 3).
 unsafe impl Send for Slot {}
 // SAFETY: as above; all other fields are Sync.
 unsafe impl Sync for Slot {}
@@ -58,6 +59,11 @@ impl Slot {
 
     pub(super) fn is_final(&self) -> bool {
         self.state.load(Ordering::Acquire) != PENDING
+    }
+
+    /// Whether the slot is final with a successful outcome.
+    pub(super) fn succeeded(&self) -> bool {
+        self.is_final() && matches!(*lock(&self.outcome), Some(Ok(_)))
     }
 
     pub(super) fn finish(&self, outcome: Result<Vec<u8>, CallError>) {

@@ -19,6 +19,8 @@ use mosaic_pager::{
 use mosaic_transport::{ClusterKey, Page};
 
 use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETCHING, LOST, REMOTE};
+
+mod ahead;
 use crate::servers::{ServerSet, FILE_HOLDER};
 use crate::{NetRamError, PAGE_SIZE};
 
@@ -157,6 +159,8 @@ struct Shared {
     /// Set when that happened to the page being copied.
     copy_discarded: AtomicBool,
     evict_wanted: (Mutex<bool>, Condvar),
+    /// The window requested ahead of a strided fault stream, if one is on its way.
+    ahead: Mutex<Option<ahead::Ahead>>,
     /// Set while the evictor cannot bring the resident set down (every server full, nothing
     /// evictable): faults over the hard limit then go ahead instead of waiting for it.
     evict_stalled: AtomicBool,
@@ -192,6 +196,10 @@ impl PageSource for Source {
             } else {
                 s.wait_for_room();
             }
+        }
+        // A page of the window requested ahead: this fault collects the window.
+        if let Some(a) = s.take_ahead_holding(i) {
+            return s.fill_from_ahead(fault, a, i, page);
         }
         let hung = || FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"));
         loop {
@@ -235,7 +243,14 @@ impl PageSource for Source {
                     }
                     let trend = if s.prefetch_on.load(Ordering::Relaxed) { s.prefetch.on_fault(i) } else { None };
                     let prefetched = match trend {
-                        Some((stride, window)) => s.fetch_with_prefetch(fault, i, stride, window, dst),
+                        Some((stride, window)) => {
+                            let got = s.fetch_with_prefetch(fault, i, stride, window, dst);
+                            // And the window after, without waiting: the next fault collects it.
+                            if let Some(end) = i.checked_add_signed(stride.saturating_mul(window as i64)) {
+                                s.request_ahead(end, stride, window);
+                            }
+                            got
+                        }
                         None => false,
                     };
                     let fetched = if prefetched { Ok(()) } else { s.fetch(i, dst) };
@@ -715,6 +730,8 @@ impl Shared {
     /// Re-creates copies lost with dead servers, for pages not resident (resident dirty pages
     /// get their copies when evicted).
     fn rebuild(&self, stop: &AtomicBool) {
+        // Pages requested ahead are remote again, so they are rebuilt too.
+        self.give_up_ahead(None);
         let live = self.servers.live_mask();
         let want = self.servers.copies();
         let mut page = Page::boxed();
@@ -928,6 +945,7 @@ impl NetRam {
             copy_discarded: AtomicBool::new(false),
             evict_wanted: (Mutex::new(false), Condvar::new()),
             evict_stalled: AtomicBool::new(false),
+            ahead: Mutex::new(None),
             stats: Counters::default(),
         });
         let rcfg = RegionConfig::new(pages)
@@ -1056,6 +1074,7 @@ impl NetRam {
         let end = first.checked_add(count).filter(|e| *e <= s.table.len()).ok_or_else(|| {
             NetRamError::Config(format!("pages {first}..+{count} are outside the region of {} pages", s.table.len()))
         })?;
+        s.give_up_ahead(Some(first..end));
         let region = self.region();
         let mut dropped = Vec::new();
         let mut remote: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
@@ -1118,6 +1137,7 @@ impl Drop for NetRam {
         }
         // Unmap first (no fault can need the servers any more), then end the sessions.
         drop(self.region.take());
+        self.shared.give_up_ahead(None);
         self.shared.servers.close();
     }
 }
