@@ -80,17 +80,14 @@ pub(crate) struct PageTable {
     /// Set when a page came back soon after its eviction: it gets a second pass through the
     /// resident queue before it is evicted again.
     hot: Vec<AtomicBool>,
-    /// Set when a page came in by prefetch; taken when it leaves. A page that leaves still
-    /// marked was part of a stream (a scan) and is not worth a place in the victim cache.
-    streamed: Vec<AtomicBool>,
 }
 
 impl PageTable {
     pub(crate) fn new(pages: u64) -> PageTable {
         let n = usize::try_from(pages).unwrap_or(usize::MAX);
-        // Zeroed allocations (ABSENT, no holders, not hot, not streamed): for a large region the allocator
+        // Zeroed allocations (ABSENT, no holders, not hot): for a large region the allocator
         // hands out untouched zero pages, so a table costs memory only where pages are used.
-        PageTable { state: zeroed(n), holders: zeroed(n), hot: zeroed(n), streamed: zeroed(n) }
+        PageTable { state: zeroed(n), holders: zeroed(n), hot: zeroed(n) }
     }
 
     pub(crate) fn get(&self, i: u64) -> u8 {
@@ -113,15 +110,6 @@ impl PageTable {
     /// Clears page `i`'s hot mark; returns whether it was set.
     pub(crate) fn take_hot(&self, i: u64) -> bool {
         self.hot[idx(i)].swap(false, Ordering::Relaxed)
-    }
-
-    pub(crate) fn mark_streamed(&self, i: u64) {
-        self.streamed[idx(i)].store(true, Ordering::Relaxed);
-    }
-
-    /// Clears page `i`'s prefetch mark; returns whether it was set.
-    pub(crate) fn take_streamed(&self, i: u64) -> bool {
-        self.streamed[idx(i)].swap(false, Ordering::Relaxed)
     }
 
     pub(crate) fn holders(&self, i: u64) -> u32 {

@@ -146,7 +146,6 @@ impl Shared {
                     if here {
                         // A copy from an earlier eviction is stale once the page is back.
                         self.victims.take(pages[j]);
-                        self.table.mark_streamed(pages[j]);
                         self.table.set(pages[j], CLEAN);
                         arrived.push(pages[j]);
                     } else {

@@ -438,10 +438,8 @@ impl Shared {
                 let arrived =
                     whole || ok[k + j + 1] && fault.region.install(*p, std::slice::from_ref(&bufs[k + j])).is_ok();
                 if arrived {
-                    // A copy from an earlier eviction is stale once the page is back: the next
-                    // eviction may not replace it (streamed pages are not cached).
+                    // A copy from an earlier eviction is stale once the page is back.
                     self.victims.take(*p);
-                    self.table.mark_streamed(*p);
                     self.table.set(*p, CLEAN);
                     arrived_pages.push(*p);
                 } else {
@@ -642,42 +640,8 @@ impl Shared {
         let mut cached = Vec::new();
         let mut discarded = Vec::new();
         if caching {
-            // Clean pages that came in by prefetch and leave untouched were part of a stream (a
-            // read-only scan): copying them for the cache costs more than they give back (a
-            // sequential scan ran 25-60% faster without those copies). Whether the application
-            // discarded such a page is asked of the page tables instead of a copy. (Dirty ones
-            // were copied for their write-back already, so keeping them costs nothing; a sort
-            // that rewrites what it prefetched comes back to them soon.)
-            let mut streamed_clean = Vec::new();
             for &(i, next) in &leaving {
-                if next == REMOTE && self.table.take_streamed(i) && !copies.contains_key(&i) {
-                    streamed_clean.push(i);
-                }
-            }
-            let streamed: std::collections::HashSet<u64> = streamed_clean.iter().copied().collect();
-            for r in runs(&streamed_clean) {
-                match core.present(r.start, r.end - r.start) {
-                    Ok(present) => {
-                        for i in r.filter(|i| !present.iter().any(|p| p.contains(i))) {
-                            // Discarded: it reads as zeros now; keep it so, resident and dirty.
-                            if core.install_zero(i, 1).is_ok() {
-                                discarded.push(i);
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        for i in r {
-                            // No PAGEMAP_SCAN: find out with a copy, as for cached pages.
-                            // SAFETY: as below: inside the live region, resident, write-protected.
-                            if unsafe { self.copy_page(core, i) }.1 {
-                                discarded.push(i);
-                            }
-                        }
-                    }
-                }
-            }
-            for &(i, next) in &leaving {
-                if next != REMOTE || streamed.contains(&i) {
+                if next != REMOTE {
                     continue;
                 }
                 let copy = match copies.remove(&i) {
@@ -1092,7 +1056,6 @@ impl NetRam {
                     remote.entry(holders & !FILE_HOLDER).or_default().push(i);
                 }
                 s.table.set_holders(i, 0);
-                s.table.take_streamed(i);
                 if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY | LOST) {
                     dropped.push((i, st != LOST));
                 } else {
