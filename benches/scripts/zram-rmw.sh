@@ -16,5 +16,5 @@ here=$(dirname "$0")
 # The process's baseline resident memory with a trivial working set.
 base_kib=$( /usr/bin/time -f %M "$bench" rmw --size 1M --time 0.2 2>&1 >/dev/null | tail -1 )
 limit=$(( size_mib * 1048576 * pct / 100 + base_kib * 1024 ))
-out=$( bash "$here/zram-run.sh" "$limit" $(( size_mib * 2 )) "$bench" rmw --size "${size_mib}M" --time "$secs" 2>/dev/null )
+out=$( bash "$here/zram-run.sh" "$limit" $(( size_mib * 2 )) "$bench" rmw --size "${size_mib}M" --time "$secs" 2> >(grep -v "^zram-run: [0-9]" >&2) )
 echo "${out%\}},\"limit_bytes\":$limit,\"baseline_kib\":$base_kib,\"swap\":\"zram\",\"resident_pct\":$pct}"
