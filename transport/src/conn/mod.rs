@@ -321,36 +321,15 @@ impl Connection {
                 got: pages.len(),
             });
         }
-        let mut slots: Slots = SmallVec::new();
-        let mut frames: SmallVec<[([u8; HEADER_LEN], &[u8]); 4]> = SmallVec::new();
-        for (request, page) in requests.iter().zip(pages.iter_mut()) {
-            let registered = self.check_len(request.len()).and_then(|len| {
-                // The pointer stays valid when the box moves into the handle: the pages are on
-                // the heap, and the handle keeps them until the slots are final or withdrawn.
-                let slot = Slot::new(Dest::Page(page.0.as_mut_ptr()), Opcode::Call);
-                let id = self.register(&slot)?;
-                Ok((Header::request(Opcode::Call, id, method, len).encode(), id, slot))
-            });
-            match registered {
-                Ok((header, id, slot)) => {
-                    frames.push((header, request));
-                    slots.push((id, slot));
-                }
-                Err(e) => {
-                    self.abandon(&slots);
-                    return Err(e);
-                }
-            }
-        }
-        let mut bufs: SmallVec<[&[u8]; 8]> = SmallVec::with_capacity(2 * frames.len());
-        for (h, p) in &frames {
-            bufs.push(h);
-            bufs.push(p);
-        }
-        if let Err(e) = self.send(&bufs) {
-            self.abandon(&slots);
-            return Err(e);
-        }
+        // The pointers stay valid when the box moves into the handle: the pages are on the heap,
+        // and the handle keeps them until the slots are final or withdrawn.
+        let reqs = requests.iter().zip(pages.iter_mut()).map(|(request, page)| Request {
+            opcode: Opcode::Call,
+            arg: method,
+            dest: Dest::Page(page.0.as_mut_ptr()),
+            payload: request,
+        });
+        let slots = self.issue(reqs)?;
         Ok(PagesInFlight { conn: self.clone(), slots, pages: Some(pages) })
     }
 
@@ -397,6 +376,13 @@ impl Connection {
 
     /// Registers, sends (with one vectored write) and waits for a batch of requests.
     fn submit<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Responses, CallError> {
+        let slots = self.issue(reqs)?;
+        self.wait(&slots)
+    }
+
+    /// Registers a batch of requests and sends them with one vectored write; returns their
+    /// slots (nothing stays registered if it fails).
+    fn issue<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Slots, CallError> {
         let mut slots: Slots = SmallVec::new();
         let mut frames: SmallVec<[([u8; HEADER_LEN], &[u8]); 4]> = SmallVec::new();
         for r in reqs {
@@ -425,7 +411,7 @@ impl Connection {
             self.abandon(&slots);
             return Err(e);
         }
-        self.wait(&slots)
+        Ok(slots)
     }
 
     /// One-sided access checks bounds locally: an access outside the registered window would
