@@ -2,9 +2,11 @@
 //! resident in local RAM.
 //!
 //! Faults fetch pages from a server holding them ([`Source`], running on the faulting thread by
-//! default); an evictor thread keeps the resident set within the budget, writing dirty pages back
-//! to every copy's server before dropping them; a background thread renews the leases and
-//! rebuilds copies lost with a server. Page states and their invariants are in [`crate::pages`].
+//! default), with a prefetch window along strided streams and the window after it on its way
+//! ([`ahead`]); an evictor thread keeps the resident set within the budget, writing dirty pages
+//! back to every copy's server before dropping them, and a fault that would overshoot the budget
+//! waits for it; a background thread renews the leases and rebuilds copies lost with a server.
+//! Page states and their invariants are in [`crate::pages`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
