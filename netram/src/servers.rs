@@ -169,9 +169,7 @@ impl ServerSet {
                 Err(e) => {
                     failed |= 1 << i;
                     why = format!("{}: {e}", self.members[i].uri);
-                    if !matches!(e, CallError::Remote { .. } | CallError::WrongSize { .. }) {
-                        self.mark_dead(i, &e.to_string());
-                    }
+                    self.note_failure(i, &e);
                 }
             }
         }
@@ -188,7 +186,7 @@ impl ServerSet {
         let mut ok = vec![false; reqs.len()];
         let mut by_server: HashMap<usize, Vec<usize>> = HashMap::new();
         for (k, (_, holders)) in reqs.iter().enumerate() {
-            if let Some(i) = (0..self.members.len()).find(|i| holders & (1 << i) != 0 && self.members[*i].alive()) {
+            if let Some(i) = self.live_holder(*holders) {
                 by_server.entry(i).or_default().push(k);
             }
         }
@@ -201,10 +199,10 @@ impl ServerSet {
                 bodies.iter().zip(&ks).filter_map(|(b, k)| slots[*k].take().map(|d| (&b[..], d))).collect();
             match self.members[server].conn.call_pages(proto::GET, &mut calls) {
                 Ok(()) => ks.iter().for_each(|k| ok[*k] = true),
-                Err(e @ (CallError::Remote { .. } | CallError::WrongSize { .. })) => {
+                Err(e) => {
                     log::debug!("batched fetch from {}: {e}", self.members[server].uri);
+                    self.note_failure(server, &e);
                 }
-                Err(e) => self.mark_dead(server, &e.to_string()),
             }
         }
         ok
@@ -221,11 +219,17 @@ impl ServerSet {
         let bodies: Vec<[u8; 32]> = pages.iter().map(|p| proto::encode_get(&self.client, self.region, *p)).collect();
         let reqs: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
         let m = &self.members[server];
-        m.conn.start_call_pages(proto::GET, &reqs, Page::vec(pages.len()).into_boxed_slice()).inspect_err(|e| {
-            if !matches!(e, CallError::Remote { .. } | CallError::WrongSize { .. }) {
-                self.mark_dead(server, &e.to_string());
-            }
-        })
+        m.conn
+            .start_call_pages(proto::GET, &reqs, Page::vec(pages.len()).into_boxed_slice())
+            .inspect_err(|e| self.note_failure(server, e))
+    }
+
+    /// After a failed read from server `i`: it is dead unless the error is an answer (a refusal,
+    /// or a response of the wrong size).
+    fn note_failure(&self, i: usize, e: &CallError) {
+        if !matches!(e, CallError::Remote { .. } | CallError::WrongSize { .. }) {
+            self.mark_dead(i, &e.to_string());
+        }
     }
 
     /// Stores each page on its slab's servers; returns, per page, the mask of servers that now

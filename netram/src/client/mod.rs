@@ -3,7 +3,7 @@
 //!
 //! Faults fetch pages from a server holding them ([`Source`], running on the faulting thread by
 //! default), with a prefetch window along strided streams and the window after it on its way
-//! ([`ahead`]); an evictor thread keeps the resident set within the budget, writing dirty pages
+//! ([`window`]); an evictor thread keeps the resident set within the budget, writing dirty pages
 //! back to every copy's server before dropping them, and a fault that would overshoot the budget
 //! waits for it; a background thread renews the leases and rebuilds copies lost with a server.
 //! Page states and their invariants are in [`crate::pages`].
@@ -21,10 +21,10 @@ use mosaic_pager::{
 use mosaic_transport::{ClusterKey, Page};
 
 use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETCHING, LOST, REMOTE};
-
-mod ahead;
 use crate::servers::{ServerSet, FILE_HOLDER};
 use crate::{NetRamError, PAGE_SIZE};
+
+mod window;
 
 /// How long a fault waits for a page another thread is fetching or evicting.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
@@ -162,7 +162,7 @@ struct Shared {
     copy_discarded: AtomicBool,
     evict_wanted: (Mutex<bool>, Condvar),
     /// The window requested ahead of a strided fault stream, if one is on its way.
-    ahead: Mutex<Option<ahead::Ahead>>,
+    ahead: Mutex<Option<window::Ahead>>,
     /// Set while the evictor cannot bring the resident set down (every server full, nothing
     /// evictable): faults over the hard limit then go ahead instead of waiting for it.
     evict_stalled: AtomicBool,
@@ -174,6 +174,16 @@ thread_local! {
     /// page was already counted as resident). Read by `installed`, which the pager calls next
     /// on the same thread. Const-initialised: safe in a signal handler.
     static DECIDED: std::cell::Cell<(u64, u8, bool)> = const { std::cell::Cell::new((u64::MAX, 0, false)) };
+}
+
+/// What a wait for a busy page ended with (see [`Shared::settle_or_take_ahead`]).
+enum Settled {
+    /// The page left FETCHING/EVICTING for this state.
+    State(u8),
+    /// It belongs to the window requested ahead, which the caller now owns.
+    Ahead(window::Ahead),
+    /// It stayed busy for [`SETTLE_LIMIT`].
+    Hung,
 }
 
 /// The region's page source: what the pager calls on faults.
@@ -214,18 +224,16 @@ impl PageSource for Source {
                     st => st,
                 }
             } else {
-                s.table.settle(i, SETTLE_LIMIT).ok_or_else(hung)?
+                match s.settle_or_take_ahead(i) {
+                    Settled::State(st) => st,
+                    Settled::Ahead(a) => return s.fill_from_ahead(fault, a, i, page),
+                    Settled::Hung => return Err(hung()),
+                }
             };
             if !s.table.cas(i, st, FETCHING) {
                 continue;
             }
-            // A read fault in a read-modify-write stream is followed by a write-protect fault on
-            // the same page; when most are, install read-faulted pages writable (and dirty) at
-            // once and spare the second fault.
-            let write = fault.write || s.writes_likely();
-            if write && !fault.write {
-                fault.install_writable();
-            }
+            let write = s.decide_write(fault);
             let dirty_or = |clean| if write { DIRTY } else { clean };
             return match st {
                 ABSENT => {
@@ -255,19 +263,7 @@ impl PageSource for Source {
                         }
                         None => false,
                     };
-                    let fetched = if prefetched { Ok(()) } else { s.fetch(i, dst) };
-                    match fetched {
-                        Ok(()) => {
-                            DECIDED.set((i, dirty_or(CLEAN), false));
-                            bump(&s.stats.fetched, 1);
-                            Ok(Filled::Data)
-                        }
-                        Err(why) => {
-                            s.table.set(i, LOST);
-                            bump(&s.stats.lost, 1);
-                            Err(FillError(why))
-                        }
-                    }
+                    s.finish_fetch(i, write, prefetched, dst)
                 }
                 LOST => {
                     s.table.set(i, LOST);
@@ -372,6 +368,52 @@ impl Shared {
         }
     }
 
+    /// Whether a read fault installs its page writable (and dirty) at once: in a
+    /// read-modify-write stream a read fault is followed by a write-protect fault on the same
+    /// page, and when most are, installing writable spares the second fault.
+    fn decide_write(&self, fault: &Fault<'_>) -> bool {
+        let write = fault.write || self.writes_likely();
+        if write && !fault.write {
+            fault.install_writable();
+        }
+        write
+    }
+
+    /// The end of a fault on a remote page `i` (FETCHING, ours): `dst` holds it if `arrived`,
+    /// else it is fetched alone, with failover; a page no server can return is lost.
+    fn finish_fetch(&self, i: u64, write: bool, arrived: bool, dst: &mut Page) -> Result<Filled, FillError> {
+        match if arrived { Ok(()) } else { self.fetch(i, dst) } {
+            Ok(()) => {
+                DECIDED.set((i, if write { DIRTY } else { CLEAN }, false));
+                bump(&self.stats.fetched, 1);
+                Ok(Filled::Data)
+            }
+            Err(why) => {
+                self.table.set(i, LOST);
+                bump(&self.stats.lost, 1);
+                Err(FillError(why))
+            }
+        }
+    }
+
+    /// [`PageTable::settle`] for a fault or a discard that can wait, except that a page of the
+    /// window requested ahead is not waited for (nobody else might collect it): the window is
+    /// taken and handed to the caller instead.
+    fn settle_or_take_ahead(&self, i: u64) -> Settled {
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        loop {
+            if let Some(st) = self.table.settle(i, Duration::from_millis(1)) {
+                return Settled::State(st);
+            }
+            if let Some(a) = self.take_ahead_holding(i) {
+                return Settled::Ahead(a);
+            }
+            if Instant::now() >= deadline {
+                return Settled::Hung;
+            }
+        }
+    }
+
     /// Whether most pages installed write-protected were written soon after (a read-modify-write
     /// stream), over a window of the last few thousand installs.
     fn writes_likely(&self) -> bool {
@@ -388,76 +430,6 @@ impl Shared {
             let w = self.upgrades.load(Ordering::Relaxed);
             self.upgrades.store(w / 2, Ordering::Relaxed);
         }
-    }
-
-    /// Fetches page `i` into `dst` together with up to `window` pages ahead of it along
-    /// `stride` that are on the servers, and installs those. Returns whether `i` arrived (if
-    /// not, the caller fetches it alone, with failover).
-    fn fetch_with_prefetch(&self, fault: &Fault<'_>, i: u64, stride: i64, window: u64, dst: &mut Page) -> bool {
-        let mut extra = Vec::new();
-        for k in 1..=window {
-            let Some(p) = i.checked_add_signed(stride.saturating_mul(k as i64)).filter(|p| *p < self.table.len())
-            else {
-                break;
-            };
-            if self.table.get(p) == REMOTE && self.table.cas(p, REMOTE, FETCHING) {
-                extra.push(p);
-            }
-        }
-        if extra.is_empty() {
-            return false;
-        }
-        let mut bufs: Vec<PageBuf> = (0..extra.len()).map(|_| PageBuf::zeroed()).collect();
-        let reqs: Vec<(u64, u32)> =
-            std::iter::once(i).chain(extra.iter().copied()).map(|p| (p, self.table.holders(p))).collect();
-        let ok = {
-            let mut dsts: Vec<&mut Page> = Vec::with_capacity(reqs.len());
-            dsts.push(dst);
-            for b in &mut bufs {
-                if let Some(p) = Page::slice_from_bytes_mut(&mut b.0) {
-                    dsts.push(&mut p[0]);
-                }
-            }
-            if dsts.len() != reqs.len() {
-                vec![false; reqs.len()]
-            } else {
-                self.servers.fetch_many(&reqs, &mut dsts)
-            }
-        };
-        // Install runs of consecutive pages that arrived with one ioctl each.
-        let mut arrived_pages = Vec::with_capacity(extra.len());
-        let mut k = 0;
-        while k < extra.len() {
-            let mut end = k + 1;
-            while ok[k + 1] && end < extra.len() && ok[end + 1] && extra[end] == extra[end - 1] + 1 {
-                end += 1;
-            }
-            let run = &extra[k..end];
-            let whole = ok[k + 1] && fault.region.install(run[0], &bufs[k..end]).is_ok();
-            for (j, p) in run.iter().enumerate() {
-                // After a failed run install some pages may be in: installing again one by one
-                // tells (Ok means present now, whoever put it there).
-                let arrived =
-                    whole || ok[k + j + 1] && fault.region.install(*p, std::slice::from_ref(&bufs[k + j])).is_ok();
-                if arrived {
-                    // A copy from an earlier eviction is stale once the page is back.
-                    self.victims.take(*p);
-                    self.table.set(*p, CLEAN);
-                    arrived_pages.push(*p);
-                } else {
-                    self.table.set(*p, REMOTE);
-                }
-            }
-            k = end;
-        }
-        if let Some(last) = extra.last() {
-            self.prefetch.prefetched_up_to(*last);
-        }
-        let installed = arrived_pages.len() as u64;
-        bump(&self.stats.prefetched, installed);
-        self.note_protected_install(installed);
-        self.admit(&arrived_pages);
-        ok[0]
     }
 
     /// Counts newly installed pages as resident and hands them to the evictor (counted first,
@@ -697,7 +669,7 @@ impl Shared {
     /// get their copies when evicted).
     fn rebuild(&self, stop: &AtomicBool) {
         // Pages requested ahead are remote again, so they are rebuilt too.
-        self.give_up_ahead(None);
+        self.give_up_ahead();
         let live = self.servers.live_mask();
         let want = self.servers.copies();
         let mut page = Page::boxed();
@@ -1040,13 +1012,19 @@ impl NetRam {
         let end = first.checked_add(count).filter(|e| *e <= s.table.len()).ok_or_else(|| {
             NetRamError::Config(format!("pages {first}..+{count} are outside the region of {} pages", s.table.len()))
         })?;
-        s.give_up_ahead(Some(first..end));
         let region = self.region();
         let mut dropped = Vec::new();
         let mut remote: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
         for i in first..end {
             loop {
-                let st = s.table.settle(i, SETTLE_LIMIT).unwrap_or(LOST);
+                let st = match s.settle_or_take_ahead(i) {
+                    Settled::State(st) => st,
+                    Settled::Ahead(a) => {
+                        s.give_up(a);
+                        continue;
+                    }
+                    Settled::Hung => LOST,
+                };
                 if st == ABSENT {
                     break;
                 }
@@ -1102,7 +1080,7 @@ impl Drop for NetRam {
         }
         // Unmap first (no fault can need the servers any more), then end the sessions.
         drop(self.region.take());
-        self.shared.give_up_ahead(None);
+        self.shared.give_up_ahead();
         self.shared.servers.close();
     }
 }

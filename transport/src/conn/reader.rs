@@ -8,8 +8,8 @@ use crate::wire::HEADER_LEN;
 /// Responses are read many at a time: the leader reads up to [`READ_AHEAD`] bytes at once and
 /// takes headers and payloads from there, except while exactly one page read is pending (a
 /// single fault), or any is on a stream whose reads are copies anyway (shm): then it reads the
-/// header exactly, so the page's payload goes straight to its buffer with no copy. (A page whose request raced with a read-ahead has its first bytes copied
-/// from it.)
+/// header exactly, so the page's payload goes straight to its buffer with no copy. (A page whose
+/// request raced with a read-ahead has its first bytes copied from it.)
 pub(super) struct Reader {
     pub(super) header: [u8; HEADER_LEN],
     pub(super) have: usize,
