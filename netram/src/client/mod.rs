@@ -209,8 +209,9 @@ impl PageSource for Source {
                 s.wait_for_room();
             }
         }
-        // A page of the window requested ahead: this fault collects the window.
-        if let Some(a) = s.take_ahead_holding(i) {
+        // A page of the window requested ahead (such pages are FETCHING, so other faults take
+        // no lock here): this fault collects the window.
+        if let Some(a) = (s.table.get(i) == FETCHING).then(|| s.take_ahead_holding(i)).flatten() {
             return s.fill_from_ahead(fault, a, i, page);
         }
         let hung = || FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"));
