@@ -24,7 +24,7 @@
 //!    buffers instead, and hands them out (or frees them) only under the same condition.
 //! 4. Once `closed` is set, no slot is added to `pending`, and all slots in it fail.
 
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use smallvec::SmallVec;
 use thiserror::Error;
 
+#[cfg(test)]
+mod measure;
 mod reader;
 mod slot;
 
@@ -40,8 +42,8 @@ use crate::page::Page;
 use crate::stream::{read_some, ByteStream, Deadline, ReadStop, WaitPolicy};
 use crate::sync::lock;
 use crate::wire::{FrameError, Header, Opcode, Status, HEADER_LEN, PAGE_SIZE};
-use reader::Reader;
-use slot::{Dest, PendingMap, Request, Slot};
+use reader::{Reader, ReaderLock};
+use slot::{thread_token, Dest, PendingMap, Request, Slot};
 
 /// Why a request failed.
 #[derive(Clone, Debug, Error)]
@@ -127,7 +129,7 @@ struct Shared {
     policy: WaitPolicy,
     timeout: Duration,
     send: Mutex<()>,
-    reader: Mutex<Reader>,
+    reader: ReaderLock,
     pending: Mutex<PendingMap>,
     /// Page reads in `pending`: while non-zero, the leader reads no further than a header.
     page_reads: Arc<AtomicUsize>,
@@ -137,7 +139,6 @@ struct Shared {
     parked: Mutex<Vec<Thread>>,
     /// Followers spinning right now (at most [`max_spinning_followers`]; the rest park at once).
     spinning: AtomicUsize,
-    next_id: AtomicU64,
     closed: OnceLock<String>,
     one_sided: Option<Box<dyn OneSided>>,
 }
@@ -177,7 +178,7 @@ impl PagesInFlight {
     /// Waits for every response (within the connection's time-out, counted from now) and hands
     /// the pages back with, per call, whether its response arrived (its page holds it).
     pub fn wait(mut self) -> (Box<[Page]>, Vec<bool>) {
-        let mine = self.slots.first().is_some_and(|(_, s)| s.waiter.id() == thread::current().id());
+        let mine = self.slots.first().is_some_and(|(_, s)| s.owned_by(thread_token()));
         self.conn.wait_final(&self.slots, if mine { MAX_PARK } else { FOREIGN_PARK });
         let ok = self.slots.iter().map(|(_, s)| s.succeeded()).collect();
         // Every slot is final or withdrawn by now: nobody writes the pages any more.
@@ -228,13 +229,12 @@ impl Connection {
                 policy,
                 timeout,
                 send: Mutex::new(()),
-                reader: Mutex::new(Reader::new()),
+                reader: ReaderLock::new(),
                 pending: Mutex::new(PendingMap::new(page_reads.clone())),
                 page_reads,
                 followers: AtomicUsize::new(0),
                 parked: Mutex::new(Vec::new()),
                 spinning: AtomicUsize::new(0),
-                next_id: AtomicU64::new(1),
                 closed: OnceLock::new(),
                 one_sided,
             }),
@@ -377,7 +377,11 @@ impl Connection {
     /// Registers, sends (with one vectored write) and waits for a batch of requests.
     fn submit<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Responses, CallError> {
         let slots = self.issue(reqs)?;
-        self.wait(&slots)
+        let out = self.wait(&slots);
+        for (_, s) in slots {
+            Slot::recycle(s);
+        }
+        out
     }
 
     /// Registers a batch of requests and sends them with one vectored write; returns their
@@ -452,14 +456,12 @@ impl Connection {
 
     /// Adds a slot to `pending` under a fresh id (invariant 1 and 4).
     fn register(&self, slot: &Arc<Slot>) -> Result<u64, CallError> {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut pending = lock(&self.shared.pending);
         // Checked under the lock that `fail` drains, so no slot is added after the drain.
         if self.is_closed() {
             return Err(self.disconnected());
         }
-        pending.insert(id, slot.clone());
-        Ok(id)
+        Ok(pending.insert_next(slot.clone()))
     }
 
     /// Removes slots whose requests were never (completely) sent.
@@ -498,7 +500,7 @@ impl Connection {
         // Resolved against the clock only once this call has to wait as a follower.
         let mut deadline = Deadline::In(timeout);
         'outer: while !slots.iter().all(|(_, s)| s.is_final()) {
-            if let Ok(mut reader) = self.shared.reader.try_lock() {
+            if let Some(mut reader) = self.shared.reader.try_lock() {
                 let r = self.shared.lead(&mut reader, slots, deadline);
                 let lost = r.is_ok() && self.is_closed() && !slots.iter().all(|(_, s)| s.is_final());
                 drop(reader);
@@ -521,13 +523,15 @@ impl Connection {
             }
             // A leader is reading: spin a little (if few others do), then park until it
             // completes us or leaves.
-            if self.shared.spinning.fetch_add(1, Ordering::AcqRel) < max_spinning_followers() {
+            if max_spinning_followers() > 0
+                && self.shared.spinning.fetch_add(1, Ordering::AcqRel) < max_spinning_followers()
+            {
                 let done = spin_until(FOLLOWER_SPIN, || slots.iter().all(|(_, s)| s.is_final()));
                 self.shared.spinning.fetch_sub(1, Ordering::AcqRel);
                 if done {
                     break 'outer;
                 }
-            } else {
+            } else if max_spinning_followers() > 0 {
                 self.shared.spinning.fetch_sub(1, Ordering::AcqRel);
             }
             let now = Instant::now();
@@ -540,7 +544,7 @@ impl Connection {
             // Announce ourselves, then check again that a leader is still there: a leader leaves
             // by unlocking and then looking for parked followers, so one of us sees the other.
             self.shared.park_announce();
-            let leaderless = self.shared.reader.try_lock().is_ok();
+            let leaderless = self.shared.reader.is_free();
             if !leaderless && !slots.iter().all(|(_, s)| s.is_final()) {
                 thread::park_timeout(park.min(until - now));
             }
@@ -554,7 +558,7 @@ impl Connection {
         let mut out = Responses::with_capacity(slots.len());
         let mut first_err = None;
         for (_, s) in slots {
-            if !s.is_final() {
+            let Some(outcome) = s.take() else {
                 // Removed by `cancel` or `abandon`: nobody can complete it any more.
                 first_err.get_or_insert(if self.is_closed() {
                     self.disconnected()
@@ -562,8 +566,8 @@ impl Connection {
                     CallError::TimedOut { peer: self.shared.peer.clone(), after: timeout }
                 });
                 continue;
-            }
-            match s.take() {
+            };
+            match outcome {
                 Ok(v) => out.push(v),
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -605,15 +609,18 @@ impl Shared {
         }
         self.stream.shutdown();
         let drained = lock(&self.pending).drain();
+        let me = thread_token();
         let reason = self.closed.get().cloned().unwrap_or(reason);
         for s in drained {
-            s.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
+            s.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }), me);
         }
     }
 
     /// Wakes one parked follower, so it can take over the receive side.
     fn wake_next_leader(&self) {
-        fence(Ordering::SeqCst);
+        // No fence: the reader lock's release was a SeqCst swap, and this load is SeqCst too,
+        // as are a follower's increment and its look at the lock (`park_announce`, `is_free`):
+        // in their single total order, either we see the follower or it sees the lock free.
         if self.followers.load(Ordering::SeqCst) == 0 {
             return;
         }
@@ -625,7 +632,6 @@ impl Shared {
     fn park_announce(&self) {
         lock(&self.parked).push(thread::current());
         self.followers.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
     }
 
     fn park_withdraw(&self) {
@@ -697,9 +703,12 @@ impl Shared {
             return Err(format!("protocol error: unexpected {:?} frame from the server", h.opcode));
         }
         let frame_deadline = Deadline::In(self.timeout);
-        let slot = lock(&self.pending).remove(&h.request_id);
+        let (slot, issued) = {
+            let mut pending = lock(&self.pending);
+            (pending.remove(&h.request_id), pending.issued(h.request_id))
+        };
         let Some(slot) = slot else {
-            if h.request_id >= self.next_id.load(Ordering::Relaxed) {
+            if !issued {
                 return Err(format!("protocol error: response to request {} never sent", h.request_id));
             }
             // The answer to a request that timed out: drop its payload.
@@ -710,13 +719,14 @@ impl Shared {
             return read;
         };
         // From here on the slot is ours alone: every path must finish it (invariant 2).
+        let me = thread_token();
         match self.read_response(r, &h, &slot, frame_deadline) {
             Ok(outcome) => {
-                slot.finish(outcome);
+                slot.finish(outcome, me);
                 Ok(())
             }
             Err(reason) => {
-                slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }));
+                slot.finish(Err(CallError::Disconnected { peer: self.peer.clone(), reason: reason.clone() }), me);
                 Err(reason)
             }
         }

@@ -1,5 +1,8 @@
 //! The receive-side state the leader owns.
 
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::stream::{read_exact, ByteStream, Deadline, ReadStop, WaitPolicy};
 use crate::wire::HEADER_LEN;
 
@@ -52,5 +55,63 @@ impl Reader {
     ) -> Result<(), ReadStop> {
         let n = self.take_ahead(dst);
         read_exact(stream, &mut dst[n..], policy, deadline)
+    }
+}
+
+/// The receive side and the flag that says someone leads it: a lock whose release is a
+/// sequentially consistent swap, so that a leaving leader's look at the parked followers (one
+/// more sequentially consistent load) needs no fence of its own, nor does a follower's look at
+/// the lock after announcing itself (module docs of `conn`, "leader/follower").
+pub(super) struct ReaderLock {
+    busy: AtomicBool,
+    reader: UnsafeCell<Reader>,
+}
+
+// SAFETY: the Reader inside is reached only through a `ReaderGuard`, and `busy` admits one
+// guard at a time (acquire on taking it, release on giving it back), like a mutex.
+unsafe impl Sync for ReaderLock {}
+
+/// The right to lead: access to the receive state until dropped.
+pub(super) struct ReaderGuard<'a> {
+    lock: &'a ReaderLock,
+}
+
+impl ReaderLock {
+    pub(super) fn new() -> ReaderLock {
+        ReaderLock { busy: AtomicBool::new(false), reader: UnsafeCell::new(Reader::new()) }
+    }
+
+    /// Takes the receive side if nobody leads.
+    pub(super) fn try_lock(&self) -> Option<ReaderGuard<'_>> {
+        self.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).ok()?;
+        Some(ReaderGuard { lock: self })
+    }
+
+    /// Whether nobody leads right now (a sequentially consistent load).
+    pub(super) fn is_free(&self) -> bool {
+        !self.busy.load(Ordering::SeqCst)
+    }
+}
+
+impl std::ops::Deref for ReaderGuard<'_> {
+    type Target = Reader;
+    fn deref(&self) -> &Reader {
+        // SAFETY: this guard is the only one (see `ReaderLock`), so nobody else touches it.
+        unsafe { &*self.lock.reader.get() }
+    }
+}
+
+impl std::ops::DerefMut for ReaderGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Reader {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard.
+        unsafe { &mut *self.lock.reader.get() }
+    }
+}
+
+impl Drop for ReaderGuard<'_> {
+    fn drop(&mut self) {
+        // SeqCst, not just Release: a leaving leader's next load of the follower count must be
+        // ordered after this store (see `ReaderLock`).
+        self.lock.busy.swap(false, Ordering::SeqCst);
     }
 }

@@ -1,13 +1,19 @@
 //! Outstanding requests: one [`Slot`] per request, in a [`PendingMap`] keyed by request id.
+//!
+//! A slot's outcome is written once, by whoever took the slot out of the pending table (the
+//! leader that read its response, or `fail`), before the slot's state turns final with a release
+//! store; the owner reads it only after seeing that state with an acquire load. So the outcome
+//! needs no lock of its own. Slots are reused per thread (a fault or a ping-pong issues one per
+//! call): a finished slot nobody else holds goes back to its thread's spares.
 
+use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::{self, Thread};
 
 use super::CallError;
-use crate::sync::lock;
 use crate::wire::Opcode;
 
 const PENDING: u8 = 0;
@@ -29,32 +35,98 @@ pub(super) struct Request<'p> {
     pub(super) payload: &'p [u8],
 }
 
+type Outcome = Result<Vec<u8>, CallError>;
+
 /// One outstanding request.
 pub(super) struct Slot {
     state: AtomicU8,
     pub(super) dest: Dest,
     pub(super) expect: Opcode,
-    outcome: Mutex<Option<Result<Vec<u8>, CallError>>>,
+    /// Written once before `state` turns final, read only after (see the module docs).
+    outcome: UnsafeCell<Option<Outcome>>,
+    /// The thread that issued the request, unparked when it completes.
     pub(super) waiter: Thread,
+    /// [`thread_token`] of `waiter`: lets a finishing thread see, without touching the
+    /// `Thread`'s reference count, that the waiter is itself and needs no unpark.
+    owner: usize,
 }
 
-// SAFETY: the only non-Send/Sync field is `Dest::Page`'s pointer. It is dereferenced only by the
-// leader while the slot is out of `pending` and not yet final; during that time the caller that
-// owns the buffer is blocked in `wait` (or the buffer is held by a `PagesInFlight` handle) and
-// nobody holds a reference to it (module invariants 2 and 3).
+// SAFETY: `Dest::Page`'s pointer is dereferenced only by the leader while the slot is out of
+// `pending` and not yet final; during that time the caller that owns the buffer is blocked in
+// `wait` (or the buffer is held by a `PagesInFlight` handle) and nobody holds a reference to it
+// (the connection module's invariants 2 and 3). `outcome` is written by one thread before the
+// release store that makes the slot final and read only after an acquire load sees it final.
 unsafe impl Send for Slot {}
 // SAFETY: as above; all other fields are Sync.
 unsafe impl Sync for Slot {}
 
+/// Most finished slots a thread keeps for reuse (a batch of page reads takes one per page).
+const SPARE_SLOTS: usize = 64;
+
+thread_local! {
+    static SPARES: RefCell<Vec<Arc<Slot>>> = const { RefCell::new(Vec::new()) };
+    static TOKEN: u8 = const { 0 };
+}
+
+/// A number that identifies the calling thread among live threads (the address of one of its
+/// thread-locals), cheaper than `thread::current()`, which counts a reference.
+pub(super) fn thread_token() -> usize {
+    TOKEN.with(|t| std::ptr::from_ref(t) as usize)
+}
+
 impl Slot {
+    /// A pending slot owned by the calling thread: one of its spares if it has one.
     pub(super) fn new(dest: Dest, expect: Opcode) -> Arc<Slot> {
+        let mut fresh = Some((dest, expect));
+        let reused = SPARES
+            .try_with(|spares| {
+                let mut spares = spares.try_borrow_mut().ok()?;
+                while let Some(mut slot) = spares.pop() {
+                    if let Some(s) = Arc::get_mut(&mut slot) {
+                        let (dest, expect) = fresh.take()?;
+                        s.state = AtomicU8::new(PENDING);
+                        s.dest = dest;
+                        s.expect = expect;
+                        *s.outcome.get_mut() = None;
+                        return Some(slot);
+                    }
+                }
+                None
+            })
+            .ok()
+            .flatten();
+        if let Some(slot) = reused {
+            return slot;
+        }
+        let (dest, expect) = fresh.take().unwrap_or((Dest::Bytes, expect));
         Arc::new(Slot {
             state: AtomicU8::new(PENDING),
             dest,
             expect,
-            outcome: Mutex::new(None),
+            outcome: UnsafeCell::new(None),
             waiter: thread::current(),
+            owner: thread_token(),
         })
+    }
+
+    /// Keeps `slot` for the calling thread's next request if it is that thread's own and
+    /// nobody else holds it any more.
+    pub(super) fn recycle(slot: Arc<Slot>) {
+        if slot.owner != thread_token() || Arc::strong_count(&slot) != 1 || !slot.is_final() {
+            return;
+        }
+        let _ = SPARES.try_with(|spares| {
+            if let Ok(mut spares) = spares.try_borrow_mut() {
+                if spares.len() < SPARE_SLOTS {
+                    spares.push(slot);
+                }
+            }
+        });
+    }
+
+    /// Whether the thread with [`thread_token`] `token` issued this request.
+    pub(super) fn owned_by(&self, token: usize) -> bool {
+        self.owner == token
     }
 
     pub(super) fn is_final(&self) -> bool {
@@ -63,29 +135,45 @@ impl Slot {
 
     /// Whether the slot is final with a successful outcome.
     pub(super) fn succeeded(&self) -> bool {
-        self.is_final() && matches!(*lock(&self.outcome), Some(Ok(_)))
+        // SAFETY: read only once final (the acquire load in is_final orders it after the write
+        // in `finish`), and nobody writes it after that.
+        self.is_final() && unsafe { matches!(*self.outcome.get(), Some(Ok(_))) }
     }
 
-    pub(super) fn finish(&self, outcome: Result<Vec<u8>, CallError>) {
-        *lock(&self.outcome) = Some(outcome);
+    /// Records the outcome and makes the slot final. Called once, by whoever removed the slot
+    /// from the pending table; `finisher` is that thread's [`thread_token`].
+    pub(super) fn finish(&self, outcome: Outcome, finisher: usize) {
+        // SAFETY: only the thread that removed the slot from `pending` calls this, once, and
+        // nobody reads the outcome before the release store below.
+        unsafe { *self.outcome.get() = Some(outcome) };
         self.state.store(DONE, Ordering::Release);
-        self.waiter.unpark();
+        if finisher != self.owner {
+            self.waiter.unpark();
+        }
     }
 
-    pub(super) fn take(&self) -> Result<Vec<u8>, CallError> {
-        lock(&self.outcome).take().unwrap_or_else(|| Ok(Vec::new()))
+    /// Takes the outcome of a final slot (`None` if it is not final: it was withdrawn).
+    pub(super) fn take(&self) -> Option<Outcome> {
+        if !self.is_final() {
+            return None;
+        }
+        // SAFETY: final, so `finish` wrote the outcome and never touches it again; only the
+        // owner takes it, once, from the one thread that collects the batch.
+        Some(unsafe { (*self.outcome.get()).take() }.unwrap_or_else(|| Ok(Vec::new())))
     }
 }
 
-/// Outstanding requests by id, counting the page reads among them.
+/// Outstanding requests by id, counting the page reads among them; hands out the ids.
 pub(super) struct PendingMap {
     map: HashMap<u64, Arc<Slot>, BuildHasherDefault<IdHasher>>,
     page_reads: Arc<AtomicUsize>,
+    /// The id the next request gets (ids start at 1 and are never reused).
+    next_id: u64,
 }
 
 impl PendingMap {
     pub(super) fn new(page_reads: Arc<AtomicUsize>) -> PendingMap {
-        PendingMap { map: HashMap::default(), page_reads }
+        PendingMap { map: HashMap::default(), page_reads, next_id: 1 }
     }
 
     fn count(&self, slot: &Slot, delta: isize) {
@@ -98,9 +186,18 @@ impl PendingMap {
         }
     }
 
-    pub(super) fn insert(&mut self, id: u64, slot: Arc<Slot>) {
+    /// Adds `slot` under a fresh id, which it returns.
+    pub(super) fn insert_next(&mut self, slot: Arc<Slot>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
         self.count(&slot, 1);
         self.map.insert(id, slot);
+        id
+    }
+
+    /// Whether a request with this id was ever issued.
+    pub(super) fn issued(&self, id: u64) -> bool {
+        id != 0 && id < self.next_id
     }
 
     pub(super) fn remove(&mut self, id: &u64) -> Option<Arc<Slot>> {
