@@ -46,6 +46,8 @@ struct Figure {
     resident_pct: Option<u64>,
     prefetch: Option<bool>,
     outstanding: Option<usize>,
+    /// For page reads: how many distinct stored pages the reads were spread over.
+    spread_pages: Option<u64>,
     latency: Option<Summary>,
     per_s: Option<(&'static str, f64)>,
     mb_per_s: Option<f64>,
@@ -68,6 +70,9 @@ impl Figure {
             }
             if let Some(n) = self.outstanding {
                 o.insert("outstanding".into(), json!(n));
+            }
+            if let Some(n) = self.spread_pages {
+                o.insert("spread_pages".into(), json!(n));
             }
             if let Some(l) = self.latency {
                 o.insert("min_us".into(), json!(round3(l.min_us)));
@@ -92,6 +97,9 @@ impl Figure {
             }
             if let Some(n) = self.outstanding {
                 what += &format!(" x{n}");
+            }
+            if let Some(n) = self.spread_pages {
+                what += &format!(" over {n} pages");
             }
             let lat = self
                 .latency
@@ -189,8 +197,9 @@ fn install_figure() -> Result<Figure, String> {
     Ok(f)
 }
 
-/// The memory server's GET (the request a fault sends) over the bare transport, one at a time
-/// and 64 in flight.
+/// The memory server's GET (the request a fault sends) over the bare transport: one at a time,
+/// over a few pages (in the server's cache) and over as many random pages as the fault figures
+/// use (as a fault's GET finds them: mostly not in cache), and 64 in flight.
 fn transport_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) -> Result<Vec<Figure>, String> {
     let conn = connect(&uris[0], &ConnectOptions::new(key.clone())).map_err(|e| format!("{t}: {e}"))?;
     let client = [0x42u8; 16];
@@ -209,6 +218,8 @@ fn transport_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) ->
     let mut one = Figure::new(t, "read_page");
     one.latency = s.summary();
     one.outstanding = Some(1);
+    one.spread_pages = Some(proto::MAX_BATCH as u64);
+    let (spread, spread_many) = spread_gets(t, &conn, &client, plan)?;
     let mut bufs = Page::vec(64);
     let reqs: Vec<[u8; 32]> = (0..64).map(|k| proto::encode_get(&client, 1, k * 3 % proto::MAX_BATCH as u64)).collect();
     let (s, wall) = crate::stats::time_loop(plan.time / 5, plan.time, usize::MAX, || {
@@ -218,9 +229,53 @@ fn transport_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) ->
     .map_err(|e| e.to_string())?;
     let mut many = Figure::new(t, "read_page");
     many.outstanding = Some(64);
+    many.spread_pages = Some(64);
     many.mb_per_s = Some(count_f64(s.len() * 64 * PAGE_SIZE) / wall.as_secs_f64() / 1e6);
     let _ = conn.call(proto::CLOSE, &client);
-    Ok(vec![one, many])
+    Ok(vec![one, spread, many, spread_many])
+}
+
+/// GETs over a store as large as the fault figures' region (region 2 of the measuring client),
+/// the baselines the faults and scans are compared with, since like them they find the server's
+/// copy of a page mostly out of its cache: single GETs of random pages, and 64 in flight of
+/// consecutive pages sweeping the store.
+fn spread_gets(
+    t: &str,
+    conn: &mosaic_transport::Connection,
+    client: &[u8; 16],
+    plan: &Plan,
+) -> Result<(Figure, Figure), String> {
+    let total = (plan.size / PAGE_SIZE as u64).max(1);
+    let data = [6u8; PAGE_SIZE];
+    let all: Vec<u64> = (0..total).collect();
+    for chunk in all.chunks(proto::MAX_BATCH) {
+        let batch: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|p| (*p, &data)).collect();
+        conn.call(proto::PUT, &proto::encode_put(client, 2, &batch)).map_err(|e| e.to_string())?;
+    }
+    let mut page = Page::boxed();
+    let mut next = rng(3);
+    let (mut s, _) = crate::stats::time_loop(plan.time / 5, plan.time, 2_000_000, || {
+        conn.call_page(proto::GET, &proto::encode_get(client, 2, next() % total), &mut page)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut one = Figure::new(t, "read_page");
+    one.latency = s.summary();
+    one.outstanding = Some(1);
+    one.spread_pages = Some(total);
+    let mut bufs = Page::vec(64);
+    let mut first = 0u64;
+    let (s, wall) = crate::stats::time_loop(plan.time / 5, plan.time, usize::MAX, || {
+        let reqs: Vec<[u8; 32]> = (0..64).map(|k| proto::encode_get(client, 2, (first + k) % total)).collect();
+        first = (first + 64) % total;
+        let mut calls: Vec<(&[u8], &mut Page)> = reqs.iter().map(|r| &r[..]).zip(bufs.iter_mut()).collect();
+        conn.call_pages(proto::GET, &mut calls)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut many = Figure::new(t, "read_page");
+    many.outstanding = Some(64);
+    many.spread_pages = Some(total);
+    many.mb_per_s = Some(count_f64(s.len() * 64 * PAGE_SIZE) / wall.as_secs_f64() / 1e6);
+    Ok((one, many))
 }
 
 /// Fills every page of `ram` with data and waits until the evictor has pushed nearly all of it
