@@ -567,6 +567,7 @@ fn writers_faster_than_the_evictor_stay_within_the_budget() {
         // Four threads may each have one fault past the check when the limit is reached.
         assert!(peak <= budget_pages + slack + 4, "{mode:?}: peak resident {peak} pages: {st:?}");
         assert!(st.written_back > 0 && st.lost == 0, "{mode:?}: {st:?}");
+        assert!(st.throttled > 0, "{mode:?}: no fault waited for the evictor: {st:?}");
         let w = words(&ram);
         for p in 0..768usize {
             let i = p * per_page;

@@ -117,6 +117,9 @@ pub struct NetRamStats {
     pub resident: u64,
     /// Copies of recently evicted pages held in the local victim cache now.
     pub cached: u64,
+    /// Faults that waited for the evictor because the resident set had reached its hard limit
+    /// (the budget plus a slack): many mean the evictor cannot keep up with the faults.
+    pub throttled: u64,
 }
 
 #[derive(Default)]
@@ -130,6 +133,7 @@ struct Counters {
     failovers: AtomicU64,
     rebuilt: AtomicU64,
     lost: AtomicU64,
+    throttled: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -203,6 +207,9 @@ impl PageSource for Source {
         if s.over_hard_limit() {
             if fault.can_defer {
                 if fault.waited < ROOM_WAIT {
+                    if fault.waited.is_zero() {
+                        bump(&s.stats.throttled, 1);
+                    }
                     return Ok(Filled::Busy);
                 }
             } else {
@@ -362,6 +369,7 @@ impl Shared {
     /// Waits (bounded by [`ROOM_WAIT`]) until the resident set is below its hard limit or the
     /// evictor stalls. Polls with short sleeps and takes no lock but the evictor's wake-up.
     fn wait_for_room(&self) {
+        bump(&self.stats.throttled, 1);
         self.wake_evictor();
         let deadline = Instant::now() + ROOM_WAIT;
         while self.over_hard_limit() && Instant::now() < deadline {
@@ -975,6 +983,7 @@ impl NetRam {
             lost: l(&c.lost),
             resident: self.shared.resident.load(Ordering::Relaxed),
             cached: self.shared.victims.len(),
+            throttled: l(&c.throttled),
         }
     }
 
