@@ -755,6 +755,18 @@ impl VictimCache {
         self.len.store(m.pages.len() as u64, Ordering::Relaxed);
     }
 
+    /// Drops the copies of `pages` (stale once the pages are back), under one lock.
+    fn discard(&self, pages: &[u64]) {
+        if self.len() == 0 || pages.is_empty() {
+            return;
+        }
+        let mut m = crate::lock(&self.map);
+        for p in pages {
+            m.pages.remove(p);
+        }
+        self.len.store(m.pages.len() as u64, Ordering::Relaxed);
+    }
+
     /// The copy of `page`, taken out of the cache. Takes no lock while the cache is empty.
     fn take(&self, page: u64) -> Option<Copy> {
         if self.len() == 0 {

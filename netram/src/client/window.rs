@@ -75,12 +75,18 @@ impl Shared {
                 end += 1;
             }
             let whole = region.install_bytes(pages[k], Page::as_bytes(&bufs[k..end])).is_ok();
+            // A copy from an earlier eviction is stale once its page is back: dropped while the
+            // page is still FETCHING, before anyone can evict it again.
+            if whole {
+                self.victims.discard(&pages[k..end]);
+            }
             for j in k..end {
                 // After a failed run install some pages may be in: installing again one by one
                 // tells (Ok means present now, whoever put it there).
                 if whole || region.install_bytes(pages[j], Page::as_bytes(&bufs[j..=j])).is_ok() {
-                    // A copy from an earlier eviction is stale once the page is back.
-                    self.victims.take(pages[j]);
+                    if !whole {
+                        self.victims.discard(&pages[j..=j]);
+                    }
                     self.table.set(pages[j], CLEAN);
                     arrived.push(pages[j]);
                 } else {

@@ -182,7 +182,9 @@ impl PagesInFlight {
         self.conn.wait_final(&self.slots, if mine { MAX_PARK } else { FOREIGN_PARK });
         let ok = self.slots.iter().map(|(_, s)| s.succeeded()).collect();
         // Every slot is final or withdrawn by now: nobody writes the pages any more.
-        self.slots.clear();
+        for (_, s) in self.slots.drain(..) {
+            Slot::recycle(s);
+        }
         (self.pages.take().unwrap_or_default(), ok)
     }
 }
@@ -389,21 +391,27 @@ impl Connection {
     fn issue<'p>(&self, reqs: impl IntoIterator<Item = Request<'p>>) -> Result<Slots, CallError> {
         let mut slots: Slots = SmallVec::new();
         let mut frames: SmallVec<[([u8; HEADER_LEN], &[u8]); 4]> = SmallVec::new();
-        for r in reqs {
-            let registered = self.check_len(r.payload.len()).and_then(|len| {
+        {
+            // The whole batch under one lock (invariants 1 and 4: checked under the lock that
+            // `fail` drains, so no slot is added after the drain).
+            let mut pending = lock(&self.shared.pending);
+            if self.is_closed() {
+                return Err(self.disconnected());
+            }
+            for r in reqs {
+                let len = match self.check_len(r.payload.len()) {
+                    Ok(len) => len,
+                    Err(e) => {
+                        for (id, _) in &slots {
+                            pending.remove(id);
+                        }
+                        return Err(e);
+                    }
+                };
                 let slot = Slot::new(r.dest, r.opcode);
-                let id = self.register(&slot)?;
-                Ok((Header::request(r.opcode, id, r.arg, len).encode(), id, slot))
-            });
-            match registered {
-                Ok((header, id, slot)) => {
-                    frames.push((header, r.payload));
-                    slots.push((id, slot));
-                }
-                Err(e) => {
-                    self.abandon(&slots);
-                    return Err(e);
-                }
+                let id = pending.insert_next(slot.clone());
+                frames.push((Header::request(r.opcode, id, r.arg, len).encode(), r.payload));
+                slots.push((id, slot));
             }
         }
         let mut bufs: SmallVec<[&[u8]; 8]> = SmallVec::with_capacity(2 * frames.len());
@@ -452,16 +460,6 @@ impl Connection {
     fn disconnected(&self) -> CallError {
         let reason = self.shared.closed.get().cloned().unwrap_or_default();
         CallError::Disconnected { peer: self.shared.peer.clone(), reason }
-    }
-
-    /// Adds a slot to `pending` under a fresh id (invariant 1 and 4).
-    fn register(&self, slot: &Arc<Slot>) -> Result<u64, CallError> {
-        let mut pending = lock(&self.shared.pending);
-        // Checked under the lock that `fail` drains, so no slot is added after the drain.
-        if self.is_closed() {
-            return Err(self.disconnected());
-        }
-        Ok(pending.insert_next(slot.clone()))
     }
 
     /// Removes slots whose requests were never (completely) sent.
