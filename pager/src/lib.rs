@@ -104,10 +104,14 @@ pub enum Filled {
 /// [`PageSource::written`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteDecision {
-    /// Let the write proceed now.
+    /// Let the write proceed now: the pager makes the page writable, unless the source already
+    /// did with [`Fault::unprotect`].
     Proceed,
     /// Not yet: the source is saving the page; ask again later (as [`Filled::Busy`]).
     Busy,
+    /// The page is no longer the one that faulted (the source dropped it meanwhile): change
+    /// nothing and let the access retry, which faults again as a missing page.
+    Retry,
 }
 
 /// What became of a page a [`PageSource`] filled (see [`PageSource::installed`]).
@@ -153,10 +157,15 @@ pub struct Fault<'a> {
     pub waited: std::time::Duration,
     /// Set by the source ([`Fault::install_writable`]).
     writable: std::cell::Cell<bool>,
+    /// Whether resolving the fault wakes the faulting thread (fault workers) or not (the
+    /// faulting thread serves its own fault).
+    wake: bool,
+    /// Set by [`Fault::unprotect`].
+    unprotected: std::cell::Cell<bool>,
 }
 
 impl<'a> Fault<'a> {
-    pub(crate) fn new(index: u64, write: bool, region: &'a RegionCore, retry: Retry) -> Fault<'a> {
+    pub(crate) fn new(index: u64, write: bool, region: &'a RegionCore, retry: Retry, wake: bool) -> Fault<'a> {
         Fault {
             index,
             write,
@@ -164,7 +173,31 @@ impl<'a> Fault<'a> {
             can_defer: retry.can_defer,
             waited: retry.waited,
             writable: std::cell::Cell::new(write),
+            wake,
+            unprotected: std::cell::Cell::new(false),
         }
+    }
+
+    /// In [`PageSource::written`]: makes the page writable now, while the source still holds
+    /// it in whatever state keeps its own saving of the page out (and wakes the writer, in
+    /// fault-worker modes); the pager then leaves the protection alone. A source that saves
+    /// pages by write-protecting them and copying them out must do this before it lets the
+    /// page be saved again: the pager's own unprotect comes after `written` returns, and could
+    /// land after the source had protected the page anew to save it, letting a write slip past
+    /// the copy it saves.
+    pub fn unprotect(&self) -> Result<(), PagerError> {
+        let addr = self.region.base() + self.index * PAGE_SIZE as u64;
+        self.unprotected.set(true);
+        match self.region.unprotect_range(addr, PAGE_SIZE as u64, !self.wake) {
+            Ok(()) => Ok(()),
+            // Not present (the application discarded it): nothing to unprotect.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(err) => Err(PagerError::Os { op: "UFFDIO_WRITEPROTECT", err }),
+        }
+    }
+
+    pub(crate) fn unprotected(&self) -> bool {
+        self.unprotected.get()
     }
 
     /// With [`DirtyTracking::Faults`]: install this page writable even though the access was a
@@ -202,9 +235,10 @@ pub trait PageSource: Send + Sync + 'static {
     /// to be written for the first time since. The write proceeds when this returns
     /// [`WriteDecision::Proceed`], so a source that is saving the page elsewhere can make the
     /// writer wait: by blocking here where the fault cannot be deferred, or by answering
-    /// [`WriteDecision::Busy`] where it can ([`Fault::can_defer`]). (A fault whose first access
-    /// is a write does not come here: [`Fault::write`] tells the source, and the page is
-    /// installed writable.)
+    /// [`WriteDecision::Busy`] where it can ([`Fault::can_defer`]). A source that saves pages by
+    /// write-protecting them again makes the page writable itself ([`Fault::unprotect`]) before
+    /// it marks the page as written. (A fault whose first access is a write does not come here:
+    /// [`Fault::write`] tells the source, and the page is installed writable.)
     fn written(&self, fault: &Fault<'_>) -> WriteDecision {
         let _ = fault;
         WriteDecision::Proceed

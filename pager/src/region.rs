@@ -476,6 +476,12 @@ impl RegionCore {
         self.base() as *mut u8
     }
 
+    /// Makes `len` bytes at `addr` writable (`UFFDIO_WRITEPROTECT` clear), waking the writers
+    /// unless `dont_wake`.
+    pub(crate) fn unprotect_range(&self, addr: u64, len: u64, dont_wake: bool) -> std::io::Result<()> {
+        self.uffd.unprotect(addr, len, dont_wake)
+    }
+
     pub(crate) fn base(&self) -> u64 {
         self.base.load(Ordering::Acquire)
     }
@@ -725,7 +731,7 @@ impl RegionCore {
         let index = (page_addr - base) / PAGE;
         let mut buf = PageBuf::zeroed();
         // The source sees the region through a plain reference, valid for this call.
-        let fault = Fault::new(index, write, self, retry);
+        let fault = Fault::new(index, write, self, retry, wake);
         // A panicking source must not kill a worker (its waiters would hang) or unwind out of a
         // signal handler (which aborts): it counts as a failed fetch.
         let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
@@ -834,12 +840,19 @@ impl RegionCore {
         let base = self.base();
         if self.dirty == DirtyTracking::Faults && page_addr >= base && page_addr < base + self.pages * PAGE {
             let index = (page_addr - base) / PAGE;
-            let fault = Fault::new(index, true, self, retry);
+            let fault = Fault::new(index, true, self, retry, wake);
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.written(&fault))) {
+                Ok(WriteDecision::Proceed) if fault.unprotected() => return Served::Done,
                 Ok(WriteDecision::Proceed) => {}
                 Ok(WriteDecision::Busy) => {
                     bump(&self.stats.deferred, 1);
                     return Served::Busy;
+                }
+                Ok(WriteDecision::Retry) => {
+                    if wake {
+                        let _ = self.uffd.wake(page_addr, PAGE);
+                    }
+                    return Served::Done;
                 }
                 Err(_) => signal::report(format_args!(
                     "mosaic pager: region {}: the page source panicked in written()\n",

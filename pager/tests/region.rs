@@ -295,6 +295,57 @@ fn exact_dirty_tracking_hears_of_each_first_write_before_it_lands() {
     }
 }
 
+/// A source that, on a first write, makes page 4 writable itself, and answers `Retry` for the
+/// first write to page 5 (as a source that dropped the page meanwhile would), then `Proceed`.
+#[derive(Default)]
+struct Unprotecting {
+    written: Mutex<Vec<u64>>,
+    fills: Mutex<Vec<(u64, bool)>>,
+}
+
+impl PageSource for Unprotecting {
+    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+        self.fills.lock().unwrap().push((fault.index, fault.write));
+        page.0.fill(fault.index as u8);
+        Ok(Filled::Data)
+    }
+
+    fn written(&self, fault: &Fault<'_>) -> WriteDecision {
+        self.written.lock().unwrap().push(fault.index);
+        match fault.index {
+            4 => {
+                fault.unprotect().unwrap();
+                WriteDecision::Proceed
+            }
+            5 if self.written.lock().unwrap().len() == 2 => WriteDecision::Retry,
+            _ => WriteDecision::Proceed,
+        }
+    }
+}
+
+#[test]
+fn a_source_can_unprotect_a_page_itself_or_have_the_write_retried() {
+    for mode in MODES {
+        let src = Arc::new(Unprotecting::default());
+        let r = Region::new(RegionConfig::new(16).mode(mode).dirty(DirtyTracking::Faults), src.clone()).unwrap();
+        let p = r.as_ptr();
+        // SAFETY: reads and writes inside the region.
+        unsafe {
+            assert_eq!(std::ptr::read_volatile(p.add(4 * PAGE_SIZE)), 4); // read: protected
+            assert_eq!(std::ptr::read_volatile(p.add(5 * PAGE_SIZE)), 5);
+            *p.add(4 * PAGE_SIZE) = 0x44; // unprotected by the source
+            *p.add(4 * PAGE_SIZE + 1) = 0x45; // writable now: no second call
+            *p.add(5 * PAGE_SIZE) = 0x55; // retried: the second write fault proceeds
+            assert_eq!(std::ptr::read_volatile(p.add(4 * PAGE_SIZE)), 0x44);
+            assert_eq!(std::ptr::read_volatile(p.add(4 * PAGE_SIZE + 1)), 0x45);
+            assert_eq!(std::ptr::read_volatile(p.add(5 * PAGE_SIZE)), 0x55);
+            assert_eq!(std::ptr::read_volatile(p.add(5 * PAGE_SIZE + 1)), 5);
+        }
+        assert_eq!(*src.written.lock().unwrap(), vec![4, 5, 5], "{mode:?}");
+        assert_eq!(*src.fills.lock().unwrap(), vec![(4, false), (5, false)], "{mode:?}");
+    }
+}
+
 #[test]
 fn a_fixed_address_is_honoured_and_an_occupied_one_refused() {
     // An address far from where the kernel places mappings, so parallel tests cannot take it.

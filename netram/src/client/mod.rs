@@ -313,22 +313,33 @@ impl PageSource for Source {
         let (s, index) = (&self.0, fault.index);
         loop {
             match s.table.get(index) {
-                st @ (CLEAN | CLEAN_ABSENT) => {
-                    if s.table.cas(index, st, DIRTY) {
-                        s.upgrades.fetch_add(1, Ordering::Relaxed);
+                // Made writable here, while the page is FETCHING (busy), and only then DIRTY: the
+                // evictor saves a dirty page by write-protecting it and copying it, so an
+                // unprotect landing after it had taken the page (the pager's own, after we
+                // return) would let a write slip past the saved copy, and be lost.
+                st @ (CLEAN | CLEAN_ABSENT | DIRTY) => {
+                    if s.table.cas(index, st, FETCHING) {
+                        if let Err(e) = fault.unprotect() {
+                            log::error!("region {}: page {index}: {e}", s.name);
+                        }
+                        s.table.set(index, DIRTY);
+                        if st != DIRTY {
+                            s.upgrades.fetch_add(1, Ordering::Relaxed);
+                        }
                         return WriteDecision::Proceed;
                     }
                 }
                 // Being saved and dropped: wait (a worker asks again later, see `fill`); the
                 // write then faults the page back in.
                 EVICTING | FETCHING if fault.can_defer && fault.waited <= SETTLE_LIMIT => return WriteDecision::Busy,
-                EVICTING | FETCHING if fault.can_defer => return WriteDecision::Proceed,
+                EVICTING | FETCHING if fault.can_defer => return WriteDecision::Retry,
                 EVICTING | FETCHING => {
                     if s.table.settle(index, SETTLE_LIMIT).is_none() {
-                        return WriteDecision::Proceed;
+                        return WriteDecision::Retry;
                     }
                 }
-                _ => return WriteDecision::Proceed,
+                // No longer resident (evicted, or lost): the retried write faults it back in.
+                _ => return WriteDecision::Retry,
             }
         }
     }
