@@ -199,81 +199,85 @@ fn install_figure() -> Result<Figure, String> {
 
 /// The memory server's GET (the request a fault sends) over the bare transport: one at a time,
 /// over a few pages (in the server's cache) and over as many random pages as the fault figures
-/// use (as a fault's GET finds them: mostly not in cache), and 64 in flight.
+/// use (as a fault's GET finds them: mostly not in cache), and 64 in flight over each.
 fn transport_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) -> Result<Vec<Figure>, String> {
     let conn = connect(&uris[0], &ConnectOptions::new(key.clone())).map_err(|e| format!("{t}: {e}"))?;
     let client = [0x42u8; 16];
     conn.call(proto::OPEN, &proto::encode_open(&client, 60_000)).map_err(|e| e.to_string())?;
-    let pages: Vec<u64> = (0..proto::MAX_BATCH as u64).collect();
-    let data = [5u8; PAGE_SIZE];
-    let batch: Vec<(u64, &[u8; PAGE_SIZE])> = pages.iter().map(|p| (*p, &data)).collect();
-    conn.call(proto::PUT, &proto::encode_put(&client, 1, &batch)).map_err(|e| e.to_string())?;
-    let mut page = Page::boxed();
+    // Region 1: a few pages, read in a fixed stride; 64 in flight always ask for the same 64.
+    let few = proto::MAX_BATCH as u64;
     let mut next = 0u64;
-    let (mut s, _) = crate::stats::time_loop(plan.time / 5, plan.time, 2_000_000, || {
-        next = (next + 97) % proto::MAX_BATCH as u64;
-        conn.call_page(proto::GET, &proto::encode_get(&client, 1, next), &mut page)
-    })
-    .map_err(|e| e.to_string())?;
-    let mut one = Figure::new(t, "read_page");
-    one.latency = s.summary();
-    one.outstanding = Some(1);
-    one.spread_pages = Some(proto::MAX_BATCH as u64);
-    let (spread, spread_many) = spread_gets(t, &conn, &client, plan)?;
-    let mut bufs = Page::vec(64);
-    let reqs: Vec<[u8; 32]> = (0..64).map(|k| proto::encode_get(&client, 1, k * 3 % proto::MAX_BATCH as u64)).collect();
-    let (s, wall) = crate::stats::time_loop(plan.time / 5, plan.time, usize::MAX, || {
-        let mut calls: Vec<(&[u8], &mut Page)> = reqs.iter().map(|r| &r[..]).zip(bufs.iter_mut()).collect();
-        conn.call_pages(proto::GET, &mut calls)
-    })
-    .map_err(|e| e.to_string())?;
-    let mut many = Figure::new(t, "read_page");
-    many.outstanding = Some(64);
-    many.spread_pages = Some(64);
-    many.mb_per_s = Some(count_f64(s.len() * 64 * PAGE_SIZE) / wall.as_secs_f64() / 1e6);
+    let hot = GetPattern {
+        region: 1,
+        pages: few,
+        one: &mut || {
+            next = (next + 97) % few;
+            next
+        },
+        stride: 3,
+        advance: 0,
+    };
+    let (one, many) = get_figures(t, &conn, &client, plan, hot, (few, 64))?;
+    // Region 2, as large as the fault figures' region: random single GETs, and 64 in flight
+    // of consecutive pages sweeping it (the baselines faults and scans are compared with).
+    let total = (plan.size / PAGE_SIZE as u64).max(1);
+    let mut r = rng(3);
+    let spread = GetPattern { region: 2, pages: total, one: &mut || r() % total, stride: 1, advance: 64 };
+    let (spread_one, spread_many) = get_figures(t, &conn, &client, plan, spread, (total, total))?;
     let _ = conn.call(proto::CLOSE, &client);
-    Ok(vec![one, spread, many, spread_many])
+    Ok(vec![one, spread_one, many, spread_many])
 }
 
-/// GETs over a store as large as the fault figures' region (region 2 of the measuring client),
-/// the baselines the faults and scans are compared with, since like them they find the server's
-/// copy of a page mostly out of its cache: single GETs of random pages, and 64 in flight of
-/// consecutive pages sweeping the store.
-fn spread_gets(
+/// Which pages [`get_figures`] stores and reads: `pages` pages under `region`; single GETs of
+/// page `one()`; batch `b` of 64 in flight asks for pages `(first_b + k * stride) % pages`, with
+/// `first_b = b * advance`.
+struct GetPattern<'a> {
+    region: u64,
+    pages: u64,
+    one: &'a mut dyn FnMut() -> u64,
+    stride: u64,
+    advance: u64,
+}
+
+/// Stores `p.pages` pages, then times single GETs and batches of 64 in flight as `p` says;
+/// `spread` labels the two figures with how many distinct pages each reads.
+fn get_figures(
     t: &str,
     conn: &mosaic_transport::Connection,
     client: &[u8; 16],
     plan: &Plan,
+    p: GetPattern<'_>,
+    spread: (u64, u64),
 ) -> Result<(Figure, Figure), String> {
-    let total = (plan.size / PAGE_SIZE as u64).max(1);
     let data = [6u8; PAGE_SIZE];
-    let all: Vec<u64> = (0..total).collect();
+    let all: Vec<u64> = (0..p.pages).collect();
     for chunk in all.chunks(proto::MAX_BATCH) {
-        let batch: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|p| (*p, &data)).collect();
-        conn.call(proto::PUT, &proto::encode_put(client, 2, &batch)).map_err(|e| e.to_string())?;
+        let batch: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|i| (*i, &data)).collect();
+        conn.call(proto::PUT, &proto::encode_put(client, p.region, &batch)).map_err(|e| e.to_string())?;
     }
     let mut page = Page::boxed();
-    let mut next = rng(3);
+    let one_page = p.one;
     let (mut s, _) = crate::stats::time_loop(plan.time / 5, plan.time, 2_000_000, || {
-        conn.call_page(proto::GET, &proto::encode_get(client, 2, next() % total), &mut page)
+        conn.call_page(proto::GET, &proto::encode_get(client, p.region, one_page()), &mut page)
     })
     .map_err(|e| e.to_string())?;
     let mut one = Figure::new(t, "read_page");
     one.latency = s.summary();
     one.outstanding = Some(1);
-    one.spread_pages = Some(total);
+    one.spread_pages = Some(spread.0);
     let mut bufs = Page::vec(64);
     let mut first = 0u64;
     let (s, wall) = crate::stats::time_loop(plan.time / 5, plan.time, usize::MAX, || {
-        let reqs: Vec<[u8; 32]> = (0..64).map(|k| proto::encode_get(client, 2, (first + k) % total)).collect();
-        first = (first + 64) % total;
+        let reqs: Vec<[u8; 32]> =
+            (0..64).map(|k| proto::encode_get(client, p.region, (first + k * p.stride) % p.pages)).collect();
+        first = (first + p.advance) % p.pages;
         let mut calls: Vec<(&[u8], &mut Page)> = reqs.iter().map(|r| &r[..]).zip(bufs.iter_mut()).collect();
         conn.call_pages(proto::GET, &mut calls)
     })
     .map_err(|e| e.to_string())?;
     let mut many = Figure::new(t, "read_page");
     many.outstanding = Some(64);
-    many.spread_pages = Some(total);
+    many.spread_pages = Some(spread.1);
     many.mb_per_s = Some(count_f64(s.len() * 64 * PAGE_SIZE) / wall.as_secs_f64() / 1e6);
     Ok((one, many))
 }

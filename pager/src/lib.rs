@@ -188,12 +188,7 @@ impl<'a> Fault<'a> {
     pub fn unprotect(&self) -> Result<(), PagerError> {
         let addr = self.region.base() + self.index * PAGE_SIZE as u64;
         self.unprotected.set(true);
-        match self.region.unprotect_range(addr, PAGE_SIZE as u64, !self.wake) {
-            Ok(()) => Ok(()),
-            // Not present (the application discarded it): nothing to unprotect.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(err) => Err(PagerError::Os { op: "UFFDIO_WRITEPROTECT", err }),
-        }
+        self.region.unprotect_page(addr, !self.wake).map_err(|err| PagerError::Os { op: "UFFDIO_WRITEPROTECT", err })
     }
 
     pub(crate) fn unprotected(&self) -> bool {

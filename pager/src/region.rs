@@ -476,10 +476,14 @@ impl RegionCore {
         self.base() as *mut u8
     }
 
-    /// Makes `len` bytes at `addr` writable (`UFFDIO_WRITEPROTECT` clear), waking the writers
-    /// unless `dont_wake`.
-    pub(crate) fn unprotect_range(&self, addr: u64, len: u64, dont_wake: bool) -> std::io::Result<()> {
-        self.uffd.unprotect(addr, len, dont_wake)
+    /// Makes the page at `page_addr` writable (`UFFDIO_WRITEPROTECT` clear), waking its writers
+    /// unless `dont_wake`. A page that is not present (the application discarded it) has
+    /// nothing to unprotect: that is not an error.
+    pub(crate) fn unprotect_page(&self, page_addr: u64, dont_wake: bool) -> std::io::Result<()> {
+        match self.uffd.unprotect(page_addr, PAGE, dont_wake) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
     }
 
     pub(crate) fn base(&self) -> u64 {
@@ -861,13 +865,11 @@ impl RegionCore {
             }
         }
         // Unprotecting wakes the writer unless told not to (the ioctl's DONTWAKE).
-        if let Err(e) = self.uffd.unprotect(page_addr, PAGE, !wake) {
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                signal::report(format_args!(
-                    "mosaic pager: region {}: unprotecting {page_addr:#x} failed: {e}\n",
-                    self.name
-                ));
-            }
+        if let Err(e) = self.unprotect_page(page_addr, !wake) {
+            signal::report(format_args!(
+                "mosaic pager: region {}: unprotecting {page_addr:#x} failed: {e}\n",
+                self.name
+            ));
         }
         Served::Done
     }

@@ -201,20 +201,8 @@ impl PageSource for Source {
             s.copy_discarded.store(true, Ordering::Release);
             return Ok(Filled::Zero);
         }
-        // Back-pressure: a fault that would take the resident set past its hard limit waits
-        // for the evictor (a worker asks again later instead), so a fast faulting thread cannot
-        // outrun eviction and overshoot the budget.
-        if s.over_hard_limit() {
-            if fault.can_defer {
-                if fault.waited < ROOM_WAIT {
-                    if fault.waited.is_zero() {
-                        bump(&s.stats.throttled, 1);
-                    }
-                    return Ok(Filled::Busy);
-                }
-            } else {
-                s.wait_for_room();
-            }
+        if s.throttle(fault) {
+            return Ok(Filled::Busy);
         }
         // A page of the window requested ahead (such pages are FETCHING, so other faults take
         // no lock here): this fault collects the window.
@@ -250,8 +238,7 @@ impl PageSource for Source {
                     Ok(Filled::Zero)
                 }
                 REMOTE => {
-                    let dst = &mut Page::slice_from_bytes_mut(&mut page.0)
-                        .ok_or_else(|| FillError("misaligned page".into()))?[0];
+                    let dst = page_of(page)?;
                     if let Some(copy) = s.victims.take(i) {
                         dst.0.copy_from_slice(&copy[..]);
                         DECIDED.set((i, dirty_or(CLEAN), false));
@@ -259,8 +246,7 @@ impl PageSource for Source {
                         s.table.mark_hot(i);
                         return Ok(Filled::Data);
                     }
-                    let trend = if s.prefetch_on.load(Ordering::Relaxed) { s.prefetch.on_fault(i) } else { None };
-                    let prefetched = match trend {
+                    let prefetched = match s.trend(i) {
                         Some((stride, window)) => {
                             let got = s.fetch_with_prefetch(fault, i, stride, window, dst);
                             // And the window after, without waiting: the next fault collects it.
@@ -377,10 +363,37 @@ impl Shared {
         self.resident.load(Ordering::Acquire) >= limit && !self.evict_stalled.load(Ordering::Acquire)
     }
 
+    /// Back-pressure: a fault that would take the resident set past its hard limit waits for
+    /// the evictor, so a fast faulting thread cannot outrun eviction and overshoot the budget.
+    /// Returns true if the fault should be deferred instead (a worker asks again later, for up
+    /// to [`ROOM_WAIT`]); a fault on the faulting thread waits here.
+    fn throttle(&self, fault: &Fault<'_>) -> bool {
+        if !self.over_hard_limit() {
+            return false;
+        }
+        if fault.waited.is_zero() {
+            bump(&self.stats.throttled, 1);
+        }
+        if fault.can_defer {
+            return fault.waited < ROOM_WAIT;
+        }
+        self.wait_for_room();
+        false
+    }
+
+    /// The stride and window of the fault stream page `i` continues, if prefetch is on and it
+    /// continues one.
+    fn trend(&self, i: u64) -> Option<(i64, u64)> {
+        if self.prefetch_on.load(Ordering::Relaxed) {
+            self.prefetch.on_fault(i)
+        } else {
+            None
+        }
+    }
+
     /// Waits (bounded by [`ROOM_WAIT`]) until the resident set is below its hard limit or the
     /// evictor stalls. Polls with short sleeps and takes no lock but the evictor's wake-up.
     fn wait_for_room(&self) {
-        bump(&self.stats.throttled, 1);
         self.wake_evictor();
         let deadline = Instant::now() + ROOM_WAIT;
         while self.over_hard_limit() && Instant::now() < deadline {
@@ -736,6 +749,13 @@ unsafe fn copy_of(core: &RegionCore, i: u64) -> Copy {
     let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
     c.copy_from_slice(src);
     c
+}
+
+/// The pager's page buffer as a transport page (the same 4 KiB, page-aligned).
+fn page_of(page: &mut PageBuf) -> Result<&mut Page, FillError> {
+    Page::slice_from_bytes_mut(&mut page.0)
+        .and_then(|p| p.first_mut())
+        .ok_or_else(|| FillError("misaligned page".into()))
 }
 
 /// Copies of recently evicted pages, oldest first out.

@@ -75,24 +75,17 @@ impl Shared {
                 end += 1;
             }
             let whole = region.install_bytes(pages[k], Page::as_bytes(&bufs[k..end])).is_ok();
+            // After a failed run install some pages may be in: installing again one by one tells
+            // (Ok means present now, whoever put it there).
+            let (came, missed): (Vec<usize>, Vec<usize>) =
+                (k..end).partition(|&j| whole || region.install_bytes(pages[j], Page::as_bytes(&bufs[j..=j])).is_ok());
+            let came: Vec<u64> = came.into_iter().map(|j| pages[j]).collect();
             // A copy from an earlier eviction is stale once its page is back: dropped while the
-            // page is still FETCHING, before anyone can evict it again.
-            if whole {
-                self.victims.discard(&pages[k..end]);
-            }
-            for j in k..end {
-                // After a failed run install some pages may be in: installing again one by one
-                // tells (Ok means present now, whoever put it there).
-                if whole || region.install_bytes(pages[j], Page::as_bytes(&bufs[j..=j])).is_ok() {
-                    if !whole {
-                        self.victims.discard(&pages[j..=j]);
-                    }
-                    self.table.set(pages[j], CLEAN);
-                    arrived.push(pages[j]);
-                } else {
-                    self.table.set(pages[j], REMOTE);
-                }
-            }
+            // pages are still FETCHING, before anyone can evict them again.
+            self.victims.discard(&came);
+            came.iter().for_each(|p| self.table.set(*p, CLEAN));
+            missed.iter().for_each(|j| self.table.set(pages[*j], REMOTE));
+            arrived.extend(came);
             k = end;
         }
         let n = arrived.len() as u64;
@@ -193,10 +186,9 @@ impl Shared {
         page: &mut PageBuf,
     ) -> Result<Filled, FillError> {
         let write = self.decide_write(fault);
-        let dst = &mut Page::slice_from_bytes_mut(&mut page.0).ok_or_else(|| FillError("misaligned page".into()))?[0];
-        self.victims.take(i);
-        let trend =
-            if self.prefetch_on.load(std::sync::atomic::Ordering::Relaxed) { self.prefetch.on_fault(i) } else { None };
+        let dst = super::page_of(page)?;
+        self.victims.discard(&[i]);
+        let trend = self.trend(i);
         self.prefetch.prefetched_up_to(a.last);
         if let Some((stride, window)) = trend {
             self.request_ahead(a.last, stride, window);

@@ -521,16 +521,12 @@ impl Connection {
             }
             // A leader is reading: spin a little (if few others do), then park until it
             // completes us or leaves.
-            if max_spinning_followers() > 0
-                && self.shared.spinning.fetch_add(1, Ordering::AcqRel) < max_spinning_followers()
-            {
+            if self.shared.take_spin_turn() {
                 let done = spin_until(FOLLOWER_SPIN, || slots.iter().all(|(_, s)| s.is_final()));
                 self.shared.spinning.fetch_sub(1, Ordering::AcqRel);
                 if done {
                     break 'outer;
                 }
-            } else if max_spinning_followers() > 0 {
-                self.shared.spinning.fetch_sub(1, Ordering::AcqRel);
             }
             let now = Instant::now();
             let until = deadline.resolve(now).unwrap_or(now + timeout);
@@ -627,6 +623,20 @@ impl Shared {
         }
     }
 
+    /// Whether a follower may spin now (fewer spin than [`max_spinning_followers`]); if so it
+    /// is counted in `spinning` and gives its turn back when done.
+    fn take_spin_turn(&self) -> bool {
+        let max = max_spinning_followers();
+        if max == 0 {
+            return false;
+        }
+        if self.spinning.fetch_add(1, Ordering::AcqRel) < max {
+            return true;
+        }
+        self.spinning.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
     fn park_announce(&self) {
         lock(&self.parked).push(thread::current());
         self.followers.fetch_add(1, Ordering::SeqCst);
@@ -644,8 +654,8 @@ impl Shared {
     /// How the leader waits for the next frame: as configured, but without spinning when more
     /// followers are parked behind it than there are spare cores. A leader spinning there takes
     /// the CPU that the peer (on the same machine) and the followers it wakes need: 16 threads
-    /// faulting over shm on 2 vCPUs made 52,000-53,000 faults/s with the leader spinning up to
-    /// 100 us, 76,000-81,000 sleeping at once (2, 5 and 10 us of spin: within the same noise).
+    /// faulting over shm on 2 vCPUs made 50,000-53,000 faults/s with the leader spinning up to
+    /// 100 us, 68,000-81,000 sleeping at once (2, 5 and 10 us of spin: within the same noise).
     fn leader_policy(&self) -> WaitPolicy {
         if self.followers.load(Ordering::Relaxed) > max_spinning_followers() {
             WaitPolicy::blocking()

@@ -77,28 +77,18 @@ pub(super) fn thread_token() -> usize {
 impl Slot {
     /// A pending slot owned by the calling thread: one of its spares if it has one.
     pub(super) fn new(dest: Dest, expect: Opcode) -> Arc<Slot> {
-        let mut fresh = Some((dest, expect));
-        let reused = SPARES
-            .try_with(|spares| {
-                let mut spares = spares.try_borrow_mut().ok()?;
-                while let Some(mut slot) = spares.pop() {
-                    if let Some(s) = Arc::get_mut(&mut slot) {
-                        let (dest, expect) = fresh.take()?;
-                        s.state = AtomicU8::new(PENDING);
-                        s.dest = dest;
-                        s.expect = expect;
-                        *s.outcome.get_mut() = None;
-                        return Some(slot);
-                    }
-                }
-                None
-            })
-            .ok()
-            .flatten();
-        if let Some(slot) = reused {
-            return slot;
+        // A spare is held by nobody else (`recycle` keeps only unshared slots), so `get_mut`
+        // succeeds; if it ever did not, a fresh slot is made instead.
+        let spare = SPARES.try_with(|s| s.try_borrow_mut().ok()?.pop()).ok().flatten();
+        if let Some(mut slot) = spare {
+            if let Some(s) = Arc::get_mut(&mut slot) {
+                s.state = AtomicU8::new(PENDING);
+                s.dest = dest;
+                s.expect = expect;
+                *s.outcome.get_mut() = None;
+                return slot;
+            }
         }
-        let (dest, expect) = fresh.take().unwrap_or((Dest::Bytes, expect));
         Arc::new(Slot {
             state: AtomicU8::new(PENDING),
             dest,
