@@ -75,12 +75,17 @@ enum Cmd {
     /// Starts one memory server per transport in a child process on this host unless given
     /// `--servers`.
     Netram {
-        /// Transports to measure, comma-separated: tcp, shm.
+        /// Transports to measure, comma-separated: tcp, shm, sim (tcp through the shaped link
+        /// of --sim-link: faults that wait on a network rather than on the CPU).
         #[arg(long, value_delimiter = ',', default_value = "tcp,shm")]
         transports: Vec<String>,
-        /// Use these memory servers (URIs) instead of starting one.
+        /// Use these memory servers (URIs) instead of starting one; the cluster key is then
+        /// read from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE.
         #[arg(long, value_delimiter = ',')]
         servers: Vec<String>,
+        /// Link preset or parameters for `sim` (e.g. fast-ethernet, 10gbe, "lat=50us,bw=10Gbit").
+        #[arg(long, default_value = "10gbe")]
+        sim_link: String,
         /// Thread counts for the faults/s figures.
         #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
         threads: Vec<usize>,
@@ -163,9 +168,13 @@ fn main() -> ExitCode {
                 })
             }
         }
-        Cmd::Netram { transports, servers, threads, resident, size, rmw_size, time, workers, json } => {
+        Cmd::Netram { transports, servers, sim_link, threads, resident, size, rmw_size, time, workers, json } => {
             if !(0.01..=600.0).contains(&time) {
                 Err("--time must be between 0.01 and 600 seconds".to_string())
+            } else if let Some(t) = transports.iter().find(|t| !["tcp", "shm", "sim"].contains(&t.as_str())) {
+                Err(format!("unknown transport {t:?}: expected tcp, shm or sim"))
+            } else if let Err(e) = mosaic_transport::LinkSpec::parse(&sim_link) {
+                Err(format!("--sim-link: {e}"))
             } else if threads.iter().any(|&n| n == 0 || n > 256) {
                 Err("--threads values must be between 1 and 256".to_string())
             } else if resident.iter().any(|&p| p == 0 || p > 100) {
@@ -176,6 +185,7 @@ fn main() -> ExitCode {
                 netram::run(&netram::Plan {
                     transports,
                     servers,
+                    sim_link,
                     threads,
                     resident,
                     size,

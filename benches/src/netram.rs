@@ -17,10 +17,13 @@ use crate::stats::{count_f64, Samples, Summary};
 
 /// What to measure.
 pub struct Plan {
-    /// Transports: tcp, shm.
+    /// Transports: tcp, shm, sim (tcp through a shaped link, see `sim_link`).
     pub transports: Vec<String>,
-    /// Use these servers instead of starting two per transport.
+    /// Use these servers instead of starting one per transport; the cluster key then comes
+    /// from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`.
     pub servers: Vec<String>,
+    /// The link preset or parameters for `sim` (see [`mosaic_transport::LinkSpec::parse`]).
+    pub sim_link: String,
     /// Thread counts for faults/s.
     pub threads: Vec<usize>,
     /// Resident fractions (percent) for the read-modify-write workload.
@@ -119,7 +122,12 @@ fn round3(x: f64) -> f64 {
 /// Runs the plan.
 pub fn run(plan: &Plan) -> Result<(), String> {
     let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
-    let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
+    let key = if plan.servers.is_empty() {
+        ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?
+    } else {
+        // Servers started elsewhere know their cluster's key; ours must match it.
+        ClusterKey::from_env().map_err(|e| format!("--servers needs the servers' cluster key: {e}"))?
+    };
     let mode = if plan.workers { "workers" } else { "faulting-thread" };
     if !plan.json {
         println!("mosaic-bench netram: faults served on the {mode}, {:.2} s per timed figure", plan.time.as_secs_f64());
@@ -155,13 +163,16 @@ fn servers_for(t: &str, plan: &Plan, key_text: &str) -> Result<(Vec<ChildServer>
     let mut children = Vec::new();
     for n in 0..1 {
         let uri = match t {
-            "tcp" => "tcp://127.0.0.1:0".to_string(),
+            "tcp" | "sim" => "tcp://127.0.0.1:0".to_string(),
             "shm" => format!("shm://mosaic-bench-ram-{}-{n}", std::process::id()),
-            other => return Err(format!("unknown transport {other:?}: expected tcp or shm")),
+            other => return Err(format!("unknown transport {other:?}: expected tcp, shm or sim")),
         };
         children.push(ChildServer::spawn(&["serve-ram", "--uri", &uri, "--capacity", &capacity], key_text, &uri)?);
     }
-    let uris = children.iter().map(|c| c.uri.clone()).collect();
+    let uris = children
+        .iter()
+        .map(|c| if t == "sim" { format!("sim://{}@{}", plan.sim_link, c.uri) } else { c.uri.clone() })
+        .collect();
     Ok((children, uris))
 }
 
