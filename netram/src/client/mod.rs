@@ -438,11 +438,13 @@ impl Shared {
     /// window requested ahead is not waited for (nobody else might collect it): the window is
     /// taken and handed to the caller instead.
     fn settle_or_take_ahead(&self, i: u64) -> Settled {
-        let deadline = Instant::now() + SETTLE_LIMIT;
+        // The clock is read only once the page turns out busy.
+        let mut hung_at = None;
         loop {
             if let Some(st) = self.table.settle(i, Duration::from_millis(1)) {
                 return Settled::State(st);
             }
+            let deadline = *hung_at.get_or_insert_with(|| Instant::now() + SETTLE_LIMIT);
             if let Some(a) = self.take_ahead_holding(i) {
                 return Settled::Ahead(a);
             }
