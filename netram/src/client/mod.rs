@@ -170,6 +170,9 @@ struct Shared {
     /// Set when that happened to the page being copied.
     copy_discarded: AtomicBool,
     evict_wanted: (Mutex<bool>, Condvar),
+    /// Held for each round of eviction, by the evictor or a fault helping it
+    /// ([`Shared::help_evict`]): rounds never overlap (`copying` names one page).
+    evicting: Mutex<()>,
     /// The window requested ahead of a strided fault stream, if one is on its way.
     ahead: Mutex<Option<window::Ahead>>,
     /// Set while the evictor cannot bring the resident set down (every server full, nothing
@@ -554,32 +557,63 @@ impl Shared {
         let low = budget - budget / 16;
         let mut stuck_rounds = 0;
         while self.resident.load(Ordering::Acquire) > low && !stop.load(Ordering::Acquire) && stuck_rounds < 3 {
-            let batch: Vec<u64> = {
-                let mut q = crate::lock(&self.queue);
-                let n = q.len().min(EVICT_BATCH);
-                q.drain(..n).collect()
+            let gone = {
+                let _round = crate::lock(&self.evicting);
+                self.evict_round(core)
             };
-            if batch.is_empty() {
-                self.evict_stalled.store(true, Ordering::Release);
-                return;
-            }
-            // Steps of the round; `evict_batch` rechecks every page's state, so a page that
-            // changed between this look and its step is still handled right.
-            let (dirty, clean): (Vec<u64>, Vec<u64>) = batch.iter().partition(|&&i| self.table.get(i) == DIRTY);
-            let mut gone = 0;
-            for step in std::iter::once(&clean[..]).filter(|c| !c.is_empty()).chain(dirty.chunks(WRITE_BACK_STEP)) {
-                gone += self.evict_batch(core, step);
-            }
-            if gone == 0 {
-                stuck_rounds += 1;
-            } else {
-                stuck_rounds = 0;
-                self.evict_stalled.store(false, Ordering::Release);
+            match gone {
+                None => {
+                    self.evict_stalled.store(true, Ordering::Release);
+                    return;
+                }
+                Some(0) => stuck_rounds += 1,
+                Some(_) => {
+                    stuck_rounds = 0;
+                    self.evict_stalled.store(false, Ordering::Release);
+                }
             }
         }
         if stuck_rounds >= 3 {
             self.evict_stalled.store(true, Ordering::Release);
         }
+    }
+
+    /// Makes room for `incoming` pages on a thread that would otherwise only wait (a fault
+    /// collecting a prefetch window still on its way): up to two rounds of eviction, if the
+    /// resident set would go over its budget and no other round is running. On a machine whose
+    /// cores are all busy (the program's threads, or here the servers) this turns the wait into
+    /// the evictor's work instead of taking a core from someone else for it.
+    fn help_evict(&self, core: &RegionCore, incoming: u64) {
+        for _ in 0..2 {
+            if self.resident.load(Ordering::Acquire) + incoming <= self.active_budget() {
+                return;
+            }
+            let Ok(_round) = self.evicting.try_lock() else { return };
+            if !matches!(self.evict_round(core), Some(n) if n > 0) {
+                return;
+            }
+        }
+    }
+
+    /// One round of eviction: up to [`EVICT_BATCH`] pages from the queue; returns how many
+    /// left local RAM (`None`: the queue was empty). The caller holds `evicting`.
+    fn evict_round(&self, core: &RegionCore) -> Option<u64> {
+        let batch: Vec<u64> = {
+            let mut q = crate::lock(&self.queue);
+            let n = q.len().min(EVICT_BATCH);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return None;
+        }
+        // Steps of the round; `evict_batch` rechecks every page's state, so a page that
+        // changed between this look and its step is still handled right.
+        let (dirty, clean): (Vec<u64>, Vec<u64>) = batch.iter().partition(|&&i| self.table.get(i) == DIRTY);
+        let mut gone = 0;
+        for step in std::iter::once(&clean[..]).filter(|c| !c.is_empty()).chain(dirty.chunks(WRITE_BACK_STEP)) {
+            gone += self.evict_batch(core, step);
+        }
+        Some(gone)
     }
 
     /// Evicts what it can of `batch`; returns how many pages left local RAM.
@@ -948,6 +982,7 @@ impl NetRam {
             copying: AtomicU64::new(u64::MAX),
             copy_discarded: AtomicBool::new(false),
             evict_wanted: (Mutex::new(false), Condvar::new()),
+            evicting: Mutex::new(()),
             evict_stalled: AtomicBool::new(false),
             ahead: Mutex::new(None),
             stats: Counters::default(),

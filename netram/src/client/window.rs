@@ -193,6 +193,8 @@ impl Shared {
         if let Some((stride, window)) = trend {
             self.request_ahead(a.last, stride, window);
         }
+        // While the window is still on its way, make room for it.
+        self.help_evict(fault.region, a.calls.iter().map(|(pages, _)| pages.len() as u64).sum());
         let mut got = false;
         for (pages, call) in a.calls {
             let (bufs, ok) = call.wait();
