@@ -65,6 +65,9 @@ fn data_survives_eviction_in_every_fault_mode() {
         assert!(st.evicted > 4000, "{mode:?}: eviction ran: {st:?}");
         assert!(st.written_back > 4000, "{mode:?}: {st:?}");
         assert!(st.resident <= 256, "{mode:?}: resident {} pages over a budget of 256: {st:?}", st.resident);
+        // The sequential reads collected prefetch windows, and those faults made room for them.
+        assert!(st.prefetched > 0 && st.evicted_by_faults > 0, "{mode:?}: {st:?}");
+        assert!(st.evicted_by_faults <= st.evicted, "{mode:?}: {st:?}");
         // Two copies of everything that was written back.
         let placed = ram.placement();
         assert_eq!(placed.len(), 2);

@@ -247,8 +247,8 @@ fn demo(cli: &Cli) -> Result<(), String> {
         println!("  {uri}: {pages} pages ({:.1} MiB){}", mib(pages * 4096), if alive { "" } else { " (dead)" });
     }
     println!(
-        "faults served from servers: {} (plus {} pages prefetched), as zeros: {}; pages evicted: {}, written back: {}, lost: {}; faults that waited for the evictor: {}",
-        st.fetched, st.prefetched, st.zero_filled, st.evicted, st.written_back, st.lost, st.throttled
+        "faults served from servers: {} (plus {} pages prefetched), as zeros: {}; pages evicted: {} ({} by faults making room for a prefetch), written back: {}, lost: {}; faults that waited for the evictor: {}",
+        st.fetched, st.prefetched, st.zero_filled, st.evicted, st.evicted_by_faults, st.written_back, st.lost, st.throttled
     );
     let total = fill_time + sort_time + check_time;
     if !cli.no_reference {

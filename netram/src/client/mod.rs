@@ -125,6 +125,9 @@ pub struct NetRamStats {
     /// Faults that waited for the evictor because the resident set had reached its hard limit
     /// (the budget plus a slack): many mean the evictor cannot keep up with the faults.
     pub throttled: u64,
+    /// Of `evicted`, pages evicted by faults that made room for their prefetch window while it
+    /// was on its way, instead of by the evictor thread.
+    pub evicted_by_faults: u64,
 }
 
 #[derive(Default)]
@@ -139,6 +142,7 @@ struct Counters {
     rebuilt: AtomicU64,
     lost: AtomicU64,
     throttled: AtomicU64,
+    evicted_by_faults: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -589,8 +593,9 @@ impl Shared {
                 return;
             }
             let Ok(_round) = self.evicting.try_lock() else { return };
-            if !matches!(self.evict_round(core), Some(n) if n > 0) {
-                return;
+            match self.evict_round(core) {
+                Some(gone) if gone > 0 => bump(&self.stats.evicted_by_faults, gone),
+                _ => return,
             }
         }
     }
@@ -1076,6 +1081,7 @@ impl NetRam {
             resident: self.shared.resident.load(Ordering::Relaxed),
             cached: self.shared.victims.len(),
             throttled: l(&c.throttled),
+            evicted_by_faults: l(&c.evicted_by_faults),
         }
     }
 
