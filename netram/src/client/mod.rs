@@ -35,6 +35,17 @@ const EVICT_BATCH: usize = 64;
 /// random read-modify-write at 25% resident ran 1.3-2x faster with 16 than with 64 (BENCHMARKS.md,
 /// 2026-12-02), while scans, which evict clean pages, need the large round.
 const WRITE_BACK_STEP: usize = 16;
+/// Which pages a round of eviction may take.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Round {
+    /// Any resident page (the evictor thread).
+    All,
+    /// Only pages it can drop without reading them: clean pages, no copies kept in the victim
+    /// cache. For a fault that helps ([`Shared::help_evict`]): reading a page the application
+    /// has just discarded faults, and a fault while one is being served cannot be served (the
+    /// signal is blocked in its own handler; a lone fault worker is busy with this one).
+    CleanOnly,
+}
 /// How long a fault waits for the evictor to make room when the resident set is over its hard
 /// limit, before it goes ahead anyway.
 const ROOM_WAIT: Duration = Duration::from_secs(2);
@@ -563,7 +574,7 @@ impl Shared {
         while self.resident.load(Ordering::Acquire) > low && !stop.load(Ordering::Acquire) && stuck_rounds < 3 {
             let gone = {
                 let _round = crate::lock(&self.evicting);
-                self.evict_round(core)
+                self.evict_round(core, Round::All)
             };
             match gone {
                 None => {
@@ -583,8 +594,9 @@ impl Shared {
     }
 
     /// Makes room for `incoming` pages on a thread that would otherwise only wait (a fault
-    /// collecting a prefetch window still on its way): up to two rounds of eviction, if the
-    /// resident set would go over its budget and no other round is running. On a machine whose
+    /// collecting a prefetch window still on its way): up to two rounds of eviction of clean
+    /// pages ([`Round::CleanOnly`]), if the resident set would go over its budget and no other
+    /// round is running. On a machine whose
     /// cores are all busy (the program's threads, or here the servers) this turns the wait into
     /// the evictor's work instead of taking a core from someone else for it.
     fn help_evict(&self, core: &RegionCore, incoming: u64) {
@@ -593,16 +605,17 @@ impl Shared {
                 return;
             }
             let Ok(_round) = self.evicting.try_lock() else { return };
-            match self.evict_round(core) {
+            match self.evict_round(core, Round::CleanOnly) {
                 Some(gone) if gone > 0 => bump(&self.stats.evicted_by_faults, gone),
                 _ => return,
             }
         }
     }
 
-    /// One round of eviction: up to [`EVICT_BATCH`] pages from the queue; returns how many
-    /// left local RAM (`None`: the queue was empty). The caller holds `evicting`.
-    fn evict_round(&self, core: &RegionCore) -> Option<u64> {
+    /// One round of eviction: up to [`EVICT_BATCH`] pages from the queue (those `kind` may not
+    /// take go back to it); returns how many left local RAM (`None`: the queue was empty). The
+    /// caller holds `evicting`.
+    fn evict_round(&self, core: &RegionCore, kind: Round) -> Option<u64> {
         let batch: Vec<u64> = {
             let mut q = crate::lock(&self.queue);
             let n = q.len().min(EVICT_BATCH);
@@ -614,15 +627,21 @@ impl Shared {
         // Steps of the round; `evict_batch` rechecks every page's state, so a page that
         // changed between this look and its step is still handled right.
         let (dirty, clean): (Vec<u64>, Vec<u64>) = batch.iter().partition(|&&i| self.table.get(i) == DIRTY);
+        let dirty: &[u64] = if kind == Round::All {
+            &dirty
+        } else {
+            crate::lock(&self.queue).extend(dirty.iter().copied());
+            &[]
+        };
         let mut gone = 0;
         for step in std::iter::once(&clean[..]).filter(|c| !c.is_empty()).chain(dirty.chunks(WRITE_BACK_STEP)) {
-            gone += self.evict_batch(core, step);
+            gone += self.evict_batch(core, step, kind);
         }
         Some(gone)
     }
 
-    /// Evicts what it can of `batch`; returns how many pages left local RAM.
-    fn evict_batch(&self, core: &RegionCore, batch: &[u64]) -> u64 {
+    /// Evicts what it can of `batch` (what `kind` allows); returns how many pages left local RAM.
+    fn evict_batch(&self, core: &RegionCore, batch: &[u64], kind: Round) -> u64 {
         let mut victims: Vec<(u64, u8)> = Vec::with_capacity(batch.len());
         let mut second_chance = Vec::new();
         for &i in batch {
@@ -631,7 +650,9 @@ impl Shared {
                 continue;
             }
             let st = self.table.get(i);
-            if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
+            if st == DIRTY && kind == Round::CleanOnly {
+                second_chance.push(i); // written since the round looked: the evictor's
+            } else if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
                 victims.push((i, st));
             }
         }
@@ -696,7 +717,7 @@ impl Shared {
         crate::lock(&self.queue).extend(kept.iter().copied());
         // Keep copies of what leaves for the servers in the victim cache (clean pages are
         // write-protected, so their copy is stable), then drop, one madvise per contiguous run.
-        let caching = self.victims.capacity > 0;
+        let caching = self.victims.capacity > 0 && kind == Round::All;
         let mut cached = Vec::new();
         let mut discarded = Vec::new();
         if caching {
