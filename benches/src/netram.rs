@@ -154,25 +154,24 @@ pub fn run(plan: &Plan) -> Result<(), String> {
 }
 
 fn servers_for(t: &str, plan: &Plan, key_text: &str) -> Result<(Vec<ChildServer>, Vec<String>), String> {
-    if !plan.servers.is_empty() {
-        return Ok((Vec::new(), plan.servers.clone()));
-    }
-    // One server: on a machine with few cores, every extra server's busy-polling thread competes
-    // with the client for a CPU, which would measure the co-location and not the fault path.
-    let capacity = (plan.size.max(plan.rmw_size) * 2).to_string();
-    let mut children = Vec::new();
-    for n in 0..1 {
+    let (children, uris) = if plan.servers.is_empty() {
+        // One server: on a machine with few cores, every extra server's busy-polling thread
+        // competes with the client for a CPU, which would measure the co-location and not the
+        // fault path.
+        let capacity = (plan.size.max(plan.rmw_size) * 2).to_string();
         let uri = match t {
             "tcp" | "sim" => "tcp://127.0.0.1:0".to_string(),
-            "shm" => format!("shm://mosaic-bench-ram-{}-{n}", std::process::id()),
+            "shm" => format!("shm://mosaic-bench-ram-{}-0", std::process::id()),
             other => return Err(format!("unknown transport {other:?}: expected tcp, shm or sim")),
         };
-        children.push(ChildServer::spawn(&["serve-ram", "--uri", &uri, "--capacity", &capacity], key_text, &uri)?);
-    }
-    let uris = children
-        .iter()
-        .map(|c| if t == "sim" { format!("sim://{}@{}", plan.sim_link, c.uri) } else { c.uri.clone() })
-        .collect();
+        let child = ChildServer::spawn(&["serve-ram", "--uri", &uri, "--capacity", &capacity], key_text, &uri)?;
+        let uris = vec![child.uri.clone()];
+        (vec![child], uris)
+    } else {
+        (Vec::new(), plan.servers.clone())
+    };
+    // `sim` shapes the link to each server, started here or given.
+    let uris = if t == "sim" { uris.iter().map(|u| format!("sim://{}@{u}", plan.sim_link)).collect() } else { uris };
     Ok((children, uris))
 }
 
