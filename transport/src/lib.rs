@@ -66,6 +66,7 @@ mod conn;
 #[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod logs;
 #[cfg(test)]
 mod malformed_tests;
 mod page;
@@ -89,6 +90,7 @@ pub use auth::{ClusterKey, HandshakeError, KeyError, ServerInfo, KEY_ENV, KEY_FI
 pub use conn::{CallError, Connection, PagesInFlight};
 pub use page::{Page, PageWindow};
 pub use server::{Echo, NoService, Server, ServerConfig, Service, ServiceError};
+pub use shm::LocalPeers;
 pub use sim::{LinkSpec, SimLink};
 pub use stream::WaitPolicy;
 pub use uri::{Endpoint, UriError};
@@ -107,6 +109,8 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// The longest the connection and handshake may take.
     pub connect_timeout: Duration,
+    /// Which local users an `shm://` server may run as.
+    pub local_peers: LocalPeers,
 }
 
 impl ConnectOptions {
@@ -117,6 +121,7 @@ impl ConnectOptions {
             policy: WaitPolicy::DEFAULT,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            local_peers: LocalPeers::default(),
         }
     }
 
@@ -266,7 +271,7 @@ fn raw_stream(uri: &str, ep: Endpoint, opts: &ConnectOptions) -> Result<RawConne
     let timeout = opts.connect_timeout;
     match ep {
         Endpoint::Tcp(addr) => Ok((Box::new(tcp::TcpByteStream::connect(&addr, timeout).map_err(io)?), None)),
-        Endpoint::Shm(name) => Ok((Box::new(shm::connect(&name, timeout).map_err(io)?), None)),
+        Endpoint::Shm(name) => Ok((Box::new(shm::connect(&name, timeout, &opts.local_peers).map_err(io)?), None)),
         #[cfg(feature = "rdma")]
         Endpoint::Rdma(addr) => {
             let (stream, pages) = rdma::connect(&addr, &opts.key, timeout)?;
@@ -290,7 +295,7 @@ pub fn listen(uri: &str, cfg: ServerConfig) -> Result<Server, ListenError> {
     let io = |source| ListenError::Io { uri: uri.into(), source };
     let acceptor: Box<dyn server::Acceptor> = match Endpoint::parse(uri)? {
         Endpoint::Tcp(addr) => Box::new(tcp::TcpAcceptor::bind(&addr).map_err(io)?),
-        Endpoint::Shm(name) => Box::new(shm::ShmAcceptor::bind(&name).map_err(io)?),
+        Endpoint::Shm(name) => Box::new(shm::ShmAcceptor::bind(&name, cfg.local_peers.clone()).map_err(io)?),
         #[cfg(feature = "rdma")]
         Endpoint::Rdma(addr) => Box::new(rdma::RdmaAcceptor::bind(&addr, &cfg).map_err(io)?),
         #[cfg(not(feature = "rdma"))]

@@ -33,14 +33,16 @@ fn raw_connect(kind: Kind, uri: &str) -> Box<dyn ByteStream> {
     let t = Duration::from_secs(5);
     match kind {
         Kind::Tcp => Box::new(crate::tcp::TcpByteStream::connect(uri.trim_start_matches("tcp://"), t).unwrap()),
-        Kind::Shm => Box::new(crate::shm::connect(uri.trim_start_matches("shm://"), t).unwrap()),
+        Kind::Shm => {
+            Box::new(crate::shm::connect(uri.trim_start_matches("shm://"), t, &crate::LocalPeers::SameUser).unwrap())
+        }
     }
 }
 
 fn raw_acceptor(kind: Kind) -> Box<dyn Acceptor> {
     match kind {
         Kind::Tcp => Box::new(crate::tcp::TcpAcceptor::bind("127.0.0.1:0").unwrap()),
-        Kind::Shm => Box::new(crate::shm::ShmAcceptor::bind(&unique_shm()).unwrap()),
+        Kind::Shm => Box::new(crate::shm::ShmAcceptor::bind(&unique_shm(), crate::LocalPeers::SameUser).unwrap()),
     }
 }
 

@@ -88,6 +88,8 @@ pub struct ServerConfig {
     pub max_frame: u32,
     /// How long a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Which local users may connect over `shm://`.
+    pub local_peers: crate::LocalPeers,
 }
 
 impl ServerConfig {
@@ -100,6 +102,7 @@ impl ServerConfig {
             policy: WaitPolicy::DEFAULT,
             max_frame: DEFAULT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(5),
+            local_peers: crate::LocalPeers::default(),
         }
     }
 

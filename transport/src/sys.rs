@@ -85,17 +85,69 @@ pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
     let _ = unsafe { libc::read(fd.as_raw_fd(), (&raw mut v).cast(), 8) };
 }
 
-/// An anonymous shared-memory file of `len` bytes.
+/// An anonymous shared-memory file of `len` bytes that can be sealed ([`seal_size`]).
 pub(crate) fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in memfd name"))?;
     // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
-    let fd = owned(unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) })?;
+    let fd = owned(unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("memfd too large"))?;
     // SAFETY: ftruncate on a descriptor we own; no memory is passed.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+/// The seals that fix a memfd's size for good: nobody holding it (the peer included) can
+/// shrink it under our mapping (which would turn our next access into SIGBUS), grow it, or
+/// remove the seals.
+pub(crate) const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Seals a memfd's size ([`SIZE_SEALS`]).
+pub(crate) fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl(F_ADD_SEALS) on a descriptor we borrow, with an integer argument.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SIZE_SEALS) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The seals of a memfd and its size in bytes.
+pub(crate) fn seals_and_size(fd: BorrowedFd<'_>) -> io::Result<(libc::c_int, u64)> {
+    // SAFETY: fcntl(F_GET_SEALS) on a descriptor we borrow; it takes no argument.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `stat` is plain old data; fstat fills it for a descriptor we borrow.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live, writable stat buffer for the duration of the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &raw mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((seals, u64::try_from(st.st_size).unwrap_or(0)))
+}
+
+/// The process, user and group at the other end of a connected Unix socket (`SO_PEERCRED`: the
+/// credentials the peer had when it connected, vouched for by the kernel).
+pub(crate) fn peer_cred(sock: &UnixStream) -> io::Result<libc::ucred> {
+    // SAFETY: ucred is plain old data; zero is a valid value for every field.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(0);
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is live and that large.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &raw mut len)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
+}
+
+/// The effective user id of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// A shared or anonymous mapping, unmapped on drop.

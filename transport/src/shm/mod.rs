@@ -23,6 +23,8 @@
 //! 8192+cap server->client bytes [cap]
 //! ```
 
+#[cfg(test)]
+mod hostile_tests;
 pub(crate) mod ring;
 
 use std::io;
@@ -32,8 +34,9 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ring::{RawBytes, Ring, RingHeader};
+use ring::{RawBytes, Ring, RingCorrupt, RingEnd, RingHeader};
 
+use crate::logs::RateLimited;
 use crate::stream::ByteStream;
 use crate::sys::{self, Mapping};
 
@@ -58,6 +61,38 @@ struct Control {
     client_closed: AtomicU32,
     server_closed: AtomicU32,
 }
+
+/// Which local users may be at the other end of an `shm://` connection. Checked with
+/// `SO_PEERCRED` on the rendezvous socket, by the server before it hands out any shared memory
+/// and by the client before it maps any. The cluster key must still be proven on top.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LocalPeers {
+    /// Processes of the same user as this one, and root's (the default).
+    #[default]
+    SameUser,
+    /// The same user, root, and these user ids.
+    Users(Vec<u32>),
+    /// Any local user.
+    AnyUser,
+}
+
+impl LocalPeers {
+    /// True if a process of user `uid` may be our peer.
+    pub fn allows(&self, uid: u32) -> bool {
+        if uid == 0 || uid == sys::euid() {
+            return true;
+        }
+        match self {
+            LocalPeers::SameUser => false,
+            LocalPeers::Users(uids) => uids.contains(&uid),
+            LocalPeers::AnyUser => true,
+        }
+    }
+}
+
+/// Refusals by user are logged a few at a time.
+static REFUSED_USERS: RateLimited = RateLimited::new("shm connections refused by user");
 
 fn socket_addr(name: &str) -> io::Result<SocketAddr> {
     SocketAddr::from_abstract_name(format!("mosaic-shm/{name}").as_bytes())
@@ -85,8 +120,10 @@ pub(crate) struct ShmByteStream {
     peer_gone: AtomicBool,
     closed: AtomicBool,
     peer: String,
-    /// Producer-side caches of each ring's `head` (only the ring we write uses its entry).
-    head_cache: [ring::HeadCache; 2],
+    /// Our private counters of the ring we write and of the ring we read: never read back from
+    /// the shared memory, which the peer can overwrite.
+    tx_end: RingEnd,
+    rx_end: RingEnd,
 }
 
 // SAFETY: the raw memory is owned by `map`, which lives as long as the stream; concurrent use
@@ -125,7 +162,8 @@ impl ShmByteStream {
             peer_gone: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             peer,
-            head_cache: [ring::HeadCache::new(0), ring::HeadCache::new(0)],
+            tx_end: RingEnd::new(),
+            rx_end: RingEnd::new(),
         })
     }
 
@@ -135,30 +173,29 @@ impl ShmByteStream {
         unsafe { &*self.map.as_ptr().cast::<Control>() }
     }
 
-    fn ring(&self, hdr_off: usize, data_off: usize) -> Ring<'_, RawBytes> {
-        let cache = if hdr_off == RING_HDR_A { &self.head_cache[0] } else { &self.head_cache[1] };
+    fn ring<'a>(&'a self, hdr_off: usize, data_off: usize, end: &'a RingEnd) -> Ring<'a, RawBytes> {
         // SAFETY: hdr_off is one of RING_HDR_A/B, inside the mapping (checked against
         // layout_len in new), 64-aligned, and holds a RingHeader made of atomics, which any
         // bit pattern (zeroed memfd) initialises validly.
         let hdr = unsafe { &*self.map.as_ptr().add(hdr_off).cast::<RingHeader>() };
         // SAFETY: [data_off, data_off + cap) lies inside the mapping (layout_len).
         let ptr = unsafe { self.map.as_ptr().add(data_off) };
-        Ring::new(hdr, RawBytes { ptr, cap: self.cap }, cache)
+        Ring::new(hdr, RawBytes { ptr, cap: self.cap }, end)
     }
 
     /// The ring we write.
     fn tx(&self) -> Ring<'_, RawBytes> {
         match self.side {
-            Side::Client => self.ring(RING_HDR_A, DATA_OFF),
-            Side::Server => self.ring(RING_HDR_B, DATA_OFF + self.cap),
+            Side::Client => self.ring(RING_HDR_A, DATA_OFF, &self.tx_end),
+            Side::Server => self.ring(RING_HDR_B, DATA_OFF + self.cap, &self.tx_end),
         }
     }
 
     /// The ring we read.
     fn rx(&self) -> Ring<'_, RawBytes> {
         match self.side {
-            Side::Client => self.ring(RING_HDR_B, DATA_OFF + self.cap),
-            Side::Server => self.ring(RING_HDR_A, DATA_OFF),
+            Side::Client => self.ring(RING_HDR_B, DATA_OFF + self.cap, &self.rx_end),
+            Side::Server => self.ring(RING_HDR_A, DATA_OFF, &self.rx_end),
         }
     }
 
@@ -195,6 +232,13 @@ impl ShmByteStream {
     fn broken(&self) -> io::Error {
         io::Error::new(io::ErrorKind::BrokenPipe, format!("{} closed the connection", self.peer))
     }
+
+    /// The peer broke the ring protocol: close the connection for good and say why.
+    fn corrupt(&self, e: RingCorrupt) -> io::Error {
+        log::warn!("closing {}: {e}", self.peer);
+        self.shutdown();
+        io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", self.peer))
+    }
 }
 
 impl ByteStream for ShmByteStream {
@@ -207,7 +251,7 @@ impl ByteStream for ShmByteStream {
                 if self.closed.load(Ordering::Acquire) || self.peer_closed() {
                     return Err(self.broken());
                 }
-                let n = tx.push(&buf[done..]);
+                let n = tx.push(&buf[done..]).map_err(|e| self.corrupt(e))?;
                 done += n;
                 if n > 0 {
                     wait_start = None;
@@ -222,7 +266,7 @@ impl ByteStream for ShmByteStream {
                 }
                 tx.header().writer_sleeping.0.store(1, Ordering::SeqCst);
                 fence(Ordering::SeqCst);
-                if tx.is_full() {
+                if tx.is_full().map_err(|e| self.corrupt(e))? {
                     self.sleep_on(1, MAX_SLEEP)?;
                 }
                 tx.header().writer_sleeping.0.store(0, Ordering::SeqCst);
@@ -234,7 +278,7 @@ impl ByteStream for ShmByteStream {
 
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         let rx = self.rx();
-        let n = rx.pop(buf);
+        let n = rx.pop(buf).map_err(|e| self.corrupt(e))?;
         if n > 0 {
             fence(Ordering::SeqCst);
             if rx.header().writer_sleeping.0.load(Ordering::SeqCst) != 0 {
@@ -244,7 +288,7 @@ impl ByteStream for ShmByteStream {
         }
         // Empty: end of stream only once everything the peer wrote has been read.
         if self.closed.load(Ordering::Acquire) || self.peer_closed() {
-            if rx.available() == 0 {
+            if rx.available().map_err(|e| self.corrupt(e))? == 0 {
                 return Ok(0);
             }
             return self.try_read(buf);
@@ -261,7 +305,8 @@ impl ByteStream for ShmByteStream {
         let rx = self.rx();
         rx.header().reader_sleeping.0.store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if rx.available() == 0 && !self.closed.load(Ordering::Acquire) && !self.peer_closed() {
+        let empty = rx.available().map_err(|e| self.corrupt(e))? == 0;
+        if empty && !self.closed.load(Ordering::Acquire) && !self.peer_closed() {
             self.sleep_on(2, timeout.min(MAX_SLEEP))?;
         }
         rx.header().reader_sleeping.0.store(0, Ordering::SeqCst);
@@ -301,8 +346,8 @@ impl Drop for ShmByteStream {
     }
 }
 
-/// Connects to the shm server named `name`.
-pub(crate) fn connect(name: &str, timeout: Duration) -> io::Result<ShmByteStream> {
+/// Connects to the shm server named `name`, if its user is one `peers` allows.
+pub(crate) fn connect(name: &str, timeout: Duration, peers: &LocalPeers) -> io::Result<ShmByteStream> {
     let sock = UnixStream::connect_addr(&socket_addr(name)?).map_err(|e| {
         if e.kind() == io::ErrorKind::ConnectionRefused {
             io::Error::new(e.kind(), format!("no shm server named {name:?} on this host"))
@@ -310,6 +355,17 @@ pub(crate) fn connect(name: &str, timeout: Duration) -> io::Result<ShmByteStream
             e
         }
     })?;
+    let cred = sys::peer_cred(&sock)?;
+    if !peers.allows(cred.uid) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "shm server {name:?} runs as user {} (pid {}), which this client does not trust \
+                 (allowed: {peers:?})",
+                cred.uid, cred.pid
+            ),
+        ));
+    }
     sock.set_read_timeout(Some(timeout))?;
     let mut msg = [0u8; 24];
     let (n, fds) = sys::recv_fds(&sock, &mut msg)?;
@@ -330,6 +386,13 @@ pub(crate) fn connect(name: &str, timeout: Duration) -> io::Result<ShmByteStream
     let fds: [OwnedFd; 5] =
         fds.try_into().map_err(|v: Vec<OwnedFd>| bad(&format!("{} descriptors instead of 5", v.len())))?;
     let [mem, a, b, cc, d] = fds;
+    let (seals, size) = sys::seals_and_size(mem.as_fd())?;
+    if seals & sys::SIZE_SEALS != sys::SIZE_SEALS {
+        return Err(bad("its shared memory is not sealed against resizing (it could be truncated under us)"));
+    }
+    if size < layout_len(cap) as u64 {
+        return Err(bad(&format!("shared memory of {size} bytes, its layout needs {}", layout_len(cap))));
+    }
     let map = Mapping::shared(mem.as_fd(), layout_len(cap))?;
     let stream = ShmByteStream::new(map, Side::Client, cap, [a, b, cc, d], sock, format!("shm://{name}"))?;
     if stream.control().magic.load(Ordering::Acquire) != CONTROL_MAGIC {
@@ -343,11 +406,12 @@ pub(crate) struct ShmAcceptor {
     listener: UnixListener,
     name: String,
     accepted: u64,
+    peers: LocalPeers,
 }
 
 impl ShmAcceptor {
-    /// Listens as `name` on this host.
-    pub(crate) fn bind(name: &str) -> io::Result<ShmAcceptor> {
+    /// Listens as `name` on this host, for the users `peers` allows.
+    pub(crate) fn bind(name: &str, peers: LocalPeers) -> io::Result<ShmAcceptor> {
         let listener = UnixListener::bind_addr(&socket_addr(name)?).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
                 io::Error::new(e.kind(), format!("an shm server named {name:?} already runs on this host"))
@@ -356,7 +420,7 @@ impl ShmAcceptor {
             }
         })?;
         listener.set_nonblocking(true)?;
-        Ok(ShmAcceptor { listener, name: name.into(), accepted: 0 })
+        Ok(ShmAcceptor { listener, name: name.into(), accepted: 0, peers })
     }
 
     fn setup(&mut self, sock: UnixStream) -> io::Result<ShmByteStream> {
@@ -372,6 +436,7 @@ impl ShmAcceptor {
             ctl.capacity.store(cap as u64, Ordering::Relaxed);
             ctl.magic.store(CONTROL_MAGIC, Ordering::Release);
         }
+        sys::seal_size(mem.as_fd())?;
         let efds = [sys::eventfd()?, sys::eventfd()?, sys::eventfd()?, sys::eventfd()?];
         let mut msg = [0u8; 24];
         msg[..8].copy_from_slice(&CONTROL_MAGIC.to_le_bytes());
@@ -391,7 +456,17 @@ impl crate::server::Acceptor for ShmAcceptor {
             return Ok(None);
         }
         match self.listener.accept() {
-            Ok((sock, _)) => Ok(Some(Box::new(self.setup(sock)?))),
+            Ok((sock, _)) => {
+                let cred = sys::peer_cred(&sock)?;
+                if !self.peers.allows(cred.uid) {
+                    REFUSED_USERS.warn(format_args!(
+                        "shm://{}: refused a connection from user {} (pid {}): not allowed by {:?}",
+                        self.name, cred.uid, cred.pid, self.peers
+                    ));
+                    return Ok(None);
+                }
+                Ok(Some(Box::new(self.setup(sock)?)))
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
@@ -414,8 +489,8 @@ mod tests {
     #[ignore = "a measurement, not a check: run by hand"]
     fn raw_ring_round_trip() {
         let name = format!("raw-{}", std::process::id());
-        let mut acc = ShmAcceptor::bind(&name).unwrap();
-        let client = std::thread::spawn(move || connect(&name, Duration::from_secs(1)).unwrap());
+        let mut acc = ShmAcceptor::bind(&name, LocalPeers::SameUser).unwrap();
+        let client = std::thread::spawn(move || connect(&name, Duration::from_secs(1), &LocalPeers::SameUser).unwrap());
         let server = loop {
             if let Some(s) = acc.accept(Duration::from_millis(10)).unwrap() {
                 break s;

@@ -9,6 +9,17 @@
 //! other's counter with acquire, so a byte is never read before it is written, nor overwritten
 //! before it is read. Counters never wrap in practice (2^64 bytes).
 //!
+//! # The peer is not trusted
+//! The counters live in memory the other process can write at will. So each side keeps the
+//! counter it owns in its own private memory ([`RingEnd`]) and only *publishes* it to the shared
+//! header; it never reads its own counter back from shared memory. The peer's counter is read
+//! once per operation and checked before it is used: the peer's `tail` must be at most
+//! `capacity` bytes ahead of our private `head`, the peer's `head` at most `capacity` bytes
+//! behind our private `tail` (and never ahead of it). A counter outside those bounds is a
+//! [`RingCorrupt`] error, which closes the connection; no length derived from shared memory is
+//! used unchecked. Bytes inside the ring may still be scribbled on by the peer at any time: the
+//! ring copies them out as opaque bytes, and the frame layer checks everything it decodes.
+//!
 //! Sleeping is the caller's business (see `shm::stream`): a side about to sleep sets its
 //! `*_sleeping` flag, issues a SeqCst fence and re-checks the ring; a side that publishes issues a
 //! SeqCst fence and then looks at the other's flag. The two fences make it impossible for both to
@@ -22,9 +33,6 @@ use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// The atomic the producer's `head` cache is made of (loom's under `cfg(loom)`).
-pub(crate) type HeadCache = AtomicU64;
-
 /// One value on its own cache line, so producer and consumer counters do not false-share.
 #[repr(C, align(64))]
 pub(crate) struct CacheLine<T>(pub(crate) T);
@@ -32,9 +40,9 @@ pub(crate) struct CacheLine<T>(pub(crate) T);
 /// The shared control block of one ring.
 #[repr(C)]
 pub(crate) struct RingHeader {
-    /// Bytes ever written (producer-owned).
+    /// Bytes ever written (published by the producer).
     pub(crate) tail: CacheLine<AtomicU64>,
-    /// Bytes ever read (consumer-owned).
+    /// Bytes ever read (published by the consumer).
     pub(crate) head: CacheLine<AtomicU64>,
     /// Set by the consumer while it sleeps waiting for bytes.
     pub(crate) reader_sleeping: CacheLine<AtomicU32>,
@@ -44,7 +52,7 @@ pub(crate) struct RingHeader {
 
 impl RingHeader {
     /// A fresh, empty header.
-    #[cfg(loom)]
+    #[cfg(any(loom, test))]
     pub(crate) fn new() -> RingHeader {
         RingHeader {
             tail: CacheLine(AtomicU64::new(0)),
@@ -53,6 +61,36 @@ impl RingHeader {
             writer_sleeping: CacheLine(AtomicU32::new(0)),
         }
     }
+}
+
+/// One side's private state for one ring, in its own (unshared) memory: the counter it owns
+/// (the producer's `tail`, the consumer's `head`) and, for the producer, its last checked view of
+/// the consumer's `head`.
+pub(crate) struct RingEnd {
+    own: AtomicU64,
+    peer_cache: AtomicU64,
+}
+
+impl RingEnd {
+    /// The state of a fresh ring (both counters at zero).
+    pub(crate) fn new() -> RingEnd {
+        RingEnd { own: AtomicU64::new(0), peer_cache: AtomicU64::new(0) }
+    }
+}
+
+/// The peer published a counter that no correct peer could: it claims more bytes than the ring
+/// holds, or moved backwards. The connection cannot be trusted any further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the peer corrupted the shared ring: its {which} counter is {found}, ours is {ours} (capacity {cap})")]
+pub(crate) struct RingCorrupt {
+    /// `"tail"` (a producer's) or `"head"` (a consumer's).
+    pub(crate) which: &'static str,
+    /// The value found in shared memory.
+    pub(crate) found: u64,
+    /// Our own counter it was checked against.
+    pub(crate) ours: u64,
+    /// The ring's capacity.
+    pub(crate) cap: u64,
 }
 
 /// The ring's byte storage.
@@ -102,15 +140,15 @@ unsafe impl RingBytes for RawBytes {
 pub(crate) struct Ring<'a, B: RingBytes> {
     hdr: &'a RingHeader,
     bytes: B,
-    /// The producer's last view of `head`, in its own (unshared) memory.
-    head_cache: &'a AtomicU64,
+    /// Our side's private counters.
+    end: &'a RingEnd,
 }
 
 impl<'a, B: RingBytes> Ring<'a, B> {
-    /// A ring over `hdr` and `bytes`.
-    pub(crate) fn new(hdr: &'a RingHeader, bytes: B, head_cache: &'a AtomicU64) -> Ring<'a, B> {
+    /// A ring over `hdr` and `bytes`, with this side's private state `end`.
+    pub(crate) fn new(hdr: &'a RingHeader, bytes: B, end: &'a RingEnd) -> Ring<'a, B> {
         debug_assert!(bytes.capacity().is_power_of_two());
-        Ring { hdr, bytes, head_cache }
+        Ring { hdr, bytes, end }
     }
 
     /// The control block.
@@ -122,7 +160,27 @@ impl<'a, B: RingBytes> Ring<'a, B> {
         self.bytes.capacity() as u64
     }
 
-    /// Copies `[from, from + dst_or_src.len())` in ring coordinates, split at the wrap point.
+    /// Producer: the consumer's published `head`, checked against our `tail`: it may trail it by
+    /// at most the capacity and never lead it.
+    fn checked_head(&self, tail: u64) -> Result<u64, RingCorrupt> {
+        let head = self.hdr.head.0.load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > self.cap() {
+            return Err(RingCorrupt { which: "head", found: head, ours: tail, cap: self.cap() });
+        }
+        Ok(head)
+    }
+
+    /// Consumer: the producer's published `tail`, checked against our `head`: it may lead it by
+    /// at most the capacity and never trail it.
+    fn checked_tail(&self, head: u64) -> Result<u64, RingCorrupt> {
+        let tail = self.hdr.tail.0.load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > self.cap() {
+            return Err(RingCorrupt { which: "tail", found: tail, ours: head, cap: self.cap() });
+        }
+        Ok(tail)
+    }
+
+    /// Splits `len` bytes from ring position `pos` at the wrap point: (offset, first, second).
     fn split(&self, pos: u64, len: usize) -> (usize, usize, usize) {
         let cap = self.bytes.capacity();
         // pos % cap < cap <= usize::MAX
@@ -132,59 +190,68 @@ impl<'a, B: RingBytes> Ring<'a, B> {
     }
 
     /// Producer: appends as much of `src` as fits; returns the number of bytes written.
-    pub(crate) fn push(&self, src: &[u8]) -> usize {
-        let tail = self.hdr.tail.0.load(Ordering::Relaxed); // only we write it
-                                                            // A stale `head` only under-states the free space, so read the consumer's line (a
-                                                            // cache miss) only when the cached value says there is not enough room.
-        let mut head = self.head_cache.load(Ordering::Relaxed);
+    pub(crate) fn push(&self, src: &[u8]) -> Result<usize, RingCorrupt> {
+        let tail = self.end.own.load(Ordering::Relaxed);
+        // Our cached view of `head` was checked when read, and we never write past it, so
+        // `tail - head <= cap` holds for it. A stale view only under-states the free space, so
+        // read the consumer's line (a cache miss) only when it says there is not enough room.
+        let mut head = self.end.peer_cache.load(Ordering::Relaxed);
         if self.cap() - (tail - head) < src.len() as u64 {
-            head = self.hdr.head.0.load(Ordering::Acquire);
-            self.head_cache.store(head, Ordering::Relaxed);
+            head = self.checked_head(tail)?;
+            self.end.peer_cache.store(head, Ordering::Relaxed);
         }
         let free = self.cap() - (tail - head);
         let n = usize::try_from(free).unwrap_or(usize::MAX).min(src.len());
         if n == 0 {
-            return 0;
+            return Ok(0);
         }
         let (at, first, second) = self.split(tail, n);
-        // SAFETY: [tail, tail + n) is free space (n <= cap - (tail - head)): the consumer has
-        // released it (acquire load of head) and reads nothing beyond the published tail. Both
-        // pieces lie within the capacity by construction of `split`.
+        // SAFETY: both pieces lie within the capacity by construction of `split` (n <= cap).
+        // [tail, tail + n) is free space by a checked `head` (n <= cap - (tail - head)): a
+        // correct consumer has released it and reads nothing beyond the published tail. A
+        // hostile one may read or scribble on it concurrently; the copy goes through raw
+        // pointers and treats the bytes as opaque, so that only garbles its own input.
         unsafe {
             self.bytes.write(at, &src[..first]);
             self.bytes.write(0, &src[first..first + second]);
         }
+        self.end.own.store(tail + n as u64, Ordering::Relaxed);
         self.hdr.tail.0.store(tail + n as u64, Ordering::Release);
-        n
+        Ok(n)
     }
 
     /// Consumer: moves up to `dst.len()` available bytes into `dst`; returns how many.
-    pub(crate) fn pop(&self, dst: &mut [u8]) -> usize {
-        let head = self.hdr.head.0.load(Ordering::Relaxed); // only we write it
-        let tail = self.hdr.tail.0.load(Ordering::Acquire);
+    pub(crate) fn pop(&self, dst: &mut [u8]) -> Result<usize, RingCorrupt> {
+        let head = self.end.own.load(Ordering::Relaxed);
+        let tail = self.checked_tail(head)?;
         let n = usize::try_from(tail - head).unwrap_or(usize::MAX).min(dst.len());
         if n == 0 {
-            return 0;
+            return Ok(0);
         }
         let (at, first, second) = self.split(head, n);
-        // SAFETY: [head, head + n) was published by the producer (acquire load of tail) and it
-        // writes nothing there until we release it below. Both pieces are within the capacity.
+        // SAFETY: both pieces lie within the capacity (`split`, and n <= tail - head <= cap by
+        // the check). [head, head + n) was published by the producer (acquire load of tail); a
+        // correct producer writes nothing there until we release it below, a hostile one may,
+        // and then only the bytes we copy out are garbage: the frame layer checks them.
         unsafe {
             self.bytes.read(at, &mut dst[..first]);
             self.bytes.read(0, &mut dst[first..first + second]);
         }
+        self.end.own.store(head + n as u64, Ordering::Relaxed);
         self.hdr.head.0.store(head + n as u64, Ordering::Release);
-        n
+        Ok(n)
     }
 
-    /// Bytes available to the consumer.
-    pub(crate) fn available(&self) -> u64 {
-        self.hdr.tail.0.load(Ordering::Acquire) - self.hdr.head.0.load(Ordering::Acquire)
+    /// Consumer: bytes available to read.
+    pub(crate) fn available(&self) -> Result<u64, RingCorrupt> {
+        let head = self.end.own.load(Ordering::Relaxed);
+        Ok(self.checked_tail(head)? - head)
     }
 
-    /// True if the producer has no room.
-    pub(crate) fn is_full(&self) -> bool {
-        self.available() >= self.cap()
+    /// Producer: true if there is no room.
+    pub(crate) fn is_full(&self) -> Result<bool, RingCorrupt> {
+        let tail = self.end.own.load(Ordering::Relaxed);
+        Ok(tail - self.checked_head(tail)? >= self.cap())
     }
 }
 
@@ -192,33 +259,48 @@ impl<'a, B: RingBytes> Ring<'a, B> {
 mod tests {
     use super::*;
 
-    fn header() -> Box<RingHeader> {
-        Box::new(RingHeader {
-            tail: CacheLine(AtomicU64::new(0)),
-            head: CacheLine(AtomicU64::new(0)),
-            reader_sleeping: CacheLine(AtomicU32::new(0)),
-            writer_sleeping: CacheLine(AtomicU32::new(0)),
-        })
+    /// A producer end and a consumer end over one header and one byte store.
+    struct Pair {
+        hdr: Box<RingHeader>,
+        store: Vec<u8>,
+        producer: RingEnd,
+        consumer: RingEnd,
+    }
+
+    impl Pair {
+        fn new(cap: usize) -> Pair {
+            Pair {
+                hdr: Box::new(RingHeader::new()),
+                store: vec![0u8; cap],
+                producer: RingEnd::new(),
+                consumer: RingEnd::new(),
+            }
+        }
+        fn producer(&mut self) -> Ring<'_, RawBytes> {
+            let cap = self.store.len();
+            Ring::new(&self.hdr, RawBytes { ptr: self.store.as_mut_ptr(), cap }, &self.producer)
+        }
+        fn consumer(&mut self) -> Ring<'_, RawBytes> {
+            let cap = self.store.len();
+            Ring::new(&self.hdr, RawBytes { ptr: self.store.as_mut_ptr(), cap }, &self.consumer)
+        }
     }
 
     #[test]
     fn bytes_come_out_in_order_across_the_wrap() {
-        let hdr = header();
-        let mut store = vec![0u8; 8];
-        let cache = AtomicU64::new(0);
-        let ring = Ring::new(&hdr, RawBytes { ptr: store.as_mut_ptr(), cap: 8 }, &cache);
+        let mut pair = Pair::new(8);
         let mut out = Vec::new();
         let mut next = 0u8;
         let mut buf = [0u8; 5];
         for round in 0..50usize {
             let chunk: Vec<u8> = (0..(round % 7) + 1).map(|i| next.wrapping_add(i as u8)).collect();
-            let n = ring.push(&chunk);
+            let n = pair.producer().push(&chunk).unwrap();
             next = next.wrapping_add(u8::try_from(n).unwrap());
-            let m = ring.pop(&mut buf[..(round % 5) + 1]);
+            let m = pair.consumer().pop(&mut buf[..(round % 5) + 1]).unwrap();
             out.extend_from_slice(&buf[..m]);
         }
-        while ring.available() > 0 {
-            let m = ring.pop(&mut buf);
+        while pair.consumer().available().unwrap() > 0 {
+            let m = pair.consumer().pop(&mut buf).unwrap();
             out.extend_from_slice(&buf[..m]);
         }
         let want: Vec<u8> = (0..out.len()).map(|i| i as u8).collect();
@@ -227,17 +309,50 @@ mod tests {
 
     #[test]
     fn a_full_ring_takes_nothing_more() {
-        let hdr = header();
-        let mut store = vec![0u8; 4];
-        let cache = AtomicU64::new(0);
-        let ring = Ring::new(&hdr, RawBytes { ptr: store.as_mut_ptr(), cap: 4 }, &cache);
-        assert_eq!(ring.push(b"abcdef"), 4);
-        assert!(ring.is_full());
-        assert_eq!(ring.push(b"x"), 0);
+        let mut pair = Pair::new(4);
+        assert_eq!(pair.producer().push(b"abcdef").unwrap(), 4);
+        assert!(pair.producer().is_full().unwrap());
+        assert_eq!(pair.producer().push(b"x").unwrap(), 0);
         let mut b = [0u8; 2];
-        assert_eq!(ring.pop(&mut b), 2);
+        assert_eq!(pair.consumer().pop(&mut b).unwrap(), 2);
         assert_eq!(&b, b"ab");
-        assert_eq!(ring.push(b"xyz"), 2);
+        assert_eq!(pair.producer().push(b"xyz").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_producer_claiming_more_than_the_capacity_is_refused() {
+        let mut pair = Pair::new(8);
+        // The peer publishes tail - head = cap + 1: popping would copy past the ring.
+        pair.hdr.tail.0.store(9, Ordering::Release);
+        let mut b = [0u8; 64];
+        let e = pair.consumer().pop(&mut b).unwrap_err();
+        assert_eq!((e.which, e.found, e.ours, e.cap), ("tail", 9, 0, 8));
+        assert!(pair.consumer().available().is_err());
+        // A tail behind our head (it moved backwards) is refused too.
+        pair.hdr.tail.0.store(4, Ordering::Release);
+        assert_eq!(pair.consumer().pop(&mut b).unwrap(), 4);
+        pair.hdr.tail.0.store(2, Ordering::Release);
+        assert_eq!(pair.consumer().pop(&mut b).unwrap_err().which, "tail");
+        // And the largest lie of all.
+        pair.hdr.tail.0.store(u64::MAX, Ordering::Release);
+        assert!(pair.consumer().pop(&mut b).is_err());
+    }
+
+    #[test]
+    fn a_consumer_claiming_bytes_it_never_got_is_refused() {
+        let mut pair = Pair::new(8);
+        assert_eq!(pair.producer().push(b"abcdefgh").unwrap(), 8);
+        // The peer publishes a head ahead of our tail: the free space would exceed the ring.
+        pair.hdr.head.0.store(9, Ordering::Release);
+        let e = pair.producer().push(b"x").unwrap_err();
+        assert_eq!((e.which, e.found, e.ours), ("head", 9, 8));
+        assert!(pair.producer().is_full().is_err());
+        // Our own counter is never read back from shared memory: the peer rewriting our tail
+        // changes nothing we compute.
+        pair.hdr.head.0.store(8, Ordering::Release);
+        pair.hdr.tail.0.store(1 << 40, Ordering::Release);
+        assert_eq!(pair.producer().push(b"12345678").unwrap(), 8);
+        assert_eq!(pair.hdr.tail.0.load(Ordering::Acquire), 16, "republished from the private tail");
     }
 }
 
@@ -294,24 +409,24 @@ mod loom_tests {
             }
             let (h2, s2) = (hdr.clone(), store.clone());
             let producer = loom::thread::spawn(move || {
-                let cache = AtomicU64::new(0);
-                let ring = Ring::new(&h2, Shared(s2), &cache);
+                let end = RingEnd::new();
+                let ring = Ring::new(&h2, Shared(s2), &end);
                 let data = [1u8, 2, 3, 4, 5, 6];
                 let mut sent = 0;
                 while sent < data.len() {
-                    let n = ring.push(&data[sent..(sent + 3).min(data.len())]);
+                    let n = ring.push(&data[sent..(sent + 3).min(data.len())]).unwrap();
                     sent += n;
                     if n == 0 {
                         loom::thread::yield_now();
                     }
                 }
             });
-            let cache = AtomicU64::new(0);
-            let ring = Ring::new(&hdr, Shared(store), &cache);
+            let end = RingEnd::new();
+            let ring = Ring::new(&hdr, Shared(store), &end);
             let mut got = Vec::new();
             let mut buf = [0u8; 3];
             while got.len() < 6 {
-                let n = ring.pop(&mut buf);
+                let n = ring.pop(&mut buf).unwrap();
                 got.extend_from_slice(&buf[..n]);
                 if n == 0 {
                     loom::thread::yield_now();
