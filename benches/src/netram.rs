@@ -213,7 +213,8 @@ fn install_figure() -> Result<Figure, String> {
 fn transport_figures(t: &str, uris: &[String], key: &ClusterKey, plan: &Plan) -> Result<Vec<Figure>, String> {
     let conn = connect(&uris[0], &ConnectOptions::new(key.clone())).map_err(|e| format!("{t}: {e}"))?;
     let client = [0x42u8; 16];
-    conn.call(proto::OPEN, &proto::encode_open(&client, 60_000)).map_err(|e| e.to_string())?;
+    conn.call(proto::OPEN, &proto::encode_open(&client, 60_000, &[0x24; proto::SECRET_LEN]))
+        .map_err(|e| e.to_string())?;
     // Region 1: a few pages, read in a fixed stride; 64 in flight always ask for the same 64.
     let few = proto::MAX_BATCH as u64;
     let mut next = 0u64;

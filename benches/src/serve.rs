@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 
-use mosaic_transport::{listen, ClusterKey, PageWindow, ServerConfig, Service, ServiceError, WaitPolicy};
+use mosaic_transport::{listen, Caller, ClusterKey, PageWindow, ServerConfig, Service, ServiceError, WaitPolicy};
 
 /// Method id answered with the request itself.
 pub const ECHO: u64 = 1;
@@ -18,7 +18,7 @@ pub const SINK: u64 = 2;
 struct BenchService;
 
 impl Service for BenchService {
-    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         match method {
             ECHO => {
                 response.extend_from_slice(request);

@@ -93,9 +93,11 @@ fn find_preload(cli: &Cli) -> Result<PathBuf, String> {
 fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
     let conn = connect(uri, &ConnectOptions::new(key.clone()).timeout(std::time::Duration::from_secs(5)))
         .map_err(|e| format!("memory server {uri} cannot be reached: {}", mosaic_transport::error_chain(&e)))?;
-    let mut id = [0u8; 16];
+    let mut id = [0u8; 16 + proto::SECRET_LEN];
     getrandom::fill(&mut id).map_err(|e| e.to_string())?;
-    conn.call(proto::OPEN, &proto::encode_open(&id, 1000))
+    let (id, secret) = id.split_at(16);
+    let id: proto::ClientId = id.try_into().map_err(|_| "client id".to_string())?;
+    conn.call(proto::OPEN, &proto::encode_open(&id, 1000, secret.try_into().map_err(|_| "secret".to_string())?))
         .map_err(|e| format!("memory server {uri} refused a session: {e}"))?;
     let _ = conn.call(proto::CLOSE, &id);
     Ok(())

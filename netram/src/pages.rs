@@ -125,6 +125,13 @@ impl PageTable {
         self.holders[idx(i)].fetch_and(!mask, Ordering::AcqRel) & !mask
     }
 
+    /// Clears `mask` from every page's holders (a server lost every copy it held).
+    pub(crate) fn forget_holder(&self, mask: u32) {
+        for h in &self.holders {
+            h.fetch_and(!mask, Ordering::AcqRel);
+        }
+    }
+
     /// Waits while page `i` is in a transient state (FETCHING or EVICTING) owned by another
     /// thread; returns the state it settled in, or `None` after `limit`.
     pub(crate) fn settle(&self, i: u64, limit: Duration) -> Option<u8> {
@@ -170,5 +177,8 @@ mod tests {
         t.set_holders(1, 0b101);
         assert_eq!(t.drop_holders(1, 0b100), 0b001);
         assert_eq!(t.holders(1), 0b001);
+        t.set_holders(2, 0b110);
+        t.forget_holder(0b010);
+        assert_eq!((t.holders(1), t.holders(2)), (0b001, 0b100));
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! | method | request                                              | response                    |
 //! |--------|------------------------------------------------------|-----------------------------|
-//! | OPEN   | client, lease_ms                                     | [`ServerState`]             |
+//! | OPEN   | client, grace_ms, secret                             | [`ServerState`]             |
 //! | PUT    | client, region, n, n page numbers, n pages of data   | [`ServerState`]             |
 //! | GET    | client, region, page                                 | the page (4096 bytes)       |
 //! | FREE   | client, region, n, n page numbers (n = ALL: region)  | pages freed (u64)           |
@@ -10,10 +10,22 @@
 //! | RENEW  | client                                               | [`ServerState`]             |
 //! | CLOSE  | client                                               | pages freed (u64)           |
 //!
-//! A client is a random 128-bit id chosen by the client: pages are stored under (client, region,
-//! page), so a client reaches only what it stored. Every request from a client renews its lease;
-//! a client silent for longer than its lease loses everything it stored (its requests then fail
-//! with `Status::Expired`).
+//! # Sessions
+//! A client is a random 128-bit id chosen by the client, with a 32-byte secret only it knows.
+//! Pages are stored under (client, region, page). OPEN on a connection binds the client to that
+//! connection: the first OPEN of an id creates the session and records a hash of the secret; a
+//! later OPEN of the same id (a second connection, or a reconnect) must present the same secret.
+//! Every other request names a client, and is refused with `Status::Forbidden` unless that client
+//! was opened on the same connection: one authenticated peer cannot read, overwrite or end
+//! another's session.
+//!
+//! # Leases
+//! While any connection of a client is open, nothing of it is reclaimed, however long the client
+//! is silent (a stopped process, a debugger, a paused VM). When its last connection closes, the
+//! server keeps its pages for the client's *grace time* (asked for in OPEN, capped by the
+//! server), so a client that reconnects within it finds everything; after that they are
+//! reclaimed. OPEN's answer says whether it resumed an existing session: a client that expected
+//! its pages and finds a fresh session knows they are gone from that server.
 
 use crate::PAGE_SIZE;
 
@@ -89,15 +101,19 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Server capacity and free space, in pages, and the lease it grants.
+/// Server capacity and free space, in pages, and what it grants the caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerState {
     /// Pages the server can hold.
     pub capacity_pages: u64,
     /// Pages still free.
     pub free_pages: u64,
-    /// The lease granted, in milliseconds.
-    pub lease_ms: u32,
+    /// The grace time granted after a disconnect, in milliseconds (0 in STAT).
+    pub grace_ms: u32,
+    /// OPEN: true if it resumed a session that already existed (with its pages).
+    pub resumed: bool,
+    /// Most pages one client may store here.
+    pub quota_pages: u64,
 }
 
 impl ServerState {
@@ -105,31 +121,48 @@ impl ServerState {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.capacity_pages.to_le_bytes());
         out.extend_from_slice(&self.free_pages.to_le_bytes());
-        out.extend_from_slice(&self.lease_ms.to_le_bytes());
+        out.extend_from_slice(&self.grace_ms.to_le_bytes());
+        out.extend_from_slice(&u32::from(self.resumed).to_le_bytes());
+        out.extend_from_slice(&self.quota_pages.to_le_bytes());
     }
 
     /// Parses a response.
     pub fn decode(buf: &[u8]) -> Result<ServerState, ProtoError> {
         let mut r = Reader { what: "server state", buf };
-        let s = ServerState { capacity_pages: r.u64()?, free_pages: r.u64()?, lease_ms: r.u32()? };
+        let (capacity_pages, free_pages, grace_ms) = (r.u64()?, r.u64()?, r.u32()?);
+        let resumed = match r.u32()? {
+            0 => false,
+            1 => true,
+            x => return Err(err("server state", format!("resumed flag {x}"))),
+        };
+        let s = ServerState { capacity_pages, free_pages, grace_ms, resumed, quota_pages: r.u64()? };
         r.end()?;
         Ok(s)
     }
 }
 
-/// OPEN and RENEW/CLOSE requests.
-pub fn encode_open(client: &ClientId, lease_ms: u32) -> Vec<u8> {
+/// Length of the secret that proves a client's identity on OPEN.
+pub const SECRET_LEN: usize = 32;
+
+/// A client's secret: whoever presents it may attach to the client's session.
+pub type Secret = [u8; SECRET_LEN];
+
+/// An OPEN request.
+pub fn encode_open(client: &ClientId, grace_ms: u32, secret: &Secret) -> Vec<u8> {
     let mut v = client.to_vec();
-    v.extend_from_slice(&lease_ms.to_le_bytes());
+    v.extend_from_slice(&grace_ms.to_le_bytes());
+    v.extend_from_slice(secret);
     v
 }
 
-/// Parses an OPEN request.
-pub fn decode_open(buf: &[u8]) -> Result<(ClientId, u32), ProtoError> {
+/// Parses an OPEN request: (client, grace_ms, secret).
+pub fn decode_open(buf: &[u8]) -> Result<(ClientId, u32, Secret), ProtoError> {
     let mut r = Reader { what: "OPEN", buf };
-    let out = (r.client()?, r.u32()?);
+    let client = r.client()?;
+    let grace = r.u32()?;
+    let secret = r.take(SECRET_LEN)?.try_into().unwrap_or([0; SECRET_LEN]);
     r.end()?;
-    Ok(out)
+    Ok((client, grace, secret))
 }
 
 /// Parses a request that carries only the client id (RENEW, CLOSE).
@@ -243,7 +276,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        assert_eq!(decode_open(&encode_open(&C, 1500)).unwrap(), (C, 1500));
+        assert_eq!(decode_open(&encode_open(&C, 1500, &[5; 32])).unwrap(), (C, 1500, [5; 32]));
         assert_eq!(decode_get(&encode_get(&C, 3, 99)).unwrap(), (C, 3, 99));
         let a = [1u8; PAGE_SIZE];
         let b = [2u8; PAGE_SIZE];
@@ -256,16 +289,18 @@ mod tests {
         assert_eq!(decode_batch("FREE", &free, false).unwrap().pages, Some(vec![1, 2, 3]));
         let all = encode_free(&C, 5, None);
         assert_eq!(decode_batch("FREE", &all, false).unwrap().pages, None);
-        let s = ServerState { capacity_pages: 10, free_pages: 4, lease_ms: 9 };
-        let mut v = Vec::new();
-        s.encode(&mut v);
-        assert_eq!(ServerState::decode(&v).unwrap(), s);
+        for resumed in [false, true] {
+            let s = ServerState { capacity_pages: 10, free_pages: 4, grace_ms: 9, resumed, quota_pages: 7 };
+            let mut v = Vec::new();
+            s.encode(&mut v);
+            assert_eq!(ServerState::decode(&v).unwrap(), s);
+        }
     }
 
     #[test]
     fn malformed_requests_are_typed_errors() {
-        assert!(decode_open(&[0; 19]).unwrap_err().why.contains("truncated"));
-        assert!(decode_open(&[0; 21]).unwrap_err().why.contains("trailing"));
+        assert!(decode_open(&[0; 51]).unwrap_err().why.contains("truncated"));
+        assert!(decode_open(&[0; 53]).unwrap_err().why.contains("trailing"));
         assert!(decode_get(&[0; 31]).is_err());
         let a = [1u8; PAGE_SIZE];
         let put = encode_put(&C, 5, &[(10, &a)]);

@@ -1,7 +1,20 @@
 //! The memory server: donates RAM in slabs and stores clients' pages by (client, region, page).
 //!
 //! [`MemStore`] is the storage and the protocol's service (sans transport); [`MemServer`] puts it
-//! behind a transport listener and reclaims the pages of clients whose lease expired.
+//! behind a transport listener and reclaims the pages of clients that went away.
+//!
+//! # Who may touch what
+//! A client's session is bound to the connections it was opened on (see [`proto`]'s "Sessions"):
+//! requests naming a client on any other connection are refused with `Status::Forbidden`, and
+//! attaching another connection (or reconnecting) needs the secret the session was created with,
+//! which the server keeps only as a SHA-256 hash and compares in constant time. The client table
+//! is bounded ([`MemServerConfig::max_clients`]), so is each client's share
+//! ([`MemServerConfig::quota_bytes`]), and so is the number of clients one connection may open.
+//!
+//! # Leases
+//! A client with an open connection is never reclaimed. When its last connection closes it is
+//! *detached*; after its grace time (asked for in OPEN, at most [`MemServerConfig::max_grace`])
+//! its pages are reclaimed, unless it reattached first.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,18 +22,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mosaic_transport::{listen, ClusterKey, Page, Server, ServerConfig, Service, ServiceError, Status, WaitPolicy};
+use mosaic_transport::{
+    listen, Caller, ClusterKey, Limits, Page, Server, ServerConfig, Service, ServiceError, Status, WaitPolicy,
+};
+use sha2::{Digest, Sha256};
 
-use crate::proto::{self, ClientId, ServerState};
+use crate::proto::{self, ClientId, Secret, ServerState};
 use crate::{NetRamError, PAGE_SIZE};
 
 /// Pages per slab: the unit in which the server takes memory from the system.
 const SLAB_PAGES: usize = 512;
-/// Shortest and longest lease granted.
-const MIN_LEASE: Duration = Duration::from_millis(100);
-const MAX_LEASE: Duration = Duration::from_secs(3600);
-/// How long an expired client is remembered, so its requests get `Expired` and not `NotFound`.
-const REMEMBER_EXPIRED: Duration = Duration::from_secs(600);
+/// Shortest grace time granted.
+const MIN_GRACE: Duration = Duration::from_millis(100);
+/// Most clients one connection may open.
+pub const MAX_CLIENTS_PER_CONNECTION: usize = 16;
+/// Most connections one client may be bound to at once.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 64;
 
 /// How a memory server behaves.
 #[derive(Clone, Debug)]
@@ -31,12 +48,29 @@ pub struct MemServerConfig {
     pub key: ClusterKey,
     /// How connection threads wait for requests.
     pub policy: WaitPolicy,
+    /// Most bytes one client may store (default: the whole capacity).
+    pub quota_bytes: u64,
+    /// Most client sessions held at once, connected or in their grace time (default 4096).
+    pub max_clients: usize,
+    /// The longest grace time granted: how long a client's pages outlive its last connection
+    /// (default one hour; clients ask for less).
+    pub max_grace: Duration,
+    /// The transport's connection limits.
+    pub limits: Limits,
 }
 
 impl MemServerConfig {
     /// A server donating `capacity_bytes`.
     pub fn new(capacity_bytes: u64, key: ClusterKey) -> MemServerConfig {
-        MemServerConfig { capacity_bytes, key, policy: WaitPolicy::DEFAULT }
+        MemServerConfig {
+            capacity_bytes,
+            key,
+            policy: WaitPolicy::DEFAULT,
+            quota_bytes: capacity_bytes,
+            max_clients: 4096,
+            max_grace: Duration::from_secs(3600),
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -54,8 +88,13 @@ fn slot(n: usize) -> Slot {
 
 struct ClientState {
     pages: HashMap<(u64, u64), Slot>,
-    last_seen: Instant,
-    lease: Duration,
+    /// SHA-256 of the client's secret.
+    secret_hash: [u8; 32],
+    /// The open connections the client was opened on.
+    conns: Vec<u64>,
+    /// When its last connection closed (`None` while one is open).
+    detached_since: Option<Instant>,
+    grace: Duration,
 }
 
 /// The donated memory: slabs of pages, and the free slots among them.
@@ -91,7 +130,8 @@ struct Inner {
     slabs: Slabs,
     used: u64,
     clients: HashMap<ClientId, ClientState>,
-    expired: HashMap<ClientId, Instant>,
+    /// The clients opened on each open connection.
+    by_conn: HashMap<u64, Vec<ClientId>>,
 }
 
 /// What a server holds, for monitoring and tests.
@@ -101,13 +141,24 @@ pub struct StoreStats {
     pub capacity_pages: u64,
     /// Pages holding data.
     pub used_pages: u64,
-    /// Clients with a live lease.
+    /// Client sessions held (connected or detached).
     pub clients: usize,
+    /// Of those, sessions with no open connection, kept for their grace time.
+    pub detached_clients: usize,
+}
+
+/// Limits of a [`MemStore`].
+#[derive(Clone, Copy, Debug)]
+struct StoreLimits {
+    quota_pages: u64,
+    max_clients: usize,
+    max_grace: Duration,
 }
 
 /// The page store and protocol handler of a memory server.
 pub struct MemStore {
     capacity_pages: u64,
+    limits: StoreLimits,
     inner: Mutex<Inner>,
 }
 
@@ -121,13 +172,44 @@ fn bad(e: proto::ProtoError) -> ServiceError {
     ServiceError::new(Status::BadRequest, e.to_string())
 }
 
+fn hex(id: &ClientId) -> String {
+    id.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>() + ".."
+}
+
+fn hash(secret: &Secret) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
+/// Compares two hashes in time independent of where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 impl MemStore {
-    /// A store of `capacity_pages` pages (at most [`MAX_CAPACITY_PAGES`]).
+    /// A store of `capacity_pages` pages (at most [`MAX_CAPACITY_PAGES`]), with no per-client
+    /// quota, 4096 clients at most and grace times of up to an hour.
     pub fn new(capacity_pages: u64) -> MemStore {
+        let capacity_pages = capacity_pages.min(MAX_CAPACITY_PAGES - SLAB_PAGES as u64);
         MemStore {
-            capacity_pages: capacity_pages.min(MAX_CAPACITY_PAGES - SLAB_PAGES as u64),
+            capacity_pages,
+            limits: StoreLimits {
+                quota_pages: capacity_pages,
+                max_clients: 4096,
+                max_grace: Duration::from_secs(3600),
+            },
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// A store with the capacity and limits of `cfg`.
+    pub fn with_config(cfg: &MemServerConfig) -> MemStore {
+        let mut s = MemStore::new(cfg.capacity_bytes / PAGE_SIZE as u64);
+        s.limits = StoreLimits {
+            quota_pages: (cfg.quota_bytes / PAGE_SIZE as u64).min(s.capacity_pages),
+            max_clients: cfg.max_clients.max(1),
+            max_grace: cfg.max_grace.max(MIN_GRACE),
+        };
+        s
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -137,30 +219,35 @@ impl MemStore {
     /// Current figures.
     pub fn stats(&self) -> StoreStats {
         let g = self.lock();
-        StoreStats { capacity_pages: self.capacity_pages, used_pages: g.used, clients: g.clients.len() }
+        StoreStats {
+            capacity_pages: self.capacity_pages,
+            used_pages: g.used,
+            clients: g.clients.len(),
+            detached_clients: g.clients.values().filter(|c| c.conns.is_empty()).count(),
+        }
     }
 
-    fn state(&self, g: &Inner, lease: Duration) -> ServerState {
+    fn state(&self, g: &Inner, grace: Duration, resumed: bool) -> ServerState {
         ServerState {
             capacity_pages: self.capacity_pages,
             free_pages: self.capacity_pages - g.used,
-            lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
+            grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
+            resumed,
+            quota_pages: self.limits.quota_pages,
         }
     }
 
-    /// The live session of `client`, renewed; or why there is none.
-    fn session<'a>(g: &'a mut Inner, client: &ClientId) -> Result<&'a mut ClientState, ServiceError> {
-        if g.expired.contains_key(client) {
+    /// The session of `client`, if `caller` opened it.
+    fn session<'a>(g: &'a mut Inner, caller: &Caller, client: &ClientId) -> Result<&'a mut ClientState, ServiceError> {
+        let c = g.clients.get_mut(client).ok_or_else(|| {
+            ServiceError::new(Status::NotFound, format!("unknown client {}: open a session (OPEN) first", hex(client)))
+        })?;
+        if !c.conns.contains(&caller.id) {
             return Err(ServiceError::new(
-                Status::Expired,
-                "this client's lease expired and its pages were reclaimed; open a new session",
+                Status::Forbidden,
+                format!("client {} was not opened on this connection (OPEN it with its secret first)", hex(client)),
             ));
         }
-        let c = g
-            .clients
-            .get_mut(client)
-            .ok_or_else(|| ServiceError::new(Status::NotFound, "unknown client: open a session (OPEN) first"))?;
-        c.last_seen = Instant::now();
         Ok(c)
     }
 
@@ -174,36 +261,90 @@ impl MemStore {
         n
     }
 
-    fn open(&self, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
-        let (client, lease_ms) = proto::decode_open(req).map_err(bad)?;
-        let lease = Duration::from_millis(u64::from(lease_ms)).clamp(MIN_LEASE, MAX_LEASE);
+    fn open(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let (client, grace_ms, secret) = proto::decode_open(req).map_err(bad)?;
+        let grace = Duration::from_millis(u64::from(grace_ms)).clamp(MIN_GRACE, self.limits.max_grace);
+        let secret_hash = hash(&secret);
         let mut g = self.lock();
-        g.expired.remove(&client);
-        let c = g.clients.entry(client).or_insert_with(|| ClientState {
-            pages: HashMap::new(),
-            last_seen: Instant::now(),
-            lease,
-        });
-        c.lease = lease;
-        c.last_seen = Instant::now();
-        self.state(&g, lease).encode(out);
+        let opened_here = g.by_conn.get(&caller.id).map_or(0, Vec::len);
+        let resumed = match g.clients.get_mut(&client) {
+            Some(c) => {
+                if !same(&c.secret_hash, &secret_hash) {
+                    return Err(ServiceError::new(
+                        Status::Forbidden,
+                        format!("client {} belongs to another session (wrong secret)", hex(&client)),
+                    ));
+                }
+                if !c.conns.contains(&caller.id) {
+                    if c.conns.len() >= MAX_CONNECTIONS_PER_CLIENT || opened_here >= MAX_CLIENTS_PER_CONNECTION {
+                        return Err(ServiceError::new(
+                            Status::Full,
+                            format!(
+                                "at most {MAX_CONNECTIONS_PER_CLIENT} connections per client and \
+                                 {MAX_CLIENTS_PER_CONNECTION} clients per connection"
+                            ),
+                        ));
+                    }
+                    c.conns.push(caller.id);
+                }
+                c.detached_since = None;
+                c.grace = grace;
+                true
+            }
+            None => {
+                if g.clients.len() >= self.limits.max_clients {
+                    return Err(ServiceError::new(
+                        Status::Full,
+                        format!("client table full: {} sessions held (the limit)", g.clients.len()),
+                    ));
+                }
+                if opened_here >= MAX_CLIENTS_PER_CONNECTION {
+                    return Err(ServiceError::new(
+                        Status::Full,
+                        format!("at most {MAX_CLIENTS_PER_CONNECTION} clients per connection"),
+                    ));
+                }
+                let state = ClientState {
+                    pages: HashMap::new(),
+                    secret_hash,
+                    conns: vec![caller.id],
+                    detached_since: None,
+                    grace,
+                };
+                g.clients.insert(client, state);
+                false
+            }
+        };
+        let mine = g.by_conn.entry(caller.id).or_default();
+        if !mine.contains(&client) {
+            mine.push(client);
+        }
+        self.state(&g, grace, resumed).encode(out);
         Ok(())
     }
 
-    fn put(&self, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn put(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
         let b = proto::decode_batch("PUT", req, true).map_err(bad)?;
         let pages = b.pages.unwrap_or_default();
         let mut g = self.lock();
-        let lease = {
-            let c = Self::session(&mut g, &b.client)?;
-            c.lease
-        };
+        Self::session(&mut g, caller, &b.client)?;
         let Inner { slabs, used, clients, .. } = &mut *g;
         let c = clients.get_mut(&b.client).ok_or_else(|| ServiceError::new(Status::NotFound, "unknown client"))?;
+        let grace = c.grace;
         let new = {
             let mut seen = std::collections::HashSet::new();
             pages.iter().filter(|p| !c.pages.contains_key(&(b.region, **p)) && seen.insert(**p)).count() as u64
         };
+        if c.pages.len() as u64 + new > self.limits.quota_pages {
+            return Err(ServiceError::new(
+                Status::Full,
+                format!(
+                    "quota reached: this client stores {} pages here, {new} more would pass its quota of {}",
+                    c.pages.len(),
+                    self.limits.quota_pages
+                ),
+            ));
+        }
         if *used + new > self.capacity_pages {
             return Err(ServiceError::new(
                 Status::Full,
@@ -218,14 +359,14 @@ impl MemStore {
             });
             slabs.page_mut(slot).0.copy_from_slice(src);
         }
-        self.state(&g, lease).encode(out);
+        self.state(&g, grace, true).encode(out);
         Ok(())
     }
 
-    fn get(&self, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn get(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
         let (client, region, page) = proto::decode_get(req).map_err(bad)?;
         let mut g = self.lock();
-        let slot = Self::session(&mut g, &client)?.pages.get(&(region, page)).copied();
+        let slot = Self::session(&mut g, caller, &client)?.pages.get(&(region, page)).copied();
         match slot {
             Some(s) => {
                 out.extend_from_slice(&g.slabs.page(s).0);
@@ -237,10 +378,10 @@ impl MemStore {
         }
     }
 
-    fn free(&self, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn free(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
         let b = proto::decode_batch("FREE", req, false).map_err(bad)?;
         let mut g = self.lock();
-        let c = Self::session(&mut g, &b.client)?;
+        let c = Self::session(&mut g, caller, &b.client)?;
         let slots: Vec<Slot> = match b.pages {
             None => {
                 let keys: Vec<_> = c.pages.keys().filter(|(r, _)| *r == b.region).copied().collect();
@@ -253,62 +394,89 @@ impl MemStore {
         Ok(())
     }
 
-    fn close(&self, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn close(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
         let client = proto::decode_client("CLOSE", req).map_err(bad)?;
         let mut g = self.lock();
-        Self::session(&mut g, &client)?;
-        let n = match g.clients.remove(&client) {
-            Some(c) => Self::release(&mut g, c.pages.into_values()),
-            None => 0,
-        };
+        Self::session(&mut g, caller, &client)?;
+        let n = Self::remove_client(&mut g, &client);
         out.extend_from_slice(&n.to_le_bytes());
         Ok(())
     }
 
-    /// Reclaims the pages of every client whose lease ran out; returns (clients, pages).
-    pub fn reap(&self, now: Instant) -> (usize, u64) {
-        let mut g = self.lock();
-        let dead: Vec<ClientId> =
-            g.clients.iter().filter(|(_, c)| now.duration_since(c.last_seen) > c.lease).map(|(id, _)| *id).collect();
-        let mut pages = 0;
-        for id in &dead {
-            if let Some(c) = g.clients.remove(id) {
-                pages += Self::release(&mut g, c.pages.into_values());
+    /// Ends `client`'s session: frees its pages and unbinds its connections. Returns pages freed.
+    fn remove_client(g: &mut Inner, client: &ClientId) -> u64 {
+        let Some(c) = g.clients.remove(client) else { return 0 };
+        for conn in &c.conns {
+            if let Some(list) = g.by_conn.get_mut(conn) {
+                list.retain(|x| x != client);
+                if list.is_empty() {
+                    g.by_conn.remove(conn);
+                }
             }
-            g.expired.insert(*id, now);
         }
-        g.expired.retain(|_, at| now.duration_since(*at) < REMEMBER_EXPIRED);
-        (dead.len(), pages)
+        Self::release(g, c.pages.into_values())
     }
 
-    /// The shortest lease of any live client (how often to reap), if any.
-    fn shortest_lease(&self) -> Option<Duration> {
-        self.lock().clients.values().map(|c| c.lease).min()
+    /// Connection `caller` closed: its clients lose it, and those left with no connection start
+    /// their grace time at `now`.
+    pub fn detach(&self, caller: &Caller, now: Instant) {
+        let mut g = self.lock();
+        for client in g.by_conn.remove(&caller.id).unwrap_or_default() {
+            if let Some(c) = g.clients.get_mut(&client) {
+                c.conns.retain(|x| *x != caller.id);
+                if c.conns.is_empty() {
+                    c.detached_since = Some(now);
+                }
+            }
+        }
+    }
+
+    /// Reclaims the pages of every detached client whose grace time has passed; returns
+    /// (clients, pages). Clients with an open connection are never reclaimed.
+    pub fn reap(&self, now: Instant) -> (usize, u64) {
+        let mut g = self.lock();
+        let gone: Vec<ClientId> = g
+            .clients
+            .iter()
+            .filter(|(_, c)| c.detached_since.is_some_and(|t| now.saturating_duration_since(t) > c.grace))
+            .map(|(id, _)| *id)
+            .collect();
+        let pages = gone.iter().map(|id| Self::remove_client(&mut g, id)).sum();
+        (gone.len(), pages)
+    }
+
+    /// The shortest grace time of any detached client (how often to reap), if any.
+    fn shortest_grace(&self) -> Option<Duration> {
+        self.lock().clients.values().filter(|c| c.conns.is_empty()).map(|c| c.grace).min()
     }
 }
 
 impl Service for MemStore {
-    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         match method {
-            proto::OPEN => self.open(request, response),
-            proto::PUT => self.put(request, response),
-            proto::GET => self.get(request, response),
-            proto::FREE => self.free(request, response),
+            proto::OPEN => self.open(caller, request, response),
+            proto::PUT => self.put(caller, request, response),
+            proto::GET => self.get(caller, request, response),
+            proto::FREE => self.free(caller, request, response),
             proto::STAT => {
                 let g = self.lock();
-                self.state(&g, Duration::ZERO).encode(response);
+                self.state(&g, Duration::ZERO, false).encode(response);
                 Ok(())
             }
             proto::RENEW => {
                 let client = proto::decode_client("RENEW", request).map_err(bad)?;
                 let mut g = self.lock();
-                let lease = Self::session(&mut g, &client)?.lease;
-                self.state(&g, lease).encode(response);
+                let grace = Self::session(&mut g, caller, &client)?.grace;
+                self.state(&g, grace, true).encode(response);
                 Ok(())
             }
-            proto::CLOSE => self.close(request, response),
+            proto::CLOSE => self.close(caller, request, response),
             m => Err(ServiceError::new(Status::UnknownMethod, format!("no method {m}"))),
         }
+    }
+
+    fn disconnected(&self, caller: &Caller) {
+        self.detach(caller, Instant::now());
     }
 }
 
@@ -337,8 +505,8 @@ impl MemServer {
                 cfg.capacity_bytes
             )));
         }
-        let store = Arc::new(MemStore::new(capacity_pages));
-        let scfg = ServerConfig::new(cfg.key).service(store.clone()).policy(cfg.policy);
+        let store = Arc::new(MemStore::with_config(&cfg));
+        let scfg = ServerConfig::new(cfg.key).service(store.clone()).policy(cfg.policy).limits(cfg.limits);
         let server = listen(uri, scfg)
             .map_err(|e| NetRamError::Listen { uri: uri.to_string(), reason: mosaic_transport::error_chain(&e) })?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -347,7 +515,7 @@ impl MemServer {
             std::thread::Builder::new()
                 .name("mosaic-reaper".into())
                 .spawn(move || reap_loop(&store, &stop))
-                .map_err(|e| NetRamError::Config(format!("cannot start the lease reaper: {e}")))?
+                .map_err(|e| NetRamError::Config(format!("cannot start the reaper: {e}")))?
         };
         Ok(MemServer { server: Some(server), store, stop, reaper: Some(reaper) })
     }
@@ -387,7 +555,7 @@ impl Drop for MemServer {
 fn reap_loop(store: &MemStore, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         let every =
-            store.shortest_lease().map_or(Duration::from_millis(200), |l| (l / 4).max(Duration::from_millis(10)));
+            store.shortest_grace().map_or(Duration::from_millis(200), |l| (l / 4).max(Duration::from_millis(10)));
         let mut slept = Duration::ZERO;
         while slept < every && !stop.load(Ordering::Acquire) {
             let step = Duration::from_millis(10).min(every - slept);
@@ -396,7 +564,7 @@ fn reap_loop(store: &MemStore, stop: &AtomicBool) {
         }
         let (clients, pages) = store.reap(Instant::now());
         if clients > 0 {
-            log::info!("reclaimed {pages} pages of {clients} client(s) whose lease expired");
+            log::info!("reclaimed {pages} pages of {clients} client(s) gone for longer than their grace time");
         }
     }
 }
@@ -407,71 +575,157 @@ mod tests {
 
     const A: ClientId = [1; 16];
     const B: ClientId = [2; 16];
+    const SA: Secret = [11; 32];
+    const SB: Secret = [22; 32];
 
-    fn call(s: &Arc<MemStore>, m: u64, req: &[u8]) -> Result<Vec<u8>, ServiceError> {
+    fn conn(id: u64) -> Caller {
+        Caller { id, peer: format!("test#{id}") }
+    }
+
+    fn call(s: &MemStore, who: &Caller, m: u64, req: &[u8]) -> Result<Vec<u8>, ServiceError> {
         let mut out = Vec::new();
-        s.call(m, req, &mut out).map(|()| out)
+        s.call(who, m, req, &mut out).map(|()| out)
+    }
+
+    fn open(
+        s: &MemStore,
+        who: &Caller,
+        c: &ClientId,
+        secret: &Secret,
+        grace_ms: u32,
+    ) -> Result<ServerState, ServiceError> {
+        call(s, who, proto::OPEN, &proto::encode_open(c, grace_ms, secret)).map(|r| ServerState::decode(&r).unwrap())
     }
 
     #[test]
     fn pages_are_stored_per_client_and_region() {
-        let s = Arc::new(MemStore::new(1000));
-        call(&s, proto::OPEN, &proto::encode_open(&A, 1000)).unwrap();
-        call(&s, proto::OPEN, &proto::encode_open(&B, 1000)).unwrap();
+        let s = MemStore::new(1000);
+        let (ca, cb) = (conn(1), conn(2));
+        assert!(!open(&s, &ca, &A, &SA, 1000).unwrap().resumed);
+        open(&s, &cb, &B, &SB, 1000).unwrap();
         let p = [9u8; PAGE_SIZE];
-        let st = ServerState::decode(&call(&s, proto::PUT, &proto::encode_put(&A, 1, &[(5, &p)])).unwrap()).unwrap();
+        let st =
+            ServerState::decode(&call(&s, &ca, proto::PUT, &proto::encode_put(&A, 1, &[(5, &p)])).unwrap()).unwrap();
         assert_eq!(st.free_pages, 999);
-        assert_eq!(call(&s, proto::GET, &proto::encode_get(&A, 1, 5)).unwrap(), p.to_vec());
-        // Another client, another region, another page: not found.
-        for (c, r, pg) in [(B, 1, 5), (A, 2, 5), (A, 1, 6)] {
-            let e = call(&s, proto::GET, &proto::encode_get(&c, r, pg)).unwrap_err();
+        assert_eq!(call(&s, &ca, proto::GET, &proto::encode_get(&A, 1, 5)).unwrap(), p.to_vec());
+        // Another region, another page: not found; B's own session does not have A's page.
+        for (who, c, r, pg) in [(&cb, B, 1, 5), (&ca, A, 2, 5), (&ca, A, 1, 6)] {
+            let e = call(&s, who, proto::GET, &proto::encode_get(&c, r, pg)).unwrap_err();
             assert_eq!(e.status, Status::NotFound);
         }
         // Overwriting uses no new page.
         let q = [8u8; PAGE_SIZE];
-        call(&s, proto::PUT, &proto::encode_put(&A, 1, &[(5, &q)])).unwrap();
+        call(&s, &ca, proto::PUT, &proto::encode_put(&A, 1, &[(5, &q)])).unwrap();
         assert_eq!(s.stats().used_pages, 1);
-        assert_eq!(call(&s, proto::GET, &proto::encode_get(&A, 1, 5)).unwrap(), q.to_vec());
-        let freed = call(&s, proto::FREE, &proto::encode_free(&A, 1, None)).unwrap();
+        assert_eq!(call(&s, &ca, proto::GET, &proto::encode_get(&A, 1, 5)).unwrap(), q.to_vec());
+        let freed = call(&s, &ca, proto::FREE, &proto::encode_free(&A, 1, None)).unwrap();
         assert_eq!(u64::from_le_bytes(freed.try_into().unwrap()), 1);
         assert_eq!(s.stats().used_pages, 0);
     }
 
+    /// The probe: a second authenticated connection named another client's id.
+    #[test]
+    fn another_connection_cannot_use_or_take_over_a_session() {
+        let s = MemStore::new(100);
+        let (owner, intruder) = (conn(1), conn(2));
+        open(&s, &owner, &A, &SA, 60_000).unwrap();
+        let p = [7u8; PAGE_SIZE];
+        call(&s, &owner, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p)])).unwrap();
+        let forbidden = |m: u64, req: Vec<u8>| {
+            let e = call(&s, &intruder, m, &req).unwrap_err();
+            assert_eq!(e.status, Status::Forbidden, "method {m}: {}", e.message);
+        };
+        forbidden(proto::GET, proto::encode_get(&A, 1, 0).to_vec());
+        forbidden(proto::PUT, proto::encode_put(&A, 1, &[(0, &[0u8; PAGE_SIZE])]));
+        forbidden(proto::FREE, proto::encode_free(&A, 1, None));
+        forbidden(proto::RENEW, A.to_vec());
+        forbidden(proto::CLOSE, A.to_vec());
+        // Re-opening the id (with a tiny grace, as the probe did) needs the secret.
+        let e = open(&s, &intruder, &A, &SB, 1).unwrap_err();
+        assert_eq!(e.status, Status::Forbidden, "{}", e.message);
+        // The owner's data and session are untouched.
+        assert_eq!(call(&s, &owner, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap(), p.to_vec());
+        // The owner's second connection, with the secret, attaches to the same session.
+        let second = conn(3);
+        assert!(open(&s, &second, &A, &SA, 60_000).unwrap().resumed);
+        assert_eq!(call(&s, &second, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap(), p.to_vec());
+    }
+
+    #[test]
+    fn a_connected_client_is_never_reclaimed_and_a_detached_one_after_its_grace() {
+        let s = MemStore::new(100);
+        let c = conn(1);
+        open(&s, &c, &A, &SA, 200).unwrap();
+        let p = [1u8; PAGE_SIZE];
+        call(&s, &c, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (1, &p)])).unwrap();
+        let t0 = Instant::now();
+        // Silent for a day, but connected: nothing is reclaimed.
+        assert_eq!(s.reap(t0 + Duration::from_secs(86_400)), (0, 0));
+        // The connection closes: the grace time starts.
+        s.detach(&c, t0);
+        assert_eq!(s.stats().detached_clients, 1);
+        assert_eq!(s.reap(t0 + Duration::from_millis(100)), (0, 0));
+        // A reconnect within the grace time resumes the session with its pages.
+        let c2 = conn(2);
+        assert!(open(&s, &c2, &A, &SA, 200).unwrap().resumed);
+        assert_eq!(s.reap(t0 + Duration::from_secs(10)), (0, 0));
+        assert_eq!(call(&s, &c2, proto::GET, &proto::encode_get(&A, 1, 1)).unwrap(), p.to_vec());
+        // Gone for longer than the grace time: reclaimed.
+        s.detach(&c2, t0);
+        assert_eq!(s.reap(t0 + Duration::from_secs(1)), (1, 2));
+        assert_eq!(s.stats(), StoreStats { capacity_pages: 100, used_pages: 0, clients: 0, detached_clients: 0 });
+        // The client comes back: a fresh session, and it is told so.
+        assert!(!open(&s, &conn(3), &A, &SA, 200).unwrap().resumed);
+    }
+
     #[test]
     fn a_full_server_refuses_the_whole_batch() {
-        let s = Arc::new(MemStore::new(3));
-        call(&s, proto::OPEN, &proto::encode_open(&A, 1000)).unwrap();
+        let s = MemStore::new(3);
+        let c = conn(1);
+        open(&s, &c, &A, &SA, 1000).unwrap();
         let p = [1u8; PAGE_SIZE];
-        call(&s, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (1, &p)])).unwrap();
-        let e = call(&s, proto::PUT, &proto::encode_put(&A, 1, &[(2, &p), (3, &p)])).unwrap_err();
+        call(&s, &c, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (1, &p)])).unwrap();
+        let e = call(&s, &c, proto::PUT, &proto::encode_put(&A, 1, &[(2, &p), (3, &p)])).unwrap_err();
         assert_eq!(e.status, Status::Full, "{}", e.message);
         assert_eq!(s.stats().used_pages, 2, "nothing of the refused batch was stored");
         // Overwrites and the last free page still fit.
-        call(&s, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (2, &p)])).unwrap();
+        call(&s, &c, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (2, &p)])).unwrap();
         assert_eq!(s.stats().used_pages, 3);
     }
 
     #[test]
-    fn an_expired_lease_reclaims_pages_and_says_so() {
-        let s = Arc::new(MemStore::new(100));
-        call(&s, proto::OPEN, &proto::encode_open(&A, 100)).unwrap();
+    fn quotas_and_the_client_table_are_bounded() {
+        let key = ClusterKey::from_bytes(b"quota-test-cluster-key").unwrap();
+        let mut cfg = MemServerConfig::new(100 * PAGE_SIZE as u64, key);
+        cfg.quota_bytes = 2 * PAGE_SIZE as u64;
+        cfg.max_clients = 2;
+        let s = MemStore::with_config(&cfg);
+        let (ca, cb) = (conn(1), conn(2));
+        assert_eq!(open(&s, &ca, &A, &SA, 1000).unwrap().quota_pages, 2);
         let p = [1u8; PAGE_SIZE];
-        call(&s, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (1, &p)])).unwrap();
-        assert_eq!(s.reap(Instant::now()), (0, 0));
-        assert_eq!(s.reap(Instant::now() + Duration::from_secs(1)), (1, 2));
-        assert_eq!(s.stats().used_pages, 0);
-        let e = call(&s, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap_err();
-        assert_eq!(e.status, Status::Expired);
-        // Reopening starts afresh.
-        call(&s, proto::OPEN, &proto::encode_open(&A, 100)).unwrap();
-        assert_eq!(call(&s, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap_err().status, Status::NotFound);
+        call(&s, &ca, proto::PUT, &proto::encode_put(&A, 1, &[(0, &p), (1, &p)])).unwrap();
+        let e = call(&s, &ca, proto::PUT, &proto::encode_put(&A, 1, &[(2, &p)])).unwrap_err();
+        assert_eq!(e.status, Status::Full);
+        assert!(e.message.contains("quota"), "{}", e.message);
+        open(&s, &cb, &B, &SB, 1000).unwrap();
+        let e = open(&s, &conn(3), &[3; 16], &SB, 1000).unwrap_err();
+        assert_eq!(e.status, Status::Full);
+        assert!(e.message.contains("client table full"), "{}", e.message);
+        // One connection cannot open clients without bound either.
+        let s = MemStore::new(100);
+        for i in 0..MAX_CLIENTS_PER_CONNECTION {
+            open(&s, &ca, &[u8::try_from(i).unwrap(); 16], &SA, 1000).unwrap();
+        }
+        let e = open(&s, &ca, &[0xee; 16], &SA, 1000).unwrap_err();
+        assert_eq!(e.status, Status::Full);
     }
 
     #[test]
     fn unknown_clients_and_bad_requests_are_typed() {
-        let s = Arc::new(MemStore::new(10));
-        assert_eq!(call(&s, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap_err().status, Status::NotFound);
-        assert_eq!(call(&s, proto::PUT, b"short").unwrap_err().status, Status::BadRequest);
-        assert_eq!(call(&s, 99, b"").unwrap_err().status, Status::UnknownMethod);
+        let s = MemStore::new(10);
+        let c = conn(1);
+        assert_eq!(call(&s, &c, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap_err().status, Status::NotFound);
+        assert_eq!(call(&s, &c, proto::PUT, b"short").unwrap_err().status, Status::BadRequest);
+        assert_eq!(call(&s, &c, 99, b"").unwrap_err().status, Status::UnknownMethod);
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mosaic_transport::{connect, CallError, ClusterKey, ConnectOptions, Connection, Page, PagesInFlight, Status};
 
-use crate::proto::{self, ClientId, ServerState, MAX_BATCH};
+use crate::proto::{self, ClientId, Secret, ServerState, MAX_BATCH};
 use crate::{NetRamError, PAGE_SIZE};
 
 /// Pages per slab: placement is decided per slab.
@@ -25,7 +25,7 @@ pub(crate) struct Member {
     pub(crate) uri: String,
     /// Faults' page reads: never queued behind a bulk write-back.
     conn: Connection,
-    /// Write-backs, frees and lease renewals.
+    /// Write-backs, frees and session checks.
     bulk: Connection,
     free: AtomicU64,
     alive: AtomicBool,
@@ -41,6 +41,9 @@ impl Member {
 pub(crate) struct ServerSet {
     pub(crate) members: Vec<Member>,
     client: ClientId,
+    /// Proves to a server that a connection belongs to `client` (see `proto`'s "Sessions").
+    secret: Secret,
+    grace_ms: u32,
     region: u64,
     copies: usize,
     placement: Mutex<HashMap<u64, Vec<usize>>>,
@@ -48,14 +51,16 @@ pub(crate) struct ServerSet {
 }
 
 impl ServerSet {
-    /// Connects to every server and opens a session on each.
+    /// Connects to every server and opens a session on each, bound to both of its connections.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn connect(
         uris: &[String],
         key: &ClusterKey,
         client: ClientId,
+        secret: Secret,
         region: u64,
         copies: usize,
-        lease: Duration,
+        grace: Duration,
         timeout: Duration,
     ) -> Result<ServerSet, NetRamError> {
         if uris.is_empty() {
@@ -70,17 +75,20 @@ impl ServerSet {
                 uris.len()
             )));
         }
-        let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX);
+        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
         let opts = ConnectOptions::new(key.clone()).timeout(timeout);
         let mut members = Vec::new();
+        let open = proto::encode_open(&client, grace_ms, &secret);
         for uri in uris {
             let unreachable = |reason: String| NetRamError::Unreachable { uri: uri.clone(), reason };
+            let session = |conn: &Connection| {
+                let st = conn.call(proto::OPEN, &open).map_err(|e| unreachable(e.to_string()))?;
+                ServerState::decode(&st).map_err(|e| unreachable(e.to_string()))
+            };
             let conn = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
-            let st = conn
-                .call(proto::OPEN, &proto::encode_open(&client, lease_ms))
-                .map_err(|e| unreachable(e.to_string()))?;
-            let st = ServerState::decode(&st).map_err(|e| unreachable(e.to_string()))?;
+            let st = session(&conn)?;
             let bulk = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
+            session(&bulk)?;
             members.push(Member {
                 uri: uri.clone(),
                 conn,
@@ -93,6 +101,8 @@ impl ServerSet {
         Ok(ServerSet {
             members,
             client,
+            secret,
+            grace_ms,
             region,
             copies,
             placement: Mutex::new(HashMap::new()),
@@ -289,7 +299,7 @@ impl ServerSet {
     }
 
     /// Frees `pages` on the servers in `mask` (best effort: a copy nobody frees is reclaimed
-    /// when the lease ends).
+    /// with the session).
     pub(crate) fn free(&self, mask: u32, pages: &[u64]) {
         for (i, m) in self.members.iter().enumerate() {
             if mask & (1 << i) == 0 || !m.alive() {
@@ -303,24 +313,56 @@ impl ServerSet {
         }
     }
 
-    /// Renews the lease on every live server.
-    pub(crate) fn renew(&self) {
+    /// Checks the session on every live server and refreshes its free space. Returns the servers
+    /// that answered but no longer know this client (its session was ended there, so every copy
+    /// it held is gone); servers that do not answer are marked dead.
+    pub(crate) fn check_sessions(&self) -> Vec<usize> {
+        let mut lost = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             if !m.alive() {
                 continue;
             }
-            let mut req = self.client.to_vec();
-            req.truncate(16);
-            match m.bulk.call(proto::RENEW, &req) {
+            match m.bulk.call(proto::RENEW, &self.client) {
                 Ok(resp) => {
                     if let Ok(st) = ServerState::decode(&resp) {
                         m.free.store(st.free_pages, Ordering::Relaxed);
                     }
                 }
-                Err(e) if e.status().is_some() => log::error!("memory server {} refused to renew: {e}", m.uri),
+                Err(e) if matches!(e.status(), Some(Status::NotFound | Status::Forbidden | Status::Expired)) => {
+                    log::error!("memory server {} lost this region's session: {e}", m.uri);
+                    lost.push(i);
+                }
+                Err(e) if e.status().is_some() => log::warn!("memory server {}: session check: {e}", m.uri),
                 Err(e) => self.mark_dead(i, &e.to_string()),
             }
         }
+        lost
+    }
+
+    /// Opens the session on server `i` again, on both connections (after it lost it). Returns
+    /// whether the server still had it (then nothing was lost there); on failure the server is
+    /// marked dead.
+    pub(crate) fn reopen(&self, i: usize) -> bool {
+        let m = &self.members[i];
+        let open = proto::encode_open(&self.client, self.grace_ms, &self.secret);
+        let mut resumed = true;
+        for conn in [&m.conn, &m.bulk] {
+            match conn.call(proto::OPEN, &open).map(|r| ServerState::decode(&r)) {
+                Ok(Ok(st)) => {
+                    resumed &= st.resumed;
+                    m.free.store(st.free_pages, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => {
+                    self.mark_dead(i, &format!("re-opening the session: {e}"));
+                    return false;
+                }
+                Err(e) => {
+                    self.mark_dead(i, &format!("re-opening the session: {e}"));
+                    return false;
+                }
+            }
+        }
+        resumed
     }
 
     /// Ends the session on every live server, freeing what it holds there.

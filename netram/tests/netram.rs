@@ -265,7 +265,7 @@ fn child_scenario() {
         "hold-pages" => {
             let uri = std::env::var("MOSAIC_TEST_SERVER").unwrap();
             let mut cfg = NetRamConfig::new(vec![uri], key(), 4 * MIB, MIB / 2);
-            cfg.lease = std::time::Duration::from_millis(300);
+            cfg.grace = std::time::Duration::from_millis(300);
             let ram = NetRam::new(cfg).unwrap();
             let w = words(&ram);
             for (i, x) in w.iter_mut().enumerate() {
@@ -318,7 +318,10 @@ fn a_dead_clients_pages_are_reclaimed_after_its_lease() {
     while server.stats().used_pages > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(server.stats(), mosaic_netram::StoreStats { capacity_pages: 16384, used_pages: 0, clients: 0 });
+    assert_eq!(
+        server.stats(),
+        mosaic_netram::StoreStats { capacity_pages: 16384, used_pages: 0, clients: 0, detached_clients: 0 }
+    );
 }
 
 #[test]
@@ -332,7 +335,7 @@ fn unknown_regions_and_clients_get_typed_errors_over_the_wire() {
     let e = conn.call_page(proto::GET, &proto::encode_get(&me, 1, 0), &mut page).unwrap_err();
     assert_eq!(e.status(), Some(Status::NotFound), "{e}");
     assert!(e.to_string().contains("open a session"), "{e}");
-    conn.call(proto::OPEN, &proto::encode_open(&me, 10_000)).unwrap();
+    conn.call(proto::OPEN, &proto::encode_open(&me, 10_000, &[1; proto::SECRET_LEN])).unwrap();
     let e = conn.call_page(proto::GET, &proto::encode_get(&me, 42, 0), &mut page).unwrap_err();
     assert_eq!(e.status(), Some(Status::NotFound), "{e}");
     assert!(e.to_string().contains("region 42"), "{e}");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{client_handshake, server_handshake, ClusterKey, ServerInfo};
-use crate::server::{serve_frames, Echo, ServerConfig};
+use crate::server::{serve_frames, Caller, Echo, ServerConfig};
 use crate::stream::ByteStream;
 use crate::wire::DEFAULT_MAX_FRAME;
 use crate::{Connection, Page, PageWindow, WaitPolicy};
@@ -55,7 +55,7 @@ pub fn server_frames(data: &[u8]) {
     let window = Arc::new(PageWindow::new(8).expect("small window"));
     let mut cfg = ServerConfig::new(key()).service(Echo).window(window);
     cfg.max_frame = 64 << 10;
-    serve_frames(&cfg, &AtomicBool::new(false), &Scripted::new(data));
+    serve_frames(&cfg, &AtomicBool::new(false), &Scripted::new(data), &Caller { id: 0, peer: "fuzz".into() });
 }
 
 /// Issues a call, a page read and a batch on a connection whose server answers with `data`.

@@ -89,7 +89,7 @@ use thiserror::Error;
 pub use auth::{ClusterKey, HandshakeError, KeyError, ServerInfo, KEY_ENV, KEY_FILE_ENV, MIN_KEY_LEN};
 pub use conn::{CallError, Connection, PagesInFlight};
 pub use page::{Page, PageWindow};
-pub use server::{Echo, NoService, Server, ServerConfig, Service, ServiceError};
+pub use server::{Caller, Echo, Limits, NoService, Server, ServerConfig, Service, ServiceError};
 pub use shm::LocalPeers;
 pub use sim::{LinkSpec, SimLink};
 pub use stream::WaitPolicy;

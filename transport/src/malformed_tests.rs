@@ -128,7 +128,7 @@ fn fake_server(kind: Kind, reply: Vec<u8>) -> (String, std::thread::JoinHandle<(
     let uri = acc.local_uri();
     let h = std::thread::spawn(move || {
         let s = loop {
-            if let Some(s) = acc.accept(Duration::from_millis(50)).unwrap() {
+            if let Some(s) = acc.accept(Duration::from_millis(50)).unwrap().map(crate::server::Accepted::into_ready) {
                 break s;
             }
         };

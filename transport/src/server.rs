@@ -3,8 +3,18 @@
 //! Each connection has one thread that reads every complete frame available, answers them all,
 //! and sends the answers with one vectored write, so a batch of requests costs one read and one
 //! write however many it holds. The thread busy-polls for the [`WaitPolicy`]'s spin time before
-//! it sleeps, like the client.
+//! it sleeps, like the client; a connection that stayed idle for a whole poll interval waits
+//! without spinning until its next request, so idle connections cost no CPU.
+//!
+//! # Limits
+//! The accepting thread only accepts: anything that needs the peer's cooperation (rdma's queue
+//! pair exchange, the handshake) runs on the connection's own thread, so a silent peer delays
+//! nobody else. Before that thread starts, the connection must fit [`Limits`]: connections still
+//! in their handshake (in all, and per source address or local user), and connections in all.
+//! One that does not fit is closed at once and counted ([`Server::refused`]); refusals are logged a
+//! few lines at a time.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::auth::{server_handshake, ClusterKey, ServerInfo};
+use crate::logs::RateLimited;
 use crate::page::PageWindow;
 use crate::stream::{read_some, ByteStream, Deadline, ReadStop, WaitPolicy};
 use crate::sync::lock;
@@ -34,21 +45,41 @@ impl ServiceError {
     }
 }
 
+/// The authenticated connection a call arrived on: what a [`Service`] may bind state to (a
+/// session, a client's identity), and what [`Service::disconnected`] later names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Unique among this server's connections for the server's lifetime (never reused).
+    pub id: u64,
+    /// Who is at the other end (`tcp://203.0.113.9:41234`, `shm://name#3`), for logs.
+    pub peer: String,
+}
+
 /// The application behind a server: answers [`Connection::call`](crate::Connection::call)s.
 pub trait Service: Send + Sync + 'static {
-    /// Answers a call to `method` with `request` by appending the response payload to
-    /// `response`; runs on the connection's thread.
+    /// Answers a call to `method` with `request`, which arrived on the connection `caller`, by
+    /// appending the response payload to `response`; runs on the connection's thread.
     ///
     /// `response` is the connection's send buffer: it may already hold earlier answers, so a
     /// service only appends (a response written in place costs no allocation or extra copy).
     /// Whatever was appended is discarded when the call returns an error.
-    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError>;
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError>;
+
+    /// The connection `caller` closed (after its last call, whatever the reason). Runs on the
+    /// connection's thread. The default does nothing.
+    fn disconnected(&self, caller: &Caller) {
+        let _ = caller;
+    }
 }
 
 /// A shared service: the server holds one reference, the caller keeps another.
 impl<T: Service> Service for Arc<T> {
-    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
-        (**self).call(method, request, response)
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        (**self).call(caller, method, request, response)
+    }
+
+    fn disconnected(&self, caller: &Caller) {
+        (**self).disconnected(caller);
     }
 }
 
@@ -57,7 +88,7 @@ impl<T: Service> Service for Arc<T> {
 pub struct Echo;
 
 impl Service for Echo {
-    fn call(&self, _method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, _caller: &Caller, _method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         response.extend_from_slice(request);
         Ok(())
     }
@@ -68,8 +99,34 @@ impl Service for Echo {
 pub struct NoService;
 
 impl Service for NoService {
-    fn call(&self, method: u64, _request: &[u8], _response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(
+        &self,
+        _caller: &Caller,
+        method: u64,
+        _request: &[u8],
+        _response: &mut Vec<u8>,
+    ) -> Result<(), ServiceError> {
         Err(ServiceError::new(Status::UnknownMethod, format!("no method {method}")))
+    }
+}
+
+/// How many connections a server admits. A connection that would exceed one of these is closed
+/// as soon as it is accepted, before any thread is started for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once, authenticated or not (default 1024).
+    pub connections: usize,
+    /// Connections still in their handshake (default 64): what an unauthenticated flood can
+    /// hold, threads included.
+    pub handshakes: usize,
+    /// Connections in their handshake from one source address (tcp, rdma) or one local user
+    /// (shm) (default 8).
+    pub handshakes_per_source: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { connections: 1024, handshakes: 64, handshakes_per_source: 8 }
     }
 }
 
@@ -90,6 +147,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Which local users may connect over `shm://`.
     pub local_peers: crate::LocalPeers,
+    /// How many connections are admitted.
+    pub limits: Limits,
 }
 
 impl ServerConfig {
@@ -103,7 +162,14 @@ impl ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(5),
             local_peers: crate::LocalPeers::default(),
+            limits: Limits::default(),
         }
+    }
+
+    /// Sets the connection limits.
+    pub fn limits(mut self, limits: Limits) -> ServerConfig {
+        self.limits = limits;
+        self
     }
 
     /// Sets the service.
@@ -131,16 +197,65 @@ impl std::fmt::Debug for ServerConfig {
             .field("window", &self.window)
             .field("policy", &self.policy)
             .field("max_frame", &self.max_frame)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
+    }
+}
+
+/// A back-end's set-up that needs the peer (rdma's queue pair exchange), finished on the
+/// connection's own thread by the given deadline.
+pub(crate) type FinishSetup = Box<dyn FnOnce(Instant) -> io::Result<Box<dyn ByteStream>> + Send>;
+
+/// A connection just accepted.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) enum Incoming {
+    /// Ready for the handshake.
+    Ready(Box<dyn ByteStream>),
+    /// Needs more set-up with the peer first.
+    Setup(FinishSetup),
+}
+
+/// A new connection and where it came from.
+pub(crate) struct Accepted {
+    /// The connection.
+    pub(crate) incoming: Incoming,
+    /// Its source, for per-source limits: the peer's address without the port (tcp, rdma), or
+    /// its local user (shm).
+    pub(crate) source: String,
+    /// The peer, for logs.
+    pub(crate) peer: String,
+}
+
+#[cfg(test)]
+impl Accepted {
+    /// The stream of a connection that needs no further set-up (tests of tcp and shm).
+    pub(crate) fn into_ready(self) -> Box<dyn ByteStream> {
+        match self.incoming {
+            Incoming::Ready(s) => s,
+            Incoming::Setup(_) => panic!("this connection needs set-up with its peer"),
+        }
     }
 }
 
 /// Something that yields new connections: a TCP listener or a shm rendezvous socket.
 pub(crate) trait Acceptor: Send {
-    /// Waits up to `timeout` for a new connection.
-    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>>;
+    /// Waits up to `timeout` for a new connection. Never waits on the peer.
+    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Accepted>>;
     /// The URI clients connect to.
     fn local_uri(&self) -> String;
+}
+
+/// Refused connections are logged a few lines at a time.
+static REFUSED: RateLimited = RateLimited::new("connections refused by the connection limits");
+/// Failed handshakes likewise.
+static FAILED_HANDSHAKES: RateLimited = RateLimited::new("failed handshakes");
+
+/// Connections counted against [`Limits`].
+#[derive(Default)]
+struct Admission {
+    open: usize,
+    handshaking: usize,
+    per_source: HashMap<String, usize>,
 }
 
 struct Ctx {
@@ -149,6 +264,47 @@ struct Ctx {
     live: Mutex<Vec<(u64, Arc<dyn ByteStream>)>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
+    admission: Mutex<Admission>,
+    refused: AtomicU64,
+}
+
+impl Ctx {
+    /// Counts a new connection from `source` in, if it fits the limits.
+    fn admit(&self, source: &str) -> Result<(), String> {
+        let limits = &self.cfg.limits;
+        let mut a = lock(&self.admission);
+        let from_source = a.per_source.get(source).copied().unwrap_or(0);
+        if a.open >= limits.connections {
+            return Err(format!("{} connections open (the limit)", a.open));
+        }
+        if a.handshaking >= limits.handshakes {
+            return Err(format!("{} connections in their handshake (the limit)", a.handshaking));
+        }
+        if from_source >= limits.handshakes_per_source {
+            return Err(format!("{from_source} connections from {source} in their handshake (the limit)"));
+        }
+        a.open += 1;
+        a.handshaking += 1;
+        *a.per_source.entry(source.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    /// The connection from `source` finished its handshake (or failed it).
+    fn handshake_over(&self, source: &str) {
+        let mut a = lock(&self.admission);
+        a.handshaking -= 1;
+        if let Some(n) = a.per_source.get_mut(source) {
+            *n -= 1;
+            if *n == 0 {
+                a.per_source.remove(source);
+            }
+        }
+    }
+
+    /// A connection closed.
+    fn closed(&self) {
+        lock(&self.admission).open -= 1;
+    }
 }
 
 /// A running server. Dropping it (or [`Server::shutdown`]) stops accepting, closes every
@@ -178,12 +334,14 @@ impl Server {
             live: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(0),
+            admission: Mutex::new(Admission::default()),
+            refused: AtomicU64::new(0),
         });
         let actx = ctx.clone();
         let acceptor = std::thread::Builder::new().name("mosaic-accept".into()).spawn(move || {
             while !actx.stop.load(Ordering::Acquire) {
                 match acceptor.accept(STOP_POLL) {
-                    Ok(Some(stream)) => spawn_conn(&actx, stream),
+                    Ok(Some(accepted)) => spawn_conn(&actx, accepted),
                     Ok(None) => {}
                     Err(e) => {
                         log::warn!("accept failed: {e}");
@@ -200,9 +358,19 @@ impl Server {
         &self.uri
     }
 
-    /// Number of connections currently open.
+    /// Number of connections currently open (authenticated or still in their handshake).
     pub fn connections(&self) -> usize {
         lock(&self.ctx.live).len()
+    }
+
+    /// Number of connections still in their handshake.
+    pub fn handshaking(&self) -> usize {
+        lock(&self.ctx.admission).handshaking
+    }
+
+    /// Connections refused by the [`Limits`] since the server started.
+    pub fn refused(&self) -> u64 {
+        self.ctx.refused.load(Ordering::Relaxed)
     }
 
     /// Stops the server: closes every connection and joins every thread.
@@ -231,15 +399,43 @@ impl Drop for Server {
     }
 }
 
-fn spawn_conn(ctx: &Arc<Ctx>, stream: Box<dyn ByteStream>) {
-    let stream: Arc<dyn ByteStream> = Arc::from(stream);
+fn spawn_conn(ctx: &Arc<Ctx>, accepted: Accepted) {
+    let Accepted { incoming, source, peer } = accepted;
+    if let Err(why) = ctx.admit(&source) {
+        ctx.refused.fetch_add(1, Ordering::Relaxed);
+        REFUSED.warn(format_args!("refused {peer}: {why}"));
+        if let Incoming::Ready(stream) = incoming {
+            stream.shutdown();
+        }
+        return;
+    }
     let id = ctx.next_conn.fetch_add(1, Ordering::Relaxed);
-    lock(&ctx.live).push((id, stream.clone()));
     let cctx = ctx.clone();
+    let source_if_unspawned = source.clone();
     let spawned = std::thread::Builder::new().name(format!("mosaic-conn-{id}")).spawn(move || {
-        serve(&cctx, &*stream);
-        stream.shutdown();
-        lock(&cctx.live).retain(|(i, _)| *i != id);
+        let deadline = Instant::now() + cctx.cfg.handshake_timeout;
+        let stream: io::Result<Box<dyn ByteStream>> = match incoming {
+            Incoming::Ready(stream) => Ok(stream),
+            Incoming::Setup(finish) => finish(deadline),
+        };
+        match stream {
+            Ok(stream) => {
+                let stream: Arc<dyn ByteStream> = Arc::from(stream);
+                lock(&cctx.live).push((id, stream.clone()));
+                // A shutdown that ran before the push missed this stream: look again.
+                if cctx.stop.load(Ordering::Acquire) {
+                    stream.shutdown();
+                }
+                serve(&cctx, &*stream, id, &source, deadline);
+                stream.shutdown();
+                lock(&cctx.live).retain(|(i, _)| *i != id);
+            }
+            Err(e) => {
+                cctx.handshake_over(&source);
+                FAILED_HANDSHAKES.warn(format_args!("refused {peer}: {e}"));
+            }
+        }
+        cctx.closed();
     });
     match spawned {
         Ok(h) => {
@@ -249,31 +445,37 @@ fn spawn_conn(ctx: &Arc<Ctx>, stream: Box<dyn ByteStream>) {
         }
         Err(e) => {
             log::warn!("cannot start a connection thread: {e}");
-            lock(&ctx.live).retain(|(i, _)| *i != id);
+            ctx.handshake_over(&source_if_unspawned);
+            ctx.closed();
         }
     }
 }
 
-fn serve(ctx: &Ctx, stream: &dyn ByteStream) {
+fn serve(ctx: &Ctx, stream: &dyn ByteStream, id: u64, source: &str, deadline: Instant) {
     let cfg = &ctx.cfg;
     let peer = stream.peer();
     let info = ServerInfo { window_pages: cfg.window.as_ref().map_or(0, |w| w.pages()), max_frame: cfg.max_frame };
-    if let Err(e) = server_handshake(stream, &cfg.key, info, Instant::now() + cfg.handshake_timeout) {
-        log::warn!("refused {peer}: {e}");
+    let shaken = server_handshake(stream, &cfg.key, info, deadline);
+    ctx.handshake_over(source);
+    if let Err(e) = shaken {
+        FAILED_HANDSHAKES.warn(format_args!("refused {peer}: {e}"));
         return;
     }
     log::debug!("{peer} authenticated");
-    serve_frames(cfg, &ctx.stop, stream);
+    let caller = Caller { id, peer };
+    serve_frames(cfg, &ctx.stop, stream, &caller);
+    cfg.service.disconnected(&caller);
 }
 
 /// Answers requests on an authenticated stream until it closes, fails, sends a malformed frame,
 /// or `stop` is set.
-pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn ByteStream) {
-    let peer = stream.peer();
+pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn ByteStream, caller: &Caller) {
+    let peer = &caller.peer;
     let cap = HEADER_LEN + cfg.max_frame as usize + (64 << 10);
     let mut buf = vec![0u8; cap];
     let (mut start, mut end) = (0usize, 0usize);
     let mut out: Vec<u8> = Vec::with_capacity(256 << 10);
+    let mut idle = false;
     loop {
         // Answer every complete frame in the buffer.
         while end - start >= HEADER_LEN {
@@ -292,7 +494,7 @@ pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn B
             if end - start < need {
                 break;
             }
-            answer(cfg, &h, &buf[start + HEADER_LEN..start + need], &mut out);
+            answer(cfg, caller, &h, &buf[start + HEADER_LEN..start + need], &mut out);
             start += need;
         }
         if !out.is_empty() {
@@ -310,12 +512,19 @@ pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn B
             end -= start;
             start = 0;
         }
-        match read_some(stream, &mut buf[end..], cfg.policy, Deadline::In(STOP_POLL)) {
-            Ok(n) => end += n,
+        // Spin only while requests keep coming: after a whole idle poll interval, wait without
+        // spinning (so a thousand idle connections cost no CPU) until the next one arrives.
+        let policy = if idle { WaitPolicy::blocking() } else { cfg.policy };
+        match read_some(stream, &mut buf[end..], policy, Deadline::In(STOP_POLL)) {
+            Ok(n) => {
+                end += n;
+                idle = false;
+            }
             Err(ReadStop::TimedOut) => {
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
+                idle = true;
             }
             Err(ReadStop::Eof) => {
                 log::debug!("{peer} disconnected");
@@ -332,13 +541,13 @@ pub(crate) fn serve_frames(cfg: &ServerConfig, stop: &AtomicBool, stream: &dyn B
 }
 
 /// Appends the answer to one request to `out`.
-fn answer(cfg: &ServerConfig, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
+fn answer(cfg: &ServerConfig, caller: &Caller, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
     let result: Result<(), ServiceError> = match h.opcode {
         Opcode::Call => {
             // Reserve the header, let the service append its payload, then fill the header in.
             let at = out.len();
             out.extend_from_slice(&[0u8; HEADER_LEN]);
-            let called = cfg.service.call(h.arg, payload, out).and_then(|()| {
+            let called = cfg.service.call(caller, h.arg, payload, out).and_then(|()| {
                 let len = out.len() - at - HEADER_LEN;
                 u32::try_from(len)
                     .ok()

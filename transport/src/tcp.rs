@@ -7,6 +7,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::server::{Accepted, Incoming};
 use crate::stream::ByteStream;
 use crate::sys;
 
@@ -144,9 +145,18 @@ impl TcpAcceptor {
     }
 }
 
+/// The source of a TCP connection for per-source limits: its address without the port.
+pub(crate) fn source_of(stream: &TcpByteStream) -> String {
+    stream.sock.peer_addr().map_or_else(|_| "?".into(), |a| a.ip().to_string())
+}
+
 impl crate::server::Acceptor for TcpAcceptor {
-    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>> {
-        Ok(self.accept_tcp(timeout)?.map(|s| Box::new(s) as Box<dyn ByteStream>))
+    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Accepted>> {
+        Ok(self.accept_tcp(timeout)?.map(|s| Accepted {
+            source: source_of(&s),
+            peer: s.peer(),
+            incoming: Incoming::Ready(Box::new(s)),
+        }))
     }
 
     fn local_uri(&self) -> String {

@@ -297,6 +297,8 @@ pub enum Status {
     NotFound = 8,
     /// The client's lease expired: the server reclaimed what it held for it.
     Expired = 9,
+    /// The caller may not use what it named (another client's session, say).
+    Forbidden = 10,
 }
 
 impl Status {
@@ -312,6 +314,7 @@ impl Status {
             7 => Status::BadRequest,
             8 => Status::NotFound,
             9 => Status::Expired,
+            10 => Status::Forbidden,
             _ => return None,
         })
     }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mosaic_transport::{
-    connect, listen, CallError, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Server, ServerConfig, Service,
-    ServiceError, Status,
+    connect, listen, CallError, Caller, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Server, ServerConfig,
+    Service, ServiceError, Status,
 };
 
 fn key() -> ClusterKey {
@@ -22,7 +22,7 @@ fn key() -> ClusterKey {
 struct TestService;
 
 impl Service for TestService {
-    fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         match method {
             99 => {
                 let ms = request.first().copied().unwrap_or(0);
@@ -34,7 +34,7 @@ impl Service for TestService {
                 response.extend_from_slice(b"partial answer");
                 Err(ServiceError::new(Status::Full, "no room"))
             }
-            _ => Echo.call(method, request, response),
+            _ => Echo.call(_caller, method, request, response),
         }
     }
 }

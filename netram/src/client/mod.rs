@@ -5,7 +5,9 @@
 //! default), with a prefetch window along strided streams and the window after it on its way
 //! ([`window`]); an evictor thread keeps the resident set within the budget, writing dirty pages
 //! back to every copy's server before dropping them, and a fault that would overshoot the budget
-//! waits for it; a background thread renews the leases and rebuilds copies lost with a server.
+//! waits for it; a background thread checks the sessions and rebuilds copies lost with a server.
+//! A resident page is never dropped while no readable copy of it exists elsewhere: the evictor
+//! writes such a page back as if it were dirty, and the rebuild re-stores resident pages too.
 //! Page states and their invariants are in [`crate::pages`].
 
 use std::collections::VecDeque;
@@ -51,6 +53,8 @@ enum Round {
 const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// The smallest resident budget, in pages.
 pub const MIN_BUDGET_PAGES: u64 = 64;
+/// How often the servers are asked whether they still hold this region's session.
+const SESSION_CHECK: Duration = Duration::from_secs(2);
 
 /// How to create a [`NetRam`] region.
 #[derive(Clone, Debug)]
@@ -68,8 +72,10 @@ pub struct NetRamConfig {
     pub copies: usize,
     /// Who serves faults (default: the faulting thread; see `mosaic_pager`).
     pub fault_mode: FaultMode,
-    /// Lease asked of the servers: a client silent this long loses its pages.
-    pub lease: Duration,
+    /// How long the servers keep this region's pages after losing every connection to it (the
+    /// process died, or the network broke), before reclaiming them; servers cap it (an hour by
+    /// default). While connected, nothing is ever reclaimed, however long the program is stopped.
+    pub grace: Duration,
     /// Time-out of one request to a server.
     pub timeout: Duration,
     /// Name for logs.
@@ -98,7 +104,7 @@ impl NetRamConfig {
             resident_budget,
             copies,
             fault_mode: FaultMode::FaultingThread,
-            lease: Duration::from_secs(30),
+            grace: Duration::from_secs(600),
             timeout: Duration::from_secs(5),
             name: "netram".into(),
             prefetch: true,
@@ -139,6 +145,14 @@ pub struct NetRamStats {
     /// Of `evicted`, pages evicted by faults that made room for their prefetch window while it
     /// was on its way, instead of by the evictor thread.
     pub evicted_by_faults: u64,
+    /// Clean resident pages written back because no readable copy of them was left elsewhere
+    /// (their servers died or lost the session): kept, never dropped.
+    pub saved_clean: u64,
+    /// Pages stored with fewer copies than asked for now (servers full or gone); the background
+    /// rebuild adds the missing copies when it can.
+    pub under_replicated: u64,
+    /// Sessions a live server lost (and that were opened again, their copies rebuilt).
+    pub sessions_lost: u64,
 }
 
 #[derive(Default)]
@@ -154,6 +168,8 @@ struct Counters {
     lost: AtomicU64,
     throttled: AtomicU64,
     evicted_by_faults: AtomicU64,
+    saved_clean: AtomicU64,
+    sessions_lost: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -193,6 +209,8 @@ struct Shared {
     /// Set while the evictor cannot bring the resident set down (every server full, nothing
     /// evictable): faults over the hard limit then go ahead instead of waiting for it.
     evict_stalled: AtomicBool,
+    /// Set when pages were stored with fewer copies than wanted: the keeper rebuilds.
+    rebuild_wanted: AtomicBool,
     stats: Counters,
 }
 
@@ -650,8 +668,9 @@ impl Shared {
                 continue;
             }
             let st = self.table.get(i);
-            if st == DIRTY && kind == Round::CleanOnly {
-                second_chance.push(i); // written since the round looked: the evictor's
+            let orphan = st == CLEAN && self.table.holders(i) & (self.servers.live_mask() | FILE_HOLDER) == 0;
+            if (st == DIRTY || orphan) && kind == Round::CleanOnly {
+                second_chance.push(i); // needs saving (written since the round looked, or no copy left): the evictor's
             } else if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
                 victims.push((i, st));
             }
@@ -659,12 +678,39 @@ impl Shared {
         crate::lock(&self.queue).extend(second_chance);
         victims.sort_unstable();
         // Freeze the dirty pages (one ioctl per contiguous run): from here their writers wait
-        // in `written`, so the copies taken below are final.
-        let dirty: Vec<u64> = victims.iter().filter(|v| v.1 == DIRTY).map(|v| v.0).collect();
+        // in `written`, so the copies taken below are final. A run that cannot be frozen is not
+        // evicted: its pages stay resident and dirty (a copy taken unfrozen could miss a write).
+        let mut dirty: Vec<u64> = victims.iter().filter(|v| v.1 == DIRTY).map(|v| v.0).collect();
+        let mut unfrozen = Vec::new();
         for r in runs(&dirty) {
             if let Err(e) = core.write_protect(r.start, r.end - r.start, true) {
-                log::warn!("region {}: cannot write-protect pages {r:?}: {e}", self.name);
+                log::warn!("region {}: cannot write-protect pages {r:?}, keeping them: {e}", self.name);
+                unfrozen.extend(r);
             }
+        }
+        if !unfrozen.is_empty() {
+            victims.retain(|v| !unfrozen.contains(&v.0));
+            dirty.retain(|i| !unfrozen.contains(i));
+            for &i in &unfrozen {
+                self.table.set(i, DIRTY);
+            }
+            crate::lock(&self.queue).extend(unfrozen.iter().copied());
+        }
+        // A clean page is dropped only if a copy of it can be read back: one whose copies are all
+        // gone (dead servers, a lost session) is saved like a dirty one (it is write-protected
+        // already, so its copy is stable).
+        let readable = self.servers.live_mask() | FILE_HOLDER;
+        let orphans: Vec<u64> = victims
+            .iter()
+            .filter(|v| v.1 == CLEAN && self.table.holders(v.0) & readable == 0 && kind == Round::All)
+            .map(|v| v.0)
+            .collect();
+        if !orphans.is_empty() {
+            bump(&self.stats.saved_clean, orphans.len() as u64);
+            for v in victims.iter_mut().filter(|v| orphans.contains(&v.0)) {
+                v.1 = DIRTY;
+            }
+            dirty.extend(&orphans);
         }
         // SAFETY: each page is inside the live region (the evictor stops before the region is
         // unmapped), resident and write-protected, so nobody writes it while we copy.
@@ -699,6 +745,11 @@ impl Shared {
                         }
                         self.table.set_holders(i, mask);
                         bump(&self.stats.written_back, 1);
+                        if ((mask & !FILE_HOLDER).count_ones() as usize) < self.servers.copies()
+                            && mask & FILE_HOLDER == 0
+                        {
+                            self.rebuild_wanted.store(true, Ordering::Release);
+                        }
                         REMOTE
                     }
                 },
@@ -772,38 +823,84 @@ impl Shared {
         gone
     }
 
-    /// Re-creates copies lost with dead servers, for pages not resident (resident dirty pages
-    /// get their copies when evicted).
-    fn rebuild(&self, stop: &AtomicBool) {
+    /// Re-creates missing copies: of pages on dead servers or on a server that lost the session,
+    /// and of pages stored short (servers were full). Remote pages are fetched from a surviving
+    /// copy; resident clean pages are copied from local memory (so a page whose every remote copy
+    /// is gone, but which is still here, is saved); resident dirty pages get their copies when
+    /// they are evicted.
+    fn rebuild(&self, core: &RegionCore, stop: &AtomicBool) {
         // Pages requested ahead are remote again, so they are rebuilt too.
         self.give_up_ahead();
         let live = self.servers.live_mask();
         let want = self.servers.copies();
         let mut page = Page::boxed();
+        let mut short = false;
         for i in 0..self.table.len() {
             if stop.load(Ordering::Acquire) {
                 return;
             }
             let all = self.table.holders(i);
             let (file, holders) = (all & FILE_HOLDER, all & !FILE_HOLDER);
-            if all == 0 || holders & !live == 0 && (holders & live).count_ones() as usize >= want {
+            // Enough: as many live copies as wanted, or as the live servers allow, or one plus
+            // the backing file. Dead holders are cleared in any case.
+            let have = (holders & live).count_ones() as usize;
+            let enough = have >= want.min(live.count_ones() as usize).max(1) || file != 0 && have > 0;
+            if all == 0 || holders & !live == 0 && enough {
                 continue;
             }
-            if !self.table.cas(i, REMOTE, FETCHING) {
-                continue; // resident or busy: its next eviction stores it where it belongs
-            }
-            let alive = holders & live;
-            self.table.set_holders(i, alive | file);
-            // If no copy can be read, a fault decides LOST, with the page named.
-            if self.fetch(i, &mut page).is_ok() {
-                let mask = self.servers.put(&[(i, &page.0)])[0];
-                if mask != 0 {
-                    bump(&self.stats.rebuilt, 1);
+            if self.table.cas(i, REMOTE, FETCHING) {
+                self.table.set_holders(i, (holders & live) | file);
+                // If no copy can be read, a fault decides LOST, with the page named.
+                if self.fetch(i, &mut page).is_ok() {
+                    short |= self.restore(i, &page.0) < want;
                 }
-                self.table.set_holders(i, mask | self.table.holders(i));
+                self.table.set(i, REMOTE);
+            } else if self.table.get(i) == CLEAN {
+                // Resident: copy it under the eviction lock (rounds name one page in `copying`).
+                let _round = crate::lock(&self.evicting);
+                if !self.table.cas(i, CLEAN, EVICTING) {
+                    continue; // it changed meanwhile: dirty pages are saved at eviction
+                }
+                self.table.set_holders(i, (holders & live) | file);
+                // SAFETY: inside the live region (the keeper stops before it is unmapped),
+                // resident and clean, so write-protected: nobody writes it while we copy.
+                let (copy, discarded) = unsafe { self.copy_page(core, i) };
+                if discarded {
+                    self.table.set(i, DIRTY); // zeros now: saved at its eviction
+                    continue;
+                }
+                short |= self.restore(i, &copy) < want;
+                self.table.set(i, CLEAN);
             }
-            self.table.set(i, REMOTE);
         }
+        // Try again later only where more servers could take copies (full ones may free up).
+        if short && live.count_ones() as usize >= want {
+            self.rebuild_wanted.store(true, Ordering::Release);
+        }
+    }
+
+    /// Stores `data` as page `i` where its slab belongs and adds the new holders; returns the
+    /// number of live servers holding it now.
+    fn restore(&self, i: u64, data: &[u8; PAGE_SIZE]) -> usize {
+        let mask = self.servers.put(&[(i, data)])[0];
+        if mask != 0 {
+            bump(&self.stats.rebuilt, 1);
+        }
+        let now = mask | self.table.holders(i);
+        self.table.set_holders(i, now);
+        (now & self.servers.live_mask()).count_ones() as usize
+    }
+
+    /// Pages with a copy somewhere but fewer live server copies than wanted (and no backing file).
+    fn under_replicated(&self) -> u64 {
+        let live = self.servers.live_mask();
+        let want = self.servers.copies();
+        (0..self.table.len())
+            .filter(|&i| {
+                let h = self.table.holders(i);
+                h != 0 && h & FILE_HOLDER == 0 && ((h & live).count_ones() as usize) < want
+            })
+            .count() as u64
     }
 }
 
@@ -971,13 +1068,14 @@ impl NetRam {
                 MIN_BUDGET_PAGES * PAGE_SIZE as u64 / 1024
             )));
         }
-        let mut id = [0u8; 24];
+        let mut id = [0u8; 24 + crate::proto::SECRET_LEN];
         getrandom::fill(&mut id)
             .map_err(|e| NetRamError::Config(format!("no random source for the client id: {e}")))?;
         let client: [u8; 16] = id[..16].try_into().unwrap_or_default();
-        let region_id = u64::from_le_bytes(id[16..].try_into().unwrap_or_default());
+        let region_id = u64::from_le_bytes(id[16..24].try_into().unwrap_or_default());
+        let secret = id[24..].try_into().unwrap_or_default();
         let servers =
-            ServerSet::connect(&cfg.servers, &cfg.key, client, region_id, cfg.copies, cfg.lease, cfg.timeout)?;
+            ServerSet::connect(&cfg.servers, &cfg.key, client, secret, region_id, cfg.copies, cfg.grace, cfg.timeout)?;
         let file = match &cfg.backing_file {
             Some(path) => {
                 let f = std::fs::OpenOptions::new()
@@ -1010,6 +1108,7 @@ impl NetRam {
             evict_wanted: (Mutex::new(false), Condvar::new()),
             evicting: Mutex::new(()),
             evict_stalled: AtomicBool::new(false),
+            rebuild_wanted: AtomicBool::new(false),
             ahead: Mutex::new(None),
             stats: Counters::default(),
         });
@@ -1021,12 +1120,13 @@ impl NetRam {
         let region = Region::new(rcfg, Source(shared.clone())).map_err(NetRamError::Pager)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut ram = NetRam { shared, threads: Vec::new(), stop, region: Some(region) };
-        ram.spawn_background(cfg.lease)?;
+        ram.spawn_background()?;
         Ok(ram)
     }
 
-    fn spawn_background(&mut self, lease: Duration) -> Result<(), NetRamError> {
+    fn spawn_background(&mut self) -> Result<(), NetRamError> {
         let core = self.region.as_ref().map(|r| r.core()).ok_or_else(|| NetRamError::Config("no region".into()))?;
+        let keeper_core = core.clone();
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
         let evictor = std::thread::Builder::new().name("mosaic-evict".into()).spawn(move || {
             while !stop.load(Ordering::Acquire) {
@@ -1048,25 +1148,38 @@ impl NetRam {
         });
         self.threads.push(evictor.map_err(|e| NetRamError::Config(format!("cannot start the evictor: {e}")))?);
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
-        let every = (lease / 3).max(Duration::from_millis(30));
-        let keeper = std::thread::Builder::new().name("mosaic-lease".into()).spawn(move || {
+        let keeper = std::thread::Builder::new().name("mosaic-keeper".into()).spawn(move || {
             let mut last_live = shared.servers.live_mask();
-            let mut next_renew = Instant::now() + every;
+            let mut next_check = Instant::now() + SESSION_CHECK;
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(10));
-                if Instant::now() >= next_renew {
-                    shared.servers.renew();
-                    next_renew = Instant::now() + every;
+                let mut rebuild = false;
+                if Instant::now() >= next_check {
+                    // Copies stored short are added at most this often.
+                    rebuild = shared.rebuild_wanted.swap(false, Ordering::AcqRel);
+                    for i in shared.servers.check_sessions() {
+                        bump(&shared.stats.sessions_lost, 1);
+                        // Re-register; unless the server still had the session after all, the
+                        // copies it held are gone: forget them, then rebuild.
+                        if !shared.servers.reopen(i) {
+                            shared.table.forget_holder(1 << i);
+                        }
+                        rebuild = true;
+                    }
+                    next_check = Instant::now() + SESSION_CHECK;
                 }
                 let live = shared.servers.live_mask();
                 if live != last_live {
                     log::warn!("region {}: a memory server was lost; rebuilding the missing copies", shared.name);
-                    shared.rebuild(&stop);
+                    rebuild = true;
                     last_live = live;
+                }
+                if rebuild {
+                    shared.rebuild(&keeper_core, &stop);
                 }
             }
         });
-        self.threads.push(keeper.map_err(|e| NetRamError::Config(format!("cannot start the lease keeper: {e}")))?);
+        self.threads.push(keeper.map_err(|e| NetRamError::Config(format!("cannot start the session keeper: {e}")))?);
         Ok(())
     }
 
@@ -1103,6 +1216,9 @@ impl NetRam {
             cached: self.shared.victims.len(),
             throttled: l(&c.throttled),
             evicted_by_faults: l(&c.evicted_by_faults),
+            saved_clean: l(&c.saved_clean),
+            under_replicated: self.shared.under_replicated(),
+            sessions_lost: l(&c.sessions_lost),
         }
     }
 

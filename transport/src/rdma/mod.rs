@@ -40,6 +40,7 @@ use verbs::{MemoryRegion, Op, QpInfo, Queue, QueuePair, Wc};
 
 use crate::auth::{client_handshake, server_handshake, ClusterKey, ServerInfo};
 use crate::page::{Page, PageWindow};
+use crate::server::{Accepted, FinishSetup, Incoming};
 use crate::stream::{read_exact, ByteStream, WaitPolicy};
 use crate::sync::lock;
 use crate::sys::{self, Mapping};
@@ -585,7 +586,6 @@ pub(crate) struct RdmaAcceptor {
     key: ClusterKey,
     window: Option<Arc<PageWindow>>,
     max_frame: u32,
-    handshake_timeout: Duration,
 }
 
 impl RdmaAcceptor {
@@ -598,37 +598,44 @@ impl RdmaAcceptor {
             key: cfg.key.clone(),
             window: cfg.window.clone(),
             max_frame: cfg.max_frame,
-            handshake_timeout: cfg.handshake_timeout,
         })
-    }
-
-    fn setup(&self, sock: TcpByteStream) -> io::Result<RdmaByteStream> {
-        let deadline = Instant::now() + self.handshake_timeout;
-        let pages = self.window.as_ref().map_or(0, |w| w.pages());
-        let info = ServerInfo { window_pages: pages, max_frame: self.max_frame };
-        server_handshake(&sock, &self.key, info, deadline).map_err(|e| setup_io("cluster key", e))?;
-        let conn = Conn::setup(sock, self.window.as_deref())?;
-        let (addr, rkey) = conn._window_mr.as_ref().map_or((0, 0), |m| (m.addr, m.rkey));
-        let mut extra = Vec::with_capacity(20);
-        extra.extend_from_slice(&addr.to_le_bytes());
-        extra.extend_from_slice(&rkey.to_le_bytes());
-        extra.extend_from_slice(&pages.to_le_bytes());
-        exchange(&conn, &extra, &mut [], deadline)?;
-        Ok(RdmaByteStream { conn: Arc::new(conn) })
     }
 }
 
+/// The server's half of the set-up on an accepted side channel: the key, then the queue pairs.
+fn server_setup(
+    sock: TcpByteStream,
+    key: &ClusterKey,
+    window: Option<&PageWindow>,
+    max_frame: u32,
+    deadline: Instant,
+) -> io::Result<RdmaByteStream> {
+    let pages = window.map_or(0, |w| w.pages());
+    let info = ServerInfo { window_pages: pages, max_frame };
+    server_handshake(&sock, key, info, deadline).map_err(|e| setup_io("cluster key", e))?;
+    let conn = Conn::setup(sock, window)?;
+    let (addr, rkey) = conn._window_mr.as_ref().map_or((0, 0), |m| (m.addr, m.rkey));
+    let mut extra = Vec::with_capacity(20);
+    extra.extend_from_slice(&addr.to_le_bytes());
+    extra.extend_from_slice(&rkey.to_le_bytes());
+    extra.extend_from_slice(&pages.to_le_bytes());
+    exchange(&conn, &extra, &mut [], deadline)?;
+    Ok(RdmaByteStream { conn: Arc::new(conn) })
+}
+
 impl crate::server::Acceptor for RdmaAcceptor {
-    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>> {
-        let Some(stream) = self.tcp.accept_tcp(timeout)? else { return Ok(None) };
-        let peer = stream.peer();
-        match self.setup(stream) {
-            Ok(s) => Ok(Some(Box::new(s))),
-            Err(e) => {
-                log::warn!("refused {peer}: {e}");
-                Ok(None)
-            }
-        }
+    /// Accepts the side channel only: the key check and the queue pair exchange wait on the peer,
+    /// so they run on the connection's thread, under the server's handshake limits.
+    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Accepted>> {
+        let Some(sock) = self.tcp.accept_tcp(timeout)? else { return Ok(None) };
+        let (key, window, max_frame) = (self.key.clone(), self.window.clone(), self.max_frame);
+        let source = crate::tcp::source_of(&sock);
+        let peer = sock.peer().replacen("tcp://", "rdma://", 1);
+        let finish: FinishSetup = Box::new(move |deadline| {
+            let stream = server_setup(sock, &key, window.as_deref(), max_frame, deadline)?;
+            Ok(Box::new(stream) as Box<dyn ByteStream>)
+        });
+        Ok(Some(Accepted { incoming: Incoming::Setup(finish), source, peer }))
     }
 
     fn local_uri(&self) -> String {

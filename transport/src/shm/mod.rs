@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use ring::{RawBytes, Ring, RingCorrupt, RingEnd, RingHeader};
 
 use crate::logs::RateLimited;
+use crate::server::{Accepted, Incoming};
 use crate::stream::ByteStream;
 use crate::sys::{self, Mapping};
 
@@ -451,7 +452,7 @@ impl ShmAcceptor {
 }
 
 impl crate::server::Acceptor for ShmAcceptor {
-    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Box<dyn ByteStream>>> {
+    fn accept(&mut self, timeout: Duration) -> io::Result<Option<Accepted>> {
         if !sys::poll_one(&self.listener, sys::Interest::Read, Some(timeout))? {
             return Ok(None);
         }
@@ -465,7 +466,12 @@ impl crate::server::Acceptor for ShmAcceptor {
                     ));
                     return Ok(None);
                 }
-                Ok(Some(Box::new(self.setup(sock)?)))
+                let stream = self.setup(sock)?;
+                Ok(Some(Accepted {
+                    source: format!("uid {}", cred.uid),
+                    peer: stream.peer(),
+                    incoming: Incoming::Ready(Box::new(stream)),
+                }))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
@@ -492,7 +498,7 @@ mod tests {
         let mut acc = ShmAcceptor::bind(&name, LocalPeers::SameUser).unwrap();
         let client = std::thread::spawn(move || connect(&name, Duration::from_secs(1), &LocalPeers::SameUser).unwrap());
         let server = loop {
-            if let Some(s) = acc.accept(Duration::from_millis(10)).unwrap() {
+            if let Some(s) = acc.accept(Duration::from_millis(10)).unwrap().map(Accepted::into_ready) {
                 break s;
             }
         };
