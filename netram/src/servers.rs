@@ -379,6 +379,17 @@ impl ServerSet {
         self.copies
     }
 
+    /// Marks dead the servers whose connections have hung up (the process died), without
+    /// sending anything; returns the live mask after.
+    pub(crate) fn notice_hang_ups(&self) -> u32 {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.alive() && (m.conn.peer_hung_up() || m.bulk.peer_hung_up()) {
+                self.mark_dead(i, "the server hung up");
+            }
+        }
+        self.live_mask()
+    }
+
     /// Mask of the live servers.
     pub(crate) fn live_mask(&self) -> u32 {
         self.members.iter().enumerate().filter(|(_, m)| m.alive()).fold(0, |acc, (i, _)| acc | 1 << i)

@@ -495,6 +495,10 @@ impl ByteStream for SimStream {
         self.link.inb.cv.notify_all();
     }
 
+    fn peer_hung_up(&self) -> bool {
+        self.link.closed.load(Ordering::Acquire) || self.inner.peer_hung_up()
+    }
+
     fn peer(&self) -> String {
         format!("sim({})", self.inner.peer())
     }

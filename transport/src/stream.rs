@@ -60,6 +60,11 @@ pub(crate) trait ByteStream: Send + Sync {
     }
     /// Closes both directions; blocked readers and writers on both ends return.
     fn shutdown(&self);
+    /// True if the peer has hung up (its process died or closed the connection), asked of the
+    /// kernel without reading. A peer whose host vanished is not noticed here.
+    fn peer_hung_up(&self) -> bool {
+        false
+    }
     /// A human-readable name of the peer, for errors and logs.
     fn peer(&self) -> String;
 }

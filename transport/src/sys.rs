@@ -63,6 +63,14 @@ pub(crate) fn side_channel_closed(mut sock: impl std::io::Read) -> bool {
     }
 }
 
+/// True if the peer of the connected socket `fd` has hung up or the socket failed, without
+/// reading anything (`poll` with `POLLRDHUP` and no wait).
+pub(crate) fn hung_up(fd: &impl AsFd) -> bool {
+    let mut fds = [pollfd(fd.as_fd(), libc::POLLRDHUP)];
+    matches!(poll(&mut fds, Some(Duration::ZERO)), Ok(1))
+        && fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// A non-blocking, close-on-exec eventfd.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.

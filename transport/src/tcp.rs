@@ -110,6 +110,10 @@ impl ByteStream for TcpByteStream {
         let _ = self.sock.shutdown(Shutdown::Both);
     }
 
+    fn peer_hung_up(&self) -> bool {
+        sys::hung_up(&self.sock)
+    }
+
     fn peer(&self) -> String {
         self.peer.clone()
     }

@@ -662,13 +662,18 @@ impl Shared {
     fn evict_batch(&self, core: &RegionCore, batch: &[u64], kind: Round) -> u64 {
         let mut victims: Vec<(u64, u8)> = Vec::with_capacity(batch.len());
         let mut second_chance = Vec::new();
+        // Where a copy can be read back from. A clean page is dropped only if it has a copy
+        // there; a server whose process died is noticed here (two polls per server, no request),
+        // before its copies are relied on.
+        let any_clean = batch.iter().any(|&i| self.table.get(i) == CLEAN);
+        let readable = if any_clean { self.servers.notice_hang_ups() } else { self.servers.live_mask() } | FILE_HOLDER;
         for &i in batch {
             if self.table.take_hot(i) {
                 second_chance.push(i);
                 continue;
             }
             let st = self.table.get(i);
-            let orphan = st == CLEAN && self.table.holders(i) & (self.servers.live_mask() | FILE_HOLDER) == 0;
+            let orphan = st == CLEAN && self.table.holders(i) & readable == 0;
             if (st == DIRTY || orphan) && kind == Round::CleanOnly {
                 second_chance.push(i); // needs saving (written since the round looked, or no copy left): the evictor's
             } else if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
@@ -696,10 +701,8 @@ impl Shared {
             }
             crate::lock(&self.queue).extend(unfrozen.iter().copied());
         }
-        // A clean page is dropped only if a copy of it can be read back: one whose copies are all
-        // gone (dead servers, a lost session) is saved like a dirty one (it is write-protected
-        // already, so its copy is stable).
-        let readable = self.servers.live_mask() | FILE_HOLDER;
+        // A clean page whose copies are all gone (dead servers, a lost session) is saved like a
+        // dirty one (it is write-protected already, so its copy is stable).
         let orphans: Vec<u64> = victims
             .iter()
             .filter(|v| v.1 == CLEAN && self.table.holders(v.0) & readable == 0 && kind == Round::All)

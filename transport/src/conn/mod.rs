@@ -263,6 +263,13 @@ impl Connection {
         self.shared.closed.get().is_some()
     }
 
+    /// True if the connection is closed or its peer has hung up: asked of the kernel without
+    /// reading (about a microsecond), so a peer process that died is noticed before any request
+    /// fails; a peer whose host vanished is noticed only when a request times out.
+    pub fn peer_hung_up(&self) -> bool {
+        self.is_closed() || self.shared.stream.peer_hung_up()
+    }
+
     /// Closes the connection; outstanding and later requests fail with `Disconnected`.
     pub fn close(&self) {
         self.shared.fail("closed locally".into());

@@ -417,6 +417,10 @@ impl ByteStream for RdmaByteStream {
         self.conn.sock.shutdown();
     }
 
+    fn peer_hung_up(&self) -> bool {
+        self.conn.sock.peer_hung_up()
+    }
+
     fn peer(&self) -> String {
         self.conn.peer.clone()
     }

@@ -330,6 +330,10 @@ impl ByteStream for ShmByteStream {
     fn peer(&self) -> String {
         self.peer.clone()
     }
+
+    fn peer_hung_up(&self) -> bool {
+        self.peer_closed() || sys::hung_up(&self.sock)
+    }
 }
 
 impl ShmByteStream {
