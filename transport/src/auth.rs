@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use crate::stream::{read_exact, ByteStream, ReadStop, WaitPolicy};
 use crate::sys;
-use crate::wire::{len32, FrameError, Header, Opcode, Status, HEADER_LEN};
+use crate::wire::{len32, FrameError, Header, Opcode, Status, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE_U32};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -226,7 +226,10 @@ pub(crate) fn client_handshake(
     wp.copy_from_slice(&rest[..8]);
     let mut mf = [0u8; 4];
     mf.copy_from_slice(&rest[8..12]);
-    Ok(ServerInfo { window_pages: u64::from_le_bytes(wp), max_frame: u32::from_le_bytes(mf) })
+    // A server's own limit is within these bounds; a value outside them is not believed (it
+    // would let responses of any size be read, or no request be sent).
+    let max_frame = u32::from_le_bytes(mf).clamp(PAGE_SIZE_U32, MAX_FRAME_LIMIT);
+    Ok(ServerInfo { window_pages: u64::from_le_bytes(wp), max_frame })
 }
 
 /// Runs the server side of the handshake.

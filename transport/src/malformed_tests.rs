@@ -203,3 +203,24 @@ fn a_valid_but_unexpected_page_response_does_not_corrupt_a_call() {
         h.join().unwrap();
     }
 }
+
+#[test]
+fn a_server_announcing_an_absurd_frame_limit_is_not_believed() {
+    for (announced, believed) in [(u32::MAX, crate::wire::MAX_FRAME_LIMIT), (0, crate::wire::PAGE_SIZE_U32)] {
+        let mut acc = raw_acceptor(Kind::Tcp);
+        let uri = acc.local_uri();
+        let h = std::thread::spawn(move || {
+            let s = loop {
+                if let Some(s) = acc.accept(Duration::from_millis(50)).unwrap().map(crate::server::Accepted::into_ready)
+                {
+                    break s;
+                }
+            };
+            let info = ServerInfo { window_pages: 0, max_frame: announced };
+            server_handshake(&*s, &key(), info, Instant::now() + Duration::from_secs(5)).unwrap();
+        });
+        let c = crate::connect(&uri, &crate::ConnectOptions::new(key())).unwrap();
+        assert_eq!(c.max_frame(), believed, "announced {announced}");
+        h.join().unwrap();
+    }
+}
