@@ -8,30 +8,8 @@ use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamErro
 use mosaic_pager::FaultMode;
 use mosaic_transport::ClusterKey;
 
-const MIB: u64 = 1 << 20;
-
-fn key() -> ClusterKey {
-    ClusterKey::from_bytes(b"netram-test-cluster-key").unwrap()
-}
-
-fn servers(n: usize, capacity: u64) -> Vec<MemServer> {
-    (0..n).map(|_| MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(capacity, key())).unwrap()).collect()
-}
-
-fn uris(s: &[MemServer]) -> Vec<String> {
-    s.iter().map(|m| m.uri().to_string()).collect()
-}
-
-#[allow(clippy::mut_from_ref)] // the region is raw memory shared like any mmap
-fn words(ram: &NetRam) -> &mut [u64] {
-    // SAFETY: the region is mapped for ram.len() bytes while `ram` lives; tests use it like any
-    // other memory.
-    unsafe { std::slice::from_raw_parts_mut(ram.as_ptr().cast::<u64>(), ram.len() / 8) }
-}
-
-fn value(i: usize, round: u64) -> u64 {
-    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round
-}
+mod common;
+use common::{key, servers, uris, value, words, MIB};
 
 #[test]
 fn data_survives_eviction_in_every_fault_mode() {

@@ -4,43 +4,13 @@
 //! pages are written back, and pages whose only remote copies vanish while they are resident.
 
 use std::io::{BufRead, BufReader, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mosaic_netram::{proto, MemServer, MemServerConfig, NetRam, NetRamConfig};
 use mosaic_transport::{connect, ConnectOptions, Page, Status};
 
-const MIB: u64 = 1 << 20;
-
-fn key() -> mosaic_transport::ClusterKey {
-    mosaic_transport::ClusterKey::from_bytes(b"netram-trust-test-cluster-key").unwrap()
-}
-
-fn servers(n: usize, capacity: u64) -> Vec<MemServer> {
-    (0..n).map(|_| MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(capacity, key())).unwrap()).collect()
-}
-
-fn uris(s: &[MemServer]) -> Vec<String> {
-    s.iter().map(|m| m.uri().to_string()).collect()
-}
-
-#[allow(clippy::mut_from_ref)] // the region is raw memory shared like any mmap
-fn words(ram: &NetRam) -> &mut [u64] {
-    // SAFETY: the region is mapped for ram.len() bytes while `ram` lives; tests use it like any
-    // other memory.
-    unsafe { std::slice::from_raw_parts_mut(ram.as_ptr().cast::<u64>(), ram.len() / 8) }
-}
-
-fn value(i: usize, round: u64) -> u64 {
-    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ round
-}
-
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+mod common;
+use common::{key, servers, uris, value, wait_until, words, MIB};
 
 /// The probe: a second authenticated connection sent GET/PUT with another client's id and
 /// re-opened that id with a tiny lease, reading and overwriting the owner's pages.

@@ -1,30 +1,41 @@
-//! The cluster key and the mutual challenge-response handshake every connection starts with.
+//! The cluster key, and the handshake every connection starts with: a PAKE over the key, then a
+//! Noise handshake keyed by its result.
 //!
 //! ```text
 //! client                                              server
-//!   Hello      { nonce_c }                      ->
-//!             <-  Challenge { nonce_s, mac_s, window_pages, max_frame }
-//!                 mac_s = HMAC(key, "mosaic-server" | nonce_c | nonce_s)
-//!   Auth       { mac_c }                        ->    mac_c = HMAC(key, "mosaic-client" | nonce_s | nonce_c)
-//!             <-  AuthResult (ok, or error AuthFailed, then close)
+//!   Hello      { X }                             ->          X, Y: SPAKE2 messages (symmetric,
+//!             <-  Challenge { Y }                            Ed25519 group) over the cluster key
+//!   both: K = SPAKE2(key; X, Y), 32 bytes, equal only if both hold the key
+//!   Auth       { Noise 1: e, AEAD(wish) }         ->         Noise_NNpsk0_25519_AESGCM_SHA256,
+//!             <-  AuthResult { Noise 2: e, ee, AEAD(granted, window_pages, max_frame) }
+//!                 (or, if Noise 1 does not open: an AuthFailed error, then close)
 //! ```
-//! The server reads nothing but this exchange until the client has proven the key, and the client
-//! checks `mac_s` before it trusts anything the server says, so both sides learn of a wrong key.
-//! Nonces are 32 random bytes from the kernel; MACs are HMAC-SHA-256 compared in constant time.
+//! The Noise handshake uses K as its pre-shared key and `"mosaic-v2" | X | Y` as its prologue, so it
+//! also confirms the whole exchange. What this gives:
+//! - **No offline guessing.** A passive observer, or an active one posing as either side, learns
+//!   nothing with which to test guesses of the key offline (that is SPAKE2's property); each
+//!   connection attempt tests one guess, online, under the server's handshake limits. (The HMAC
+//!   challenge this replaces let anyone who connected test guesses of a weak key offline.)
+//! - **Both sides prove the key.** The server opens Noise message 1 before it sends anything that
+//!   depends on K; the client opens message 2 before it believes anything the server says.
+//! - **Authenticated parameters.** The client's wished [`Protection`], and the server's granted
+//!   protection, page window and maximum frame travel inside the AEAD payloads.
+//! - **Session keys** for the frames that follow ([`RecordKeys`]: Noise's split, one AES-256-GCM key
+//!   per direction, fresh for every connection through the ephemeral Diffie-Hellman).
+//!
+//! SPAKE2 is the RustCrypto `spake2` crate, Noise the `snow` crate.
 
 use std::fmt;
 use std::path::Path;
 use std::time::Instant;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use spake2::{Ed25519Group, Identity, Password, Spake2};
 use thiserror::Error;
 
+use crate::secure::{Protection, RecordKeys};
 use crate::stream::{read_exact, ByteStream, ReadStop, WaitPolicy};
 use crate::sys;
 use crate::wire::{len32, FrameError, Header, Opcode, Status, HEADER_LEN, MAX_FRAME_LIMIT, PAGE_SIZE_U32};
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// Environment variable holding the cluster key itself.
 pub const KEY_ENV: &str = "MOSAIC_CLUSTER_KEY";
@@ -33,11 +44,20 @@ pub const KEY_FILE_ENV: &str = "MOSAIC_CLUSTER_KEY_FILE";
 /// The shortest key accepted, in bytes.
 pub const MIN_KEY_LEN: usize = 16;
 
-const NONCE_LEN: usize = 32;
-const MAC_LEN: usize = 32;
-const CHALLENGE_LEN: usize = NONCE_LEN + MAC_LEN + 8 + 4;
 /// Handshake frames are tiny; anything larger is hostile.
 const HANDSHAKE_MAX_FRAME: u32 = 256;
+/// The Noise protocol of the second half.
+const NOISE: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// SPAKE2's identity string, and the start of Noise's prologue: the protocol and its version.
+const LABEL: &[u8] = b"mosaic-v2";
+/// A SPAKE2 message (Ed25519 group): a one-byte side marker and a compressed point.
+const SPAKE2_MSG_LEN: usize = 33;
+/// The client's payload in Noise message 1: the protocol version and the protection wished.
+const CLIENT_PARAMS_LEN: usize = 2;
+/// The server's payload in Noise message 2: protection granted, page window, maximum frame.
+const SERVER_PARAMS_LEN: usize = 1 + 8 + 4;
+/// Version of the handshake payloads.
+const PARAMS_VERSION: u8 = 2;
 
 /// The secret every member of a cluster shares. Its `Debug` output never shows the key.
 #[derive(Clone)]
@@ -111,18 +131,9 @@ impl ClusterKey {
         sys::random_bytes(&mut k).map_err(KeyError::Random)?;
         Ok(k.iter().map(|b| format!("{b:02x}")).collect())
     }
-
-    fn mac(&self, label: &[u8], a: &[u8], b: &[u8]) -> HmacSha256 {
-        // HMAC accepts keys of any length, so new_from_slice cannot fail.
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        m.update(label);
-        m.update(a);
-        m.update(b);
-        m
-    }
 }
 
-/// What the server announced in its challenge.
+/// What the server told the client in the handshake (authenticated).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerInfo {
     /// Pages in the server's one-sided window (0: none).
@@ -138,6 +149,15 @@ pub enum HandshakeError {
     /// The peer proved a different cluster key (or none).
     #[error("cluster key mismatch: the peer does not hold this cluster's key")]
     WrongKey,
+    /// The peers hold the key but disagree on the protection of the frames (a server that
+    /// grants less than the client asked for).
+    #[error("protection refused: asked for {wished:?}, the server granted {granted:?}")]
+    Protection {
+        /// What the client asked for.
+        wished: Protection,
+        /// What the server granted.
+        granted: Protection,
+    },
     /// The peer sent a frame that is not the expected handshake step.
     #[error("unexpected handshake frame: {0}")]
     Unexpected(String),
@@ -182,87 +202,148 @@ fn read_frame(
     Ok((h, payload))
 }
 
-fn nonce() -> Result<[u8; NONCE_LEN], HandshakeError> {
-    let mut n = [0u8; NONCE_LEN];
-    sys::random_bytes(&mut n)?;
-    Ok(n)
+/// What a finished handshake yields: the server's parameters, the protection both sides apply to
+/// the frames that follow, and the keys for it.
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// The server's page window and maximum frame.
+    pub(crate) info: ServerInfo,
+    /// What protects the frames from here on.
+    pub(crate) protection: Protection,
+    /// The session's keys (unused with [`Protection::None`]).
+    pub(crate) keys: RecordKeys,
 }
 
-/// Runs the client side of the handshake.
+/// Starts SPAKE2 over `key`: our state and the message to send.
+fn spake(key: &ClusterKey) -> (Spake2<Ed25519Group>, Vec<u8>) {
+    Spake2::<Ed25519Group>::start_symmetric(&Password::new(&key.0), &Identity::new(LABEL))
+}
+
+/// Finishes SPAKE2 with the peer's message and starts Noise keyed by the result.
+fn noise(
+    state: Spake2<Ed25519Group>,
+    theirs: &[u8],
+    (x, y): (&[u8], &[u8]),
+    initiator: bool,
+) -> Result<snow::HandshakeState, HandshakeError> {
+    if theirs.len() != SPAKE2_MSG_LEN {
+        return Err(HandshakeError::Unexpected(format!("key exchange message of {} bytes", theirs.len())));
+    }
+    // A malformed point is as good as a wrong key: the peer cannot have followed the protocol.
+    let k = state.finish(theirs).map_err(|_| HandshakeError::WrongKey)?;
+    let k: [u8; 32] = k.try_into().map_err(|_| HandshakeError::Unexpected("SPAKE2 key of the wrong size".into()))?;
+    let mut prologue = LABEL.to_vec();
+    prologue.extend_from_slice(x);
+    prologue.extend_from_slice(y);
+    let params = NOISE.parse().map_err(|e| HandshakeError::Unexpected(format!("noise parameters: {e}")))?;
+    let b = snow::Builder::new(params).prologue(&prologue).and_then(|b| b.psk(0, &k));
+    let b = b.map_err(|e| HandshakeError::Unexpected(format!("noise set-up: {e}")))?;
+    let hs = if initiator { b.build_initiator() } else { b.build_responder() };
+    hs.map_err(|e| HandshakeError::Unexpected(format!("noise set-up: {e}")))
+}
+
+/// The session keys of a finished Noise handshake, as this side uses them.
+fn keys(mut hs: snow::HandshakeState, initiator: bool) -> RecordKeys {
+    let (i2r, r2i) = hs.dangerously_get_raw_split();
+    if initiator {
+        RecordKeys { send: i2r, recv: r2i }
+    } else {
+        RecordKeys { send: r2i, recv: i2r }
+    }
+}
+
+/// Runs the client side of the handshake, asking for `wish` (the server may grant more).
 pub(crate) fn client_handshake(
     s: &dyn ByteStream,
     key: &ClusterKey,
+    wish: Protection,
     deadline: Instant,
-) -> Result<ServerInfo, HandshakeError> {
+) -> Result<Session, HandshakeError> {
     let policy = WaitPolicy::DEFAULT;
-    let nonce_c = nonce()?;
-    s.write_all(&[&Header::request(Opcode::Hello, 0, 0, len32(&nonce_c)).encode(), &nonce_c])?;
-    let (_, p) = read_frame(s, Opcode::Challenge, policy, deadline)?;
-    if p.len() != CHALLENGE_LEN {
-        return Err(HandshakeError::Unexpected(format!("challenge of {} bytes", p.len())));
-    }
-    let (nonce_s, rest) = p.split_at(NONCE_LEN);
-    let (mac_s, rest) = rest.split_at(MAC_LEN);
-    let server_ok = key.mac(b"mosaic-server", &nonce_c, nonce_s).verify_slice(mac_s).is_ok();
-    // Answer even when the server failed its proof (with a MAC that cannot verify), so the
-    // server also logs a key mismatch instead of a bare disconnect.
-    let mac_c: [u8; MAC_LEN] = if server_ok {
-        key.mac(b"mosaic-client", nonce_s, &nonce_c).finalize().into_bytes().into()
-    } else {
-        [0u8; MAC_LEN]
-    };
-    s.write_all(&[&Header::request(Opcode::Auth, 0, 0, len32(&mac_c)).encode(), &mac_c])?;
-    if !server_ok {
-        return Err(HandshakeError::WrongKey);
-    }
-    let (h, msg) = read_frame(s, Opcode::AuthResult, policy, deadline)?;
+    let (state, x) = spake(key);
+    s.write_all(&[&Header::request(Opcode::Hello, 0, 0, len32(&x)).encode(), &x])?;
+    let (_, y) = read_frame(s, Opcode::Challenge, policy, deadline)?;
+    let mut hs = noise(state, &y, (&x, &y), true)?;
+    let mut msg = [0u8; 128];
+    let n = hs
+        .write_message(&[PARAMS_VERSION, wish as u8], &mut msg)
+        .map_err(|e| HandshakeError::Unexpected(format!("noise: {e}")))?;
+    s.write_all(&[&Header::request(Opcode::Auth, 0, 0, len32(&msg[..n])).encode(), &msg[..n]])?;
+    let (h, reply) = read_frame(s, Opcode::AuthResult, policy, deadline)?;
     if h.is_error() {
         if h.status == Status::AuthFailed as u32 {
             return Err(HandshakeError::WrongKey);
         }
-        return Err(HandshakeError::Unexpected(String::from_utf8_lossy(&msg).into_owned()));
+        return Err(HandshakeError::Unexpected(String::from_utf8_lossy(&reply).into_owned()));
     }
-    let mut wp = [0u8; 8];
-    wp.copy_from_slice(&rest[..8]);
-    let mut mf = [0u8; 4];
-    mf.copy_from_slice(&rest[8..12]);
+    let mut params = [0u8; 128];
+    // A message 2 that does not open comes from a server without the key (or was tampered with).
+    let n = hs.read_message(&reply, &mut params).map_err(|_| HandshakeError::WrongKey)?;
+    if n != SERVER_PARAMS_LEN {
+        return Err(HandshakeError::Unexpected(format!("server parameters of {n} bytes")));
+    }
+    let granted = Protection::from_u8(params[0])
+        .ok_or_else(|| HandshakeError::Unexpected(format!("protection {}", params[0])))?;
+    if granted < wish {
+        return Err(HandshakeError::Protection { wished: wish, granted });
+    }
+    let window_pages = u64::from_le_bytes(params[1..9].try_into().unwrap_or_default());
     // A server's own limit is within these bounds; a value outside them is not believed (it
     // would let responses of any size be read, or no request be sent).
-    let max_frame = u32::from_le_bytes(mf).clamp(PAGE_SIZE_U32, MAX_FRAME_LIMIT);
-    Ok(ServerInfo { window_pages: u64::from_le_bytes(wp), max_frame })
+    let max_frame =
+        u32::from_le_bytes(params[9..13].try_into().unwrap_or_default()).clamp(PAGE_SIZE_U32, MAX_FRAME_LIMIT);
+    Ok(Session { info: ServerInfo { window_pages, max_frame }, protection: granted, keys: keys(hs, true) })
 }
 
-/// Runs the server side of the handshake.
+/// Runs the server side of the handshake: grants the client's wish, or `min` if that is more.
 pub(crate) fn server_handshake(
     s: &dyn ByteStream,
     key: &ClusterKey,
     info: ServerInfo,
+    min: Protection,
     deadline: Instant,
-) -> Result<(), HandshakeError> {
+) -> Result<Session, HandshakeError> {
     let policy = WaitPolicy::DEFAULT;
-    let (_, nonce_c) = read_frame(s, Opcode::Hello, policy, deadline)?;
-    if nonce_c.len() != NONCE_LEN {
-        return Err(HandshakeError::Unexpected(format!("hello nonce of {} bytes", nonce_c.len())));
+    let (_, x) = read_frame(s, Opcode::Hello, policy, deadline)?;
+    if x.len() != SPAKE2_MSG_LEN {
+        return Err(HandshakeError::Unexpected(format!("key exchange message of {} bytes", x.len())));
     }
-    let nonce_s = nonce()?;
-    let mac_s: [u8; MAC_LEN] = key.mac(b"mosaic-server", &nonce_c, &nonce_s).finalize().into_bytes().into();
-    let mut challenge = Vec::with_capacity(CHALLENGE_LEN);
-    challenge.extend_from_slice(&nonce_s);
-    challenge.extend_from_slice(&mac_s);
-    challenge.extend_from_slice(&info.window_pages.to_le_bytes());
-    challenge.extend_from_slice(&info.max_frame.to_le_bytes());
-    let ch =
-        Header { flags: crate::wire::FLAG_RESPONSE, ..Header::request(Opcode::Challenge, 0, 0, len32(&challenge)) };
-    s.write_all(&[&ch.encode(), &challenge])?;
-    let (auth, mac_c) = read_frame(s, Opcode::Auth, policy, deadline)?;
-    if key.mac(b"mosaic-client", &nonce_s, &nonce_c).verify_slice(&mac_c).is_err() {
+    let (state, y) = spake(key);
+    let ch = Header { flags: crate::wire::FLAG_RESPONSE, ..Header::request(Opcode::Challenge, 0, 0, len32(&y)) };
+    s.write_all(&[&ch.encode(), &y])?;
+    let (_, msg1) = read_frame(s, Opcode::Auth, policy, deadline)?;
+    let refuse = |why: HandshakeError| {
         let msg = b"cluster key mismatch";
-        let h = Header::error_response(&auth, Status::AuthFailed as u32, len32(msg));
+        let result = Header::request(Opcode::AuthResult, 0, 0, 0);
+        let h = Header::error_response(&result, Status::AuthFailed as u32, len32(msg));
         let _ = s.write_all(&[&h.encode(), msg]);
-        return Err(HandshakeError::WrongKey);
+        why
+    };
+    let mut hs = match noise(state, &x, (&x, &y), false) {
+        Ok(hs) => hs,
+        Err(HandshakeError::WrongKey) => return Err(refuse(HandshakeError::WrongKey)),
+        Err(e) => return Err(e),
+    };
+    let mut params = [0u8; 128];
+    let n = match hs.read_message(&msg1, &mut params) {
+        Ok(n) => n,
+        Err(_) => return Err(refuse(HandshakeError::WrongKey)),
+    };
+    if n != CLIENT_PARAMS_LEN || params[0] != PARAMS_VERSION {
+        return Err(HandshakeError::Unexpected(format!("client parameters of {n} bytes, version {}", params[0])));
     }
-    s.write_all(&[&Header::response(&Header::request(Opcode::AuthResult, 0, 0, 0), 0).encode()])?;
-    Ok(())
+    let wish = Protection::from_u8(params[1])
+        .ok_or_else(|| HandshakeError::Unexpected(format!("protection {}", params[1])))?;
+    let granted = wish.max(min);
+    let mut out = [0u8; SERVER_PARAMS_LEN];
+    out[0] = granted as u8;
+    out[1..9].copy_from_slice(&info.window_pages.to_le_bytes());
+    out[9..13].copy_from_slice(&info.max_frame.to_le_bytes());
+    let mut msg2 = [0u8; 128];
+    let n = hs.write_message(&out, &mut msg2).map_err(|e| HandshakeError::Unexpected(format!("noise: {e}")))?;
+    let h = Header::response(&Header::request(Opcode::AuthResult, 0, 0, 0), len32(&msg2[..n]));
+    s.write_all(&[&h.encode(), &msg2[..n]])?;
+    Ok(Session { info, protection: granted, keys: keys(hs, false) })
 }
 
 #[cfg(test)]
@@ -301,14 +382,98 @@ mod tests {
         assert!(matches!(ClusterKey::from_file("/nonexistent/key"), Err(KeyError::File { .. })));
     }
 
+    use crate::stream::ByteStream;
+    use std::sync::{Arc, Mutex};
+
+    /// One end of an in-memory pipe pair.
+    struct Pipe {
+        rx: Arc<Mutex<std::collections::VecDeque<u8>>>,
+        tx: Arc<Mutex<std::collections::VecDeque<u8>>>,
+        /// Everything this end sent, for the eavesdropping test.
+        seen: Arc<Mutex<Vec<u8>>>,
+    }
+
+    fn pipes() -> (Pipe, Pipe) {
+        let (a, b) = (Arc::new(Mutex::new(Default::default())), Arc::new(Mutex::new(Default::default())));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        (Pipe { rx: a.clone(), tx: b.clone(), seen: seen.clone() }, Pipe { rx: b, tx: a, seen })
+    }
+
+    impl ByteStream for Pipe {
+        fn write_all(&self, bufs: &[&[u8]]) -> std::io::Result<()> {
+            let mut q = self.tx.lock().unwrap();
+            for b in bufs {
+                q.extend(b.iter());
+                self.seen.lock().unwrap().extend_from_slice(b);
+            }
+            Ok(())
+        }
+        fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let mut q = self.rx.lock().unwrap();
+            if q.is_empty() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(q.len());
+            for b in buf.iter_mut().take(n) {
+                *b = q.pop_front().unwrap();
+            }
+            Ok(n)
+        }
+        fn wait_readable(&self, _: std::time::Duration) -> std::io::Result<()> {
+            std::thread::yield_now();
+            Ok(())
+        }
+        fn shutdown(&self) {}
+        fn peer(&self) -> String {
+            "pipe".into()
+        }
+    }
+
+    fn shake(
+        ck: &ClusterKey,
+        sk: &ClusterKey,
+        wish: Protection,
+        min: Protection,
+    ) -> (Result<Session, HandshakeError>, Result<Session, HandshakeError>, Vec<u8>) {
+        let (c, srv) = pipes();
+        let seen = c.seen.clone();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let info = ServerInfo { window_pages: 7, max_frame: 1 << 20 };
+        let sk = sk.clone();
+        let t = std::thread::spawn(move || server_handshake(&srv, &sk, info, min, deadline));
+        let client = client_handshake(&c, ck, wish, deadline);
+        let server = t.join().unwrap();
+        let seen = seen.lock().unwrap().clone();
+        (client, server, seen)
+    }
+
     #[test]
-    fn macs_differ_by_direction_and_key() {
-        let k1 = ClusterKey::from_bytes(&[1u8; 32]).unwrap();
-        let k2 = ClusterKey::from_bytes(&[2u8; 32]).unwrap();
-        let a = k1.mac(b"mosaic-server", b"x", b"y").finalize().into_bytes();
-        let b = k1.mac(b"mosaic-client", b"x", b"y").finalize().into_bytes();
-        let c = k2.mac(b"mosaic-server", b"x", b"y").finalize().into_bytes();
-        assert_ne!(a, b);
-        assert_ne!(a, c);
+    fn the_same_key_agrees_on_keys_parameters_and_protection() {
+        let k = ClusterKey::from_bytes(b"handshake-test-cluster-key").unwrap();
+        let (c, s, seen) = shake(&k, &k, Protection::Integrity, Protection::None);
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert_eq!(c.info, ServerInfo { window_pages: 7, max_frame: 1 << 20 });
+        assert_eq!((c.protection, s.protection), (Protection::Integrity, Protection::Integrity));
+        assert_eq!(c.keys.send, s.keys.recv);
+        assert_eq!(c.keys.recv, s.keys.send);
+        assert_ne!(c.keys.send, c.keys.recv);
+        // The key never travels, nor anything that contains it in the clear.
+        assert!(!seen.windows(8).any(|w| w == &b"handshake-test-cluster-key"[..8]));
+        // A server that demands more gets it.
+        let (c, _, _) = shake(&k, &k, Protection::None, Protection::Encrypt);
+        assert_eq!(c.unwrap().protection, Protection::Encrypt);
+        // Every connection has fresh keys.
+        let (c2, _, _) = shake(&k, &k, Protection::Integrity, Protection::None);
+        let (c3, _, _) = shake(&k, &k, Protection::Integrity, Protection::None);
+        assert_ne!(c2.unwrap().keys.send, c3.unwrap().keys.send);
+    }
+
+    #[test]
+    fn different_keys_fail_on_both_sides() {
+        let a = ClusterKey::from_bytes(b"handshake-test-cluster-key").unwrap();
+        let b = ClusterKey::from_bytes(b"handshake-test-cluster-kez").unwrap();
+        let (c, s, _) = shake(&a, &b, Protection::Encrypt, Protection::None);
+        assert!(matches!(c, Err(HandshakeError::WrongKey)), "{c:?}");
+        assert!(matches!(s, Err(HandshakeError::WrongKey)), "{s:?}");
     }
 }

@@ -72,9 +72,9 @@ pub fn client_responses(data: &[u8]) {
 /// Runs both sides of the handshake against `data`.
 pub fn handshakes(data: &[u8]) {
     let deadline = Instant::now() + Duration::from_secs(1);
-    let _ = client_handshake(&Scripted::new(data), &key(), deadline);
+    let _ = client_handshake(&Scripted::new(data), &key(), crate::Protection::Encrypt, deadline);
     let info = ServerInfo { window_pages: 0, max_frame: DEFAULT_MAX_FRAME };
-    let _ = server_handshake(&Scripted::new(data), &key(), info, deadline);
+    let _ = server_handshake(&Scripted::new(data), &key(), info, crate::Protection::None, deadline);
 }
 
 #[cfg(test)]

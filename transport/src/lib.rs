@@ -72,6 +72,7 @@ mod malformed_tests;
 mod page;
 #[cfg(feature = "rdma")]
 mod rdma;
+mod secure;
 mod server;
 mod shm;
 pub mod sim;
@@ -89,6 +90,7 @@ use thiserror::Error;
 pub use auth::{ClusterKey, HandshakeError, KeyError, ServerInfo, KEY_ENV, KEY_FILE_ENV, MIN_KEY_LEN};
 pub use conn::{CallError, Connection, PagesInFlight};
 pub use page::{Page, PageWindow};
+pub use secure::{Protection, PROTECTION_ENV};
 pub use server::{Caller, Echo, Limits, NoService, Server, ServerConfig, Service, ServiceError};
 pub use shm::LocalPeers;
 pub use sim::{LinkSpec, SimLink};
@@ -111,6 +113,10 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Which local users an `shm://` server may run as.
     pub local_peers: LocalPeers,
+    /// What protects the frames after the handshake (`None`: automatic, [`Protection::Encrypt`]
+    /// between hosts and [`Protection::None`] on the same host). The server may grant more.
+    /// [`ConnectOptions::new`] takes it from `MOSAIC_PROTECTION` when set.
+    pub protection: Option<Protection>,
 }
 
 impl ConnectOptions {
@@ -122,6 +128,7 @@ impl ConnectOptions {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             local_peers: LocalPeers::default(),
+            protection: Protection::from_env(),
         }
     }
 
@@ -134,6 +141,12 @@ impl ConnectOptions {
     /// Sets the request time-out.
     pub fn timeout(mut self, timeout: Duration) -> ConnectOptions {
         self.timeout = timeout;
+        self
+    }
+
+    /// Asks for `protection` of the frames (instead of the automatic choice).
+    pub fn protection(mut self, protection: Protection) -> ConnectOptions {
+        self.protection = Some(protection);
         self
     }
 }
@@ -259,9 +272,14 @@ fn connect_endpoint(
             (s, one_sided, None)
         }
     };
-    let info = auth::client_handshake(&*stream, &opts.key, deadline)
+    let wish = opts.protection.unwrap_or_else(|| Protection::auto(stream.is_same_host()));
+    let session = auth::client_handshake(&*stream, &opts.key, wish, deadline)
         .map_err(|source| ConnectError::Handshake { uri: uri.into(), source })?;
-    Ok((Connection::new(stream, info, opts.policy, opts.timeout, one_sided), link))
+    let stream: Box<dyn ByteStream> = match session.protection {
+        Protection::None => stream,
+        p => Box::new(secure::SecureStream::new(std::sync::Arc::from(stream), p, &session.keys)),
+    };
+    Ok((Connection::new(stream, session.info, opts.policy, opts.timeout, one_sided), link))
 }
 
 type RawConnection = (Box<dyn ByteStream>, Option<Box<dyn conn::OneSided>>);

@@ -101,13 +101,13 @@ fn server_closes_connections_that_send_malformed_frames() {
         let server = listen(&bind_uri(kind), ServerConfig::new(key()).service(Echo).window(window)).unwrap();
         for (what, bytes) in bad_requests() {
             let s = raw_connect(kind, server.uri());
-            client_handshake(&*s, &key(), Instant::now() + Duration::from_secs(5)).unwrap();
+            client_handshake(&*s, &key(), crate::Protection::None, Instant::now() + Duration::from_secs(5)).unwrap();
             s.write_all(&[&bytes, &[0u8; 64]]).unwrap();
             assert!(closed_by_peer(&*s), "{kind:?}: server kept a connection that sent {what}");
         }
         // A frame cut short by a disconnect, and garbage or a request before the handshake.
         let s = raw_connect(kind, server.uri());
-        client_handshake(&*s, &key(), Instant::now() + Duration::from_secs(5)).unwrap();
+        client_handshake(&*s, &key(), crate::Protection::None, Instant::now() + Duration::from_secs(5)).unwrap();
         s.write_all(&[&header_bytes(Opcode::Call, 0, 100)[..20]]).unwrap();
         drop(s);
         let s = raw_connect(kind, server.uri());
@@ -133,7 +133,7 @@ fn fake_server(kind: Kind, reply: Vec<u8>) -> (String, std::thread::JoinHandle<(
             }
         };
         let info = ServerInfo { window_pages: 4, max_frame: DEFAULT_MAX_FRAME };
-        server_handshake(&*s, &key(), info, Instant::now() + Duration::from_secs(5)).unwrap();
+        server_handshake(&*s, &key(), info, crate::Protection::None, Instant::now() + Duration::from_secs(5)).unwrap();
         let mut req = [0u8; HEADER_LEN];
         crate::stream::read_exact(&*s, &mut req, WaitPolicy::blocking(), Some(Instant::now() + Duration::from_secs(5)))
             .unwrap();
@@ -217,7 +217,8 @@ fn a_server_announcing_an_absurd_frame_limit_is_not_believed() {
                 }
             };
             let info = ServerInfo { window_pages: 0, max_frame: announced };
-            server_handshake(&*s, &key(), info, Instant::now() + Duration::from_secs(5)).unwrap();
+            server_handshake(&*s, &key(), info, crate::Protection::None, Instant::now() + Duration::from_secs(5))
+                .unwrap();
         });
         let c = crate::connect(&uri, &crate::ConnectOptions::new(key())).unwrap();
         assert_eq!(c.max_frame(), believed, "announced {announced}");

@@ -147,6 +147,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Which local users may connect over `shm://`.
     pub local_peers: crate::LocalPeers,
+    /// The least protection of frames this server accepts: it grants a client's wish, or this if
+    /// that is more (default [`Protection::None`](crate::Protection::None): what the client asks).
+    pub min_protection: crate::Protection,
     /// How many connections are admitted.
     pub limits: Limits,
 }
@@ -162,6 +165,7 @@ impl ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             handshake_timeout: Duration::from_secs(5),
             local_peers: crate::LocalPeers::default(),
+            min_protection: crate::Protection::None,
             limits: Limits::default(),
         }
     }
@@ -426,7 +430,7 @@ fn spawn_conn(ctx: &Arc<Ctx>, accepted: Accepted) {
                 if cctx.stop.load(Ordering::Acquire) {
                     stream.shutdown();
                 }
-                serve(&cctx, &*stream, id, &source, deadline);
+                serve(&cctx, &stream, id, &source, deadline);
                 stream.shutdown();
                 lock(&cctx.live).retain(|(i, _)| *i != id);
             }
@@ -451,19 +455,26 @@ fn spawn_conn(ctx: &Arc<Ctx>, accepted: Accepted) {
     }
 }
 
-fn serve(ctx: &Ctx, stream: &dyn ByteStream, id: u64, source: &str, deadline: Instant) {
+fn serve(ctx: &Ctx, stream: &Arc<dyn ByteStream>, id: u64, source: &str, deadline: Instant) {
     let cfg = &ctx.cfg;
     let peer = stream.peer();
     let info = ServerInfo { window_pages: cfg.window.as_ref().map_or(0, |w| w.pages()), max_frame: cfg.max_frame };
-    let shaken = server_handshake(stream, &cfg.key, info, deadline);
+    let shaken = server_handshake(&**stream, &cfg.key, info, cfg.min_protection, deadline);
     ctx.handshake_over(source);
-    if let Err(e) = shaken {
-        FAILED_HANDSHAKES.warn(format_args!("refused {peer}: {e}"));
-        return;
-    }
-    log::debug!("{peer} authenticated");
+    let session = match shaken {
+        Ok(s) => s,
+        Err(e) => {
+            FAILED_HANDSHAKES.warn(format_args!("refused {peer}: {e}"));
+            return;
+        }
+    };
+    log::debug!("{peer} authenticated, frames protected: {:?}", session.protection);
+    let framed: Arc<dyn ByteStream> = match session.protection {
+        crate::Protection::None => stream.clone(),
+        p => Arc::new(crate::secure::SecureStream::new(stream.clone(), p, &session.keys)),
+    };
     let caller = Caller { id, peer };
-    serve_frames(cfg, &ctx.stop, stream, &caller);
+    serve_frames(cfg, &ctx.stop, &*framed, &caller);
     cfg.service.disconnected(&caller);
 }
 

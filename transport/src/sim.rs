@@ -159,7 +159,10 @@ impl SplitMix {
     }
 }
 
-/// Tracks frame boundaries in a byte stream so loss is decided once per frame.
+/// Tracks frame boundaries in a byte stream so loss is decided once per frame. A unit is a
+/// Mosaic frame (it starts with the magic `MOSA`), or, on a connection whose frames are protected,
+/// a record of the secure layer (a little-endian length, that many bytes, a 16-byte tag): a
+/// record's length is at most 64 KiB, so its first four bytes are never the magic.
 struct FrameSplitter {
     header: [u8; HEADER_LEN],
     have: usize,
@@ -171,7 +174,7 @@ impl FrameSplitter {
         FrameSplitter { header: [0; HEADER_LEN], have: 0, payload_left: 0 }
     }
 
-    /// Feeds `bytes`; returns how many frames start in them.
+    /// Feeds `bytes`; returns how many units start in them.
     fn feed(&mut self, mut bytes: &[u8]) -> usize {
         let mut starts = 0;
         while !bytes.is_empty() {
@@ -184,11 +187,17 @@ impl FrameSplitter {
             if self.have == 0 {
                 starts += 1;
             }
-            let n = (HEADER_LEN - self.have).min(bytes.len());
+            // Four bytes tell a frame from a record; a frame needs its whole header.
+            let need = if self.have < 4 { 4 } else { HEADER_LEN };
+            let n = (need - self.have).min(bytes.len());
             self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
             self.have += n;
             bytes = &bytes[n..];
-            if self.have == HEADER_LEN {
+            if self.have == 4 && self.header[..4] != crate::wire::MAGIC {
+                self.have = 0;
+                let len = u32::from_le_bytes([self.header[0], self.header[1], self.header[2], self.header[3]]);
+                self.payload_left = u64::from(len) + crate::secure::TAG as u64;
+            } else if self.have == HEADER_LEN {
                 self.have = 0;
                 // A malformed header is the receiver's business, not ours.
                 self.payload_left = u64::from(crate::wire::length_field(&self.header));
@@ -497,6 +506,11 @@ impl ByteStream for SimStream {
 
     fn peer_hung_up(&self) -> bool {
         self.link.closed.load(Ordering::Acquire) || self.inner.peer_hung_up()
+    }
+
+    /// A simulated link stands for a network between hosts, whatever it runs over.
+    fn is_same_host(&self) -> bool {
+        false
     }
 
     fn peer(&self) -> String {

@@ -65,6 +65,11 @@ pub(crate) trait ByteStream: Send + Sync {
     fn peer_hung_up(&self) -> bool {
         false
     }
+    /// True if the peer runs on this host (loopback tcp, shm): only the kernel sits between the
+    /// two, so the automatic protection is none.
+    fn is_same_host(&self) -> bool {
+        false
+    }
     /// A human-readable name of the peer, for errors and logs.
     fn peer(&self) -> String;
 }

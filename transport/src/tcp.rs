@@ -114,6 +114,10 @@ impl ByteStream for TcpByteStream {
         sys::hung_up(&self.sock)
     }
 
+    fn is_same_host(&self) -> bool {
+        self.sock.peer_addr().is_ok_and(|a| a.ip().is_loopback())
+    }
+
     fn peer(&self) -> String {
         self.peer.clone()
     }

@@ -23,7 +23,7 @@ use thiserror::Error;
 /// The four bytes every frame starts with.
 pub const MAGIC: [u8; 4] = *b"MOSA";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 32;
 /// The size of one page in bytes: the unit of one-sided reads and writes.

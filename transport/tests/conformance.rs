@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mosaic_transport::{
-    connect, listen, CallError, Caller, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Server, ServerConfig,
-    Service, ServiceError, Status,
+    connect, listen, CallError, Caller, ClusterKey, ConnectOptions, Echo, Page, PageWindow, Protection, Server,
+    ServerConfig, Service, ServiceError, Status,
 };
 
 fn key() -> ClusterKey {
@@ -43,6 +43,10 @@ impl Service for TestService {
 trait Backend {
     fn bind_uri() -> String;
     fn client_uri(server_uri: &str) -> String;
+    /// What the server demands of every connection's frames (it grants at least this).
+    fn min_protection() -> Protection {
+        Protection::None
+    }
 }
 
 struct Tcp;
@@ -79,6 +83,49 @@ impl Backend for Rdma {
     }
 }
 
+/// tcp with every record authenticated (the server demands it).
+struct TcpIntegrity;
+impl Backend for TcpIntegrity {
+    fn bind_uri() -> String {
+        Tcp::bind_uri()
+    }
+    fn client_uri(s: &str) -> String {
+        s.into()
+    }
+    fn min_protection() -> Protection {
+        Protection::Integrity
+    }
+}
+
+/// tcp with every record encrypted.
+struct TcpEncrypt;
+impl Backend for TcpEncrypt {
+    fn bind_uri() -> String {
+        Tcp::bind_uri()
+    }
+    fn client_uri(s: &str) -> String {
+        s.into()
+    }
+    fn min_protection() -> Protection {
+        Protection::Encrypt
+    }
+}
+
+/// shm with every record encrypted.
+struct ShmEncrypt;
+impl Backend for ShmEncrypt {
+    fn bind_uri() -> String {
+        Shm::bind_uri()
+    }
+    fn client_uri(s: &str) -> String {
+        s.into()
+    }
+    fn min_protection() -> Protection {
+        Protection::Encrypt
+    }
+}
+
+/// A shaped link stands for a network between hosts: its frames are encrypted by default.
 struct Sim;
 impl Backend for Sim {
     fn bind_uri() -> String {
@@ -91,6 +138,7 @@ impl Backend for Sim {
 
 fn server<B: Backend>(window_pages: u64) -> Server {
     let mut cfg = ServerConfig::new(key()).service(TestService);
+    cfg.min_protection = B::min_protection();
     if window_pages > 0 {
         cfg = cfg.window(Arc::new(PageWindow::new(window_pages).unwrap()));
     }
@@ -420,6 +468,9 @@ macro_rules! suite {
 suite!(tcp, super::Tcp);
 suite!(shm, super::Shm);
 suite!(sim, super::Sim);
+suite!(tcp_integrity, super::TcpIntegrity);
+suite!(tcp_encrypt, super::TcpEncrypt);
+suite!(shm_encrypt, super::ShmEncrypt);
 // RDMA needs a device: these run only with `--features rdma -- --ignored`, with
 // MOSAIC_RDMA_DEVICE naming it (e.g. rxe0 under soft-RoCE; see .ci/rdma-vm-tests).
 #[cfg(feature = "rdma")]

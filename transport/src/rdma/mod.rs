@@ -421,6 +421,10 @@ impl ByteStream for RdmaByteStream {
         self.conn.sock.peer_hung_up()
     }
 
+    fn is_same_host(&self) -> bool {
+        self.conn.sock.is_same_host()
+    }
+
     fn peer(&self) -> String {
         self.conn.peer.clone()
     }
@@ -568,7 +572,8 @@ pub(crate) fn connect(
     let io_err = |source| crate::ConnectError::Io { uri: uri.clone(), source };
     let deadline = Instant::now() + timeout;
     let sock = TcpByteStream::connect(addr, timeout).map_err(io_err)?;
-    client_handshake(&sock, key, deadline)
+    // The side channel only proves the key; the queue pair's stream has its own handshake.
+    client_handshake(&sock, key, crate::Protection::None, deadline)
         .map_err(|source| crate::ConnectError::Handshake { uri: uri.clone(), source })?;
     let conn = Conn::setup(sock, None)
         .map_err(|e| crate::ConnectError::Unsupported { uri: uri.clone(), reason: e.to_string() })?;
@@ -616,7 +621,7 @@ fn server_setup(
 ) -> io::Result<RdmaByteStream> {
     let pages = window.map_or(0, |w| w.pages());
     let info = ServerInfo { window_pages: pages, max_frame };
-    server_handshake(&sock, key, info, deadline).map_err(|e| setup_io("cluster key", e))?;
+    server_handshake(&sock, key, info, crate::Protection::None, deadline).map_err(|e| setup_io("cluster key", e))?;
     let conn = Conn::setup(sock, window)?;
     let (addr, rkey) = conn._window_mr.as_ref().map_or((0, 0), |m| (m.addr, m.rkey));
     let mut extra = Vec::with_capacity(20);

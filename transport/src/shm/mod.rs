@@ -334,6 +334,10 @@ impl ByteStream for ShmByteStream {
     fn peer_hung_up(&self) -> bool {
         self.peer_closed() || sys::hung_up(&self.sock)
     }
+
+    fn is_same_host(&self) -> bool {
+        true
+    }
 }
 
 impl ShmByteStream {
