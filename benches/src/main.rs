@@ -64,6 +64,11 @@ enum Cmd {
         /// Link preset or parameters for `sim` (e.g. fast-ethernet, 10gbe, "lat=50us,bw=1Gbit").
         #[arg(long, default_value = "10gbe")]
         sim_link: String,
+        /// Protections of the frames to measure, comma-separated: auto (encrypt between hosts,
+        /// none on this host; sim counts as between hosts), none, integrity, encrypt. Each is
+        /// measured on its own connection to the same server, in this order.
+        #[arg(long, value_delimiter = ',', default_value = "auto")]
+        protection: Vec<String>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -144,7 +149,9 @@ enum Cmd {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let result = match Cli::parse().cmd {
-        Cmd::Transport { transports, sizes, outstanding, time, wait, peer, sim_link, json } => {
+        Cmd::Transport { transports, sizes, outstanding, time, wait, peer, sim_link, protection, json } => {
+            let protections: Result<Vec<_>, String> =
+                protection.iter().map(|p| mosaic_transport::Protection::parse(p)).collect();
             if !(0.01..=600.0).contains(&time) {
                 Err("--time must be between 0.01 and 600 seconds".to_string())
             } else if let Some(t) = transports.iter().find(|t| !["tcp", "shm", "sim", "rdma"].contains(&t.as_str())) {
@@ -155,8 +162,11 @@ fn main() -> ExitCode {
                 Err("--outstanding values must be between 1 and 256".to_string())
             } else if sizes.iter().any(|&s| s > 1 << 20) {
                 Err("--sizes must be at most 1 MiB (the maximum frame)".to_string())
+            } else if let Err(e) = &protections {
+                Err(format!("--protection: {e}"))
             } else {
                 transport::run(&transport::Plan {
+                    protections: protections.unwrap_or_default(),
                     transports,
                     sizes,
                     outstanding,

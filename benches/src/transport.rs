@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection, Page, WaitPolicy};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection, Page, Protection, WaitPolicy};
 use serde_json::json;
 
 use crate::peer::{self, PeerFigure};
@@ -26,6 +26,8 @@ pub struct Plan {
     pub peer: bool,
     /// The link preset for `sim`.
     pub sim_link: String,
+    /// Protections of the frames to measure each transport with (`None`: automatic).
+    pub protections: Vec<Option<Protection>>,
     /// One JSON object per line instead of a table.
     pub json: bool,
 }
@@ -34,6 +36,7 @@ pub struct Plan {
 #[derive(Clone, Debug)]
 pub struct Figure {
     transport: String,
+    protection: Protection,
     op: &'static str,
     size: usize,
     outstanding: usize,
@@ -47,6 +50,7 @@ impl Figure {
     fn new(transport: &str, op: &'static str, size: usize, outstanding: usize) -> Figure {
         Figure {
             transport: transport.into(),
+            protection: Protection::None,
             op,
             size,
             outstanding,
@@ -71,6 +75,7 @@ impl Figure {
         let mut v = json!({
             "bench": "transport",
             "transport": self.transport,
+            "protection": protection_name(self.protection),
             "op": self.op,
             "size": self.size,
             "outstanding": self.outstanding,
@@ -119,8 +124,9 @@ impl Figure {
             None => String::new(),
         };
         format!(
-            "{:<5} {:<10} {:>7} {:>4} {} {} {} {} {}  {}",
+            "{:<5} {:<9} {:<10} {:>7} {:>4} {} {} {} {} {}  {}",
             self.transport,
+            protection_name(self.protection),
             self.op,
             human_size(self.size),
             self.outstanding,
@@ -147,7 +153,16 @@ fn human_size(n: usize) -> String {
 }
 
 const TABLE_HEADER: &str =
-    "trans op            size  out    min_us median_us    p99_us   MB/s     pages/s  peer (ours/peer)";
+    "trans frames    op            size  out    min_us median_us    p99_us   MB/s     pages/s  peer (ours/peer)";
+
+/// The name of a protection, as `--protection` takes it and JSON reports it.
+fn protection_name(p: Protection) -> &'static str {
+    match p {
+        Protection::Encrypt => "encrypt",
+        Protection::Integrity => "integrity",
+        _ => "none",
+    }
+}
 
 /// Pages in the benchmark server's window (16 MiB).
 const WINDOW_PAGES: u64 = 4096;
@@ -178,7 +193,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
     let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
     let policy = if plan.blocking { WaitPolicy::blocking() } else { WaitPolicy::DEFAULT };
     let wait = if plan.blocking { "blocking" } else { "spin" };
-    let per_transport = plan.sizes.len() + 1 + plan.outstanding.len();
+    let per_transport = (plan.sizes.len() + 1 + plan.outstanding.len()) * plan.protections.len();
     let mut progress = Progress { done: 0, total: per_transport * plan.transports.len(), quiet: false };
     if !plan.json {
         println!(
@@ -203,33 +218,44 @@ pub fn run(plan: &Plan) -> Result<(), String> {
                 continue;
             }
         };
-        let opts = ConnectOptions::new(key.clone()).policy(policy).timeout(Duration::from_secs(30));
-        let conn = connect(&uri, &opts).map_err(|e| format!("{t}: {}", mosaic_transport::error_chain(&e)))?;
-        for &size in &plan.sizes {
-            progress.step(&format!("{t} pingpong {}", human_size(size)));
-            let mut f = pingpong(&conn, t, size, plan)?;
-            if plan.peer {
-                f.peer = peer_pingpong(t, size, plan);
+        // The peer tools run once per transport, beside the first protection's figures; the
+        // other protections' figures are compared with the same peer figures, from the same run.
+        let mut peers: std::collections::HashMap<(&'static str, usize), PeerFigure> = Default::default();
+        for (k, wish) in plan.protections.iter().enumerate() {
+            let mut opts = ConnectOptions::new(key.clone()).policy(policy).timeout(Duration::from_secs(30));
+            opts.protection = *wish;
+            let conn = connect(&uri, &opts).map_err(|e| format!("{t}: {}", mosaic_transport::error_chain(&e)))?;
+            let prot = conn.protection();
+            let mut with_peer = |mut f: Figure, peer: &dyn Fn() -> Option<PeerFigure>| {
+                f.protection = prot;
+                if plan.peer {
+                    let key = (f.op, f.size);
+                    if k == 0 {
+                        if let Some(p) = peer() {
+                            peers.insert(key, p);
+                        }
+                    }
+                    f.peer = peers.get(&key).cloned();
+                }
+                emit(&f);
+            };
+            let label = protection_name(prot);
+            for &size in &plan.sizes {
+                progress.step(&format!("{t} ({label}) pingpong {}", human_size(size)));
+                with_peer(pingpong(&conn, t, size, plan)?, &|| peer_pingpong(t, size, plan));
             }
-            emit(&f);
-        }
-        progress.step(&format!("{t} stream {}", human_size(STREAM_SIZE)));
-        let mut f = stream(&conn, t, plan)?;
-        if plan.peer {
-            f.peer = peer_stream(t, plan);
-        }
-        emit(&f);
-        if plan.peer && t == "shm" {
-            memcpy_figures(plan.time).iter().for_each(&emit);
-        }
-        for &n in &plan.outstanding {
-            progress.step(&format!("{t} read_page x{n}"));
-            let mut f = read_pages(&conn, t, n, plan)?;
-            // sockperf's 4 KiB ping-pong is the like-for-like peer of one outstanding read.
-            if plan.peer && t == "tcp" && n == 1 {
-                f.peer = peer_pingpong(t, mosaic_transport::PAGE_SIZE, plan);
+            progress.step(&format!("{t} ({label}) stream {}", human_size(STREAM_SIZE)));
+            with_peer(stream(&conn, t, plan)?, &|| peer_stream(t, plan));
+            if plan.peer && t == "shm" && k == 0 {
+                memcpy_figures(plan.time).iter().for_each(&emit);
             }
-            emit(&f);
+            for &n in &plan.outstanding {
+                progress.step(&format!("{t} ({label}) read_page x{n}"));
+                // sockperf's 4 KiB ping-pong is the like-for-like peer of one outstanding read.
+                let peer =
+                    || if t == "tcp" && n == 1 { peer_pingpong(t, mosaic_transport::PAGE_SIZE, plan) } else { None };
+                with_peer(read_pages(&conn, t, n, plan)?, &peer);
+            }
         }
     }
     Ok(())

@@ -279,7 +279,8 @@ fn connect_endpoint(
         Protection::None => stream,
         p => Box::new(secure::SecureStream::new(std::sync::Arc::from(stream), p, &session.keys)),
     };
-    Ok((Connection::new(stream, session.info, opts.policy, opts.timeout, one_sided), link))
+    let conn = Connection::new(stream, session.info, opts.policy, opts.timeout, one_sided);
+    Ok((conn.with_protection(session.protection), link))
 }
 
 type RawConnection = (Box<dyn ByteStream>, Option<Box<dyn conn::OneSided>>);

@@ -141,6 +141,7 @@ struct Shared {
     spinning: AtomicUsize,
     closed: OnceLock<String>,
     one_sided: Option<Box<dyn OneSided>>,
+    protection: crate::Protection,
 }
 
 /// A client connection to one peer. Cheap to clone; all clones share the connection and may be
@@ -239,8 +240,22 @@ impl Connection {
                 spinning: AtomicUsize::new(0),
                 closed: OnceLock::new(),
                 one_sided,
+                protection: crate::Protection::None,
             }),
         }
+    }
+
+    /// Records what protects the connection's frames (set once, before it is shared).
+    pub(crate) fn with_protection(mut self, p: crate::Protection) -> Connection {
+        if let Some(s) = Arc::get_mut(&mut self.shared) {
+            s.protection = p;
+        }
+        self
+    }
+
+    /// What protects this connection's frames (agreed in the handshake).
+    pub fn protection(&self) -> crate::Protection {
+        self.shared.protection
     }
 
     /// The peer's address, as a URI.
