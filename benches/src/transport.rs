@@ -220,7 +220,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
         };
         // The peer tools run once per transport, beside the first protection's figures; the
         // other protections' figures are compared with the same peer figures, from the same run.
-        let mut peers: std::collections::HashMap<(&'static str, usize), PeerFigure> = Default::default();
+        let mut peers: std::collections::HashMap<(&'static str, usize, usize), PeerFigure> = Default::default();
         for (k, wish) in plan.protections.iter().enumerate() {
             let mut opts = ConnectOptions::new(key.clone()).policy(policy).timeout(Duration::from_secs(30));
             opts.protection = *wish;
@@ -229,7 +229,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
             let mut with_peer = |mut f: Figure, peer: &dyn Fn() -> Option<PeerFigure>| {
                 f.protection = prot;
                 if plan.peer {
-                    let key = (f.op, f.size);
+                    let key = (f.op, f.size, f.outstanding);
                     if k == 0 {
                         if let Some(p) = peer() {
                             peers.insert(key, p);

@@ -215,12 +215,12 @@ pub(crate) struct Session {
 }
 
 /// Starts SPAKE2 over `key`: our state and the message to send.
-fn spake(key: &ClusterKey) -> (Spake2<Ed25519Group>, Vec<u8>) {
+pub(crate) fn spake(key: &ClusterKey) -> (Spake2<Ed25519Group>, Vec<u8>) {
     Spake2::<Ed25519Group>::start_symmetric(&Password::new(&key.0), &Identity::new(LABEL))
 }
 
 /// Finishes SPAKE2 with the peer's message and starts Noise keyed by the result.
-fn noise(
+pub(crate) fn noise(
     state: Spake2<Ed25519Group>,
     theirs: &[u8],
     (x, y): (&[u8], &[u8]),
@@ -243,7 +243,7 @@ fn noise(
 }
 
 /// The session keys of a finished Noise handshake, as this side uses them.
-fn keys(mut hs: snow::HandshakeState, initiator: bool) -> RecordKeys {
+pub(crate) fn keys(mut hs: snow::HandshakeState, initiator: bool) -> RecordKeys {
     let (i2r, r2i) = hs.dangerously_get_raw_split();
     if initiator {
         RecordKeys { send: i2r, recv: r2i }
@@ -382,52 +382,7 @@ mod tests {
         assert!(matches!(ClusterKey::from_file("/nonexistent/key"), Err(KeyError::File { .. })));
     }
 
-    use crate::stream::ByteStream;
-    use std::sync::{Arc, Mutex};
-
-    /// One end of an in-memory pipe pair.
-    struct Pipe {
-        rx: Arc<Mutex<std::collections::VecDeque<u8>>>,
-        tx: Arc<Mutex<std::collections::VecDeque<u8>>>,
-        /// Everything this end sent, for the eavesdropping test.
-        seen: Arc<Mutex<Vec<u8>>>,
-    }
-
-    fn pipes() -> (Pipe, Pipe) {
-        let (a, b) = (Arc::new(Mutex::new(Default::default())), Arc::new(Mutex::new(Default::default())));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        (Pipe { rx: a.clone(), tx: b.clone(), seen: seen.clone() }, Pipe { rx: b, tx: a, seen })
-    }
-
-    impl ByteStream for Pipe {
-        fn write_all(&self, bufs: &[&[u8]]) -> std::io::Result<()> {
-            let mut q = self.tx.lock().unwrap();
-            for b in bufs {
-                q.extend(b.iter());
-                self.seen.lock().unwrap().extend_from_slice(b);
-            }
-            Ok(())
-        }
-        fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let mut q = self.rx.lock().unwrap();
-            if q.is_empty() {
-                return Err(std::io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(q.len());
-            for b in buf.iter_mut().take(n) {
-                *b = q.pop_front().unwrap();
-            }
-            Ok(n)
-        }
-        fn wait_readable(&self, _: std::time::Duration) -> std::io::Result<()> {
-            std::thread::yield_now();
-            Ok(())
-        }
-        fn shutdown(&self) {}
-        fn peer(&self) -> String {
-            "pipe".into()
-        }
-    }
+    use crate::fuzzing::pipes;
 
     fn shake(
         ck: &ClusterKey,

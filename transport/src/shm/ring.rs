@@ -7,7 +7,8 @@
 //! publishes them with a release store of `tail`; the consumer acquires `tail`, copies out
 //! `[head, tail)` and releases the space with a release store of `head`. Each side reads the
 //! other's counter with acquire, so a byte is never read before it is written, nor overwritten
-//! before it is read. Counters never wrap in practice (2^64 bytes).
+//! before it is read. Counters are free-running modulo 2^64: all arithmetic on them wraps, so
+//! a peer's value near the wrap point is judged like any other.
 //!
 //! # The peer is not trusted
 //! The counters live in memory the other process can write at will. So each side keeps the
@@ -52,7 +53,7 @@ pub(crate) struct RingHeader {
 
 impl RingHeader {
     /// A fresh, empty header.
-    #[cfg(any(loom, test))]
+    #[cfg(any(loom, test, fuzzing))]
     pub(crate) fn new() -> RingHeader {
         RingHeader {
             tail: CacheLine(AtomicU64::new(0)),
@@ -196,11 +197,11 @@ impl<'a, B: RingBytes> Ring<'a, B> {
         // `tail - head <= cap` holds for it. A stale view only under-states the free space, so
         // read the consumer's line (a cache miss) only when it says there is not enough room.
         let mut head = self.end.peer_cache.load(Ordering::Relaxed);
-        if self.cap() - (tail - head) < src.len() as u64 {
+        if self.cap() - tail.wrapping_sub(head) < src.len() as u64 {
             head = self.checked_head(tail)?;
             self.end.peer_cache.store(head, Ordering::Relaxed);
         }
-        let free = self.cap() - (tail - head);
+        let free = self.cap() - tail.wrapping_sub(head);
         let n = usize::try_from(free).unwrap_or(usize::MAX).min(src.len());
         if n == 0 {
             return Ok(0);
@@ -215,8 +216,8 @@ impl<'a, B: RingBytes> Ring<'a, B> {
             self.bytes.write(at, &src[..first]);
             self.bytes.write(0, &src[first..first + second]);
         }
-        self.end.own.store(tail + n as u64, Ordering::Relaxed);
-        self.hdr.tail.0.store(tail + n as u64, Ordering::Release);
+        self.end.own.store(tail.wrapping_add(n as u64), Ordering::Relaxed);
+        self.hdr.tail.0.store(tail.wrapping_add(n as u64), Ordering::Release);
         Ok(n)
     }
 
@@ -224,7 +225,7 @@ impl<'a, B: RingBytes> Ring<'a, B> {
     pub(crate) fn pop(&self, dst: &mut [u8]) -> Result<usize, RingCorrupt> {
         let head = self.end.own.load(Ordering::Relaxed);
         let tail = self.checked_tail(head)?;
-        let n = usize::try_from(tail - head).unwrap_or(usize::MAX).min(dst.len());
+        let n = usize::try_from(tail.wrapping_sub(head)).unwrap_or(usize::MAX).min(dst.len());
         if n == 0 {
             return Ok(0);
         }
@@ -237,21 +238,21 @@ impl<'a, B: RingBytes> Ring<'a, B> {
             self.bytes.read(at, &mut dst[..first]);
             self.bytes.read(0, &mut dst[first..first + second]);
         }
-        self.end.own.store(head + n as u64, Ordering::Relaxed);
-        self.hdr.head.0.store(head + n as u64, Ordering::Release);
+        self.end.own.store(head.wrapping_add(n as u64), Ordering::Relaxed);
+        self.hdr.head.0.store(head.wrapping_add(n as u64), Ordering::Release);
         Ok(n)
     }
 
     /// Consumer: bytes available to read.
     pub(crate) fn available(&self) -> Result<u64, RingCorrupt> {
         let head = self.end.own.load(Ordering::Relaxed);
-        Ok(self.checked_tail(head)? - head)
+        Ok(self.checked_tail(head)?.wrapping_sub(head))
     }
 
     /// Producer: true if there is no room.
     pub(crate) fn is_full(&self) -> Result<bool, RingCorrupt> {
         let tail = self.end.own.load(Ordering::Relaxed);
-        Ok(tail - self.checked_head(tail)? >= self.cap())
+        Ok(tail.wrapping_sub(self.checked_head(tail)?) >= self.cap())
     }
 }
 
@@ -336,6 +337,18 @@ mod tests {
         // And the largest lie of all.
         pair.hdr.tail.0.store(u64::MAX, Ordering::Release);
         assert!(pair.consumer().pop(&mut b).is_err());
+    }
+
+    /// A fuzzer find: a consumer's `head` published as u64::MAX (one behind our tail of 0, modulo
+    /// 2^64) made the producer's `tail - head` overflow (a panic in checked builds). Counters
+    /// are modular: it is judged like any other value.
+    #[test]
+    fn counters_near_the_wrap_point_are_judged_modulo_2_64() {
+        let mut pair = Pair::new(64);
+        pair.hdr.head.0.store(u64::MAX, Ordering::Release);
+        assert_eq!(pair.producer().push(&[1u8; 100]).unwrap(), 63, "one byte counted as unread");
+        pair.hdr.tail.0.store(u64::MAX, Ordering::Release);
+        assert!(pair.consumer().pop(&mut [0u8; 8]).is_err(), "a tail far behind our head");
     }
 
     #[test]
