@@ -20,15 +20,15 @@ for i in range(runs):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     for line in out.splitlines():
         f = json.loads(line)
-        key = (f["transport"], f["op"], f["size"], f["outstanding"])
+        key = (f["transport"], f.get("protection", "-"), f["op"], f["size"], f["outstanding"])
         rows.setdefault(key, []).append(f)
 
 def med(fs, k):
     vals = [f[k] for f in fs if k in f]
     return statistics.median(vals) if vals else None
 
-print(f"{'transport':<9} {'op':<10} {'size':>7} {'out':>4} {'median_us':>10} {'MB/s':>9} {'pages/s':>10}  peer, median ratio (range)")
-for (t, op, size, out), fs in rows.items():
+print(f"{'transport':<9} {'frames':<9} {'op':<10} {'size':>7} {'out':>4} {'median_us':>10} {'MB/s':>9} {'pages/s':>10}  peer, median ratio (range)")
+for (t, prot, op, size, out), fs in rows.items():
     ours_us, mbs, pps = med(fs, "median_us"), med(fs, "mb_per_s"), med(fs, "pages_per_s")
     ratios = [f["ratio"] for f in fs if "ratio" in f]
     peer = ""
@@ -38,4 +38,4 @@ for (t, op, size, out), fs in rows.items():
         pv = f"{pm:.2f} us" if pm is not None else f"{pb:.0f} MB/s"
         peer = f"{fs[0]['peer']} {pv}, x{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
     fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
-    print(f"{t:<9} {op:<10} {size:>7} {out:>4} {fmt(ours_us, 2):>10} {fmt(mbs, 0):>9} {fmt(pps, 0):>10}  {peer}")
+    print(f"{t:<9} {prot:<9} {op:<10} {size:>7} {out:>4} {fmt(ours_us, 2):>10} {fmt(mbs, 0):>9} {fmt(pps, 0):>10}  {peer}")

@@ -13,7 +13,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use mosaic_netram::{parse_size, MemServer, MemServerConfig, NetRam, NetRamConfig};
@@ -50,6 +50,10 @@ struct Cli {
     /// Skip the all-local reference run.
     #[arg(long)]
     no_reference: bool,
+    /// Kill one memory server (SIGKILL, the one holding the most pages) this many seconds into
+    /// the sort, to see what losing a server costs: with two copies nothing is lost.
+    #[arg(long, value_name = "SECS")]
+    kill_server_after: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -223,9 +227,29 @@ fn demo(cli: &Cli) -> Result<(), String> {
     let fill_time = t.elapsed();
     println!("filled {n} keys in {:.2} s", fill_time.as_secs_f64());
     let t = Instant::now();
+    let killer = cli.kill_server_after.map(|secs| {
+        // The server with the most pages: its loss costs the most rebuilding.
+        let placed = ram.placement();
+        let victim = (0..servers.len()).max_by_key(|k| placed.get(*k).map_or(0, |p| p.2)).unwrap_or(0);
+        let pid = servers[victim].child.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)));
+            let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status().is_ok_and(|s| s.success());
+            (victim, pid, killed)
+        })
+    });
     data.sort_unstable();
     let sort_time = t.elapsed();
     println!("sorted in {:.2} s", sort_time.as_secs_f64());
+    if let Some(k) = killer {
+        match k.join() {
+            Ok((victim, pid, true)) => println!(
+                "  server {victim} (pid {pid}) was killed {:.2} s into the sort",
+                cli.kill_server_after.unwrap_or(0.0)
+            ),
+            _ => println!("  (the server to kill was not killed: the sort ended first, or kill failed)"),
+        }
+    }
     let t = Instant::now();
     let verdict = check(data, sums);
     let check_time = t.elapsed();
@@ -247,8 +271,8 @@ fn demo(cli: &Cli) -> Result<(), String> {
         println!("  {uri}: {pages} pages ({:.1} MiB){}", mib(pages * 4096), if alive { "" } else { " (dead)" });
     }
     println!(
-        "faults served from servers: {} (plus {} pages prefetched), as zeros: {}; pages evicted: {} ({} by faults making room for a prefetch), written back: {}, lost: {}; faults that waited for the evictor: {}",
-        st.fetched, st.prefetched, st.zero_filled, st.evicted, st.evicted_by_faults, st.written_back, st.lost, st.throttled
+        "faults served from servers: {} (plus {} pages prefetched), as zeros: {}; pages evicted: {} ({} by faults making room for a prefetch), written back: {}, lost: {}; faults that waited for the evictor: {}; failovers: {}, copies rebuilt: {}",
+        st.fetched, st.prefetched, st.zero_filled, st.evicted, st.evicted_by_faults, st.written_back, st.lost, st.throttled, st.failovers, st.rebuilt
     );
     let total = fill_time + sort_time + check_time;
     if !cli.no_reference {

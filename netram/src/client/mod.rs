@@ -53,6 +53,9 @@ enum Round {
 const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// The smallest resident budget, in pages.
 pub const MIN_BUDGET_PAGES: u64 = 64;
+/// Pages re-stored per batch by the rebuild after a server loss (one GET and one PUT request
+/// per server per batch).
+const REBUILD_BATCH: usize = 64;
 /// How often the servers are asked whether they still hold this region's session.
 const SESSION_CHECK: Duration = Duration::from_secs(2);
 
@@ -836,45 +839,33 @@ impl Shared {
         self.give_up_ahead();
         let live = self.servers.live_mask();
         let want = self.servers.copies();
-        let mut page = Page::boxed();
         let mut short = false;
-        for i in 0..self.table.len() {
+        let (mut remote, mut resident) = (Vec::new(), Vec::new());
+        let mut i = 0;
+        while i < self.table.len() {
             if stop.load(Ordering::Acquire) {
                 return;
             }
-            let all = self.table.holders(i);
-            let (file, holders) = (all & FILE_HOLDER, all & !FILE_HOLDER);
-            // Enough: as many live copies as wanted, or as the live servers allow, or one plus
-            // the backing file. Dead holders are cleared in any case.
-            let have = (holders & live).count_ones() as usize;
-            let enough = have >= want.min(live.count_ones() as usize).max(1) || file != 0 && have > 0;
-            if all == 0 || holders & !live == 0 && enough {
-                continue;
+            remote.clear();
+            resident.clear();
+            while i < self.table.len() && remote.len() + resident.len() < REBUILD_BATCH {
+                let all = self.table.holders(i);
+                let (file, holders) = (all & FILE_HOLDER, all & !FILE_HOLDER);
+                // Enough: as many live copies as wanted, or as the live servers allow, or one
+                // plus the backing file. Dead holders are cleared in any case.
+                let have = (holders & live).count_ones() as usize;
+                let enough = have >= want.min(live.count_ones() as usize).max(1) || file != 0 && have > 0;
+                if all != 0 && (holders & !live != 0 || !enough) {
+                    if self.table.cas(i, REMOTE, FETCHING) {
+                        self.table.set_holders(i, (holders & live) | file);
+                        remote.push(i);
+                    } else if self.table.get(i) == CLEAN {
+                        resident.push(i);
+                    }
+                }
+                i += 1;
             }
-            if self.table.cas(i, REMOTE, FETCHING) {
-                self.table.set_holders(i, (holders & live) | file);
-                // If no copy can be read, a fault decides LOST, with the page named.
-                if self.fetch(i, &mut page).is_ok() {
-                    short |= self.restore(i, &page.0) < want;
-                }
-                self.table.set(i, REMOTE);
-            } else if self.table.get(i) == CLEAN {
-                // Resident: copy it under the eviction lock (rounds name one page in `copying`).
-                let _round = crate::lock(&self.evicting);
-                if !self.table.cas(i, CLEAN, EVICTING) {
-                    continue; // it changed meanwhile: dirty pages are saved at eviction
-                }
-                self.table.set_holders(i, (holders & live) | file);
-                // SAFETY: inside the live region (the keeper stops before it is unmapped),
-                // resident and clean, so write-protected: nobody writes it while we copy.
-                let (copy, discarded) = unsafe { self.copy_page(core, i) };
-                if discarded {
-                    self.table.set(i, DIRTY); // zeros now: saved at its eviction
-                    continue;
-                }
-                short |= self.restore(i, &copy) < want;
-                self.table.set(i, CLEAN);
-            }
+            short |= self.rebuild_batch(core, &remote, &resident, want);
         }
         // Try again later only where more servers could take copies (full ones may free up).
         if short && live.count_ones() as usize >= want {
@@ -882,16 +873,60 @@ impl Shared {
         }
     }
 
-    /// Stores `data` as page `i` where its slab belongs and adds the new holders; returns the
-    /// number of live servers holding it now.
-    fn restore(&self, i: u64, data: &[u8; PAGE_SIZE]) -> usize {
-        let mask = self.servers.put(&[(i, data)])[0];
-        if mask != 0 {
-            bump(&self.stats.rebuilt, 1);
+    /// Re-stores a batch: `remote` pages (FETCHING, ours) are read in one request per server
+    /// (with failover one by one for what fails), `resident` clean pages are copied from local
+    /// memory and held EVICTING (their writers wait) until their copies are stored; then all go
+    /// out in one PUT per server. Returns whether some page is still short of copies.
+    fn rebuild_batch(&self, core: &RegionCore, remote: &[u64], resident: &[u64], want: usize) -> bool {
+        let live = self.servers.live_mask();
+        let mut fetched = Page::vec(remote.len());
+        let reqs: Vec<(u64, u32)> = remote.iter().map(|&i| (i, self.table.holders(i) & !FILE_HOLDER)).collect();
+        let arrived = {
+            let mut dsts: Vec<&mut Page> = fetched.iter_mut().collect();
+            self.servers.fetch_many(&reqs, &mut dsts)
+        };
+        let mut data: Vec<(u64, &[u8; PAGE_SIZE])> = Vec::with_capacity(remote.len() + resident.len());
+        for ((&i, page), ok) in remote.iter().zip(fetched.iter_mut()).zip(arrived) {
+            // If no copy can be read, a fault decides LOST later, with the page named.
+            if ok || self.fetch(i, page).is_ok() {
+                data.push((i, &page.0));
+            }
         }
-        let now = mask | self.table.holders(i);
-        self.table.set_holders(i, now);
-        (now & self.servers.live_mask()).count_ones() as usize
+        let mut copies: Vec<(u64, Copy)> = Vec::with_capacity(resident.len());
+        for &i in resident {
+            // Copied under the eviction lock (rounds name one page in `copying`), held
+            // EVICTING until stored so no write slips in between the copy and its new holders.
+            let _round = crate::lock(&self.evicting);
+            if !self.table.cas(i, CLEAN, EVICTING) {
+                continue; // it changed meanwhile: dirty pages are saved at eviction
+            }
+            let all = self.table.holders(i);
+            self.table.set_holders(i, all & (live | FILE_HOLDER));
+            // SAFETY: inside the live region (the keeper stops before it is unmapped), resident
+            // and clean, so write-protected: nobody writes it while we copy.
+            match unsafe { self.copy_page(core, i) } {
+                (_, true) => self.table.set(i, DIRTY), // zeros now: saved at its eviction
+                (copy, false) => copies.push((i, copy)),
+            }
+        }
+        data.extend(copies.iter().map(|(i, c)| (*i, &**c)));
+        let masks = self.servers.put(&data);
+        let mut short = false;
+        for ((i, _), mask) in data.iter().zip(masks) {
+            if mask != 0 {
+                bump(&self.stats.rebuilt, 1);
+            }
+            let now = mask | self.table.holders(*i);
+            self.table.set_holders(*i, now);
+            short |= ((now & self.servers.live_mask()).count_ones() as usize) < want;
+        }
+        for &i in remote {
+            self.table.set(i, REMOTE);
+        }
+        for (i, _) in &copies {
+            self.table.set(*i, CLEAN);
+        }
+        short
     }
 
     /// Pages with a copy somewhere but fewer live server copies than wanted (and no backing file).
