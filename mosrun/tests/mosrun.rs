@@ -28,13 +28,30 @@ fn mosrun() -> Command {
     Command::new(exe)
 }
 
-fn bigalloc() -> PathBuf {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bigalloc");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../preload/tests/c/bigalloc.c");
+/// Builds `preload/tests/c/NAME.c` (an ordinary C program, nothing of Mosaic in it).
+fn c_program(name: &str) -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../preload/tests/c/{name}.c"));
     let st =
         Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"]).arg(&out).arg(&src).status().unwrap();
     assert!(st.success(), "cc failed");
     out
+}
+
+fn bigalloc() -> PathBuf {
+    c_program("bigalloc")
+}
+
+/// The probe: `munmap` of the head of a large allocation freed the whole block (so an
+/// allocator's over-allocate-and-trim would have its kept middle handed out again), an unmap
+/// starting inside a block was ignored, and `MADV_DONTNEED` brought back old contents.
+#[test]
+fn partial_unmaps_remaps_and_dontneed_behave_as_the_kernels() {
+    let prog = c_program("mappings");
+    let expected = ok(&Command::new(&prog).output().unwrap());
+    assert!(expected.contains("done") && !expected.contains(": 0"), "{expected}");
+    let under = mosrun().args(["--local-budget", "16M", "--threshold", "1M", "--"]).arg(&prog).output().unwrap();
+    assert_eq!(ok(&under), expected);
 }
 
 fn ok(o: &Output) -> String {

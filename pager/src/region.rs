@@ -432,7 +432,7 @@ fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
     }
     let hint = fixed.unwrap_or(0) as *mut libc::c_void;
     // SAFETY: an anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing mapping.
-    let p = unsafe { libc::mmap(hint, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    let p = unsafe { raw::mmap(hint, len_usize, libc::PROT_READ | libc::PROT_WRITE, flags) };
     if p == libc::MAP_FAILED {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EEXIST) {
@@ -448,7 +448,7 @@ fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
         }
     }
     // SAFETY: advising our own fresh mapping. A child must not inherit pages it cannot be served.
-    let rc = unsafe { libc::madvise(p, len_usize, libc::MADV_DONTFORK) };
+    let rc = unsafe { raw::madvise(p, len_usize, libc::MADV_DONTFORK) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         unmap(p as u64, len);
@@ -457,9 +457,44 @@ fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
     Ok(p as u64)
 }
 
+/// The region's own `mmap`, `munmap` and `madvise`, as raw system calls: a program may interpose
+/// the libc functions (Mosaic's own LD_PRELOAD shim does, to give its allocations kernel
+/// semantics), and the region's management of its own mapping must never go through them.
+mod raw {
+    /// `mmap(2)` of anonymous memory.
+    ///
+    /// # Safety
+    /// As `mmap(2)`: the caller owns whatever range it asks for.
+    pub(super) unsafe fn mmap(hint: *mut libc::c_void, len: usize, prot: i32, flags: i32) -> *mut libc::c_void {
+        // SAFETY: forwarded to the caller.
+        let r = unsafe { libc::syscall(libc::SYS_mmap, hint, len, prot, flags, -1, 0) };
+        r as *mut libc::c_void
+    }
+
+    /// `munmap(2)`.
+    ///
+    /// # Safety
+    /// The range is the caller's own, and nothing refers into it afterwards.
+    pub(super) unsafe fn munmap(addr: *mut libc::c_void, len: usize) -> i32 {
+        // SAFETY: forwarded to the caller.
+        let r = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+        i32::try_from(r).unwrap_or(-1)
+    }
+
+    /// `madvise(2)`.
+    ///
+    /// # Safety
+    /// The range is the caller's own mapping.
+    pub(super) unsafe fn madvise(addr: *mut libc::c_void, len: usize, advice: i32) -> i32 {
+        // SAFETY: forwarded to the caller.
+        let r = unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) };
+        i32::try_from(r).unwrap_or(-1)
+    }
+}
+
 fn unmap(start: u64, len: u64) {
     // SAFETY: only ranges this region mapped and still owns (see `foreign`) are unmapped.
-    let rc = unsafe { libc::munmap(start as *mut libc::c_void, usize::try_from(len).unwrap_or(0)) };
+    let rc = unsafe { raw::munmap(start as *mut libc::c_void, usize::try_from(len).unwrap_or(0)) };
     if rc != 0 {
         log::warn!("munmap({start:#x}, {len}) failed: {}", std::io::Error::last_os_error());
     }
@@ -640,7 +675,7 @@ impl RegionCore {
         lock(&self.self_drops).push(range.clone());
         // SAFETY: the range is inside this region's mapping (checked above).
         let rc = unsafe {
-            libc::madvise(start as *mut libc::c_void, usize::try_from(count * PAGE).unwrap_or(0), libc::MADV_DONTNEED)
+            raw::madvise(start as *mut libc::c_void, usize::try_from(count * PAGE).unwrap_or(0), libc::MADV_DONTNEED)
         };
         if rc != 0 {
             let err = std::io::Error::last_os_error();

@@ -2,12 +2,21 @@
 //!
 //! Loaded with `LD_PRELOAD` (normally by `mosrun`), it interposes `malloc`, `calloc`, `realloc`,
 //! `free`, `posix_memalign`, `aligned_alloc`, `memalign`, `valloc`, `pvalloc`,
-//! `malloc_usable_size`, and `mmap`/`munmap`/`mremap` of private anonymous memory. Requests of at
+//! `malloc_usable_size`, `mmap`/`munmap`/`mremap` of private anonymous memory, and `madvise`.
+//! Requests of at
 //! least the threshold (default 1 MiB) are carved out of one network-RAM region, created at the
 //! first such request; smaller ones, and everything Mosaic allocates for itself, go to glibc's
 //! allocator (`__libc_malloc` and friends).
 //!
-//! # Configuration (environment)
+//! # Mappings
+//! On region memory, `munmap`, `mremap` and `madvise` behave as the kernel's do on anonymous
+//! memory, page by page: unmapping part of a block keeps the rest allocated (an allocator that
+//! maps too much and trims the ends keeps exactly its middle), `mremap` shrinks in place, grows in
+//! place when the pages after are free and moves otherwise (with `MREMAP_MAYMOVE`), and
+//! `MADV_DONTNEED`/`MADV_FREE` make the pages read as zeros (their copies on the servers are
+//! freed). `MREMAP_DONTUNMAP` on region memory fails with `EINVAL`.
+//!
+//! # Configuration (environment, read once when the library is loaded)
 //! - `MOSAIC_SERVERS`: memory servers, comma-separated URIs (required; without it nothing changes).
 //! - `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`: the cluster key.
 //! - `MOSAIC_LOCAL_BUDGET`: local RAM for the region (default 1G).
@@ -30,14 +39,14 @@
 
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 // The unit tests exclude the interposed entry points, which are what use the rest.
-#![cfg_attr(test, allow(dead_code))]
+#![cfg_attr(test, allow(dead_code, clippy::cast_possible_truncation))]
 
 pub mod heap;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use heap::Heap;
@@ -111,8 +120,46 @@ thread_local! {
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Smallest request placed on network RAM; 0 until read from the environment.
-static THRESHOLD: AtomicUsize = AtomicUsize::new(0);
+/// The environment as it was when the library was loaded: a program that changes its
+/// environment later (Python's `os.environ`, `setenv`) changes nothing here.
+struct Config {
+    servers: Option<String>,
+    key: Result<ClusterKey, String>,
+    size: u64,
+    budget: u64,
+    threshold: usize,
+    copies: Option<usize>,
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let size_of =
+            |name: &std::ffi::CStr, default: u64| env(name).and_then(|s| parse_size(s).ok()).unwrap_or(default);
+        Config {
+            servers: env(c"MOSAIC_SERVERS").map(String::from),
+            key: ClusterKey::from_env().map_err(|e| e.to_string()),
+            size: size_of(c"MOSAIC_NETRAM_SIZE", 16 << 30),
+            budget: size_of(c"MOSAIC_LOCAL_BUDGET", 1 << 30),
+            threshold: usize::try_from(size_of(c"MOSAIC_THRESHOLD", 1 << 20)).unwrap_or(usize::MAX).max(PAGE_SIZE),
+            copies: env(c"MOSAIC_COPIES").and_then(|s| s.parse().ok()),
+        }
+    }
+}
+
+static CONFIG: OnceLock<Config> = OnceLock::new();
+
+fn config() -> &'static Config {
+    CONFIG.get_or_init(|| inside(Config::from_env))
+}
+
+/// Reads the environment when the library is loaded, before the program runs.
+extern "C" fn read_env_at_load() {
+    let _ = config();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static READ_ENV_AT_LOAD: extern "C" fn() = read_env_at_load;
 /// Set in a forked child, or once the region failed: everything goes to glibc.
 static DISABLED: AtomicBool = AtomicBool::new(false);
 static BACKEND: OnceLock<Option<Backend>> = OnceLock::new();
@@ -149,16 +196,7 @@ fn env(name: &std::ffi::CStr) -> Option<&'static str> {
 }
 
 fn threshold() -> usize {
-    let t = THRESHOLD.load(Ordering::Relaxed);
-    if t != 0 {
-        return t;
-    }
-    let t = env(c"MOSAIC_THRESHOLD")
-        .and_then(|s| parse_size(s).ok())
-        .map_or(1 << 20, |v| usize::try_from(v).unwrap_or(usize::MAX))
-        .max(PAGE_SIZE);
-    THRESHOLD.store(t, Ordering::Relaxed);
-    t
+    config().threshold
 }
 
 fn report(msg: &str) {
@@ -169,20 +207,19 @@ fn report(msg: &str) {
 
 fn init() -> Option<Backend> {
     inside(|| {
+        let c = config();
         let servers: Vec<String> =
-            env(c"MOSAIC_SERVERS")?.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
-        let key = match ClusterKey::from_env() {
-            Ok(k) => k,
+            c.servers.as_ref()?.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        let key = match &c.key {
+            Ok(k) => k.clone(),
             Err(e) => {
                 report(&format!("network RAM is off: {e}"));
                 return None;
             }
         };
-        let size = env(c"MOSAIC_NETRAM_SIZE").and_then(|s| parse_size(s).ok()).unwrap_or(16 << 30);
-        let budget = env(c"MOSAIC_LOCAL_BUDGET").and_then(|s| parse_size(s).ok()).unwrap_or(1 << 30);
-        let mut cfg = NetRamConfig::new(servers, key, size, budget);
-        if let Some(c) = env(c"MOSAIC_COPIES").and_then(|s| s.parse().ok()) {
-            cfg.copies = c;
+        let mut cfg = NetRamConfig::new(servers, key, c.size, c.budget);
+        if let Some(n) = c.copies {
+            cfg.copies = n;
         }
         cfg.fault_mode = FaultMode::PerCpu;
         cfg.name = "preload".into();
@@ -253,6 +290,61 @@ fn big_free(b: &Backend, off: u64) {
     });
 }
 
+/// Unmaps region pages `first..first + pages` as `munmap` does: the allocated ones are discarded
+/// (they read as zeros if handed out again; their copies on the servers are freed), then given
+/// back to the heap, trimming or splitting the blocks they belonged to.
+fn unmap_pages(b: &Backend, first: u64, pages: u64) {
+    if DISABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    inside(|| {
+        // Discarded while still allocated, so no other thread can be handed them meanwhile.
+        discard_pages(b, first, pages);
+        lock(b).release(first, pages);
+    });
+}
+
+/// Makes the allocated pages among `first..first + pages` read as zeros (`MADV_DONTNEED`).
+fn discard_pages(b: &Backend, first: u64, pages: u64) {
+    inside(|| {
+        let runs = lock(b).allocated_within(first, pages);
+        for (s, n) in runs {
+            if let Err(e) = b.ram.discard(s, n) {
+                report(&format!("discarding {n} pages failed: {e}"));
+            }
+        }
+    });
+}
+
+/// How `[addr, addr + len)` meets the region: the byte ranges before and after it (for the
+/// kernel) and the region's pages in between (first page, pages), `len` rounded up to pages.
+struct Split {
+    before: Option<(usize, usize)>,
+    pages: Option<(u64, u64)>,
+    after: Option<(usize, usize)>,
+}
+
+fn split(b: &Backend, addr: usize, len: usize) -> Split {
+    let end = addr.saturating_add(len.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+    let (lo, hi) = (addr.max(b.base), end.min(b.base + b.len));
+    Split {
+        before: (addr < b.base).then(|| (addr, end.min(b.base) - addr)),
+        pages: (lo < hi).then(|| (((lo - b.base) / PAGE_SIZE) as u64, ((hi - lo) / PAGE_SIZE) as u64)),
+        after: (end > b.base + b.len).then(|| (addr.max(b.base + b.len), end - addr.max(b.base + b.len))),
+    }
+}
+
+/// The backend, if `[addr, addr + len)` touches the region.
+fn overlapping(addr: usize, len: usize) -> Option<&'static Backend> {
+    let b = BACKEND.get()?.as_ref()?;
+    (addr < b.base + b.len && addr.saturating_add(len) > b.base).then_some(b)
+}
+
+fn set_errno(e: i32) {
+    // SAFETY: errno is thread-local.
+    unsafe { *libc::__errno_location() = e };
+}
+
 fn size_of_ours(b: &Backend, off: u64) -> usize {
     inside(|| lock(b).get(off).map_or(0, |blk| usize::try_from(blk.pages).unwrap_or(0) * PAGE_SIZE))
 }
@@ -265,7 +357,7 @@ mod interpose {
 
     /// glibc's malloc_usable_size, found with dlsym on first use.
     fn real_usable_size(p: *mut c_void) -> usize {
-        static REAL: AtomicUsize = AtomicUsize::new(0);
+        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let mut f = REAL.load(Ordering::Relaxed);
         if f == 0 {
             // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name; it may allocate, which the
@@ -444,15 +536,69 @@ mod interpose {
         sys_mmap(addr, len, prot, flags, fd, off)
     }
 
-    #[no_mangle]
-    pub extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
-        if let Some((b, off)) = ours(addr) {
-            big_free(b, off);
-            return 0;
-        }
+    fn sys_munmap(addr: usize, len: usize) -> i32 {
         // SAFETY: the raw system call, exactly as the caller asked.
         let r = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
         i32::try_from(r).unwrap_or(-1)
+    }
+
+    #[no_mangle]
+    pub extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
+        let a = addr as usize;
+        // Mosaic's own calls (its start-up, or code running inside it) go straight to the kernel.
+        let target = overlapping(a, len).filter(|_| !DISABLED.load(Ordering::Relaxed) && !is_inside());
+        let Some(b) = target else { return sys_munmap(a, len) };
+        if a % PAGE_SIZE != 0 || len == 0 {
+            set_errno(libc::EINVAL);
+            return -1;
+        }
+        let sp = split(b, a, len);
+        if let Some((first, pages)) = sp.pages {
+            unmap_pages(b, first, pages);
+        }
+        let mut rc = 0;
+        for (x, n) in [sp.before, sp.after].into_iter().flatten() {
+            rc |= sys_munmap(x, n);
+        }
+        rc
+    }
+
+    #[no_mangle]
+    pub extern "C" fn madvise(addr: *mut c_void, len: usize, advice: i32) -> i32 {
+        let a = addr as usize;
+        let discard = advice == libc::MADV_DONTNEED || advice == libc::MADV_FREE;
+        let sys = |x: usize, n: usize| {
+            // SAFETY: the raw system call, exactly as the caller asked.
+            let r = unsafe { libc::syscall(libc::SYS_madvise, x, n, advice) };
+            i32::try_from(r).unwrap_or(-1)
+        };
+        let target = overlapping(a, len).filter(|_| discard && !DISABLED.load(Ordering::Relaxed) && !is_inside());
+        let Some(b) = target else { return sys(a, len) };
+        if a % PAGE_SIZE != 0 {
+            set_errno(libc::EINVAL);
+            return -1;
+        }
+        let sp = split(b, a, len);
+        if let Some((first, pages)) = sp.pages {
+            // The kernel would drop the local pages only, and the next touch would bring back
+            // the old contents from the servers: discard them everywhere instead.
+            discard_pages(b, first, pages);
+        }
+        let mut rc = 0;
+        for (x, n) in [sp.before, sp.after].into_iter().flatten() {
+            rc |= sys(x, n);
+        }
+        rc
+    }
+
+    /// Allocates `size` bytes in the region whatever the threshold (`mremap` moving region
+    /// memory keeps it there), else as anonymous memory from the kernel.
+    fn remap_target(b: &Backend, size: usize) -> *mut c_void {
+        if let Some(off) = inside(|| lock(b).alloc(size, PAGE_SIZE as u64)) {
+            return (b.base + usize::try_from(off).unwrap_or(0)) as *mut c_void;
+        }
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        sys_mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
     }
 
     #[no_mangle]
@@ -463,26 +609,48 @@ mod interpose {
         flags: i32,
         new_addr: *mut c_void,
     ) -> *mut c_void {
-        if let Some((b, off)) = ours(old) {
-            if new_len <= size_of_ours(b, off) {
-                return old;
-            }
-            if flags & libc::MREMAP_MAYMOVE == 0 {
-                // SAFETY: errno is thread-local.
-                unsafe { *libc::__errno_location() = libc::ENOMEM };
-                return libc::MAP_FAILED;
-            }
-            let n = malloc(new_len);
-            if n.is_null() {
-                return libc::MAP_FAILED;
-            }
-            // SAFETY: both blocks are live and at least old_len long; they do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(old.cast::<u8>(), n.cast::<u8>(), old_len.min(new_len)) };
-            big_free(b, off);
-            return n;
+        let Some((b, off)) = ours(old).filter(|_| !DISABLED.load(Ordering::Relaxed) && !is_inside()) else {
+            // SAFETY: the raw system call, exactly as the caller asked.
+            let r = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
+            return r as *mut c_void;
+        };
+        let fail = |e: i32| {
+            set_errno(e);
+            libc::MAP_FAILED
+        };
+        let known = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        if off % PAGE_SIZE as u64 != 0 || new_len == 0 || old_len == 0 || flags & !known != 0 {
+            return fail(libc::EINVAL);
         }
-        // SAFETY: the raw system call, exactly as the caller asked.
-        let r = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
-        r as *mut c_void
+        if flags & libc::MREMAP_FIXED != 0 {
+            return fail(libc::EINVAL); // moving region memory to a fixed address: not supported
+        }
+        let first = off / PAGE_SIZE as u64;
+        let old_pages = old_len.div_ceil(PAGE_SIZE) as u64;
+        let new_pages = new_len.div_ceil(PAGE_SIZE) as u64;
+        let held: u64 = inside(|| lock(b).allocated_within(first, old_pages)).iter().map(|r| r.1).sum();
+        if held != old_pages {
+            return fail(libc::EFAULT); // part of the old range is not mapped
+        }
+        if new_pages <= old_pages {
+            unmap_pages(b, first + new_pages, old_pages - new_pages);
+            return old;
+        }
+        // Pages after the block that are free were discarded when freed: they read as zeros,
+        // as new anonymous pages do.
+        if inside(|| lock(b).grow_in_place(first + old_pages, new_pages - old_pages)) {
+            return old;
+        }
+        if flags & libc::MREMAP_MAYMOVE == 0 {
+            return fail(libc::ENOMEM);
+        }
+        let n = remap_target(b, new_len);
+        if n == libc::MAP_FAILED || n.is_null() {
+            return fail(libc::ENOMEM);
+        }
+        // SAFETY: both ranges are mapped and at least old_pages pages long; they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(old.cast::<u8>(), n.cast::<u8>(), old_len.div_ceil(PAGE_SIZE) * PAGE_SIZE) };
+        unmap_pages(b, first, old_pages);
+        n
     }
 }

@@ -185,8 +185,21 @@ impl Mapping {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
         }
+        // A raw system call, not libc's mmap: a program may interpose that (Mosaic's own LD_PRELOAD
+        // shim does), and the transport's buffers must stay ordinary memory.
         // SAFETY: a fresh mapping at an address the kernel picks; it overlaps no Rust object.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mmap,
+                std::ptr::null_mut::<libc::c_void>(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        let p = r as *mut libc::c_void;
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -209,7 +222,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the range this Mapping created; no reference into it outlives
         // `self`, because users borrow the Mapping for as long as they touch its memory.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unsafe { libc::syscall(libc::SYS_munmap, self.ptr.as_ptr(), self.len) };
     }
 }
 
