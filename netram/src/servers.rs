@@ -390,6 +390,11 @@ impl ServerSet {
         self.live_mask()
     }
 
+    /// Live servers that had free room when last heard from.
+    pub(crate) fn with_room(&self) -> usize {
+        self.members.iter().filter(|m| m.alive() && m.free.load(Ordering::Relaxed) > 0).count()
+    }
+
     /// Mask of the live servers.
     pub(crate) fn live_mask(&self) -> u32 {
         self.members.iter().enumerate().filter(|(_, m)| m.alive()).fold(0, |acc, (i, _)| acc | 1 << i)

@@ -649,7 +649,9 @@ mod interpose {
             return fail(libc::ENOMEM);
         }
         // SAFETY: both ranges are mapped and at least old_pages pages long; they do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(old.cast::<u8>(), n.cast::<u8>(), old_len.div_ceil(PAGE_SIZE) * PAGE_SIZE) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(old.cast::<u8>(), n.cast::<u8>(), old_len.div_ceil(PAGE_SIZE) * PAGE_SIZE)
+        };
         unmap_pages(b, first, old_pages);
         n
     }

@@ -10,7 +10,9 @@
 //! Each direction has its own AES-256-GCM key (ring's implementation) from the handshake ([`RecordKeys`]) and a 64-bit
 //! record counter, starting at zero, as the nonce (Noise's layout: four zero bytes, then the
 //! counter little-endian). The receiver expects the next counter, so a record replayed, reordered,
-//! dropped or injected fails to open; so does any change to a length or a byte. With `Encrypt` the
+//! dropped or injected fails to open; so does any change to a length or a byte, and a record cut
+//! short. A stream cut at a record boundary looks like the peer closing the connection: the
+//! requests waiting on it fail as disconnected, and nothing unauthenticated is delivered. With `Encrypt` the
 //! record's bytes are encrypted and the length header is authenticated data; with `Integrity` they
 //! travel in clear and the tag covers the header and the bytes (GCM with no plaintext, i.e. GMAC).
 //! A record that fails to open closes the connection with an error; nothing of it is handed on.

@@ -403,6 +403,31 @@ impl Drop for Server {
     }
 }
 
+/// Takes a connection's thread out of the books when it ends: its stream is shut and dropped
+/// from the live list, and it no longer counts against the limits.
+struct Leaving<'a>(&'a Ctx, u64);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        let Leaving(ctx, id) = self;
+        let mut live = lock(&ctx.live);
+        if let Some(at) = live.iter().position(|(i, _)| i == id) {
+            live.swap_remove(at).1.shutdown();
+        }
+        drop(live);
+        ctx.closed();
+    }
+}
+
+/// Tells the service a connection ended, however its serving ends.
+struct Disconnected<'a>(&'a ServerConfig, &'a Caller);
+
+impl Drop for Disconnected<'_> {
+    fn drop(&mut self) {
+        self.0.service.disconnected(self.1);
+    }
+}
+
 fn spawn_conn(ctx: &Arc<Ctx>, accepted: Accepted) {
     let Accepted { incoming, source, peer } = accepted;
     if let Err(why) = ctx.admit(&source) {
@@ -417,6 +442,8 @@ fn spawn_conn(ctx: &Arc<Ctx>, accepted: Accepted) {
     let cctx = ctx.clone();
     let source_if_unspawned = source.clone();
     let spawned = std::thread::Builder::new().name(format!("mosaic-conn-{id}")).spawn(move || {
+        // Counts the connection out however this thread ends (a panic in a service included).
+        let _open = Leaving(&cctx, id);
         let deadline = Instant::now() + cctx.cfg.handshake_timeout;
         let stream: io::Result<Box<dyn ByteStream>> = match incoming {
             Incoming::Ready(stream) => Ok(stream),
@@ -431,15 +458,12 @@ fn spawn_conn(ctx: &Arc<Ctx>, accepted: Accepted) {
                     stream.shutdown();
                 }
                 serve(&cctx, &stream, id, &source, deadline);
-                stream.shutdown();
-                lock(&cctx.live).retain(|(i, _)| *i != id);
             }
             Err(e) => {
                 cctx.handshake_over(&source);
                 FAILED_HANDSHAKES.warn(format_args!("refused {peer}: {e}"));
             }
         }
-        cctx.closed();
     });
     match spawned {
         Ok(h) => {
@@ -474,8 +498,8 @@ fn serve(ctx: &Ctx, stream: &Arc<dyn ByteStream>, id: u64, source: &str, deadlin
         p => Arc::new(crate::secure::SecureStream::new(stream.clone(), p, &session.keys)),
     };
     let caller = Caller { id, peer };
+    let _bye = Disconnected(cfg, &caller);
     serve_frames(cfg, &ctx.stop, &*framed, &caller);
-    cfg.service.disconnected(&caller);
 }
 
 /// Answers requests on an authenticated stream until it closes, fails, sends a malformed frame,

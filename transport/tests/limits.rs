@@ -21,6 +21,13 @@ fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
     s.into()
 }
 
+/// The tests of this file count the process's threads: they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn threads() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
@@ -36,6 +43,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// The probe: 200 idle TCP connections made 204 threads and slowed a real client's requests.
 #[test]
 fn a_flood_of_idle_connections_is_capped_and_a_real_client_is_served() {
+    let _one_at_a_time = serial();
     let server = listen("tcp://127.0.0.1:0", ServerConfig::new(key()).service(Echo)).unwrap();
     let addr: SocketAddr = server.uri().trim_start_matches("tcp://").parse().unwrap();
     let before = threads();
@@ -55,6 +63,7 @@ fn a_flood_of_idle_connections_is_capped_and_a_real_client_is_served() {
 
 #[test]
 fn the_total_handshake_and_connection_caps_hold() {
+    let _one_at_a_time = serial();
     let limits = Limits { connections: 3, handshakes: 2, handshakes_per_source: 8 };
     let server = listen("tcp://127.0.0.1:0", ServerConfig::new(key()).service(Echo).limits(limits)).unwrap();
     let addr: SocketAddr = server.uri().trim_start_matches("tcp://").parse().unwrap();

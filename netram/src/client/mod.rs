@@ -681,6 +681,10 @@ impl Shared {
                 second_chance.push(i); // needs saving (written since the round looked, or no copy left): the evictor's
             } else if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
                 victims.push((i, st));
+            } else if !matches!(st, REMOTE | ABSENT | LOST) {
+                // Busy (a write upgrading it, a rebuild storing it) or changed under us: still
+                // resident, so it stays a candidate. A duplicate entry is harmless.
+                second_chance.push(i);
             }
         }
         crate::lock(&self.queue).extend(second_chance);
@@ -857,7 +861,10 @@ impl Shared {
                 let enough = have >= want.min(live.count_ones() as usize).max(1) || file != 0 && have > 0;
                 if all != 0 && (holders & !live != 0 || !enough) {
                     if self.table.cas(i, REMOTE, FETCHING) {
-                        self.table.set_holders(i, (holders & live) | file);
+                        // Read again now that the page is ours: it may have been written and
+                        // evicted elsewhere between the look above and the claim.
+                        let all = self.table.holders(i);
+                        self.table.set_holders(i, all & (live | FILE_HOLDER));
                         remote.push(i);
                     } else if self.table.get(i) == CLEAN {
                         resident.push(i);
@@ -867,8 +874,8 @@ impl Shared {
             }
             short |= self.rebuild_batch(core, &remote, &resident, want);
         }
-        // Try again later only where more servers could take copies (full ones may free up).
-        if short && live.count_ones() as usize >= want {
+        // Try again later only where enough servers have room (full ones may free some).
+        if short && self.servers.with_room() >= want {
             self.rebuild_wanted.store(true, Ordering::Release);
         }
     }
@@ -886,11 +893,15 @@ impl Shared {
             self.servers.fetch_many(&reqs, &mut dsts)
         };
         let mut data: Vec<(u64, &[u8; PAGE_SIZE])> = Vec::with_capacity(remote.len() + resident.len());
+        // Pages no server could return, but of which the victim cache still has a copy.
+        let mut cached: Vec<(u64, Copy)> = Vec::new();
         for ((&i, page), ok) in remote.iter().zip(fetched.iter_mut()).zip(arrived) {
-            // If no copy can be read, a fault decides LOST later, with the page named.
             if ok || self.fetch(i, page).is_ok() {
                 data.push((i, &page.0));
+            } else if let Some(copy) = self.victims.take(i) {
+                cached.push((i, copy));
             }
+            // Else no copy is left: a fault decides LOST later, with the page named.
         }
         let mut copies: Vec<(u64, Copy)> = Vec::with_capacity(resident.len());
         for &i in resident {
@@ -910,6 +921,7 @@ impl Shared {
             }
         }
         data.extend(copies.iter().map(|(i, c)| (*i, &**c)));
+        data.extend(cached.iter().map(|(i, c)| (*i, &**c)));
         let masks = self.servers.put(&data);
         let mut short = false;
         for ((i, _), mask) in data.iter().zip(masks) {
@@ -926,6 +938,7 @@ impl Shared {
         for (i, _) in &copies {
             self.table.set(*i, CLEAN);
         }
+        self.victims.insert_all(cached);
         short
     }
 
@@ -1199,9 +1212,10 @@ impl NetRam {
                         bump(&shared.stats.sessions_lost, 1);
                         // Re-register; unless the server still had the session after all, the
                         // copies it held are gone: forget them, then rebuild.
-                        if !shared.servers.reopen(i) {
-                            shared.table.forget_holder(1 << i);
-                        }
+                        // Forget first: once re-opened, the evictor may store new copies there,
+                        // which a later forget would wrongly erase.
+                        shared.table.forget_holder(1 << i);
+                        shared.servers.reopen(i);
                         rebuild = true;
                     }
                     next_check = Instant::now() + SESSION_CHECK;

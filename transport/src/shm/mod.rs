@@ -474,7 +474,14 @@ impl crate::server::Acceptor for ShmAcceptor {
                     ));
                     return Ok(None);
                 }
-                let stream = self.setup(sock)?;
+                // A peer that leaves before its set-up fails only its own connection.
+                let stream = match self.setup(sock) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        REFUSED_USERS.warn(format_args!("shm://{}: set-up of a connection failed: {e}", self.name));
+                        return Ok(None);
+                    }
+                };
                 Ok(Some(Accepted {
                     source: format!("uid {}", cred.uid),
                     peer: stream.peer(),
