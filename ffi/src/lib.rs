@@ -27,6 +27,7 @@ use mosaic_pager::{FaultMode, PagerError};
 use mosaic_transport::ClusterKey;
 
 mod c;
+mod sigchain;
 
 /// Status of a call. `MOSAIC_OK` is zero; every other value is a failure, described further by
 /// [`mosaic_last_error`].

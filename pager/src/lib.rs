@@ -61,6 +61,7 @@ mod uffd;
 mod worker;
 
 pub use region::{DirtyTracking, FaultMode, PagerStats, Region, RegionConfig, RegionCore};
+pub use signal::{interposed_sigaction, interposed_signal, program_sigaction, sigbus_claimed};
 pub use uffd::feature;
 
 /// Size of a page.

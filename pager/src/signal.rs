@@ -5,8 +5,16 @@
 //! faulting thread instead of queueing a message. The handler looks the address up in a fixed
 //! table of regions (no allocation, no lock), serves the fault with the region's source, and
 //! returns: the access is retried and finds the page. A SIGBUS that is not ours (another cause,
-//! or a poisoned page: code `BUS_MCEERR_AR`) goes to the handler that was installed before ours,
-//! or gets the default action (the process dies with SIGBUS, as it would have without Mosaic).
+//! or a poisoned page: code `BUS_MCEERR_AR`) goes to the program's own handler, or gets the
+//! default action (the process dies with SIGBUS, as it would have without Mosaic).
+//!
+//! # The program's own SIGBUS handler
+//! The program's handler is the one installed before ours, or one it installs later: libraries
+//! that link the pager (libmosaic, the LD_PRELOAD shim) interpose `sigaction` and `signal` (as
+//! Android's libsigchain does) and hand SIGBUS requests to [`program_sigaction`], which records
+//! the program's disposition and reports it back, leaving ours installed. So a program with its
+//! own SIGBUS handler keeps both working: its faults in regions are served, its other SIGBUSes
+//! reach its handler.
 //!
 //! # Lifetimes
 //! The table holds a strong reference to each registered region. A handler announces itself in
@@ -39,6 +47,116 @@ thread_local! {
 
 /// The SIGBUS disposition before ours, or why ours could not be installed.
 static PREVIOUS: OnceLock<Result<libc::sigaction, String>> = OnceLock::new();
+/// The program's SIGBUS disposition set after ours was installed (null: `PREVIOUS` stands).
+/// Each update leaks its predecessor: the handler may be reading it, and updates are rare.
+static PROGRAM: AtomicPtr<libc::sigaction> = AtomicPtr::new(null_mut());
+/// libc's `sigaction`, found past any interposer (`dlsym(RTLD_NEXT)`), as an address.
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+
+type SigactionFn = unsafe extern "C" fn(libc::c_int, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
+
+/// Calls libc's own `sigaction`, never an interposed one.
+///
+/// # Safety
+/// As `sigaction(2)`: `act` and `old` are null or valid.
+unsafe fn real_sigaction(sig: libc::c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> libc::c_int {
+    let mut f = REAL_SIGACTION.load(Ordering::Acquire);
+    if f == 0 {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"sigaction".as_ptr()) } as usize;
+        REAL_SIGACTION.store(f, Ordering::Release);
+    }
+    if f == 0 {
+        // SAFETY: forwarded to the caller.
+        return unsafe { libc::sigaction(sig, act, old) };
+    }
+    // SAFETY: `f` is libc's sigaction, of this signature.
+    let real: SigactionFn = unsafe { std::mem::transmute::<usize, SigactionFn>(f) };
+    // SAFETY: forwarded to the caller.
+    unsafe { real(sig, act, old) }
+}
+
+/// Whether Mosaic's SIGBUS handler is installed: then the program's `sigaction(SIGBUS, ...)`
+/// must go to [`program_sigaction`] instead of the kernel.
+pub fn sigbus_claimed() -> bool {
+    matches!(PREVIOUS.get(), Some(Ok(_)))
+}
+
+/// The program's current SIGBUS disposition, as it sees it.
+fn program_disposition() -> libc::sigaction {
+    let p = PROGRAM.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: a non-null PROGRAM points at a leaked, never freed, sigaction.
+        return unsafe { *p };
+    }
+    match PREVIOUS.get() {
+        Some(Ok(prev)) => *prev,
+        // SAFETY: an all-zero sigaction is SIG_DFL with an empty mask.
+        _ => unsafe { std::mem::zeroed() },
+    }
+}
+
+/// An interposed `sigaction(SIGBUS, act, old)` while [`sigbus_claimed`]: records `act` (if not
+/// null) as the program's disposition, which Mosaic's handler passes foreign SIGBUSes to, and
+/// writes the previous one to `old` (if not null). Returns 0, as `sigaction` does.
+///
+/// # Safety
+/// `act` and `old` are null or point at valid `sigaction` structs.
+pub unsafe fn program_sigaction(act: *const libc::sigaction, old: *mut libc::sigaction) -> libc::c_int {
+    let was = program_disposition();
+    if !act.is_null() {
+        // SAFETY: the caller's valid sigaction.
+        let new = Box::into_raw(Box::new(unsafe { *act }));
+        PROGRAM.store(new, Ordering::Release);
+    }
+    if !old.is_null() {
+        // SAFETY: the caller's valid, writable sigaction.
+        unsafe { *old = was };
+    }
+    0
+}
+
+/// The body of an interposed `sigaction`: SIGBUS requests go to [`program_sigaction`] while
+/// Mosaic's handler is installed, everything else to libc.
+///
+/// # Safety
+/// As `sigaction(2)`.
+pub unsafe fn interposed_sigaction(
+    sig: libc::c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> libc::c_int {
+    if sig == libc::SIGBUS && sigbus_claimed() {
+        // SAFETY: forwarded to the caller.
+        return unsafe { program_sigaction(act, old) };
+    }
+    // SAFETY: forwarded to the caller.
+    unsafe { real_sigaction(sig, act, old) }
+}
+
+/// The body of an interposed `signal(sig, handler)` (the BSD semantics glibc gives it: the
+/// handler stays installed, interrupted calls restart).
+///
+/// # Safety
+/// As `signal(2)`.
+pub unsafe fn interposed_signal(sig: libc::c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: a zeroed sigaction is a valid value to fill in.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler;
+    sa.sa_flags = libc::SA_RESTART;
+    // SAFETY: `sa.sa_mask` is a valid sigset_t; its own signal is blocked while it runs.
+    unsafe {
+        libc::sigemptyset(&raw mut sa.sa_mask);
+        libc::sigaddset(&raw mut sa.sa_mask, sig);
+    }
+    // SAFETY: as above, to receive the old disposition.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: both point at valid structs.
+    if unsafe { interposed_sigaction(sig, &raw const sa, &raw mut old) } != 0 {
+        return libc::SIG_ERR;
+    }
+    old.sa_sigaction
+}
 
 /// A region's place in the table; unregister before the region is torn down.
 #[derive(Debug)]
@@ -90,7 +208,7 @@ fn install_handler() -> Result<(), PagerError> {
         // SAFETY: as above, an all-zero sigaction to receive the previous disposition.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: both pointers are valid sigaction structs for the call.
-        if unsafe { libc::sigaction(libc::SIGBUS, &raw const sa, &raw mut old) } != 0 {
+        if unsafe { real_sigaction(libc::SIGBUS, &raw const sa, &raw mut old) } != 0 {
             return Err(std::io::Error::last_os_error().to_string());
         }
         Ok(old)
@@ -145,16 +263,21 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     }
 }
 
-/// Passes a SIGBUS that is not ours to the previous handler, or gives it the default action.
+/// Passes a SIGBUS that is not ours to the program's handler, or gives it the default action.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let Some(Ok(prev)) = PREVIOUS.get() else { return };
+    if !sigbus_claimed() {
+        return;
+    }
+    let prev = program_disposition();
     let h = prev.sa_sigaction;
     if h == libc::SIG_DFL || h == libc::SIG_IGN {
         // Restore the default and re-raise: it is delivered when this handler returns (SIGBUS is
         // blocked while it runs), so the process dies of SIGBUS as it would have without us.
-        // SAFETY: signal() and raise() are async-signal-safe.
+        // SAFETY: a zeroed sigaction is SIG_DFL; sigaction (libc's own) and raise are
+        // async-signal-safe.
         unsafe {
-            libc::signal(libc::SIGBUS, libc::SIG_DFL);
+            let dfl: libc::sigaction = std::mem::zeroed();
+            real_sigaction(libc::SIGBUS, &raw const dfl, null_mut());
             libc::raise(libc::SIGBUS);
         }
         return;

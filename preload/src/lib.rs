@@ -536,6 +536,25 @@ mod interpose {
         sys_mmap(addr, len, prot, flags, fd, off)
     }
 
+    /// `sigaction`, interposed: a program's SIGBUS handler is recorded beside Mosaic's rather
+    /// than replacing it (see `mosaic_pager::program_sigaction`); everything else goes to libc.
+    #[no_mangle]
+    pub unsafe extern "C" fn sigaction(
+        sig: libc::c_int,
+        act: *const libc::sigaction,
+        old: *mut libc::sigaction,
+    ) -> libc::c_int {
+        // SAFETY: the caller's contract is sigaction(2)'s, which is what this one asks.
+        unsafe { mosaic_pager::interposed_sigaction(sig, act, old) }
+    }
+
+    /// `signal`, interposed like `sigaction`.
+    #[no_mangle]
+    pub unsafe extern "C" fn signal(sig: libc::c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+        // SAFETY: the caller's contract is signal(2)'s, which is what this one asks.
+        unsafe { mosaic_pager::interposed_signal(sig, handler) }
+    }
+
     fn sys_munmap(addr: usize, len: usize) -> i32 {
         // SAFETY: the raw system call, exactly as the caller asked.
         let r = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };

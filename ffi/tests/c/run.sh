@@ -15,6 +15,15 @@ cc "${cflags[@]}" ffi/tests/c/test_api.c -Ltarget/release -lmosaic -Wl,-rpath,"$
 cc "${cflags[@]}" -fsanitize=address -fno-omit-frame-pointer ffi/tests/c/test_api.c \
   target/release/libmosaic.a "${libs[@]}" -o "$out/test_api_asan"
 
+# A program with its own SIGBUS handler beside Mosaic's (sigaction and signal are interposed).
+cc "${cflags[@]}" ffi/tests/c/sigbus_chain.c target/release/libmosaic.a "${libs[@]}" -o "$out/sigbus_chain_static"
+cc "${cflags[@]}" ffi/tests/c/sigbus_chain.c -Ltarget/release -lmosaic -Wl,-rpath,"$PWD/target/release" \
+  -o "$out/sigbus_chain_shared"
+for t in sigbus_chain_static sigbus_chain_shared; do
+  echo "--- $t"
+  "$out/$t"
+done
+
 for t in test_api_static test_api_shared test_api_asan; do
   echo "--- $t"
   ASAN_OPTIONS=handle_sigbus=0:detect_leaks=1 "$out/$t"
