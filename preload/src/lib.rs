@@ -571,15 +571,23 @@ mod interpose {
             set_errno(libc::EINVAL);
             return -1;
         }
-        let sp = split(b, a, len);
+        on_pages(b, a, len, |first, pages| unmap_pages(b, first, pages), sys_munmap)
+    }
+
+    /// Applies `ours` to the region's pages of `[addr, addr + len)` and `sys` to what lies
+    /// outside the region; returns 0, or -1 if `sys` failed on a part.
+    fn on_pages(
+        b: &Backend,
+        addr: usize,
+        len: usize,
+        ours: impl FnOnce(u64, u64),
+        sys: impl Fn(usize, usize) -> i32,
+    ) -> i32 {
+        let sp = split(b, addr, len);
         if let Some((first, pages)) = sp.pages {
-            unmap_pages(b, first, pages);
+            ours(first, pages);
         }
-        let mut rc = 0;
-        for (x, n) in [sp.before, sp.after].into_iter().flatten() {
-            rc |= sys_munmap(x, n);
-        }
-        rc
+        [sp.before, sp.after].into_iter().flatten().fold(0, |rc, (x, n)| rc | sys(x, n))
     }
 
     #[no_mangle]
@@ -597,17 +605,9 @@ mod interpose {
             set_errno(libc::EINVAL);
             return -1;
         }
-        let sp = split(b, a, len);
-        if let Some((first, pages)) = sp.pages {
-            // The kernel would drop the local pages only, and the next touch would bring back
-            // the old contents from the servers: discard them everywhere instead.
-            discard_pages(b, first, pages);
-        }
-        let mut rc = 0;
-        for (x, n) in [sp.before, sp.after].into_iter().flatten() {
-            rc |= sys(x, n);
-        }
-        rc
+        // The kernel would drop the local pages only, and the next touch would bring back the
+        // old contents from the servers: discard them everywhere instead.
+        on_pages(b, a, len, |first, pages| discard_pages(b, first, pages), sys)
     }
 
     /// Allocates `size` bytes in the region whatever the threshold (`mremap` moving region
