@@ -52,10 +52,25 @@ impl TcpByteStream {
     }
 }
 
+/// TCP keepalive: probe a connection idle this long...
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// ...every this often...
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...and give it up after this many unanswered probes: a peer whose host vanished (no FIN, no
+/// RST) is noticed within about two minutes, so a memory server starts the grace time of its
+/// client instead of holding its pages forever. A peer that is merely stopped still answers
+/// (its kernel does), so it keeps its connection.
+pub(crate) const KEEPALIVE_PROBES: u32 = 6;
+
 fn configure(sock: &SockRef<'_>) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
     sock.set_send_buffer_size(SOCKET_BUFFER)?;
     sock.set_recv_buffer_size(SOCKET_BUFFER)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    sock.set_tcp_keepalive(&keepalive)?;
     Ok(())
 }
 
@@ -169,5 +184,30 @@ impl crate::server::Acceptor for TcpAcceptor {
 
     fn local_uri(&self) -> String {
         self.uri.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ends of a connection probe an idle peer, so a vanished host is noticed.
+    #[test]
+    fn connections_probe_a_silent_peer() {
+        let mut acc = TcpAcceptor::bind("127.0.0.1:0").unwrap();
+        let addr = acc.uri.trim_start_matches("tcp://").to_string();
+        let client = TcpByteStream::connect(&addr, Duration::from_secs(5)).unwrap();
+        let server = loop {
+            if let Some(s) = acc.accept_tcp(Duration::from_millis(50)).unwrap() {
+                break s;
+            }
+        };
+        for s in [&client, &server] {
+            let r = SockRef::from(&s.sock);
+            assert!(r.keepalive().unwrap());
+            assert_eq!(r.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+            assert_eq!(r.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+            assert_eq!(r.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        }
     }
 }
