@@ -339,30 +339,21 @@ impl ServerSet {
         lost
     }
 
-    /// Opens the session on server `i` again, on both connections (after it lost it). Returns
-    /// whether the server still had it (then nothing was lost there); on failure the server is
-    /// marked dead.
-    pub(crate) fn reopen(&self, i: usize) -> bool {
+    /// Opens the session on server `i` again, on both connections (after it lost it); on
+    /// failure the server is marked dead.
+    pub(crate) fn reopen(&self, i: usize) {
         let m = &self.members[i];
         let open = proto::encode_open(&self.client, self.grace_ms, &self.secret);
-        let mut resumed = true;
         for conn in [&m.conn, &m.bulk] {
-            match conn.call(proto::OPEN, &open).map(|r| ServerState::decode(&r)) {
-                Ok(Ok(st)) => {
-                    resumed &= st.resumed;
-                    m.free.store(st.free_pages, Ordering::Relaxed);
-                }
-                Ok(Err(e)) => {
-                    self.mark_dead(i, &format!("re-opening the session: {e}"));
-                    return false;
-                }
-                Err(e) => {
-                    self.mark_dead(i, &format!("re-opening the session: {e}"));
-                    return false;
-                }
+            match conn
+                .call(proto::OPEN, &open)
+                .map_err(|e| e.to_string())
+                .and_then(|r| ServerState::decode(&r).map_err(|e| e.to_string()))
+            {
+                Ok(st) => m.free.store(st.free_pages, Ordering::Relaxed),
+                Err(e) => return self.mark_dead(i, &format!("re-opening the session: {e}")),
             }
         }
-        resumed
     }
 
     /// Ends the session on every live server, freeing what it holds there.

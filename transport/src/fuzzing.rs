@@ -79,9 +79,11 @@ pub fn handshakes(data: &[u8]) {
     let _ = server_handshake(&Scripted::new(data), &key(), info, crate::Protection::None, deadline);
 }
 
-/// One end of an in-memory pipe pair (blocking reads spin on the other end's writes).
+/// One end of an in-memory pipe pair (blocking reads spin on the other end's writes; a read
+/// returns at most 1000 bytes, so records and frames arrive split).
 pub(crate) struct Pipe {
-    rx: Arc<Mutex<std::collections::VecDeque<u8>>>,
+    /// What this end reads (tests may tamper with it).
+    pub(crate) rx: Arc<Mutex<std::collections::VecDeque<u8>>>,
     tx: Arc<Mutex<std::collections::VecDeque<u8>>>,
     /// Everything either end sent.
     pub(crate) seen: Arc<Mutex<Vec<u8>>>,
@@ -108,7 +110,7 @@ impl ByteStream for Pipe {
         if q.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = buf.len().min(q.len());
+        let n = buf.len().min(q.len()).min(1000);
         for (b, v) in buf.iter_mut().zip(q.drain(..n)) {
             *b = v;
         }

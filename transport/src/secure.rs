@@ -353,52 +353,18 @@ impl ByteStream for SecureStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::pipes;
     use std::collections::VecDeque;
 
-    /// One direction of bytes in memory, readable by a test that tampers with them.
-    #[derive(Clone, Default)]
-    struct Wire(Arc<Mutex<VecDeque<u8>>>);
+    type Wire = Arc<Mutex<VecDeque<u8>>>;
 
-    struct End {
-        rx: Wire,
-        tx: Wire,
-    }
-
-    impl ByteStream for End {
-        fn write_all(&self, bufs: &[&[u8]]) -> io::Result<()> {
-            let mut q = lock(&self.tx.0);
-            for b in bufs {
-                q.extend(b.iter());
-            }
-            Ok(())
-        }
-        fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-            let mut q = lock(&self.rx.0);
-            if q.is_empty() {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(q.len()).min(1000); // short reads, across record boundaries
-            for b in buf.iter_mut().take(n) {
-                *b = q.pop_front().unwrap_or(0);
-            }
-            Ok(n)
-        }
-        fn wait_readable(&self, _: Duration) -> io::Result<()> {
-            Ok(())
-        }
-        fn shutdown(&self) {}
-        fn peer(&self) -> String {
-            "test".into()
-        }
-    }
-
+    /// Two ends sealing with matching keys, and the bytes in flight from the first to the second.
     fn pair(p: Protection) -> (SecureStream, SecureStream, Wire) {
-        let (ab, ba) = (Wire::default(), Wire::default());
+        let (x, y) = pipes();
+        let wire = y.rx.clone();
         let k = RecordKeys { send: [1; 32], recv: [2; 32] };
         let k2 = RecordKeys { send: [2; 32], recv: [1; 32] };
-        let a = SecureStream::new(Arc::new(End { rx: ba.clone(), tx: ab.clone() }), p, &k);
-        let b = SecureStream::new(Arc::new(End { rx: ab.clone(), tx: ba }), p, &k2);
-        (a, b, ab)
+        (SecureStream::new(Arc::new(x), p, &k), SecureStream::new(Arc::new(y), p, &k2), wire)
     }
 
     fn read_all(s: &SecureStream, n: usize) -> io::Result<Vec<u8>> {
@@ -422,7 +388,7 @@ mod tests {
             let (a, b, wire) = pair(p);
             let big: Vec<u8> = (0..3 * RECORD_MAX + 17).map(|i| (i % 251) as u8).collect();
             a.write_all(&[b"hello ", b"world", &big]).unwrap();
-            let on_wire: Vec<u8> = lock(&wire.0).iter().copied().collect();
+            let on_wire: Vec<u8> = lock(&wire).iter().copied().collect();
             let clear = on_wire.windows(11).any(|w| w == b"hello world");
             assert_eq!(clear, p == Protection::Integrity, "{p:?}: plaintext visible on the wire: {clear}");
             let got = read_all(&b, 11 + big.len()).unwrap();
@@ -437,29 +403,29 @@ mod tests {
             // A flipped byte.
             let (a, b, wire) = pair(p);
             a.write_all(&[b"page contents"]).unwrap();
-            lock(&wire.0)[6] ^= 1;
+            lock(&wire)[6] ^= 1;
             assert_eq!(read_all(&b, 13).unwrap_err().kind(), io::ErrorKind::InvalidData, "{p:?}");
             assert!(b.try_read(&mut [0u8; 4]).is_err(), "{p:?}: a failed stream stays failed");
             // A replayed record.
             let (a, b, wire) = pair(p);
             a.write_all(&[b"once"]).unwrap();
-            let rec: Vec<u8> = lock(&wire.0).iter().copied().collect();
+            let rec: Vec<u8> = lock(&wire).iter().copied().collect();
             assert_eq!(read_all(&b, 4).unwrap(), b"once");
-            lock(&wire.0).extend(rec);
+            lock(&wire).extend(rec);
             assert!(read_all(&b, 4).is_err(), "{p:?}: replay");
             // An injected record sealed with another key.
             let (_, b, wire) = pair(p);
-            let (x, _, xwire) = pair(p);
+            let (f, sink) = pipes();
+            let xwire = sink.rx.clone();
             let other = RecordKeys { send: [9; 32], recv: [9; 32] };
-            drop(x);
-            let forger = SecureStream::new(Arc::new(End { rx: Wire::default(), tx: xwire.clone() }), p, &other);
+            let forger = SecureStream::new(Arc::new(f), p, &other);
             forger.write_all(&[b"forged reply"]).unwrap();
-            let forged: Vec<u8> = lock(&xwire.0).iter().copied().collect();
-            lock(&wire.0).extend(forged);
+            let forged: Vec<u8> = lock(&xwire).iter().copied().collect();
+            lock(&wire).extend(forged);
             assert!(read_all(&b, 12).is_err(), "{p:?}: injection");
             // A length beyond the record limit.
             let (_, b, wire) = pair(p);
-            lock(&wire.0).extend([0xff, 0xff, 0xff, 0xff, 0, 0]);
+            lock(&wire).extend([0xff, 0xff, 0xff, 0xff, 0, 0]);
             assert!(read_all(&b, 1).is_err(), "{p:?}: absurd length");
         }
     }

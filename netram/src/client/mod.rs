@@ -680,7 +680,12 @@ impl Shared {
             if (st == DIRTY || orphan) && kind == Round::CleanOnly {
                 second_chance.push(i); // needs saving (written since the round looked, or no copy left): the evictor's
             } else if matches!(st, CLEAN | CLEAN_ABSENT | DIRTY) && self.table.cas(i, st, EVICTING) {
-                victims.push((i, st));
+                // A clean page whose copies are all gone (dead servers, a lost session) is saved
+                // like a dirty one (freezing it again is harmless: it is write-protected).
+                if orphan {
+                    bump(&self.stats.saved_clean, 1);
+                }
+                victims.push((i, if orphan { DIRTY } else { st }));
             } else if !matches!(st, REMOTE | ABSENT | LOST) {
                 // Busy (a write upgrading it, a rebuild storing it) or changed under us: still
                 // resident, so it stays a candidate. A duplicate entry is harmless.
@@ -707,20 +712,6 @@ impl Shared {
                 self.table.set(i, DIRTY);
             }
             crate::lock(&self.queue).extend(unfrozen.iter().copied());
-        }
-        // A clean page whose copies are all gone (dead servers, a lost session) is saved like a
-        // dirty one (it is write-protected already, so its copy is stable).
-        let orphans: Vec<u64> = victims
-            .iter()
-            .filter(|v| v.1 == CLEAN && self.table.holders(v.0) & readable == 0 && kind == Round::All)
-            .map(|v| v.0)
-            .collect();
-        if !orphans.is_empty() {
-            bump(&self.stats.saved_clean, orphans.len() as u64);
-            for v in victims.iter_mut().filter(|v| orphans.contains(&v.0)) {
-                v.1 = DIRTY;
-            }
-            dirty.extend(&orphans);
         }
         // SAFETY: each page is inside the live region (the evictor stops before the region is
         // unmapped), resident and write-protected, so nobody writes it while we copy.
@@ -1210,10 +1201,9 @@ impl NetRam {
                     rebuild = shared.rebuild_wanted.swap(false, Ordering::AcqRel);
                     for i in shared.servers.check_sessions() {
                         bump(&shared.stats.sessions_lost, 1);
-                        // Re-register; unless the server still had the session after all, the
-                        // copies it held are gone: forget them, then rebuild.
-                        // Forget first: once re-opened, the evictor may store new copies there,
-                        // which a later forget would wrongly erase.
+                        // The copies it held are gone: forget them, re-register, rebuild. Forget
+                        // first: once re-opened, the evictor may store new copies there, which a
+                        // later forget would wrongly erase.
                         shared.table.forget_holder(1 << i);
                         shared.servers.reopen(i);
                         rebuild = true;
