@@ -41,7 +41,7 @@ mod server;
 mod servers;
 mod size;
 
-pub use client::{NetRam, NetRamConfig, NetRamStats, MIN_BUDGET_PAGES};
+pub use client::{ForkTicket, NetRam, NetRamConfig, NetRamStats, MIN_BUDGET_PAGES};
 pub use server::{MemServer, MemServerConfig, MemStore, StoreStats, MAX_CAPACITY_PAGES};
 pub use size::parse_size;
 

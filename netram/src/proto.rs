@@ -9,6 +9,7 @@
 //! | STAT   | (empty)                                              | [`ServerState`]             |
 //! | RENEW  | client                                               | [`ServerState`]             |
 //! | CLOSE  | client                                               | pages freed (u64)           |
+//! | CLONE  | parent client, child client, grace_ms, child secret  | [`ServerState`]             |
 //!
 //! # Sessions
 //! A client is a random 128-bit id chosen by the client, with a 32-byte secret only it knows.
@@ -18,6 +19,14 @@
 //! Every other request names a client, and is refused with `Status::Forbidden` unless that client
 //! was opened on the same connection: one authenticated peer cannot read, overwrite or end
 //! another's session.
+//!
+//! # Clones
+//! CLONE (for a process that forks) makes a new session holding a copy of every page the parent
+//! has here, as they are at that moment; later writes of either do not reach the other. It needs
+//! the parent's session on the calling connection. The copy is copy-on-write on the server: the
+//! clone costs a table entry per page until one side writes a page. The child session starts
+//! detached (bound to no connection, its grace time running): the child process attaches to it
+//! with OPEN and the child secret, and if it never does, it is reclaimed like any detached one.
 //!
 //! # Leases
 //! While any connection of a client is open, nothing of it is reclaimed, however long the client
@@ -43,6 +52,9 @@ pub const STAT: u64 = 5;
 pub const RENEW: u64 = 6;
 /// Ends a session, freeing everything.
 pub const CLOSE: u64 = 7;
+
+/// Clones a session (for a forked child).
+pub const CLONE: u64 = 8;
 
 /// A client's identity.
 pub type ClientId = [u8; 16];
@@ -165,6 +177,22 @@ pub fn decode_open(buf: &[u8]) -> Result<(ClientId, u32, Secret), ProtoError> {
     Ok((client, grace, secret))
 }
 
+/// A CLONE request: `parent`'s pages copied into a new session `child` (opened with its grace
+/// time and secret, as OPEN would).
+pub fn encode_clone(parent: &ClientId, child: &ClientId, grace_ms: u32, secret: &Secret) -> Vec<u8> {
+    let mut v = parent.to_vec();
+    v.extend_from_slice(&encode_open(child, grace_ms, secret));
+    v
+}
+
+/// Parses a CLONE request: (parent, child, grace_ms, child secret).
+pub fn decode_clone(buf: &[u8]) -> Result<(ClientId, ClientId, u32, Secret), ProtoError> {
+    let mut r = Reader { what: "CLONE", buf };
+    let parent = r.client()?;
+    let (child, grace, secret) = decode_open(r.buf).map_err(|e| err("CLONE", e.why))?;
+    Ok((parent, child, grace, secret))
+}
+
 /// Parses a request that carries only the client id (RENEW, CLOSE).
 pub fn decode_client(what: &'static str, buf: &[u8]) -> Result<ClientId, ProtoError> {
     let mut r = Reader { what, buf };
@@ -278,6 +306,8 @@ mod tests {
     fn requests_round_trip() {
         assert_eq!(decode_open(&encode_open(&C, 1500, &[5; 32])).unwrap(), (C, 1500, [5; 32]));
         assert_eq!(decode_get(&encode_get(&C, 3, 99)).unwrap(), (C, 3, 99));
+        assert_eq!(decode_clone(&encode_clone(&C, &[8; 16], 70, &[6; 32])).unwrap(), (C, [8; 16], 70, [6; 32]));
+        assert!(decode_clone(&encode_clone(&C, &[8; 16], 70, &[6; 32])[..60]).is_err());
         let a = [1u8; PAGE_SIZE];
         let b = [2u8; PAGE_SIZE];
         let put = encode_put(&C, 5, &[(10, &a), (12, &b)]);

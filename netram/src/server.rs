@@ -97,23 +97,52 @@ struct ClientState {
     grace: Duration,
 }
 
-/// The donated memory: slabs of pages, and the free slots among them.
+/// The donated memory: slabs of pages, the free slots among them, and how many sessions share
+/// each slot (a CLONE shares its parent's slots until one side writes).
 #[derive(Default)]
 struct Slabs {
     slabs: Vec<Box<[Page]>>,
     free: Vec<Slot>,
+    /// Sessions holding each slot (0: free).
+    refs: Vec<u32>,
 }
 
 impl Slabs {
-    /// A free slot, taking a new slab from the system if none is left.
+    /// A free slot, held once, taking a new slab from the system if none is left.
     fn alloc(&mut self) -> Slot {
-        if let Some(s) = self.free.pop() {
-            return s;
+        let s = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let base = self.slabs.len() * SLAB_PAGES;
+                self.slabs.push(Page::vec(SLAB_PAGES).into_boxed_slice());
+                self.refs.resize(base + SLAB_PAGES, 0);
+                self.free.extend((base + 1..base + SLAB_PAGES).rev().map(slot));
+                slot(base)
+            }
+        };
+        self.refs[s as usize] = 1;
+        s
+    }
+
+    /// One more session holds `s`.
+    fn share(&mut self, s: Slot) {
+        self.refs[s as usize] += 1;
+    }
+
+    /// Whether another session holds `s` too (a write must not land in it).
+    fn shared(&self, s: Slot) -> bool {
+        self.refs[s as usize] > 1
+    }
+
+    /// One session lets go of `s`; true if that freed it.
+    fn unref(&mut self, s: Slot) -> bool {
+        let r = &mut self.refs[s as usize];
+        *r -= 1;
+        if *r == 0 {
+            self.free.push(s);
+            return true;
         }
-        let base = self.slabs.len() * SLAB_PAGES;
-        self.slabs.push(Page::vec(SLAB_PAGES).into_boxed_slice());
-        self.free.extend((base + 1..base + SLAB_PAGES).rev().map(slot));
-        slot(base)
+        false
     }
 
     fn page(&self, s: Slot) -> &Page {
@@ -139,7 +168,7 @@ struct Inner {
 pub struct StoreStats {
     /// Pages it can hold.
     pub capacity_pages: u64,
-    /// Pages holding data.
+    /// Pages holding data (a page shared by a session and its clones counts once).
     pub used_pages: u64,
     /// Client sessions held (connected or detached).
     pub clients: usize,
@@ -251,13 +280,16 @@ impl MemStore {
         Ok(c)
     }
 
+    /// A session lets go of `slots`; returns how many they were (slots still shared with a
+    /// clone stay in use).
     fn release(g: &mut Inner, slots: impl IntoIterator<Item = Slot>) -> u64 {
         let mut n = 0;
         for s in slots {
-            g.slabs.free.push(s);
+            if g.slabs.unref(s) {
+                g.used -= 1;
+            }
             n += 1;
         }
-        g.used -= n;
         n
     }
 
@@ -331,9 +363,19 @@ impl MemStore {
         let Inner { slabs, used, clients, .. } = &mut *g;
         let c = clients.get_mut(&b.client).ok_or_else(|| ServiceError::new(Status::NotFound, "unknown client"))?;
         let grace = c.grace;
-        let new = {
+        // Slots this PUT takes: one per page not stored yet, and one per page whose slot a
+        // clone shares (the write goes to a fresh slot, the clone keeps the old contents).
+        let (new, fresh_slots) = {
             let mut seen = std::collections::HashSet::new();
-            pages.iter().filter(|p| !c.pages.contains_key(&(b.region, **p)) && seen.insert(**p)).count() as u64
+            let (mut new, mut fresh) = (0u64, 0u64);
+            for p in pages.iter().filter(|p| seen.insert(**p)) {
+                match c.pages.get(&(b.region, *p)) {
+                    None => (new, fresh) = (new + 1, fresh + 1),
+                    Some(&s) if slabs.shared(s) => fresh += 1,
+                    Some(_) => {}
+                }
+            }
+            (new, fresh)
         };
         if c.pages.len() as u64 + new > self.limits.quota_pages {
             return Err(ServiceError::new(
@@ -345,18 +387,26 @@ impl MemStore {
                 ),
             ));
         }
-        if *used + new > self.capacity_pages {
+        if *used + fresh_slots > self.capacity_pages {
             return Err(ServiceError::new(
                 Status::Full,
-                format!("server full: {used} of {} pages used, {new} more needed", self.capacity_pages),
+                format!("server full: {used} of {} pages used, {fresh_slots} more needed", self.capacity_pages),
             ));
         }
         for (p, src) in pages.iter().zip(b.data.chunks_exact(PAGE_SIZE)) {
             // Capacity was checked above, so every new slot is within it.
-            let slot = *c.pages.entry((b.region, *p)).or_insert_with(|| {
-                *used += 1;
-                slabs.alloc()
-            });
+            let slot = match c.pages.get(&(b.region, *p)).copied() {
+                Some(s) if !slabs.shared(s) => s,
+                old => {
+                    if let Some(s) = old {
+                        slabs.unref(s); // still held by the clone
+                    }
+                    *used += 1;
+                    let s = slabs.alloc();
+                    c.pages.insert((b.region, *p), s);
+                    s
+                }
+            };
             slabs.page_mut(slot).0.copy_from_slice(src);
         }
         self.state(&g, grace, true).encode(out);
@@ -400,6 +450,37 @@ impl MemStore {
         Self::session(&mut g, caller, &client)?;
         let n = Self::remove_client(&mut g, &client);
         out.extend_from_slice(&n.to_le_bytes());
+        Ok(())
+    }
+
+    /// CLONE: a new detached session holding `parent`'s pages as they are now, shared
+    /// copy-on-write.
+    fn clone_session(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let (parent, child, grace_ms, secret) = proto::decode_clone(req).map_err(bad)?;
+        let grace = Duration::from_millis(u64::from(grace_ms)).clamp(MIN_GRACE, self.limits.max_grace);
+        let mut g = self.lock();
+        let pages = Self::session(&mut g, caller, &parent)?.pages.clone();
+        if g.clients.contains_key(&child) {
+            return Err(ServiceError::new(Status::BadRequest, format!("client {} exists already", hex(&child))));
+        }
+        if g.clients.len() >= self.limits.max_clients {
+            return Err(ServiceError::new(
+                Status::Full,
+                format!("client table full: {} sessions held (the limit)", g.clients.len()),
+            ));
+        }
+        for s in pages.values() {
+            g.slabs.share(*s);
+        }
+        let state = ClientState {
+            pages,
+            secret_hash: hash(&secret),
+            conns: Vec::new(),
+            detached_since: Some(Instant::now()),
+            grace,
+        };
+        g.clients.insert(child, state);
+        self.state(&g, grace, false).encode(out);
         Ok(())
     }
 
@@ -471,6 +552,7 @@ impl Service for MemStore {
                 Ok(())
             }
             proto::CLOSE => self.close(caller, request, response),
+            proto::CLONE => self.clone_session(caller, request, response),
             m => Err(ServiceError::new(Status::UnknownMethod, format!("no method {m}"))),
         }
     }
@@ -676,6 +758,55 @@ mod tests {
         assert_eq!(s.stats(), StoreStats { capacity_pages: 100, used_pages: 0, clients: 0, detached_clients: 0 });
         // The client comes back: a fresh session, and it is told so.
         assert!(!open(&s, &conn(3), &A, &SA, 200).unwrap().resumed);
+    }
+
+    #[test]
+    fn a_clone_sees_the_parent_as_it_was_and_writes_apart() {
+        let s = MemStore::new(6);
+        let (p, q) = (conn(1), conn(2));
+        open(&s, &p, &A, &SA, 200).unwrap();
+        let (one, two, three) = ([1u8; PAGE_SIZE], [2u8; PAGE_SIZE], [3u8; PAGE_SIZE]);
+        call(&s, &p, proto::PUT, &proto::encode_put(&A, 1, &[(0, &one), (1, &one)])).unwrap();
+        // Only the parent's own connection may clone it.
+        let req = proto::encode_clone(&A, &B, 200, &SB);
+        assert_eq!(call(&s, &q, proto::CLONE, &req).unwrap_err().status, Status::Forbidden);
+        call(&s, &p, proto::CLONE, &req).unwrap();
+        assert_eq!(call(&s, &p, proto::CLONE, &req).unwrap_err().status, Status::BadRequest, "exists");
+        // Shared: the clone costs no page.
+        assert_eq!((s.stats().used_pages, s.stats().clients, s.stats().detached_clients), (2, 2, 1));
+        // The child attaches with its secret only, and is not bound to the parent's connection.
+        assert_eq!(open(&s, &q, &B, &SA, 200).unwrap_err().status, Status::Forbidden);
+        assert!(open(&s, &q, &B, &SB, 200).unwrap().resumed);
+        assert_eq!(call(&s, &p, proto::GET, &proto::encode_get(&B, 1, 0)).unwrap_err().status, Status::Forbidden);
+        // Writes after the clone stay on their side.
+        call(&s, &p, proto::PUT, &proto::encode_put(&A, 1, &[(0, &two)])).unwrap();
+        call(&s, &q, proto::PUT, &proto::encode_put(&B, 1, &[(1, &three), (2, &three)])).unwrap();
+        let get = |who: &Caller, c: &ClientId, page| call(&s, who, proto::GET, &proto::encode_get(c, 1, page)).unwrap();
+        assert_eq!((get(&p, &A, 0), get(&p, &A, 1)), (two.to_vec(), one.to_vec()));
+        assert_eq!((get(&q, &B, 0), get(&q, &B, 1), get(&q, &B, 2)), (one.to_vec(), three.to_vec(), three.to_vec()));
+        assert_eq!(s.stats().used_pages, 5, "two shared, then two split off and one new");
+        // A write that must split a shared page counts against capacity.
+        call(&s, &q, proto::PUT, &proto::encode_put(&B, 1, &[(3, &three)])).unwrap();
+        let full = call(&s, &p, proto::PUT, &proto::encode_put(&A, 1, &[(4, &two)]));
+        assert_eq!(full.unwrap_err().status, Status::Full);
+        // Ending either session frees only what no one else holds.
+        let freed = call(&s, &p, proto::CLOSE, &A).unwrap();
+        assert_eq!(u64::from_le_bytes(freed.try_into().unwrap()), 2);
+        assert_eq!(s.stats().used_pages, 4);
+        assert_eq!(get(&q, &B, 0), one.to_vec());
+        call(&s, &q, proto::CLOSE, &B).unwrap();
+        assert_eq!(s.stats().used_pages, 0);
+    }
+
+    #[test]
+    fn an_unclaimed_clone_is_reclaimed_after_its_grace() {
+        let s = MemStore::new(10);
+        let p = conn(1);
+        open(&s, &p, &A, &SA, 200).unwrap();
+        call(&s, &p, proto::PUT, &proto::encode_put(&A, 1, &[(0, &[1u8; PAGE_SIZE])])).unwrap();
+        call(&s, &p, proto::CLONE, &proto::encode_clone(&A, &B, 100, &SB)).unwrap();
+        assert_eq!(s.reap(Instant::now() + Duration::from_secs(1)), (1, 1));
+        assert_eq!((s.stats().used_pages, s.stats().clients), (1, 1), "the parent keeps its page");
     }
 
     #[test]

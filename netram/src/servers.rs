@@ -48,6 +48,8 @@ pub(crate) struct ServerSet {
     copies: usize,
     placement: Mutex<HashMap<u64, Vec<usize>>>,
     rng: AtomicU64,
+    /// Servers whose OPEN at connect time started a fresh session rather than resuming one.
+    fresh: u32,
 }
 
 impl ServerSet {
@@ -79,7 +81,8 @@ impl ServerSet {
         let opts = ConnectOptions::new(key.clone()).timeout(timeout);
         let mut members = Vec::new();
         let open = proto::encode_open(&client, grace_ms, &secret);
-        for uri in uris {
+        let mut fresh = 0u32;
+        for (k, uri) in uris.iter().enumerate() {
             let unreachable = |reason: String| NetRamError::Unreachable { uri: uri.clone(), reason };
             let session = |conn: &Connection| {
                 let st = conn.call(proto::OPEN, &open).map_err(|e| unreachable(e.to_string()))?;
@@ -87,6 +90,9 @@ impl ServerSet {
             };
             let conn = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
             let st = session(&conn)?;
+            if !st.resumed {
+                fresh |= 1 << k;
+            }
             let bulk = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
             session(&bulk)?;
             members.push(Member {
@@ -107,6 +113,7 @@ impl ServerSet {
             copies,
             placement: Mutex::new(HashMap::new()),
             rng: AtomicU64::new(seed),
+            fresh,
         })
     }
 
@@ -354,6 +361,35 @@ impl ServerSet {
                 Err(e) => return self.mark_dead(i, &format!("re-opening the session: {e}")),
             }
         }
+    }
+
+    /// The region's number on the servers.
+    pub(crate) fn region_id(&self) -> u64 {
+        self.region
+    }
+
+    /// Servers whose session was new when this set connected (none of a session resumed, say a
+    /// forked child's clone, is there).
+    pub(crate) fn fresh_mask(&self) -> u32 {
+        self.fresh
+    }
+
+    /// Clones this session on every live server into a new detached session `child` (see
+    /// `proto`'s "Clones"); returns the mask of servers that did. A server that refuses is
+    /// logged and left out: the child has no copy there.
+    pub(crate) fn clone_session(&self, child: &ClientId, secret: &Secret) -> u32 {
+        let req = proto::encode_clone(&self.client, child, self.grace_ms, secret);
+        let mut done = 0;
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.alive() {
+                continue;
+            }
+            match m.bulk.call(proto::CLONE, &req) {
+                Ok(_) => done |= 1 << i,
+                Err(e) => log::error!("memory server {} could not clone this region's pages for a child: {e}", m.uri),
+            }
+        }
+        done
     }
 
     /// Ends the session on every live server, freeing what it holds there.

@@ -35,6 +35,10 @@
 //! # fork, mremap, munmap
 //! - fork: the region is `MADV_DONTFORK`: a child process does not inherit it (touching its
 //!   addresses in the child is a segmentation fault), because a child's copy could not be served.
+//!   A layer that can serve the child (network RAM clones its pages on the servers) turns
+//!   inheritance on around the fork ([`RegionCore::inherit_on_fork`]); the child adopts the
+//!   mapping with a region of its own ([`RegionConfig::adopt`], [`present_pages`]) and lets go of
+//!   the parent's ([`Region::forget_after_fork`]).
 //! - mremap of the whole region: followed (faults are served at the new address). mremap of part
 //!   of it: the region is marked broken and faults in the moved part are refused (poisoned).
 //! - munmap by the application: the unmapped pages are forgotten and never unmapped again by the
@@ -60,7 +64,9 @@ mod signal;
 mod uffd;
 mod worker;
 
-pub use region::{DirtyTracking, FaultMode, PagerStats, Region, RegionConfig, RegionCore};
+pub use region::{
+    present_pages, unmap_inherited, DirtyTracking, FaultMode, PagerStats, Region, RegionConfig, RegionCore,
+};
 pub use signal::{interposed_sigaction, interposed_signal, program_sigaction, sigbus_claimed};
 pub use uffd::feature;
 

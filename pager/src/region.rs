@@ -51,6 +51,10 @@ pub struct RegionConfig {
     pub pages: u64,
     /// Map at exactly this address (page-aligned; fails if anything is mapped there).
     pub fixed_addr: Option<usize>,
+    /// Take over the private anonymous mapping already at this address instead of mapping one
+    /// (a forked child adopting the region it inherited, see [`RegionCore::inherit_on_fork`]):
+    /// its present pages stay as they are, its missing pages fault to the new source.
+    pub adopt_addr: Option<usize>,
     /// Who serves faults.
     pub mode: FaultMode,
     /// How written pages are tracked.
@@ -71,6 +75,7 @@ impl RegionConfig {
         RegionConfig {
             pages,
             fixed_addr: None,
+            adopt_addr: None,
             mode: FaultMode::Workers(1),
             dirty: DirtyTracking::Off,
             report_discards: true,
@@ -103,6 +108,12 @@ impl RegionConfig {
         self
     }
 
+    /// Adopts the mapping at `addr` (see [`RegionConfig::adopt_addr`]).
+    pub fn adopt(mut self, addr: usize) -> Self {
+        self.adopt_addr = Some(addr);
+        self
+    }
+
     /// Names the region in logs.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -124,10 +135,13 @@ impl RegionConfig {
             .checked_mul(PAGE)
             .filter(|l| *l <= 1 << 47)
             .ok_or_else(|| PagerError::Config(format!("{} pages exceed the address space", self.pages)))?;
-        if let Some(a) = self.fixed_addr {
-            if a % PAGE_SIZE != 0 || a == 0 {
-                return Err(PagerError::Config(format!("fixed address {a:#x} is not a non-zero page boundary")));
+        for a in self.fixed_addr.iter().chain(&self.adopt_addr) {
+            if a % PAGE_SIZE != 0 || *a == 0 {
+                return Err(PagerError::Config(format!("address {a:#x} is not a non-zero page boundary")));
             }
+        }
+        if self.fixed_addr.is_some() && self.adopt_addr.is_some() {
+            return Err(PagerError::Config("a region is either mapped at a fixed address or adopted".into()));
         }
         if let FaultMode::Workers(0) = self.mode {
             return Err(PagerError::Config("FaultMode::Workers needs at least one thread".into()));
@@ -234,6 +248,23 @@ impl Region {
     }
 }
 
+impl Region {
+    /// In a forked child: lets go of a region inherited from the parent without touching it.
+    /// The parent's fault threads do not exist here and its userfaultfd serves the parent's
+    /// memory, so nothing is stopped, unregistered or unmapped; the descriptor is closed and
+    /// the bookkeeping leaked. Use it on nothing but a region the calling process inherited.
+    pub fn forget_after_fork(mut self) {
+        if let Some(slot) = self.signal_slot.take() {
+            slot.forget();
+        }
+        let fd = self.core.uffd.raw_fd();
+        std::mem::forget(self);
+        // SAFETY: the descriptor is the inherited copy of the parent's userfaultfd; the region
+        // owning it was just forgotten, so nothing in this process uses it again.
+        unsafe { libc::close(fd) };
+    }
+}
+
 impl std::ops::Deref for Region {
     type Target = RegionCore;
     fn deref(&self) -> &RegionCore {
@@ -300,7 +331,13 @@ impl Region {
         } else {
             None
         };
-        let base = map(cfg.fixed_addr, len)?;
+        let base = match cfg.adopt_addr {
+            Some(a) => {
+                set_dontfork(a as u64, len, true)?;
+                a as u64
+            }
+            None => map(cfg.fixed_addr, len)?,
+        };
         let core = Arc::new(RegionCore {
             name: cfg.name.clone(),
             base: AtomicU64::new(base),
@@ -447,14 +484,40 @@ fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
             return Err(PagerError::Config(format!("could not map at {a:#x}")));
         }
     }
-    // SAFETY: advising our own fresh mapping. A child must not inherit pages it cannot be served.
-    let rc = unsafe { raw::madvise(p, len_usize, libc::MADV_DONTFORK) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    // A child must not inherit pages it cannot be served.
+    if let Err(e) = set_dontfork(p as u64, len, true) {
         unmap(p as u64, len);
-        return Err(PagerError::Os { op: "madvise(MADV_DONTFORK)", err });
+        return Err(e);
     }
     Ok(p as u64)
+}
+
+/// `MADV_DONTFORK` (`on`) or `MADV_DOFORK` over a range of the region.
+fn set_dontfork(start: u64, len: u64, on: bool) -> Result<(), PagerError> {
+    let (advice, op) =
+        if on { (libc::MADV_DONTFORK, "madvise(MADV_DONTFORK)") } else { (libc::MADV_DOFORK, "madvise(MADV_DOFORK)") };
+    // SAFETY: advising a range of the region's own mapping; neither advice changes its contents.
+    let rc = unsafe { raw::madvise(start as *mut libc::c_void, usize::try_from(len).unwrap_or(0), advice) };
+    if rc != 0 {
+        return Err(PagerError::Os { op, err: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// The page ranges among `pages` pages from `addr` that are present in this process's memory
+/// (a fresh `/proc/self/pagemap`: a descriptor opened before a fork would describe the parent).
+pub fn present_pages(addr: usize, pages: u64) -> Result<Vec<Range<u64>>, PagerError> {
+    let pm = Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?;
+    let (start, end) = (addr as u64, addr as u64 + pages * PAGE);
+    let q = Query { require: PAGE_IS_PRESENT, exclude: 0, reprotect: false };
+    let ranges = pm.scan(start, end, q).map_err(|err| PagerError::Os { op: "PAGEMAP_SCAN", err })?;
+    Ok(ranges.into_iter().map(|r| (r.start - start) / PAGE..(r.end - start) / PAGE).collect())
+}
+
+/// Unmaps `pages` pages from `addr` in this process: what a forked child does to an inherited
+/// region it cannot serve, so that touching it is a segmentation fault rather than zeros.
+pub fn unmap_inherited(addr: usize, pages: u64) {
+    unmap(addr as u64, pages * PAGE);
 }
 
 /// The region's own `mmap`, `munmap` and `madvise`, as raw system calls: a program may interpose
@@ -523,6 +586,14 @@ impl RegionCore {
 
     pub(crate) fn base(&self) -> u64 {
         self.base.load(Ordering::Acquire)
+    }
+
+    /// Whether a child process created by `fork` inherits the region's memory (`MADV_DOFORK`)
+    /// or not (`MADV_DONTFORK`, the default). Turned on only around a fork whose child adopts
+    /// the region ([`RegionConfig::adopt`]): an inherited region nobody adopts reads its missing
+    /// pages as zeros.
+    pub fn inherit_on_fork(&self, on: bool) -> Result<(), PagerError> {
+        set_dontfork(self.base(), self.len() as u64, !on)
     }
 
     /// Size in bytes.

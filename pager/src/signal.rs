@@ -178,6 +178,12 @@ impl Slot {
         )))
     }
 
+    /// Empties the slot without waiting for handlers or releasing its region (in a forked
+    /// child, whose other threads, and their handlers, do not exist).
+    pub(crate) fn forget(self) {
+        REGIONS[self.0].store(null_mut(), Ordering::SeqCst);
+    }
+
     pub(crate) fn unregister(self) {
         let p = REGIONS[self.0].swap(null_mut(), Ordering::SeqCst);
         if p.is_null() {

@@ -241,6 +241,11 @@ impl Userfaultfd {
         Ok(api.features)
     }
 
+    /// The descriptor.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// The enabled features.
     pub(crate) fn features(&self) -> u64 {
         self.features

@@ -26,7 +26,11 @@ use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETC
 use crate::servers::{ServerSet, FILE_HOLDER};
 use crate::{NetRamError, PAGE_SIZE};
 
+mod fork;
 mod window;
+
+use fork::ForkGate;
+pub use fork::ForkTicket;
 
 /// How long a fault waits for a page another thread is fetching or evicting.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
@@ -207,6 +211,9 @@ struct Shared {
     /// Held for each round of eviction, by the evictor or a fault helping it
     /// ([`Shared::help_evict`]): rounds never overlap (`copying` names one page).
     evicting: Mutex<()>,
+    /// Closed while the process forks: what changes the servers' copies or the holder masks
+    /// (eviction and rebuild rounds, discards, session checks) waits (see [`fork`]).
+    fork_gate: ForkGate,
     /// The window requested ahead of a strided fault stream, if one is on its way.
     ahead: Mutex<Option<window::Ahead>>,
     /// Set while the evictor cannot bring the resident set down (every server full, nothing
@@ -376,6 +383,38 @@ impl PageSource for Source {
 }
 
 impl Shared {
+    fn new(
+        cfg: &NetRamConfig,
+        servers: ServerSet,
+        table: PageTable,
+        budget: u64,
+        file: Option<std::fs::File>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            name: cfg.name.clone(),
+            prefetch: crate::prefetch::Prefetcher::default(),
+            prefetch_on: AtomicBool::new(cfg.prefetch),
+            protected_installs: AtomicU64::new(0),
+            upgrades: AtomicU64::new(0),
+            table,
+            servers,
+            resident: AtomicU64::new(0),
+            budget: AtomicU64::new(budget),
+            file,
+            victims: VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 }),
+            queue: Mutex::new(VecDeque::new()),
+            copying: AtomicU64::new(u64::MAX),
+            copy_discarded: AtomicBool::new(false),
+            evict_wanted: (Mutex::new(false), Condvar::new()),
+            evicting: Mutex::new(()),
+            fork_gate: ForkGate::default(),
+            evict_stalled: AtomicBool::new(false),
+            rebuild_wanted: AtomicBool::new(false),
+            ahead: Mutex::new(None),
+            stats: Counters::default(),
+        })
+    }
+
     /// Copies page `i`, which the evictor owns (EVICTING), announcing it in `copying`.
     ///
     /// # Safety
@@ -594,6 +633,7 @@ impl Shared {
         let mut stuck_rounds = 0;
         while self.resident.load(Ordering::Acquire) > low && !stop.load(Ordering::Acquire) && stuck_rounds < 3 {
             let gone = {
+                let _gate = self.fork_gate.enter();
                 let _round = crate::lock(&self.evicting);
                 self.evict_round(core, Round::All)
             };
@@ -625,6 +665,7 @@ impl Shared {
             if self.resident.load(Ordering::Acquire) + incoming <= self.active_budget() {
                 return;
             }
+            let _gate = self.fork_gate.enter();
             let Ok(_round) = self.evicting.try_lock() else { return };
             match self.evict_round(core, Round::CleanOnly) {
                 Some(gone) if gone > 0 => bump(&self.stats.evicted_by_faults, gone),
@@ -876,6 +917,7 @@ impl Shared {
     /// memory and held EVICTING (their writers wait) until their copies are stored; then all go
     /// out in one PUT per server. Returns whether some page is still short of copies.
     fn rebuild_batch(&self, core: &RegionCore, remote: &[u64], resident: &[u64], want: usize) -> bool {
+        let _gate = self.fork_gate.enter();
         let live = self.servers.live_mask();
         let mut fetched = Page::vec(remote.len());
         let reqs: Vec<(u64, u32)> = remote.iter().map(|&i| (i, self.table.holders(i) & !FILE_HOLDER)).collect();
@@ -1086,6 +1128,8 @@ pub struct NetRam {
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     region: Option<Region>,
+    /// What it was created with (a forked child's region is made with the same).
+    cfg: NetRamConfig,
 }
 
 impl std::fmt::Debug for NetRam {
@@ -1132,36 +1176,24 @@ impl NetRam {
             }
             None => None,
         };
-        let shared = Arc::new(Shared {
-            name: cfg.name.clone(),
-            prefetch: crate::prefetch::Prefetcher::default(),
-            prefetch_on: AtomicBool::new(cfg.prefetch),
-            protected_installs: AtomicU64::new(0),
-            upgrades: AtomicU64::new(0),
-            table: PageTable::new(pages),
-            servers,
-            resident: AtomicU64::new(0),
-            budget: AtomicU64::new(budget),
-            file,
-            victims: VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 }),
-            queue: Mutex::new(VecDeque::new()),
-            copying: AtomicU64::new(u64::MAX),
-            copy_discarded: AtomicBool::new(false),
-            evict_wanted: (Mutex::new(false), Condvar::new()),
-            evicting: Mutex::new(()),
-            evict_stalled: AtomicBool::new(false),
-            rebuild_wanted: AtomicBool::new(false),
-            ahead: Mutex::new(None),
-            stats: Counters::default(),
-        });
-        let rcfg = RegionConfig::new(pages)
+        let shared = Shared::new(&cfg, servers, PageTable::new(pages), budget, file);
+        NetRam::start(cfg, shared, None)
+    }
+
+    /// Maps the region (or adopts the mapping at `adopt`, in a forked child) with `shared` as
+    /// its page source and starts the background threads.
+    fn start(cfg: NetRamConfig, shared: Arc<Shared>, adopt: Option<usize>) -> Result<NetRam, NetRamError> {
+        let mut rcfg = RegionConfig::new(shared.table.len())
             .mode(cfg.fault_mode)
             .dirty(DirtyTracking::Faults)
             .report_discards(false)
             .name(cfg.name.clone());
+        if let Some(addr) = adopt {
+            rcfg = rcfg.adopt(addr);
+        }
         let region = Region::new(rcfg, Source(shared.clone())).map_err(NetRamError::Pager)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut ram = NetRam { shared, threads: Vec::new(), stop, region: Some(region) };
+        let mut ram = NetRam { shared, threads: Vec::new(), stop, region: Some(region), cfg };
         ram.spawn_background()?;
         Ok(ram)
     }
@@ -1197,6 +1229,7 @@ impl NetRam {
                 std::thread::sleep(Duration::from_millis(10));
                 let mut rebuild = false;
                 if Instant::now() >= next_check {
+                    let _gate = shared.fork_gate.enter();
                     // Copies stored short are added at most this often.
                     rebuild = shared.rebuild_wanted.swap(false, Ordering::AcqRel);
                     for i in shared.servers.check_sessions() {
@@ -1300,6 +1333,7 @@ impl NetRam {
             NetRamError::Config(format!("pages {first}..+{count} are outside the region of {} pages", s.table.len()))
         })?;
         let region = self.region();
+        let _gate = s.fork_gate.enter();
         let mut dropped = Vec::new();
         let mut remote: std::collections::HashMap<u32, Vec<u64>> = std::collections::HashMap::new();
         for i in first..end {
