@@ -8,6 +8,7 @@
 //! it starts a memory server on loopback inside its own process for the duration of the run.
 //! It exits with the program's status (128 + N if the program died of signal N).
 
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -26,16 +27,18 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
                   RAM. Sizes are written like 512M, 2G or 1GiB. The cluster key comes from \
                   MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; without servers and without a \
                   key, mosrun starts a memory server on loopback with a fresh random key.\n\n\
-                  Limits: a child the program forks does not inherit its network-RAM allocations \
-                  (children that exec are unaffected). Programs that hand large buffers to system \
-                  calls work (faults are served by worker threads)."
+                  The budget is one for the whole job: the program and every process it forks or \
+                  runs share it. A forked child sees the parent's memory as of the fork, with its \
+                  own writes private (the servers keep a copy-on-write clone). Programs that hand \
+                  large buffers to system calls work (faults are served by worker threads)."
 )]
 struct Cli {
     /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: start one on
     /// loopback for this run.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
-    /// Local RAM the program's large allocations may use.
+    /// Local RAM the program's large allocations may use: one budget for the program and all
+    /// the processes it starts.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     local_budget: u64,
     /// Smallest allocation placed on network RAM.
@@ -164,13 +167,21 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             cli.local_budget >> 20
         );
     }
+    // One budget for the job: a page of shared memory every process of it publishes in.
+    let (_budget, budget_fd) = mosaic_netram::SharedBudget::create(cli.local_budget)
+        .map_err(|e| format!("cannot set up the job's shared budget: {e}"))?;
+    // SAFETY: clearing close-on-exec on our own descriptor, so the program inherits it.
+    if unsafe { libc::fcntl(budget_fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(format!("cannot hand the shared budget to the program: {}", std::io::Error::last_os_error()));
+    }
     let mut cmd = Command::new(&cli.program[0]);
     cmd.args(&cli.program[1..])
         .env("LD_PRELOAD", preloads)
         .env("MOSAIC_SERVERS", servers.join(","))
         .env("MOSAIC_LOCAL_BUDGET", cli.local_budget.to_string())
         .env("MOSAIC_THRESHOLD", cli.threshold.to_string())
-        .env("MOSAIC_NETRAM_SIZE", cli.size.to_string());
+        .env("MOSAIC_NETRAM_SIZE", cli.size.to_string())
+        .env("MOSAIC_BUDGET_FD", budget_fd.as_raw_fd().to_string());
     if let Some(c) = cli.copies {
         cmd.env("MOSAIC_COPIES", c.to_string());
     }

@@ -161,3 +161,25 @@ fn a_program_that_forks_and_execs_keeps_working() {
     let under = ok(&mosrun().args(["--local-budget", "8M", "--", "python3", "-c", py]).output().unwrap());
     assert_eq!(under.trim(), format!("child ok 7 {}", 32 << 20));
 }
+
+/// The probe: a forked child could not touch the heap it inherited (Python's fork-based
+/// multiprocessing crashed). Now a C program that forks twice (and once more from a child)
+/// and writes on both sides, and a `multiprocessing` pool with the fork start method, print
+/// the same under mosrun as without it.
+#[test]
+fn forked_children_see_the_parent_as_of_the_fork_and_write_apart() {
+    let prog = c_program("forks");
+    let plain = Command::new(&prog).arg("48").output().unwrap();
+    let expected = ok(&plain);
+    assert!(expected.contains("grandchild: inherited intact") && expected.contains("children ok"), "{expected}");
+    let under = mosrun().args(["--local-budget", "16M", "--"]).arg(&prog).arg("48").output().unwrap();
+    assert_eq!(ok(&under), expected);
+    let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../preload/tests/multiprocessing_fork.py");
+    if !Command::new("python3").arg("-c").arg("1").status().is_ok_and(|s| s.success()) {
+        eprintln!("skipped python3: not installed");
+        return;
+    }
+    let expected = ok(&Command::new("python3").arg(&py).output().unwrap());
+    let under = mosrun().args(["--local-budget", "16M", "--", "python3"]).arg(&py).output().unwrap();
+    assert_eq!(ok(&under), expected);
+}

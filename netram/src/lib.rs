@@ -33,6 +33,7 @@
 //! assert!(data.iter().enumerate().all(|(i, w)| *w == i as u64));
 //! ```
 
+mod budget;
 mod client;
 mod pages;
 mod prefetch;
@@ -41,6 +42,7 @@ mod server;
 mod servers;
 mod size;
 
+pub use budget::SharedBudget;
 pub use client::{ForkTicket, NetRam, NetRamConfig, NetRamStats, MIN_BUDGET_PAGES};
 pub use server::{MemServer, MemServerConfig, MemStore, StoreStats, MAX_CAPACITY_PAGES};
 pub use size::parse_size;

@@ -3,13 +3,14 @@
 //! and without copies, full servers, wrong keys, unreachable servers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamError};
 use mosaic_pager::FaultMode;
 use mosaic_transport::ClusterKey;
 
 mod common;
-use common::{key, servers, uris, value, words, MIB};
+use common::{key, servers, uris, value, wait_until, words, MIB};
 
 #[test]
 fn data_survives_eviction_in_every_fault_mode() {
@@ -640,4 +641,43 @@ fn pages_requested_ahead_survive_a_dead_server_and_a_discard() {
     }
     read(pages / 4 + 256..pages, 3);
     assert_eq!(ram.stats().lost, 0);
+}
+
+/// Two regions sharing one budget (as a `mosrun` job's processes do): together they keep within
+/// it, and when one goes, the other may use all of it.
+#[test]
+fn regions_sharing_a_budget_keep_within_it_together() {
+    let s = servers(1, 256 * MIB);
+    let (pool, _fd) = mosaic_netram::SharedBudget::create(4 * MIB).unwrap();
+    let make = || {
+        let mut cfg = NetRamConfig::new(uris(&s), key(), 16 * MIB, 4 * MIB);
+        cfg.shared_budget = Some(pool.clone());
+        NetRam::new(cfg).unwrap()
+    };
+    let (a, b) = (make(), make());
+    let budget = 4 * MIB / 4096;
+    let held = |r: &NetRam| r.stats().resident + r.stats().cached;
+    for round in 1..=2 {
+        for r in [&a, &b] {
+            for (i, w) in words(r).iter_mut().enumerate().step_by(512) {
+                *w = value(i, round);
+            }
+        }
+    }
+    // Each now holds at most about half; the sum comes within the budget.
+    wait_until("the two regions share the budget", Duration::from_secs(10), || {
+        held(&a) + held(&b) <= budget + budget / 8
+    });
+    for r in [&a, &b] {
+        assert!(words(r).iter().enumerate().step_by(512).all(|(i, w)| *w == value(i, 2)));
+    }
+    drop(b);
+    // Alone, `a` takes the whole budget again: touching more than half of it stays resident.
+    let w = words(&a);
+    for round in 0..3 {
+        for (i, x) in w.iter_mut().take((3 * MIB / 8) as usize).enumerate().step_by(512) {
+            *x = value(i, 10 + round);
+        }
+    }
+    wait_until("the region alone uses the whole budget", Duration::from_secs(10), || held(&a) > budget * 5 / 8);
 }

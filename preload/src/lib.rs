@@ -24,14 +24,22 @@
 //! - `MOSAIC_NETRAM_SIZE`: address space reserved for large allocations (default 16G).
 //! - `MOSAIC_COPIES`: copies of each page (default 2 with two or more servers).
 //!
+//! - `MOSAIC_BUDGET_FD`: a descriptor of the budget shared by a `mosrun` job's processes (set
+//!   by `mosrun`). Without it the process makes its own, which the children it forks share.
+//!
 //! # Threads, signals, fork
 //! Thread-safe: one lock guards the region's page map; a thread-local flag sends allocations
 //! made while Mosaic itself runs (its start-up, its own threads) to glibc. Faults are served by
 //! one pinned worker per CPU, so system calls that read into large buffers work.
-//! A child created by `fork` does not inherit the region (it is not mapped in the child): the
-//! child's new allocations go to glibc, and freeing a pointer inherited from the region is
-//! ignored; touching such a pointer in the child is a segmentation fault. A child that calls
-//! `exec` (the common case) is unaffected.
+//!
+//! `fork` works as it does for anonymous memory: the child sees the parent's allocations as
+//! they were at the fork, and each side's writes afterwards are its own. Fork handlers clone
+//! the region's session on the servers (copy-on-write there) just before the fork, and the
+//! child adopts the inherited mapping with a region of its own (see `mosaic_netram`'s fork
+//! module). Parent and children keep within one shared budget. If the child cannot adopt the
+//! region (a server is unreachable), a message says so and the region is unmapped in the
+//! child: touching it there is a segmentation fault, never a read of zeros. `system()` and
+//! `posix_spawn` do not run fork handlers and cost nothing; neither does a child that execs.
 //!
 //! # Failure
 //! If the region cannot be created (no servers, unreachable, wrong key), the reason is printed
@@ -46,11 +54,11 @@ pub mod heap;
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use heap::Heap;
-use mosaic_netram::{parse_size, NetRam, NetRamConfig, PAGE_SIZE};
+use mosaic_netram::{parse_size, ForkTicket, NetRam, NetRamConfig, SharedBudget, PAGE_SIZE};
 use mosaic_pager::FaultMode;
 use mosaic_transport::ClusterKey;
 
@@ -129,6 +137,8 @@ struct Config {
     budget: u64,
     threshold: usize,
     copies: Option<usize>,
+    /// The descriptor of the budget shared by a `mosrun` job's processes.
+    budget_fd: Option<i32>,
 }
 
 impl Config {
@@ -142,6 +152,7 @@ impl Config {
             budget: size_of(c"MOSAIC_LOCAL_BUDGET", 1 << 30),
             threshold: usize::try_from(size_of(c"MOSAIC_THRESHOLD", 1 << 20)).unwrap_or(usize::MAX).max(PAGE_SIZE),
             copies: env(c"MOSAIC_COPIES").and_then(|s| s.parse().ok()),
+            budget_fd: env(c"MOSAIC_BUDGET_FD").and_then(|s| s.parse().ok()),
         }
     }
 }
@@ -165,10 +176,19 @@ static DISABLED: AtomicBool = AtomicBool::new(false);
 static BACKEND: OnceLock<Option<Backend>> = OnceLock::new();
 
 struct Backend {
-    ram: NetRam,
+    /// The region; replaced (never freed) only in a forked child, where no other thread runs.
+    ram: AtomicPtr<NetRam>,
     heap: Mutex<Heap>,
     base: usize,
     len: usize,
+}
+
+impl Backend {
+    fn ram(&self) -> &NetRam {
+        // SAFETY: the pointer comes from `Box::into_raw` and is never freed: it is replaced only
+        // in a forked child (see `fork_child`), where the old region is leaked, not dropped.
+        unsafe { &*self.ram.load(Ordering::Acquire) }
+    }
 }
 
 /// Runs `f` with the re-entrancy flag set.
@@ -223,14 +243,14 @@ fn init() -> Option<Backend> {
         }
         cfg.fault_mode = FaultMode::PerCpu;
         cfg.name = "preload".into();
+        cfg.shared_budget = shared_budget(c);
         match NetRam::new(cfg) {
             Ok(ram) => {
                 let (base, len) = (ram.as_ptr() as usize, ram.len());
                 let heap = Mutex::new(Heap::new((len / PAGE_SIZE) as u64, PAGE_SIZE as u64));
-                // A forked child has no region: it must not use it.
-                // SAFETY: registering a plain function as the fork child handler.
-                unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-                Some(Backend { ram, heap, base, len })
+                // SAFETY: registering plain functions as fork handlers.
+                unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+                Some(Backend { ram: AtomicPtr::new(Box::into_raw(Box::new(ram))), heap, base, len })
             }
             Err(e) => {
                 report(&format!("network RAM is off, allocations stay local: {e}"));
@@ -240,8 +260,76 @@ fn init() -> Option<Backend> {
     })
 }
 
-extern "C" fn in_child() {
-    DISABLED.store(true, Ordering::Relaxed);
+/// The job's shared budget (from `mosrun`), or one of this process's own, which the children
+/// it forks share.
+fn shared_budget(c: &Config) -> Option<SharedBudget> {
+    let made = match c.budget_fd {
+        Some(fd) => SharedBudget::open(fd),
+        None => SharedBudget::create(c.budget).map(|(b, _fd)| b),
+    };
+    made.map_err(|e| report(&format!("each process keeps its own budget: {e}"))).ok()
+}
+
+thread_local! {
+    /// Between the fork handlers (which run on the forking thread): the heap, locked so the
+    /// child's copy is consistent, and what the region prepared.
+    static FORKING: std::cell::RefCell<Option<(std::sync::MutexGuard<'static, Heap>, Option<ForkTicket>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Before `fork`: the heap is locked and the region prepared for the child (cloned on the
+/// servers). If that fails, the child does without the region.
+extern "C" fn fork_prepare() {
+    let Some(b) = BACKEND.get().and_then(Option::as_ref).filter(|_| !DISABLED.load(Ordering::Relaxed)) else {
+        return;
+    };
+    inside(|| {
+        let heap = lock(b);
+        let ticket = match b.ram().prepare_fork() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                report(&format!("fork: the child will not have the parent's large allocations: {e}"));
+                None
+            }
+        };
+        FORKING.with(|f| *f.borrow_mut() = Some((heap, ticket)));
+    });
+}
+
+/// After `fork` (or a failed one) in the parent.
+extern "C" fn fork_parent() {
+    inside(|| {
+        let Some((heap, ticket)) = FORKING.with(|f| f.borrow_mut().take()) else { return };
+        if let (Some(t), Some(b)) = (ticket, BACKEND.get().and_then(Option::as_ref)) {
+            b.ram().fork_parent(t);
+        }
+        drop(heap);
+    });
+}
+
+/// After `fork` in the child: the region becomes the child's own copy, or, if it cannot, the
+/// child does without it (its addresses then fault; never read as zeros).
+extern "C" fn fork_child() {
+    inside(|| {
+        let forking = FORKING.with(|f| f.borrow_mut().take());
+        let Some(b) = BACKEND.get().and_then(Option::as_ref) else { return };
+        let Some((heap, Some(ticket))) = forking else {
+            DISABLED.store(true, Ordering::Relaxed);
+            return;
+        };
+        // SAFETY: only this thread exists in the child. The parent's region is read out of its
+        // box and handed to `fork_child`, which leaks what belongs to the parent; the box is
+        // left allocated (never used again: it is replaced below, or the shim is disabled).
+        let parent = unsafe { std::ptr::read(b.ram.load(Ordering::Acquire)) };
+        match parent.fork_child(ticket) {
+            Ok(ram) => b.ram.store(Box::into_raw(Box::new(ram)), Ordering::Release),
+            Err(e) => {
+                report(&format!("fork: the child lost the parent's large allocations: {e}"));
+                DISABLED.store(true, Ordering::Relaxed);
+            }
+        }
+        drop(heap);
+    });
 }
 
 fn backend() -> Option<&'static Backend> {
@@ -283,7 +371,7 @@ fn big_free(b: &Backend, off: u64) {
     }
     inside(|| {
         let Some(block) = lock(b).get(off) else { return };
-        if let Err(e) = b.ram.discard(block.start, block.pages) {
+        if let Err(e) = b.ram().discard(block.start, block.pages) {
             report(&format!("freeing {} pages failed: {e}", block.pages));
         }
         lock(b).free(off);
@@ -309,7 +397,7 @@ fn discard_pages(b: &Backend, first: u64, pages: u64) {
     inside(|| {
         let runs = lock(b).allocated_within(first, pages);
         for (s, n) in runs {
-            if let Err(e) = b.ram.discard(s, n) {
+            if let Err(e) = b.ram().discard(s, n) {
                 report(&format!("discarding {n} pages failed: {e}"));
             }
         }

@@ -234,7 +234,7 @@ fn adopt(
             cfg.name
         );
     }
-    let budget = parent.budget.load(Ordering::Relaxed);
+    let budget = parent.own_budget.load(Ordering::Relaxed);
     let shared = Shared::new(&cfg, servers, table, budget, None);
     shared.resident.store(queue.len() as u64, Ordering::Release);
     *crate::lock(&shared.queue) = queue;

@@ -22,8 +22,10 @@ use mosaic_pager::{
 };
 use mosaic_transport::{ClusterKey, Page};
 
+use crate::budget::Share;
 use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETCHING, LOST, REMOTE};
 use crate::servers::{ServerSet, FILE_HOLDER};
+use crate::SharedBudget;
 use crate::{NetRamError, PAGE_SIZE};
 
 mod fork;
@@ -98,6 +100,9 @@ pub struct NetRamConfig {
     /// resident set. Together with first-in-first-out eviction of the resident set this
     /// approximates LRU (hot pages keep coming back; cold ones age out). Off: plain FIFO.
     pub victim_cache: bool,
+    /// A budget shared with other processes (a `mosrun` job's): the region then keeps within
+    /// its share of it as well as within `resident_budget` (see [`SharedBudget`]).
+    pub shared_budget: Option<SharedBudget>,
 }
 
 impl NetRamConfig {
@@ -117,6 +122,7 @@ impl NetRamConfig {
             prefetch: true,
             victim_cache: true,
             backing_file: None,
+            shared_budget: None,
         }
     }
 }
@@ -194,7 +200,13 @@ struct Shared {
     table: PageTable,
     servers: ServerSet,
     resident: AtomicU64,
+    /// The pages the region may hold now: `own_budget`, or less, its share of a budget shared
+    /// with other processes.
     budget: AtomicU64,
+    /// The budget it was given.
+    own_budget: AtomicU64,
+    /// Its place in a budget shared with other processes.
+    share: Option<Share>,
     /// The local backing file, if any.
     file: Option<std::fs::File>,
     /// Recently evicted pages (copies of what the servers hold), newest last.
@@ -400,6 +412,14 @@ impl Shared {
             servers,
             resident: AtomicU64::new(0),
             budget: AtomicU64::new(budget),
+            own_budget: AtomicU64::new(budget),
+            share: cfg.shared_budget.as_ref().and_then(|b| {
+                let share = b.join();
+                if share.is_none() {
+                    log::warn!("region {}: the shared budget has no free slot; keeping to its own budget", cfg.name);
+                }
+                share
+            }),
             file,
             victims: VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 }),
             queue: Mutex::new(VecDeque::new()),
@@ -427,6 +447,19 @@ impl Shared {
         let c = unsafe { copy_of(core, i) };
         self.copying.store(u64::MAX, Ordering::Release);
         (c, self.copy_discarded.swap(false, Ordering::AcqRel))
+    }
+
+    /// Publishes what the region holds in the shared budget, if any, and takes its share as
+    /// the budget; every second, clears the slots of processes that died.
+    fn follow_shared_budget(&self, next_sweep: &mut Instant) {
+        let Some(share) = &self.share else { return };
+        let held = self.resident.load(Ordering::Acquire) + self.victims.len();
+        let allowed = share.update(held).min(self.own_budget.load(Ordering::Relaxed));
+        self.budget.store(allowed, Ordering::Relaxed);
+        if Instant::now() >= *next_sweep {
+            share.sweep();
+            *next_sweep = Instant::now() + Duration::from_secs(1);
+        }
     }
 
     /// Pages the region itself may hold: the budget minus what the victim cache holds now. A
@@ -1203,7 +1236,9 @@ impl NetRam {
         let keeper_core = core.clone();
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
         let evictor = std::thread::Builder::new().name("mosaic-evict".into()).spawn(move || {
+            let mut next_sweep = Instant::now();
             while !stop.load(Ordering::Acquire) {
+                shared.follow_shared_budget(&mut next_sweep);
                 {
                     let (m, c) = &shared.evict_wanted;
                     let mut wanted = crate::lock(m);
@@ -1320,6 +1355,7 @@ impl NetRam {
         if pages < MIN_BUDGET_PAGES {
             return Err(NetRamError::Config(format!("a resident budget must be at least {MIN_BUDGET_PAGES} pages")));
         }
+        self.shared.own_budget.store(pages, Ordering::Relaxed);
         self.shared.budget.store(pages, Ordering::Relaxed);
         self.shared.wake_evictor();
         Ok(())
