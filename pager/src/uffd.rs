@@ -226,7 +226,8 @@ impl Userfaultfd {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Userfaultfd { fd, features: api.features })
+        // The kernel answers with every feature it has, not just those enabled: keep ours.
+        Ok(Userfaultfd { fd, features: features & api.features })
     }
 
     /// Which of the known features this kernel offers (opens and closes a probe descriptor).
