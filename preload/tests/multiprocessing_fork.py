@@ -1,7 +1,7 @@
 # Python multiprocessing with the fork start method over a large bytearray: under mosrun it
 # must print what it prints without (mosrun/tests/mosrun.rs).
-import multiprocessing as mp, resource, sys
-big = bytearray(48 << 20)
+import multiprocessing as mp, os, resource, sys
+big = bytearray(int(os.environ.get('FORK_TEST_MIB', '48')) << 20)
 for i in range(0, len(big), 4096):
     big[i] = i % 251
 def work(k):
