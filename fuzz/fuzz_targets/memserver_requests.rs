@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
             // Client 0 was opened (with its secret) by connection 1 only; connection 2 can only
             // reach it with client 0's secret, [1; 32].
             if who.id == 2 && body.len() >= 16 && body[..16] == [0; 16] {
-                assert!(data.windows(32).any(|w| w == [1u8; 32]), "connection 2 read client 0's page without its secret");
+                assert!(
+                    data.windows(32).any(|w| w == [1u8; 32]),
+                    "connection 2 read client 0's page without its secret"
+                );
             }
         }
         assert!(store.stats().used_pages <= 8);

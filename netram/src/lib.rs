@@ -35,6 +35,9 @@
 
 mod budget;
 mod client;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod pages;
 mod prefetch;
 pub mod proto;

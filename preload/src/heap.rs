@@ -173,19 +173,141 @@ impl Heap {
     }
 }
 
+/// The heap against a page-by-page model, for the property test and the fuzz target: any
+/// sequence of allocations, frees, partial releases (`munmap`) and in-place growth (`mremap`)
+/// never hands a page out twice, releases exactly the allocated pages of a range, keeps the
+/// pieces outside a release allocated, and accounts for every page.
+#[cfg(any(test, fuzzing))]
+pub mod model {
+    use super::Heap;
+
+    /// One operation on a heap of [`PAGES`] pages.
+    #[derive(Clone, Debug)]
+    pub enum Op {
+        /// Allocate this many pages.
+        Alloc(u64),
+        /// Free the k-th live block (modulo their number).
+        Free(usize),
+        /// Release pages `start..start + n` (`munmap`).
+        Release(u64, u64),
+        /// Grow the k-th live block in place by n pages (`mremap`).
+        Grow(usize, u64),
+    }
+
+    /// Pages of the modelled heap.
+    pub const PAGES: u64 = 64;
+
+    /// Operations read from arbitrary bytes, three per operation.
+    pub fn ops_from_bytes(data: &[u8]) -> Vec<Op> {
+        data.chunks_exact(3)
+            .map(|c| {
+                let (a, b) = (u64::from(c[1]), u64::from(c[2]));
+                match c[0] % 4 {
+                    0 => Op::Alloc(1 + a % 11),
+                    1 => Op::Free(usize::from(c[1])),
+                    2 => Op::Release(a % PAGES, 1 + b % 19),
+                    _ => Op::Grow(usize::from(c[1]), 1 + b % 7),
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `ops`; the first disagreement with the model, if any.
+    #[allow(clippy::cast_possible_truncation)]
+    pub fn check(ops: &[Op]) -> Result<(), String> {
+        let mut h = Heap::new(PAGES, 4096);
+        let mut model: Vec<Option<u64>> = vec![None; PAGES as usize]; // owner block start
+        let mut blocks: Vec<u64> = Vec::new(); // live block offsets, for Free/Grow picks
+        let fail = |why: String| Err(why);
+        for o in ops {
+            match *o {
+                Op::Alloc(n) => {
+                    if let Some(off) = h.alloc((n * 4096) as usize, 4096) {
+                        let s = off / 4096;
+                        for p in s..s + n {
+                            if model[p as usize].is_some() {
+                                return fail(format!("page {p} handed out twice"));
+                            }
+                            model[p as usize] = Some(s);
+                        }
+                        blocks.push(off);
+                    }
+                }
+                Op::Free(k) if !blocks.is_empty() => {
+                    let off = blocks.remove(k % blocks.len());
+                    if let Some(b) = h.free(off) {
+                        for p in b.start..b.start + b.pages {
+                            model[p as usize] = None;
+                        }
+                    }
+                }
+                Op::Release(s, n) => {
+                    let want: Vec<u64> = (s..(s + n).min(PAGES)).filter(|p| model[*p as usize].is_some()).collect();
+                    let runs = h.release(s, n);
+                    let got: Vec<u64> = runs.iter().flat_map(|(a, m)| *a..*a + *m).collect();
+                    if got != want {
+                        return fail(format!("release({s}, {n}) freed {got:?}, the model says {want:?}"));
+                    }
+                    for p in got {
+                        model[p as usize] = None;
+                    }
+                    // Pieces after the range became blocks of their own.
+                    let end = (s + n).min(PAGES);
+                    if end < PAGES && model[end as usize].is_some() && (end == 0 || model[end as usize - 1].is_none()) {
+                        let owner = model[end as usize];
+                        let mut p = end;
+                        while p < PAGES && model[p as usize] == owner {
+                            model[p as usize] = Some(end);
+                            p += 1;
+                        }
+                        blocks.push(end * 4096);
+                    }
+                }
+                Op::Grow(k, n) if !blocks.is_empty() => {
+                    let off = blocks[k % blocks.len()];
+                    if let Some(b) = h.get(off) {
+                        let end = b.start + b.pages;
+                        let free_after = (end..(end + n)).all(|p| p < PAGES && model[p as usize].is_none());
+                        if h.grow_in_place(end, n) != free_after {
+                            return fail(format!("grow_in_place({end}, {n}) disagrees with the model ({free_after})"));
+                        }
+                        if free_after {
+                            for p in end..end + n {
+                                model[p as usize] = Some(b.start);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            // Every block the heap knows matches the model.
+            for (off, b) in &h.used {
+                if *off != b.start * 4096 {
+                    return fail(format!("block at {off} starts at page {}", b.start));
+                }
+                if let Some(p) = (b.start..b.start + b.pages).find(|p| model[*p as usize].is_none()) {
+                    return fail(format!("page {p} allocated in the heap, free in the model"));
+                }
+            }
+            let allocated: u64 = h.used.values().map(|b| b.pages).sum();
+            if allocated != model.iter().filter(|m| m.is_some()).count() as u64 {
+                return fail(format!("{allocated} pages allocated, the model has another count"));
+            }
+            let free: u64 = h.free.values().sum();
+            if free + allocated != PAGES {
+                return fail(format!("{free} free + {allocated} allocated != {PAGES}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// What a heap of 64 pages should look like: who owns each page (None: free).
-    #[derive(Clone, Debug)]
-    enum Op {
-        Alloc(u64),
-        Free(usize),
-        Release(u64, u64),
-        Grow(usize, u64),
-    }
+    use super::model::{check, Op};
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
@@ -198,81 +320,10 @@ mod tests {
 
     proptest! {
         /// Any sequence of allocations, frees, partial releases and in-place growth against a
-        /// page-by-page model: no page is ever handed out twice, released pages are exactly the
-        /// allocated ones in the range, and the pieces outside a release stay allocated.
+        /// page-by-page model (see [`super::model`]).
         #[test]
         fn map_unmap_remap_sequences_match_a_page_model(ops in proptest::collection::vec(op(), 1..60)) {
-            const PAGES: u64 = 64;
-            let mut h = Heap::new(PAGES, 4096);
-            let mut model: Vec<Option<u64>> = vec![None; PAGES as usize]; // owner block start
-            let mut blocks: Vec<u64> = Vec::new(); // live block offsets, for Free/Grow picks
-            for o in ops {
-                match o {
-                    Op::Alloc(n) => {
-                        if let Some(off) = h.alloc((n * 4096) as usize, 4096) {
-                            let s = off / 4096;
-                            for p in s..s + n {
-                                prop_assert!(model[p as usize].is_none(), "page {p} handed out twice");
-                                model[p as usize] = Some(s);
-                            }
-                            blocks.push(off);
-                        }
-                    }
-                    Op::Free(k) if !blocks.is_empty() => {
-                        let off = blocks.remove(k % blocks.len());
-                        if let Some(b) = h.free(off) {
-                            for p in b.start..b.start + b.pages {
-                                model[p as usize] = None;
-                            }
-                        }
-                    }
-                    Op::Release(s, n) => {
-                        let want: Vec<u64> = (s..(s + n).min(PAGES)).filter(|p| model[*p as usize].is_some()).collect();
-                        let runs = h.release(s, n);
-                        let got: Vec<u64> = runs.iter().flat_map(|(a, m)| *a..*a + *m).collect();
-                        prop_assert_eq!(&got, &want);
-                        for p in got {
-                            model[p as usize] = None;
-                        }
-                        // Pieces after the range became blocks of their own.
-                        let end = (s + n).min(PAGES);
-                        if end < PAGES && model[end as usize].is_some() && (end == 0 || model[end as usize - 1].is_none()) {
-                            let owner = model[end as usize];
-                            let mut p = end;
-                            while p < PAGES && model[p as usize] == owner {
-                                model[p as usize] = Some(end);
-                                p += 1;
-                            }
-                            blocks.push(end * 4096);
-                        }
-                    }
-                    Op::Grow(k, n) if !blocks.is_empty() => {
-                        let off = blocks[k % blocks.len()];
-                        if let Some(b) = h.get(off) {
-                            let end = b.start + b.pages;
-                            let free_after = (end..(end + n)).all(|p| p < PAGES && model[p as usize].is_none());
-                            prop_assert_eq!(h.grow_in_place(end, n), free_after);
-                            if free_after {
-                                for p in end..end + n {
-                                    model[p as usize] = Some(b.start);
-                                }
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                // Every block the heap knows matches the model.
-                for (off, b) in &h.used {
-                    prop_assert_eq!(*off, b.start * 4096);
-                    for p in b.start..b.start + b.pages {
-                        prop_assert!(model[p as usize].is_some(), "page {p} allocated in the heap, free in the model");
-                    }
-                }
-                let allocated: u64 = h.used.values().map(|b| b.pages).sum();
-                prop_assert_eq!(allocated, model.iter().filter(|m| m.is_some()).count() as u64);
-                let free: u64 = h.free.values().sum();
-                prop_assert_eq!(free + allocated, PAGES);
-            }
+            prop_assert_eq!(check(&ops), Ok(()));
         }
     }
 

@@ -47,7 +47,7 @@
 
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 // The unit tests exclude the interposed entry points, which are what use the rest.
-#![cfg_attr(test, allow(dead_code, clippy::cast_possible_truncation))]
+#![cfg_attr(any(test, fuzzing), allow(dead_code, clippy::cast_possible_truncation))]
 
 pub mod heap;
 
@@ -437,9 +437,9 @@ fn size_of_ours(b: &Backend, off: u64) -> usize {
     inside(|| lock(b).get(off).map_or(0, |blk| usize::try_from(blk.pages).unwrap_or(0) * PAGE_SIZE))
 }
 
-/// The interposed entry points. Not compiled into this crate's own tests, where they would
-/// replace the test harness's allocator.
-#[cfg(not(test))]
+/// The interposed entry points. Not compiled into this crate's own tests or the fuzz targets,
+/// where they would replace the harness's allocator.
+#[cfg(not(any(test, fuzzing)))]
 mod interpose {
     use super::*;
 

@@ -60,6 +60,42 @@ pub fn server_frames(data: &[u8]) {
     serve_frames(&cfg, &AtomicBool::new(false), &Scripted::new(data), &Caller { id: 0, peer: "fuzz".into() });
 }
 
+/// Runs the server's frame loop with `service` behind it on a stream of Call frames made from
+/// `prelude` (method, body) and then from `data`, read as records of a tag byte, a 16-bit
+/// length and that many bytes: tag 255 puts the bytes on the stream raw (garbage between
+/// frames), any other tag sends them as the body of a call to method `tag % 16`.
+pub fn service_frames(service: impl crate::Service, prelude: &[(u64, Vec<u8>)], data: &[u8]) {
+    let mut stream = Vec::new();
+    let mut id = 1u64;
+    let mut call = |stream: &mut Vec<u8>, method: u64, body: &[u8]| {
+        let h = crate::wire::Header::request(crate::wire::Opcode::Call, id, method, crate::wire::len32(body));
+        stream.extend_from_slice(&h.encode());
+        stream.extend_from_slice(body);
+        id += 1;
+    };
+    for (m, body) in prelude {
+        call(&mut stream, *m, body);
+    }
+    let mut rest = data;
+    while rest.len() >= 3 {
+        let tag = rest[0];
+        let len = usize::from(u16::from_le_bytes([rest[1], rest[2]])).min(rest.len() - 3);
+        let body = &rest[3..3 + len];
+        rest = &rest[3 + len..];
+        if tag == 255 {
+            stream.extend_from_slice(body);
+        } else {
+            call(&mut stream, u64::from(tag % 16), body);
+        }
+    }
+    let mut cfg = ServerConfig::new(key()).service(service);
+    cfg.max_frame = 1 << 20;
+    let caller = Caller { id: 0, peer: "fuzz".into() };
+    // As a connection thread does: the service hears of the end however serving ends.
+    let _ended = crate::server::Disconnected(&cfg, &caller);
+    serve_frames(&cfg, &AtomicBool::new(false), &Scripted::new(&stream), &caller);
+}
+
 /// Issues a call, a page read and a batch on a connection whose server answers with `data`.
 pub fn client_responses(data: &[u8]) {
     let info = ServerInfo { window_pages: 8, max_frame: DEFAULT_MAX_FRAME };
@@ -257,8 +293,29 @@ pub fn shm_ring(data: &[u8]) {
             }
             2 => hdr.tail.0.store(arg, Ordering::Release),
             3 => hdr.head.0.store(arg, Ordering::Release),
-            _ => store[n % 64] = op.len() as u8,
+            _ => store[n % 64] = u8::try_from(op.len()).unwrap_or(0),
         }
+    }
+}
+
+/// The RDMA set-up exchange as a hostile peer writes it: whatever parses is within the limits
+/// the verbs and the one-sided address arithmetic rely on, and encodes back to the same bytes.
+pub fn rdma_setup(data: &[u8]) {
+    use crate::rdma_wire::{self, SETUP_LEN, WINDOW_LEN};
+    let (setup, rest) = data.split_at(data.len().min(SETUP_LEN));
+    if let Ok(qp) = rdma_wire::parse_setup(setup) {
+        assert!(qp.qpn < 1 << 24 && qp.psn < 1 << 24 && (1..=5).contains(&qp.mtu));
+        assert_eq!(&rdma_wire::encode_setup(&qp)[..], setup);
+    }
+    let (announced, win) = match rest.split_first() {
+        Some((a, w)) => (u64::from(*a % 4), &w[..w.len().min(WINDOW_LEN)]),
+        None => (0, rest),
+    };
+    if let Ok(w) = rdma_wire::parse_window(win, announced) {
+        assert_eq!(w.pages, announced);
+        let last = w.pages.saturating_sub(1) * crate::PAGE_SIZE as u64;
+        assert!(w.pages == 0 || w.addr.checked_add(last + crate::PAGE_SIZE as u64).is_some());
+        assert_eq!(&rdma_wire::encode_window(&w)[..], win);
     }
 }
 

@@ -72,6 +72,8 @@ mod malformed_tests;
 mod page;
 #[cfg(feature = "rdma")]
 mod rdma;
+#[cfg(any(feature = "rdma", fuzzing, test))]
+mod rdma_wire;
 mod secure;
 mod server;
 mod shm;

@@ -420,7 +420,7 @@ impl Drop for Leaving<'_> {
 }
 
 /// Tells the service a connection ended, however its serving ends.
-struct Disconnected<'a>(&'a ServerConfig, &'a Caller);
+pub(crate) struct Disconnected<'a>(pub(crate) &'a ServerConfig, pub(crate) &'a Caller);
 
 impl Drop for Disconnected<'_> {
     fn drop(&mut self) {

@@ -475,7 +475,7 @@ impl Shared {
     /// about three quarters resident, a quarter cached.
     fn active_budget(&self) -> u64 {
         let ceiling = self.ceiling();
-        ceiling - (ceiling / 16).max(2 * EVICT_BATCH as u64).min(ceiling / 4)
+        ceiling - (ceiling / 32).max(2 * EVICT_BATCH as u64).min(ceiling / 4)
     }
 
     /// Whether the resident set is at its ceiling while the evictor can still make room.
@@ -671,7 +671,7 @@ impl Shared {
     /// Evicts until the resident set is within the budget (or nothing more can go).
     fn evict(&self, core: &RegionCore, stop: &AtomicBool) {
         let budget = self.active_budget();
-        let low = budget - budget / 16;
+        let low = budget - budget / 32;
         let mut stuck_rounds = 0;
         let stuck_limit = || 3 + crate::lock(&self.queue).len() / EVICT_BATCH;
         while self.resident.load(Ordering::Acquire) > low

@@ -36,10 +36,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use verbs::{MemoryRegion, Op, QpInfo, Queue, QueuePair, Wc};
+use verbs::{MemoryRegion, Op, Queue, QueuePair, Wc};
 
 use crate::auth::{client_handshake, server_handshake, ClusterKey, ServerInfo};
 use crate::page::{Page, PageWindow};
+use crate::rdma_wire::{self, RemoteWindow};
 use crate::server::{Accepted, FinishSetup, Incoming};
 use crate::stream::{read_exact, ByteStream, WaitPolicy};
 use crate::sync::lock;
@@ -61,7 +62,6 @@ const STAGING_PAGES: usize = 64;
 const DEPTH: u32 = 256;
 /// Marks a SEND's work request id (one-sided ids are batch pointers, below 2^63).
 const SEND_TAG: u64 = 1 << 63;
-const SETUP_MAGIC: [u8; 8] = *b"MOSARDMA";
 
 /// Environment variable naming the RDMA device (e.g. `rxe0`, `mlx5_0`).
 pub const DEVICE_ENV: &str = "MOSAIC_RDMA_DEVICE";
@@ -430,14 +430,6 @@ impl ByteStream for RdmaByteStream {
     }
 }
 
-/// The server's window as seen by a client.
-#[derive(Clone, Copy, Debug)]
-struct RemoteWindow {
-    addr: u64,
-    rkey: u32,
-    pages: u64,
-}
-
 /// One-sided page reads and writes of an RDMA connection.
 pub(crate) struct RdmaPages {
     conn: Arc<Conn>,
@@ -541,20 +533,18 @@ fn setup_io(what: &str, e: impl std::fmt::Display) -> io::Error {
 }
 
 /// Exchanges queue pair information over the (authenticated) TCP side channel and connects.
+/// What the peer sends is checked by [`rdma_wire`] before it reaches the verbs.
 fn exchange(conn: &Conn, extra_out: &[u8], extra_in: &mut [u8], deadline: Instant) -> io::Result<()> {
     let my_psn = psn();
     let mine = conn.qp.local_info(my_psn)?;
-    conn.sock.write_all(&[&SETUP_MAGIC, &mine.encode(), extra_out])?;
-    let mut theirs = [0u8; 8 + QpInfo::LEN];
+    conn.sock.write_all(&[&rdma_wire::encode_setup(&mine.into()), extra_out])?;
+    let mut theirs = [0u8; rdma_wire::SETUP_LEN];
     let policy = WaitPolicy::blocking();
     read_exact(&conn.sock, &mut theirs, policy, Some(deadline))
         .map_err(|e| setup_io("peer info", io::Error::from(e)))?;
-    if theirs[..8] != SETUP_MAGIC {
-        return Err(setup_io("peer info", "not a Mosaic RDMA peer"));
-    }
+    let remote = rdma_wire::parse_setup(&theirs).map_err(|e| setup_io("peer info", e))?;
     read_exact(&conn.sock, extra_in, policy, Some(deadline)).map_err(|e| setup_io("window", io::Error::from(e)))?;
-    let remote = QpInfo::decode(theirs[8..].try_into().map_err(|_| setup_io("peer info", "short"))?);
-    conn.qp.connect(my_psn, &remote)?;
+    conn.qp.connect(my_psn, &remote.into())?;
     // Both queue pairs are ready to receive once each side has seen the other's ready byte.
     conn.sock.write_all(&[b"R"])?;
     let mut ready = [0u8; 1];
@@ -573,18 +563,13 @@ pub(crate) fn connect(
     let deadline = Instant::now() + timeout;
     let sock = TcpByteStream::connect(addr, timeout).map_err(io_err)?;
     // The side channel only proves the key; the queue pair's stream has its own handshake.
-    client_handshake(&sock, key, crate::Protection::None, deadline)
+    let session = client_handshake(&sock, key, crate::Protection::None, deadline)
         .map_err(|source| crate::ConnectError::Handshake { uri: uri.clone(), source })?;
     let conn = Conn::setup(sock, None)
         .map_err(|e| crate::ConnectError::Unsupported { uri: uri.clone(), reason: e.to_string() })?;
-    let mut win = [0u8; 20];
+    let mut win = [0u8; rdma_wire::WINDOW_LEN];
     exchange(&conn, &[], &mut win, deadline).map_err(io_err)?;
-    let u64_at = |i: usize| u64::from_le_bytes(win[i..i + 8].try_into().unwrap_or_default());
-    let window = RemoteWindow {
-        addr: u64_at(0),
-        rkey: u32::from_le_bytes(win[8..12].try_into().unwrap_or_default()),
-        pages: u64_at(12),
-    };
+    let window = rdma_wire::parse_window(&win, session.info.window_pages).map_err(|e| io_err(setup_io("window", e)))?;
     let conn = Arc::new(conn);
     Ok((RdmaByteStream { conn: conn.clone() }, RdmaPages { conn, window }))
 }
@@ -624,10 +609,7 @@ fn server_setup(
     server_handshake(&sock, key, info, crate::Protection::None, deadline).map_err(|e| setup_io("cluster key", e))?;
     let conn = Conn::setup(sock, window)?;
     let (addr, rkey) = conn._window_mr.as_ref().map_or((0, 0), |m| (m.addr, m.rkey));
-    let mut extra = Vec::with_capacity(20);
-    extra.extend_from_slice(&addr.to_le_bytes());
-    extra.extend_from_slice(&rkey.to_le_bytes());
-    extra.extend_from_slice(&pages.to_le_bytes());
+    let extra = rdma_wire::encode_window(&RemoteWindow { addr, rkey, pages });
     exchange(&conn, &extra, &mut [], deadline)?;
     Ok(RdmaByteStream { conn: Arc::new(conn) })
 }

@@ -3,6 +3,7 @@
 //! Every `unsafe` call into the shim is here. Work requests take raw addresses: the functions that
 //! post them are `unsafe fn`s whose callers guarantee the buffer outlives the completion.
 
+use crate::rdma_wire::QpAddr;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io;
 use std::ptr::NonNull;
@@ -13,7 +14,8 @@ struct RawCtx {
     _private: [u8; 0],
 }
 
-/// What one side tells the other to connect its queue pair.
+/// What one side tells the other to connect its queue pair (the C layer's layout; on the wire
+/// it is a [`QpAddr`], checked by `rdma_wire`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct QpInfo {
@@ -24,25 +26,15 @@ pub(crate) struct QpInfo {
     pub(crate) mtu: u32,
 }
 
-impl QpInfo {
-    /// Wire size of [`QpInfo::encode`].
-    pub(crate) const LEN: usize = 30;
-
-    pub(crate) fn encode(&self) -> [u8; Self::LEN] {
-        let mut b = [0u8; Self::LEN];
-        b[0..4].copy_from_slice(&self.qpn.to_le_bytes());
-        b[4..8].copy_from_slice(&self.psn.to_le_bytes());
-        b[8..10].copy_from_slice(&self.lid.to_le_bytes());
-        b[10..26].copy_from_slice(&self.gid);
-        b[26..30].copy_from_slice(&self.mtu.to_le_bytes());
-        b
+impl From<QpInfo> for QpAddr {
+    fn from(q: QpInfo) -> QpAddr {
+        QpAddr { qpn: q.qpn, psn: q.psn, lid: q.lid, gid: q.gid, mtu: q.mtu }
     }
+}
 
-    pub(crate) fn decode(b: &[u8; Self::LEN]) -> QpInfo {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let mut gid = [0u8; 16];
-        gid.copy_from_slice(&b[10..26]);
-        QpInfo { qpn: u32_at(0), psn: u32_at(4), lid: u16::from_le_bytes([b[8], b[9]]), gid, mtu: u32_at(26) }
+impl From<QpAddr> for QpInfo {
+    fn from(q: QpAddr) -> QpInfo {
+        QpInfo { qpn: q.qpn, psn: q.psn, lid: q.lid, gid: q.gid, mtu: q.mtu }
     }
 }
 
