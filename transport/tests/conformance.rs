@@ -175,6 +175,25 @@ fn calls_echo_every_size<B: Backend>() {
     assert!(matches!(c.call_batch(1, &[b"ok", &too_big]), Err(CallError::TooLarge { .. })));
 }
 
+/// The probe: over rdma a peer that opened the side channel and said nothing blocked every
+/// accept for 5 s. Now the set-up runs on the connection's thread: while two silent peers hold
+/// their sockets open, a real client connects (within 3 s, less than the 5 s it used to wait) and
+/// is served. For transports reached over TCP (tcp, rdma's side channel).
+fn a_silent_peer_does_not_hold_up_others<B: Backend>() {
+    let s = server::<B>(4);
+    let Some(addr) = s.uri().split_once("://").map(|(_, a)| a.to_string()) else { return };
+    if !(s.uri().starts_with("tcp://") || s.uri().starts_with("rdma://")) {
+        return;
+    }
+    let silent: Vec<std::net::TcpStream> = (0..2).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let c = connect(&B::client_uri(s.uri()), &ConnectOptions::new(key()).timeout(Duration::from_secs(3)))
+        .expect("a real client connects while silent peers wait");
+    assert_eq!(c.call(1, b"served").unwrap(), b"served");
+    let mut page = Page::boxed();
+    c.read_page(0, &mut page).unwrap();
+    drop(silent);
+}
+
 fn page_calls_land_in_the_callers_page<B: Backend>() {
     let s = server::<B>(0);
     let c = client::<B>(&s);
@@ -381,6 +400,14 @@ fn available<B: Backend>() -> bool {
 macro_rules! suite {
     ($modname:ident, $backend:ty $(, ignore = $ignore:literal)?) => {
         mod $modname {
+            #[test]
+            $(#[ignore = $ignore])?
+            fn a_silent_peer_does_not_hold_up_others() {
+                if !super::available::<$backend>() {
+                    return;
+                }
+                super::a_silent_peer_does_not_hold_up_others::<$backend>();
+            }
             #[test]
             $(#[ignore = $ignore])?
             fn calls_echo_every_size() {
