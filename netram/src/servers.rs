@@ -271,7 +271,10 @@ impl ServerSet {
                 break;
             }
             for (server, ks) in by_server {
-                for chunk in ks.chunks(MAX_BATCH) {
+                // A batch a full server refuses is split in halves and retried, so the room it
+                // has left is used to the last page (a batch is refused whole).
+                let mut todo: Vec<&[usize]> = ks.chunks(MAX_BATCH).rev().collect();
+                while let Some(chunk) = todo.pop() {
                     let batch: Vec<(u64, &[u8; PAGE_SIZE])> = chunk.iter().map(|k| pages[*k]).collect();
                     let req = proto::encode_put(&self.client, self.region, &batch);
                     let m = &self.members[server];
@@ -281,16 +284,24 @@ impl ServerSet {
                                 m.free.store(st.free_pages, Ordering::Relaxed);
                             }
                             for k in chunk {
-                                if stored[*k] & (1 << server) == 0 {
-                                    stored[*k] |= 1 << server;
-                                }
+                                stored[*k] |= 1 << server;
                             }
+                        }
+                        Err(e) if e.status() == Some(Status::Full) && chunk.len() > 1 => {
+                            let (a, b) = chunk.split_at(chunk.len() / 2);
+                            todo.push(b);
+                            todo.push(a);
                         }
                         Err(e) if e.status() == Some(Status::Full) => {
                             log::warn!("memory server {} is full: {e}", m.uri);
                             m.free.store(0, Ordering::Relaxed);
+                            // Nothing more fits there this round.
+                            todo.clear();
                         }
-                        Err(e) => self.mark_dead(server, &e.to_string()),
+                        Err(e) => {
+                            self.mark_dead(server, &e.to_string());
+                            todo.clear();
+                        }
                     }
                 }
             }

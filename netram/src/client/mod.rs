@@ -54,6 +54,9 @@ enum Round {
     /// signal is blocked in its own handler; a lone fault worker is busy with this one).
     CleanOnly,
 }
+/// Pages of buffers that may be in flight beside the resident set (two prefetch windows of up
+/// to 64 pages, and a round of eviction's copies): taken out of the budget.
+const IN_FLIGHT_PAGES: u64 = 3 * EVICT_BATCH as u64;
 /// The smallest resident budget, in pages.
 pub const MIN_BUDGET_PAGES: u64 = 64;
 /// Pages re-stored per batch by the rebuild after a server loss (one GET and one PUT request
@@ -464,9 +467,11 @@ impl Shared {
     fn ceiling(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
         // Each copy is a separate allocation: with the allocator's headers and slack the cache
-        // takes about 9% more than its pages (measured: 4468 KiB for 1024 copies).
+        // takes about 9% more than its pages (measured: 4468 KiB for 1024 copies). Buffers in
+        // flight count too: a prefetch window on its way and the next one, and a round of
+        // eviction's copies, made while its pages are still resident.
         let cached = self.victims.len();
-        budget - (cached + cached / 8).min(budget / 2)
+        budget - (cached + cached / 8 + IN_FLIGHT_PAGES).min(budget / 2)
     }
 
     /// Pages the evictor keeps the region at: the ceiling minus the slack it works in
