@@ -675,11 +675,15 @@ impl Shared {
 
     /// Evicts until the resident set is within the budget (or nothing more can go).
     fn evict(&self, core: &RegionCore, stop: &AtomicBool) {
-        let budget = self.active_budget();
-        let low = budget - budget / 32;
+        // Read every round: a budget raised meanwhile stops the eviction at once (it used to run
+        // on to the old mark, taking pages just brought back).
+        let low = || {
+            let budget = self.active_budget();
+            budget - budget / 32
+        };
         let mut stuck_rounds = 0;
         let stuck_limit = || 3 + crate::lock(&self.queue).len() / EVICT_BATCH;
-        while self.resident.load(Ordering::Acquire) > low
+        while self.resident.load(Ordering::Acquire) > low()
             && !stop.load(Ordering::Acquire)
             && stuck_rounds < stuck_limit()
         {
