@@ -14,7 +14,9 @@ pub(crate) const SETUP_LEN: usize = 8 + QP_LEN;
 /// Wire size of the server's window.
 pub(crate) const WINDOW_LEN: usize = 20;
 
-/// A queue pair's address, as the peer told it.
+/// A queue pair's address, as the peer told it. `repr(C)`: the C layer (`rdma/shim.c`,
+/// `struct mrd_qp_info`) reads and fills it directly.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct QpAddr {
     /// Queue pair number (24 bits).

@@ -537,14 +537,14 @@ fn setup_io(what: &str, e: impl std::fmt::Display) -> io::Error {
 fn exchange(conn: &Conn, extra_out: &[u8], extra_in: &mut [u8], deadline: Instant) -> io::Result<()> {
     let my_psn = psn();
     let mine = conn.qp.local_info(my_psn)?;
-    conn.sock.write_all(&[&rdma_wire::encode_setup(&mine.into()), extra_out])?;
+    conn.sock.write_all(&[&rdma_wire::encode_setup(&mine), extra_out])?;
     let mut theirs = [0u8; rdma_wire::SETUP_LEN];
     let policy = WaitPolicy::blocking();
     read_exact(&conn.sock, &mut theirs, policy, Some(deadline))
         .map_err(|e| setup_io("peer info", io::Error::from(e)))?;
     let remote = rdma_wire::parse_setup(&theirs).map_err(|e| setup_io("peer info", e))?;
     read_exact(&conn.sock, extra_in, policy, Some(deadline)).map_err(|e| setup_io("window", io::Error::from(e)))?;
-    conn.qp.connect(my_psn, &remote.into())?;
+    conn.qp.connect(my_psn, &remote)?;
     // Both queue pairs are ready to receive once each side has seen the other's ready byte.
     conn.sock.write_all(&[b"R"])?;
     let mut ready = [0u8; 1];

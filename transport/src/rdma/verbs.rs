@@ -14,29 +14,9 @@ struct RawCtx {
     _private: [u8; 0],
 }
 
-/// What one side tells the other to connect its queue pair (the C layer's layout; on the wire
-/// it is a [`QpAddr`], checked by `rdma_wire`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct QpInfo {
-    pub(crate) qpn: u32,
-    pub(crate) psn: u32,
-    pub(crate) lid: u16,
-    pub(crate) gid: [u8; 16],
-    pub(crate) mtu: u32,
-}
-
-impl From<QpInfo> for QpAddr {
-    fn from(q: QpInfo) -> QpAddr {
-        QpAddr { qpn: q.qpn, psn: q.psn, lid: q.lid, gid: q.gid, mtu: q.mtu }
-    }
-}
-
-impl From<QpAddr> for QpInfo {
-    fn from(q: QpAddr) -> QpInfo {
-        QpInfo { qpn: q.qpn, psn: q.psn, lid: q.lid, gid: q.gid, mtu: q.mtu }
-    }
-}
+/// What one side tells the other to connect its queue pair: the wire's checked [`QpAddr`], whose
+/// `repr(C)` layout is also the C layer's.
+pub(crate) type QpInfo = QpAddr;
 
 /// One work completion.
 #[repr(C)]
