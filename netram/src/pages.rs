@@ -46,23 +46,33 @@ fn zeroed<A: Zeroable>(n: usize) -> Vec<A> {
     let mut v = std::mem::ManuallyDrop::new(vec![A::Plain::default(); n]);
     let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
     // SAFETY: `A` has the same size, alignment and bit validity as `A::Plain` (the `Zeroable`
-    // contract, true of the standard atomics and their plain integers), so the allocation made
+    // contract, an unsafe trait implemented only for the standard atomics), so the allocation made
     // for `cap` plain values is a valid allocation of `cap` atomics holding the same (zero)
     // values; ownership moves from the forgotten vector to the new one.
     unsafe { Vec::from_raw_parts(ptr.cast::<A>(), len, cap) }
 }
 
 /// An atomic with a plain twin of identical layout whose zero is the atomic's zero.
-trait Zeroable {
+///
+/// # Safety
+/// `Self` and `Self::Plain` must have the same size, alignment and bit validity, and
+/// `Plain::default()` must be the bits of a valid `Self`: [`zeroed`] reinterprets an allocation of
+/// plain values as one of atomics.
+unsafe trait Zeroable {
     type Plain: Default + Clone;
 }
-impl Zeroable for AtomicU8 {
+// SAFETY: AtomicU8 has the same size, alignment and bit validity as u8 (std documents it).
+unsafe impl Zeroable for AtomicU8 {
     type Plain = u8;
 }
-impl Zeroable for AtomicU32 {
+// SAFETY: AtomicU32 has the same size and bit validity as u32 (std documents it), and the same
+// alignment where u32 is 4-aligned, which the assertion below checks at compile time.
+unsafe impl Zeroable for AtomicU32 {
     type Plain = u32;
 }
-impl Zeroable for AtomicBool {
+const _: () = assert!(align_of::<AtomicU32>() == align_of::<u32>());
+// SAFETY: AtomicBool has the same size, alignment and bit validity as bool (std documents it).
+unsafe impl Zeroable for AtomicBool {
     type Plain = bool;
 }
 

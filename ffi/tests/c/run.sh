@@ -34,6 +34,6 @@ done
 cc "${cflags[@]}" -O2 examples/c/stencil.c target/release/libmosaic.a "${libs[@]}" -o "$out/stencil"
 echo "--- examples/c/stencil.c"
 env -u MOSAIC_SERVERS "$out/stencil" 32
-gfortran -Wall -Werror -O2 examples/fortran/sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_sum"
+gfortran -Wall -Werror -O2 -J "$out" examples/fortran/sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_sum"
 echo "--- examples/fortran/sum.f90"
 "$out/fortran_sum"
