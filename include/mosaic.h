@@ -21,7 +21,7 @@
 #define MOSAIC_FAULT_PER_CPU 1
 
 // Status of a call. `MOSAIC_OK` is zero; every other value is a failure, described further by
-// [`mosaic_last_error`].
+// `mosaic_last_error()`.
 typedef enum mosaic_status {
   // Success.
   MOSAIC_OK = 0,
@@ -53,7 +53,7 @@ typedef struct mosaic_memserver mosaic_memserver;
 // A network-RAM region (opaque).
 typedef struct mosaic_netram mosaic_netram;
 
-// Options of [`mosaic_netram_create`]. Initialise with [`mosaic_netram_options_init`], then set
+// Options of `mosaic_netram_create()`. Initialise with `mosaic_netram_options_init()`, then set
 // what differs.
 typedef struct mosaic_netram_options {
   // Region size in bytes.
@@ -71,7 +71,7 @@ typedef struct mosaic_netram_options {
   const char *backing_file;
 } mosaic_netram_options;
 
-// Counters of a region ([`mosaic_netram_get_stats`]).
+// Counters of a region (`mosaic_netram_get_stats()`).
 typedef struct mosaic_netram_stats {
   // Faults served from a server.
   uint64_t fetched;
@@ -144,7 +144,8 @@ enum mosaic_status mosaic_memserver_start(const char *uri,
 // The URI clients connect to (valid while the server lives), or NULL for a NULL or dead handle.
 const char *mosaic_memserver_uri(const struct mosaic_memserver *s);
 
-// Stops a server started by [`mosaic_memserver_start`]; its clients' requests fail from then on.
+// Stops a server started by `mosaic_memserver_start()`; its clients' requests fail from then on.
+// The handle is dead afterwards; as with `free()`, no other thread may be using it meanwhile.
 enum mosaic_status mosaic_memserver_stop(struct mosaic_memserver *s);
 
 #ifdef __cplusplus

@@ -22,28 +22,35 @@ pub(crate) fn last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// A NUL-terminated UTF-8 string argument.
-pub(crate) fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str, Failure> {
+/// A NUL-terminated UTF-8 string argument (NULL is an error, not undefined behaviour).
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that stays valid and unchanged for `'a` (the
+/// documented contract of every string parameter in mosaic.h, for the duration of the call).
+pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str, Failure> {
     if p.is_null() {
         return Err(Failure(MosaicStatus::MosaicErrNull, format!("{name} is NULL")));
     }
-    // SAFETY: the C caller passes a NUL-terminated string that stays valid during the call (the
-    // documented contract of every string parameter in mosaic.h).
+    // SAFETY: non-null, and NUL-terminated and valid for 'a by this function's contract.
     let s = unsafe { CStr::from_ptr(p) };
     s.to_str().map_err(|_| Failure(MosaicStatus::MosaicErrInvalid, format!("{name} is not UTF-8")))
 }
 
-/// A pointer argument to read.
-pub(crate) fn ref_arg<'a, T>(p: *const T, name: &str) -> Result<&'a T, Failure> {
-    // SAFETY: non-null pointers from C point to a valid, initialised T for the call (the
-    // documented contract); handles were checked against the live registry by the caller.
+/// A pointer argument to read (NULL is an error).
+///
+/// # Safety
+/// `p` is NULL or points to a valid, initialised `T` that nobody writes for `'a`.
+pub(crate) unsafe fn ref_arg<'a, T>(p: *const T, name: &str) -> Result<&'a T, Failure> {
+    // SAFETY: by this function's contract.
     unsafe { p.as_ref() }.ok_or_else(|| Failure(MosaicStatus::MosaicErrNull, format!("{name} is NULL")))
 }
 
-/// A pointer argument to write.
-pub(crate) fn mut_arg<'a, T>(p: *mut T, name: &str) -> Result<&'a mut T, Failure> {
-    // SAFETY: non-null out-pointers from C point to writable storage for a T, not aliased during
-    // the call (the documented contract).
+/// A pointer argument to write (NULL is an error).
+///
+/// # Safety
+/// `p` is NULL or points to a valid `T` that nothing else reads or writes for `'a`.
+pub(crate) unsafe fn mut_arg<'a, T>(p: *mut T, name: &str) -> Result<&'a mut T, Failure> {
+    // SAFETY: by this function's contract.
     unsafe { p.as_mut() }.ok_or_else(|| Failure(MosaicStatus::MosaicErrNull, format!("{name} is NULL")))
 }
 

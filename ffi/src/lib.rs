@@ -3,8 +3,8 @@
 //! Conventions, after rustls-ffi:
 //! - every exported function catches panics at the boundary (`MOSAIC_ERR_PANIC`, never an unwind
 //!   into C);
-//! - failures return a [`MosaicStatus`] and leave a description for the calling thread in
-//!   [`mosaic_last_error`];
+//! - failures return a `MosaicStatus` and leave a description for the calling thread in
+//!   `mosaic_last_error()`;
 //! - handles are opaque pointers, live in a registry, and are freed exactly once: a second
 //!   destroy, or any use of a destroyed handle, is refused with `MOSAIC_ERR_BAD_HANDLE` (as long
 //!   as the address was not handed out again by a newer create);
@@ -30,7 +30,7 @@ mod c;
 mod sigchain;
 
 /// Status of a call. `MOSAIC_OK` is zero; every other value is a failure, described further by
-/// [`mosaic_last_error`].
+/// `mosaic_last_error()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)]
@@ -67,7 +67,7 @@ pub const MOSAIC_FAULT_THREAD: u32 = 0;
 /// Serve faults with one pinned worker per CPU (system calls into region memory work).
 pub const MOSAIC_FAULT_PER_CPU: u32 = 1;
 
-/// Options of [`mosaic_netram_create`]. Initialise with [`mosaic_netram_options_init`], then set
+/// Options of `mosaic_netram_create()`. Initialise with `mosaic_netram_options_init()`, then set
 /// what differs.
 #[repr(C)]
 #[derive(Debug)]
@@ -87,7 +87,7 @@ pub struct MosaicNetramOptions {
     pub backing_file: *const c_char,
 }
 
-/// Counters of a region ([`mosaic_netram_get_stats`]).
+/// Counters of a region (`mosaic_netram_get_stats()`).
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct MosaicNetramStats {
@@ -188,7 +188,8 @@ pub extern "C" fn mosaic_init(cluster_key: *const c_char) -> MosaicStatus {
         let key = if cluster_key.is_null() {
             ClusterKey::from_env().map_err(|e| Failure(MosaicErrInvalid, e.to_string()))?
         } else {
-            let text = c::str_arg(cluster_key, "cluster_key")?;
+            // SAFETY: `cluster_key` is NULL or a NUL-terminated string for the call: mosaic.h's contract for it.
+            let text = unsafe { c::str_arg(cluster_key, "cluster_key") }?;
             ClusterKey::from_bytes(text.as_bytes()).map_err(|e| Failure(MosaicErrInvalid, e.to_string()))?
         };
         let mut g = lock(&GLOBAL);
@@ -252,7 +253,8 @@ pub extern "C" fn mosaic_last_error() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn mosaic_netram_options_init(opts: *mut MosaicNetramOptions) -> MosaicStatus {
     guard(|| {
-        let o = c::mut_arg(opts, "opts")?;
+        // SAFETY: `opts` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        let o = unsafe { c::mut_arg(opts, "opts") }?;
         *o = MosaicNetramOptions {
             size: 0,
             resident_budget: 64 << 20,
@@ -279,8 +281,10 @@ fn netram_error(e: NetRamError) -> Failure {
 #[no_mangle]
 pub extern "C" fn mosaic_netram_create(opts: *const MosaicNetramOptions, out: *mut *mut MosaicNetram) -> MosaicStatus {
     guard(|| {
-        let o = c::ref_arg(opts, "opts")?;
-        let out = c::mut_arg(out, "out")?;
+        // SAFETY: `opts` is NULL or a valid value to read for the call: mosaic.h's contract for it.
+        let o = unsafe { c::ref_arg(opts, "opts") }?;
+        // SAFETY: `out` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        let out = unsafe { c::mut_arg(out, "out") }?;
         *out = std::ptr::null_mut();
         let key = key()?;
         let servers = if o.servers.is_null() {
@@ -288,7 +292,8 @@ pub extern "C" fn mosaic_netram_create(opts: *const MosaicNetramOptions, out: *m
                 Failure(MosaicErrInvalid, "no memory servers: set opts.servers or MOSAIC_SERVERS".to_string())
             })?
         } else {
-            c::str_arg(o.servers, "opts.servers")?.to_string()
+            // SAFETY: `o.servers` is NULL or a NUL-terminated string for the call: mosaic.h's contract for it.
+            unsafe { c::str_arg(o.servers, "opts.servers") }?.to_string()
         };
         let servers: Vec<String> =
             servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
@@ -302,7 +307,8 @@ pub extern "C" fn mosaic_netram_create(opts: *const MosaicNetramOptions, out: *m
             m => return fail(MosaicErrInvalid, format!("unknown fault_mode {m}")),
         };
         if !o.backing_file.is_null() {
-            cfg.backing_file = Some(c::str_arg(o.backing_file, "opts.backing_file")?.into());
+            // SAFETY: `o.backing_file` is NULL or a NUL-terminated string for the call: mosaic.h's contract for it.
+            cfg.backing_file = Some(unsafe { c::str_arg(o.backing_file, "opts.backing_file") }?.into());
         }
         cfg.name = "c".into();
         let ram = NetRam::new(cfg).map_err(netram_error)?;
@@ -323,7 +329,9 @@ fn with_region<T>(r: *const MosaicNetram, f: impl FnOnce(&MosaicNetram) -> T) ->
     if !live.as_ref().is_some_and(|l| l.contains(&(r as usize))) {
         return fail(MosaicErrBadHandle, "the region handle is not live (destroyed, or never created)");
     }
-    let region = c::ref_arg(r, "region")?;
+    // SAFETY: `r` is in the registry of live regions (checked above, under its lock, held until
+    // `f` returns), so it points to a region no one frees meanwhile.
+    let region = unsafe { c::ref_arg(r, "region") }?;
     let v = f(region);
     drop(live);
     Ok(v)
@@ -355,7 +363,8 @@ pub extern "C" fn mosaic_netram_size(r: *const MosaicNetram) -> u64 {
 #[no_mangle]
 pub extern "C" fn mosaic_netram_get_stats(r: *const MosaicNetram, out: *mut MosaicNetramStats) -> MosaicStatus {
     guard(|| {
-        let out = c::mut_arg(out, "out")?;
+        // SAFETY: `out` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        let out = unsafe { c::mut_arg(out, "out") }?;
         let s = with_region(r, |r| r.ram.stats())?;
         *out = MosaicNetramStats {
             fetched: s.fetched,
@@ -400,9 +409,11 @@ pub extern "C" fn mosaic_memserver_start(
     out: *mut *mut MosaicMemserver,
 ) -> MosaicStatus {
     guard(|| {
-        let out = c::mut_arg(out, "out")?;
+        // SAFETY: `out` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        let out = unsafe { c::mut_arg(out, "out") }?;
         *out = std::ptr::null_mut();
-        let uri = c::str_arg(uri, "uri")?;
+        // SAFETY: `uri` is NULL or a NUL-terminated string for the call: mosaic.h's contract for it.
+        let uri = unsafe { c::str_arg(uri, "uri") }?;
         let key = key()?;
         let server = MemServer::start(uri, MemServerConfig::new(capacity, key)).map_err(|e| {
             let status = if matches!(e, NetRamError::Config(_)) { MosaicErrInvalid } else { MosaicErrOs };
@@ -427,13 +438,17 @@ pub extern "C" fn mosaic_memserver_uri(s: *const MosaicMemserver) -> *const c_ch
         if !is_live(s as usize) {
             return fail(MosaicErrBadHandle, "the server handle is not live");
         }
-        p = c::ref_arg(s, "server")?.uri.as_ptr();
+        // SAFETY: `s` is a live server handle (checked above): it points to a server that only
+        // mosaic_memserver_stop frees, which no thread may call while another uses the handle
+        // (mosaic.h).
+        p = unsafe { c::ref_arg(s, "server") }?.uri.as_ptr();
         Ok(())
     });
     p
 }
 
-/// Stops a server started by [`mosaic_memserver_start`]; its clients' requests fail from then on.
+/// Stops a server started by `mosaic_memserver_start()`; its clients' requests fail from then on.
+/// The handle is dead afterwards; as with `free()`, no other thread may be using it meanwhile.
 #[no_mangle]
 pub extern "C" fn mosaic_memserver_stop(s: *mut MosaicMemserver) -> MosaicStatus {
     guard(|| {
