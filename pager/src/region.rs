@@ -326,11 +326,7 @@ impl Region {
             });
         }
         let uffd = Userfaultfd::open(want).map_err(PagerError::NoUserfaultfd)?;
-        let pagemap = if cfg.dirty == DirtyTracking::Scan {
-            Some(Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?)
-        } else {
-            None
-        };
+        let pagemap = if cfg.dirty == DirtyTracking::Scan { Some(open_pagemap()?) } else { None };
         let base = match cfg.adopt_addr {
             Some(a) => {
                 set_dontfork(a as u64, len, true)?;
@@ -507,11 +503,19 @@ fn set_dontfork(start: u64, len: u64, on: bool) -> Result<(), PagerError> {
 /// The page ranges among `pages` pages from `addr` that are present in this process's memory
 /// (a fresh `/proc/self/pagemap`: a descriptor opened before a fork would describe the parent).
 pub fn present_pages(addr: usize, pages: u64) -> Result<Vec<Range<u64>>, PagerError> {
-    let pm = Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?;
-    let (start, end) = (addr as u64, addr as u64 + pages * PAGE);
+    let start = addr as u64;
     let q = Query { require: PAGE_IS_PRESENT, exclude: 0, reprotect: false };
+    scan_pages(&open_pagemap()?, start, start, start + pages * PAGE, q)
+}
+
+fn open_pagemap() -> Result<Pagemap, PagerError> {
+    Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })
+}
+
+/// The page ranges of `[start, end)` that `q` selects, as page numbers counted from `base`.
+fn scan_pages(pm: &Pagemap, base: u64, start: u64, end: u64, q: Query) -> Result<Vec<Range<u64>>, PagerError> {
     let ranges = pm.scan(start, end, q).map_err(|err| PagerError::Os { op: "PAGEMAP_SCAN", err })?;
-    Ok(ranges.into_iter().map(|r| (r.start - start) / PAGE..(r.end - start) / PAGE).collect())
+    Ok(ranges.into_iter().map(|r| (r.start - base) / PAGE..(r.end - base) / PAGE).collect())
 }
 
 /// Unmaps `pages` pages from `addr` in this process: what a forked child does to an inherited
@@ -798,14 +802,11 @@ impl RegionCore {
         let pm = match &self.pagemap {
             Some(p) => p,
             None => {
-                owned = Pagemap::open().map_err(|err| PagerError::Os { op: "open /proc/self/pagemap", err })?;
+                owned = open_pagemap()?;
                 &owned
             }
         };
-        let base = self.base();
-        let ranges =
-            pm.scan(start, start + count * PAGE, q).map_err(|err| PagerError::Os { op: "PAGEMAP_SCAN", err })?;
-        Ok(ranges.into_iter().map(|r| (r.start - base) / PAGE..(r.end - base) / PAGE).collect())
+        scan_pages(pm, self.base(), start, start + count * PAGE, q)
     }
 
     /// Touches `count` pages from `first` for reading, so each is present before the region's
