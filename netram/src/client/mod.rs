@@ -54,9 +54,9 @@ enum Round {
     /// signal is blocked in its own handler; a lone fault worker is busy with this one).
     CleanOnly,
 }
-/// Pages of buffers that may be in flight beside the resident set (two prefetch windows of up
-/// to 64 pages, and a round of eviction's copies): taken out of the budget.
-const IN_FLIGHT_PAGES: u64 = 3 * EVICT_BATCH as u64;
+/// Pages of buffers that may be in flight beside the resident set (a prefetch window on its way
+/// and the next one, and a round of eviction's copies): taken out of the budget.
+const IN_FLIGHT_PAGES: u64 = 2 * crate::prefetch::MAX_WINDOW + EVICT_BATCH as u64;
 /// The smallest resident budget, in pages.
 pub const MIN_BUDGET_PAGES: u64 = 64;
 /// Pages re-stored per batch by the rebuild after a server loss (one GET and one PUT request
