@@ -23,8 +23,10 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
     version,
     about = "Runs a program with its large allocations on Mosaic network RAM",
     long_about = "Runs PROGRAM unmodified, with allocations of at least --threshold bytes placed on \
-                  network RAM (memory servers) and at most --local-budget of them kept in local \
-                  RAM. Sizes are written like 512M, 2G or 1GiB. The cluster key comes from \
+                  network RAM (memory servers), within --local-budget of local RAM for the \
+                  program's anonymous memory: what its small allocations, stacks and Mosaic's own \
+                  buffers take counts, and the large allocations get the rest (never less than a \
+                  quarter of the budget). Sizes are written like 512M, 2G or 1GiB. The cluster key comes from \
                   MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; without servers and without a \
                   key, mosrun starts a memory server on loopback with a fresh random key.\n\n\
                   The budget is one for the whole job: the program and every process it forks or \
@@ -37,8 +39,8 @@ struct Cli {
     /// loopback for this run.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
-    /// Local RAM the program's large allocations may use: one budget for the program and all
-    /// the processes it starts.
+    /// Local RAM for the program's anonymous memory (its large allocations get what the rest
+    /// leaves, at least a quarter): one budget for the program and all the processes it starts.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     local_budget: u64,
     /// Smallest allocation placed on network RAM.

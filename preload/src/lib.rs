@@ -244,6 +244,9 @@ fn init() -> Option<Backend> {
         cfg.fault_mode = FaultMode::PerCpu;
         cfg.name = "preload".into();
         cfg.shared_budget = shared_budget(c);
+        // The budget is the program's local RAM: its own heap, stacks and Mosaic's buffers
+        // count, and the network RAM region gets what they leave.
+        cfg.count_process_memory = true;
         match NetRam::new(cfg) {
             Ok(ram) => {
                 let (base, len) = (ram.as_ptr() as usize, ram.len());

@@ -27,7 +27,9 @@ use crate::pages::{PageTable, ABSENT, CLEAN, CLEAN_ABSENT, DIRTY, EVICTING, FETC
 use crate::servers::{ServerSet, FILE_HOLDER};
 use crate::SharedBudget;
 use crate::{NetRamError, PAGE_SIZE};
+use footprint::Footprint;
 
+mod footprint;
 mod fork;
 mod window;
 
@@ -103,6 +105,12 @@ pub struct NetRamConfig {
     /// A budget shared with other processes (a `mosrun` job's): the region then keeps within
     /// its share of it as well as within `resident_budget` (see [`SharedBudget`]).
     pub shared_budget: Option<SharedBudget>,
+    /// Make the budget bound the process's whole anonymous memory, not just the region's:
+    /// the region keeps to the budget minus what the rest of the process holds (its heap,
+    /// stacks, the victim cache, buffers), measured by the evictor at least every 20 ms, and
+    /// never less than a quarter of the budget. For one region per process (the LD_PRELOAD
+    /// shim sets it); off by default.
+    pub count_process_memory: bool,
 }
 
 impl NetRamConfig {
@@ -123,6 +131,7 @@ impl NetRamConfig {
             victim_cache: true,
             backing_file: None,
             shared_budget: None,
+            count_process_memory: false,
         }
     }
 }
@@ -152,6 +161,9 @@ pub struct NetRamStats {
     pub resident: u64,
     /// Copies of recently evicted pages held in the local victim cache now.
     pub cached: u64,
+    /// Anonymous pages the process held outside the region at the last measurement, with
+    /// [`NetRamConfig::count_process_memory`] (else 0).
+    pub outside: u64,
     /// Faults that waited for the evictor because the resident set had reached its hard limit
     /// (the budget plus a slack): many mean the evictor cannot keep up with the faults.
     pub throttled: u64,
@@ -231,6 +243,8 @@ struct Shared {
     /// Set while the evictor cannot bring the resident set down (every server full, nothing
     /// evictable): faults over the hard limit then go ahead instead of waiting for it.
     evict_stalled: AtomicBool,
+    /// The process's memory outside the region, when the budget covers it.
+    footprint: Footprint,
     /// Set when pages were stored with fewer copies than wanted: the keeper rebuilds.
     rebuild_wanted: AtomicBool,
     stats: Counters,
@@ -429,6 +443,7 @@ impl Shared {
             evicting: Mutex::new(()),
             fork_gate: ForkGate::default(),
             evict_stalled: AtomicBool::new(false),
+            footprint: Footprint::new(cfg.count_process_memory),
             rebuild_wanted: AtomicBool::new(false),
             ahead: Mutex::new(None),
             stats: Counters::default(),
@@ -463,15 +478,22 @@ impl Shared {
     }
 
     /// Pages the region may have resident at most: the budget minus what the victim cache
-    /// takes now (its copies are local RAM too). Faults wait for the evictor there.
+    /// takes now (its copies are local RAM too), or minus everything the process holds
+    /// outside the region where that is counted and more. Faults wait for the evictor there.
     fn ceiling(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
         // Each copy is a separate allocation: with the allocator's headers and slack the cache
-        // takes about 9% more than its pages (measured: 4468 KiB for 1024 copies). Buffers in
-        // flight count too: a prefetch window on its way and the next one, and a round of
-        // eviction's copies, made while its pages are still resident.
+        // takes about 9% more than its pages (measured: 4468 KiB for 1024 copies). The
+        // measured footprint outside the region includes the cache as it really is, but is up
+        // to a round old: the larger of the two counts. Buffers in flight count too: a
+        // prefetch window on its way and the next one, and a round of eviction's copies, made
+        // while its pages are still resident.
         let cached = self.victims.len();
-        budget - (cached + cached / 8 + IN_FLIGHT_PAGES).min(budget / 2)
+        let outside = (cached + cached / 8).max(self.footprint.outside());
+        // The region keeps at least a quarter of the budget (half, when only the cache is
+        // counted) to work in.
+        let most = if self.footprint.counting() { budget - budget / 4 } else { budget / 2 };
+        budget - (outside + IN_FLIGHT_PAGES).min(most)
     }
 
     /// Pages the evictor keeps the region at: the ceiling minus the slack it works in
@@ -687,6 +709,7 @@ impl Shared {
             && !stop.load(Ordering::Acquire)
             && stuck_rounds < stuck_limit()
         {
+            self.footprint.measure(self.resident.load(Ordering::Acquire));
             let gone = {
                 let _gate = self.fork_gate.enter();
                 let _round = crate::lock(&self.evicting);
@@ -1263,6 +1286,7 @@ impl NetRam {
             let mut next_sweep = Instant::now();
             while !stop.load(Ordering::Acquire) {
                 shared.follow_shared_budget(&mut next_sweep);
+                shared.footprint.measure(shared.resident.load(Ordering::Acquire));
                 {
                     let (m, c) = &shared.evict_wanted;
                     let mut wanted = crate::lock(m);
@@ -1348,6 +1372,7 @@ impl NetRam {
             lost: l(&c.lost),
             resident: self.shared.resident.load(Ordering::Relaxed),
             cached: self.shared.victims.len(),
+            outside: self.shared.footprint.outside(),
             throttled: l(&c.throttled),
             evicted_by_faults: l(&c.evicted_by_faults),
             saved_clean: l(&c.saved_clean),
