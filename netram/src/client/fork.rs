@@ -26,7 +26,8 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{NetRam, Shared, ABSENT, DIRTY, LOST, REMOTE};
+use super::{NetRam, Shared};
+use crate::pages::PageState::{Absent, Dirty, Lost, Remote};
 use crate::pages::PageTable;
 use crate::proto::{ClientId, Secret};
 use crate::servers::{ServerSet, FILE_HOLDER};
@@ -211,19 +212,19 @@ fn adopt(
         let holders = all & usable;
         let state = if here {
             queue.push_back(i);
-            DIRTY
-        } else if st == LOST {
-            LOST
+            Dirty
+        } else if st == Lost {
+            Lost
         } else if holders != 0 {
-            REMOTE
-        } else if all != 0 || st == REMOTE {
+            Remote
+        } else if all != 0 || st == Remote {
             // It had copies, none of which the child can read.
             lost += 1;
-            LOST
+            Lost
         } else {
-            ABSENT
+            Absent
         };
-        if state != ABSENT {
+        if state != Absent {
             table.set(i, state);
             table.set_holders(i, holders);
         }

@@ -7,9 +7,9 @@
 //! page of that window (the stream's next fault) collects it, installs it and requests the next
 //! one: one window is always on its way.
 //!
-//! The pages of an outstanding window are FETCHING and belong to the window (see
+//! The pages of an outstanding window are Fetching and belong to the window (see
 //! [`crate::pages`], invariant 1): whoever takes the window out of [`Shared::ahead`] owns them
-//! and moves each out of FETCHING, to CLEAN when installed or back to REMOTE. A fault on any of
+//! and moves each out of Fetching, to Clean when installed or back to Remote. A fault on any of
 //! them takes the window, and so does anyone who would otherwise wait for one of them
 //! ([`Shared::settle_or_take_ahead`]); a newer window, a rebuild or the region's end gives it up.
 
@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use mosaic_pager::{Fault, FillError, Filled, PageBuf, RegionCore};
 use mosaic_transport::{Page, PagesInFlight};
 
+use super::lifecycle::{self, Holds};
 use super::{bump, Shared};
-use crate::pages::{CLEAN, FETCHING, REMOTE};
+use crate::pages::PageState::{Clean, Remote};
 use crate::servers::FILE_HOLDER;
 
 /// Pages requested ahead of a fault stream and not yet collected.
@@ -30,32 +31,16 @@ pub(super) struct Ahead {
     last: u64,
 }
 
-impl Ahead {
+impl Holds for Ahead {
     fn holds(&self, i: u64) -> bool {
         self.calls.iter().any(|(pages, _)| pages.contains(&i))
     }
 }
 
 impl Shared {
-    /// Claims (REMOTE -> FETCHING) the up to `window` pages after `from` along `stride` that are
-    /// on the servers and neither resident nor busy.
-    fn claim_along(&self, from: u64, stride: i64, window: u64) -> Vec<u64> {
-        let mut pages = Vec::new();
-        for k in 1..=window {
-            let Some(p) = from.checked_add_signed(stride.saturating_mul(k as i64)).filter(|p| *p < self.table.len())
-            else {
-                break;
-            };
-            if self.table.get(p) == REMOTE && self.table.cas(p, REMOTE, FETCHING) {
-                pages.push(p);
-            }
-        }
-        pages
-    }
-
     /// Installs the claimed `pages` of a window: `bufs[k]` holds page `pages[k]` if `ok[k]`.
     /// Runs of consecutive pages go in with one ioctl each. Every page but `skip` (the faulting
-    /// page, which the pager installs) leaves FETCHING: CLEAN if it is in, REMOTE if not. What
+    /// page, which the pager installs) leaves Fetching: Clean if it is in, Remote if not. What
     /// came in is counted as prefetched and admitted to the resident set.
     fn install_window(&self, region: &RegionCore, pages: &[u64], bufs: &[Page], ok: &[bool], skip: Option<u64>) {
         let mut arrived = Vec::with_capacity(pages.len());
@@ -66,7 +51,7 @@ impl Shared {
                 continue;
             }
             if !ok[k] {
-                self.table.set(pages[k], REMOTE);
+                self.table.set(pages[k], Remote);
                 k += 1;
                 continue;
             }
@@ -81,10 +66,10 @@ impl Shared {
                 (k..end).partition(|&j| whole || region.install_bytes(pages[j], Page::as_bytes(&bufs[j..=j])).is_ok());
             let came: Vec<u64> = came.into_iter().map(|j| pages[j]).collect();
             // A copy from an earlier eviction is stale once its page is back: dropped while the
-            // pages are still FETCHING, before anyone can evict them again.
+            // pages are still Fetching, before anyone can evict them again.
             self.victims.discard(&came);
-            came.iter().for_each(|p| self.table.set(*p, CLEAN));
-            missed.iter().for_each(|j| self.table.set(pages[*j], REMOTE));
+            came.iter().for_each(|p| self.table.set(*p, Clean));
+            missed.iter().for_each(|j| self.table.set(pages[*j], Remote));
             arrived.extend(came);
             k = end;
         }
@@ -105,7 +90,7 @@ impl Shared {
         window: u64,
         dst: &mut Page,
     ) -> bool {
-        let extra = self.claim_along(i, stride, window);
+        let extra = lifecycle::claim_along(&self.table, i, stride, window);
         let Some(&last) = extra.last() else { return false };
         let mut bufs = Page::vec(extra.len());
         let reqs: Vec<(u64, u32)> =
@@ -122,45 +107,33 @@ impl Shared {
     /// Requests, without waiting, the up to `window` pages after `from` along `stride` that are
     /// on the servers. A window still outstanding is given up.
     pub(super) fn request_ahead(&self, from: u64, stride: i64, window: u64) {
-        let pages = self.claim_along(from, stride, window);
+        let pages = lifecycle::claim_along(&self.table, from, stride, window);
         let Some(&last) = pages.last() else { return };
         let mut by_server: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
         for p in pages {
             match self.servers.live_holder(self.table.holders(p) & !FILE_HOLDER) {
                 Some(server) => by_server.entry(server).or_default().push(p),
-                None => self.table.set(p, REMOTE), // a fault fetches it, with failover
+                None => self.table.set(p, Remote), // a fault fetches it, with failover
             }
         }
         let mut calls = Vec::new();
         for (server, pages) in by_server {
             match self.servers.start_fetch(server, &pages) {
                 Ok(call) => calls.push((pages, call)),
-                Err(_) => pages.iter().for_each(|p| self.table.set(*p, REMOTE)),
+                Err(_) => pages.iter().for_each(|p| self.table.set(*p, Remote)),
             }
         }
         if calls.is_empty() {
             return;
         }
-        let old = crate::lock(&self.ahead).replace(Ahead { calls, last });
-        if let Some(old) = old {
+        if let Some(old) = self.ahead.put(Ahead { calls, last }) {
             self.give_up(old);
-        }
-    }
-
-    /// Takes the outstanding window if it holds page `i`.
-    pub(super) fn take_ahead_holding(&self, i: u64) -> Option<Ahead> {
-        let mut ahead = crate::lock(&self.ahead);
-        if ahead.as_ref().is_some_and(|a| a.holds(i)) {
-            ahead.take()
-        } else {
-            None
         }
     }
 
     /// Gives up the outstanding window, if any.
     pub(super) fn give_up_ahead(&self) {
-        let taken = crate::lock(&self.ahead).take();
-        if let Some(a) = taken {
+        if let Some(a) = self.ahead.take() {
             self.give_up(a);
         }
     }
@@ -170,7 +143,7 @@ impl Shared {
         for (pages, call) in a.calls {
             drop(call);
             for p in pages {
-                self.table.set(p, REMOTE);
+                self.table.set(p, Remote);
             }
         }
     }
@@ -186,7 +159,7 @@ impl Shared {
         page: &mut PageBuf,
     ) -> Result<Filled, FillError> {
         let write = self.decide_write(fault);
-        let dst = super::page_of(page)?;
+        let dst = super::source::page_of(page)?;
         self.victims.discard(&[i]);
         let trend = self.trend(i);
         self.prefetch.prefetched_up_to(a.last);
