@@ -26,7 +26,11 @@
 //!    zero with no remote copy, CleanAbsent), because it is installed write-protected and its
 //!    first write goes through `written`, which marks it Dirty before the write lands.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU8};
+use std::sync::atomic::Ordering;
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8};
 use std::time::{Duration, Instant};
 
 /// Where a page is and who may move it (see the module's diagram and invariants).
@@ -100,6 +104,7 @@ impl AtomicPageState {
 }
 
 /// A vector of `n` zeroed atomics, allocated as zeroed memory.
+#[cfg(not(loom))]
 fn zeroed<A: Zeroable>(n: usize) -> Vec<A> {
     let mut v = std::mem::ManuallyDrop::new(vec![A::Plain::default(); n]);
     let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
@@ -116,23 +121,34 @@ fn zeroed<A: Zeroable>(n: usize) -> Vec<A> {
 /// `Self` and `Self::Plain` must have the same size, alignment and bit validity, and
 /// `Plain::default()` must be the bits of a valid `Self`: [`zeroed`] reinterprets an allocation of
 /// plain values as one of atomics.
+#[cfg(not(loom))]
 unsafe trait Zeroable {
     type Plain: Default + Clone;
 }
 // SAFETY: AtomicPageState is a transparent AtomicU8, which has the same size, alignment and bit
 // validity as u8 (std documents it); a zero byte is `PageState::Absent`.
+#[cfg(not(loom))]
 unsafe impl Zeroable for AtomicPageState {
     type Plain = u8;
 }
 // SAFETY: AtomicU32 has the same size and bit validity as u32 (std documents it), and the same
 // alignment where u32 is 4-aligned, which the assertion below checks at compile time.
+#[cfg(not(loom))]
 unsafe impl Zeroable for AtomicU32 {
     type Plain = u32;
 }
+#[cfg(not(loom))]
 const _: () = assert!(align_of::<AtomicU32>() == align_of::<u32>());
 // SAFETY: AtomicBool has the same size, alignment and bit validity as bool (std documents it).
+#[cfg(not(loom))]
 unsafe impl Zeroable for AtomicBool {
     type Plain = bool;
+}
+
+/// Under loom, whose atomics have no plain twin: built one by one.
+#[cfg(loom)]
+fn zeroed<A: Default>(n: usize) -> Vec<A> {
+    (0..n).map(|_| A::default()).collect()
 }
 
 /// A page number as an index: the table was built from a `usize` length, so every valid page

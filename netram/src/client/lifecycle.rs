@@ -296,5 +296,8 @@ pub(super) fn look<W: Holds>(table: &PageTable, ahead: &AheadSlot<W>, i: u64) ->
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
