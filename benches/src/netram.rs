@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mosaic_netram::{proto, NetRam, NetRamConfig};
-use mosaic_pager::{Fault, FaultMode, FillError, Filled, PageBuf, PageSource, Region, RegionConfig};
-use mosaic_transport::{connect, ClusterKey, ConnectOptions, Page, PAGE_SIZE};
+use mosaic_pager::{Fault, FaultMode, FillError, Filled, Page, PageSource, Region, RegionConfig};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, PAGE_SIZE};
 use serde_json::json;
 
 use crate::serve::ChildServer;
@@ -189,13 +189,13 @@ fn config(uris: &[String], key: &ClusterKey, size: u64, budget: u64, plan: &Plan
 fn install_figure() -> Result<Figure, String> {
     struct Never;
     impl PageSource for Never {
-        fn fill(&self, _: &Fault<'_>, _: &mut PageBuf) -> Result<Filled, FillError> {
+        fn fill(&self, _: &Fault<'_>, _: &mut Page) -> Result<Filled, FillError> {
             Err(FillError("the install benchmark never faults".into()))
         }
     }
     let pages = 20_000u64;
     let region = Region::new(RegionConfig::new(pages), Never).map_err(|e| e.to_string())?;
-    let page = [PageBuf([7; PAGE_SIZE])];
+    let page = [Page([7; PAGE_SIZE])];
     let mut s = Samples::with_capacity(20_000);
     for i in 0..pages {
         let t = Instant::now();

@@ -67,8 +67,9 @@ impl PageState {
         PageState::Lost,
     ];
 
-    /// The state stored as `v` (only ever stored from a `PageState`).
-    fn from_bits(v: u8) -> PageState {
+    /// The state stored as `v` (only ever stored from a `PageState`; any other byte reads as
+    /// Lost).
+    pub(crate) fn from_bits(v: u8) -> PageState {
         PageState::ALL.get(usize::from(v)).copied().unwrap_or(PageState::Lost)
     }
 

@@ -45,6 +45,20 @@
 //!   region (the addresses may have been reused).
 //! - `MADV_DONTNEED` by the application: reported to the source ([`PageSource::discarded`]).
 //!
+//! # What a source can do with a page
+//! The interface speaks of pages, not of where they come from. Network RAM uses it as a cache
+//! of remote pages; DSM, the second client, keeps coherent copies with it:
+//!
+//! | DSM needs | the pager gives |
+//! |---|---|
+//! | a read fault gets a read-only copy | [`PageSource::fill`] without [`Fault::install_writable`], under [`DirtyTracking::Faults`]: installed write-protected |
+//! | a write fault gets the writable page | [`Fault::write`] set, or [`Fault::install_writable`]: installed writable |
+//! | a write to a read-only copy asks for ownership first | [`PageSource::written`]: the write waits until it returns [`WriteDecision::Proceed`] (or retries as a missing-page fault after [`WriteDecision::Retry`]) |
+//! | invalidate a copy (another node writes) | [`RegionCore::drop_pages`]: the next touch faults again |
+//! | downgrade (another node reads the page we own) | [`RegionCore::write_protect`], then read the page where it is mapped |
+//! | hand over a page (the owner moves) | read it, then [`RegionCore::drop_pages`]; install a pushed page with [`RegionCore::install`] |
+//! | know what the fault decided when the page is in | the [`Token`] returned in [`Filled`], back in [`PageSource::installed`] |
+//!
 //! # Kernel requirements
 //! Userfaultfd (`/dev/userfaultfd` or the system call) with `EVENT_REMAP` and `EVENT_UNMAP`;
 //! `EVENT_REMOVE` to report discards; write-protect faults for [`DirtyTracking::Faults`]
@@ -57,47 +71,40 @@
 
 use std::ops::Range;
 
+mod config;
 mod install;
+mod mapping;
 mod pagemap;
 mod region;
+mod region_core;
+mod report;
 mod signal;
 mod uffd;
 mod worker;
 
-pub use region::{
-    present_pages, unmap_inherited, DirtyTracking, FaultMode, PagerStats, Region, RegionConfig, RegionCore,
-};
+pub use config::{DirtyTracking, FaultMode, PagerStats, RegionConfig};
+pub use mapping::{present_pages, unmap_inherited};
+pub use region::Region;
+pub use region_core::RegionCore;
 pub use signal::{interposed_sigaction, interposed_signal, program_sigaction, sigbus_claimed};
 pub use uffd::feature;
 
-/// Size of a page.
-pub const PAGE_SIZE: usize = 4096;
+pub use mosaic_page::{Page, PAGE_SIZE};
 
-/// A page-aligned buffer of one page, for sources to fill.
-#[derive(Clone)]
-#[repr(C, align(4096))]
-pub struct PageBuf(pub [u8; PAGE_SIZE]);
-
-impl PageBuf {
-    /// A zeroed page.
-    pub const fn zeroed() -> PageBuf {
-        PageBuf([0; PAGE_SIZE])
-    }
-}
-
-impl std::fmt::Debug for PageBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PageBuf(..)")
-    }
-}
+/// What a [`PageSource`] decided about a page in [`fill`](PageSource::fill), handed back to
+/// it in [`installed`](PageSource::installed) once the pager knows what became of the page:
+/// opaque to the pager. Network RAM carries the state the page takes once in; DSM would carry
+/// the access it was granted (a read-only copy, or the owner's writable one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Token(pub u64);
 
 /// What a [`PageSource`] put in the buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Filled {
     /// The buffer holds the page.
-    Data,
+    Data(Token),
     /// The page is all zeros (installs the shared zero page; the buffer is ignored).
-    Zero,
+    Zero(Token),
     /// The page is owned by work of the source's own (it is being fetched or saved elsewhere)
     /// and the fault should be served later. Meant for faults with [`Fault::can_defer`]: a fault
     /// worker then keeps the fault aside, serves the others, and asks again, instead of blocking
@@ -225,12 +232,16 @@ impl<'a> Fault<'a> {
 /// interrupted `malloc`, would deadlock.
 pub trait PageSource: Send + Sync + 'static {
     /// Produces page `fault.index` into `page`.
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError>;
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError>;
 
-    /// After [`fill`](PageSource::fill) (successful or not): what became of page `index`. A
-    /// source that tracks residency updates it here, once the page really is in the region.
-    fn installed(&self, index: u64, outcome: Outcome) {
-        let _ = (index, outcome);
+    /// After a [`fill`](PageSource::fill) that produced the page ([`Filled::Data`] or
+    /// [`Filled::Zero`]): what became of page `index`, with the token that fill returned, on
+    /// the same thread, once the install is done (on the faulting thread, before its access
+    /// resumes; on a fault worker, just after the faulting thread was woken). A source that
+    /// tracks residency updates it here, once the page really is in the region. Not called
+    /// after a fill that returned an error or [`Filled::Busy`].
+    fn installed(&self, index: u64, token: Token, outcome: Outcome) {
+        let _ = (index, token, outcome);
     }
 
     /// With [`DirtyTracking::Faults`]: page `fault.index`, installed write-protected, is about
@@ -255,11 +266,11 @@ pub trait PageSource: Send + Sync + 'static {
 
 /// A shared source: the region holds one reference, the caller keeps another.
 impl<T: PageSource + ?Sized> PageSource for std::sync::Arc<T> {
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         (**self).fill(fault, page)
     }
-    fn installed(&self, index: u64, outcome: Outcome) {
-        (**self).installed(index, outcome);
+    fn installed(&self, index: u64, token: Token, outcome: Outcome) {
+        (**self).installed(index, token, outcome);
     }
     fn written(&self, fault: &Fault<'_>) -> WriteDecision {
         (**self).written(fault)

@@ -21,13 +21,12 @@
 //! `ACTIVE` before it reads the table; unregistering clears the slot and then waits until no
 //! handler is active before it releases the reference, so a handler never sees a freed region.
 
-use std::fmt::Write as _;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::region::{wait_until, RegionCore, Served};
+use crate::region_core::{wait_until, RegionCore, Served};
 use crate::{PagerError, Retry};
 
 /// Regions that can be registered at once in this mode.
@@ -315,25 +314,4 @@ fn access(ctx: *mut libc::c_void) -> (bool, bool) {
 #[cfg(not(all(target_arch = "x86_64", target_env = "gnu")))]
 fn access(_ctx: *mut libc::c_void) -> (bool, bool) {
     (false, false)
-}
-
-/// Writes a report line to standard error without allocating or locking (usable in a signal
-/// handler); long reports are cut at 512 bytes.
-pub(crate) fn report(args: std::fmt::Arguments<'_>) {
-    struct Buf {
-        b: [u8; 512],
-        n: usize,
-    }
-    impl std::fmt::Write for Buf {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            let take = s.len().min(self.b.len() - self.n);
-            self.b[self.n..self.n + take].copy_from_slice(&s.as_bytes()[..take]);
-            self.n += take;
-            Ok(())
-        }
-    }
-    let mut buf = Buf { b: [0; 512], n: 0 };
-    let _ = buf.write_fmt(args);
-    // SAFETY: write(2) of our own initialised buffer to standard error.
-    let _ = unsafe { libc::write(2, buf.b.as_ptr().cast(), buf.n) };
 }

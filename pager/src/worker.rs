@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::region::{RegionCore, Served};
+use crate::region_core::{RegionCore, Served};
 use crate::uffd::{self, RawMsg};
 use crate::Retry;
 

@@ -6,15 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use mosaic_pager::{Fault, FaultMode, FillError, Filled, PageBuf, PageSource, Region, RegionConfig, PAGE_SIZE};
+use mosaic_pager::{Fault, FaultMode, FillError, Filled, Page, PageSource, Region, RegionConfig, Token, PAGE_SIZE};
 
 /// A source that copies one prepared page: the local floor of a fault.
-struct Local(Box<PageBuf>);
+struct Local(Box<Page>);
 
 impl PageSource for Local {
-    fn fill(&self, _fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, _fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         page.0.copy_from_slice(&self.0 .0);
-        Ok(Filled::Data)
+        Ok(Filled::Data(Token::default()))
     }
 }
 
@@ -30,7 +30,7 @@ fn summary(mut ns: Vec<u64>) -> String {
 }
 
 fn fault_latency(mode: FaultMode, pages: u64) -> Vec<u64> {
-    let src = Local(Box::new(PageBuf([7; PAGE_SIZE])));
+    let src = Local(Box::new(Page([7; PAGE_SIZE])));
     let r = Region::new(RegionConfig::new(pages).mode(mode), src).unwrap();
     let mut lat = Vec::with_capacity(pages as usize);
     for i in 0..pages as usize {
@@ -58,9 +58,9 @@ fn local_fault_latency_by_mode() {
 #[ignore = "a measurement, not a check: run by hand"]
 fn install_cost() {
     let pages = 65_536u64;
-    let src = Local(Box::new(PageBuf([7; PAGE_SIZE])));
+    let src = Local(Box::new(Page([7; PAGE_SIZE])));
     let r = Region::new(RegionConfig::new(pages), src).unwrap();
-    let one = [PageBuf([1; PAGE_SIZE])];
+    let one = [Page([1; PAGE_SIZE])];
     let mut lat = Vec::new();
     for i in 0..20_000 {
         let t = Instant::now();
@@ -68,7 +68,7 @@ fn install_cost() {
         lat.push(t.elapsed().as_nanos() as u64);
     }
     println!("install (UFFDIO_COPY) 1 page: {}", summary(lat));
-    let mut batch: Vec<PageBuf> = (0..256).map(|_| PageBuf([2; PAGE_SIZE])).collect();
+    let mut batch: Vec<Page> = (0..256).map(|_| Page([2; PAGE_SIZE])).collect();
     let mut moved = 0;
     let mut spent = Duration::ZERO;
     for b in 0..40 {
@@ -86,9 +86,9 @@ fn install_cost() {
 #[ignore = "a measurement, not a check: run by hand"]
 fn install_batch_sizes() {
     for batch_pages in [1usize, 8, 64, 256] {
-        let src = Local(Box::new(PageBuf([7; PAGE_SIZE])));
+        let src = Local(Box::new(Page([7; PAGE_SIZE])));
         let r = Region::new(RegionConfig::new(1 << 16), src).unwrap();
-        let batch: Vec<PageBuf> = (0..batch_pages).map(|_| PageBuf([2; PAGE_SIZE])).collect();
+        let batch: Vec<Page> = (0..batch_pages).map(|_| Page([2; PAGE_SIZE])).collect();
         let mut spent = Duration::ZERO;
         let mut n = 0;
         let mut at = 0;

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mosaic_pager::{
-    DirtyTracking, Fault, FaultMode, FillError, Filled, PageBuf, PageSource, PagerError, PagerStats, Region,
-    RegionConfig, WriteDecision, PAGE_SIZE,
+    DirtyTracking, Fault, FaultMode, FillError, Filled, Outcome, Page, PageSource, PagerError, PagerStats, Region,
+    RegionConfig, Token, WriteDecision, PAGE_SIZE,
 };
 
 const MODES: [FaultMode; 4] =
@@ -31,6 +31,8 @@ struct Pattern {
     /// (page, its first byte when `written` was called, whether the fault said "write").
     written: Mutex<Vec<(u64, u8)>>,
     write_faults: Mutex<Vec<u64>>,
+    /// (page, token, outcome) of every `installed` call.
+    installed: Mutex<Vec<(u64, Token, Outcome)>>,
 }
 
 fn byte(index: u64, offset: usize) -> u8 {
@@ -38,7 +40,7 @@ fn byte(index: u64, offset: usize) -> u8 {
 }
 
 impl PageSource for Pattern {
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if fault.write {
             self.write_faults.lock().unwrap().push(fault.index);
@@ -47,12 +49,16 @@ impl PageSource for Pattern {
             return Err(FillError(format!("test source refuses page {}", fault.index)));
         }
         if fault.index >= 1000 {
-            return Ok(Filled::Zero);
+            return Ok(Filled::Zero(Token(fault.index + 1)));
         }
         for (o, b) in page.0.iter_mut().enumerate() {
             *b = byte(fault.index, o);
         }
-        Ok(Filled::Data)
+        Ok(Filled::Data(Token(fault.index + 1)))
+    }
+
+    fn installed(&self, index: u64, token: Token, outcome: Outcome) {
+        self.installed.lock().unwrap().push((index, token, outcome));
     }
 
     fn discarded(&self, pages: Range<u64>) {
@@ -165,7 +171,7 @@ fn writes_after_a_fault_stick_and_zero_pages_are_writable() {
 #[test]
 fn installed_pages_need_no_fault_and_existing_pages_are_kept() {
     let (r, src) = region(16, FaultMode::Workers(1), DirtyTracking::Off);
-    let mut pages = vec![PageBuf::zeroed(), PageBuf::zeroed()];
+    let mut pages = vec![Page::ZERO, Page::ZERO];
     pages[0].0.fill(1);
     pages[1].0.fill(2);
     check_page(&r, 5); // present before the install
@@ -183,7 +189,7 @@ fn installed_pages_need_no_fault_and_existing_pages_are_kept() {
 #[test]
 fn install_moving_moves_pages_without_copying() {
     let (r, src) = region(300, FaultMode::Workers(1), DirtyTracking::Scan);
-    let mut staging: Vec<PageBuf> = (0..256).map(|_| PageBuf::zeroed()).collect();
+    let mut staging: Vec<Page> = (0..256).map(|_| Page::ZERO).collect();
     for (i, p) in staging.iter_mut().enumerate() {
         p.0.fill(i as u8);
     }
@@ -304,10 +310,10 @@ struct Unprotecting {
 }
 
 impl PageSource for Unprotecting {
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         self.fills.lock().unwrap().push((fault.index, fault.write));
         page.0.fill(fault.index as u8);
-        Ok(Filled::Data)
+        Ok(Filled::Data(Token::default()))
     }
 
     fn written(&self, fault: &Fault<'_>) -> WriteDecision {
@@ -555,7 +561,7 @@ fn tempfile() -> i32 {
 struct PanicOn5(Arc<Pattern>);
 
 impl PageSource for PanicOn5 {
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         assert_ne!(fault.index, 5, "test source panics on page 5");
         self.0.fill(fault, page)
     }
@@ -623,11 +629,11 @@ struct Gate {
 }
 
 impl PageSource for Gate {
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         if fault.index == 1 {
             page.0.fill(11);
             self.page1_served.store(true, Ordering::SeqCst);
-            return Ok(Filled::Data);
+            return Ok(Filled::Data(Token::default()));
         }
         if !self.page1_served.load(Ordering::SeqCst) {
             if !fault.can_defer {
@@ -645,7 +651,7 @@ impl PageSource for Gate {
             }
         }
         page.0.fill(10);
-        Ok(Filled::Data)
+        Ok(Filled::Data(Token::default()))
     }
 }
 
@@ -684,5 +690,32 @@ fn a_busy_page_is_deferred_so_the_worker_serves_the_faults_behind_it() {
                 assert!(*src.longest_wait.lock().unwrap() > std::time::Duration::ZERO);
             }
         }
+    }
+}
+
+#[test]
+fn each_fill_token_comes_back_to_installed_with_its_page() {
+    for mode in MODES {
+        let src = Arc::new(Pattern::default());
+        let r = Region::new(RegionConfig::new(1100).mode(mode).name("tokens"), src.clone()).unwrap();
+        let touch = |i: u64| {
+            // SAFETY: inside the region, which lives until the end of the loop body.
+            unsafe { std::ptr::read_volatile(r.as_ptr().add(i as usize * PAGE_SIZE)) }
+        };
+        for i in [0, 1, 2, 4, 1000, 1001] {
+            touch(i);
+        }
+        // A fault worker calls `installed` after waking the faulting thread: wait for the last.
+        for _ in 0..1000 {
+            if src.installed.lock().unwrap().len() >= 6 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut got = src.installed.lock().unwrap().clone();
+        got.sort_by_key(|g| g.0);
+        let want: Vec<(u64, Token, Outcome)> =
+            [0, 1, 2, 4, 1000, 1001].iter().map(|&i| (i, Token(i + 1), Outcome::Installed)).collect();
+        assert_eq!(got, want, "{mode:?}");
     }
 }

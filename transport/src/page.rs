@@ -3,56 +3,9 @@
 use std::sync::Mutex;
 
 use crate::sys::Mapping;
+pub use mosaic_page::Page;
+
 use crate::wire::{Status, PAGE_SIZE};
-
-/// One 4 KiB page, aligned to 4 KiB: the unit of `read_page` / `write_page`.
-///
-/// Page reads land straight in a `Page` the caller owns; a slice of pages from a larger
-/// page-aligned buffer can be viewed as `&mut [Page]` with [`Page::slice_from_bytes_mut`].
-#[derive(Clone)]
-#[repr(C, align(4096))]
-pub struct Page(pub [u8; PAGE_SIZE]);
-
-impl Page {
-    /// A page of zeros.
-    pub const ZERO: Page = Page([0u8; PAGE_SIZE]);
-
-    /// A heap-allocated page of zeros.
-    pub fn boxed() -> Box<Page> {
-        Box::new(Page::ZERO)
-    }
-
-    /// `n` zeroed pages in one allocation.
-    pub fn vec(n: usize) -> Vec<Page> {
-        vec![Page::ZERO; n]
-    }
-
-    /// Views a page-aligned byte buffer whose length is a multiple of [`PAGE_SIZE`] as pages.
-    /// Returns `None` if `bytes` is misaligned or of another length.
-    pub fn slice_from_bytes_mut(bytes: &mut [u8]) -> Option<&mut [Page]> {
-        if bytes.as_ptr().align_offset(PAGE_SIZE) != 0 || bytes.len() % PAGE_SIZE != 0 {
-            return None;
-        }
-        let n = bytes.len() / PAGE_SIZE;
-        // SAFETY: the pointer is 4096-aligned and covers n * 4096 initialised bytes that we
-        // borrow mutably for the returned lifetime; Page is repr(C) over [u8; 4096], for which
-        // every bit pattern is valid.
-        Some(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<Page>(), n) })
-    }
-
-    /// The bytes of consecutive pages, as one page-aligned slice.
-    pub fn as_bytes(pages: &[Page]) -> &[u8] {
-        // SAFETY: `[Page]` is `n` contiguous repr(C) `[u8; PAGE_SIZE]` arrays with no padding,
-        // all initialised, borrowed for the returned lifetime.
-        unsafe { std::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), pages.len() * PAGE_SIZE) }
-    }
-}
-
-impl std::fmt::Debug for Page {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Page({:02x?}..)", &self.0[..8])
-    }
-}
 
 /// Number of lock stripes guarding window pages.
 const STRIPES: usize = 256;

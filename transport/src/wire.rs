@@ -27,9 +27,10 @@ pub const VERSION: u8 = 2;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 32;
 /// The size of one page in bytes: the unit of one-sided reads and writes.
-pub const PAGE_SIZE: usize = PAGE_SIZE_U32 as usize;
+pub use mosaic_page::PAGE_SIZE;
 /// [`PAGE_SIZE`] as the `u32` of a frame's length field.
 pub const PAGE_SIZE_U32: u32 = 4096;
+const _: () = assert!(PAGE_SIZE_U32 as usize == PAGE_SIZE);
 /// Default maximum payload of one frame (1 MiB).
 pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// Hard upper bound on any configured maximum payload (64 MiB).

@@ -8,7 +8,7 @@ use mosaic_transport::ClusterKey;
 
 use crate::SharedBudget;
 
-/// How to create a [`NetRam`] region.
+/// How to create a [`NetRam`](super::NetRam) region.
 #[derive(Clone, Debug)]
 pub struct NetRamConfig {
     /// Memory server URIs (`tcp://HOST:PORT`, `shm://NAME`, `rdma://HOST:PORT`).
@@ -17,7 +17,7 @@ pub struct NetRamConfig {
     pub key: ClusterKey,
     /// Region size in bytes (rounded up to pages).
     pub size: u64,
-    /// Local RAM the region may use, in bytes (at least [`MIN_BUDGET_PAGES`] pages).
+    /// Local RAM the region may use, in bytes (at least [`MIN_BUDGET_PAGES`](super::MIN_BUDGET_PAGES) pages).
     pub resident_budget: u64,
     /// Copies of each page on distinct servers (default: 2 where two servers exist, else 1).
     /// With one copy, losing its server loses the pages: touching one raises SIGBUS.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mosaic_pager::RegionCore;
 
 use super::config::bump;
-use super::lifecycle;
+use super::lifecycle::{self, Round};
 use super::victims::Copy;
 use super::{offset, runs, Shared};
 use crate::pages::PageState::{Clean, Dirty, Remote};
@@ -28,18 +28,6 @@ pub(super) unsafe fn copy_of(core: &RegionCore, i: u64) -> Copy {
     let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
     c.copy_from_slice(src);
     c
-}
-
-/// Which pages a round of eviction may take.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Round {
-    /// Any resident page (the evictor thread).
-    All,
-    /// Only pages it can drop without reading them: clean pages, no copies kept in the victim
-    /// cache. For a fault that helps ([`Shared::help_evict`]): reading a page the application
-    /// has just discarded faults, and a fault while one is being served cannot be served (the
-    /// signal is blocked in its own handler; a lone fault worker is busy with this one).
-    CleanOnly,
 }
 
 /// Pages the evictor takes from its queue per round.

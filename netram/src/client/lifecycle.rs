@@ -33,10 +33,21 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use super::eviction::Round;
 use crate::pages::PageState::{self, Absent, Clean, CleanAbsent, Dirty, Evicting, Fetching, Lost, Remote};
 use crate::pages::PageTable;
 use crate::servers::FILE_HOLDER;
+
+/// Which pages a round of eviction may take.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Round {
+    /// Any resident page (the evictor thread).
+    All,
+    /// Only pages it can drop without reading them: clean pages, no copies kept in the victim
+    /// cache. For a fault that helps ([`Shared::help_evict`]): reading a page the application
+    /// has just discarded faults, and a fault while one is being served cannot be served (the
+    /// signal is blocked in its own handler; a lone fault worker is busy with this one).
+    CleanOnly,
+}
 
 /// A page a round took (Evicting, owned by the round).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

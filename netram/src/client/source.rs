@@ -5,20 +5,48 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mosaic_pager::{Fault, FillError, Filled, Outcome, PageBuf, PageSource, WriteDecision};
-use mosaic_transport::Page;
+use mosaic_pager::{Fault, FillError, Filled, Outcome, Page, PageSource, Token, WriteDecision};
 
 use super::config::bump;
 use super::lifecycle::{self, Busy, WriteStep};
 use super::{window, Shared, SETTLE_LIMIT};
 use crate::pages::PageState::{self, Absent, Clean, CleanAbsent, Dirty, Evicting, Fetching, Lost, Remote};
 
-thread_local! {
-    /// What the last `fill` on this thread decided: (page, state once installed, whether the
-    /// page was already counted as resident). Read by `installed`, which the pager calls next
-    /// on the same thread. Const-initialised: safe in a signal handler.
-    static DECIDED: std::cell::Cell<(u64, PageState, bool)> =
-        const { std::cell::Cell::new((u64::MAX, PageState::Absent, false)) };
+/// What a `fill` decided, carried to `installed` in the pager's [`Token`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    /// Nothing for `installed` to do: the page is not ours (the evictor's copy of a page the
+    /// application discarded, served as zeros while the evictor owns it).
+    Nothing,
+    /// The page, Fetching and ours, takes `state` once in; `counted`: it is already counted as
+    /// resident (it was resident in our books and faulted: discarded, or a stale fault).
+    Install { state: PageState, counted: bool },
+}
+
+impl Decision {
+    const INSTALL: u64 = 1 << 16;
+
+    fn token(self) -> Token {
+        match self {
+            Decision::Nothing => Token(0),
+            Decision::Install { state, counted } => {
+                Token(Self::INSTALL | u64::from(counted) << 8 | u64::from(state as u8))
+            }
+        }
+    }
+
+    fn of(token: Token) -> Decision {
+        if token.0 & Self::INSTALL == 0 {
+            return Decision::Nothing;
+        }
+        let state = PageState::from_bits(token.0.to_le_bytes()[0]);
+        Decision::Install { state, counted: token.0 >> 8 & 1 == 1 }
+    }
+
+    /// A page that takes `state` once in and was not counted yet.
+    fn install(state: PageState) -> Filled {
+        Filled::Data(Decision::Install { state, counted: false }.token())
+    }
 }
 
 /// What a wait for a busy page ended with (see [`Shared::settle_or_take_ahead`]).
@@ -35,12 +63,12 @@ pub(super) enum Settled {
 pub(super) struct Source(pub(super) Arc<Shared>);
 
 impl PageSource for Source {
-    fn fill(&self, fault: &Fault<'_>, page: &mut PageBuf) -> Result<Filled, FillError> {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         let s = &self.0;
         let i = fault.index;
         if s.copying.load(Ordering::Acquire) == i && s.table.get(i) == Evicting {
             s.copy_discarded.store(true, Ordering::Release);
-            return Ok(Filled::Zero);
+            return Ok(Filled::Zero(Decision::Nothing.token()));
         }
         if s.throttle(fault) {
             return Ok(Filled::Busy);
@@ -74,18 +102,16 @@ impl PageSource for Source {
             let dirty_or = |clean| if write { Dirty } else { clean };
             return match st {
                 Absent => {
-                    DECIDED.set((i, dirty_or(CleanAbsent), false));
                     bump(&s.stats.zero_filled, 1);
-                    Ok(Filled::Zero)
+                    Ok(Filled::Zero(Decision::Install { state: dirty_or(CleanAbsent), counted: false }.token()))
                 }
                 Remote => {
-                    let dst = page_of(page)?;
+                    let dst = page;
                     if let Some(copy) = s.victims.take(i) {
                         dst.0.copy_from_slice(&copy[..]);
-                        DECIDED.set((i, dirty_or(Clean), false));
                         bump(&s.stats.cache_hits, 1);
                         s.table.mark_hot(i);
-                        return Ok(Filled::Data);
+                        return Ok(Decision::install(dirty_or(Clean)));
                     }
                     let prefetched = match s.trend(i) {
                         Some((stride, window)) => {
@@ -108,19 +134,16 @@ impl PageSource for Source {
                 // already served (the install will find the page present), or the application
                 // discarded it (MADV_DONTNEED), which by Linux semantics reads as zeros. Either
                 // way zeros are right; mark it dirty so its remote copy is replaced.
-                _ => {
-                    DECIDED.set((i, Dirty, true));
-                    Ok(Filled::Zero)
-                }
+                _ => Ok(Filled::Zero(Decision::Install { state: Dirty, counted: true }.token())),
             };
         }
     }
 
-    fn installed(&self, index: u64, outcome: Outcome) {
+    fn installed(&self, index: u64, token: Token, outcome: Outcome) {
         let s = &self.0;
-        let (i, state, counted) = DECIDED.get();
-        if i != index || s.table.get(index) != Fetching {
-            return; // not a decision of ours (cannot happen: fill and installed pair up)
+        let Decision::Install { state, counted } = Decision::of(token) else { return };
+        if s.table.get(index) != Fetching {
+            return; // cannot happen: the page is ours from fill to here
         }
         match outcome {
             Outcome::Installed | Outcome::AlreadyPresent => {
@@ -164,13 +187,6 @@ impl PageSource for Source {
             }
         }
     }
-}
-
-/// The pager's page buffer as a transport page (the same 4 KiB, page-aligned).
-pub(super) fn page_of(page: &mut PageBuf) -> Result<&mut Page, FillError> {
-    Page::slice_from_bytes_mut(&mut page.0)
-        .and_then(|p| p.first_mut())
-        .ok_or_else(|| FillError("misaligned page".into()))
 }
 
 impl Shared {
@@ -233,9 +249,8 @@ impl Shared {
     pub(super) fn finish_fetch(&self, i: u64, write: bool, arrived: bool, dst: &mut Page) -> Result<Filled, FillError> {
         match if arrived { Ok(()) } else { self.fetch(i, dst) } {
             Ok(()) => {
-                DECIDED.set((i, if write { Dirty } else { Clean }, false));
                 bump(&self.stats.fetched, 1);
-                Ok(Filled::Data)
+                Ok(Decision::install(if write { Dirty } else { Clean }))
             }
             Err(why) => {
                 self.table.set(i, Lost);
@@ -296,6 +311,23 @@ impl Shared {
         crate::lock(&self.queue).extend(pages.iter().copied());
         if resident > self.active_budget() {
             self.wake_evictor();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_survives_the_token() {
+        assert_eq!(Decision::of(Decision::Nothing.token()), Decision::Nothing);
+        assert_eq!(Decision::of(Token::default()), Decision::Nothing);
+        for state in [Clean, CleanAbsent, Dirty] {
+            for counted in [false, true] {
+                let d = Decision::Install { state, counted };
+                assert_eq!(Decision::of(d.token()), d);
+            }
         }
     }
 }

@@ -15,8 +15,8 @@
 
 use std::collections::BTreeMap;
 
-use mosaic_pager::{Fault, FillError, Filled, PageBuf, RegionCore};
-use mosaic_transport::{Page, PagesInFlight};
+use mosaic_pager::{Fault, FillError, Filled, Page, RegionCore};
+use mosaic_transport::PagesInFlight;
 
 use super::lifecycle::{self, Holds};
 use super::{bump, Shared};
@@ -156,10 +156,10 @@ impl Shared {
         fault: &Fault<'_>,
         a: Ahead,
         i: u64,
-        page: &mut PageBuf,
+        page: &mut Page,
     ) -> Result<Filled, FillError> {
         let write = self.decide_write(fault);
-        let dst = super::source::page_of(page)?;
+        let dst = page;
         self.victims.discard(&[i]);
         let trend = self.trend(i);
         self.prefetch.prefetched_up_to(a.last);

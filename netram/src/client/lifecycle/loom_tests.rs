@@ -10,7 +10,6 @@ use loom::sync::Arc;
 use loom::thread;
 
 use super::*;
-use crate::client::eviction::Round;
 
 /// The page in the region: bit 31 present, bit 30 write-protected, the rest its contents.
 const PRESENT: u32 = 1 << 31;

@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use proptest::prelude::*;
 
 use super::*;
-use crate::client::eviction::Round;
 
 const PAGES: u64 = 6;
 const SERVERS: usize = 3;
