@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+#[cfg(doc)]
+use crate::{PageSource, Region, RegionCore};
 use crate::{PagerError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;

@@ -7,12 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+#[cfg(doc)]
+use crate::config::RegionConfig;
 use crate::config::{DirtyTracking, FaultMode, PagerStats};
 use crate::install::{install, Fill, InstallError, Installed};
 use crate::mapping::{open_pagemap, raw, scan_pages, set_dontfork};
 use crate::pagemap::{Pagemap, Query, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_WRITTEN};
 use crate::report::report;
 use crate::uffd::{self, feature, RawMsg, UffdOps, Userfaultfd};
+#[cfg(doc)]
+use crate::Region;
 use crate::{Fault, FillError, Filled, Outcome, Page, PageSource, PagerError, Retry, Token, WriteDecision, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
