@@ -190,7 +190,7 @@ fn install_figure() -> Result<Figure, String> {
     struct Never;
     impl PageSource for Never {
         fn fill(&self, _: &Fault<'_>, _: &mut Page) -> Result<Filled, FillError> {
-            Err(FillError("the install benchmark never faults".into()))
+            Err(FillError::new("the install benchmark never faults"))
         }
     }
     let pages = 20_000u64;

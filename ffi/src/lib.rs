@@ -274,7 +274,7 @@ fn netram_error(e: NetRamError) -> Failure {
         NetRamError::Pager(_) => MosaicErrOs,
         _ => MosaicErrInvalid,
     };
-    Failure(status, e.to_string())
+    Failure(status, mosaic_transport::error_chain(&e))
 }
 
 /// Creates a network-RAM region as `opts` says and stores its handle in `*out`.
@@ -417,7 +417,7 @@ pub extern "C" fn mosaic_memserver_start(
         let key = key()?;
         let server = MemServer::start(uri, MemServerConfig::new(capacity, key)).map_err(|e| {
             let status = if matches!(e, NetRamError::Config(_)) { MosaicErrInvalid } else { MosaicErrOs };
-            Failure(status, e.to_string())
+            Failure(status, mosaic_transport::error_chain(&e))
         })?;
         let uri = CString::new(server.uri()).map_err(|e| Failure(MosaicErrInvalid, e.to_string()))?;
         let handle = Box::into_raw(Box::new(MosaicMemserver { server, uri }));

@@ -103,7 +103,7 @@ fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
     let (id, secret) = id.split_at(16);
     let id: proto::ClientId = id.try_into().map_err(|_| "client id".to_string())?;
     conn.call(proto::OPEN, &proto::encode_open(&id, 1000, secret.try_into().map_err(|_| "secret".to_string())?))
-        .map_err(|e| format!("memory server {uri} refused a session: {e}"))?;
+        .map_err(|e| format!("memory server {uri} refused a session: {}", mosaic_transport::error_chain(&e)))?;
     let _ = conn.call(proto::CLOSE, &id);
     Ok(())
 }
@@ -136,7 +136,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     let mut embedded = None;
     let servers = if cli.servers.is_empty() {
         let s = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(cli.server_capacity, key.clone()))
-            .map_err(|e| format!("cannot start the loopback memory server: {e}"))?;
+            .map_err(|e| format!("cannot start the loopback memory server: {}", mosaic_transport::error_chain(&e)))?;
         if cli.verbose {
             eprintln!("mosrun: started a memory server at {} (up to {} MiB)", s.uri(), cli.server_capacity >> 20);
         }
@@ -171,7 +171,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     }
     // One budget for the job: a page of shared memory every process of it publishes in.
     let (_budget, budget_fd) = mosaic_netram::SharedBudget::create(cli.local_budget)
-        .map_err(|e| format!("cannot set up the job's shared budget: {e}"))?;
+        .map_err(|e| format!("cannot set up the job's shared budget: {}", mosaic_transport::error_chain(&e)))?;
     // SAFETY: clearing close-on-exec on our own descriptor, so the program inherits it.
     if unsafe { libc::fcntl(budget_fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
         return Err(format!("cannot hand the shared budget to the program: {}", std::io::Error::last_os_error()));

@@ -55,8 +55,8 @@ impl std::fmt::Debug for SharedBudget {
     }
 }
 
-fn os(op: &str) -> NetRamError {
-    NetRamError::Config(format!("shared budget: {op}: {}", std::io::Error::last_os_error()))
+fn os(op: &'static str) -> NetRamError {
+    NetRamError::SharedBudget { op, source: std::io::Error::last_os_error() }
 }
 
 impl SharedBudget {
@@ -87,14 +87,14 @@ impl SharedBudget {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         if unsafe { libc::fstat(fd, &raw mut st) } != 0 {
-            return Err(os(&format!("descriptor {fd}")));
+            return Err(os("fstat of its descriptor"));
         }
         if st.st_size < 4096 {
-            return Err(NetRamError::Config(format!("shared budget: descriptor {fd} is not a budget page")));
+            return Err(NetRamError::NotABudget { fd });
         }
         let b = SharedBudget::map(fd)?;
         if b.ledger().magic.load(Ordering::Acquire) != MAGIC {
-            return Err(NetRamError::Config(format!("shared budget: descriptor {fd} is not a budget page")));
+            return Err(NetRamError::NotABudget { fd });
         }
         Ok(b)
     }

@@ -35,6 +35,7 @@
 
 mod budget;
 mod client;
+mod error;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
@@ -47,39 +48,12 @@ mod size;
 
 pub use budget::SharedBudget;
 pub use client::{ForkTicket, NetRam, NetRamConfig, NetRamStats, MIN_BUDGET_PAGES};
+pub use error::{ConfigError, NetRamError, PageError, ServerError};
 pub use server::{MemServer, MemServerConfig, MemStore, StoreStats, MAX_CAPACITY_PAGES};
 pub use size::parse_size;
 
 /// Size of a page.
 pub const PAGE_SIZE: usize = mosaic_transport::PAGE_SIZE;
-
-/// Why a network-RAM operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum NetRamError {
-    /// A configuration value is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// A memory server could not be reached or refused the session.
-    #[error("memory server {uri} is unreachable: {reason}")]
-    Unreachable {
-        /// The server.
-        uri: String,
-        /// Why.
-        reason: String,
-    },
-    /// A server could not listen.
-    #[error("cannot listen on {uri}: {reason}")]
-    Listen {
-        /// Where.
-        uri: String,
-        /// Why.
-        reason: String,
-    },
-    /// The pager refused the region.
-    #[error(transparent)]
-    Pager(#[from] mosaic_pager::PagerError),
-}
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)

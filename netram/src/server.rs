@@ -28,7 +28,7 @@ use mosaic_transport::{
 use sha2::{Digest, Sha256};
 
 use crate::proto::{self, ClientId, Secret, ServerState};
-use crate::{NetRamError, PAGE_SIZE};
+use crate::{ConfigError, NetRamError, PAGE_SIZE};
 
 /// Pages per slab: the unit in which the server takes memory from the system.
 const SLAB_PAGES: usize = 512;
@@ -582,22 +582,18 @@ impl MemServer {
     pub fn start(uri: &str, cfg: MemServerConfig) -> Result<MemServer, NetRamError> {
         let capacity_pages = cfg.capacity_bytes / PAGE_SIZE as u64;
         if capacity_pages == 0 {
-            return Err(NetRamError::Config(format!(
-                "a memory server needs at least one page ({PAGE_SIZE} bytes) of capacity, got {} bytes",
-                cfg.capacity_bytes
-            )));
+            return Err(ConfigError::CapacityTooSmall { bytes: cfg.capacity_bytes }.into());
         }
         let store = Arc::new(MemStore::with_config(&cfg));
         let scfg = ServerConfig::new(cfg.key).service(store.clone()).policy(cfg.policy).limits(cfg.limits);
-        let server = listen(uri, scfg)
-            .map_err(|e| NetRamError::Listen { uri: uri.to_string(), reason: mosaic_transport::error_chain(&e) })?;
+        let server = listen(uri, scfg).map_err(|e| NetRamError::Listen { uri: uri.to_string(), source: e })?;
         let stop = Arc::new(AtomicBool::new(false));
         let reaper = {
             let (store, stop) = (store.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("mosaic-reaper".into())
                 .spawn(move || reap_loop(&store, &stop))
-                .map_err(|e| NetRamError::Config(format!("cannot start the reaper: {e}")))?
+                .map_err(|e| NetRamError::Thread { what: "reaper", source: e })?
         };
         Ok(MemServer { server: Some(server), store, stop, reaper: Some(reaper) })
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mosaic_transport::{connect, CallError, ClusterKey, ConnectOptions, Connection, Page, PagesInFlight, Status};
 
 use crate::proto::{self, ClientId, Secret, ServerState, MAX_BATCH};
-use crate::{NetRamError, PAGE_SIZE};
+use crate::{ConfigError, NetRamError, ServerError, PAGE_SIZE};
 
 /// Pages per slab: placement is decided per slab.
 pub(crate) const SLAB_PAGES: u64 = 256;
@@ -66,16 +66,13 @@ impl ServerSet {
         timeout: Duration,
     ) -> Result<ServerSet, NetRamError> {
         if uris.is_empty() {
-            return Err(NetRamError::Config("no memory servers given".into()));
+            return Err(ConfigError::NoServers.into());
         }
         if uris.len() > MAX_SERVERS {
-            return Err(NetRamError::Config(format!("at most {MAX_SERVERS} servers per region, got {}", uris.len())));
+            return Err(ConfigError::TooManyServers { max: MAX_SERVERS, got: uris.len() }.into());
         }
         if copies == 0 || copies > uris.len() {
-            return Err(NetRamError::Config(format!(
-                "{copies} copies of each page need at least {copies} servers, got {}",
-                uris.len()
-            )));
+            return Err(ConfigError::Copies { copies, servers: uris.len() }.into());
         }
         let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
         let opts = ConnectOptions::new(key.clone()).timeout(timeout);
@@ -83,17 +80,17 @@ impl ServerSet {
         let open = proto::encode_open(&client, grace_ms, &secret);
         let mut fresh = 0u32;
         for (k, uri) in uris.iter().enumerate() {
-            let unreachable = |reason: String| NetRamError::Unreachable { uri: uri.clone(), reason };
+            let unreachable = |e: ServerError| NetRamError::Unreachable { uri: uri.clone(), source: e };
             let session = |conn: &Connection| {
-                let st = conn.call(proto::OPEN, &open).map_err(|e| unreachable(e.to_string()))?;
-                ServerState::decode(&st).map_err(|e| unreachable(e.to_string()))
+                let st = conn.call(proto::OPEN, &open).map_err(|e| unreachable(e.into()))?;
+                ServerState::decode(&st).map_err(|e| unreachable(e.into()))
             };
-            let conn = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
+            let conn = connect(uri, &opts).map_err(|e| unreachable(e.into()))?;
             let st = session(&conn)?;
             if !st.resumed {
                 fresh |= 1 << k;
             }
-            let bulk = connect(uri, &opts).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
+            let bulk = connect(uri, &opts).map_err(|e| unreachable(e.into()))?;
             session(&bulk)?;
             members.push(Member {
                 uri: uri.clone(),
@@ -173,10 +170,17 @@ impl ServerSet {
 
     /// Fetches page `page` into `dst` from one of the servers in `holders`. On failure, the
     /// servers that failed are cleared from the returned mask (`Err` carries what was tried).
-    pub(crate) fn fetch(&self, page: u64, holders: u32, dst: &mut Page) -> Result<(), (u32, String)> {
+    /// Reads `page` from the first live server of `holders` that returns it. On failure: the
+    /// servers that failed, and the last one's error (none if every holder was down).
+    pub(crate) fn fetch(
+        &self,
+        page: u64,
+        holders: u32,
+        dst: &mut Page,
+    ) -> Result<(), (u32, Option<(String, CallError)>)> {
         let req = proto::encode_get(&self.client, self.region, page);
         let mut failed = 0u32;
-        let mut why = String::new();
+        let mut last = None;
         for i in 0..self.members.len() {
             if holders & (1 << i) == 0 || !self.members[i].alive() {
                 continue;
@@ -185,15 +189,12 @@ impl ServerSet {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     failed |= 1 << i;
-                    why = format!("{}: {e}", self.members[i].uri);
                     self.note_failure(i, &e);
+                    last = Some((self.members[i].uri.clone(), e));
                 }
             }
         }
-        if why.is_empty() {
-            why = "every server that held it is down".into();
-        }
-        Err((failed, why))
+        Err((failed, last))
     }
 
     /// Fetches several pages with one batch of requests per server: `reqs[k]` is (page, holder

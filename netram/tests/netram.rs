@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamError};
+use mosaic_netram::{ConfigError, MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamError};
 use mosaic_pager::FaultMode;
 use mosaic_transport::ClusterKey;
 
@@ -175,14 +175,25 @@ fn wrong_key_and_unreachable_servers_are_clear_errors() {
     let other = ClusterKey::from_bytes(b"some-other-cluster-key").unwrap();
     let e = NetRam::new(NetRamConfig::new(uris(&s), other, MIB, MIB)).unwrap_err();
     assert!(matches!(e, NetRamError::Unreachable { .. }), "{e}");
-    assert!(e.to_string().contains("key"), "{e}");
+    assert!(e.is_wrong_key(), "{e:?}");
+    assert!(mosaic_transport::error_chain(&e).contains("key"), "{e}");
     let e = NetRam::new(NetRamConfig::new(vec!["tcp://127.0.0.1:1".into()], key(), MIB, MIB)).unwrap_err();
     assert!(matches!(e, NetRamError::Unreachable { ref uri, .. } if uri == "tcp://127.0.0.1:1"), "{e}");
+    assert!(!e.is_wrong_key());
     let mut cfg = NetRamConfig::new(uris(&s), key(), MIB, MIB);
     cfg.copies = 2;
-    assert!(matches!(NetRam::new(cfg), Err(NetRamError::Config(_))), "2 copies on 1 server");
-    assert!(matches!(NetRam::new(NetRamConfig::new(uris(&s), key(), MIB, 4096)), Err(NetRamError::Config(_))));
-    assert!(matches!(NetRam::new(NetRamConfig::new(vec![], key(), MIB, MIB)), Err(NetRamError::Config(_))));
+    assert!(
+        matches!(NetRam::new(cfg), Err(NetRamError::Config(ConfigError::Copies { copies: 2, servers: 1 }))),
+        "2 copies on 1 server"
+    );
+    assert!(matches!(
+        NetRam::new(NetRamConfig::new(uris(&s), key(), MIB, 4096)),
+        Err(NetRamError::Config(ConfigError::BudgetTooSmall { bytes: 4096, .. }))
+    ));
+    assert!(matches!(
+        NetRam::new(NetRamConfig::new(vec![], key(), MIB, MIB)),
+        Err(NetRamError::Config(ConfigError::NoServers))
+    ));
 }
 
 // ----- scenarios that end a process, run in a child: this binary re-run with `child_scenario` ---

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use crate::{ConfigError, PagerError, PAGE_SIZE};
 #[cfg(doc)]
 use crate::{PageSource, Region, RegionCore};
-use crate::{PagerError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -122,23 +122,23 @@ impl RegionConfig {
 
     pub(crate) fn validate(&self) -> Result<u64, PagerError> {
         if self.pages == 0 {
-            return Err(PagerError::Config("a region needs at least one page".into()));
+            return Err(PagerError::Config(ConfigError::NoPages));
         }
         let len = self
             .pages
             .checked_mul(PAGE)
             .filter(|l| *l <= 1 << 47)
-            .ok_or_else(|| PagerError::Config(format!("{} pages exceed the address space", self.pages)))?;
+            .ok_or(PagerError::Config(ConfigError::TooLarge { pages: self.pages }))?;
         for a in self.fixed_addr.iter().chain(&self.adopt_addr) {
             if a % PAGE_SIZE != 0 || *a == 0 {
-                return Err(PagerError::Config(format!("address {a:#x} is not a non-zero page boundary")));
+                return Err(PagerError::Config(ConfigError::BadAddress { addr: *a }));
             }
         }
         if self.fixed_addr.is_some() && self.adopt_addr.is_some() {
-            return Err(PagerError::Config("a region is either mapped at a fixed address or adopted".into()));
+            return Err(PagerError::Config(ConfigError::FixedAndAdopted));
         }
         if let FaultMode::Workers(0) = self.mode {
-            return Err(PagerError::Config("FaultMode::Workers needs at least one thread".into()));
+            return Err(PagerError::Config(ConfigError::NoWorkers));
         }
         Ok(len)
     }

@@ -86,6 +86,7 @@ pub use config::{DirtyTracking, FaultMode, PagerStats, RegionConfig};
 pub use mapping::{present_pages, unmap_inherited};
 pub use region::Region;
 pub use region_core::RegionCore;
+
 pub use signal::{interposed_sigaction, interposed_signal, program_sigaction, sigbus_claimed};
 pub use uffd::feature;
 
@@ -147,10 +148,23 @@ pub(crate) struct Retry {
     pub(crate) waited: std::time::Duration,
 }
 
-/// Why a [`PageSource`] could not produce a page. The pager poisons the page and logs this.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct FillError(pub String);
+/// Why a [`PageSource`] could not produce a page: the source's own error, kept whole (a caller
+/// can downcast [`FillError::cause`]). The pager poisons the page and logs this with its causes.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct FillError(Box<dyn std::error::Error + Send + Sync>);
+
+impl FillError {
+    /// Wraps the source's error.
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> FillError {
+        FillError(cause.into())
+    }
+
+    /// The source's error.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
 
 /// One missing-page fault, as a [`PageSource`] sees it.
 #[derive(Debug)]
@@ -298,9 +312,9 @@ pub enum PagerError {
         /// What needed them.
         needed_for: &'static str,
     },
-    /// A configuration value is invalid.
+    /// A configuration that cannot work.
     #[error("invalid region configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// A system call failed.
     #[error("{op} failed: {err}")]
     Os {
@@ -320,10 +334,77 @@ pub enum PagerError {
         /// Pages in the region.
         pages: u64,
     },
+    /// An install of bytes that are not whole, page-aligned pages.
+    #[error("an install needs page-aligned whole pages, got {len} bytes at {addr:#x}")]
+    Misaligned {
+        /// Bytes given.
+        len: usize,
+        /// Where they were.
+        addr: usize,
+    },
+    /// An operation that needs a kind of dirty tracking the region was not made with.
+    #[error("{op} needs a region with {needs}")]
+    NoDirtyTracking {
+        /// The operation.
+        op: &'static str,
+        /// The tracking it needs.
+        needs: &'static str,
+    },
     /// The region was unmapped or remapped under the pager, or the process is exiting.
-    #[error("the region is gone: {0}")]
-    Gone(String),
-    /// Another fault-handling region uses SIGBUS in a way that conflicts.
-    #[error("cannot install the SIGBUS handler: {0}")]
-    Signal(String),
+    #[error("region {region} is no longer registered")]
+    Gone {
+        /// The region's name.
+        region: String,
+    },
+    /// The SIGBUS handler could not be installed.
+    #[error("cannot install the SIGBUS handler")]
+    Signal(#[source] std::io::Error),
+    /// The page source panicked while producing a page.
+    #[error("the page source panicked")]
+    SourcePanicked,
+}
+
+/// A region configuration that cannot work.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A region of no pages.
+    #[error("a region needs at least one page")]
+    NoPages,
+    /// More pages than the address space holds.
+    #[error("{pages} pages exceed the address space")]
+    TooLarge {
+        /// Pages asked for.
+        pages: u64,
+    },
+    /// A fixed or adopted address that is not a non-zero page boundary.
+    #[error("address {addr:#x} is not a non-zero page boundary")]
+    BadAddress {
+        /// The address.
+        addr: usize,
+    },
+    /// Both a fixed address and an adopted mapping.
+    #[error("a region is either mapped at a fixed address or adopted")]
+    FixedAndAdopted,
+    /// `FaultMode::Workers(0)`.
+    #[error("FaultMode::Workers needs at least one thread")]
+    NoWorkers,
+    /// The fixed address is taken.
+    #[error("address {addr:#x} is already in use")]
+    AddressInUse {
+        /// The address.
+        addr: usize,
+    },
+    /// The kernel would not map at the fixed address.
+    #[error("could not map at {addr:#x}")]
+    NotMappedAt {
+        /// The address.
+        addr: usize,
+    },
+    /// Too many regions serving faults on the faulting thread.
+    #[error("at most {max} regions can serve faults on the faulting thread at once; use FaultMode::Workers")]
+    TooManyFaultingThreadRegions {
+        /// The most.
+        max: usize,
+    },
 }

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use crate::pagemap::{Pagemap, Query, PAGE_IS_PRESENT};
-use crate::{PagerError, PAGE_SIZE};
+use crate::{ConfigError, PagerError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -34,7 +34,8 @@ pub(crate) fn subtract(range: Range<u64>, holes: &[Range<u64>]) -> Vec<Range<u64
 }
 
 pub(crate) fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
-    let len_usize = usize::try_from(len).map_err(|_| PagerError::Config("region too large".into()))?;
+    let len_usize =
+        usize::try_from(len).map_err(|_| PagerError::Config(ConfigError::TooLarge { pages: len / PAGE }))?;
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     if fixed.is_some() {
         flags |= libc::MAP_FIXED_NOREPLACE;
@@ -45,7 +46,7 @@ pub(crate) fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
     if p == libc::MAP_FAILED {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EEXIST) {
-            return Err(PagerError::Config(format!("address {:#x} is already in use", fixed.unwrap_or(0))));
+            return Err(PagerError::Config(ConfigError::AddressInUse { addr: fixed.unwrap_or(0) }));
         }
         return Err(PagerError::Os { op: "mmap", err });
     }
@@ -53,7 +54,7 @@ pub(crate) fn map(fixed: Option<usize>, len: u64) -> Result<u64, PagerError> {
         if p as usize != a {
             // An old kernel that ignores MAP_FIXED_NOREPLACE treats it as a hint.
             unmap(p as u64, len);
-            return Err(PagerError::Config(format!("could not map at {a:#x}")));
+            return Err(PagerError::Config(ConfigError::NotMappedAt { addr: a }));
         }
     }
     // A child must not inherit pages it cannot be served.

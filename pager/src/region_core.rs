@@ -171,7 +171,7 @@ impl RegionCore {
                 bump(&self.stats.already_present, i.present);
                 Ok(i)
             }
-            Err(InstallError::Gone) => Err(PagerError::Gone(format!("region {} is no longer registered", self.name))),
+            Err(InstallError::Gone) => Err(PagerError::Gone { region: self.name.clone() }),
             Err(InstallError::Busy(d)) => Err(PagerError::Os {
                 op: "install",
                 err: std::io::Error::new(std::io::ErrorKind::WouldBlock, format!("address space busy for {d:?}")),
@@ -189,15 +189,11 @@ impl RegionCore {
     }
 
     /// [`install`](Self::install) from any page-aligned buffer of whole pages (pages another
-    /// crate's type holds, say); refused with [`PagerError::Config`] if `data` is misaligned or
+    /// crate's type holds, say); refused with [`PagerError::Misaligned`] if `data` is misaligned or
     /// not whole pages. Returns how many pages were installed.
     pub fn install_bytes(&self, first: u64, data: &[u8]) -> Result<u64, PagerError> {
         if data.len() % PAGE_SIZE != 0 || data.as_ptr().align_offset(PAGE_SIZE) != 0 {
-            return Err(PagerError::Config(format!(
-                "an install needs page-aligned whole pages, got {} bytes at {:p}",
-                data.len(),
-                data.as_ptr()
-            )));
+            return Err(PagerError::Misaligned { len: data.len(), addr: data.as_ptr() as usize });
         }
         let count = (data.len() / PAGE_SIZE) as u64;
         let dst = self.check(first, count)?;
@@ -289,7 +285,7 @@ impl RegionCore {
     /// protected page that is written shows up in [`take_written`](Self::take_written).
     pub fn write_protect(&self, first: u64, count: u64, protect: bool) -> Result<(), PagerError> {
         if self.dirty == DirtyTracking::Off {
-            return Err(PagerError::Config("write protection needs a region with dirty tracking".into()));
+            return Err(PagerError::NoDirtyTracking { op: "write protection", needs: "dirty tracking" });
         }
         let start = self.check(first, count)?;
         self.uffd
@@ -302,7 +298,7 @@ impl RegionCore {
     /// that races with the scan is either returned now or next time, never lost.
     pub fn take_written(&self, first: u64, count: u64) -> Result<Vec<Range<u64>>, PagerError> {
         if self.dirty != DirtyTracking::Scan {
-            return Err(PagerError::Config("take_written needs a region with DirtyTracking::Scan".into()));
+            return Err(PagerError::NoDirtyTracking { op: "take_written", needs: "DirtyTracking::Scan" });
         }
         let q = Query { require: PAGE_IS_WRITTEN | PAGE_IS_PRESENT, exclude: PAGE_IS_PFNZERO, reprotect: true };
         self.scan(first, count, q)
@@ -367,7 +363,7 @@ impl RegionCore {
         // A panicking source must not kill a worker (its waiters would hang) or unwind out of a
         // signal handler (which aborts): it counts as a failed fetch.
         let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.source.fill(&fault, &mut buf)))
-            .unwrap_or_else(|_| Err(FillError("the page source panicked".into())));
+            .unwrap_or_else(|_| Err(FillError::new(PagerError::SourcePanicked)));
         if let Ok(Filled::Busy) = filled {
             bump(&self.stats.deferred, 1);
             return Served::Busy;
@@ -396,8 +392,8 @@ impl RegionCore {
                 (token, install(&self.uffd, page_addr, PAGE, Fill::Zero, !wake, on_again).map(|r| (r, true)))
             }
             Ok(Filled::Busy) => unreachable!("returned above"),
-            Err(FillError(why)) => {
-                self.report_loss(page_addr, &why);
+            Err(e) => {
+                self.report_loss(page_addr, &crate::report::chain(&e));
                 bump(&self.stats.lost, 1);
                 self.fail_closed(page_addr, wake, tid, on_again);
                 return Served::Lost;

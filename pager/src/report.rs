@@ -1,4 +1,17 @@
-//! Reports from places that may not allocate or lock (a signal handler, a fault being served).
+//! Reports from places that may not allocate or lock (a signal handler, a fault being served),
+//! and errors as one line with their causes.
+
+/// An error and its chain of sources on one line (`error: cause: cause of the cause`).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 /// Writes a report line to standard error without allocating or locking (usable in a signal
 /// handler); long reports are cut at 512 bytes.

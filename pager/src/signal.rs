@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::region_core::{wait_until, RegionCore, Served};
-use crate::{PagerError, Retry};
+use crate::{ConfigError, PagerError, Retry};
 
 /// Regions that can be registered at once in this mode.
 const SLOTS: usize = 64;
@@ -45,7 +45,7 @@ thread_local! {
 }
 
 /// The SIGBUS disposition before ours, or why ours could not be installed.
-static PREVIOUS: OnceLock<Result<libc::sigaction, String>> = OnceLock::new();
+static PREVIOUS: OnceLock<Result<libc::sigaction, i32>> = OnceLock::new();
 /// The program's SIGBUS disposition set after ours was installed (null: `PREVIOUS` stands).
 /// Each update leaks its predecessor: the handler may be reading it, and updates are rare.
 static PROGRAM: AtomicPtr<libc::sigaction> = AtomicPtr::new(null_mut());
@@ -172,9 +172,7 @@ impl Slot {
         }
         // SAFETY: `p` came from `Arc::into_raw` above and was not stored anywhere.
         drop(unsafe { Arc::from_raw(p) });
-        Err(PagerError::Config(format!(
-            "at most {SLOTS} regions can serve faults on the faulting thread at once; use FaultMode::Workers"
-        )))
+        Err(PagerError::Config(ConfigError::TooManyFaultingThreadRegions { max: SLOTS }))
     }
 
     /// Empties the slot without waiting for handlers or releasing its region (in a forked
@@ -214,11 +212,11 @@ fn install_handler() -> Result<(), PagerError> {
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: both pointers are valid sigaction structs for the call.
         if unsafe { real_sigaction(libc::SIGBUS, &raw const sa, &raw mut old) } != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
         }
         Ok(old)
     });
-    prev.as_ref().map(|_| ()).map_err(|e| PagerError::Signal(e.clone()))
+    prev.as_ref().map(|_| ()).map_err(|e| PagerError::Signal(std::io::Error::from_raw_os_error(*e)))
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mosaic_pager::{
-    DirtyTracking, Fault, FaultMode, FillError, Filled, Outcome, Page, PageSource, PagerError, PagerStats, Region,
-    RegionConfig, Token, WriteDecision, PAGE_SIZE,
+    ConfigError, DirtyTracking, Fault, FaultMode, FillError, Filled, Outcome, Page, PageSource, PagerError, PagerStats,
+    Region, RegionConfig, Token, WriteDecision, PAGE_SIZE,
 };
 
 const MODES: [FaultMode; 4] =
@@ -46,7 +46,7 @@ impl PageSource for Pattern {
             self.write_faults.lock().unwrap().push(fault.index);
         }
         if self.fail.contains(&fault.index) {
-            return Err(FillError(format!("test source refuses page {}", fault.index)));
+            return Err(FillError::new(format!("test source refuses page {}", fault.index)));
         }
         if fault.index >= 1000 {
             return Ok(Filled::Zero(Token(fault.index + 1)));
@@ -361,24 +361,30 @@ fn a_fixed_address_is_honoured_and_an_occupied_one_refused() {
     assert_eq!(r.as_ptr() as usize, addr);
     check_page(&r, 63);
     let again = Region::new(RegionConfig::new(64).fixed_addr(addr), src);
-    assert!(matches!(again, Err(PagerError::Config(ref m)) if m.contains("already in use")), "{again:?}");
+    assert!(matches!(again, Err(PagerError::Config(ConfigError::AddressInUse { addr: a })) if a == addr), "{again:?}");
 }
 
 #[test]
 fn bad_configurations_and_ranges_are_refused() {
     let src = Arc::new(Pattern::default());
-    assert!(matches!(Region::new(RegionConfig::new(0), src.clone()), Err(PagerError::Config(_))));
-    assert!(matches!(Region::new(RegionConfig::new(1 << 40), src.clone()), Err(PagerError::Config(_))));
-    assert!(matches!(Region::new(RegionConfig::new(4).fixed_addr(12345), src.clone()), Err(PagerError::Config(_))));
+    assert!(matches!(Region::new(RegionConfig::new(0), src.clone()), Err(PagerError::Config(ConfigError::NoPages))));
+    assert!(matches!(
+        Region::new(RegionConfig::new(1 << 40), src.clone()),
+        Err(PagerError::Config(ConfigError::TooLarge { .. }) | PagerError::Os { .. })
+    ));
+    assert!(matches!(
+        Region::new(RegionConfig::new(4).fixed_addr(12345), src.clone()),
+        Err(PagerError::Config(ConfigError::BadAddress { addr: 12345 }))
+    ));
     assert!(matches!(
         Region::new(RegionConfig::new(4).mode(FaultMode::Workers(0)), src.clone()),
-        Err(PagerError::Config(_))
+        Err(PagerError::Config(ConfigError::NoWorkers))
     ));
     let (r, _) = region(8, FaultMode::Workers(1), DirtyTracking::Off);
     assert!(matches!(r.drop_pages(6, 3), Err(PagerError::OutOfRange { first: 6, end: 9, pages: 8 })));
     assert!(matches!(r.install_zero(u64::MAX, 2), Err(PagerError::OutOfRange { .. })));
     assert!(matches!(r.poison(0, 0), Err(PagerError::OutOfRange { .. })));
-    assert!(matches!(r.take_written(0, 8), Err(PagerError::Config(_))), "needs track_dirty");
+    assert!(matches!(r.take_written(0, 8), Err(PagerError::NoDirtyTracking { .. })), "needs track_dirty");
 }
 
 #[test]

@@ -256,7 +256,7 @@ fn init() -> Option<Backend> {
                 Some(Backend { ram: AtomicPtr::new(Box::into_raw(Box::new(ram))), heap, base, len })
             }
             Err(e) => {
-                report(&format!("network RAM is off, allocations stay local: {e}"));
+                report(&format!("network RAM is off, allocations stay local: {}", mosaic_transport::error_chain(&e)));
                 None
             }
         }
@@ -270,7 +270,7 @@ fn shared_budget(c: &Config) -> Option<SharedBudget> {
         Some(fd) => SharedBudget::open(fd),
         None => SharedBudget::create(c.budget).map(|(b, _fd)| b),
     };
-    made.map_err(|e| report(&format!("each process keeps its own budget: {e}"))).ok()
+    made.map_err(|e| report(&format!("each process keeps its own budget: {}", mosaic_transport::error_chain(&e)))).ok()
 }
 
 thread_local! {
@@ -291,7 +291,10 @@ extern "C" fn fork_prepare() {
         let ticket = match b.ram().prepare_fork() {
             Ok(t) => Some(t),
             Err(e) => {
-                report(&format!("fork: the child will not have the parent's large allocations: {e}"));
+                report(&format!(
+                    "fork: the child will not have the parent's large allocations: {}",
+                    mosaic_transport::error_chain(&e)
+                ));
                 None
             }
         };
@@ -327,7 +330,10 @@ extern "C" fn fork_child() {
         match parent.fork_child(ticket) {
             Ok(ram) => b.ram.store(Box::into_raw(Box::new(ram)), Ordering::Release),
             Err(e) => {
-                report(&format!("fork: the child lost the parent's large allocations: {e}"));
+                report(&format!(
+                    "fork: the child lost the parent's large allocations: {}",
+                    mosaic_transport::error_chain(&e)
+                ));
                 DISABLED.store(true, Ordering::Relaxed);
             }
         }
@@ -375,7 +381,7 @@ fn big_free(b: &Backend, off: u64) {
     inside(|| {
         let Some(block) = lock(b).get(off) else { return };
         if let Err(e) = b.ram().discard(block.start, block.pages) {
-            report(&format!("freeing {} pages failed: {e}", block.pages));
+            report(&format!("freeing {} pages failed: {}", block.pages, mosaic_transport::error_chain(&e)));
         }
         lock(b).free(off);
     });
@@ -401,7 +407,7 @@ fn discard_pages(b: &Backend, first: u64, pages: u64) {
         let runs = lock(b).allocated_within(first, pages);
         for (s, n) in runs {
             if let Err(e) = b.ram().discard(s, n) {
-                report(&format!("discarding {n} pages failed: {e}"));
+                report(&format!("discarding {n} pages failed: {}", mosaic_transport::error_chain(&e)));
             }
         }
     });

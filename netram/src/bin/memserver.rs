@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     let server = match MemServer::start(&cli.listen, cfg) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("mosaic-memserver: {e}");
+            eprintln!("mosaic-memserver: {}", mosaic_transport::error_chain(&e));
             return ExitCode::FAILURE;
         }
     };

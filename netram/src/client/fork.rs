@@ -31,7 +31,7 @@ use crate::pages::PageState::{Absent, Dirty, Lost, Remote};
 use crate::pages::PageTable;
 use crate::proto::{ClientId, Secret};
 use crate::servers::{ServerSet, FILE_HOLDER};
-use crate::NetRamError;
+use crate::{ConfigError, NetRamError};
 
 /// Set in the gate's state while it is closed; the rest counts the threads inside.
 const CLOSED: u64 = 1 << 63;
@@ -125,18 +125,12 @@ impl NetRam {
     pub fn prepare_fork(&self) -> Result<ForkTicket, NetRamError> {
         let s = &self.shared;
         if s.file.is_some() {
-            return Err(NetRamError::Config(
-                "a region with a backing file cannot follow a fork (the child would share the file)".into(),
-            ));
+            return Err(ConfigError::BackingFileWithFork.into());
         }
         let (mut child, mut secret) = ([0u8; 16], [0u8; crate::proto::SECRET_LEN]);
-        getrandom::fill(&mut child)
-            .and_then(|()| getrandom::fill(&mut secret))
-            .map_err(|e| NetRamError::Config(format!("no random source: {e}")))?;
+        getrandom::fill(&mut child).and_then(|()| getrandom::fill(&mut secret)).map_err(NetRamError::Random)?;
         if !s.fork_gate.close(CLOSE_WAIT) {
-            return Err(NetRamError::Config(format!(
-                "the region's background work did not pause within {CLOSE_WAIT:?} for the fork"
-            )));
+            return Err(NetRamError::ForkPause { waited: CLOSE_WAIT });
         }
         let ticket = ForkTicket { child, secret, cloned: s.servers.clone_session(&child, &secret) };
         if let Err(e) = self.region().inherit_on_fork(true) {

@@ -22,7 +22,7 @@ use crate::budget::Share;
 use crate::pages::PageState::{Absent, Evicting, Lost};
 use crate::pages::PageTable;
 use crate::servers::{ServerSet, FILE_HOLDER};
-use crate::{NetRamError, PAGE_SIZE};
+use crate::{ConfigError, NetRamError, PAGE_SIZE};
 
 mod config;
 mod eviction;
@@ -182,20 +182,14 @@ impl NetRam {
     pub fn new(cfg: NetRamConfig) -> Result<NetRam, NetRamError> {
         let pages = cfg.size.div_ceil(PAGE_SIZE as u64);
         if pages == 0 {
-            return Err(NetRamError::Config("a region needs a size of at least one byte".into()));
+            return Err(ConfigError::EmptyRegion.into());
         }
         let budget = cfg.resident_budget / PAGE_SIZE as u64;
         if budget < MIN_BUDGET_PAGES {
-            return Err(NetRamError::Config(format!(
-                "a resident budget of {} bytes is below the minimum of {} pages ({} KiB)",
-                cfg.resident_budget,
-                MIN_BUDGET_PAGES,
-                MIN_BUDGET_PAGES * PAGE_SIZE as u64 / 1024
-            )));
+            return Err(ConfigError::BudgetTooSmall { bytes: cfg.resident_budget, min_pages: MIN_BUDGET_PAGES }.into());
         }
         let mut id = [0u8; 24 + crate::proto::SECRET_LEN];
-        getrandom::fill(&mut id)
-            .map_err(|e| NetRamError::Config(format!("no random source for the client id: {e}")))?;
+        getrandom::fill(&mut id).map_err(NetRamError::Random)?;
         let client: [u8; 16] = id[..16].try_into().unwrap_or_default();
         let region_id = u64::from_le_bytes(id[16..24].try_into().unwrap_or_default());
         let secret = id[24..].try_into().unwrap_or_default();
@@ -210,7 +204,7 @@ impl NetRam {
                     .truncate(true)
                     .open(path)
                     .and_then(|f| f.set_len(pages * PAGE_SIZE as u64).map(|()| f))
-                    .map_err(|e| NetRamError::Config(format!("backing file {}: {e}", path.display())))?;
+                    .map_err(|e| NetRamError::BackingFile { path: path.clone(), source: e })?;
                 Some(f)
             }
             None => None,
@@ -231,14 +225,15 @@ impl NetRam {
             rcfg = rcfg.adopt(addr);
         }
         let region = Region::new(rcfg, Source(shared.clone())).map_err(NetRamError::Pager)?;
+        let core = region.core();
         let stop = Arc::new(AtomicBool::new(false));
         let mut ram = NetRam { shared, threads: Vec::new(), stop, region: Some(region), cfg };
-        ram.spawn_background()?;
+        ram.spawn_background(core)?;
         Ok(ram)
     }
 
-    fn spawn_background(&mut self) -> Result<(), NetRamError> {
-        let core = self.region.as_ref().map(|r| r.core()).ok_or_else(|| NetRamError::Config("no region".into()))?;
+    /// Starts the evictor and the session keeper on `core`, the region's.
+    fn spawn_background(&mut self, core: Arc<RegionCore>) -> Result<(), NetRamError> {
         let keeper_core = core.clone();
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
         let evictor = std::thread::Builder::new().name("mosaic-evict".into()).spawn(move || {
@@ -262,7 +257,7 @@ impl NetRam {
                 }
             }
         });
-        self.threads.push(evictor.map_err(|e| NetRamError::Config(format!("cannot start the evictor: {e}")))?);
+        self.threads.push(evictor.map_err(|e| NetRamError::Thread { what: "evictor", source: e })?);
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
         let keeper = std::thread::Builder::new().name("mosaic-keeper".into()).spawn(move || {
             let mut last_live = shared.servers.live_mask();
@@ -296,7 +291,7 @@ impl NetRam {
                 }
             }
         });
-        self.threads.push(keeper.map_err(|e| NetRamError::Config(format!("cannot start the session keeper: {e}")))?);
+        self.threads.push(keeper.map_err(|e| NetRamError::Thread { what: "session keeper", source: e })?);
         Ok(())
     }
 
@@ -361,7 +356,7 @@ impl NetRam {
     pub fn set_resident_budget(&self, bytes: u64) -> Result<(), NetRamError> {
         let pages = bytes / PAGE_SIZE as u64;
         if pages < MIN_BUDGET_PAGES {
-            return Err(NetRamError::Config(format!("a resident budget must be at least {MIN_BUDGET_PAGES} pages")));
+            return Err(ConfigError::BudgetTooSmall { bytes, min_pages: MIN_BUDGET_PAGES }.into());
         }
         self.shared.own_budget.store(pages, Ordering::Relaxed);
         self.shared.budget.store(pages, Ordering::Relaxed);
@@ -373,9 +368,10 @@ impl NetRam {
     /// their local memory and their copies on the servers are released.
     pub fn discard(&self, first: u64, count: u64) -> Result<(), NetRamError> {
         let s = &self.shared;
-        let end = first.checked_add(count).filter(|e| *e <= s.table.len()).ok_or_else(|| {
-            NetRamError::Config(format!("pages {first}..+{count} are outside the region of {} pages", s.table.len()))
-        })?;
+        let end = first
+            .checked_add(count)
+            .filter(|e| *e <= s.table.len())
+            .ok_or_else(|| NetRamError::from(ConfigError::OutsideRegion { first, count, pages: s.table.len() }))?;
         let region = self.region();
         let _gate = s.fork_gate.enter();
         let mut dropped = Vec::new();

@@ -11,6 +11,7 @@ use super::config::bump;
 use super::lifecycle::{self, Busy, WriteStep};
 use super::{window, Shared, SETTLE_LIMIT};
 use crate::pages::PageState::{self, Absent, Clean, CleanAbsent, Dirty, Evicting, Fetching, Lost, Remote};
+use crate::PageError;
 
 /// What a `fill` decided, carried to `installed` in the pager's [`Token`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,7 +79,7 @@ impl PageSource for Source {
         if let Some(a) = (s.table.get(i) == Fetching).then(|| s.ahead.take_holding(i)).flatten() {
             return s.fill_from_ahead(fault, a, i, page);
         }
-        let hung = || FillError(format!("page {i} stayed busy for {SETTLE_LIMIT:?} (a fetch or eviction hung)"));
+        let hung = || FillError::new(PageError::Hung { page: i, waited: SETTLE_LIMIT });
         loop {
             let st = if fault.can_defer {
                 // A fault worker must not wait here: the evictor owning the page may itself
@@ -128,7 +129,7 @@ impl PageSource for Source {
                 }
                 Lost => {
                     s.table.set(i, Lost);
-                    Err(FillError(format!("page {i} was lost earlier: no copy is left")))
+                    Err(FillError::new(PageError::LostEarlier { page: i }))
                 }
                 // Resident in our books, yet it faulted: either a stale fault another thread
                 // already served (the install will find the page present), or the application
@@ -255,7 +256,7 @@ impl Shared {
             Err(why) => {
                 self.table.set(i, Lost);
                 bump(&self.stats.lost, 1);
-                Err(FillError(why))
+                Err(FillError::new(why))
             }
         }
     }

@@ -11,21 +11,23 @@ use super::victims::Copy;
 use super::Shared;
 use crate::pages::PageState::{Clean, Dirty, Evicting, Fetching, Remote};
 use crate::servers::FILE_HOLDER;
-use crate::PAGE_SIZE;
+use crate::{PageError, PAGE_SIZE};
 
 /// Pages re-stored per batch by the rebuild after a server loss (one GET and one PUT request
 /// per server per batch).
 pub(super) const REBUILD_BATCH: usize = 64;
 
 impl Shared {
-    pub(super) fn fetch(&self, i: u64, dst: &mut Page) -> Result<(), String> {
+    /// Reads page `i` from a server holding it, failing over to the other copies and then to
+    /// the backing file.
+    pub(super) fn fetch(&self, i: u64, dst: &mut Page) -> Result<(), PageError> {
         let holders = self.table.holders(i);
         if holders == 0 {
-            return Err(format!("page {i} has no copy on any server"));
+            return Err(PageError::NoCopy { page: i });
         }
         let on_servers = holders & !FILE_HOLDER;
         let why = if on_servers == 0 {
-            String::from("no server holds it")
+            PageError::HoldersDown { page: i }
         } else {
             match self.servers.fetch(i, on_servers, dst) {
                 Ok(()) => {
@@ -34,29 +36,31 @@ impl Shared {
                     }
                     return Ok(());
                 }
-                Err((failed, why)) => {
+                Err((failed, last)) => {
                     self.table.drop_holders(i, failed);
-                    why
+                    match last {
+                        Some((uri, source)) => PageError::Unanswered { page: i, uri, source },
+                        None => PageError::HoldersDown { page: i },
+                    }
                 }
             }
         };
         if holders & FILE_HOLDER != 0 {
             if let Some(f) = &self.file {
                 use std::os::unix::fs::FileExt;
-                match f.read_exact_at(&mut dst.0, i * PAGE_SIZE as u64) {
+                return match f.read_exact_at(&mut dst.0, i * PAGE_SIZE as u64) {
                     Ok(()) => {
                         bump(&self.stats.failovers, u64::from(on_servers != 0));
-                        return Ok(());
+                        Ok(())
                     }
-                    Err(e) => {
-                        return Err(format!(
-                            "no server could return page {i} ({why}), and the backing file failed: {e}"
-                        ))
+                    Err(source) => {
+                        log::warn!("region {}: {}", self.name, mosaic_transport::error_chain(&why));
+                        Err(PageError::File { page: i, source })
                     }
-                }
+                };
             }
         }
-        Err(format!("no server could return page {i}: {why}"))
+        Err(why)
     }
 
     /// Writes the pages to the backing file, if there is one; returns which were written.
