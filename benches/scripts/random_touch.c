@@ -1,17 +1,18 @@
 /*
- * Touches 128 MiB at random: reads every access, writes every other; prints peak RSS every
- * 100,000 accesses on stderr. The probe that found the pager keeping an entry per page drop
+ * Touches MIB MiB (default 128) at random, ITERS times: reads every access, writes every other;
+ * prints the sum of what it read, and its peak RSS every 100,000 accesses on stderr. The probe that found the pager keeping an entry per page drop
  * (BENCHMARKS.md, 2026-12-03 evening):
  *   cc -O2 -o random_touch benches/scripts/random_touch.c
- *   target/release/mosrun --local-budget 16M -- ./random_touch 600000
+ *   target/release/mosrun --local-budget 16M -- ./random_touch 600000 [MIB]
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
 #include <sys/resource.h>
 int main(int argc, char **argv) {
-    size_t mb = 128, n = mb << 20;
     long iters = argc > 1 ? atol(argv[1]) : 400000;
+    size_t mb = argc > 2 ? (size_t)atol(argv[2]) : 128, n = mb << 20;
+    if (mb == 0) { fprintf(stderr, "usage: random_touch [ITERS] [MIB > 0]\n"); return 2; }
     unsigned char *p = malloc(n);
     for (size_t i = 0; i < n; i += 4096) p[i] = i;
     uint64_t x = 88172645463325252ull, s = 0;
