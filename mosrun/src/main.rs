@@ -62,6 +62,11 @@ struct Cli {
     /// Say what is being set up.
     #[arg(long, short)]
     verbose: bool,
+    /// When each process of the job exits, print its network-RAM counters on standard error:
+    /// faults, pages fetched, zero-filled, served from the local cache, prefetched, evicted,
+    /// written back, faults that waited for room (sets MOSAIC_STATS=1).
+    #[arg(long)]
+    stats: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     program: Vec<String>,
@@ -184,6 +189,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         .env("MOSAIC_THRESHOLD", cli.threshold.to_string())
         .env("MOSAIC_NETRAM_SIZE", cli.size.to_string())
         .env("MOSAIC_BUDGET_FD", budget_fd.as_raw_fd().to_string());
+    if cli.stats {
+        cmd.env("MOSAIC_STATS", "1");
+    }
     if let Some(c) = cli.copies {
         cmd.env("MOSAIC_COPIES", c.to_string());
     }

@@ -130,6 +130,7 @@ impl Region {
             broken: OnceLock::new(),
             foreign: Mutex::new(Vec::new()),
             self_drops: Mutex::new(Vec::new()),
+            batch_drops: Mutex::new(None),
             stats: Counters::default(),
         });
         // From here on, dropping `region` unmaps.

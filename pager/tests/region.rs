@@ -221,6 +221,30 @@ fn dropped_pages_fault_again_and_are_not_reported_as_discarded() {
 }
 
 #[test]
+fn runs_dropped_in_one_batch_fault_again_and_the_rest_stay() {
+    for report in [false, true] {
+        let src = Arc::new(Pattern::default());
+        let r = Region::new(RegionConfig::new(64).report_discards(report).name("test"), src.clone()).unwrap();
+        for i in 0..64 {
+            check_page(&r, i);
+        }
+        let dropped_before = r.stats().dropped;
+        // Scattered runs, the way eviction drops a round of random pages, and one run outside.
+        let failed = r.drop_runs(&[1..2, 5..9, 20..21, 40..48, 63..64, 60..70]);
+        assert_eq!(failed.len(), 1, "only the run past the end fails (report_discards({report}))");
+        assert_eq!(failed[0].0, 60..70);
+        assert!(matches!(failed[0].1, PagerError::OutOfRange { .. }), "{:?}", failed[0].1);
+        assert_eq!(r.present(0, 64).unwrap(), vec![0..1, 2..5, 9..20, 21..40, 48..63]);
+        assert_eq!(r.stats().dropped - dropped_before, 15);
+        for i in 0..64 {
+            check_page(&r, i);
+        }
+        assert_eq!(src.calls.load(Ordering::SeqCst), 64 + 15, "each dropped page faulted once more");
+        assert!(src.discarded.lock().unwrap().is_empty(), "our own drop is not the application's");
+    }
+}
+
+#[test]
 fn the_applications_madv_dontneed_reaches_the_source() {
     let (r, src) = region(32, FaultMode::Workers(1), DirtyTracking::Off);
     for i in 0..32 {

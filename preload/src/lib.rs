@@ -24,6 +24,8 @@
 //! - `MOSAIC_NETRAM_SIZE`: address space reserved for large allocations (default 16G).
 //! - `MOSAIC_COPIES`: copies of each page (default 2 with two or more servers).
 //!
+//! - `MOSAIC_STATS`: when set (to anything but `0`), each process prints one line of network-RAM
+//!   counters on standard error when it exits (`mosrun --stats`).
 //! - `MOSAIC_BUDGET_FD`: a descriptor of the budget shared by a `mosrun` job's processes (set
 //!   by `mosrun`). Without it the process makes its own, which the children it forks share.
 //!
@@ -139,6 +141,8 @@ struct Config {
     copies: Option<usize>,
     /// The descriptor of the budget shared by a `mosrun` job's processes.
     budget_fd: Option<i32>,
+    /// Print the region's counters at exit.
+    stats: bool,
 }
 
 impl Config {
@@ -153,6 +157,7 @@ impl Config {
             threshold: usize::try_from(size_of(c"MOSAIC_THRESHOLD", 1 << 20)).unwrap_or(usize::MAX).max(PAGE_SIZE),
             copies: env(c"MOSAIC_COPIES").and_then(|s| s.parse().ok()),
             budget_fd: env(c"MOSAIC_BUDGET_FD").and_then(|s| s.parse().ok()),
+            stats: env(c"MOSAIC_STATS").is_some_and(|s| !s.is_empty() && s != "0"),
         }
     }
 }
@@ -165,8 +170,16 @@ fn config() -> &'static Config {
 
 /// Reads the environment when the library is loaded, before the program runs.
 extern "C" fn read_env_at_load() {
-    let _ = config();
+    if config().stats {
+        // SAFETY: duplicating standard error to a close-on-exec descriptor of our own.
+        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 100) };
+        STATS_FD.store(fd, Ordering::Relaxed);
+    }
 }
+
+/// Where the exit report goes: a copy of standard error taken at load, because programs close
+/// theirs before they exit (xz does, to catch write errors).
+static STATS_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 #[used]
 #[link_section = ".init_array"]
@@ -253,6 +266,10 @@ fn init() -> Option<Backend> {
                 let heap = Mutex::new(Heap::new((len / PAGE_SIZE) as u64, PAGE_SIZE as u64));
                 // SAFETY: registering plain functions as fork handlers.
                 unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+                if c.stats {
+                    // SAFETY: registering a plain function to run at exit.
+                    unsafe { libc::atexit(print_stats) };
+                }
                 Some(Backend { ram: AtomicPtr::new(Box::into_raw(Box::new(ram))), heap, base, len })
             }
             Err(e) => {
@@ -339,6 +356,45 @@ extern "C" fn fork_child() {
         }
         drop(heap);
     });
+}
+
+/// At exit with `MOSAIC_STATS`: one line of the region's counters on standard error.
+extern "C" fn print_stats() {
+    let Some(b) = BACKEND.get().and_then(Option::as_ref).filter(|_| !DISABLED.load(Ordering::Relaxed)) else {
+        return;
+    };
+    let fd = STATS_FD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    inside(|| {
+        let line = format!("mosaic: {}\n", stats_line(std::process::id(), &b.ram().stats(), &b.ram().region().stats()));
+        // SAFETY: write(2) of a valid buffer to our copy of standard error.
+        let _ = unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+    });
+}
+
+/// The exit report: what the pager served and what network RAM did, in `key=value` pairs.
+fn stats_line(pid: u32, n: &mosaic_netram::NetRamStats, p: &mosaic_pager::PagerStats) -> String {
+    format!(
+        "stats pid={pid} faults={} fetched={} zero_filled={} cache_hits={} prefetched={} evicted={} \
+         written_back={} throttled={} failovers={} lost={} resident_pages={} outside_pages={} under_replicated={} cached_pages={} cached_bytes={}",
+        p.faults,
+        n.fetched,
+        n.zero_filled,
+        n.cache_hits,
+        n.prefetched,
+        n.evicted,
+        n.written_back,
+        n.throttled,
+        n.failovers,
+        n.lost,
+        n.resident,
+        n.outside,
+        n.under_replicated,
+        n.cached,
+        n.cached_bytes,
+    )
 }
 
 fn backend() -> Option<&'static Backend> {

@@ -62,7 +62,7 @@ impl Shared {
     /// the budget; every second, clears the slots of processes that died.
     pub(super) fn follow_shared_budget(&self, next_sweep: &mut Instant) {
         let Some(share) = &self.share else { return };
-        let held = self.resident.load(Ordering::Acquire) + self.victims.len();
+        let held = self.resident.load(Ordering::Acquire) + self.victims.footprint_pages();
         let allowed = share.update(held).min(self.own_budget.load(Ordering::Relaxed));
         self.budget.store(allowed, Ordering::Relaxed);
         if Instant::now() >= *next_sweep {
@@ -76,14 +76,13 @@ impl Shared {
     /// outside the region where that is counted and more. Faults wait for the evictor there.
     pub(super) fn ceiling(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
-        // Each copy is a separate allocation: with the allocator's headers and slack the cache
-        // takes about 9% more than its pages (measured: 4468 KiB for 1024 copies). The
-        // measured footprint outside the region includes the cache as it really is, but is up
+        // The cache's copies (compressed where that pays) with their bookkeeping and the
+        // allocator's slack (about 9% on whole pages: 4468 KiB for 1024 copies). The measured
+        // footprint outside the region includes the cache as it really is, but is up
         // to a round old: the larger of the two counts. Buffers in flight count too: a
         // prefetch window on its way and the next one, and a round of eviction's copies, made
         // while its pages are still resident.
-        let cached = self.victims.len();
-        let outside = (cached + cached / 8).max(self.footprint.outside());
+        let outside = self.victims.footprint_pages().max(self.footprint.outside());
         // The region keeps at least a quarter of the budget (half, when only the cache is
         // counted) to work in.
         let most = if self.footprint.counting() { budget - budget / 4 } else { budget / 2 };
@@ -282,11 +281,9 @@ impl Shared {
         self.requeue(orphaned);
         let pages: Vec<u64> = leaving.iter().map(|l| l.0).collect();
         let mut failed = HashSet::new();
-        for r in runs(&pages) {
-            if let Err(e) = core.drop_pages(r.start, r.end - r.start) {
-                log::warn!("region {}: cannot drop pages {r:?}: {e}", self.name);
-                failed.extend(r);
-            }
+        for (r, e) in core.drop_runs(&runs(&pages)) {
+            log::warn!("region {}: cannot drop pages {r:?}: {e}", self.name);
+            failed.extend(r);
         }
         self.victims.insert_all(cached.into_iter().filter(|(i, _)| !failed.contains(i)));
         let (gone, stayed) = lifecycle::finish(&self.table, &leaving, &failed);

@@ -126,7 +126,7 @@ impl Shared {
                 share
             }),
             file,
-            victims: VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 }),
+            victims: VictimCache::new(if cfg.victim_cache { budget / 4 * PAGE_SIZE as u64 } else { 0 }),
             queue: Mutex::new(VecDeque::new()),
             copying: AtomicU64::new(u64::MAX),
             copy_discarded: AtomicBool::new(false),
@@ -326,6 +326,7 @@ impl NetRam {
             lost: l(&c.lost),
             resident: self.shared.resident.load(Ordering::Relaxed),
             cached: self.shared.victims.len(),
+            cached_bytes: self.shared.victims.bytes(),
             outside: self.shared.footprint.outside(),
             throttled: l(&c.throttled),
             evicted_by_faults: l(&c.evicted_by_faults),
@@ -402,15 +403,13 @@ impl NetRam {
                 } else {
                     s.table.set(i, Absent);
                 }
-                s.victims.take(i);
+                s.victims.discard(&[i]);
                 break;
             }
         }
         let pages: Vec<u64> = dropped.iter().map(|d| d.0).collect();
-        for r in runs(&pages) {
-            if let Err(e) = region.drop_pages(r.start, r.end - r.start) {
-                log::warn!("region {}: discarding pages {r:?}: {e}", s.name);
-            }
+        for (r, e) in region.drop_runs(&runs(&pages)) {
+            log::warn!("region {}: discarding pages {r:?}: {e}", s.name);
         }
         let resident = dropped.iter().filter(|d| d.1).count() as u64;
         for (i, _) in dropped {

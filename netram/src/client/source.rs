@@ -108,8 +108,7 @@ impl PageSource for Source {
                 }
                 Remote => {
                     let dst = page;
-                    if let Some(copy) = s.victims.take(i) {
-                        dst.0.copy_from_slice(&copy[..]);
+                    if s.victims.take_into(i, &mut dst.0) {
                         bump(&s.stats.cache_hits, 1);
                         s.table.mark_hot(i);
                         return Ok(Decision::install(dirty_or(Clean)));
@@ -236,7 +235,7 @@ impl Shared {
 
     /// Whether a read fault installs its page writable (and dirty) at once: in a
     /// read-modify-write stream a read fault is followed by a write-protect fault on the same
-    /// page, and when most are, installing writable spares the second fault.
+    /// page, and when enough are, installing writable spares the second fault.
     pub(super) fn decide_write(&self, fault: &Fault<'_>) -> bool {
         let write = fault.write || self.writes_likely();
         if write && !fault.write {
@@ -286,12 +285,17 @@ impl Shared {
         }
     }
 
-    /// Whether most pages installed write-protected were written soon after (a read-modify-write
-    /// stream), over a window of the last few thousand installs.
+    /// Whether more than a quarter of the pages installed write-protected were written soon
+    /// after, over a window of the last few thousand installs. The threshold is the break-even
+    /// of the two costs: a write-protect fault (the trap, the source, and an unprotect whose TLB
+    /// flush interrupts every other CPU running the process: 15-25 us here) against writing back
+    /// a page that was not written after all (a copy and its share of a batched PUT, a few us).
+    /// Random read-modify-write at 25% resident, writing every other access: 13.6 and 15.7 s
+    /// with a quarter against 18.4 and 16.8 s with three quarters (BENCHMARKS.md, 2026-12-04).
     pub(super) fn writes_likely(&self) -> bool {
         let reads = self.protected_installs.load(Ordering::Relaxed);
         let writes = self.upgrades.load(Ordering::Relaxed);
-        reads >= 64 && writes * 4 > reads * 3
+        reads >= 64 && writes * 4 > reads
     }
 
     /// Counts pages installed write-protected; ages both counters so the prediction follows
