@@ -1,7 +1,7 @@
 //! The victim cache: copies of recently evicted pages, kept in local RAM so a page touched
 //! again soon comes back without a request.
 //!
-//! Copies are kept compressed (LZ4) where that takes at most a quarter of the page, and pages
+//! Copies are kept compressed (LZ4) where that takes at most an eighth of the page, and pages
 //! of zeros take no data at all, so the cache's share of the budget holds as many pages as the
 //! data allows: sparse tables and text several times as many as they would take whole. Its
 //! capacity is in bytes of memory, its bookkeeping counted; incompressible pages are kept whole.
@@ -22,13 +22,14 @@ pub(super) type Copy = Box<[u8; PAGE_SIZE]>;
 /// header of the data (an estimate; the footprint measured from the process is the check).
 pub(super) const ENTRY_OVERHEAD: u64 = 96;
 
-/// A compressed copy is kept only if it takes at most a quarter of the page: compressed copies
+/// A compressed copy is kept only if it takes at most an eighth of the page: compressed copies
 /// of many sizes fragment the allocator's heap, and a page that compresses only twofold (text)
-/// then costs more memory in holes than it saves (GNU sort under an 8 MiB budget: 55% more of
-/// the process's memory outside the region, 1.5x the faults, 1.9x the time, measured).
-const PACKED_MAX: usize = PAGE_SIZE / 4;
+/// then costs more memory in holes than it saves (GNU sort under an 8 MiB budget, copies up to
+/// three quarters of a page: 55% more of the process's memory outside the region, 1.5x the
+/// faults, 1.9x the time; up to a quarter: still 20% slower than whole copies; measured).
+const PACKED_MAX: usize = PAGE_SIZE / 8;
 
-/// Compressed copies are allocated in multiples of this many bytes (four sizes in all), so
+/// Compressed copies are allocated in multiples of this many bytes (two sizes in all), so
 /// the allocator's holes fit the next ones.
 const PACKED_UNIT: usize = 256;
 
@@ -96,8 +97,8 @@ fn is_zeros(page: &[u8; PAGE_SIZE]) -> bool {
     page.chunks_exact(8).all(|w| w.iter().fold(0u8, |a, b| a | b) == 0)
 }
 
-/// Whether compressing pays, judged from the recent pages: where most did not compress into a
-/// quarter page (text, already compressed data), one in sixteen is tried, since compressing
+/// Whether compressing pays, judged from the recent pages: where most did not compress into an
+/// eighth of a page (text, already compressed data), one in sixteen is tried, since compressing
 /// costs the evictor 2-8 us a page. Pages of zeros count for nothing.
 #[derive(Clone, Copy, Default)]
 struct Tries {
@@ -111,7 +112,7 @@ impl Tries {
         if is_zeros(&copy) {
             return Kept::Zeros;
         }
-        let try_it = self.tried < 64 || self.paid * 8 >= self.tried || self.skipped >= 15;
+        let try_it = (self.tried < 64 || self.paid * 8 >= self.tried || self.skipped >= 15);
         if !try_it {
             self.skipped += 1;
             return Kept::Whole(copy);
