@@ -112,7 +112,7 @@ impl Tries {
         if is_zeros(&copy) {
             return Kept::Zeros;
         }
-        let try_it = (self.tried < 64 || self.paid * 8 >= self.tried || self.skipped >= 15);
+        let try_it = self.tried < 64 || self.paid * 8 >= self.tried || self.skipped >= 15;
         if !try_it {
             self.skipped += 1;
             return Kept::Whole(copy);
