@@ -154,11 +154,13 @@ def oom_kills(cg):
     return 0
 
 
-def run_one(argv, timeout, cgroup=None, env=None):
-    """Runs argv under GNU time; returns (seconds, peak RSS KiB, sha256 of stdout, status, timed out)."""
+def run_one(argv, timeout, cgroup=None, env=None, wrapper=()):
+    """Runs argv under GNU time, itself under `wrapper` (mosrun), so the peak RSS is the
+    program's and not the wrapper's (mosrun's embedded server holds the pages it stores);
+    returns (seconds, peak RSS KiB, sha256 of stdout, status, timed out)."""
     with tempfile.NamedTemporaryFile(prefix="mosaic-time-", delete=False) as tf:
         tfile = tf.name
-    full = [TIME, "-f", "%M", "-o", tfile] + argv
+    full = list(wrapper) + [TIME, "-f", "%M", "-o", tfile] + argv
     pre = None
     if cgroup:
         def pre():
@@ -276,7 +278,7 @@ def main():
                                 server = ShmServer(key_env, "8G")
                                 cmd += ["--servers", server.name]
                             try:
-                                secs, p2, sha2, st2, to2 = run_one(cmd + ["--"] + argv, a.timeout, env=key_env)
+                                secs, p2, sha2, st2, to2 = run_one(argv, a.timeout, env=key_env, wrapper=cmd + ["--"])
                             finally:
                                 if server:
                                     server.stop()
