@@ -126,7 +126,7 @@ impl Shared {
                 share
             }),
             file,
-            victims: VictimCache::new(if cfg.victim_cache { budget / 4 * PAGE_SIZE as u64 } else { 0 }),
+            victims: VictimCache::new(if cfg.victim_cache { budget / 4 } else { 0 }),
             queue: Mutex::new(VecDeque::new()),
             copying: AtomicU64::new(u64::MAX),
             copy_discarded: AtomicBool::new(false),
