@@ -38,8 +38,7 @@ pub struct NetRamConfig {
     /// region's size): a second copy that needs no second server. With it, losing every server
     /// loses nothing; reads fall back to the file when no server can answer.
     pub backing_file: Option<std::path::PathBuf>,
-    /// Keep a quarter of the budget as a local cache of recently evicted pages, compressed
-    /// where that pays (so it holds more pages than a quarter of the budget would whole): a page touched
+    /// Keep a quarter of the budget as a local cache of recently evicted pages: a page touched
     /// again soon after its eviction comes back from here, not from a server, and returns to the
     /// resident set. Together with first-in-first-out eviction of the resident set this
     /// approximates LRU (hot pages keep coming back; cold ones age out). Off: plain FIFO.
@@ -103,8 +102,7 @@ pub struct NetRamStats {
     pub resident: u64,
     /// Copies of recently evicted pages held in the local victim cache now.
     pub cached: u64,
-    /// Memory the victim cache takes now, in bytes (its copies are compressed where that
-    /// pays, so this may be far less than `cached` pages).
+    /// Memory the victim cache's copies take now, in bytes (without the allocator's overhead).
     pub cached_bytes: u64,
     /// Anonymous pages the process held outside the region at the last measurement, with
     /// [`NetRamConfig::count_process_memory`] (else 0).

@@ -76,8 +76,8 @@ impl Shared {
     /// outside the region where that is counted and more. Faults wait for the evictor there.
     pub(super) fn ceiling(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
-        // The cache's copies (compressed where that pays) with their bookkeeping and the
-        // allocator's slack (about 9% on whole pages: 4468 KiB for 1024 copies). The measured
+        // The cache's copies with the allocator's headers and slack (about 9%: 4468 KiB for
+        // 1024 copies). The measured
         // footprint outside the region includes the cache as it really is, but is up
         // to a round old: the larger of the two counts. Buffers in flight count too: a
         // prefetch window on its way and the next one, and a round of eviction's copies, made
