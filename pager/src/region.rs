@@ -130,7 +130,7 @@ impl Region {
             broken: OnceLock::new(),
             foreign: Mutex::new(Vec::new()),
             self_drops: Mutex::new(Vec::new()),
-            batch_drops: Mutex::new(None),
+            batch_drops: Mutex::new(Default::default()),
             stats: Counters::default(),
         });
         // From here on, dropping `region` unmaps.

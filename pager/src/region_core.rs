@@ -47,6 +47,21 @@ pub(crate) fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Batched drops ([`RegionCore::drop_runs`]): not tried yet, possible through a pidfd of this
+/// process, or refused by the kernel (one `madvise` per run from then on).
+#[derive(Debug, Default)]
+pub(crate) enum BatchDrops {
+    #[default]
+    Untried,
+    /// The pidfd and the pid it was opened for: a forked child must open its own (the
+    /// parent's would drop the parent's pages).
+    Ready {
+        pid: u32,
+        fd: std::os::fd::OwnedFd,
+    },
+    Refused,
+}
+
 /// The shared part of a region: what fault handlers and sources use. Reach it through
 /// [`Region`] (which dereferences to it) or [`Fault::region`].
 pub struct RegionCore {
@@ -66,9 +81,8 @@ pub struct RegionCore {
     pub(crate) foreign: Mutex<Vec<Range<u64>>>,
     /// Ranges this region is dropping itself, so their REMOVE events are not the application's.
     pub(crate) self_drops: Mutex<Vec<Range<u64>>>,
-    /// A pidfd of this process for batched drops (`process_madvise`), with the pid it was
-    /// opened for (a forked child opens its own); None once the kernel refused the batch.
-    pub(crate) batch_drops: Mutex<Option<Option<(u32, std::os::fd::OwnedFd)>>>,
+    /// Whether drops can be batched, and the pidfd they go through.
+    pub(crate) batch_drops: Mutex<BatchDrops>,
     pub(crate) stats: Counters,
 }
 
@@ -334,19 +348,18 @@ impl RegionCore {
     /// ranges, from the first, were dropped whole (0 where the kernel does not allow it).
     fn madvise_batch(&self, ranges: &[libc::iovec]) -> usize {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let mut pidfd = lock(&self.batch_drops);
-        let pid = std::process::id();
-        if pidfd.as_ref().is_some_and(|p| p.as_ref().is_some_and(|(owner, _)| *owner != pid)) {
-            *pidfd = None; // opened by the parent before a fork
-        }
-        if pidfd.is_none() {
+        let mut state = lock(&self.batch_drops);
+        let me = std::process::id();
+        if matches!(&*state, BatchDrops::Untried) || matches!(&*state, BatchDrops::Ready { pid, .. } if *pid != me) {
             // SAFETY: pidfd_open of our own pid; the result is a new descriptor or -1.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-            let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0);
-            // SAFETY: a descriptor just returned to us, owned by nothing else.
-            *pidfd = Some(fd.map(|fd| (pid, unsafe { OwnedFd::from_raw_fd(fd) })));
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, me, 0) };
+            *state = match i32::try_from(fd).ok().filter(|fd| *fd >= 0) {
+                // SAFETY: a descriptor just returned to us, owned by nothing else.
+                Some(fd) => BatchDrops::Ready { pid: me, fd: unsafe { OwnedFd::from_raw_fd(fd) } },
+                None => BatchDrops::Refused,
+            };
         }
-        let Some(Some((_, fd))) = pidfd.as_ref() else { return 0 };
+        let BatchDrops::Ready { fd, .. } = &*state else { return 0 };
         // SAFETY: every iovec is a range inside this region's mapping (checked by the caller);
         // MADV_DONTNEED frees them, which the caller asked for.
         let rc = unsafe {
@@ -362,7 +375,7 @@ impl RegionCore {
         if rc < 0 {
             let err = std::io::Error::last_os_error();
             if matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)) {
-                *pidfd = Some(None); // this kernel does not take it: one madvise per run from now
+                *state = BatchDrops::Refused; // this kernel does not take it
             }
             return 0;
         }

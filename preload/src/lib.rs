@@ -378,7 +378,7 @@ extern "C" fn print_stats() {
 fn stats_line(pid: u32, n: &mosaic_netram::NetRamStats, p: &mosaic_pager::PagerStats) -> String {
     format!(
         "stats pid={pid} faults={} fetched={} zero_filled={} cache_hits={} prefetched={} evicted={} \
-         written_back={} throttled={} failovers={} lost={} resident_pages={} outside_pages={} under_replicated={} cached_pages={} cached_bytes={}",
+         written_back={} throttled={} failovers={} lost={} resident_pages={} outside_pages={} under_replicated={} cached_pages={}",
         p.faults,
         n.fetched,
         n.zero_filled,
@@ -393,7 +393,6 @@ fn stats_line(pid: u32, n: &mosaic_netram::NetRamStats, p: &mosaic_pager::PagerS
         n.outside,
         n.under_replicated,
         n.cached,
-        n.cached_bytes,
     )
 }
 

@@ -102,8 +102,6 @@ pub struct NetRamStats {
     pub resident: u64,
     /// Copies of recently evicted pages held in the local victim cache now.
     pub cached: u64,
-    /// Memory the victim cache's copies take now, in bytes (without the allocator's overhead).
-    pub cached_bytes: u64,
     /// Anonymous pages the process held outside the region at the last measurement, with
     /// [`NetRamConfig::count_process_memory`] (else 0).
     pub outside: u64,

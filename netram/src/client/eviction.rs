@@ -77,9 +77,8 @@ impl Shared {
     pub(super) fn ceiling(&self) -> u64 {
         let budget = self.budget.load(Ordering::Relaxed);
         // The cache's copies with the allocator's headers and slack (about 9%: 4468 KiB for
-        // 1024 copies). The measured
-        // footprint outside the region includes the cache as it really is, but is up
-        // to a round old: the larger of the two counts. Buffers in flight count too: a
+        // 1024 copies). The measured footprint outside the region includes the cache as it
+        // really is, but is up to a round old: the larger of the two counts. Buffers in flight count too: a
         // prefetch window on its way and the next one, and a round of eviction's copies, made
         // while its pages are still resident.
         let outside = self.victims.footprint_pages().max(self.footprint.outside());

@@ -326,7 +326,6 @@ impl NetRam {
             lost: l(&c.lost),
             resident: self.shared.resident.load(Ordering::Relaxed),
             cached: self.shared.victims.len(),
-            cached_bytes: self.shared.victims.bytes(),
             outside: self.shared.footprint.outside(),
             throttled: l(&c.throttled),
             evicted_by_faults: l(&c.evicted_by_faults),

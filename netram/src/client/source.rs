@@ -108,7 +108,8 @@ impl PageSource for Source {
                 }
                 Remote => {
                     let dst = page;
-                    if s.victims.take_into(i, &mut dst.0) {
+                    if let Some(copy) = s.victims.take(i) {
+                        dst.0.copy_from_slice(&copy[..]);
                         bump(&s.stats.cache_hits, 1);
                         s.table.mark_hot(i);
                         return Ok(Decision::install(dirty_or(Clean)));
@@ -286,12 +287,13 @@ impl Shared {
     }
 
     /// Whether more than a quarter of the pages installed write-protected were written soon
-    /// after, over a window of the last few thousand installs. The threshold is the break-even
-    /// of the two costs: a write-protect fault (the trap, the source, and an unprotect whose TLB
-    /// flush interrupts every other CPU running the process: 15-25 us here) against writing back
-    /// a page that was not written after all (a copy and its share of a batched PUT, a few us).
-    /// Random read-modify-write at 25% resident, writing every other access: 13.6 and 15.7 s
-    /// with a quarter against 18.4 and 16.8 s with three quarters (BENCHMARKS.md, 2026-12-04).
+    /// after, over a window of the last few thousand installs. A write-protect fault (the trap,
+    /// the source, and an unprotect whose TLB flush interrupts every other CPU running the
+    /// process) costs more than writing back a page that was not written after all (a copy and
+    /// its share of a batched PUT), so a minority of writes is enough. Random read-modify-write
+    /// at 25% resident, writing every other access (measured with a compressed victim cache
+    /// since backed out): 13.6 and 15.7 s with a quarter against 18.4 and 16.8 s with three
+    /// quarters (BENCHMARKS.md, 2026-12-04).
     pub(super) fn writes_likely(&self) -> bool {
         let reads = self.protected_installs.load(Ordering::Relaxed);
         let writes = self.upgrades.load(Ordering::Relaxed);

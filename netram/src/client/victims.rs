@@ -51,27 +51,11 @@ impl VictimCache {
         self.len.store(m.pages.len() as u64, Ordering::Relaxed);
     }
 
-    /// Memory the copies take, in bytes (whole pages; the allocator's slack is not counted).
-    pub(super) fn bytes(&self) -> u64 {
-        self.len() * PAGE_SIZE as u64
-    }
-
     /// Memory the cache holds in pages, with the allocator's headers and slack: each copy is a
     /// separate allocation, about 9% more than its page (measured: 4468 KiB for 1024 copies).
     pub(super) fn footprint_pages(&self) -> u64 {
         let c = self.len();
         c + c / 8
-    }
-
-    /// Takes the copy of `page` out of the cache into `dst`; false if there is none.
-    pub(super) fn take_into(&self, page: u64, dst: &mut [u8; PAGE_SIZE]) -> bool {
-        match self.take(page) {
-            Some(copy) => {
-                dst.copy_from_slice(&copy[..]);
-                true
-            }
-            None => false,
-        }
     }
 
     /// The copy of `page`, taken out of the cache. Takes no lock while the cache is empty.
