@@ -2,16 +2,17 @@
 """Real programs, unmodified: plain, under mosrun, and under kernel swap to zram.
 
 Runs a fixed set of programs (GNU sort -S, xz -9, a Python dict of millions of entries, a C
-random read-modify-write loop) first plain, to measure their peak RSS, then for each fraction
-of that peak (25% and 50% by default) under `mosrun --local-budget` (tcp: its embedded loopback
-server; shm: a mosaic-memserver on shm://) and under a cgroup v1 memory limit of the same size
-with swap to zram. The netram-demo sort runs as its own figure (local and network RAM in one
+random read-modify-write loop, a C hash table made of small allocations) first plain, to
+measure their peak RSS, then for each fraction of that peak (25% and 50% by default) under
+`mosrun --local-budget` (tcp: its embedded loopback server; shm: a mosaic-memserver on shm://;
+tcp-large-only: tcp with `--large-only`, small allocations left in glibc's heap) and under a
+cgroup v1 memory limit of the same size with swap to zram. The netram-demo sort runs as its own figure (local and network RAM in one
 process). Every run prints one JSON line: program, mode, limit, seconds, peak RSS of the program
 (GNU time's %M), a checksum of its output, its exit status and the cgroup's OOM kills. A run that
 passes --timeout is stopped and reported as timed out.
 
-  python3 benches/scripts/programs.py [--scale S] [--fractions 0.25,0.5] [--modes plain,tcp,shm,zram]
-         [--programs sort,xz,python,rmw,netram-demo] [--rounds N] [--timeout SECS] [--out FILE]
+  python3 benches/scripts/programs.py [--scale S] [--fractions 0.25,0.5]
+         [--modes plain,tcp,shm,zram,tcp-large-only] [--programs sort,xz,python,rmw,smallalloc,netram-demo] [--rounds N] [--timeout SECS] [--out FILE]
 
 Needs root for zram (/sys/block/zram0, the cgroup v1 memory controller at
 /sys/fs/cgroup/memory); without them the zram runs are reported as skipped. Build first:
@@ -60,9 +61,10 @@ def text_file(path, mbytes):
     return path
 
 
-def build_rmw(work):
-    exe = os.path.join(work, "random_touch")
-    src = os.path.join(ROOT, "benches", "scripts", "random_touch.c")
+def build_c(work, src):
+    """Compiles a C program of the repository into `work` (again when the source is newer)."""
+    src = os.path.join(ROOT, src)
+    exe = os.path.join(work, os.path.splitext(os.path.basename(src))[0])
     if not os.path.exists(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
         subprocess.run(["cc", "-O2", "-o", exe, src], check=True)
     return exe
@@ -88,12 +90,14 @@ def programs(scale, work):
     py = os.path.join(work, "dict.py")
     with open(py, "w") as f:
         f.write(PY_DICT)
-    rmw = build_rmw(work)
+    rmw = build_c(work, "benches/scripts/random_touch.c")
+    smallalloc = build_c(work, "preload/tests/c/smallalloc.c")
     return {
         "sort": (["sort", "-S", "300M", text], None),
         "xz": (["xz", "-9", "-T1", "-c", small], None),
         "python": (["python3", py, str(int(2_000_000 * scale))], None),
         "rmw": ([rmw, str(int(2_000_000 * scale)), str(max(16, int(128 * scale)))], None),
+        "smallalloc": ([smallalloc, str(int(1_000_000 * scale))], None),
     }
 
 
@@ -222,10 +226,10 @@ class ShmServer:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="input sizes: 1 = sort 40 MB, xz 5 MB, a dict of 2M, rmw 128 MiB")
+    ap.add_argument("--scale", type=float, default=1.0, help="input sizes: 1 = sort 40 MB, xz 5 MB, a dict of 2M, rmw 128 MiB, 1M small entries")
     ap.add_argument("--fractions", default="0.25,0.5", help="limits as fractions of the plain run's peak RSS")
     ap.add_argument("--modes", default="plain,tcp,shm,zram")
-    ap.add_argument("--programs", default="sort,xz,python,rmw,netram-demo")
+    ap.add_argument("--programs", default="sort,xz,python,rmw,smallalloc,netram-demo")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", help="also append the JSON lines to this file")
@@ -271,8 +275,10 @@ def main():
                             continue
                         rec = {"program": name, "mode": mode, "fraction": frac, "limit_bytes": limit, "plain_checksum": sha}
                         log(f"round {rnd + 1}: {name} {mode} at {frac:.0%} ({limit >> 20} MiB)")
-                        if mode in ("tcp", "shm"):
+                        if mode in ("tcp", "shm", "tcp-large-only"):
                             cmd = [os.path.join(RELEASE, "mosrun"), "--local-budget", str(limit)]
+                            if mode == "tcp-large-only":
+                                cmd.append("--large-only")
                             server = None
                             if mode == "shm":
                                 server = ShmServer(key_env, "8G")

@@ -1,7 +1,7 @@
-//! `mosrun`: runs an unmodified program with its large allocations on Mosaic network RAM.
+//! `mosrun`: runs an unmodified program with its memory on Mosaic network RAM.
 //!
 //! ```text
-//! mosrun [--servers URI,...] [--local-budget SIZE] [--threshold SIZE] -- PROGRAM [ARGS...]
+//! mosrun [--servers URI,...] [--local-budget SIZE] [--threshold SIZE] [--large-only] -- PROGRAM [ARGS...]
 //! ```
 //! It checks that every server answers with the cluster key, then runs PROGRAM with
 //! `libmosaic_preload.so` preloaded and configured through the environment. Without `--servers`
@@ -21,12 +21,15 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 #[command(
     name = "mosrun",
     version,
-    about = "Runs a program with its large allocations on Mosaic network RAM",
-    long_about = "Runs PROGRAM unmodified, with allocations of at least --threshold bytes placed on \
-                  network RAM (memory servers), within --local-budget of local RAM for the \
-                  program's anonymous memory: what its small allocations, stacks and Mosaic's own \
-                  buffers take counts, and the large allocations get the rest (never less than a \
-                  quarter of the budget). Sizes are written like 512M, 2G or 1GiB. The cluster key comes from \
+    about = "Runs a program with its memory on Mosaic network RAM",
+    long_about = "Runs PROGRAM unmodified, with its heap placed on network RAM (memory servers), \
+                  within --local-budget of local RAM for the program's anonymous memory. \
+                  Allocations of at least --threshold bytes (and anonymous mmaps that large) take \
+                  whole pages of the network-RAM region; smaller ones come from an allocator \
+                  (mimalloc) whose only memory is the region too. What stays outside (thread \
+                  stacks, memory allocated before the program's main, small mmaps, Mosaic's own \
+                  buffers) counts against the budget, and the region gets the rest (never less \
+                  than a quarter of the budget). Sizes are written like 512M, 2G or 1GiB. The cluster key comes from \
                   MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; without servers and without a \
                   key, mosrun starts a memory server on loopback with a fresh random key.\n\n\
                   The budget is one for the whole job: the program and every process it forks or \
@@ -43,10 +46,14 @@ struct Cli {
     /// leaves, at least a quarter): one budget for the program and all the processes it starts.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     local_budget: u64,
-    /// Smallest allocation placed on network RAM.
+    /// Smallest allocation given whole pages of the region; smaller ones share pages.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     threshold: u64,
-    /// Address space reserved for large allocations (their total at any time).
+    /// Keep allocations below --threshold in glibc's heap, outside network RAM (as before
+    /// Mosaic placed small allocations; the region is then made at the first large one).
+    #[arg(long)]
+    large_only: bool,
+    /// Address space reserved for the region (a quarter of it holds the small allocations).
     #[arg(long, default_value = "16G", value_parser = parse_size)]
     size: u64,
     /// Copies of each page on distinct servers (default: 2 with two or more servers, else 1).
@@ -191,6 +198,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         .env("MOSAIC_BUDGET_FD", budget_fd.as_raw_fd().to_string());
     if cli.stats {
         cmd.env("MOSAIC_STATS", "1");
+    }
+    if cli.large_only {
+        cmd.env("MOSAIC_SMALL", "0");
     }
     if let Some(c) = cli.copies {
         cmd.env("MOSAIC_COPIES", c.to_string());

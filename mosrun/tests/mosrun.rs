@@ -90,6 +90,30 @@ fn an_unmodified_c_program_gives_the_same_output_within_the_budget() {
     assert!(rss <= 32 * 1024 + OVERHEAD_KIB, "peak RSS {rss} KiB over a 32 MiB budget");
 }
 
+/// The probe: a program made of small allocations (a hash table of 300,000 malloc'd nodes and
+/// strings, about 55 MB) ran far over its budget when only allocations of a MiB or more went to
+/// network RAM. With small allocations on the region its peak RSS keeps to the budget; with
+/// `--large-only` (the old placement) the same program passes it, which shows the bound is
+/// the placement's doing.
+#[test]
+fn a_program_of_small_allocations_keeps_to_the_budget() {
+    let prog = c_program("smallalloc");
+    let plain = Command::new(&prog).arg("300000").output().unwrap();
+    let expected = ok(&plain);
+    assert!(maxrss_kib(&plain.stderr) > 48 * 1024, "the program really uses its memory");
+    let under = mosrun().args(["--local-budget", "16M", "--"]).arg(&prog).arg("300000").output().unwrap();
+    assert_eq!(ok(&under), expected);
+    let rss = maxrss_kib(&under.stderr);
+    eprintln!("smallalloc, 300,000 entries under a 16 MiB budget: peak RSS {rss} KiB");
+    assert!(rss <= 16 * 1024 + OVERHEAD_KIB, "peak RSS {rss} KiB over a 16 MiB budget");
+    let large_only =
+        mosrun().args(["--local-budget", "16M", "--large-only", "--"]).arg(&prog).arg("300000").output().unwrap();
+    assert_eq!(ok(&large_only), expected);
+    let rss = maxrss_kib(&large_only.stderr);
+    eprintln!("the same with --large-only: peak RSS {rss} KiB");
+    assert!(rss > 16 * 1024 + OVERHEAD_KIB, "small allocations stayed within the budget without the region");
+}
+
 #[test]
 fn python_and_sort_give_the_same_output() {
     // 96 MiB in one bytearray, six times the budget; the peak RSS goes to stderr.

@@ -7,13 +7,13 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::region_core::{RegionCore, Served};
-use crate::uffd::{self, RawMsg};
+use crate::uffd::{self, RawMsg, UffdOps};
 use crate::Retry;
 
 /// Messages read per `read(2)`.
@@ -38,13 +38,16 @@ impl Workers {
         // SAFETY: `fd` is a fresh descriptor nobody else owns.
         let stop_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let mut w = Workers { stop: Arc::new(AtomicBool::new(false)), stop_fd, threads: Vec::new() };
+        let running = Arc::new(AtomicUsize::new(0));
         for i in 0..n {
-            let (core, stop, stop_fd) = (core.clone(), w.stop.clone(), w.stop_fd.clone());
+            let (core, stop, stop_fd, running) = (core.clone(), w.stop.clone(), w.stop_fd.clone(), running.clone());
             let cpu = pin.get(i).copied();
             let t = std::thread::Builder::new().name(format!("mosaic-fault-{i}")).spawn(move || {
+                mosaic_page::thread_role::mark_internal_thread();
                 if let Some(cpu) = cpu {
                     pin_to(cpu);
                 }
+                running.fetch_add(1, Ordering::Release);
                 run(&core, &stop, &stop_fd, spin);
             });
             match t {
@@ -55,6 +58,7 @@ impl Workers {
                 }
             }
         }
+        serve_until_running(core, &running, n);
         Ok(w)
     }
 
@@ -66,6 +70,41 @@ impl Workers {
         let _ = unsafe { libc::write(self.stop_fd.as_raw_fd(), (&raw const one).cast(), 8) };
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// How long the starting thread serves faults while it waits for its workers to run.
+const START_WAIT: Duration = Duration::from_secs(10);
+
+/// Serves the region's faults on the calling thread until all `n` workers run.
+///
+/// A new thread can need a page of the region before it runs a line of its own: glibc reads the
+/// program's global locale when any thread starts, and under the `LD_PRELOAD` shim that may lie
+/// in the region; in a forked child such a page may be on the servers, and the only threads
+/// that could bring it back are the ones waiting for it. Messages still deferred when the
+/// workers run are not kept here: their threads are woken, fault again, and a worker serves
+/// them.
+fn serve_until_running(core: &RegionCore, running: &AtomicUsize, n: usize) {
+    let until = Instant::now() + START_WAIT;
+    let mut msgs = [RawMsg::default(); BATCH];
+    let (mut backlog, mut deferred) = (VecDeque::new(), Vec::new());
+    while running.load(Ordering::Acquire) < n && Instant::now() < until {
+        let got = core.uffd().read_msgs(&mut msgs).unwrap_or(0);
+        for m in msgs[..got].iter().copied().chain(std::mem::take(&mut backlog)) {
+            serve_or_defer(core, m, None, &mut backlog, &mut deferred);
+        }
+        for d in std::mem::take(&mut deferred) {
+            serve_or_defer(core, d.msg, Some(d.since), &mut backlog, &mut deferred);
+        }
+        if got == 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+    for m in backlog.into_iter().chain(deferred.into_iter().map(|d| d.msg)) {
+        if m.event == uffd::EVENT_PAGEFAULT {
+            let page = m.arg[1] & !(crate::PAGE_SIZE as u64 - 1);
+            let _ = core.uffd().wake(page, crate::PAGE_SIZE as u64);
         }
     }
 }

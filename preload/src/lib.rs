@@ -1,12 +1,21 @@
-//! `libmosaic_preload.so`: an unmodified program's large allocations on network RAM.
+//! `libmosaic_preload.so`: an unmodified program's memory on network RAM.
 //!
 //! Loaded with `LD_PRELOAD` (normally by `mosrun`), it interposes `malloc`, `calloc`, `realloc`,
 //! `free`, `posix_memalign`, `aligned_alloc`, `memalign`, `valloc`, `pvalloc`,
 //! `malloc_usable_size`, `mmap`/`munmap`/`mremap` of private anonymous memory, and `madvise`.
-//! Requests of at
-//! least the threshold (default 1 MiB) are carved out of one network-RAM region, created at the
-//! first such request; smaller ones, and everything Mosaic allocates for itself, go to glibc's
-//! allocator (`__libc_malloc` and friends).
+//! One network-RAM region holds the program's memory, created when the library is loaded:
+//! - requests of at least the threshold (default 1 MiB), and private anonymous `mmap`s of that
+//!   size, are carved out of the region's page heap, whole pages each;
+//! - smaller requests go to mimalloc, whose only memory is an arena of the region (a quarter of
+//!   its address space; see [`small`]), so a program made of small allocations keeps to the
+//!   budget too.
+//!
+//! What stays outside the region: what was allocated before it existed (by the dynamic loader
+//! and libc's start-up), thread stacks, small `mmap`s, and Mosaic's own memory (its start-up,
+//! its threads, the victim cache, buffers), all of which go to glibc (`__libc_malloc` and
+//! friends) or the kernel. The budget counts them: the region keeps to what they leave.
+//! With `MOSAIC_SMALL=0` (`mosrun --large-only`) small requests go to glibc and the region is
+//! created at the first large one.
 //!
 //! # Mappings
 //! On region memory, `munmap`, `mremap` and `madvise` behave as the kernel's do on anonymous
@@ -20,8 +29,11 @@
 //! - `MOSAIC_SERVERS`: memory servers, comma-separated URIs (required; without it nothing changes).
 //! - `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`: the cluster key.
 //! - `MOSAIC_LOCAL_BUDGET`: local RAM for the region (default 1G).
-//! - `MOSAIC_THRESHOLD`: smallest allocation placed on network RAM (default 1M).
-//! - `MOSAIC_NETRAM_SIZE`: address space reserved for large allocations (default 16G).
+//! - `MOSAIC_THRESHOLD`: smallest allocation placed on the region's page heap (default 1M).
+//! - `MOSAIC_NETRAM_SIZE`: address space reserved for the region (default 16G; a quarter of it
+//!   is the small allocations' arena).
+//! - `MOSAIC_SMALL`: `0` keeps allocations below the threshold in glibc's heap, outside the
+//!   region (default: on).
 //! - `MOSAIC_COPIES`: copies of each page (default 2 with two or more servers).
 //!
 //! - `MOSAIC_STATS`: when set (to anything but `0`), each process prints one line of network-RAM
@@ -30,8 +42,9 @@
 //!   by `mosrun`). Without it the process makes its own, which the children it forks share.
 //!
 //! # Threads, signals, fork
-//! Thread-safe: one lock guards the region's page map; a thread-local flag sends allocations
-//! made while Mosaic itself runs (its start-up, its own threads) to glibc. Faults are served by
+//! Thread-safe: one lock guards the region's page heap, mimalloc is thread-safe; a thread-local
+//! flag sends allocations made while Mosaic itself runs (its start-up, and its own threads,
+//! which mark themselves with `mosaic_page::thread_role`) to glibc. Faults are served by
 //! one pinned worker per CPU, so system calls that read into large buffers work.
 //!
 //! `fork` works as it does for anonymous memory: the child sees the parent's allocations as
@@ -52,6 +65,7 @@
 #![cfg_attr(any(test, fuzzing), allow(dead_code, clippy::cast_possible_truncation))]
 
 pub mod heap;
+pub mod small;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -143,6 +157,8 @@ struct Config {
     budget_fd: Option<i32>,
     /// Print the region's counters at exit.
     stats: bool,
+    /// Small allocations on the region too (mimalloc over an arena of it).
+    small: bool,
 }
 
 impl Config {
@@ -158,6 +174,7 @@ impl Config {
             copies: env(c"MOSAIC_COPIES").and_then(|s| s.parse().ok()),
             budget_fd: env(c"MOSAIC_BUDGET_FD").and_then(|s| s.parse().ok()),
             stats: env(c"MOSAIC_STATS").is_some_and(|s| !s.is_empty() && s != "0"),
+            small: env(c"MOSAIC_SMALL").is_none_or(|s| !matches!(s, "0" | "off" | "no" | "false")),
         }
     }
 }
@@ -168,12 +185,17 @@ fn config() -> &'static Config {
     CONFIG.get_or_init(|| inside(Config::from_env))
 }
 
-/// Reads the environment when the library is loaded, before the program runs.
+/// Reads the environment when the library is loaded, before the program runs, and creates the
+/// region then if small allocations go to it (every allocation after this one can).
 extern "C" fn read_env_at_load() {
-    if config().stats {
+    let c = config();
+    if c.stats {
         // SAFETY: duplicating standard error to a close-on-exec descriptor of our own.
         let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 100) };
         STATS_FD.store(fd, Ordering::Relaxed);
+    }
+    if c.small && c.servers.is_some() {
+        backend();
     }
 }
 
@@ -191,7 +213,11 @@ static BACKEND: OnceLock<Option<Backend>> = OnceLock::new();
 struct Backend {
     /// The region; replaced (never freed) only in a forked child, where no other thread runs.
     ram: AtomicPtr<NetRam>,
+    /// The region's pages, for allocations of at least the threshold; the small allocations'
+    /// arena is one block of it, allocated for good.
     heap: Mutex<Heap>,
+    /// Where allocations below the threshold go, when they go to the region.
+    small: Option<small::Arena>,
     base: usize,
     len: usize,
 }
@@ -213,7 +239,7 @@ fn inside<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn is_inside() -> bool {
-    INSIDE.with(Cell::get)
+    INSIDE.with(Cell::get) || mosaic_pager::thread_role::is_internal_thread()
 }
 
 /// `getenv` without allocating (safe to call from inside malloc).
@@ -263,14 +289,16 @@ fn init() -> Option<Backend> {
         match NetRam::new(cfg) {
             Ok(ram) => {
                 let (base, len) = (ram.as_ptr() as usize, ram.len());
-                let heap = Mutex::new(Heap::new((len / PAGE_SIZE) as u64, PAGE_SIZE as u64));
+                let mut heap = Heap::new((len / PAGE_SIZE) as u64, PAGE_SIZE as u64);
+                let small = if c.small { small_arena(&mut heap, base, len) } else { None };
+                let heap = Mutex::new(heap);
                 // SAFETY: registering plain functions as fork handlers.
                 unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
                 if c.stats {
                     // SAFETY: registering a plain function to run at exit.
                     unsafe { libc::atexit(print_stats) };
                 }
-                Some(Backend { ram: AtomicPtr::new(Box::into_raw(Box::new(ram))), heap, base, len })
+                Some(Backend { ram: AtomicPtr::new(Box::into_raw(Box::new(ram))), heap, small, base, len })
             }
             Err(e) => {
                 report(&format!("network RAM is off, allocations stay local: {}", mosaic_transport::error_chain(&e)));
@@ -278,6 +306,26 @@ fn init() -> Option<Backend> {
             }
         }
     })
+}
+
+/// Allocates a quarter of the region for good and hands it to mimalloc, for the allocations
+/// below the threshold.
+fn small_arena(heap: &mut Heap, base: usize, len: usize) -> Option<small::Arena> {
+    let size = (len / 4) / small::ARENA_ALIGN * small::ARENA_ALIGN;
+    if size < small::ARENA_MIN {
+        report("small allocations stay local: the region is too small for their arena");
+        return None;
+    }
+    // Aligned in the address space, not within the region (whose start is only page-aligned).
+    let off = heap.alloc(size + small::ARENA_ALIGN, PAGE_SIZE as u64)?;
+    let start = (base + usize::try_from(off).ok()?).next_multiple_of(small::ARENA_ALIGN);
+    // SAFETY: the block is region memory (mapped, zero until written), allocated in the heap for
+    // the rest of the process, so nothing else is placed there; this runs once, in `init`.
+    let arena = unsafe { small::Arena::adopt(start, size) };
+    if arena.is_none() {
+        report("small allocations stay local: the allocator refused its arena");
+    }
+    arena
 }
 
 /// The job's shared budget (from `mosrun`), or one of this process's own, which the children
@@ -420,11 +468,36 @@ fn big_alloc(size: usize, align: usize) -> *mut c_void {
     }
 }
 
-/// The backend and byte offset of `p`, if it lies in the region.
+/// The backend and byte offset of `p`, if it lies in the region's page heap, outside the small
+/// allocations' arena.
 fn ours(p: *mut c_void) -> Option<(&'static Backend, u64)> {
     let b = BACKEND.get()?.as_ref()?;
     let a = p as usize;
-    (a >= b.base && a < b.base + b.len).then(|| (b, (a - b.base) as u64))
+    (a >= b.base && a < b.base + b.len && !b.small.as_ref().is_some_and(|s| s.contains(p)))
+        .then(|| (b, (a - b.base) as u64))
+}
+
+/// The small allocations' arena, if `p` lies in it.
+fn arena_of(p: *const c_void) -> Option<&'static small::Arena> {
+    BACKEND.get()?.as_ref()?.small.as_ref().filter(|s| s.contains(p))
+}
+
+/// The arena for a new allocation below the threshold, unless it goes to glibc: the caller is
+/// Mosaic itself, the region is off or not made yet (never made here: see `read_env_at_load`),
+/// or this is a forked child without it.
+fn small_target() -> Option<&'static small::Arena> {
+    if is_inside() || DISABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    BACKEND.get()?.as_ref()?.small.as_ref()
+}
+
+/// `size` bytes below the threshold from the arena, or NULL (the caller goes to glibc).
+fn small_alloc(size: usize, f: impl FnOnce(&small::Arena) -> *mut c_void) -> *mut c_void {
+    if size >= threshold() {
+        return std::ptr::null_mut();
+    }
+    small_target().map_or(std::ptr::null_mut(), f)
 }
 
 /// Frees a region allocation: its pages are discarded (zeros, no write-back) before they can be
@@ -507,16 +580,23 @@ fn size_of_ours(b: &Backend, off: u64) -> usize {
 mod interpose {
     use super::*;
 
-    /// glibc's malloc_usable_size, found with dlsym on first use.
-    fn real_usable_size(p: *mut c_void) -> usize {
-        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let mut f = REAL.load(Ordering::Relaxed);
+    /// The address of the next definition of `name` after this library's (libc's), found with
+    /// dlsym on first use and kept in `cache`; 0 if there is none.
+    fn next_definition(cache: &std::sync::atomic::AtomicUsize, name: &std::ffi::CStr) -> usize {
+        let mut f = cache.load(Ordering::Relaxed);
         if f == 0 {
             // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name; it may allocate, which the
             // re-entrancy flag sends to glibc.
-            f = inside(|| unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) }) as usize;
-            REAL.store(f, Ordering::Relaxed);
+            f = inside(|| unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) }) as usize;
+            cache.store(f, Ordering::Relaxed);
         }
+        f
+    }
+
+    /// glibc's malloc_usable_size.
+    fn real_usable_size(p: *mut c_void) -> usize {
+        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let f = next_definition(&REAL, c"malloc_usable_size");
         if f == 0 {
             return 0;
         }
@@ -527,6 +607,10 @@ mod interpose {
 
     #[no_mangle]
     pub extern "C" fn malloc(size: usize) -> *mut c_void {
+        let p = small_alloc(size, |a| a.alloc(size));
+        if !p.is_null() {
+            return p;
+        }
         let p = big_alloc(size, PAGE_SIZE);
         if !p.is_null() {
             return p;
@@ -542,6 +626,10 @@ mod interpose {
             unsafe { *libc::__errno_location() = libc::ENOMEM };
             return std::ptr::null_mut();
         };
+        let p = small_alloc(total, |a| a.calloc(n, size));
+        if !p.is_null() {
+            return p;
+        }
         // Region pages handed out are fresh or discarded: they read as zeros already.
         let p = big_alloc(total, PAGE_SIZE);
         if !p.is_null() {
@@ -554,6 +642,13 @@ mod interpose {
     #[no_mangle]
     pub extern "C" fn free(p: *mut c_void) {
         if p.is_null() {
+            return;
+        }
+        if let Some(a) = arena_of(p) {
+            if !DISABLED.load(Ordering::Relaxed) {
+                // SAFETY: a block of the arena, which the program frees once.
+                unsafe { a.free(p) };
+            } // else a forked child without the region: the block is not mapped here
             return;
         }
         match ours(p) {
@@ -571,6 +666,26 @@ mod interpose {
         if size == 0 {
             free(p);
             return std::ptr::null_mut();
+        }
+        if let Some(a) = arena_of(p) {
+            if DISABLED.load(Ordering::Relaxed) {
+                set_errno(libc::ENOMEM); // a forked child without the region: not mapped here
+                return std::ptr::null_mut();
+            }
+            if size < threshold() {
+                // SAFETY: a live block of the arena.
+                return unsafe { a.realloc(p, size) };
+            }
+            // SAFETY: as above.
+            let old_size = unsafe { a.usable_size(p) };
+            let n = malloc(size);
+            if !n.is_null() {
+                // SAFETY: both blocks are live and at least this long; they do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), n.cast::<u8>(), old_size.min(size)) };
+                // SAFETY: a live block of the arena, moved out.
+                unsafe { a.free(p) };
+            }
+            return n;
         }
         let (old_size, mine) = match ours(p) {
             Some((b, off)) => {
@@ -604,6 +719,10 @@ mod interpose {
     }
 
     fn aligned(align: usize, size: usize) -> *mut c_void {
+        let p = small_alloc(size, |a| a.aligned(align, size));
+        if !p.is_null() {
+            return p;
+        }
         let p = big_alloc(size, align.max(PAGE_SIZE));
         if !p.is_null() {
             return p;
@@ -656,6 +775,10 @@ mod interpose {
         if p.is_null() {
             return 0;
         }
+        if let Some(a) = arena_of(p) {
+            // SAFETY: a live block of the arena (the program's contract).
+            return unsafe { a.usable_size(p) };
+        }
         match ours(p) {
             Some((b, off)) => size_of_ours(b, off),
             None => real_usable_size(p),
@@ -686,6 +809,67 @@ mod interpose {
             }
         }
         sys_mmap(addr, len, prot, flags, fd, off)
+    }
+
+    type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
+    type PthreadCreate =
+        unsafe extern "C" fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartRoutine, *mut c_void) -> i32;
+
+    /// `pthread_create`, interposed: a thread that Mosaic starts (the creator is inside Mosaic)
+    /// is marked as Mosaic's before any of its code runs, so what libc allocates for it at its
+    /// start (the C++ / Rust thread-exit list) goes to glibc too, not to the region it serves.
+    /// The program's threads start as they would.
+    #[no_mangle]
+    pub unsafe extern "C" fn pthread_create(
+        thread: *mut libc::pthread_t,
+        attr: *const libc::pthread_attr_t,
+        start: StartRoutine,
+        arg: *mut c_void,
+    ) -> i32 {
+        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let f = next_definition(&REAL, c"pthread_create");
+        if f == 0 {
+            return libc::EAGAIN;
+        }
+        // SAFETY: `f` is libc's pthread_create, of this signature.
+        let real: PthreadCreate = unsafe { std::mem::transmute(f) };
+        if !is_inside() {
+            // SAFETY: the caller's arguments, passed on.
+            return unsafe { real(thread, attr, start, arg) };
+        }
+        let job = Box::into_raw(Box::new((start, arg)));
+        // SAFETY: the caller's arguments, with the start routine wrapped; `job` is handed to the
+        // new thread, which owns it from then on.
+        let rc = unsafe { real(thread, attr, start_marked, job.cast()) };
+        if rc != 0 {
+            // SAFETY: no thread was made, so `job` is still ours.
+            drop(unsafe { Box::from_raw(job) });
+        }
+        rc
+    }
+
+    /// `setlocale`, interposed: the locale it loads is kept in glibc's heap, never the region's.
+    /// Every thread reads the global locale when it starts (glibc's `__ctype_init`), Mosaic's
+    /// fault workers too: in a forked child they would wait for a page only they can bring back.
+    #[no_mangle]
+    pub extern "C" fn setlocale(category: libc::c_int, locale: *const libc::c_char) -> *mut libc::c_char {
+        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let f = next_definition(&REAL, c"setlocale");
+        if f == 0 {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: `f` is libc's setlocale, of this signature.
+        let real: extern "C" fn(libc::c_int, *const libc::c_char) -> *mut libc::c_char =
+            unsafe { std::mem::transmute(f) };
+        inside(|| real(category, locale))
+    }
+
+    /// The start of a thread Mosaic made: marks it, then runs what was asked.
+    extern "C" fn start_marked(job: *mut c_void) -> *mut c_void {
+        mosaic_pager::thread_role::mark_internal_thread();
+        // SAFETY: `job` is the box `pthread_create` made for this thread, handed over once.
+        let (start, arg) = *unsafe { Box::from_raw(job.cast::<(StartRoutine, *mut c_void)>()) };
+        start(arg)
     }
 
     /// `sigaction`, interposed: a program's SIGBUS handler is recorded beside Mosaic's rather
