@@ -56,7 +56,7 @@ impl std::fmt::Debug for Page {
 }
 
 /// Which threads are Mosaic's own. A thread that serves faults, evicts or keeps sessions marks
-/// itself with [`mark_internal_thread`] when it starts; the `LD_PRELOAD` shim sends every
+/// itself with [`thread_role::mark_internal_thread`] when it starts; the `LD_PRELOAD` shim sends every
 /// allocation such a thread makes (its own, and those libc makes on its behalf) to glibc's
 /// allocator, never to the network-RAM region the thread serves, where touching an evicted page
 /// would make it wait for itself.
