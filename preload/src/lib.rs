@@ -2,7 +2,8 @@
 //!
 //! Loaded with `LD_PRELOAD` (normally by `mosrun`), it interposes `malloc`, `calloc`, `realloc`,
 //! `free`, `posix_memalign`, `aligned_alloc`, `memalign`, `valloc`, `pvalloc`,
-//! `malloc_usable_size`, `mmap`/`munmap`/`mremap` of private anonymous memory, and `madvise`.
+//! `malloc_usable_size`, `mmap` (and `mmap64`)/`munmap`/`mremap` of private anonymous memory, and
+//! `madvise`.
 //! One network-RAM region holds the program's memory, created when the library is loaded:
 //! - requests of at least the threshold (default 1 MiB), and private anonymous `mmap`s of that
 //!   size, are carved out of the region's page heap, whole pages each;
@@ -870,6 +871,13 @@ mod interpose {
         // SAFETY: `job` is the box `pthread_create` made for this thread, handed over once.
         let (start, arg) = *unsafe { Box::from_raw(job.cast::<(StartRoutine, *mut c_void)>()) };
         start(arg)
+    }
+
+    /// `mmap64`, the name programs built with `_FILE_OFFSET_BITS=64` call (CPython among them,
+    /// for its object arenas): the same function as `mmap` on 64-bit Linux.
+    #[no_mangle]
+    pub extern "C" fn mmap64(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void {
+        mmap(addr, len, prot, flags, fd, off)
     }
 
     /// `sigaction`, interposed: a program's SIGBUS handler is recorded beside Mosaic's rather
