@@ -54,7 +54,9 @@
 //! child adopts the inherited mapping with a region of its own (see `mosaic_netram`'s fork
 //! module). Parent and children keep within one shared budget. If the child cannot adopt the
 //! region (a server is unreachable), a message says so and the region is unmapped in the
-//! child: touching it there is a segmentation fault, never a read of zeros. `system()` and
+//! child: with small allocations on the region (the default) its heap is gone, and it exits
+//! with status 71; with `MOSAIC_SMALL=0` it goes on, and touching a large allocation is a
+//! segmentation fault, never a read of zeros. `system()` and
 //! `posix_spawn` do not run fork handlers and cost nothing; neither does a child that execs.
 //!
 //! # Failure
@@ -189,6 +191,8 @@ fn config() -> &'static Config {
 /// Reads the environment when the library is loaded, before the program runs, and creates the
 /// region then if small allocations go to it (every allocation after this one can).
 extern "C" fn read_env_at_load() {
+    // Before mimalloc's own constructor: its page map is mapped here, outside the region.
+    inside(small::start);
     let c = config();
     if c.stats {
         // SAFETY: duplicating standard error to a close-on-exec descriptor of our own.
@@ -387,6 +391,9 @@ extern "C" fn fork_child() {
         let Some(b) = BACKEND.get().and_then(Option::as_ref) else { return };
         let Some((heap, Some(ticket))) = forking else {
             DISABLED.store(true, Ordering::Relaxed);
+            if b.small.is_some() {
+                child_without_heap();
+            }
             return;
         };
         // SAFETY: only this thread exists in the child. The parent's region is read out of its
@@ -401,10 +408,22 @@ extern "C" fn fork_child() {
                     mosaic_transport::error_chain(&e)
                 ));
                 DISABLED.store(true, Ordering::Relaxed);
+                if b.small.is_some() {
+                    child_without_heap();
+                }
             }
         }
         drop(heap);
     });
+}
+
+/// A forked child that could not adopt the region has lost its whole heap (small allocations
+/// and mimalloc's own state are in the region): it says so and exits with status 71
+/// (`EX_OSERR`) rather than crash at its next allocation or read a heap that is not there.
+fn child_without_heap() -> ! {
+    report("fork: the child cannot reach the parent's heap on network RAM and exits (status 71)");
+    // SAFETY: ending the process at once, without running the program's exit handlers.
+    unsafe { libc::_exit(71) }
 }
 
 /// At exit with `MOSAIC_STATS`: one line of the region's counters on standard error.
@@ -675,7 +694,11 @@ mod interpose {
             }
             if size < threshold() {
                 // SAFETY: a live block of the arena.
-                return unsafe { a.realloc(p, size) };
+                let n = unsafe { a.realloc(p, size) };
+                if !n.is_null() {
+                    return n;
+                }
+                // The arena is full: the block moves out of it, as `malloc` would place it.
             }
             // SAFETY: as above.
             let old_size = unsafe { a.usable_size(p) };
@@ -777,6 +800,9 @@ mod interpose {
             return 0;
         }
         if let Some(a) = arena_of(p) {
+            if DISABLED.load(Ordering::Relaxed) {
+                return 0; // a forked child without the region: not mapped here
+            }
             // SAFETY: a live block of the arena (the program's contract).
             return unsafe { a.usable_size(p) };
         }
@@ -863,6 +889,36 @@ mod interpose {
         let real: extern "C" fn(libc::c_int, *const libc::c_char) -> *mut libc::c_char =
             unsafe { std::mem::transmute(f) };
         inside(|| real(category, locale))
+    }
+
+    /// `dlopen`, interposed: what the dynamic loader allocates for the library (its link map, its
+    /// thread-local storage records) is kept in glibc's heap. `pthread_create` reads those
+    /// records in the creating thread, also when Mosaic starts a forked child's fault workers,
+    /// before any thread could bring an evicted page back.
+    #[no_mangle]
+    pub extern "C" fn dlopen(file: *const libc::c_char, flags: libc::c_int) -> *mut c_void {
+        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let f = next_definition(&REAL, c"dlopen");
+        if f == 0 {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: `f` is libc's dlopen, of this signature.
+        let real: extern "C" fn(*const libc::c_char, libc::c_int) -> *mut c_void = unsafe { std::mem::transmute(f) };
+        inside(|| real(file, flags))
+    }
+
+    /// `dlmopen`, interposed as `dlopen` is.
+    #[no_mangle]
+    pub extern "C" fn dlmopen(lmid: libc::c_long, file: *const libc::c_char, flags: libc::c_int) -> *mut c_void {
+        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let f = next_definition(&REAL, c"dlmopen");
+        if f == 0 {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: `f` is libc's dlmopen, of this signature.
+        let real: extern "C" fn(libc::c_long, *const libc::c_char, libc::c_int) -> *mut c_void =
+            unsafe { std::mem::transmute(f) };
+        inside(|| real(lmid, file, flags))
     }
 
     /// The start of a thread Mosaic made: marks it, then runs what was asked.

@@ -9,12 +9,24 @@
 //! the pages here and on the servers.
 //!
 //! The arena is address space, not memory: its pages cost nothing until touched, as anonymous
-//! memory does. Mimalloc keeps a little metadata of its own outside it (a few pages per thread),
-//! which the budget counts as memory outside the region.
+//! memory does. Mimalloc's per-thread bookkeeping lives in the arena too; its page map (about
+//! 2 MiB of address space, mapped when it starts: [`start`]) is outside the region, and the budget
+//! counts what of it is touched.
+//!
+//! Mimalloc has no fork handlers: a thread holding one of its internal locks while another
+//! forks leaves the lock held in the child (as with most allocators but glibc's).
 
 use std::ffi::c_void;
 
 use libmimalloc_sys as mi;
+
+/// Starts mimalloc (its page map, its options from `MIMALLOC_*`) with the calling thread's
+/// allocations and mappings kept out of the region: call it under the shim's re-entrancy flag,
+/// before anything else of mimalloc's runs.
+pub fn start() {
+    // SAFETY: mimalloc's initialisation, idempotent.
+    unsafe { mi::mi_process_init() }
+}
 
 /// Alignment of the arena's start, which mimalloc requires (its slice size, 64 KiB).
 pub const ARENA_ALIGN: usize = 64 << 10;
