@@ -3,6 +3,7 @@
 //! with a local budget smaller than their working set give the same output as without Mosaic,
 //! within the budget plus a stated overhead; bad setups fail with clear errors.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -77,15 +78,21 @@ fn maxrss_kib(stderr: &[u8]) -> u64 {
         .unwrap_or_else(|| panic!("no maxrss line in {s}"))
 }
 
+/// Runs `program` plain, whose peak RSS must pass `plain_over_mib` MiB (so the run under a
+/// smaller budget proves something), then as `mosrun OPTIONS -- program`; asserts the same
+/// output and returns the peak RSS under mosrun, in KiB (the program reports it on stderr).
+fn peak_under_mosrun(program: &[OsString], plain_over_mib: u64, options: &[&str]) -> u64 {
+    let plain = Command::new(&program[0]).args(&program[1..]).output().unwrap();
+    let expected = ok(&plain);
+    assert!(maxrss_kib(&plain.stderr) > plain_over_mib * 1024, "the program really uses its memory");
+    let under = mosrun().args(options).arg("--").args(program).output().unwrap();
+    assert_eq!(ok(&under), expected);
+    maxrss_kib(&under.stderr)
+}
+
 #[test]
 fn an_unmodified_c_program_gives_the_same_output_within_the_budget() {
-    let prog = bigalloc();
-    let plain = Command::new(&prog).arg("128").output().unwrap();
-    let expected = ok(&plain);
-    assert!(maxrss_kib(&plain.stderr) > 128 * 1024, "the program really uses its memory");
-    let under = mosrun().args(["--local-budget", "32M", "--"]).arg(&prog).arg("128").output().unwrap();
-    assert_eq!(ok(&under), expected);
-    let rss = maxrss_kib(&under.stderr);
+    let rss = peak_under_mosrun(&[bigalloc().into(), "128".into()], 128, &["--local-budget", "32M"]);
     eprintln!("bigalloc 128 MiB under a 32 MiB budget: peak RSS {rss} KiB");
     assert!(rss <= 32 * 1024 + OVERHEAD_KIB, "peak RSS {rss} KiB over a 32 MiB budget");
 }
@@ -97,19 +104,11 @@ fn an_unmodified_c_program_gives_the_same_output_within_the_budget() {
 /// the placement's doing.
 #[test]
 fn a_program_of_small_allocations_keeps_to_the_budget() {
-    let prog = c_program("smallalloc");
-    let plain = Command::new(&prog).arg("300000").output().unwrap();
-    let expected = ok(&plain);
-    assert!(maxrss_kib(&plain.stderr) > 48 * 1024, "the program really uses its memory");
-    let under = mosrun().args(["--local-budget", "16M", "--"]).arg(&prog).arg("300000").output().unwrap();
-    assert_eq!(ok(&under), expected);
-    let rss = maxrss_kib(&under.stderr);
+    let prog = [c_program("smallalloc").into(), "300000".into()];
+    let rss = peak_under_mosrun(&prog, 48, &["--local-budget", "16M"]);
     eprintln!("smallalloc, 300,000 entries under a 16 MiB budget: peak RSS {rss} KiB");
     assert!(rss <= 16 * 1024 + OVERHEAD_KIB, "peak RSS {rss} KiB over a 16 MiB budget");
-    let large_only =
-        mosrun().args(["--local-budget", "16M", "--large-only", "--"]).arg(&prog).arg("300000").output().unwrap();
-    assert_eq!(ok(&large_only), expected);
-    let rss = maxrss_kib(&large_only.stderr);
+    let rss = peak_under_mosrun(&prog, 48, &["--local-budget", "16M", "--large-only"]);
     eprintln!("the same with --large-only: peak RSS {rss} KiB");
     assert!(rss > 16 * 1024 + OVERHEAD_KIB, "small allocations stayed within the budget without the region");
 }
@@ -127,12 +126,7 @@ fn python_objects_keep_to_the_budget() {
     let py = "import resource, sys\nl = [str(i) * 3 for i in range(600_000)]\n\
               print(len(l), sum(len(x) for x in l), l[12345])\n\
               print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)";
-    let plain = Command::new("python3").arg("-c").arg(py).output().unwrap();
-    let expected = ok(&plain);
-    assert!(maxrss_kib(&plain.stderr) > 48 * 1024, "the program really uses its memory");
-    let under = mosrun().args(["--local-budget", "16M", "--", "python3", "-c", py]).output().unwrap();
-    assert_eq!(ok(&under), expected);
-    let rss = maxrss_kib(&under.stderr);
+    let rss = peak_under_mosrun(&["python3".into(), "-c".into(), py.into()], 48, &["--local-budget", "16M"]);
     eprintln!("python3, 600,000 strings under a 16 MiB budget: peak RSS {rss} KiB");
     assert!(rss <= 16 * 1024 + OVERHEAD_KIB, "python's peak RSS {rss} KiB over a 16 MiB budget");
 }
@@ -144,12 +138,7 @@ fn python_and_sort_give_the_same_output() {
               print(sum(b[::4096]), len(b))\n\
               print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)";
     if Command::new("python3").arg("-c").arg("1").status().is_ok_and(|s| s.success()) {
-        let plain = Command::new("python3").arg("-c").arg(py).output().unwrap();
-        let expected = ok(&plain);
-        assert!(maxrss_kib(&plain.stderr) > 96 * 1024);
-        let under = mosrun().args(["--local-budget", "16M", "--", "python3", "-c", py]).output().unwrap();
-        assert_eq!(ok(&under), expected);
-        let rss = maxrss_kib(&under.stderr);
+        let rss = peak_under_mosrun(&["python3".into(), "-c".into(), py.into()], 96, &["--local-budget", "16M"]);
         eprintln!("python3, 96 MiB under a 16 MiB budget: peak RSS {rss} KiB");
         assert!(rss <= 16 * 1024 + OVERHEAD_KIB, "python's peak RSS {rss} KiB over a 16 MiB budget");
     } else {

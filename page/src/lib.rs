@@ -55,29 +55,6 @@ impl std::fmt::Debug for Page {
     }
 }
 
-/// Which threads are Mosaic's own. A thread that serves faults, evicts or keeps sessions marks
-/// itself with [`thread_role::mark_internal_thread`] when it starts; the `LD_PRELOAD` shim sends every
-/// allocation such a thread makes (its own, and those libc makes on its behalf) to glibc's
-/// allocator, never to the network-RAM region the thread serves, where touching an evicted page
-/// would make it wait for itself.
-pub mod thread_role {
-    use std::cell::Cell;
-
-    thread_local! {
-        static INTERNAL: Cell<bool> = const { Cell::new(false) };
-    }
-
-    /// Marks the calling thread as one of Mosaic's own, for the rest of its life.
-    pub fn mark_internal_thread() {
-        INTERNAL.with(|i| i.set(true));
-    }
-
-    /// Whether the calling thread marked itself with [`mark_internal_thread`].
-    pub fn is_internal_thread() -> bool {
-        INTERNAL.with(Cell::get)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,7 +90,7 @@ pub use region_core::RegionCore;
 pub use signal::{interposed_sigaction, interposed_signal, program_sigaction, sigbus_claimed};
 pub use uffd::feature;
 
-pub use mosaic_page::{thread_role, Page, PAGE_SIZE};
+pub use mosaic_page::{Page, PAGE_SIZE};
 
 /// What a [`PageSource`] decided about a page in [`fill`](PageSource::fill), handed back to
 /// it in [`installed`](PageSource::installed) once the pager knows what became of the page:

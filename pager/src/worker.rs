@@ -43,7 +43,6 @@ impl Workers {
             let (core, stop, stop_fd, running) = (core.clone(), w.stop.clone(), w.stop_fd.clone(), running.clone());
             let cpu = pin.get(i).copied();
             let t = std::thread::Builder::new().name(format!("mosaic-fault-{i}")).spawn(move || {
-                mosaic_page::thread_role::mark_internal_thread();
                 if let Some(cpu) = cpu {
                     pin_to(cpu);
                 }

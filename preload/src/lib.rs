@@ -44,8 +44,8 @@
 //!
 //! # Threads, signals, fork
 //! Thread-safe: one lock guards the region's page heap, mimalloc is thread-safe; a thread-local
-//! flag sends allocations made while Mosaic itself runs (its start-up, and its own threads,
-//! which mark themselves with `mosaic_page::thread_role`) to glibc. Faults are served by
+//! flag sends allocations made while Mosaic itself runs (its start-up, and for their whole
+//! lives the threads it starts: see the interposed `pthread_create`) to glibc. Faults are served by
 //! one pinned worker per CPU, so system calls that read into large buffers work.
 //!
 //! `fork` works as it does for anonymous memory: the child sees the parent's allocations as
@@ -143,7 +143,8 @@ unsafe impl GlobalAlloc for Glibc {
 static GLIBC: Glibc = Glibc;
 
 thread_local! {
-    /// Set while Mosaic code runs on this thread: its allocations go to glibc.
+    /// Set while Mosaic code runs on this thread, and for good on the threads Mosaic starts:
+    /// their allocations go to glibc.
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -244,7 +245,7 @@ fn inside<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn is_inside() -> bool {
-    INSIDE.with(Cell::get) || mosaic_pager::thread_role::is_internal_thread()
+    INSIDE.with(Cell::get)
 }
 
 /// `getenv` without allocating (safe to call from inside malloc).
@@ -613,16 +614,22 @@ mod interpose {
         f
     }
 
+    /// libc's definition of the function this library interposes as `name`, typed as `ty` (its
+    /// C signature), or `None` if libc has none.
+    macro_rules! next_fn {
+        ($name:literal as $ty:ty) => {{
+            static CACHE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            match next_definition(&CACHE, $name) {
+                0 => None,
+                // SAFETY: the address dlsym gave for this name, a function of this signature.
+                f => Some(unsafe { std::mem::transmute::<usize, $ty>(f) }),
+            }
+        }};
+    }
+
     /// glibc's malloc_usable_size.
     fn real_usable_size(p: *mut c_void) -> usize {
-        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let f = next_definition(&REAL, c"malloc_usable_size");
-        if f == 0 {
-            return 0;
-        }
-        // SAFETY: `f` is glibc's malloc_usable_size, of this signature.
-        let real: extern "C" fn(*mut c_void) -> usize = unsafe { std::mem::transmute(f) };
-        real(p)
+        next_fn!(c"malloc_usable_size" as extern "C" fn(*mut c_void) -> usize).map_or(0, |real| real(p))
     }
 
     #[no_mangle]
@@ -853,13 +860,7 @@ mod interpose {
         start: StartRoutine,
         arg: *mut c_void,
     ) -> i32 {
-        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let f = next_definition(&REAL, c"pthread_create");
-        if f == 0 {
-            return libc::EAGAIN;
-        }
-        // SAFETY: `f` is libc's pthread_create, of this signature.
-        let real: PthreadCreate = unsafe { std::mem::transmute(f) };
+        let Some(real) = next_fn!(c"pthread_create" as PthreadCreate) else { return libc::EAGAIN };
         if !is_inside() {
             // SAFETY: the caller's arguments, passed on.
             return unsafe { real(thread, attr, start, arg) };
@@ -880,15 +881,8 @@ mod interpose {
     /// fault workers too: in a forked child they would wait for a page only they can bring back.
     #[no_mangle]
     pub extern "C" fn setlocale(category: libc::c_int, locale: *const libc::c_char) -> *mut libc::c_char {
-        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let f = next_definition(&REAL, c"setlocale");
-        if f == 0 {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `f` is libc's setlocale, of this signature.
-        let real: extern "C" fn(libc::c_int, *const libc::c_char) -> *mut libc::c_char =
-            unsafe { std::mem::transmute(f) };
-        inside(|| real(category, locale))
+        let real = next_fn!(c"setlocale" as extern "C" fn(libc::c_int, *const libc::c_char) -> *mut libc::c_char);
+        real.map_or(std::ptr::null_mut(), |real| inside(|| real(category, locale)))
     }
 
     /// `dlopen`, interposed: what the dynamic loader allocates for the library (its link map, its
@@ -897,33 +891,20 @@ mod interpose {
     /// before any thread could bring an evicted page back.
     #[no_mangle]
     pub extern "C" fn dlopen(file: *const libc::c_char, flags: libc::c_int) -> *mut c_void {
-        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let f = next_definition(&REAL, c"dlopen");
-        if f == 0 {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `f` is libc's dlopen, of this signature.
-        let real: extern "C" fn(*const libc::c_char, libc::c_int) -> *mut c_void = unsafe { std::mem::transmute(f) };
-        inside(|| real(file, flags))
+        let real = next_fn!(c"dlopen" as extern "C" fn(*const libc::c_char, libc::c_int) -> *mut c_void);
+        real.map_or(std::ptr::null_mut(), |real| inside(|| real(file, flags)))
     }
 
     /// `dlmopen`, interposed as `dlopen` is.
     #[no_mangle]
     pub extern "C" fn dlmopen(lmid: libc::c_long, file: *const libc::c_char, flags: libc::c_int) -> *mut c_void {
-        static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let f = next_definition(&REAL, c"dlmopen");
-        if f == 0 {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `f` is libc's dlmopen, of this signature.
-        let real: extern "C" fn(libc::c_long, *const libc::c_char, libc::c_int) -> *mut c_void =
-            unsafe { std::mem::transmute(f) };
-        inside(|| real(lmid, file, flags))
+        let real = next_fn!(c"dlmopen" as extern "C" fn(libc::c_long, *const libc::c_char, libc::c_int) -> *mut c_void);
+        real.map_or(std::ptr::null_mut(), |real| inside(|| real(lmid, file, flags)))
     }
 
     /// The start of a thread Mosaic made: marks it, then runs what was asked.
     extern "C" fn start_marked(job: *mut c_void) -> *mut c_void {
-        mosaic_pager::thread_role::mark_internal_thread();
+        INSIDE.with(|i| i.set(true));
         // SAFETY: `job` is the box `pthread_create` made for this thread, handed over once.
         let (start, arg) = *unsafe { Box::from_raw(job.cast::<(StartRoutine, *mut c_void)>()) };
         start(arg)

@@ -237,7 +237,6 @@ impl NetRam {
         let keeper_core = core.clone();
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
         let evictor = std::thread::Builder::new().name("mosaic-evict".into()).spawn(move || {
-            mosaic_pager::thread_role::mark_internal_thread();
             let mut next_sweep = Instant::now();
             while !stop.load(Ordering::Acquire) {
                 shared.follow_shared_budget(&mut next_sweep);
@@ -261,7 +260,6 @@ impl NetRam {
         self.threads.push(evictor.map_err(|e| NetRamError::Thread { what: "evictor", source: e })?);
         let (shared, stop) = (self.shared.clone(), self.stop.clone());
         let keeper = std::thread::Builder::new().name("mosaic-keeper".into()).spawn(move || {
-            mosaic_pager::thread_role::mark_internal_thread();
             let mut last_live = shared.servers.live_mask();
             let mut next_check = Instant::now() + SESSION_CHECK;
             while !stop.load(Ordering::Acquire) {
