@@ -11,8 +11,13 @@ process). Every run prints one JSON line: program, mode, limit, seconds, peak RS
 (GNU time's %M), a checksum of its output, its exit status and the cgroup's OOM kills. A run that
 passes --timeout is stopped and reported as timed out.
 
+With --split-cpus the program (and its pager threads) runs on the last CPU and the memory
+servers (mosrun's embedded one, or the shm mosaic-memserver) on the others, as if the servers
+were other hosts; plain and zram runs get the program's CPU too (zram's kswapd may run anywhere,
+as the kernel places it). Without it everything shares every CPU.
+
   python3 benches/scripts/programs.py [--scale S] [--fractions 0.25,0.5]
-         [--modes plain,tcp,shm,zram,tcp-large-only] [--programs sort,xz,python,rmw,smallalloc,netram-demo] [--rounds N] [--timeout SECS] [--out FILE]
+         [--modes plain,tcp,shm,zram,tcp-large-only] [--programs sort,xz,python,rmw,smallalloc,netram-demo] [--rounds N] [--timeout SECS] [--split-cpus] [--out FILE]
 
 Needs root for zram (/sys/block/zram0, the cgroup v1 memory controller at
 /sys/fs/cgroup/memory); without them the zram runs are reported as skipped. Build first:
@@ -206,10 +211,10 @@ def run_one(argv, timeout, cgroup=None, env=None, wrapper=()):
 class ShmServer:
     """A mosaic-memserver on shm:// for the run, with the job's key."""
 
-    def __init__(self, key_env, capacity):
+    def __init__(self, key_env, capacity, pin=()):
         self.name = f"shm://mosaic-programs-{os.getpid()}"
         self.p = subprocess.Popen(
-            [os.path.join(RELEASE, "mosaic-memserver"), "--listen", self.name, "--capacity", capacity, "--stdin-lifetime"],
+            list(pin) + [os.path.join(RELEASE, "mosaic-memserver"), "--listen", self.name, "--capacity", capacity, "--stdin-lifetime"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=key_env, text=True)
         line = self.p.stdout.readline()
         if not line.startswith("READY"):
@@ -232,12 +237,22 @@ def main():
     ap.add_argument("--programs", default="sort,xz,python,rmw,smallalloc,netram-demo")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--split-cpus", action="store_true",
+                    help="run the program on the last CPU and the memory servers on the others (servers as if on other hosts)")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mosaic-programs"))
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     out = open(a.out, "a") if a.out else None
     stamp = {"date": datetime.date.today().isoformat(), "commit": commit(), "scale": a.scale}
+    job_pin, server_pin = (), ()
+    if a.split_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            sys.exit("--split-cpus needs at least two CPUs")
+        job_pin = ("taskset", "-c", str(cpus[-1]))
+        server_pin = ("taskset", "-c", ",".join(map(str, cpus[:-1])))
+        stamp["split_cpus"] = {"job": cpus[-1:], "servers": cpus[:-1]}
 
     def emit(rec):
         rec = {**rec, **stamp}
@@ -262,7 +277,7 @@ def main():
                 if name not in wanted:
                     continue
                 log(f"round {rnd + 1}: {name} plain")
-                secs, peak, sha, status, to = run_one(argv, a.timeout)
+                secs, peak, sha, status, to = run_one(argv, a.timeout, wrapper=job_pin)
                 emit({"program": name, "mode": "plain", "limit_bytes": None, "seconds": round(secs, 3),
                       "peak_rss_kib": peak, "checksum": sha, "exit": status, "timed_out": to, "oom_kills": 0})
                 if status != 0:
@@ -276,15 +291,15 @@ def main():
                         rec = {"program": name, "mode": mode, "fraction": frac, "limit_bytes": limit, "plain_checksum": sha}
                         log(f"round {rnd + 1}: {name} {mode} at {frac:.0%} ({limit >> 20} MiB)")
                         if mode in ("tcp", "shm", "tcp-large-only"):
-                            cmd = [os.path.join(RELEASE, "mosrun"), "--local-budget", str(limit)]
+                            cmd = list(server_pin) + [os.path.join(RELEASE, "mosrun"), "--local-budget", str(limit)]
                             if mode == "tcp-large-only":
                                 cmd.append("--large-only")
                             server = None
                             if mode == "shm":
-                                server = ShmServer(key_env, "8G")
+                                server = ShmServer(key_env, "8G", server_pin)
                                 cmd += ["--servers", server.name]
                             try:
-                                secs, p2, sha2, st2, to2 = run_one(argv, a.timeout, env=key_env, wrapper=cmd + ["--"])
+                                secs, p2, sha2, st2, to2 = run_one(argv, a.timeout, env=key_env, wrapper=cmd + ["--", *job_pin])
                             finally:
                                 if server:
                                     server.stop()
@@ -296,7 +311,7 @@ def main():
                                 continue
                             cg = zram.cgroup(limit)
                             try:
-                                secs, p2, sha2, st2, to2 = run_one(argv, a.timeout, cgroup=cg)
+                                secs, p2, sha2, st2, to2 = run_one(argv, a.timeout, cgroup=cg, wrapper=job_pin)
                                 kills = oom_kills(cg)
                             finally:
                                 try:

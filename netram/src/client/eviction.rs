@@ -22,12 +22,15 @@ use crate::PAGE_SIZE;
 /// Page `i` must be inside the live region and must not be written during the copy (resident
 /// and write-protected).
 pub(super) unsafe fn copy_of(core: &RegionCore, i: u64) -> Copy {
-    let mut c: Copy =
-        vec![0u8; PAGE_SIZE].into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!("PAGE_SIZE bytes"));
-    // SAFETY: the caller guarantees the page is mapped, inside the region and stable.
-    let src = unsafe { std::slice::from_raw_parts(core.as_ptr().add(offset(i)), PAGE_SIZE) };
-    c.copy_from_slice(src);
-    c
+    // Not zeroed first: every byte is written below (zeroing cost a memset per evicted page).
+    let mut c = Box::<[u8; PAGE_SIZE]>::new_uninit();
+    // SAFETY: the caller guarantees the page is mapped, inside the region and stable; the two
+    // buffers are PAGE_SIZE bytes each and do not overlap (one is on the heap, one in the
+    // region); after the copy every byte of `c` is initialised.
+    unsafe {
+        std::ptr::copy_nonoverlapping(core.as_ptr().add(offset(i)), c.as_mut_ptr().cast::<u8>(), PAGE_SIZE);
+        c.assume_init()
+    }
 }
 
 /// Pages the evictor takes from its queue per round.
