@@ -18,7 +18,10 @@
 //! job start (`mosrun -n`, MPI and Slurm environments), the global allocator, locks, barriers and
 //! atomics, the C ABI and the benchmarks.
 
+pub mod job;
 pub mod model;
 pub mod protocol;
+pub mod wire;
 
+pub use job::{Job, JobConfig, JobStats, JoinError};
 pub use protocol::{Access, Action, Msg, Node, NodeId, PageNo, Want};

@@ -113,6 +113,13 @@ pub enum Filled {
     /// just discarded faults, and only a worker can serve that fault). Returned for a fault that
     /// cannot be deferred, the pager pauses briefly and asks again.
     Busy,
+    /// The page is already in place: the source installed it itself (with
+    /// [`RegionCore::install`], under whatever lock keeps its own state and the mapping in step)
+    /// or found it there. The pager installs nothing and wakes the faulting thread;
+    /// [`PageSource::installed`] is not called. A source whose pages can be dropped by another
+    /// thread at any time (DSM invalidating a copy) needs this: an install by the pager after
+    /// `fill` returned could land after such a drop and map a page the source no longer holds.
+    Present,
 }
 
 /// What a [`PageSource`] says of a first write to a write-protected page (see
@@ -253,7 +260,7 @@ pub trait PageSource: Send + Sync + 'static {
     /// the same thread, once the install is done (on the faulting thread, before its access
     /// resumes; on a fault worker, just after the faulting thread was woken). A source that
     /// tracks residency updates it here, once the page really is in the region. Not called
-    /// after a fill that returned an error or [`Filled::Busy`].
+    /// after a fill that returned an error, [`Filled::Busy`] or [`Filled::Present`].
     fn installed(&self, index: u64, token: Token, outcome: Outcome) {
         let _ = (index, token, outcome);
     }

@@ -479,6 +479,14 @@ impl RegionCore {
             return Served::Busy;
         }
         bump(&self.stats.faults, 1);
+        if let Ok(Filled::Present) = filled {
+            if wake {
+                if let Err(e) = self.uffd.wake(page_addr, PAGE) {
+                    log::warn!("region {}: cannot wake the threads faulting on {page_addr:#x}: {e}", self.name);
+                }
+            }
+            return Served::Done;
+        }
         // Exact tracking installs a page written at once (or that the source counts as written)
         // unprotected; scan tracking protects everything and lets the kernel unprotect on write.
         let wp = match self.dirty {
@@ -501,7 +509,7 @@ impl RegionCore {
             Ok(Filled::Zero(token)) => {
                 (token, install(&self.uffd, page_addr, PAGE, Fill::Zero, !wake, on_again).map(|r| (r, true)))
             }
-            Ok(Filled::Busy) => unreachable!("returned above"),
+            Ok(Filled::Busy | Filled::Present) => unreachable!("returned above"),
             Err(e) => {
                 self.report_loss(page_addr, &crate::report::chain(&e));
                 bump(&self.stats.lost, 1);

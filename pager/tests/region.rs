@@ -376,6 +376,43 @@ fn a_source_can_unprotect_a_page_itself_or_have_the_write_retried() {
     }
 }
 
+/// Installs every page itself (its first byte the page's index + 1) and answers `Present`;
+/// counts `installed` calls, which must not come.
+#[derive(Default)]
+struct InstallsItself {
+    installed_calls: AtomicU64,
+}
+
+impl PageSource for InstallsItself {
+    fn fill(&self, fault: &Fault<'_>, _page: &mut Page) -> Result<Filled, FillError> {
+        let mut p = Page::ZERO;
+        p.0[0] = fault.index as u8 + 1;
+        fault.region.install(fault.index, std::slice::from_ref(&p)).map_err(FillError::new)?;
+        Ok(Filled::Present)
+    }
+
+    fn installed(&self, _index: u64, _token: Token, _outcome: Outcome) {
+        self.installed_calls.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_source_that_installs_the_page_itself_only_has_its_thread_woken() {
+    for mode in MODES {
+        let src = Arc::new(InstallsItself::default());
+        let r = Region::new(RegionConfig::new(8).mode(mode), src.clone()).unwrap();
+        let p = r.as_ptr();
+        for i in 0..8 {
+            // SAFETY: a read inside the region.
+            assert_eq!(unsafe { std::ptr::read_volatile(p.add(i * PAGE_SIZE)) }, i as u8 + 1, "{mode:?}");
+        }
+        // The stats may trail the woken thread by a moment.
+        let s = settled(&r, |s| s.installed == 8 && s.faults == 8);
+        assert_eq!((s.installed, s.faults), (8, 8), "{mode:?}");
+        assert_eq!(src.installed_calls.load(Ordering::Relaxed), 0, "{mode:?}");
+    }
+}
+
 #[test]
 fn a_fixed_address_is_honoured_and_an_occupied_one_refused() {
     // An address far from where the kernel places mappings, so parallel tests cannot take it.

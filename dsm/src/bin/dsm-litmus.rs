@@ -1,0 +1,201 @@
+//! Litmus tests of a DSM job, one process per node: `dsm-litmus TEST [ROUNDS]`, with the job
+//! from the environment (`MOSAIC_DSM_RANK`, `MOSAIC_DSM_SIZE`, `MOSAIC_DSM_RENDEZVOUS`,
+//! `MOSAIC_CLUSTER_KEY`). Each node prints `rank R: TEST ok ...` and exits 0, or says what it saw
+//! and exits 1. Tests:
+//!
+//! - `counter`: every node adds 1 to two shared counters (on pages of different homes) ROUNDS
+//!   times with atomic fetch-add; after a barrier each reads size * ROUNDS from both (a lost
+//!   update would show: page-grain single writer makes a CPU's atomic instruction atomic across
+//!   nodes).
+//! - `mp` (message passing): node 0 writes a datum, then a flag; every other node waits for the
+//!   flag, must then read that datum, and acknowledges; node 0 waits for every acknowledgement
+//!   before the next round.
+//! - `sb` (store buffering): nodes 0 and 1 each write their own variable, then read the other's;
+//!   under sequential consistency at least one of them sees the other's write, every round.
+//! - `fill`: every node writes its own pages of the region with a pattern; after a barrier each
+//!   checks every node's pages.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mosaic_dsm::{Job, JobConfig};
+
+const PAGE: usize = 4096;
+/// Pages of the region: enough for `fill` with 8 nodes.
+const PAGES: usize = 256;
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let test = args.first().map(String::as_str).unwrap_or("");
+    let rounds: u64 = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(100);
+    let cfg = match JobConfig::from_env((PAGES * PAGE) as u64) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dsm-litmus: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut job = match Job::join(cfg) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("dsm-litmus: cannot join: {}", chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let start = Instant::now();
+    let r = match test {
+        "counter" => counter(&mut job, rounds),
+        "mp" => message_passing(&mut job, rounds),
+        "sb" => store_buffering(&mut job, rounds),
+        "fill" => fill(&mut job),
+        _ => Err(format!("unknown test {test:?}: counter, mp, sb or fill")),
+    };
+    let rank = job.rank();
+    let stats = job.stats();
+    let left = job.leave();
+    match (r, left) {
+        (Ok(what), Ok(())) => {
+            println!("rank {rank}: {test} ok: {what} in {:.1} ms; {stats:?}", start.elapsed().as_secs_f64() * 1e3);
+            ExitCode::SUCCESS
+        }
+        (Err(e), _) => {
+            println!("rank {rank}: {test} FAILED: {e}");
+            ExitCode::FAILURE
+        }
+        (_, Err(e)) => {
+            println!("rank {rank}: {test} FAILED leaving: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The word at byte `offset` of the region, as an atomic (every access through it is one
+/// instruction, so coherence makes it atomic across nodes).
+fn word(job: &Job, offset: usize) -> &AtomicU64 {
+    assert!(offset % 8 == 0 && offset + 8 <= job.len());
+    // SAFETY: inside the mapped region, aligned; the region lives as long as `job`, and every
+    // node accesses these words only atomically.
+    unsafe { &*job.as_ptr().add(offset).cast::<AtomicU64>() }
+}
+
+fn barrier(job: &Job) -> Result<(), String> {
+    job.barrier().map_err(|e| chain(&e))
+}
+
+fn counter(job: &mut Job, rounds: u64) -> Result<String, String> {
+    let (a, b) = (word(job, 0), word(job, PAGE + 8));
+    for _ in 0..rounds {
+        a.fetch_add(1, Ordering::SeqCst);
+        b.fetch_add(1, Ordering::SeqCst);
+    }
+    barrier(job)?;
+    let want = rounds * u64::from(job.size());
+    let (ga, gb) = (a.load(Ordering::SeqCst), b.load(Ordering::SeqCst));
+    if (ga, gb) != (want, want) {
+        return Err(format!("counters {ga} and {gb}, expected {want}"));
+    }
+    Ok(format!("both counters {want}"))
+}
+
+fn wait_for(w: &AtomicU64, value: u64, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.load(Ordering::SeqCst) < value {
+        if Instant::now() > deadline {
+            return Err(format!("{what} never reached {value} (it is {})", w.load(Ordering::SeqCst)));
+        }
+        std::hint::spin_loop();
+    }
+    Ok(())
+}
+
+fn message_passing(job: &mut Job, rounds: u64) -> Result<String, String> {
+    // The datum and the flag on pages of different homes; the readers' acknowledgements on a
+    // third, so that every round the writer waits for every reader and the pages move each time.
+    let (data, flag, acks) = (word(job, 2 * PAGE), word(job, 3 * PAGE), word(job, 7 * PAGE));
+    let readers = u64::from(job.size()) - 1;
+    for r in 1..=rounds {
+        if job.rank() == 0 {
+            data.store(r * 7, Ordering::SeqCst);
+            flag.store(r, Ordering::SeqCst);
+            wait_for(acks, r * readers, "the readers' acknowledgements")?;
+        } else {
+            wait_for(flag, r, "the flag")?;
+            let d = data.load(Ordering::SeqCst);
+            if d != r * 7 {
+                return Err(format!("round {r}: saw the flag, then datum {d}, not {}", r * 7));
+            }
+            acks.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    barrier(job)?;
+    Ok(format!("{rounds} rounds"))
+}
+
+fn store_buffering(job: &mut Job, rounds: u64) -> Result<String, String> {
+    let me = job.rank();
+    let mut both_saw = 0;
+    for r in 0..rounds {
+        // Round r's two variables, on pages of different homes (x on page 4, y on page 5).
+        let off = 8 * usize::try_from(r % 512).expect("small");
+        let (x, y) = (word(job, 4 * PAGE + off), word(job, 5 * PAGE + off));
+        barrier(job)?;
+        let seen = match me {
+            0 => {
+                x.store(r + 1, Ordering::SeqCst);
+                y.load(Ordering::SeqCst)
+            }
+            1 => {
+                y.store(r + 1, Ordering::SeqCst);
+                x.load(Ordering::SeqCst)
+            }
+            _ => r + 1,
+        };
+        // Publish what this node saw; node 0 checks after the round.
+        let saw = word(job, 6 * PAGE + 8 * usize::from(me.min(1)));
+        saw.store(u64::from(seen == r + 1), Ordering::SeqCst);
+        barrier(job)?;
+        if me == 0 {
+            let (s0, s1) = (word(job, 6 * PAGE).load(Ordering::SeqCst), word(job, 6 * PAGE + 8).load(Ordering::SeqCst));
+            if job.size() > 1 && s0 == 0 && s1 == 0 {
+                return Err(format!("round {r}: each node read the other's old value (not sequentially consistent)"));
+            }
+            both_saw += u64::from(s0 == 1 && s1 == 1);
+        }
+        barrier(job)?;
+    }
+    Ok(format!("{rounds} rounds, both saw the other's write in {both_saw}"))
+}
+
+fn fill(job: &mut Job) -> Result<String, String> {
+    let size = usize::from(job.size());
+    let me = usize::from(job.rank());
+    let per = (PAGES - 8) / size;
+    let words = per * PAGE / 8;
+    let pattern = |node: usize, i: usize| ((node as u64 + 1) << 48) ^ (i as u64).wrapping_mul(0x9e37_79b9);
+    for i in 0..words {
+        word(job, 8 * PAGE + (me * per * PAGE) + 8 * i).store(pattern(me, i), Ordering::Relaxed);
+    }
+    barrier(job)?;
+    for node in 0..size {
+        for i in 0..words {
+            let got = word(job, 8 * PAGE + (node * per * PAGE) + 8 * i).load(Ordering::Relaxed);
+            if got != pattern(node, i) {
+                return Err(format!("node {node}'s word {i}: {got:#x}, expected {:#x}", pattern(node, i)));
+            }
+        }
+    }
+    Ok(format!("{size} x {per} pages checked"))
+}

@@ -1,0 +1,127 @@
+//! DSM jobs of several processes on loopback: the litmus tests of `dsm-litmus`, a job of one,
+//! and a node that never comes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "dsm-tests-cluster-key-0123456789";
+
+fn rendezvous(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mosaic-dsm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn node(rank: u16, size: u16, dir: &PathBuf, args: &[&str], join_ms: Option<u64>) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dsm-litmus"));
+    c.args(args)
+        .env("MOSAIC_DSM_RANK", rank.to_string())
+        .env("MOSAIC_DSM_SIZE", size.to_string())
+        .env("MOSAIC_DSM_RENDEZVOUS", dir)
+        .env("MOSAIC_CLUSTER_KEY", KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ms) = join_ms {
+        c.env("MOSAIC_DSM_JOIN_TIMEOUT_MS", ms.to_string());
+    }
+    c.spawn().expect("start dsm-litmus")
+}
+
+/// Waits for `child`, killing it after `limit`.
+fn finish(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Runs `args` on `size` nodes; returns each node's stdout, asserting that all succeeded.
+fn job(name: &str, size: u16, args: &[&str]) -> Vec<String> {
+    let dir = rendezvous(name);
+    let children: Vec<Child> = (0..size).map(|r| node(r, size, &dir, args, None)).collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| finish(c, Duration::from_secs(120))).collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut lines = Vec::new();
+    for (rank, o) in outs.iter().enumerate() {
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success() && out.contains(" ok: "),
+            "node {rank} of {size} ({args:?}): {}\n{out}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        lines.push(out);
+    }
+    lines
+}
+
+#[test]
+fn atomic_counters_lose_no_update_across_nodes() {
+    for size in [2, 3] {
+        let outs = job("counter", size, &["counter", "300"]);
+        let want = format!("both counters {}", 300 * u64::from(size));
+        assert!(outs.iter().all(|o| o.contains(&want)), "{outs:?}");
+    }
+}
+
+#[test]
+fn message_passing_sees_the_datum_behind_the_flag() {
+    for size in [2, 3, 4] {
+        job("mp", size, &["mp", "150"]);
+    }
+}
+
+#[test]
+fn store_buffering_never_reads_both_old_values() {
+    for size in [2, 3] {
+        job("sb", size, &["sb", "150"]);
+    }
+}
+
+#[test]
+fn every_node_reads_every_other_nodes_pages() {
+    for size in [2, 4] {
+        job("fill", size, &["fill"]);
+    }
+}
+
+#[test]
+fn a_job_of_one_node_works() {
+    for test in ["counter", "mp", "sb", "fill"] {
+        job("one", 1, &[test, "50"]);
+    }
+}
+
+#[test]
+fn a_node_that_never_comes_is_named_within_the_join_timeout() {
+    let dir = rendezvous("missing");
+    let start = Instant::now();
+    // Nodes 0 and 1 of 3; node 2 never starts.
+    let children: Vec<Child> = (0..2).map(|r| node(r, 3, &dir, &["counter", "10"], Some(1500))).collect();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = finish(c, Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "node {rank}: {err}");
+        assert!(err.contains("nodes [2] did not join within"), "node {rank}: {err}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_job_without_its_settings_says_what_is_missing() {
+    let o = Command::new(env!("CARGO_BIN_EXE_dsm-litmus"))
+        .arg("counter")
+        .env_remove("MOSAIC_DSM_RANK")
+        .env("MOSAIC_CLUSTER_KEY", KEY)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("MOSAIC_DSM_RANK: not set"));
+}
