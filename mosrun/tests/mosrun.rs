@@ -251,3 +251,41 @@ fn ok_stderr(o: &Output) -> Vec<u8> {
     ok(o);
     o.stderr.clone()
 }
+
+/// dsm-litmus (mosaic-dsm's litmus program), built beside mosrun.
+fn dsm_litmus() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_mosrun"));
+    let dir = exe.parent().expect("target directory").to_path_buf();
+    BUILD.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", "mosaic-dsm", "--bin", "dsm-litmus"]);
+        if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cargo.arg("--release");
+        }
+        assert!(cargo.status().unwrap().success(), "building dsm-litmus failed");
+    });
+    dir.join("dsm-litmus")
+}
+
+#[test]
+fn mosrun_n_starts_the_nodes_of_a_dsm_job() {
+    let out = mosrun().args(["-n", "3"]).arg(dsm_litmus()).args(["counter", "200"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    for rank in 0..3 {
+        assert!(text.contains(&format!("rank {rank}: counter ok: both counters 600")), "{text}");
+    }
+}
+
+#[test]
+fn mosrun_n_stops_the_job_when_a_node_fails() {
+    let start = std::time::Instant::now();
+    // Every node fails at once (an unknown test): mosrun reports one and exits with its status.
+    let out = mosrun().args(["-n", "2"]).arg(dsm_litmus()).arg("no-such-test").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+    let out = mosrun().args(["-n", "0", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a job has 1 to 64 nodes"));
+}
