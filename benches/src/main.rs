@@ -3,11 +3,13 @@
 //! ```text
 //! mosaic-bench transport [--transports tcp,shm,sim] [--peer] [--json] [--time SECS] [--wait spin|blocking]
 //! mosaic-bench netram [--transports tcp,shm] [--threads 1,4,16] [--resident 100,50,25] [--json]
+//! mosaic-bench dsm [--nodes 2,4] [--samples 500] [--json]
 //! mosaic-bench rmw [--size 64M] [--time 5]
 //! mosaic-bench serve --uri URI [--window-pages N]
 //! mosaic-bench serve-ram --uri URI --capacity SIZE
 //! ```
 
+mod dsm;
 mod netram;
 mod peer;
 mod serve;
@@ -123,6 +125,30 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         time: f64,
     },
+    /// DSM: read misses (home owner, and three hops), write upgrades with 1 and 3 sharers, and
+    /// barriers, for jobs of N processes on this host over tcp; beside, in the same run, the
+    /// pager's install and the transport's 4 KiB page read a read miss is made of.
+    Dsm {
+        /// Job sizes, comma-separated (at least 2; 3 hops need 3, 3 sharers need 4).
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        nodes: Vec<u16>,
+        /// Samples per figure.
+        #[arg(long, default_value_t = 500)]
+        samples: usize,
+        /// Timed seconds of each baseline figure.
+        #[arg(long, default_value_t = 1.0)]
+        time: f64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One node of a `dsm` job (started by `dsm`).
+    #[command(hide = true)]
+    DsmNode {
+        /// Samples per figure.
+        #[arg(long)]
+        samples: usize,
+    },
     /// Runs a memory server until standard input closes (used by `netram`).
     ServeRam {
         /// Where to listen: tcp://HOST:PORT or shm://NAME.
@@ -213,6 +239,10 @@ fn main() -> ExitCode {
             println!("{}", serde_json::json!({"bench": "rmw", "size": size, "ops_per_s": rate.round()}));
             Ok(())
         }
+        Cmd::Dsm { nodes, samples, time, json } => {
+            dsm::run(&dsm::Plan { nodes, samples, time: Duration::from_secs_f64(time), json })
+        }
+        Cmd::DsmNode { samples } => dsm::node(samples),
         Cmd::ServeRam { uri, capacity } => serve::serve_ram(&uri, capacity),
         Cmd::Serve { uri, window_pages, wait } => {
             let policy = match wait {

@@ -153,6 +153,31 @@ pub fn run(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// The figures a DSM read miss is compared with, from one memory server over tcp in a child
+/// process: the pager's install and the bare transport's 4 KiB page read (`mosaic-bench dsm`).
+pub fn baselines(time: Duration, json_out: bool) -> Result<(), String> {
+    let plan = Plan {
+        transports: vec!["tcp".into()],
+        servers: Vec::new(),
+        sim_link: "10gbe".into(),
+        threads: Vec::new(),
+        resident: Vec::new(),
+        size: 64 << 20,
+        rmw_size: 64 << 20,
+        time,
+        workers: true,
+        json: json_out,
+    };
+    let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
+    install_figure()?.print(json_out, "workers");
+    let (_children, uris) = servers_for("tcp", &plan, &key_text)?;
+    for f in transport_figures("tcp", &uris, &key, &plan)? {
+        f.print(json_out, "workers");
+    }
+    Ok(())
+}
+
 fn servers_for(t: &str, plan: &Plan, key_text: &str) -> Result<(Vec<ChildServer>, Vec<String>), String> {
     let (children, uris) = if plan.servers.is_empty() {
         // One server: on a machine with few cores, every extra server's busy-polling thread

@@ -8,14 +8,15 @@
 //!   request goes out and the fault is deferred until the page is in (a fault waiting longer
 //!   than [`JobConfig::fault_timeout`], or one on a job whose peer is gone, raises SIGBUS, with
 //!   the page and the reason logged: never a hang);
-//! - messages from peers arrive through the transport's server and wait in the inbox; one
-//!   *engine* thread hands them to [`Node::handle`] and carries out the actions under the node's
-//!   lock, so the mapping never disagrees with the protocol's state for longer than an action;
+//! - a peer's messages are handled on the transport's server thread of that peer's connection
+//!   (one per peer, so each peer's messages are handled in the order sent): [`Node::handle`] and
+//!   the actions it returns run under the node's lock, so the mapping never disagrees with the
+//!   protocol's state outside it;
 //! - messages to a peer wait in that peer's outbox, and one sender thread per peer sends them in
 //!   order, in batches (the protocol needs the order kept per pair of nodes).
 //!
-//! The engine never touches a page that is not mapped (it tracks what it mapped), so it never
-//! faults; the fault path never waits for anything but the node's lock.
+//! Message handling never touches a page that is not mapped (the node tracks what it mapped),
+//! so it never faults; the fault path never waits for anything but the node's lock.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -238,8 +239,6 @@ struct Shared {
     fault_timeout: Duration,
     local: Mutex<Local>,
     core: OnceLock<Arc<RegionCore>>,
-    inbox: Mutex<VecDeque<Envelope>>,
-    inbox_ready: Condvar,
     outboxes: Vec<Outbox>,
     /// Barrier arrivals: generation -> ranks that arrived.
     arrivals: Mutex<HashMap<u64, HashSet<NodeId>>>,
@@ -353,31 +352,16 @@ impl Shared {
         Ok(())
     }
 
-    /// The engine: hands every message that arrives to the protocol.
-    fn run_engine(&self) {
-        while !self.stop.load(Ordering::Acquire) {
-            let batch: Vec<Envelope> = {
-                let mut inbox = lock(&self.inbox);
-                if inbox.is_empty() {
-                    inbox = self
-                        .inbox_ready
-                        .wait_timeout(inbox, Duration::from_millis(50))
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
-                }
-                inbox.drain(..).collect()
-            };
-            for e in batch {
-                let mut local = lock(&self.local);
-                log::trace!("node {}: got {e:?}", self.rank);
-                if let Some(bytes) = e.bytes {
-                    local.staged.insert(e.msg.page(), bytes);
-                }
-                match local.node.handle(e.from, e.msg) {
-                    Ok(actions) => self.execute(&mut local, actions),
-                    Err(err) => self.break_job(format!("node {} broke the protocol: {err}", e.from)),
-                }
-            }
+    /// Hands a message from a peer to the protocol and carries out what it says.
+    fn receive(&self, e: Envelope) {
+        let mut local = lock(&self.local);
+        log::trace!("node {}: got {e:?}", self.rank);
+        if let Some(bytes) = e.bytes {
+            local.staged.insert(e.msg.page(), bytes);
+        }
+        match local.node.handle(e.from, e.msg) {
+            Ok(actions) => self.execute(&mut local, actions),
+            Err(err) => self.break_job(format!("node {} broke the protocol: {err}", e.from)),
         }
     }
 
@@ -454,7 +438,7 @@ impl PageSource for Source {
         let access = local.node.access(page);
         log::trace!("node {}: fault on page {page} ({want:?}), access {access:?}, waited {:?}", s.rank, fault.waited);
         if want.allowed_by(access) {
-            // Allowed: the engine installed the page since this fault was first asked about
+            // Allowed: the node installed the page (on a message) since this fault was first asked about
             // (it woke the thread then), or it is a page this node is home of that nobody touched
             // yet: all zeros, installed here under the lock. The pager must install nothing
             // itself: the page may be dropped again as soon as the lock is released.
@@ -475,7 +459,8 @@ impl PageSource for Source {
             s.requests.fetch_add(1, Ordering::Relaxed);
             s.execute(&mut local, actions);
         }
-        // The engine installs the page (and wakes this fault's thread); the pager asks again.
+        // The page is installed when it arrives (which wakes this fault's thread); the pager asks
+        // again meanwhile.
         Ok(Filled::Busy)
     }
 
@@ -526,7 +511,7 @@ fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64)> {
     Some((u16::from_le_bytes([b[0], b[1]]), u64::from_le_bytes(b[2..].try_into().ok()?)))
 }
 
-/// Receives peers' messages: decodes them into the inbox (never waits for the node's lock).
+/// Receives peers' messages, on the connection's server thread.
 struct Inbox(Arc<Shared>);
 
 impl Service for Inbox {
@@ -548,8 +533,9 @@ impl Service for Inbox {
             return Err(ServiceError::new(Status::BadRequest, "a message from no other node of this job"));
         }
         s.received.fetch_add(envelopes.len() as u64, Ordering::Relaxed);
-        lock(&s.inbox).extend(envelopes);
-        s.inbox_ready.notify_one();
+        for e in envelopes {
+            s.receive(e);
+        }
         Ok(())
     }
 }
@@ -596,8 +582,6 @@ impl Job {
             fault_timeout: cfg.fault_timeout,
             local: Mutex::new(Local { node, mapped: HashSet::new(), staged: HashMap::new() }),
             core: OnceLock::new(),
-            inbox: Mutex::new(VecDeque::new()),
-            inbox_ready: Condvar::new(),
             outboxes: (0..cfg.size)
                 .map(|_| Outbox { queue: Mutex::new(VecDeque::new()), ready: Condvar::new() })
                 .collect(),
@@ -628,8 +612,6 @@ impl Job {
             barriers: AtomicU64::new(0),
             join_timeout: cfg.join_timeout,
         };
-        let engine = shared.clone();
-        job.threads.push(spawn("mosaic-dsm-engine", move || engine.run_engine()));
         let server = listen(&cfg.listen, ServerConfig::new(cfg.key.clone()).service(Inbox(shared.clone())))
             .map_err(|source| JoinError::Listen { uri: cfg.listen.clone(), source })?;
         let uris = rendezvous(&cfg, server.uri())?;
@@ -748,7 +730,6 @@ impl Job {
     fn stop(&mut self) {
         let s = &self.shared;
         s.stop.store(true, Ordering::Release);
-        s.inbox_ready.notify_all();
         for o in &s.outboxes {
             o.ready.notify_all();
         }

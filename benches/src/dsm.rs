@@ -1,0 +1,201 @@
+//! DSM: read misses, write upgrades and barriers of a job of N processes on this host, and,
+//! from the same run, the bare transport's 4 KiB page read and the pager's install that a read
+//! miss is made of.
+//!
+//! The parent starts N copies of this binary (`mosaic-bench dsm-node`) as the nodes of a job;
+//! node 0 times, the others set pages up and serve. Page `p`'s home is node `p % N`; every
+//! sample uses a page of its own, so no sample finds a copy an earlier one left:
+//! - `read_miss`: node 0 reads a page its home (node 1) owns: request to the home, the page back.
+//! - `read_miss_3hop` (N >= 3): node 0 reads a page node 2 owns (written there first): request to
+//!   the home, recall to the owner, the page from the owner.
+//! - `write_upgrade`: node 0 writes a page it holds read-only, with `sharers` other nodes holding
+//!   copies (the home, and with 3, nodes 2 and 3 too): request, invalidations, acknowledgements.
+//! - `barrier`: one barrier of all N nodes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use mosaic_dsm::{Job, JobConfig};
+use serde_json::json;
+
+use crate::stats::Samples;
+
+/// What to measure.
+pub struct Plan {
+    /// Job sizes.
+    pub nodes: Vec<u16>,
+    /// Samples per figure.
+    pub samples: usize,
+    /// Seconds of the baseline figures.
+    pub time: Duration,
+    /// One JSON object per line instead of a table.
+    pub json: bool,
+}
+
+const PAGE: usize = 4096;
+
+/// Runs the plan: the baselines, then one job per size.
+pub fn run(plan: &Plan) -> Result<(), String> {
+    crate::netram::baselines(plan.time, plan.json)?;
+    for &n in &plan.nodes {
+        if n < 2 {
+            return Err(format!("--nodes {n}: a DSM figure needs at least 2 nodes"));
+        }
+        eprintln!("[dsm] {n} nodes, {} samples per figure", plan.samples);
+        for line in job(n, plan.samples)? {
+            if plan.json {
+                println!("{line}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                let sharers = v
+                    .get("sharers")
+                    .and_then(serde_json::Value::as_u64)
+                    .map(|s| format!(" {s} sharers"))
+                    .unwrap_or_default();
+                println!(
+                    "tcp   {:<16}{:<11} {} nodes  min {:.2} / median {:.2} / p99 {:.2} us",
+                    v["op"].as_str().unwrap_or(""),
+                    sharers,
+                    n,
+                    v["min_us"].as_f64().unwrap_or(0.0),
+                    v["median_us"].as_f64().unwrap_or(0.0),
+                    v["p99_us"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts a job of `n` nodes; returns node 0's figure lines.
+fn job(n: u16, samples: usize) -> Result<Vec<String>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let key = mosaic_transport::ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("mosaic-bench-dsm-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut children = Vec::new();
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(["dsm-node", "--samples", &samples.to_string()])
+            .env("MOSAIC_DSM_RANK", rank.to_string())
+            .env("MOSAIC_DSM_SIZE", n.to_string())
+            .env("MOSAIC_DSM_RENDEZVOUS", &dir)
+            .env(mosaic_transport::KEY_ENV, &key)
+            .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+            .spawn()
+            .map_err(|e| format!("cannot start node {rank}: {e}"))?;
+        children.push(child);
+    }
+    let out = children[0].stdout.take().ok_or("no output from node 0")?;
+    let lines: Vec<String> = BufReader::new(out).lines().map_while(Result::ok).collect();
+    let mut failed = Vec::new();
+    for (rank, mut c) in children.into_iter().enumerate() {
+        match c.wait() {
+            Ok(s) if s.success() => {}
+            Ok(s) => failed.push(format!("node {rank}: {s}")),
+            Err(e) => failed.push(format!("node {rank}: {e}")),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if !failed.is_empty() {
+        return Err(format!("the DSM job failed: {}", failed.join("; ")));
+    }
+    Ok(lines)
+}
+
+/// One node of a measuring job (`mosaic-bench dsm-node`).
+pub fn node(samples: usize) -> Result<(), String> {
+    let n_pages = 4 * samples * 4 + 64;
+    let cfg = JobConfig::from_env((n_pages * PAGE) as u64).map_err(|e| e.to_string())?;
+    let job = Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let (me, n) = (usize::from(job.rank()), usize::from(job.size()));
+    // The byte at the start of page `p`, touched with single accesses.
+    let byte = |p: usize| -> &AtomicU8 {
+        assert!((p + 1) * PAGE <= job.len());
+        // SAFETY: inside the job's mapped region, which lives as long as `job`; accessed only
+        // atomically, byte-sized (always aligned).
+        unsafe { &*job.as_ptr().add(p * PAGE).cast::<AtomicU8>() }
+    };
+    // Page i of phase k, homed at node 1.
+    let page = |k: usize, i: usize| (k * samples + i) * n + 1;
+    let barrier = || job.barrier().map_err(|e| mosaic_transport::error_chain(&e));
+    let emit = |op: &str, sharers: Option<usize>, s: &mut Samples| {
+        if let Some(sum) = s.summary() {
+            let mut v = json!({"bench": "dsm", "op": op, "nodes": n, "transport": "tcp",
+                "min_us": round3(sum.min_us), "median_us": round3(sum.median_us), "p99_us": round3(sum.p99_us),
+                "samples": sum.count});
+            if let Some(sh) = sharers {
+                v["sharers"] = json!(sh);
+            }
+            println!("{v}");
+        }
+    };
+    let time_reads = |k: usize| {
+        let mut s = Samples::with_capacity(samples);
+        for i in 0..samples {
+            let t = Instant::now();
+            std::hint::black_box(byte(page(k, i)).load(Ordering::Relaxed));
+            s.push(t.elapsed());
+        }
+        s
+    };
+    // Phase 0: read misses served by the home, which owns the page.
+    barrier()?;
+    if me == 0 {
+        emit("read_miss", None, &mut time_reads(0));
+    }
+    // Phase 1: read misses the home forwards to the owner, node 2.
+    if n >= 3 {
+        if me == 2 {
+            for i in 0..samples {
+                byte(page(1, i)).store(1, Ordering::Relaxed);
+            }
+        }
+        barrier()?;
+        if me == 0 {
+            emit("read_miss_3hop", None, &mut time_reads(1));
+        }
+    }
+    // Phases 2 and 3: write upgrades with 1 sharer (the home) and, with 4 nodes, 3.
+    for (k, sharers) in [(2usize, 1usize), (3, 3)] {
+        if sharers + 1 > n {
+            continue;
+        }
+        barrier()?;
+        if (2..=sharers).contains(&me) {
+            for i in 0..samples {
+                std::hint::black_box(byte(page(k, i)).load(Ordering::Relaxed));
+            }
+        }
+        barrier()?;
+        if me == 0 {
+            let mut s = Samples::with_capacity(samples);
+            for i in 0..samples {
+                let b = byte(page(k, i));
+                std::hint::black_box(b.load(Ordering::Relaxed));
+                let t = Instant::now();
+                b.store(2, Ordering::Relaxed);
+                s.push(t.elapsed());
+            }
+            emit("write_upgrade", Some(sharers), &mut s);
+        }
+    }
+    // Barriers.
+    barrier()?;
+    let mut s = Samples::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        barrier()?;
+        s.push(t.elapsed());
+    }
+    if me == 0 {
+        emit("barrier", None, &mut s);
+    }
+    job.leave().map_err(|e| mosaic_transport::error_chain(&e))
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
