@@ -14,9 +14,29 @@
 //!   state that at most one node may write a page, that every readable copy holds the latest
 //!   write, and that every request is answered (no deadlock, nothing left in flight).
 //!
-//! Not built yet (issue 12 of the tracker): the I/O layer over the pager and the transport, the
-//! job start (`mosrun -n`, MPI and Slurm environments), the global allocator, locks, barriers and
-//! atomics, the C ABI and the benchmarks.
+//! - [`job`]: a node of a job of processes: [`Job::join`] maps the shared region at the same
+//!   address on every node, meets the other nodes, and keeps the region coherent (faults through
+//!   the pager, messages over the transport); [`Job::barrier`], [`Job::leave`]. `mosrun -n N`
+//!   starts a job on this host.
+//! - [`wire`]: the messages' encoding.
+//!
+//! ```no_run
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Rank, size, rendezvous and key from the environment `mosrun -n` sets.
+//! let job = mosaic_dsm::Job::join(mosaic_dsm::JobConfig::from_env(1 << 20)?)?;
+//! // SAFETY: the region's first 8 bytes, aligned, used only atomically by every node.
+//! let counter = unsafe { &*job.as_ptr().cast::<AtomicU64>() };
+//! counter.fetch_add(1, Ordering::SeqCst); // atomic across nodes
+//! job.barrier()?;
+//! assert_eq!(counter.load(Ordering::SeqCst), u64::from(job.size()));
+//! job.leave()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Not built yet (issue 12 of the tracker): MPI and Slurm environments, nodes on other hosts,
+//! shared allocation, locks queued at their home, the C ABI, and speed.
 
 pub mod job;
 pub mod model;
