@@ -18,7 +18,7 @@
 //! Message handling never touches a page that is not mapped (the node tracks what it mapped),
 //! so it never faults; the fault path never waits for anything but the node's lock.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -41,6 +41,9 @@ use crate::wire::{self, Envelope};
 const METHOD_PROTOCOL: u64 = 0x4453_4d01;
 /// The transport method of barrier arrivals (outside the coherence protocol).
 const METHOD_BARRIER: u64 = 0x4453_4d02;
+/// The barrier generation of leaving (apart from the numbered barriers, so a node that leaves
+/// early does not count as arriving at its peers' next barrier).
+const LEAVING: u64 = u64::MAX;
 /// Most messages one call carries.
 const BATCH: usize = 32;
 
@@ -223,14 +226,28 @@ struct Local {
     node: Node,
     /// Pages mapped here now.
     mapped: HashSet<PageNo>,
+    /// Pages ever mapped here: a page this node is home of and never mapped is all zeros.
+    touched: HashSet<PageNo>,
     /// Bytes that arrived with `Data`, until installed.
     staged: HashMap<PageNo, Box<Page>>,
+    /// Per peer: the number of the next message to handle from it.
+    expected: Vec<u64>,
+    /// Per peer: messages that arrived ahead of their turn.
+    early: Vec<BTreeMap<u64, Envelope>>,
 }
 
-/// One peer's outbox, drained in order by its sender thread.
+/// One peer's outbox. Any thread may take its messages and send them (the thread that made
+/// them, after releasing the node's lock; the connection thread answering that peer, in its
+/// answer; else the peer's sender thread): the receiver puts them back in order by number.
 struct Outbox {
-    queue: Mutex<VecDeque<Envelope>>,
+    queue: Mutex<Queue>,
     ready: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    next_seq: u64,
+    messages: VecDeque<Envelope>,
 }
 
 struct Shared {
@@ -238,7 +255,17 @@ struct Shared {
     size: u16,
     fault_timeout: Duration,
     local: Mutex<Local>,
-    core: OnceLock<Arc<RegionCore>>,
+    /// The region (weak: the region's source holds this, so a strong reference would be a
+    /// cycle that keeps both alive after the job ends).
+    core: OnceLock<std::sync::Weak<RegionCore>>,
+    /// Pages of the region.
+    pages: u64,
+    /// Batches taken from an outbox and not yet answered.
+    sending: AtomicU64,
+    /// The rank each connection of a peer speaks for (set by its first message).
+    callers: Mutex<HashMap<u64, NodeId>>,
+    /// Connections to the peers, by rank (none to this node), once all are made.
+    conns: OnceLock<Vec<Option<Connection>>>,
     outboxes: Vec<Outbox>,
     /// Barrier arrivals: generation -> ranks that arrived.
     arrivals: Mutex<HashMap<u64, HashSet<NodeId>>>,
@@ -267,23 +294,26 @@ impl Shared {
         lock(&self.broken).clone()
     }
 
-    fn core(&self) -> &RegionCore {
-        self.core.get().expect("the region is made before any message or fault")
+    /// The region, while it is mapped.
+    fn core(&self) -> Result<Arc<RegionCore>, String> {
+        self.core.get().and_then(std::sync::Weak::upgrade).ok_or_else(|| "the region is gone".to_string())
     }
 
     /// The bytes of `page` as mapped here (zeros if this node never mapped it: a page its home
     /// owns and nobody touched yet).
-    fn read_page(&self, local: &Local, page: PageNo) -> Box<Page> {
+    fn read_page(&self, local: &Local, page: PageNo) -> Result<Box<Page>, String> {
         let mut p = Page::boxed();
         if local.mapped.contains(&page) {
-            let core = self.core();
+            let core = self.core()?;
             let off = usize::try_from(page).expect("a region page") * PAGE_SIZE;
             // SAFETY: the page is mapped (we installed it and have not dropped it) inside the
             // live region, and write-protected or ours alone while the node's lock is held: the
             // protocol downgrades a page before sending it. 4096 bytes, no overlap with `p`.
             unsafe { std::ptr::copy_nonoverlapping(core.as_ptr().add(off), p.0.as_mut_ptr(), PAGE_SIZE) };
+        } else if local.touched.contains(&page) || local.node.home_of(page) != self.rank {
+            return Err(format!("page {page} is to be sent but is not mapped here"));
         }
-        p
+        Ok(p)
     }
 
     /// Carries out `actions` of this node, then every message it sent itself meanwhile.
@@ -291,11 +321,14 @@ impl Shared {
         let mut own: VecDeque<Envelope> = VecDeque::new();
         self.execute_into(local, actions, &mut own);
         while let Some(e) = own.pop_front() {
-            if let Some(bytes) = e.bytes {
-                local.staged.insert(e.msg.page(), bytes);
-            }
+            let page = e.msg.page();
             match local.node.handle(self.rank, e.msg) {
-                Ok(actions) => self.execute_into(local, actions, &mut own),
+                Ok(actions) => {
+                    if let Some(bytes) = e.bytes {
+                        local.staged.insert(page, bytes);
+                    }
+                    self.execute_into(local, actions, &mut own);
+                }
                 Err(err) => self.break_job(format!("own message refused: {err}")),
             }
         }
@@ -310,17 +343,23 @@ impl Shared {
     }
 
     fn act(&self, local: &mut Local, a: Action, own: &mut VecDeque<Envelope>) -> Result<(), String> {
-        let core = self.core();
+        let core = self.core()?;
         log::trace!("node {}: {a:?} (mapped: {})", self.rank, local.mapped.contains(&action_page(&a)));
         match a {
             Action::Send { to, msg } => {
-                let bytes = matches!(msg, Msg::Data { .. }).then(|| self.read_page(local, msg.page()));
-                let e = Envelope { from: self.rank, msg, bytes };
+                let bytes = match msg {
+                    Msg::Data { page } => Some(self.read_page(local, page)?),
+                    _ => None,
+                };
+                let mut e = Envelope { from: self.rank, seq: 0, msg, bytes };
                 if to == self.rank {
                     own.push_back(e);
                 } else {
                     let out = self.outboxes.get(usize::from(to)).ok_or(format!("no node {to}"))?;
-                    lock(&out.queue).push_back(e);
+                    let mut q = lock(&out.queue);
+                    e.seq = q.next_seq;
+                    q.next_seq += 1;
+                    q.messages.push_back(e);
                     out.ready.notify_one();
                 }
             }
@@ -329,14 +368,23 @@ impl Shared {
                 if local.mapped.remove(&page) {
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                 }
-                core.install(page, std::slice::from_ref(&*bytes)).map_err(|e| format!("page {page}: {e}"))?;
+                let n = core.install(page, std::slice::from_ref(&*bytes)).map_err(|e| format!("page {page}: {e}"))?;
+                if n != 1 {
+                    return Err(format!("page {page} was present where none was mapped"));
+                }
                 local.mapped.insert(page);
+                local.touched.insert(page);
                 if writable {
                     core.write_protect(page, 1, false).map_err(|e| format!("page {page}: {e}"))?;
                 }
             }
             Action::Upgrade { page } => {
-                core.write_protect(page, 1, false).map_err(|e| format!("page {page}: {e}"))?;
+                if local.mapped.contains(&page) {
+                    core.write_protect(page, 1, false).map_err(|e| format!("page {page}: {e}"))?;
+                } else if local.touched.contains(&page) || local.node.home_of(page) != self.rank {
+                    return Err(format!("page {page} is to be made writable but is not mapped here"));
+                }
+                // Else a page this node is home of that nobody touched: the fault installs it.
             }
             Action::Downgrade { page } => {
                 if local.mapped.contains(&page) {
@@ -352,55 +400,149 @@ impl Shared {
         Ok(())
     }
 
-    /// Hands a message from a peer to the protocol and carries out what it says.
+    /// Hands a message from a peer to the protocol, in the order the peer numbered its messages
+    /// (one that comes early waits for those before it), and carries out what it says.
     fn receive(&self, e: Envelope) {
+        if self.broken().is_some() {
+            return; // a broken node acts on nothing more: its peers' faults fail in time
+        }
         let mut local = lock(&self.local);
         log::trace!("node {}: got {e:?}", self.rank);
-        if let Some(bytes) = e.bytes {
-            local.staged.insert(e.msg.page(), bytes);
+        let from = usize::from(e.from);
+        let expected = local.expected[from];
+        if e.seq < expected || local.early[from].contains_key(&e.seq) {
+            drop(local);
+            self.break_job(format!("message {} from node {} came twice", e.seq, e.from));
+            return;
         }
-        match local.node.handle(e.from, e.msg) {
-            Ok(actions) => self.execute(&mut local, actions),
-            Err(err) => self.break_job(format!("node {} broke the protocol: {err}", e.from)),
+        local.early[from].insert(e.seq, e);
+        while let Some(e) = {
+            let next = local.expected[from];
+            local.early[from].remove(&next)
+        } {
+            local.expected[from] += 1;
+            let page = e.msg.page();
+            match local.node.handle(e.from, e.msg) {
+                Ok(actions) => {
+                    // The bytes are kept only once the protocol accepted the message.
+                    if let Some(bytes) = e.bytes {
+                        local.staged.insert(page, bytes);
+                    }
+                    self.execute(&mut local, actions);
+                }
+                Err(err) => {
+                    self.break_job(format!("node {} broke the protocol: {err}", e.from));
+                    return;
+                }
+            }
         }
     }
 
-    /// A sender: sends peer `to`'s outbox in order, in batches.
+    /// Takes up to [`BATCH`] of peer `to`'s waiting messages.
+    /// A non-empty batch counts in `sending` until [`Shared::send`] is done with it.
+    fn take(&self, to: NodeId) -> Vec<Envelope> {
+        let mut q = lock(&self.outboxes[usize::from(to)].queue);
+        let n = q.messages.len().min(BATCH);
+        if n > 0 {
+            self.sending.fetch_add(1, Ordering::AcqRel);
+        }
+        q.messages.drain(..n).collect()
+    }
+
+    /// Sends `batch` to peer `to` on `conn` and handles what comes back in the answer.
+    fn send(&self, to: NodeId, conn: &Connection, batch: &[Envelope], buf: &mut Vec<u8>) -> Result<(), ()> {
+        let r = self.send_taken(to, conn, batch, buf);
+        self.sending.fetch_sub(1, Ordering::AcqRel);
+        r
+    }
+
+    fn send_taken(&self, to: NodeId, conn: &Connection, batch: &[Envelope], buf: &mut Vec<u8>) -> Result<(), ()> {
+        buf.clear();
+        let mut pages = 0;
+        for e in batch {
+            pages += u64::from(e.bytes.is_some());
+            if let Err(err) = wire::encode(e, buf) {
+                self.break_job(format!("cannot encode {e:?}: {err}"));
+                return Err(());
+            }
+        }
+        let answer = match conn.call(METHOD_PROTOCOL, buf) {
+            Ok(a) => a,
+            Err(err) => {
+                self.break_job(format!("node {to} is unreachable: {err}"));
+                return Err(());
+            }
+        };
+        self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.pages_sent.fetch_add(pages, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.receive_all(to, &answer);
+        Ok(())
+    }
+
+    /// Handles messages from peer `from` that came in an answer.
+    fn receive_all(&self, from: NodeId, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match wire::decode(bytes) {
+            Ok(envelopes) if envelopes.iter().all(|e| e.from == from) => {
+                self.received.fetch_add(envelopes.len() as u64, Ordering::Relaxed);
+                for e in envelopes {
+                    self.receive(e);
+                }
+            }
+            Ok(_) => self.break_job(format!("node {from} answered with another node's messages")),
+            Err(e) => self.break_job(format!("node {from} answered with a malformed message: {e}")),
+        }
+    }
+
+    /// Sends every waiting message on the calling thread (which must hold no lock of the
+    /// node's), a few rounds at most; what remains is left to the sender threads.
+    fn flush(&self) {
+        let Some(conns) = self.conns.get() else { return };
+        let mut buf = Vec::new();
+        for _ in 0..4 {
+            let mut sent = false;
+            for (to, conn) in conns.iter().enumerate() {
+                let Some(conn) = conn else { continue };
+                let to = NodeId::try_from(to).expect("at most MAX_NODES");
+                let batch = self.take(to);
+                if !batch.is_empty() {
+                    sent = true;
+                    if self.send(to, conn, &batch, &mut buf).is_err() {
+                        return;
+                    }
+                }
+            }
+            if !sent {
+                return;
+            }
+        }
+    }
+
+    /// A sender: sends what waits in peer `to`'s outbox that no other thread took.
     fn run_sender(&self, to: NodeId, conn: Connection) {
         let out = &self.outboxes[usize::from(to)];
         let mut buf = Vec::new();
         loop {
-            let batch: Vec<Envelope> = {
+            {
                 let mut q = lock(&out.queue);
-                while q.is_empty() && !self.stop.load(Ordering::Acquire) {
+                while q.messages.is_empty() && !self.stop.load(Ordering::Acquire) {
                     q = out
                         .ready
                         .wait_timeout(q, Duration::from_millis(50))
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .0;
                 }
-                if q.is_empty() {
-                    return;
-                }
-                let n = q.len().min(BATCH);
-                q.drain(..n).collect()
-            };
-            buf.clear();
-            let mut pages = 0;
-            for e in &batch {
-                pages += u64::from(e.bytes.is_some());
-                if let Err(err) = wire::encode(e, &mut buf) {
-                    self.break_job(format!("cannot encode {e:?}: {err}"));
+                if q.messages.is_empty() {
                     return;
                 }
             }
-            if let Err(err) = conn.call(METHOD_PROTOCOL, &buf) {
-                self.break_job(format!("node {to} is unreachable: {err}"));
+            let batch = self.take(to);
+            if !batch.is_empty() && self.send(to, &conn, &batch, &mut buf).is_err() {
                 return;
             }
-            self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            self.pages_sent.fetch_add(pages, Ordering::Relaxed);
-            self.bytes_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -434,30 +576,27 @@ impl PageSource for Source {
         let s = &self.0;
         let page = fault.index;
         let want = if fault.write { Want::Write } else { Want::Read };
-        let mut local = lock(&s.local);
-        let access = local.node.access(page);
-        log::trace!("node {}: fault on page {page} ({want:?}), access {access:?}, waited {:?}", s.rank, fault.waited);
-        if want.allowed_by(access) {
-            // Allowed: the node installed the page (on a message) since this fault was first asked about
-            // (it woke the thread then), or it is a page this node is home of that nobody touched
-            // yet: all zeros, installed here under the lock. The pager must install nothing
-            // itself: the page may be dropped again as soon as the lock is released.
-            if local.mapped.insert(page) {
-                let core = fault.region;
-                core.install(page, std::slice::from_ref(&Page::ZERO)).map_err(FillError::new)?;
-                if access == Access::Write {
-                    core.write_protect(page, 1, false).map_err(FillError::new)?;
-                }
-            }
-            return Ok(Filled::Present);
-        }
+        // A broken node serves no fault: SIGBUS, never a page it cannot vouch for.
         if let Some(e) = self.give_up(fault) {
             return Err(e);
+        }
+        let mut local = lock(&s.local);
+        log::trace!("node {}: fault on page {page} ({want:?}), waited {:?}", s.rank, fault.waited);
+        if let Some(done) = self.present(&mut local, fault, want) {
+            return done;
         }
         let actions = local.node.fault(page, want);
         if !actions.is_empty() {
             s.requests.fetch_add(1, Ordering::Relaxed);
             s.execute(&mut local, actions);
+            // A request to this node itself may be done already.
+            if let Some(done) = self.present(&mut local, fault, want) {
+                return done;
+            }
+            drop(local);
+            // Sent from here, not by a sender thread woken for it: the answer (often the page
+            // itself) comes back on this call and is installed here too.
+            s.flush();
         }
         // The page is installed when it arrives (which wakes this fault's thread); the pager asks
         // again meanwhile.
@@ -469,31 +608,88 @@ impl PageSource for Source {
         let page = fault.index;
         let mut local = lock(&s.local);
         log::trace!("node {}: write to read-only page {page}, access {:?}", s.rank, local.node.access(page));
-        match local.node.access(page) {
+        if let Some(d) = self.writable(&mut local, fault) {
+            return d;
+        }
+        if self.give_up(fault).is_some() {
+            // The write cannot go ahead. The node breaks (it acts on no message any more and
+            // every fault on it fails), the page goes, and the retried write faults as a missing
+            // page, whose fill raises SIGBUS: failed, never fed zeros.
+            s.break_job(format!("page {page}: no write access within {:?}", s.fault_timeout));
+            if local.mapped.remove(&page) {
+                if let Ok(core) = s.core() {
+                    let _ = core.drop_pages(page, 1);
+                }
+            }
+            return WriteDecision::Retry;
+        }
+        let actions = local.node.fault(page, Want::Write);
+        if !actions.is_empty() {
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            s.execute(&mut local, actions);
+            if let Some(d) = self.writable(&mut local, fault) {
+                return d;
+            }
+            drop(local);
+            s.flush();
+        }
+        WriteDecision::Busy
+    }
+}
+
+impl Source {
+    /// The answer to a missing-page fault whose access the protocol allows now: the page is
+    /// mapped (installed when it arrived), or this node is its home and nobody touched it yet
+    /// (zeros, installed here under the lock: the pager must install nothing itself, since the
+    /// page may be dropped again as soon as the lock is released). `None` if not allowed.
+    fn present(&self, local: &mut Local, fault: &Fault<'_>, want: Want) -> Option<Result<Filled, FillError>> {
+        let s = &self.0;
+        let page = fault.index;
+        let access = local.node.access(page);
+        if !want.allowed_by(access) {
+            return None;
+        }
+        if local.mapped.contains(&page) {
+            return Some(Ok(Filled::Present));
+        }
+        if local.touched.contains(&page) || local.node.home_of(page) != s.rank {
+            let why = format!("page {page}: allowed here but not mapped");
+            s.break_job(why.clone());
+            return Some(Err(FillError::new(PageError::Broken { page, why })));
+        }
+        let core = fault.region;
+        let installed = core.install(page, std::slice::from_ref(&Page::ZERO)).and_then(|_| {
+            if access == Access::Write {
+                core.write_protect(page, 1, false)
+            } else {
+                Ok(())
+            }
+        });
+        Some(match installed {
+            Ok(()) => {
+                local.mapped.insert(page);
+                local.touched.insert(page);
+                Ok(Filled::Present)
+            }
+            Err(e) => Err(FillError::new(e)),
+        })
+    }
+
+    /// The answer to a write to a read-only page that may proceed now, made writable here under
+    /// the lock (the pager's own unprotect would come after the lock is released and could undo
+    /// a downgrade made meanwhile); `None` if it may not yet.
+    fn writable(&self, local: &mut Local, fault: &Fault<'_>) -> Option<WriteDecision> {
+        let s = &self.0;
+        match local.node.access(fault.index) {
             Access::Write => {
-                // Made writable here, under the lock: the pager's own unprotect would come after
-                // the lock is released and could undo a downgrade made meanwhile.
                 if let Err(e) = fault.unprotect() {
-                    s.break_job(format!("page {page}: {e}"));
+                    s.break_job(format!("page {}: {e}", fault.index));
                 }
-                WriteDecision::Proceed
+                Some(WriteDecision::Proceed)
             }
-            Access::None => WriteDecision::Retry,
-            Access::Read => {
-                if self.give_up(fault).is_some() {
-                    // Let the write fault again as a missing page, whose fill raises SIGBUS.
-                    if local.mapped.remove(&page) {
-                        let _ = s.core().drop_pages(page, 1);
-                    }
-                    return WriteDecision::Retry;
-                }
-                let actions = local.node.fault(page, Want::Write);
-                if !actions.is_empty() {
-                    s.requests.fetch_add(1, Ordering::Relaxed);
-                    s.execute(&mut local, actions);
-                }
-                WriteDecision::Busy
-            }
+            // Dropped meanwhile: the write retries and faults as a missing page.
+            Access::None => Some(WriteDecision::Retry),
+            Access::Read => None,
         }
     }
 }
@@ -515,7 +711,7 @@ fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64)> {
 struct Inbox(Arc<Shared>);
 
 impl Service for Inbox {
-    fn call(&self, _caller: &Caller, method: u64, request: &[u8], _response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         let s = &self.0;
         if method == METHOD_BARRIER {
             let (from, generation) = decode_arrival(request)
@@ -532,10 +728,41 @@ impl Service for Inbox {
         if envelopes.iter().any(|e| e.from >= s.size || e.from == s.rank) {
             return Err(ServiceError::new(Status::BadRequest, "a message from no other node of this job"));
         }
+        let Some(from) = envelopes.first().map(|e| e.from) else { return Ok(()) };
+        if envelopes.iter().any(|e| e.from != from) {
+            return Err(ServiceError::new(Status::BadRequest, "messages of several nodes in one call"));
+        }
+        // A connection speaks for one node: the one its first message named.
+        if *lock(&s.callers).entry(caller.id).or_insert(from) != from {
+            return Err(ServiceError::new(Status::BadRequest, "messages of another node on this connection"));
+        }
+        if let Some(e) = envelopes.iter().find(|e| e.msg.page() >= s.pages) {
+            return Err(ServiceError::new(Status::BadRequest, format!("page {} is beyond the region", e.msg.page())));
+        }
         s.received.fetch_add(envelopes.len() as u64, Ordering::Relaxed);
         for e in envelopes {
             s.receive(e);
         }
+        // What this node has for the caller goes back in the answer (the page it asked for,
+        // above all): no sender thread to wake, no second connection. Sending from here on this
+        // thread could deadlock (two nodes' connection threads each waiting for the other's).
+        let answer = s.take(from);
+        let mut pages = 0;
+        let mut encoded = Ok(());
+        for e in &answer {
+            pages += u64::from(e.bytes.is_some());
+            if let Err(err) = wire::encode(e, response) {
+                s.break_job(format!("cannot encode {e:?}: {err}"));
+                encoded = Err(ServiceError::new(Status::Handler, err.to_string()));
+                break;
+            }
+        }
+        if !answer.is_empty() {
+            s.sending.fetch_sub(1, Ordering::AcqRel); // counted by `take`; on its way now
+        }
+        encoded?;
+        s.sent.fetch_add(answer.len() as u64, Ordering::Relaxed);
+        s.pages_sent.fetch_add(pages, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -543,6 +770,13 @@ impl Service for Inbox {
 /// This process's node of a DSM job: the shared region and the threads that keep it coherent.
 pub struct Job {
     shared: Arc<Shared>,
+    /// The region's first byte and size.
+    base: usize,
+    len: usize,
+    /// Whether `join` completed (only then does leaving wait for the others).
+    joined: bool,
+    /// This node's address in the rendezvous directory, removed when it leaves.
+    published: Option<PathBuf>,
     region: Option<Region>,
     server: Option<Server>,
     threads: Vec<JoinHandle<()>>,
@@ -580,10 +814,21 @@ impl Job {
             rank: cfg.rank,
             size: cfg.size,
             fault_timeout: cfg.fault_timeout,
-            local: Mutex::new(Local { node, mapped: HashSet::new(), staged: HashMap::new() }),
+            local: Mutex::new(Local {
+                node,
+                mapped: HashSet::new(),
+                touched: HashSet::new(),
+                staged: HashMap::new(),
+                expected: vec![0; usize::from(cfg.size)],
+                early: (0..cfg.size).map(|_| BTreeMap::new()).collect(),
+            }),
             core: OnceLock::new(),
+            pages: cfg.bytes / page,
+            sending: AtomicU64::new(0),
+            callers: Mutex::new(HashMap::new()),
+            conns: OnceLock::new(),
             outboxes: (0..cfg.size)
-                .map(|_| Outbox { queue: Mutex::new(VecDeque::new()), ready: Condvar::new() })
+                .map(|_| Outbox { queue: Mutex::new(Queue::default()), ready: Condvar::new() })
                 .collect(),
             arrivals: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
@@ -602,8 +847,13 @@ impl Job {
             .report_discards(false)
             .name(format!("dsm node {}", cfg.rank));
         let region = Region::new(rcfg, Source(shared.clone())).map_err(JoinError::Region)?;
-        let _ = shared.core.set(region.core());
+        let _ = shared.core.set(Arc::downgrade(&region.core()));
+        let core = region.core();
         let mut job = Job {
+            base: core.as_ptr() as usize,
+            len: core.len(),
+            joined: false,
+            published: None,
             shared: shared.clone(),
             region: Some(region),
             server: None,
@@ -633,22 +883,30 @@ impl Job {
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             };
-            let sender = shared.clone();
-            let c = conn.clone();
-            job.threads.push(spawn("mosaic-dsm-send", move || sender.run_sender(rank, c)));
             job.peers.push(Some(conn));
         }
+        let _ = shared.conns.set(job.peers.clone());
+        for (rank, conn) in job.peers.iter().enumerate() {
+            let Some(conn) = conn.clone() else { continue };
+            let rank = NodeId::try_from(rank).expect("at most MAX_NODES");
+            let sender = shared.clone();
+            job.threads.push(spawn("mosaic-dsm-send", move || sender.run_sender(rank, conn)));
+        }
+        job.joined = true;
+        // Removed when this node leaves (a failed join leaves it: the others' errors then name
+        // the node that really did not come).
+        job.published = Some(cfg.rendezvous.join(format!("node-{}.uri", cfg.rank)));
         Ok(job)
     }
 
     /// The first byte of the shared region (the same address on every node).
     pub fn as_ptr(&self) -> *mut u8 {
-        self.shared.core().as_ptr()
+        self.base as *mut u8
     }
 
     /// The shared region's size in bytes.
     pub fn len(&self) -> usize {
-        self.shared.core().len()
+        self.len
     }
 
     /// Whether the region is empty (never: a job's region has at least a page).
@@ -687,8 +945,23 @@ impl Job {
     }
 
     fn barrier_within(&self, timeout: Duration) -> Result<(), JoinError> {
+        self.arrive_and_wait(self.barriers.fetch_add(1, Ordering::AcqRel), timeout)
+    }
+
+    /// Arrives at barrier `generation` and waits for every other node's arrival.
+    fn arrive_and_wait(&self, generation: u64, timeout: Duration) -> Result<(), JoinError> {
         let s = &self.shared;
-        let generation = self.barriers.fetch_add(1, Ordering::AcqRel);
+        // The protocol's messages first (acknowledgements, `Done`s): an arrival must not overtake
+        // them, or a node could leave while another still sends it what the protocol needs.
+        s.flush();
+        let start = Instant::now();
+        while s.sending.load(Ordering::Acquire) > 0 || s.outboxes.iter().any(|o| !lock(&o.queue).messages.is_empty()) {
+            if start.elapsed() >= timeout {
+                break;
+            }
+            s.flush();
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let arrival = encode_arrival(s.rank, generation);
         for conn in self.peers.iter().flatten() {
             conn.call(METHOD_BARRIER, &arrival).map_err(|e| JoinError::Broken(format!("{}: {e}", conn.peer())))?;
@@ -706,7 +979,7 @@ impl Job {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                let here = arrivals.get(&generation).cloned().unwrap_or_default();
+                let here = arrivals.remove(&generation).unwrap_or_default();
                 let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains(r)).collect();
                 return Err(JoinError::Barrier { generation, missing, waited });
             }
@@ -722,7 +995,7 @@ impl Job {
     /// the region, so none still needs a page this node holds, then stops this node's threads and
     /// unmaps the region. Dropping a `Job` does the same, logging what goes wrong.
     pub fn leave(mut self) -> Result<(), JoinError> {
-        let r = self.barrier_within(self.join_timeout);
+        let r = self.arrive_and_wait(LEAVING, self.join_timeout);
         self.stop();
         r
     }
@@ -739,6 +1012,9 @@ impl Job {
         if let Some(server) = self.server.take() {
             server.shutdown();
         }
+        if let Some(f) = self.published.take() {
+            let _ = std::fs::remove_file(f);
+        }
         self.region.take();
     }
 }
@@ -748,7 +1024,11 @@ impl Drop for Job {
         if self.region.is_none() {
             return;
         }
-        if let Err(e) = self.barrier_within(self.join_timeout) {
+        if !self.joined {
+            self.stop(); // a failed join: nobody to wait for
+            return;
+        }
+        if let Err(e) = self.arrive_and_wait(LEAVING, self.join_timeout) {
             log::warn!("dsm node {} leaving: {e}", self.shared.rank);
         }
         self.stop();

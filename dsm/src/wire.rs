@@ -1,9 +1,11 @@
-//! How protocol messages travel between nodes: one transport call per batch of messages, each
-//! message a fixed 18-byte header and, for [`Msg::Data`], the page's 4096 bytes.
+//! How protocol messages travel between nodes: batches of messages in transport calls and their
+//! responses, each message a fixed 26-byte header and, for [`Msg::Data`], the page's 4096 bytes.
 //!
 //! ```text
-//! kind u8 | flags u8 | from u16 | page u64 | node u16 | acks u32    (little-endian)
+//! kind u8 | flags u8 | from u16 | seq u64 | page u64 | node u16 | acks u32    (little-endian)
 //! ```
+//! `seq` numbers the messages from one node to another (0, 1, 2, ...): they may travel by
+//! different calls and threads, and the receiver handles them in this order.
 //! `kind`: 1 Request, 2 Recall, 3 Invalidate, 4 InvalidateAck, 5 Data, 6 Grant, 7 Done,
 //! 8 Dropped. `flags`: bit 0 the request is a write; Recall: bit 1 keep, bit 2 send; Grant: bit 3
 //! data. `node`: Recall's `to`, Invalidate's `ack_to`. `acks`: Grant's. Unused fields are zero,
@@ -15,7 +17,7 @@ use crate::protocol::{Msg, NodeId, Want};
 use mosaic_page::{Page, PAGE_SIZE};
 
 /// Bytes of a message's header.
-pub const HEADER: usize = 18;
+pub const HEADER: usize = 26;
 
 const WRITE: u8 = 1;
 const KEEP: u8 = 2;
@@ -27,6 +29,8 @@ const DATA: u8 = 8;
 pub struct Envelope {
     /// The sending node.
     pub from: NodeId,
+    /// Its number among the messages from `from` to the receiver.
+    pub seq: u64,
     /// The message.
     pub msg: Msg,
     /// The page's bytes: present exactly for [`Msg::Data`].
@@ -36,6 +40,7 @@ pub struct Envelope {
 impl PartialEq for Envelope {
     fn eq(&self, other: &Envelope) -> bool {
         self.from == other.from
+            && self.seq == other.seq
             && self.msg == other.msg
             && self.bytes.as_ref().map(|p| &p.0[..]) == other.bytes.as_ref().map(|p| &p.0[..])
     }
@@ -45,7 +50,14 @@ impl Eq for Envelope {}
 
 impl fmt::Debug for Envelope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?} from {}{}", self.msg, self.from, if self.bytes.is_some() { " (with the page)" } else { "" })
+        write!(
+            f,
+            "{:?} from {} (#{}){}",
+            self.msg,
+            self.from,
+            self.seq,
+            if self.bytes.is_some() { " (with the page)" } else { "" }
+        )
     }
 }
 
@@ -112,6 +124,7 @@ pub fn encode(e: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
     out.push(kind);
     out.push(flags);
     out.extend_from_slice(&e.from.to_le_bytes());
+    out.extend_from_slice(&e.seq.to_le_bytes());
     out.extend_from_slice(&page.to_le_bytes());
     out.extend_from_slice(&node.to_le_bytes());
     out.extend_from_slice(&acks.to_le_bytes());
@@ -130,9 +143,10 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
         let h = bytes.get(at..at + HEADER).ok_or(WireError::Truncated { at, left })?;
         let (kind, flags) = (h[0], h[1]);
         let from = u16::from_le_bytes([h[2], h[3]]);
-        let page = u64::from_le_bytes(h[4..12].try_into().unwrap_or_else(|_| unreachable!("8 bytes")));
-        let node = u16::from_le_bytes([h[12], h[13]]);
-        let acks = u32::from_le_bytes(h[14..18].try_into().unwrap_or_else(|_| unreachable!("4 bytes")));
+        let seq = u64::from_le_bytes(h[4..12].try_into().unwrap_or_else(|_| unreachable!("8 bytes")));
+        let page = u64::from_le_bytes(h[12..20].try_into().unwrap_or_else(|_| unreachable!("8 bytes")));
+        let node = u16::from_le_bytes([h[20], h[21]]);
+        let acks = u32::from_le_bytes(h[22..26].try_into().unwrap_or_else(|_| unreachable!("4 bytes")));
         let bad = WireError::BadFields { at, kind };
         let plain = |m: Msg| if flags == 0 && node == 0 && acks == 0 { Ok(m) } else { Err(bad.clone()) };
         let msg = match kind {
@@ -161,7 +175,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
         } else {
             None
         };
-        out.push(Envelope { from, msg, bytes });
+        out.push(Envelope { from, seq, msg, bytes });
     }
     Ok(out)
 }
@@ -191,9 +205,9 @@ mod tests {
     }
 
     fn envelope() -> impl Strategy<Value = Envelope> {
-        (any::<u16>(), msg(), any::<u8>()).prop_map(|(from, msg, fill)| {
+        (any::<u16>(), any::<u64>(), msg(), any::<u8>()).prop_map(|(from, seq, msg, fill)| {
             let bytes = matches!(msg, Msg::Data { .. }).then(|| Box::new(Page([fill; PAGE_SIZE])));
-            Envelope { from, msg, bytes }
+            Envelope { from, seq, msg, bytes }
         })
     }
 
@@ -227,7 +241,7 @@ mod tests {
     #[test]
     fn malformed_messages_are_refused_with_a_reason() {
         let mut buf = Vec::new();
-        encode(&Envelope { from: 1, msg: Msg::Done { page: 3 }, bytes: None }, &mut buf).unwrap();
+        encode(&Envelope { from: 1, seq: 9, msg: Msg::Done { page: 3 }, bytes: None }, &mut buf).unwrap();
         let mut b = buf.clone();
         b[0] = 9;
         assert_eq!(decode(&b), Err(WireError::UnknownKind { at: 0, kind: 9 }));
@@ -235,9 +249,10 @@ mod tests {
         b[1] = 1;
         assert_eq!(decode(&b), Err(WireError::BadFields { at: 0, kind: 7 }));
         assert_eq!(decode(&buf[..10]), Err(WireError::Truncated { at: 0, left: 10 }));
-        let e = Envelope { from: 0, msg: Msg::Data { page: 1 }, bytes: None };
+        assert_eq!(decode(&buf).unwrap()[0].seq, 9);
+        let e = Envelope { from: 0, seq: 0, msg: Msg::Data { page: 1 }, bytes: None };
         assert_eq!(encode(&e, &mut Vec::new()), Err(WireError::PageMismatch));
-        let e = Envelope { from: 0, msg: Msg::Done { page: 1 }, bytes: Some(Page::boxed()) };
+        let e = Envelope { from: 0, seq: 0, msg: Msg::Done { page: 1 }, bytes: Some(Page::boxed()) };
         assert_eq!(encode(&e, &mut Vec::new()), Err(WireError::PageMismatch));
         assert!(WireError::BadFields { at: 0, kind: 7 }.to_string().contains("kind 7"));
     }
