@@ -105,11 +105,17 @@ impl JobConfig {
     /// `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`, and the join time-out from
     /// `MOSAIC_DSM_JOIN_TIMEOUT_MS` if set.
     pub fn from_env(bytes: u64) -> Result<JobConfig, JoinError> {
+        let key = ClusterKey::from_env().map_err(|e| JoinError::Key(e.to_string()))?;
+        JobConfig::from_env_with_key(bytes, key)
+    }
+
+    /// As [`from_env`](Self::from_env), with the cluster key given (the C ABI's, from
+    /// `mosaic_init`).
+    pub fn from_env_with_key(bytes: u64, key: ClusterKey) -> Result<JobConfig, JoinError> {
         let var = |name: &'static str| std::env::var(name).map_err(|_| JoinError::Environment { name, why: "not set" });
         let number = |name: &'static str| -> Result<u16, JoinError> {
             var(name)?.trim().parse().map_err(|_| JoinError::Environment { name, why: "not a number from 0 to 65535" })
         };
-        let key = ClusterKey::from_env().map_err(|e| JoinError::Key(e.to_string()))?;
         let mut cfg = JobConfig::new(number(RANK_ENV)?, number(SIZE_ENV)?, var(RENDEZVOUS_ENV)?, key, bytes);
         if let Ok(ms) = std::env::var(JOIN_TIMEOUT_ENV) {
             let ms: u64 = ms

@@ -22,6 +22,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use mosaic_dsm::{Job, JobConfig, JoinError};
 use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamError};
 use mosaic_pager::{FaultMode, PagerError};
 use mosaic_transport::ClusterKey;
@@ -122,6 +123,11 @@ pub struct MosaicNetram {
 pub struct MosaicMemserver {
     server: MemServer,
     uri: CString,
+}
+
+/// This process's node of a DSM job (opaque).
+pub struct MosaicDsm {
+    job: Job,
 }
 
 /// Why a call failed: the status and a message for `mosaic_last_error`.
@@ -462,5 +468,119 @@ pub extern "C" fn mosaic_memserver_stop(s: *mut MosaicMemserver) -> MosaicStatus
         let MosaicMemserver { server, .. } = *unsafe { c::take_box(s) };
         server.shutdown();
         Ok(())
+    })
+}
+
+fn dsm_error(e: &JoinError) -> Failure {
+    let status = match e {
+        JoinError::Environment { .. } | JoinError::Config(_) | JoinError::Key(_) => MosaicErrInvalid,
+        JoinError::Region(PagerError::Unsupported { .. }) => MosaicErrUnsupported,
+        JoinError::Region(_) | JoinError::Listen { .. } | JoinError::Rendezvous { .. } => MosaicErrOs,
+        _ => MosaicErrUnreachable,
+    };
+    Failure(status, mosaic_transport::error_chain(e))
+}
+
+/// Joins this process's DSM job as the environment describes it (`MOSAIC_DSM_RANK`,
+/// `MOSAIC_DSM_SIZE` and `MOSAIC_DSM_RENDEZVOUS`, which `mosrun -n N` sets), with the cluster
+/// key given to `mosaic_init`, sharing a region of `size` bytes (a whole number of pages, the
+/// same on every node) mapped at the same address on every node. Waits until every node has
+/// joined (30 s at most, `MOSAIC_DSM_JOIN_TIMEOUT_MS`) and stores the handle in `*out`.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_join(size: u64, out: *mut *mut MosaicDsm) -> MosaicStatus {
+    guard(|| {
+        // SAFETY: `out` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        let out = unsafe { c::mut_arg(out, "out") }?;
+        *out = std::ptr::null_mut();
+        let cfg = JobConfig::from_env_with_key(size, key()?).map_err(|e| dsm_error(&e))?;
+        let job = Job::join(cfg).map_err(|e| dsm_error(&e))?;
+        let handle = Box::into_raw(Box::new(MosaicDsm { job }));
+        register(handle as usize);
+        *out = handle;
+        Ok(())
+    })
+}
+
+/// Runs `f` on the job behind a live handle.
+fn with_dsm<T>(d: *const MosaicDsm, f: impl FnOnce(&MosaicDsm) -> T) -> Result<T, Failure> {
+    if d.is_null() {
+        return fail(MosaicErrNull, "the DSM handle is NULL");
+    }
+    if !is_live(d as usize) {
+        return fail(MosaicErrBadHandle, "the DSM handle is not live (left, or never joined)");
+    }
+    // SAFETY: `d` is a live handle (checked above): it points to a job that only mosaic_dsm_leave
+    // frees, which no thread may call while another uses the handle (mosaic.h).
+    let dsm = unsafe { c::ref_arg(d, "dsm") }?;
+    Ok(f(dsm))
+}
+
+/// The first byte of the shared region (the same address on every node), or NULL for a NULL or
+/// dead handle.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_ptr(d: *const MosaicDsm) -> *mut c_void {
+    let mut p = std::ptr::null_mut();
+    guard(|| {
+        p = with_dsm(d, |d| d.job.as_ptr().cast())?;
+        Ok(())
+    });
+    p
+}
+
+/// The shared region's size in bytes, or 0 for a NULL or dead handle.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_bytes(d: *const MosaicDsm) -> u64 {
+    let mut n = 0;
+    guard(|| {
+        n = with_dsm(d, |d| d.job.len() as u64)?;
+        Ok(())
+    });
+    n
+}
+
+/// This node's rank (0 to `mosaic_dsm_nodes() - 1`), or -1 for a NULL or dead handle.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_rank(d: *const MosaicDsm) -> c_int {
+    let mut r = -1;
+    guard(|| {
+        r = with_dsm(d, |d| c_int::from(d.job.rank()))?;
+        Ok(())
+    });
+    r
+}
+
+/// The number of nodes in the job, or 0 for a NULL or dead handle.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_nodes(d: *const MosaicDsm) -> c_int {
+    let mut n = 0;
+    guard(|| {
+        n = with_dsm(d, |d| c_int::from(d.job.size()))?;
+        Ok(())
+    });
+    n
+}
+
+/// Waits until every node of the job has called `mosaic_dsm_barrier` as often as this one (one
+/// thread per node calls it). Every access to the region before a node's call is seen by every
+/// node after theirs.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_barrier(d: *const MosaicDsm) -> MosaicStatus {
+    guard(|| with_dsm(d, |d| d.job.barrier())?.map_err(|e| dsm_error(&e)))
+}
+
+/// Leaves the job: waits until every node is done with the region, then unmaps it. The handle
+/// is dead afterwards; as with `free()`, no other thread may be using it meanwhile.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_leave(d: *mut MosaicDsm) -> MosaicStatus {
+    guard(|| {
+        if d.is_null() {
+            return fail(MosaicErrNull, "the DSM handle is NULL");
+        }
+        if !unregister(d as usize) {
+            return fail(MosaicErrBadHandle, "the DSM handle is not live (already left, or never joined)");
+        }
+        // SAFETY: as in mosaic_netram_destroy: a live handle from Box::into_raw, now unregistered.
+        let MosaicDsm { job } = *unsafe { c::take_box(d) };
+        job.leave().map_err(|e| dsm_error(&e))
     })
 }

@@ -3,7 +3,7 @@
 # library, and once more under AddressSanitizer, and runs each. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-cargo build --release --locked -p mosaic-ffi
+cargo build --release --locked -p mosaic-ffi -p mosrun
 out=target/c-tests
 mkdir -p "$out"
 cflags=(-std=c11 -Wall -Wextra -Werror -O1 -g -Iinclude)
@@ -37,3 +37,8 @@ env -u MOSAIC_SERVERS "$out/stencil" 32
 gfortran -Wall -Werror -O2 -J "$out" examples/fortran/sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_sum"
 echo "--- examples/fortran/sum.f90"
 "$out/fortran_sum"
+
+# DSM through the C API: a job of three processes started by mosrun -n.
+cc "${cflags[@]}" -O2 examples/c/dsm_counter.c target/release/libmosaic.a "${libs[@]}" -o "$out/dsm_counter"
+echo "--- examples/c/dsm_counter.c (mosrun -n 3)"
+env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/dsm_counter" 500

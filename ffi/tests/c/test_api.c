@@ -3,13 +3,16 @@
  * destroy, wrong sizes, an unreachable server, calls before mosaic_init, finalize with live
  * handles. Then real use: an in-process memory server and a region four times its resident
  * budget, filled and checksummed. Built with -Wall -Wextra -Werror, plain and under
- * AddressSanitizer, by .ci/run (see ffi/tests/c/run.sh).
+ * AddressSanitizer, by .ci/run (see ffi/tests/c/run.sh). DSM's calls: their error paths, and a
+ * job of one node.
  */
+#define _DEFAULT_SOURCE /* mkdtemp, setenv */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "mosaic.h"
 
@@ -106,6 +109,47 @@ static void bad_options(const char *server) {
 
 static uint64_t mix(uint64_t i) { return i * 0x9E3779B97F4A7C15ull ^ (i >> 7); }
 
+/* DSM's calls without a job around them: clear errors, no crash. */
+static void dsm_without_a_job(void) {
+    mosaic_dsm *d = (mosaic_dsm *)0x1;
+    unsetenv("MOSAIC_DSM_RANK");
+    EXPECT(mosaic_dsm_join(1 << 20, &d), MOSAIC_ERR_INVALID);
+    CHECK(d == NULL);
+    CHECK(strstr(mosaic_last_error(), "MOSAIC_DSM_RANK") != NULL);
+    EXPECT(mosaic_dsm_join(1 << 20, NULL), MOSAIC_ERR_NULL);
+    CHECK(mosaic_dsm_ptr(NULL) == NULL);
+    CHECK(mosaic_dsm_bytes(NULL) == 0);
+    CHECK(mosaic_dsm_rank(NULL) == -1);
+    CHECK(mosaic_dsm_nodes(NULL) == 0);
+    EXPECT(mosaic_dsm_barrier(NULL), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_dsm_leave(NULL), MOSAIC_ERR_NULL);
+    mosaic_dsm *bogus = (mosaic_dsm *)&d;
+    EXPECT(mosaic_dsm_barrier(bogus), MOSAIC_ERR_BAD_HANDLE);
+    EXPECT(mosaic_dsm_leave(bogus), MOSAIC_ERR_BAD_HANDLE);
+    /* A job of one node works without any other process. */
+    char dir[] = "/tmp/mosaic-c-dsm-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    setenv("MOSAIC_DSM_RANK", "0", 1);
+    setenv("MOSAIC_DSM_SIZE", "1", 1);
+    setenv("MOSAIC_DSM_RENDEZVOUS", dir, 1);
+    EXPECT(mosaic_dsm_join(12345, &d), MOSAIC_ERR_INVALID); /* not whole pages */
+    EXPECT(mosaic_dsm_join(1 << 20, &d), MOSAIC_OK);
+    CHECK(mosaic_dsm_rank(d) == 0 && mosaic_dsm_nodes(d) == 1 && mosaic_dsm_bytes(d) == 1 << 20);
+    uint64_t *w = mosaic_dsm_ptr(d);
+    CHECK(w != NULL);
+    if (w) {
+        w[1000] = 42;
+        CHECK(w[1000] == 42 && w[0] == 0);
+    }
+    EXPECT(mosaic_dsm_barrier(d), MOSAIC_OK);
+    EXPECT(mosaic_dsm_leave(d), MOSAIC_OK);
+    EXPECT(mosaic_dsm_leave(d), MOSAIC_ERR_BAD_HANDLE);
+    unsetenv("MOSAIC_DSM_RANK");
+    unsetenv("MOSAIC_DSM_SIZE");
+    unsetenv("MOSAIC_DSM_RENDEZVOUS");
+    rmdir(dir);
+}
+
 static void real_use(const char *server, uint32_t fault_mode) {
     mosaic_netram_options opts;
     mosaic_netram *r = NULL;
@@ -189,6 +233,7 @@ int main(void) {
     snprintf(server, sizeof server, "%s", uri ? uri : "");
 
     bad_options(server);
+    dsm_without_a_job();
     real_use(server, MOSAIC_FAULT_THREAD);
     real_use(server, MOSAIC_FAULT_PER_CPU);
     threads(server);
