@@ -68,6 +68,8 @@ pub struct JobConfig {
     pub join_timeout: Duration,
     /// Longest wait for one page; past it the access raises SIGBUS.
     pub fault_timeout: Duration,
+    /// Remove the rendezvous directory once the last node leaves (it was made for this job).
+    pub remove_rendezvous: bool,
 }
 
 /// The environment variables [`JobConfig::from_env`] reads.
@@ -97,12 +99,13 @@ impl JobConfig {
             bytes,
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
+            remove_rendezvous: false,
         }
     }
 
-    /// The settings from the environment: rank, size and rendezvous directory from
-    /// `MOSAIC_DSM_RANK`, `MOSAIC_DSM_SIZE` and `MOSAIC_DSM_RENDEZVOUS`, the key from
-    /// `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`, and the join time-out from
+    /// The settings from the environment: rank, size and rendezvous directory from whatever
+    /// started the process (`mosrun -n`, Open MPI, Slurm or PMI: see [`crate::launch`]), the
+    /// key from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`, and the join time-out from
     /// `MOSAIC_DSM_JOIN_TIMEOUT_MS` if set.
     pub fn from_env(bytes: u64) -> Result<JobConfig, JoinError> {
         let key = ClusterKey::from_env().map_err(|e| JoinError::Key(e.to_string()))?;
@@ -112,11 +115,9 @@ impl JobConfig {
     /// As [`from_env`](Self::from_env), with the cluster key given (the C ABI's, from
     /// `mosaic_init`).
     pub fn from_env_with_key(bytes: u64, key: ClusterKey) -> Result<JobConfig, JoinError> {
-        let var = |name: &'static str| std::env::var(name).map_err(|_| JoinError::Environment { name, why: "not set" });
-        let number = |name: &'static str| -> Result<u16, JoinError> {
-            var(name)?.trim().parse().map_err(|_| JoinError::Environment { name, why: "not a number from 0 to 65535" })
-        };
-        let mut cfg = JobConfig::new(number(RANK_ENV)?, number(SIZE_ENV)?, var(RENDEZVOUS_ENV)?, key, bytes);
+        let place = crate::launch::from_env()?;
+        let mut cfg = JobConfig::new(place.rank, place.size, place.rendezvous, key, bytes);
+        cfg.remove_rendezvous = place.derived;
         if let Ok(ms) = std::env::var(JOIN_TIMEOUT_ENV) {
             let ms: u64 = ms
                 .trim()
@@ -783,6 +784,8 @@ pub struct Job {
     joined: bool,
     /// This node's address in the rendezvous directory, removed when it leaves.
     published: Option<PathBuf>,
+    /// Whether the rendezvous directory goes too once empty.
+    remove_rendezvous: bool,
     region: Option<Region>,
     server: Option<Server>,
     threads: Vec<JoinHandle<()>>,
@@ -860,6 +863,7 @@ impl Job {
             len: core.len(),
             joined: false,
             published: None,
+            remove_rendezvous: cfg.remove_rendezvous,
             shared: shared.clone(),
             region: Some(region),
             server: None,
@@ -1019,7 +1023,13 @@ impl Job {
             server.shutdown();
         }
         if let Some(f) = self.published.take() {
-            let _ = std::fs::remove_file(f);
+            let _ = std::fs::remove_file(&f);
+            if self.remove_rendezvous {
+                // Only once empty: the last node to leave removes it.
+                if let Some(dir) = f.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
         }
         self.region.take();
     }

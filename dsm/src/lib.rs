@@ -39,6 +39,7 @@
 //! shared allocation, locks queued at their home, the C ABI, and speed.
 
 pub mod job;
+pub mod launch;
 pub mod model;
 pub mod protocol;
 pub mod wire;

@@ -125,3 +125,58 @@ fn a_job_without_its_settings_says_what_is_missing() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("MOSAIC_DSM_RANK: not set"));
 }
+
+#[test]
+fn a_job_started_the_way_open_mpi_and_slurm_start_it_meets_by_its_job_name() {
+    for (rank_var, size_var, job_vars) in [
+        (
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            vec![("PMIX_NAMESPACE", format!("mosaic-test-{}", std::process::id()))],
+        ),
+        (
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+            vec![("SLURM_JOB_ID", format!("{}", std::process::id())), ("SLURM_STEP_ID", "3".to_string())],
+        ),
+    ] {
+        let children: Vec<Child> = (0..2u16)
+            .map(|r| {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_dsm-litmus"));
+                c.args(["counter", "100"])
+                    .env_remove("MOSAIC_DSM_RANK")
+                    .env_remove("MOSAIC_DSM_SIZE")
+                    .env_remove("MOSAIC_DSM_RENDEZVOUS")
+                    .env(rank_var, r.to_string())
+                    .env(size_var, "2")
+                    .env("MOSAIC_CLUSTER_KEY", KEY)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                for (k, v) in &job_vars {
+                    c.env(k, v);
+                }
+                c.spawn().expect("start dsm-litmus")
+            })
+            .collect();
+        for (rank, c) in children.into_iter().enumerate() {
+            let o = finish(c, Duration::from_secs(60));
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && out.contains("both counters 200"),
+                "{rank_var} node {rank}: {out}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        // The directory named after the job is gone with the job.
+        let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(&format!("{}", std::process::id())))
+            .filter(|e| {
+                e.file_name().to_string_lossy().starts_with("mosaic-dsm-ompi")
+                    || e.file_name().to_string_lossy().starts_with("mosaic-dsm-slurm")
+            })
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}

@@ -42,3 +42,13 @@ echo "--- examples/fortran/sum.f90"
 cc "${cflags[@]}" -O2 examples/c/dsm_counter.c target/release/libmosaic.a "${libs[@]}" -o "$out/dsm_counter"
 echo "--- examples/c/dsm_counter.c (mosrun -n 3)"
 env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/dsm_counter" 500
+
+# The same program, unchanged, started by Open MPI's mpirun (Debian's openmpi-bin; .ci/run
+# installs it): the nodes take their rank from OMPI_COMM_WORLD_* and meet by the job's name.
+if command -v mpirun >/dev/null 2>&1; then
+  echo "--- examples/c/dsm_counter.c (mpirun -n 2)"
+  MOSAIC_CLUSTER_KEY="c-tests-mpirun-key-$$-0123456789" \
+    mpirun --allow-run-as-root --oversubscribe -x MOSAIC_CLUSTER_KEY -n 2 "$out/dsm_counter" 500
+else
+  echo "--- examples/c/dsm_counter.c under mpirun: skipped (no mpirun; apt-get install openmpi-bin)"
+fi
