@@ -72,14 +72,7 @@ fn main() -> ExitCode {
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    mosaic_transport::error_chain(e)
 }
 
 /// The word at byte `offset` of the region, as an atomic (every access through it is one
