@@ -4,7 +4,9 @@
 //! maps a network-RAM region whose resident budget is a quarter of its size, fills it with
 //! pseudo-random 64-bit keys, sorts them in place, and proves the result: sorted, and the same
 //! multiset of keys (sum and xor of all keys unchanged). It prints where the pages went and the
-//! figures, beside the same sort on ordinary local memory.
+//! figures, beside the same sort on ordinary local memory. Then DSM: the Jacobi example
+//! (`mosaic_examples::jacobi`) on a job of one process and on a job of `--dsm-nodes` processes
+//! (this binary, re-run as `jacobi-node`), whose checksums must be equal.
 //!
 //! ```text
 //! cargo run --release -p mosaic-examples --bin netram-demo
@@ -16,6 +18,7 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use mosaic_examples::jacobi;
 use mosaic_netram::{parse_size, MemServer, MemServerConfig, NetRam, NetRamConfig};
 use mosaic_pager::FaultMode;
 use mosaic_transport::ClusterKey;
@@ -54,6 +57,15 @@ struct Cli {
     /// the sort, to see what losing a server costs: with two copies nothing is lost.
     #[arg(long, value_name = "SECS")]
     kill_server_after: Option<f64>,
+    /// Processes of the DSM job that runs the Jacobi example after the sort (0: no DSM part).
+    #[arg(long, default_value_t = 3)]
+    dsm_nodes: u16,
+    /// The Jacobi grid's side (the grid is N x N doubles, two copies in the shared region).
+    #[arg(long, default_value_t = 256)]
+    dsm_grid: usize,
+    /// Jacobi iterations.
+    #[arg(long, default_value_t = 50)]
+    dsm_iterations: usize,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +79,16 @@ enum Cmd {
         #[arg(long, value_parser = parse_size)]
         capacity: u64,
     },
+    /// Runs one node of the DSM Jacobi job (used by the demo itself).
+    #[command(hide = true)]
+    JacobiNode {
+        /// The grid's side.
+        #[arg(long)]
+        grid: usize,
+        /// Iterations.
+        #[arg(long)]
+        iterations: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,7 +96,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Some(Cmd::Serve { uri, capacity }) => serve(uri, *capacity),
-        None => demo(&cli),
+        Some(Cmd::JacobiNode { grid, iterations }) => jacobi_node(*grid, *iterations),
+        None => demo(&cli).and_then(|()| dsm_part(&cli)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -293,4 +316,91 @@ fn demo(cli: &Cli) -> Result<(), String> {
     drop(ram);
     drop(servers);
     verdict
+}
+
+/// One node of the demo's DSM job: prints its outcome as one line for the parent.
+fn jacobi_node(n: usize, iterations: usize) -> Result<(), String> {
+    let cfg =
+        mosaic_dsm::JobConfig::from_env(jacobi::region_bytes(n)).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let job = mosaic_dsm::Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let o = jacobi::run(&job, n, iterations)?;
+    let stats = job.stats();
+    job.leave().map_err(|e| mosaic_transport::error_chain(&e))?;
+    println!(
+        "OUTCOME {:.12e} {:016x} {:.1} {} {}",
+        o.sum, o.bits, o.us_per_iteration, stats.messages_sent, stats.bytes_sent
+    );
+    Ok(())
+}
+
+/// The DSM part of the demo: Jacobi on one process, then on `--dsm-nodes` processes.
+fn dsm_part(cli: &Cli) -> Result<(), String> {
+    if cli.dsm_nodes == 0 {
+        return Ok(());
+    }
+    let (n, iterations) = (cli.dsm_grid, cli.dsm_iterations);
+    println!(
+        "\nDSM: a {n}x{n} Jacobi stencil, {iterations} iterations, on a job of processes sharing one address space"
+    );
+    let mut results = Vec::new();
+    for nodes in [1, cli.dsm_nodes] {
+        let outs = jacobi_job(nodes, n, iterations)?;
+        let o = &outs[0];
+        let agree = outs.iter().all(|x| x[..2] == o[..2]);
+        let messages: u64 = outs.iter().filter_map(|x| x[3].parse::<u64>().ok()).sum();
+        let bytes: u64 = outs.iter().filter_map(|x| x[4].parse::<u64>().ok()).sum();
+        println!(
+            "  {nodes} process{}: checksum {} {}{}, {} us per iteration; {:.0} messages and {:.1} KiB per iteration",
+            if nodes == 1 { "" } else { "es" },
+            o[0],
+            o[1],
+            if agree { "" } else { " (THE NODES DISAGREE)" },
+            o[2],
+            messages as f64 / iterations as f64,
+            bytes as f64 / iterations as f64 / 1024.0
+        );
+        if !agree {
+            return Err("the nodes of one job computed different grids".into());
+        }
+        results.push(o[..2].to_vec());
+    }
+    if results[0] != results[1] {
+        return Err(format!("the {}-process grid differs from the one-process grid", cli.dsm_nodes));
+    }
+    println!("  the same grid, bit for bit, on 1 and {} processes", cli.dsm_nodes);
+    Ok(())
+}
+
+/// Runs `nodes` copies of this binary as a DSM job; returns each node's outcome fields.
+fn jacobi_job(nodes: u16, n: usize, iterations: usize) -> Result<Vec<Vec<String>>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let key = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("mosaic-demo-dsm-{}-{nodes}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let children: Vec<Child> = (0..nodes)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(["jacobi-node", "--grid", &n.to_string(), "--iterations", &iterations.to_string()])
+                .env("MOSAIC_DSM_RANK", rank.to_string())
+                .env("MOSAIC_DSM_SIZE", nodes.to_string())
+                .env("MOSAIC_DSM_RENDEZVOUS", &dir)
+                .env(mosaic_transport::KEY_ENV, &key)
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start DSM node {rank}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut outs = Vec::new();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        let fields =
+            text.lines().find_map(|l| l.strip_prefix("OUTCOME ")).map(|l| l.split(' ').map(String::from).collect());
+        match (o.status.success(), fields) {
+            (true, Some(f)) => outs.push(f),
+            _ => return Err(format!("DSM node {rank} failed ({})", o.status)),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outs)
 }

@@ -1,0 +1,43 @@
+//! The Jacobi example on a DSM job: `mosrun -n 4 dsm-jacobi [N] [ITERATIONS]` (or under mpirun
+//! or srun). Every node prints the checksum of the final grid, which is the same on any number
+//! of nodes, and node 0 the time per iteration.
+
+use std::process::ExitCode;
+
+use mosaic_dsm::{Job, JobConfig};
+use mosaic_examples::jacobi;
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("usage: dsm-jacobi [N (512)] [ITERATIONS (100)], as the nodes of a DSM job (mosrun -n, mpirun, srun)");
+        return ExitCode::SUCCESS;
+    }
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(512);
+    let iterations: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100);
+    let run = || -> Result<(u16, u16, jacobi::Outcome), String> {
+        let cfg = JobConfig::from_env(jacobi::region_bytes(n)).map_err(|e| mosaic_transport::error_chain(&e))?;
+        let job = Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
+        let out = jacobi::run(&job, n, iterations)?;
+        let (rank, size) = (job.rank(), job.size());
+        job.leave().map_err(|e| mosaic_transport::error_chain(&e))?;
+        Ok((rank, size, out))
+    };
+    match run() {
+        Ok((rank, size, o)) => {
+            println!(
+                "dsm-jacobi: node {rank} of {size}: {n}x{n}, {iterations} iterations: checksum {:.12e} {:016x}",
+                o.sum, o.bits
+            );
+            if rank == 0 {
+                println!("dsm-jacobi: {:.1} us per iteration on {size} nodes", o.us_per_iteration);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dsm-jacobi: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
