@@ -176,6 +176,13 @@ int mosaic_dsm_nodes(const struct mosaic_dsm *d);
 // node after theirs.
 enum mosaic_status mosaic_dsm_barrier(const struct mosaic_dsm *d);
 
+// Takes DSM lock `id` (any number): waits until this node is granted it (locks are granted
+// in the order asked, by the lock's home node). One thread of a node holds a lock at a time.
+enum mosaic_status mosaic_dsm_lock(const struct mosaic_dsm *d, uint64_t id);
+
+// Gives DSM lock `id` up; `MOSAIC_ERR_INVALID` if this node does not hold it.
+enum mosaic_status mosaic_dsm_unlock(const struct mosaic_dsm *d, uint64_t id);
+
 // Leaves the job: waits until every node is done with the region, then unmaps it. The handle
 // is dead afterwards; as with `free()`, no other thread may be using it meanwhile.
 enum mosaic_status mosaic_dsm_leave(struct mosaic_dsm *d);

@@ -199,6 +199,14 @@ pub enum JoinError {
         /// How long this node waited.
         waited: Duration,
     },
+    /// A lock used wrongly: unlocked by a node that does not hold it.
+    #[error("lock {id}: {why}")]
+    Lock {
+        /// The lock.
+        id: u64,
+        /// What was wrong.
+        why: &'static str,
+    },
     /// The job broke: a peer vanished or broke the protocol.
     #[error("the job is broken: {0}")]
     Broken(String),
@@ -278,6 +286,12 @@ struct Shared {
     arrivals: Mutex<HashMap<u64, HashSet<NodeId>>>,
     arrived: Condvar,
     broken: Mutex<Option<String>>,
+    /// Locks granted to this node that the waiting thread has not taken yet.
+    granted: Mutex<HashSet<u64>>,
+    granted_cv: Condvar,
+    /// Locks a thread of this node holds or is acquiring (one thread per lock at a time).
+    in_use: Mutex<HashSet<u64>>,
+    in_use_cv: Condvar,
     stop: AtomicBool,
     requests: AtomicU64,
     sent: AtomicU64,
@@ -288,6 +302,11 @@ struct Shared {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// [`lock`], named for the places where "lock" means a DSM lock too.
+fn lock_of<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    lock(m)
 }
 
 impl Shared {
@@ -402,6 +421,10 @@ impl Shared {
                 if local.mapped.remove(&page) {
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                 }
+            }
+            Action::Granted { lock } => {
+                lock_of(&self.granted).insert(lock);
+                self.granted_cv.notify_all();
             }
         }
         Ok(())
@@ -561,6 +584,7 @@ fn action_page(a: &Action) -> PageNo {
         | Action::Upgrade { page }
         | Action::Downgrade { page }
         | Action::Drop { page } => *page,
+        Action::Granted { lock } => *lock,
     }
 }
 
@@ -743,7 +767,7 @@ impl Service for Inbox {
         if *lock(&s.callers).entry(caller.id).or_insert(from) != from {
             return Err(ServiceError::new(Status::BadRequest, "messages of another node on this connection"));
         }
-        if let Some(e) = envelopes.iter().find(|e| e.msg.page() >= s.pages) {
+        if let Some(e) = envelopes.iter().find(|e| !e.msg.is_lock() && e.msg.page() >= s.pages) {
             return Err(ServiceError::new(Status::BadRequest, format!("page {} is beyond the region", e.msg.page())));
         }
         s.received.fetch_add(envelopes.len() as u64, Ordering::Relaxed);
@@ -842,6 +866,10 @@ impl Job {
             arrivals: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
             broken: Mutex::new(None),
+            granted: Mutex::new(HashSet::new()),
+            granted_cv: Condvar::new(),
+            in_use: Mutex::new(HashSet::new()),
+            in_use_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -999,6 +1027,78 @@ impl Job {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Takes DSM lock `id` (any number; its home is `id` modulo the nodes, which grants it to
+    /// nodes in the order they asked). One thread of a node holds a lock at a time: another
+    /// thread of the same node waits here until it is unlocked. What the holder before wrote to
+    /// the region is seen by this node afterwards (the region is sequentially consistent).
+    pub fn lock(&self, id: u64) -> Result<(), JoinError> {
+        let s = &self.shared;
+        let deadline = Instant::now() + s.fault_timeout;
+        let broken = || s.broken().map(JoinError::Broken);
+        let timed_out = || JoinError::Broken(format!("lock {id}: not granted within {:?}", s.fault_timeout));
+        {
+            let mut in_use = lock(&s.in_use);
+            while in_use.contains(&id) {
+                if let Some(e) = broken() {
+                    return Err(e);
+                }
+                let left = deadline.checked_duration_since(Instant::now()).ok_or_else(timed_out)?;
+                in_use = s
+                    .in_use_cv
+                    .wait_timeout(in_use, left.min(Duration::from_millis(50)))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            in_use.insert(id);
+        }
+        let result = (|| {
+            {
+                let mut local = lock(&s.local);
+                let actions = local
+                    .node
+                    .acquire(id)
+                    .map_err(|_| JoinError::Lock { id, why: "this node holds or awaits it already" })?;
+                s.execute(&mut local, actions);
+            }
+            s.flush();
+            let mut granted = lock_of(&s.granted);
+            loop {
+                if granted.remove(&id) {
+                    return Ok(());
+                }
+                if let Some(e) = broken() {
+                    return Err(e);
+                }
+                let left = deadline.checked_duration_since(Instant::now()).ok_or_else(timed_out)?;
+                granted = s
+                    .granted_cv
+                    .wait_timeout(granted, left.min(Duration::from_millis(50)))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+        })();
+        if result.is_err() {
+            lock(&s.in_use).remove(&id);
+            s.in_use_cv.notify_all();
+        }
+        result
+    }
+
+    /// Gives DSM lock `id` up (taken by [`lock`](Self::lock) on this node).
+    pub fn unlock(&self, id: u64) -> Result<(), JoinError> {
+        let s = &self.shared;
+        {
+            let mut local = lock(&s.local);
+            let actions =
+                local.node.release(id).map_err(|_| JoinError::Lock { id, why: "this node does not hold it" })?;
+            s.execute(&mut local, actions);
+        }
+        s.flush();
+        lock(&s.in_use).remove(&id);
+        s.in_use_cv.notify_all();
+        Ok(())
     }
 
     /// Leaves the job: waits (a barrier, within the join time-out) until every node is done with

@@ -45,6 +45,10 @@ pub struct Config {
     pub ops_per_node: u32,
     /// Whether evictions of read-only copies are among them.
     pub evictions: bool,
+    /// Locks (0 to `locks - 1`) the threads may take: a lock operation acquires, and once
+    /// granted releases at once (the model checks that no two nodes hold a lock together and
+    /// that every acquire is granted).
+    pub locks: u64,
     /// Give up (and fail) past this many distinct states.
     pub max_states: usize,
 }
@@ -72,6 +76,8 @@ pub enum Op {
     Write,
     /// Drop a read-only copy of it.
     Evict,
+    /// Take the lock numbered as the step's page, then give it up.
+    Lock,
 }
 
 /// One step between two states.
@@ -105,6 +111,11 @@ pub enum Step {
 /// What went wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Violation {
+    /// Two nodes hold `lock` at once.
+    TwoHolders {
+        /// The lock.
+        lock: u64,
+    },
     /// Two nodes map `page` writable, or one writable and another at all.
     TwoWriters {
         /// The page.
@@ -203,6 +214,8 @@ struct State {
     latest: Vec<u32>,
     ops_left: Vec<u32>,
     blocked: Vec<Option<(PageNo, Want)>>,
+    /// The lock each thread waits for.
+    waiting_lock: Vec<Option<u64>>,
 }
 
 struct World<'a> {
@@ -238,6 +251,7 @@ impl World<'_> {
             latest: vec![0; ix(self.cfg.pages)],
             ops_left: vec![self.cfg.ops_per_node; self.n()],
             blocked: vec![None; self.n()],
+            waiting_lock: vec![None; self.n()],
         })
     }
 
@@ -254,6 +268,21 @@ impl World<'_> {
             }
         }
         for node in 0..self.n() {
+            if let Some(l) = s.waiting_lock[node] {
+                if s.nodes[node].holds(l) {
+                    // Granted: the critical section (checked by `check_state`), then release.
+                    let mut next = s.clone();
+                    next.waiting_lock[node] = None;
+                    let r = match next.nodes[node].release(l) {
+                        Ok(actions) => self.apply(&mut next, node, actions),
+                        Err(_) => {
+                            Err(Violation::BadAction { node: id(node), what: "a granted lock cannot be released" })
+                        }
+                    };
+                    out.push((Step::Retry { node: id(node) }, r.map(|()| next)));
+                }
+                continue;
+            }
             match s.blocked[node] {
                 Some((page, want)) => {
                     let mapped = s.mem[self.at(node, page)];
@@ -277,9 +306,22 @@ impl World<'_> {
                                     Ok(actions) => self.apply(&mut next, node, actions),
                                     Err(_) => continue,
                                 },
+                                Op::Lock => continue,
                             };
                             out.push((Step::Start { node: id(node), page, op }, r.map(|()| next)));
                         }
+                    }
+                    for l in 0..self.cfg.locks {
+                        let mut next = s.clone();
+                        next.ops_left[node] -= 1;
+                        next.waiting_lock[node] = Some(l);
+                        let r = match next.nodes[node].acquire(l) {
+                            Ok(actions) => self.apply(&mut next, node, actions),
+                            Err(_) => {
+                                Err(Violation::BadAction { node: id(node), what: "an idle node cannot ask for a lock" })
+                            }
+                        };
+                        out.push((Step::Start { node: id(node), page: l, op: Op::Lock }, r.map(|()| next)));
                     }
                 }
                 None => {}
@@ -363,6 +405,8 @@ impl World<'_> {
                         s.mem[self.at(node, page)] = None;
                     }
                 }
+                // The model reads who holds a lock from the nodes themselves.
+                Action::Granted { .. } => {}
             }
         }
         // A node's messages to itself are handled at once, in order, within the same step (as
@@ -375,6 +419,11 @@ impl World<'_> {
 
     /// The invariants of every state.
     fn check_state(&self, s: &State) -> Result<(), Violation> {
+        for lock in 0..self.cfg.locks {
+            if s.nodes.iter().filter(|n| n.holds(lock)).count() > 1 {
+                return Err(Violation::TwoHolders { lock });
+            }
+        }
         for page in 0..self.cfg.pages {
             let latest = s.latest[ix(page)];
             let (mut writers, mut mapped) = (0, 0);
@@ -396,8 +445,13 @@ impl World<'_> {
 
     /// The conditions of a state with no step left.
     fn check_at_rest(&self, s: &State) -> Result<(), Violation> {
-        let blocked: Vec<(NodeId, PageNo)> =
-            s.blocked.iter().enumerate().filter_map(|(n, b)| b.map(|(p, _)| (id(n), p))).collect();
+        let blocked: Vec<(NodeId, PageNo)> = s
+            .blocked
+            .iter()
+            .zip(&s.waiting_lock)
+            .enumerate()
+            .filter_map(|(n, (b, l))| b.map(|(p, _)| p).or(*l).map(|p| (id(n), p)))
+            .collect();
         let in_flight = s.net.iter().map(VecDeque::len).sum();
         let busy_homes: Vec<NodeId> = s.nodes.iter().filter(|n| !n.home_idle()).map(Node::id).collect();
         if blocked.is_empty() && in_flight == 0 && busy_homes.is_empty() {
@@ -526,7 +580,7 @@ mod tests {
     use super::*;
 
     fn cfg(nodes: u16, pages: u64, ops: u32, evictions: bool) -> Config {
-        Config { nodes, pages, ops_per_node: ops, evictions, max_states: 20_000_000 }
+        Config { nodes, pages, ops_per_node: ops, evictions, locks: 0, max_states: 20_000_000 }
     }
 
     #[test]
@@ -540,6 +594,16 @@ mod tests {
     fn two_nodes_with_more_operations_each() {
         let r = check(&cfg(2, 2, 4, true), Mutation::None).unwrap_or_else(|f| panic!("{f}"));
         eprintln!("explored: {r:?}");
+    }
+
+    #[test]
+    fn locks_are_held_by_one_node_at_a_time_and_every_acquire_is_granted() {
+        // Three nodes, two operations each among: take one of two locks (homed at nodes 0 and
+        // 1), read or write a page.
+        let c = Config { locks: 2, ..cfg(3, 1, 2, false) };
+        let r = check(&c, Mutation::None).unwrap_or_else(|f| panic!("{f}"));
+        eprintln!("explored: {r:?}");
+        assert!(r.states > 1_000, "{r:?}");
     }
 
     #[test]

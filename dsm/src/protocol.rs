@@ -43,7 +43,7 @@
 //! any [`Action::Downgrade`] before it, so no local write can tear them); the bytes that arrive
 //! with a `Data` message are kept until an [`Action::Install`] puts them in place.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 /// A node of the job: 0 to the number of nodes - 1.
@@ -147,6 +147,21 @@ pub enum Msg {
         /// The page.
         page: PageNo,
     },
+    /// To a lock's home (the lock's number modulo the nodes): the sender wants the lock.
+    Acquire {
+        /// The lock's number.
+        lock: u64,
+    },
+    /// From a lock's home: the lock is the receiver's now.
+    Granted {
+        /// The lock's number.
+        lock: u64,
+    },
+    /// To a lock's home: the sender gives the lock up (the next in the home's queue gets it).
+    Release {
+        /// The lock's number.
+        lock: u64,
+    },
 }
 
 impl Msg {
@@ -161,7 +176,13 @@ impl Msg {
             | Msg::Grant { page, .. }
             | Msg::Done { page }
             | Msg::Dropped { page } => page,
+            Msg::Acquire { lock } | Msg::Granted { lock } | Msg::Release { lock } => lock,
         }
+    }
+
+    /// Whether the message is about a lock (then [`Msg::page`] is the lock's number).
+    pub fn is_lock(&self) -> bool {
+        matches!(self, Msg::Acquire { .. } | Msg::Granted { .. } | Msg::Release { .. })
     }
 
     fn name(&self) -> &'static str {
@@ -174,6 +195,9 @@ impl Msg {
             Msg::Grant { .. } => "Grant",
             Msg::Done { .. } => "Done",
             Msg::Dropped { .. } => "Dropped",
+            Msg::Acquire { .. } => "Acquire",
+            Msg::Granted { .. } => "Granted",
+            Msg::Release { .. } => "Release",
         }
     }
 }
@@ -211,6 +235,11 @@ pub enum Action {
     Drop {
         /// The page.
         page: PageNo,
+    },
+    /// The lock is this node's: wake the thread that waits for it.
+    Granted {
+        /// The lock's number.
+        lock: u64,
     },
 }
 
@@ -328,6 +357,21 @@ pub struct Node {
     copies: BTreeMap<PageNo, Copy>,
     /// Directory entries that differ from the start (owned by the home, only it a sharer).
     directory: BTreeMap<PageNo, Directory>,
+    /// Locks this node is home of that are held: holder, and the nodes waiting in order.
+    locks: BTreeMap<u64, (NodeId, VecDeque<NodeId>)>,
+    /// Locks this node asked for and was not granted yet.
+    acquiring: BTreeSet<u64>,
+    /// Locks this node holds.
+    held: BTreeSet<u64>,
+}
+
+/// Why a lock operation cannot be done now ([`Node::acquire`], [`Node::release`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockRefusal {
+    /// This node holds the lock or is asking for it already (one thread of a node at a time).
+    AlreadyMine,
+    /// This node does not hold the lock.
+    NotHeld,
 }
 
 impl Node {
@@ -339,7 +383,15 @@ impl Node {
         if id >= nodes {
             return Err(ProtocolError::UnknownNode { node: id, nodes });
         }
-        Ok(Node { id, nodes, copies: BTreeMap::new(), directory: BTreeMap::new() })
+        Ok(Node {
+            id,
+            nodes,
+            copies: BTreeMap::new(),
+            directory: BTreeMap::new(),
+            locks: BTreeMap::new(),
+            acquiring: BTreeSet::new(),
+            held: BTreeSet::new(),
+        })
     }
 
     /// This node's number.
@@ -381,9 +433,32 @@ impl Node {
         self.copy(page).pending.is_some()
     }
 
-    /// Whether this node, as home, has no transaction running or waiting for any page.
+    /// Whether this node, as home, has no transaction running or waiting for any page, and
+    /// no lock of its is held.
     pub fn home_idle(&self) -> bool {
-        self.directory.values().all(|d| d.busy.is_none() && d.queue.is_empty())
+        self.directory.values().all(|d| d.busy.is_none() && d.queue.is_empty()) && self.locks.is_empty()
+    }
+
+    /// Whether this node holds `lock`.
+    pub fn holds(&self, lock: u64) -> bool {
+        self.held.contains(&lock)
+    }
+
+    /// Asks for `lock`: its home grants locks in the order asked. [`Action::Granted`] says when
+    /// this node has it.
+    pub fn acquire(&mut self, lock: u64) -> Result<Vec<Action>, LockRefusal> {
+        if self.held.contains(&lock) || !self.acquiring.insert(lock) {
+            return Err(LockRefusal::AlreadyMine);
+        }
+        Ok(vec![Action::Send { to: self.home_of(lock), msg: Msg::Acquire { lock } }])
+    }
+
+    /// Gives `lock` up.
+    pub fn release(&mut self, lock: u64) -> Result<Vec<Action>, LockRefusal> {
+        if !self.held.remove(&lock) {
+            return Err(LockRefusal::NotHeld);
+        }
+        Ok(vec![Action::Send { to: self.home_of(lock), msg: Msg::Release { lock } }])
     }
 
     /// A local thread faulted on `page`, needing `want`. Returns nothing to do if the access is
@@ -425,6 +500,49 @@ impl Node {
         let unexpected = |why| ProtocolError::Unexpected { page, from, msg: msg.name(), why };
         let mut out = Vec::new();
         match msg {
+            Msg::Acquire { lock } => {
+                self.home_check(lock)?;
+                match self.locks.get_mut(&lock) {
+                    Some((holder, queue)) => {
+                        if *holder == from || queue.contains(&from) {
+                            return Err(unexpected("the node holds or awaits this lock already"));
+                        }
+                        queue.push_back(from);
+                    }
+                    None => {
+                        self.locks.insert(lock, (from, VecDeque::new()));
+                        out.push(Action::Send { to: from, msg: Msg::Granted { lock } });
+                    }
+                }
+            }
+            Msg::Release { lock } => {
+                self.home_check(lock)?;
+                let Some((holder, queue)) = self.locks.get_mut(&lock) else {
+                    return Err(unexpected("the lock is not held"));
+                };
+                if *holder != from {
+                    return Err(unexpected("the lock is held by another node"));
+                }
+                match queue.pop_front() {
+                    Some(next) => {
+                        *holder = next;
+                        out.push(Action::Send { to: next, msg: Msg::Granted { lock } });
+                    }
+                    None => {
+                        self.locks.remove(&lock);
+                    }
+                }
+            }
+            Msg::Granted { lock } => {
+                if from != self.home_of(lock) {
+                    return Err(unexpected("only the lock's home grants it"));
+                }
+                if !self.acquiring.remove(&lock) {
+                    return Err(unexpected("this node did not ask for the lock"));
+                }
+                self.held.insert(lock);
+                out.push(Action::Granted { lock });
+            }
             Msg::Request { want, .. } => {
                 let dir = self.directory_mut(page)?;
                 if dir.busy.is_some() {
@@ -547,6 +665,16 @@ impl Node {
             }
         }
         Ok(out)
+    }
+
+    /// Refuses a lock message for a lock this node is not home of.
+    fn home_check(&self, lock: u64) -> Result<(), ProtocolError> {
+        let home = self.home_of(lock);
+        if home == self.id {
+            Ok(())
+        } else {
+            Err(ProtocolError::NotHome { page: lock, home })
+        }
     }
 
     /// The directory entry of `page`, of which this node must be the home.

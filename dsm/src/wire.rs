@@ -7,7 +7,7 @@
 //! `seq` numbers the messages from one node to another (0, 1, 2, ...): they may travel by
 //! different calls and threads, and the receiver handles them in this order.
 //! `kind`: 1 Request, 2 Recall, 3 Invalidate, 4 InvalidateAck, 5 Data, 6 Grant, 7 Done,
-//! 8 Dropped. `flags`: bit 0 the request is a write; Recall: bit 1 keep, bit 2 send; Grant: bit 3
+//! 8 Dropped, 9 Acquire, 10 Granted, 11 Release (`page` holds the lock's number). `flags`: bit 0 the request is a write; Recall: bit 1 keep, bit 2 send; Grant: bit 3
 //! data. `node`: Recall's `to`, Invalidate's `ack_to`. `acks`: Grant's. Unused fields are zero,
 //! and a decoder refuses anything else: a malformed message is an error, never a guess.
 
@@ -117,6 +117,9 @@ pub fn encode(e: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
         Msg::Grant { page, acks, data } => (6, if data { DATA } else { 0 }, page, 0, acks),
         Msg::Done { page } => (7, 0, page, 0, 0),
         Msg::Dropped { page } => (8, 0, page, 0, 0),
+        Msg::Acquire { lock } => (9, 0, lock, 0, 0),
+        Msg::Granted { lock } => (10, 0, lock, 0, 0),
+        Msg::Release { lock } => (11, 0, lock, 0, 0),
     };
     if (kind == 5) != e.bytes.is_some() {
         return Err(WireError::PageMismatch);
@@ -162,7 +165,10 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
             6 if flags & !DATA == 0 && node == 0 => Msg::Grant { page, acks, data: flags & DATA != 0 },
             7 => plain(Msg::Done { page })?,
             8 => plain(Msg::Dropped { page })?,
-            1..=8 => return Err(bad),
+            9 => plain(Msg::Acquire { lock: page })?,
+            10 => plain(Msg::Granted { lock: page })?,
+            11 => plain(Msg::Release { lock: page })?,
+            1..=11 => return Err(bad),
             _ => return Err(WireError::UnknownKind { at, kind }),
         };
         at += HEADER;
@@ -201,6 +207,9 @@ mod tests {
             (any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(page, acks, data)| Msg::Grant { page, acks, data }),
             any::<u64>().prop_map(|page| Msg::Done { page }),
             any::<u64>().prop_map(|page| Msg::Dropped { page }),
+            any::<u64>().prop_map(|lock| Msg::Acquire { lock }),
+            any::<u64>().prop_map(|lock| Msg::Granted { lock }),
+            any::<u64>().prop_map(|lock| Msg::Release { lock }),
         ]
     }
 
@@ -243,8 +252,8 @@ mod tests {
         let mut buf = Vec::new();
         encode(&Envelope { from: 1, seq: 9, msg: Msg::Done { page: 3 }, bytes: None }, &mut buf).unwrap();
         let mut b = buf.clone();
-        b[0] = 9;
-        assert_eq!(decode(&b), Err(WireError::UnknownKind { at: 0, kind: 9 }));
+        b[0] = 12;
+        assert_eq!(decode(&b), Err(WireError::UnknownKind { at: 0, kind: 12 }));
         let mut b = buf.clone();
         b[1] = 1;
         assert_eq!(decode(&b), Err(WireError::BadFields { at: 0, kind: 7 }));

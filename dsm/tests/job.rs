@@ -85,6 +85,15 @@ fn store_buffering_never_reads_both_old_values() {
 }
 
 #[test]
+fn a_lock_keeps_plain_increments_apart() {
+    for size in [2, 3] {
+        let outs = job("lock", size, &["lock", "200"]);
+        let want = format!("locked counter {}", 200 * u64::from(size));
+        assert!(outs.iter().all(|o| o.contains(&want)), "{outs:?}");
+    }
+}
+
+#[test]
 fn every_node_reads_every_other_nodes_pages() {
     for size in [2, 4] {
         job("fill", size, &["fill"]);

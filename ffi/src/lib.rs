@@ -473,7 +473,9 @@ pub extern "C" fn mosaic_memserver_stop(s: *mut MosaicMemserver) -> MosaicStatus
 
 fn dsm_error(e: &JoinError) -> Failure {
     let status = match e {
-        JoinError::Environment { .. } | JoinError::Config(_) | JoinError::Key(_) => MosaicErrInvalid,
+        JoinError::Environment { .. } | JoinError::Config(_) | JoinError::Key(_) | JoinError::Lock { .. } => {
+            MosaicErrInvalid
+        }
         JoinError::Region(PagerError::Unsupported { .. }) => MosaicErrUnsupported,
         JoinError::Region(_) | JoinError::Listen { .. } | JoinError::Rendezvous { .. } => MosaicErrOs,
         _ => MosaicErrUnreachable,
@@ -566,6 +568,19 @@ pub extern "C" fn mosaic_dsm_nodes(d: *const MosaicDsm) -> c_int {
 #[no_mangle]
 pub extern "C" fn mosaic_dsm_barrier(d: *const MosaicDsm) -> MosaicStatus {
     guard(|| with_dsm(d, |d| d.job.barrier())?.map_err(|e| dsm_error(&e)))
+}
+
+/// Takes DSM lock `id` (any number): waits until this node is granted it (locks are granted
+/// in the order asked, by the lock's home node). One thread of a node holds a lock at a time.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_lock(d: *const MosaicDsm, id: u64) -> MosaicStatus {
+    guard(|| with_dsm(d, |d| d.job.lock(id))?.map_err(|e| dsm_error(&e)))
+}
+
+/// Gives DSM lock `id` up; `MOSAIC_ERR_INVALID` if this node does not hold it.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_unlock(d: *const MosaicDsm, id: u64) -> MosaicStatus {
+    guard(|| with_dsm(d, |d| d.job.unlock(id))?.map_err(|e| dsm_error(&e)))
 }
 
 /// Leaves the job: waits until every node is done with the region, then unmaps it. The handle

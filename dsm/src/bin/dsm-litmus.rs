@@ -14,6 +14,9 @@
 //!   under sequential consistency at least one of them sees the other's write, every round.
 //! - `fill`: every node writes its own pages of the region with a pattern; after a barrier each
 //!   checks every node's pages.
+//! - `lock`: every node adds 1 to a counter ROUNDS times with a plain load and a plain store
+//!   (not atomic) inside DSM lock 5; after a barrier each reads size * ROUNDS (an increment lost
+//!   would mean two nodes inside the lock at once).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +53,8 @@ fn main() -> ExitCode {
         "mp" => message_passing(&mut job, rounds),
         "sb" => store_buffering(&mut job, rounds),
         "fill" => fill(&mut job),
-        _ => Err(format!("unknown test {test:?}: counter, mp, sb or fill")),
+        "lock" => locked_counter(&job, rounds),
+        _ => Err(format!("unknown test {test:?}: counter, mp, sb, fill or lock")),
     };
     let rank = job.rank();
     let stats = job.stats();
@@ -191,4 +195,23 @@ fn fill(job: &mut Job) -> Result<String, String> {
         }
     }
     Ok(format!("{size} x {per} pages checked"))
+}
+
+fn locked_counter(job: &Job, rounds: u64) -> Result<String, String> {
+    let c = job.as_ptr().wrapping_add(9 * PAGE).cast::<u64>();
+    for _ in 0..rounds {
+        job.lock(5).map_err(|e| chain(&e))?;
+        // SAFETY: a word of the mapped region (page 9 of 256), aligned; every node touches it
+        // only while holding lock 5, so these plain accesses never race.
+        unsafe { c.write_volatile(c.read_volatile() + 1) };
+        job.unlock(5).map_err(|e| chain(&e))?;
+    }
+    barrier(job)?;
+    let want = rounds * u64::from(job.size());
+    // SAFETY: as above; after the barrier nobody writes it.
+    let got = unsafe { c.read_volatile() };
+    if got != want {
+        return Err(format!("counter {got}, expected {want}: two nodes were inside the lock at once"));
+    }
+    Ok(format!("locked counter {want}"))
 }

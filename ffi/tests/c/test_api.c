@@ -141,6 +141,10 @@ static void dsm_without_a_job(void) {
         w[1000] = 42;
         CHECK(w[1000] == 42 && w[0] == 0);
     }
+    EXPECT(mosaic_dsm_unlock(d, 3), MOSAIC_ERR_INVALID); /* not held */
+    EXPECT(mosaic_dsm_lock(d, 3), MOSAIC_OK);
+    EXPECT(mosaic_dsm_unlock(d, 3), MOSAIC_OK);
+    EXPECT(mosaic_dsm_lock(NULL, 3), MOSAIC_ERR_NULL);
     EXPECT(mosaic_dsm_barrier(d), MOSAIC_OK);
     EXPECT(mosaic_dsm_leave(d), MOSAIC_OK);
     EXPECT(mosaic_dsm_leave(d), MOSAIC_ERR_BAD_HANDLE);
