@@ -10,6 +10,8 @@
 //!   the home, recall to the owner, the page from the owner.
 //! - `write_upgrade`: node 0 writes a page it holds read-only, with `sharers` other nodes holding
 //!   copies (the home, and with 3, nodes 2 and 3 too): request, invalidations, acknowledgements.
+//! - `lock`: acquire + release of a lock homed at node 1, nobody else asking.
+//! - `lock_handoff`: nodes 0 and 1 both taking one lock over and over; node 0's acquire time.
 //! - `barrier`: one barrier of all N nodes.
 
 use std::io::{BufRead, BufReader};
@@ -180,6 +182,32 @@ pub fn node(samples: usize) -> Result<(), String> {
                 s.push(t.elapsed());
             }
             emit("write_upgrade", Some(sharers), &mut s);
+        }
+    }
+    // Locks: acquire + release of a lock homed at node 1, alone; then handed back and forth
+    // (nodes 0 and 1 both taking lock 3 over and over: node 0 times its acquires).
+    barrier()?;
+    if me == 0 {
+        let mut s = Samples::with_capacity(samples);
+        for _ in 0..samples {
+            let t = Instant::now();
+            job.lock(1).map_err(|e| mosaic_transport::error_chain(&e))?;
+            job.unlock(1).map_err(|e| mosaic_transport::error_chain(&e))?;
+            s.push(t.elapsed());
+        }
+        emit("lock", None, &mut s);
+    }
+    barrier()?;
+    if me <= 1 {
+        let mut s = Samples::with_capacity(samples);
+        for _ in 0..samples {
+            let t = Instant::now();
+            job.lock(3).map_err(|e| mosaic_transport::error_chain(&e))?;
+            s.push(t.elapsed());
+            job.unlock(3).map_err(|e| mosaic_transport::error_chain(&e))?;
+        }
+        if me == 0 {
+            emit("lock_handoff", None, &mut s);
         }
     }
     // Barriers.
