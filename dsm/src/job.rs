@@ -30,8 +30,8 @@ use mosaic_pager::{
     DirtyTracking, Fault, FaultMode, FillError, Filled, PageSource, Region, RegionConfig, RegionCore, WriteDecision,
 };
 use mosaic_transport::{
-    connect, listen, Caller, ClusterKey, ConnectOptions, Connection, Server, ServerConfig, Service, ServiceError,
-    Status,
+    connect, connect_sim, listen, Caller, ClusterKey, ConnectOptions, Connection, LinkSpec, Server, ServerConfig,
+    Service, ServiceError, SimLink, Status,
 };
 
 use crate::protocol::{Access, Action, Msg, Node, NodeId, PageNo, ProtocolError, Want, MAX_NODES};
@@ -70,6 +70,9 @@ pub struct JobConfig {
     pub fault_timeout: Duration,
     /// Remove the rendezvous directory once the last node leaves (it was made for this job).
     pub remove_rendezvous: bool,
+    /// Reach the peers through this simulated link (latency, bandwidth, frames delayed at
+    /// random as if lost and sent again) instead of directly: for testing under delays.
+    pub link: Option<LinkSpec>,
 }
 
 /// The environment variables [`JobConfig::from_env`] reads.
@@ -81,6 +84,10 @@ pub const RENDEZVOUS_ENV: &str = "MOSAIC_DSM_RENDEZVOUS";
 
 /// See [`RANK_ENV`] (optional: milliseconds; 30 s by default).
 pub const JOIN_TIMEOUT_ENV: &str = "MOSAIC_DSM_JOIN_TIMEOUT_MS";
+
+/// Reach the peers through a simulated link (optional; `mosaic-bench`'s link syntax, e.g.
+/// `lat=20us,loss=0.2,rto=300us`): delays for testing.
+pub const SIM_LINK_ENV: &str = "MOSAIC_DSM_SIM_LINK";
 
 /// The default address of the shared region (the same on every node of the job).
 pub const DEFAULT_ADDR: usize = 0x5000_0000_0000;
@@ -100,6 +107,7 @@ impl JobConfig {
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
             remove_rendezvous: false,
+            link: None,
         }
     }
 
@@ -118,6 +126,15 @@ impl JobConfig {
         let place = crate::launch::from_env()?;
         let mut cfg = JobConfig::new(place.rank, place.size, place.rendezvous, key, bytes);
         cfg.remove_rendezvous = place.derived;
+        if let Ok(text) = std::env::var(SIM_LINK_ENV) {
+            let mut spec = LinkSpec::parse(&text).map_err(|_| JoinError::Environment {
+                name: SIM_LINK_ENV,
+                why: "not a link (e.g. lat=20us,loss=0.2,rto=300us)",
+            })?;
+            // Each node's links draw their own random delays.
+            spec.seed ^= u64::from(place.rank).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            cfg.link = Some(spec);
+        }
         if let Ok(ms) = std::env::var(JOIN_TIMEOUT_ENV) {
             let ms: u64 = ms
                 .trim()
@@ -810,6 +827,8 @@ pub struct Job {
     published: Option<PathBuf>,
     /// Whether the rendezvous directory goes too once empty.
     remove_rendezvous: bool,
+    /// Simulated links to the peers, kept alive with the connections.
+    links: Vec<SimLink>,
     region: Option<Region>,
     server: Option<Server>,
     threads: Vec<JoinHandle<()>>,
@@ -892,6 +911,7 @@ impl Job {
             joined: false,
             published: None,
             remove_rendezvous: cfg.remove_rendezvous,
+            links: Vec::new(),
             shared: shared.clone(),
             region: Some(region),
             server: None,
@@ -913,7 +933,14 @@ impl Job {
                 continue;
             }
             let conn = loop {
-                match connect(uri, &opts) {
+                let attempt = match &cfg.link {
+                    Some(spec) => connect_sim(uri, spec.clone(), &opts).map(|(c, link)| {
+                        job.links.push(link);
+                        c
+                    }),
+                    None => connect(uri, &opts),
+                };
+                match attempt {
                     Ok(c) => break c,
                     Err(source) if Instant::now() >= deadline => {
                         return Err(JoinError::Connect { rank, uri: uri.clone(), source })

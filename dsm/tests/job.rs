@@ -14,7 +14,12 @@ fn rendezvous(name: &str) -> PathBuf {
 }
 
 fn node(rank: u16, size: u16, dir: &PathBuf, args: &[&str], join_ms: Option<u64>) -> Child {
+    node_with(rank, size, dir, args, join_ms, &[])
+}
+
+fn node_with(rank: u16, size: u16, dir: &PathBuf, args: &[&str], join_ms: Option<u64>, env: &[(&str, &str)]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dsm-litmus"));
+    c.envs(env.iter().copied());
     c.args(args)
         .env("MOSAIC_DSM_RANK", rank.to_string())
         .env("MOSAIC_DSM_SIZE", size.to_string())
@@ -43,8 +48,13 @@ fn finish(mut child: Child, limit: Duration) -> Output {
 
 /// Runs `args` on `size` nodes; returns each node's stdout, asserting that all succeeded.
 fn job(name: &str, size: u16, args: &[&str]) -> Vec<String> {
+    job_with(name, size, args, &[])
+}
+
+/// [`job`], with more environment for every node.
+fn job_with(name: &str, size: u16, args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
     let dir = rendezvous(name);
-    let children: Vec<Child> = (0..size).map(|r| node(r, size, &dir, args, None)).collect();
+    let children: Vec<Child> = (0..size).map(|r| node_with(r, size, &dir, args, None, env)).collect();
     let outs: Vec<Output> = children.into_iter().map(|c| finish(c, Duration::from_secs(120))).collect();
     let _ = std::fs::remove_dir_all(&dir);
     let mut lines = Vec::new();
@@ -90,6 +100,29 @@ fn a_lock_keeps_plain_increments_apart() {
         let outs = job("lock", size, &["lock", "200"]);
         let want = format!("locked counter {}", 200 * u64::from(size));
         assert!(outs.iter().all(|o| o.contains(&want)), "{outs:?}");
+    }
+}
+
+#[test]
+fn independent_reads_of_independent_writes_agree_on_their_order() {
+    job("iriw", 4, &["iriw", "100"]);
+}
+
+/// The litmus tests again with every link between nodes delaying frames at random (as if lost
+/// and sent again 400 us later, three in ten), several seeds each.
+#[test]
+fn the_litmus_tests_hold_with_random_delays_on_every_link() {
+    for seed in 1..=3 {
+        let link = format!("lat=20us,loss=0.3,rto=400us,seed={seed}");
+        for (size, args) in [
+            (3, &["mp", "40"][..]),
+            (2, &["sb", "40"]),
+            (3, &["lock", "40"]),
+            (3, &["counter", "100"]),
+            (4, &["iriw", "30"]),
+        ] {
+            job_with("delays", size, args, &[("MOSAIC_DSM_SIM_LINK", &link)]);
+        }
     }
 }
 

@@ -14,6 +14,9 @@
 //!   under sequential consistency at least one of them sees the other's write, every round.
 //! - `fill`: every node writes its own pages of the region with a pattern; after a barrier each
 //!   checks every node's pages.
+//! - `iriw` (independent reads of independent writes, 4 nodes or more): nodes 0 and 1 write x and
+//!   y; node 2 reads x then y, node 3 reads y then x; under sequential consistency the two
+//!   readers never see the writes in opposite orders.
 //! - `lock`: every node adds 1 to a counter ROUNDS times with a plain load and a plain store
 //!   (not atomic) inside DSM lock 5; after a barrier each reads size * ROUNDS (an increment lost
 //!   would mean two nodes inside the lock at once).
@@ -54,7 +57,8 @@ fn main() -> ExitCode {
         "sb" => store_buffering(&mut job, rounds),
         "fill" => fill(&mut job),
         "lock" => locked_counter(&job, rounds),
-        _ => Err(format!("unknown test {test:?}: counter, mp, sb, fill or lock")),
+        "iriw" => iriw(&job, rounds),
+        _ => Err(format!("unknown test {test:?}: counter, mp, sb, fill, lock or iriw")),
     };
     let rank = job.rank();
     let stats = job.stats();
@@ -214,4 +218,43 @@ fn locked_counter(job: &Job, rounds: u64) -> Result<String, String> {
         return Err(format!("counter {got}, expected {want}: two nodes were inside the lock at once"));
     }
     Ok(format!("locked counter {want}"))
+}
+
+fn iriw(job: &Job, rounds: u64) -> Result<String, String> {
+    if job.size() < 4 {
+        return Err("iriw needs 4 nodes".into());
+    }
+    let me = job.rank();
+    for r in 0..rounds {
+        // Round r's x and y on pages of different homes; what the readers saw on a third.
+        let off = 8 * usize::try_from(r % 512).expect("small");
+        let (x, y) = (word(job, 10 * PAGE + off), word(job, 11 * PAGE + off));
+        let seen = |k: usize| word(job, 12 * PAGE + 8 * k);
+        barrier(job)?;
+        match me {
+            0 => x.store(r + 1, Ordering::SeqCst),
+            1 => y.store(r + 1, Ordering::SeqCst),
+            2 => {
+                let a = x.load(Ordering::SeqCst) == r + 1;
+                let b = y.load(Ordering::SeqCst) == r + 1;
+                seen(0).store(u64::from(a) | u64::from(b) << 1, Ordering::SeqCst);
+            }
+            3 => {
+                let b = y.load(Ordering::SeqCst) == r + 1;
+                let a = x.load(Ordering::SeqCst) == r + 1;
+                seen(1).store(u64::from(a) | u64::from(b) << 1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        barrier(job)?;
+        if me == 0 {
+            let (s2, s3) = (seen(0).load(Ordering::SeqCst), seen(1).load(Ordering::SeqCst));
+            // Node 2 saw x new and y old, node 3 saw y new and x old: opposite orders.
+            if s2 == 0b01 && s3 == 0b10 {
+                return Err(format!("round {r}: the readers saw the two writes in opposite orders"));
+            }
+        }
+        barrier(job)?;
+    }
+    Ok(format!("{rounds} rounds"))
 }
