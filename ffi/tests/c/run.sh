@@ -43,7 +43,12 @@ cc "${cflags[@]}" -O2 examples/c/dsm_counter.c target/release/libmosaic.a "${lib
 echo "--- examples/c/dsm_counter.c (mosrun -n 3)"
 env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/dsm_counter" 500
 
-# The same program, unchanged, started by Open MPI's mpirun (Debian's openmpi-bin; .ci/run
+# DSM from Fortran (iso_c_binding), under mosrun -n 3.
+gfortran -Wall -Werror -O2 -J "$out" examples/fortran/dsm_sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_dsm_sum"
+echo "--- examples/fortran/dsm_sum.f90 (mosrun -n 3)"
+env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/fortran_dsm_sum"
+
+# The C DSM example, unchanged, started by Open MPI's mpirun (Debian's openmpi-bin; .ci/run
 # installs it): the nodes take their rank from OMPI_COMM_WORLD_* and meet by the job's name.
 if command -v mpirun >/dev/null 2>&1; then
   echo "--- examples/c/dsm_counter.c (mpirun -n 2)"
