@@ -31,7 +31,7 @@ use mosaic_pager::{
 };
 use mosaic_transport::{
     connect, connect_sim, listen, Caller, ClusterKey, ConnectOptions, Connection, LinkSpec, Server, ServerConfig,
-    Service, ServiceError, SimLink, Status,
+    Service, ServiceError, Status,
 };
 
 use crate::protocol::{Access, Action, Msg, Node, NodeId, PageNo, ProtocolError, Want, MAX_NODES};
@@ -85,6 +85,10 @@ pub const RENDEZVOUS_ENV: &str = "MOSAIC_DSM_RENDEZVOUS";
 /// See [`RANK_ENV`] (optional: milliseconds; 30 s by default).
 pub const JOIN_TIMEOUT_ENV: &str = "MOSAIC_DSM_JOIN_TIMEOUT_MS";
 
+/// How long a page, a lock or a barrier is waited for, in milliseconds (optional; 60 s by
+/// default).
+pub const FAULT_TIMEOUT_ENV: &str = "MOSAIC_DSM_FAULT_TIMEOUT_MS";
+
 /// Reach the peers through a simulated link (optional; `mosaic-bench`'s link syntax, e.g.
 /// `lat=20us,loss=0.2,rto=300us`): delays for testing.
 pub const SIM_LINK_ENV: &str = "MOSAIC_DSM_SIM_LINK";
@@ -127,13 +131,18 @@ impl JobConfig {
         let mut cfg = JobConfig::new(place.rank, place.size, place.rendezvous, key, bytes);
         cfg.remove_rendezvous = place.derived;
         if let Ok(text) = std::env::var(SIM_LINK_ENV) {
-            let mut spec = LinkSpec::parse(&text).map_err(|_| JoinError::Environment {
+            let spec = LinkSpec::parse(&text).map_err(|_| JoinError::Environment {
                 name: SIM_LINK_ENV,
                 why: "not a link (e.g. lat=20us,loss=0.2,rto=300us)",
             })?;
-            // Each node's links draw their own random delays.
-            spec.seed ^= u64::from(place.rank).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             cfg.link = Some(spec);
+        }
+        if let Ok(ms) = std::env::var(FAULT_TIMEOUT_ENV) {
+            let ms: u64 = ms
+                .trim()
+                .parse()
+                .map_err(|_| JoinError::Environment { name: FAULT_TIMEOUT_ENV, why: "not a number of milliseconds" })?;
+            cfg.fault_timeout = Duration::from_millis(ms);
         }
         if let Ok(ms) = std::env::var(JOIN_TIMEOUT_ENV) {
             let ms: u64 = ms
@@ -224,6 +233,15 @@ pub enum JoinError {
         /// What was wrong.
         why: &'static str,
     },
+    /// A lock was not granted in time (the request is abandoned: the grant, when it comes, is
+    /// handed straight back).
+    #[error("lock {id}: not granted within {waited:?}")]
+    LockTimeout {
+        /// The lock.
+        id: u64,
+        /// How long this node waited.
+        waited: Duration,
+    },
     /// The job broke: a peer vanished or broke the protocol.
     #[error("the job is broken: {0}")]
     Broken(String),
@@ -266,6 +284,8 @@ struct Local {
     expected: Vec<u64>,
     /// Per peer: messages that arrived ahead of their turn.
     early: Vec<BTreeMap<u64, Envelope>>,
+    /// Locks whose waiting thread gave up: released as soon as they are granted.
+    abandoned: HashSet<u64>,
 }
 
 /// One peer's outbox. Any thread may take its messages and send them (the thread that made
@@ -440,8 +460,14 @@ impl Shared {
                 }
             }
             Action::Granted { lock } => {
-                lock_of(&self.granted).insert(lock);
-                self.granted_cv.notify_all();
+                if local.abandoned.remove(&lock) {
+                    // Its waiter gave up: give the lock straight back.
+                    let actions = local.node.release(lock).map_err(|r| format!("lock {lock}: {r:?}"))?;
+                    self.execute_into(local, actions, own);
+                } else {
+                    lock_of(&self.granted).insert(lock);
+                    self.granted_cv.notify_all();
+                }
             }
         }
         Ok(())
@@ -827,8 +853,7 @@ pub struct Job {
     published: Option<PathBuf>,
     /// Whether the rendezvous directory goes too once empty.
     remove_rendezvous: bool,
-    /// Simulated links to the peers, kept alive with the connections.
-    links: Vec<SimLink>,
+
     region: Option<Region>,
     server: Option<Server>,
     threads: Vec<JoinHandle<()>>,
@@ -873,6 +898,7 @@ impl Job {
                 staged: HashMap::new(),
                 expected: vec![0; usize::from(cfg.size)],
                 early: (0..cfg.size).map(|_| BTreeMap::new()).collect(),
+                abandoned: HashSet::new(),
             }),
             core: OnceLock::new(),
             pages: cfg.bytes / page,
@@ -911,7 +937,7 @@ impl Job {
             joined: false,
             published: None,
             remove_rendezvous: cfg.remove_rendezvous,
-            links: Vec::new(),
+
             shared: shared.clone(),
             region: Some(region),
             server: None,
@@ -934,10 +960,13 @@ impl Job {
             }
             let conn = loop {
                 let attempt = match &cfg.link {
-                    Some(spec) => connect_sim(uri, spec.clone(), &opts).map(|(c, link)| {
-                        job.links.push(link);
-                        c
-                    }),
+                    // Each pair of nodes draws its own delays. (The link runs on its own: its
+                    // control handle is not needed.)
+                    Some(spec) => {
+                        let mut spec = spec.clone();
+                        spec.seed ^= (u64::from(cfg.rank) << 16 | u64::from(rank)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        connect_sim(uri, spec, &opts).map(|(c, _link)| c)
+                    }
                     None => connect(uri, &opts),
                 };
                 match attempt {
@@ -1064,7 +1093,7 @@ impl Job {
         let s = &self.shared;
         let deadline = Instant::now() + s.fault_timeout;
         let broken = || s.broken().map(JoinError::Broken);
-        let timed_out = || JoinError::Broken(format!("lock {id}: not granted within {:?}", s.fault_timeout));
+        let timed_out = || JoinError::LockTimeout { id, waited: s.fault_timeout };
         {
             let mut in_use = lock(&s.in_use);
             while in_use.contains(&id) {
@@ -1095,15 +1124,31 @@ impl Job {
                 if granted.remove(&id) {
                     return Ok(());
                 }
-                if let Some(e) = broken() {
-                    return Err(e);
+                let failure = match broken() {
+                    Some(e) => e,
+                    None => match deadline.checked_duration_since(Instant::now()) {
+                        Some(left) => {
+                            granted = s
+                                .granted_cv
+                                .wait_timeout(granted, left.min(Duration::from_millis(50)))
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .0;
+                            continue;
+                        }
+                        None => timed_out(),
+                    },
+                };
+                drop(granted);
+                // Giving up: settled under the node's lock, which grants are handled under. A
+                // grant that came meanwhile is kept (the lock is ours after all); otherwise the
+                // request is abandoned, and the grant, when it comes, is handed straight back.
+                let mut local = lock(&s.local);
+                if local.node.holds(id) {
+                    lock_of(&s.granted).remove(&id);
+                    return Ok(());
                 }
-                let left = deadline.checked_duration_since(Instant::now()).ok_or_else(timed_out)?;
-                granted = s
-                    .granted_cv
-                    .wait_timeout(granted, left.min(Duration::from_millis(50)))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
+                local.abandoned.insert(id);
+                return Err(failure);
             }
         })();
         if result.is_err() {

@@ -127,6 +127,27 @@ fn the_litmus_tests_hold_with_random_delays_on_every_link() {
 }
 
 #[test]
+fn a_lock_given_up_on_is_handed_back_when_it_is_granted() {
+    let dir = rendezvous("abandon");
+    let children: Vec<Child> = (0..2u16)
+        .map(|r| {
+            let timeout = if r == 1 { "500" } else { "60000" };
+            node_with(r, 2, &dir, &["abandon"], None, &[("MOSAIC_DSM_FAULT_TIMEOUT_MS", timeout)])
+        })
+        .collect();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = finish(c, Duration::from_secs(60));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains(" ok: "),
+            "node {rank}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn every_node_reads_every_other_nodes_pages() {
     for size in [2, 4] {
         job("fill", size, &["fill"]);

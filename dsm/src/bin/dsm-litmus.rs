@@ -17,6 +17,9 @@
 //! - `iriw` (independent reads of independent writes, 4 nodes or more): nodes 0 and 1 write x and
 //!   y; node 2 reads x then y, node 3 reads y then x; under sequential consistency the two
 //!   readers never see the writes in opposite orders.
+//! - `abandon` (2 nodes; run node 1 with a short `MOSAIC_DSM_FAULT_TIMEOUT_MS`): node 0 holds
+//!   lock 7 for 1.5 s; node 1's lock(7) gives up meanwhile, and once node 0 lets go node 1 takes
+//!   the lock again (the grant its abandoned request got was handed back, not kept).
 //! - `lock`: every node adds 1 to a counter ROUNDS times with a plain load and a plain store
 //!   (not atomic) inside DSM lock 5; after a barrier each reads size * ROUNDS (an increment lost
 //!   would mean two nodes inside the lock at once).
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         "fill" => fill(&mut job),
         "lock" => locked_counter(&job, rounds),
         "iriw" => iriw(&job, rounds),
+        "abandon" => abandon(&job),
         _ => Err(format!("unknown test {test:?}: counter, mp, sb, fill, lock or iriw")),
     };
     let rank = job.rank();
@@ -257,4 +261,32 @@ fn iriw(job: &Job, rounds: u64) -> Result<String, String> {
         barrier(job)?;
     }
     Ok(format!("{rounds} rounds"))
+}
+
+fn abandon(job: &Job) -> Result<String, String> {
+    match job.rank() {
+        0 => {
+            job.lock(7).map_err(|e| chain(&e))?;
+            std::thread::sleep(Duration::from_millis(1500));
+            job.unlock(7).map_err(|e| chain(&e))?;
+            // And again, after node 1 had it: its abandoned grant did not keep the lock.
+            std::thread::sleep(Duration::from_millis(1000));
+            job.lock(7).map_err(|e| chain(&e))?;
+            job.unlock(7).map_err(|e| chain(&e))?;
+        }
+        1 => {
+            std::thread::sleep(Duration::from_millis(200));
+            match job.lock(7) {
+                Err(mosaic_dsm::JoinError::LockTimeout { .. }) => {}
+                Ok(()) => return Err("the lock was granted while node 0 held it".into()),
+                Err(e) => return Err(format!("expected a time-out, got: {}", chain(&e))),
+            }
+            std::thread::sleep(Duration::from_millis(1800));
+            job.lock(7).map_err(|e| chain(&e))?;
+            job.unlock(7).map_err(|e| chain(&e))?;
+        }
+        _ => {}
+    }
+    barrier(job)?;
+    Ok("a lock given up on is handed back when granted".into())
 }
