@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use mosaic_dsm::{Job, JobConfig};
 use serde_json::json;
 
+use crate::stats::round3;
+
 use crate::stats::Samples;
 
 /// What to measure.
@@ -222,8 +224,4 @@ pub fn node(samples: usize) -> Result<(), String> {
         emit("barrier", None, &mut s);
     }
     job.leave().map_err(|e| mosaic_transport::error_chain(&e))
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }

@@ -12,6 +12,8 @@ use mosaic_pager::{Fault, FaultMode, FillError, Filled, Page, PageSource, Region
 use mosaic_transport::{connect, ClusterKey, ConnectOptions, PAGE_SIZE};
 use serde_json::json;
 
+use crate::stats::round3;
+
 use crate::serve::ChildServer;
 use crate::stats::{count_f64, Samples, Summary};
 
@@ -113,10 +115,6 @@ impl Figure {
             println!("{:<5} {:<32} {:>3} thr  {lat} {rate} {bw}", self.transport, what, self.threads);
         }
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// Runs the plan.

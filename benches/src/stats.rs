@@ -91,6 +91,11 @@ pub fn time_loop<E>(
     Ok((s, start.elapsed()))
 }
 
+/// `x` rounded to three decimals (the figures' JSON precision).
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection, Page, Protection, WaitPolicy};
 use serde_json::json;
 
+use crate::stats::round3;
+
 use crate::peer::{self, PeerFigure};
 use crate::serve::{ChildServer, ECHO, SINK};
 use crate::stats::{count_f64, ns_to_f64, time_loop, Summary};
@@ -138,10 +140,6 @@ impl Figure {
             peer
         )
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 fn human_size(n: usize) -> String {

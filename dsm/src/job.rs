@@ -137,22 +137,27 @@ impl JobConfig {
             })?;
             cfg.link = Some(spec);
         }
-        if let Ok(ms) = std::env::var(FAULT_TIMEOUT_ENV) {
-            let ms: u64 = ms
-                .trim()
-                .parse()
-                .map_err(|_| JoinError::Environment { name: FAULT_TIMEOUT_ENV, why: "not a number of milliseconds" })?;
-            cfg.fault_timeout = Duration::from_millis(ms);
+        if let Some(t) = env_millis(FAULT_TIMEOUT_ENV)? {
+            cfg.fault_timeout = t;
         }
-        if let Ok(ms) = std::env::var(JOIN_TIMEOUT_ENV) {
-            let ms: u64 = ms
-                .trim()
-                .parse()
-                .map_err(|_| JoinError::Environment { name: JOIN_TIMEOUT_ENV, why: "not a number of milliseconds" })?;
-            cfg.join_timeout = Duration::from_millis(ms);
+        if let Some(t) = env_millis(JOIN_TIMEOUT_ENV)? {
+            cfg.join_timeout = t;
         }
         Ok(cfg)
     }
+}
+
+/// A duration in milliseconds from environment variable `name`, if set.
+fn env_millis(name: &'static str) -> Result<Option<Duration>, JoinError> {
+    std::env::var(name)
+        .ok()
+        .map(|ms| {
+            ms.trim()
+                .parse()
+                .map(Duration::from_millis)
+                .map_err(|_| JoinError::Environment { name, why: "not a number of milliseconds" })
+        })
+        .transpose()
 }
 
 /// Why a node could not join its job, or a job operation failed.
@@ -341,11 +346,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// [`lock`], named for the places where "lock" means a DSM lock too.
-fn lock_of<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    lock(m)
-}
-
 impl Shared {
     fn break_job(&self, why: String) {
         log::error!("dsm node {}: {why}", self.rank);
@@ -459,13 +459,13 @@ impl Shared {
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                 }
             }
-            Action::Granted { lock } => {
-                if local.abandoned.remove(&lock) {
+            Action::Granted { lock: id } => {
+                if local.abandoned.remove(&id) {
                     // Its waiter gave up: give the lock straight back.
-                    let actions = local.node.release(lock).map_err(|r| format!("lock {lock}: {r:?}"))?;
+                    let actions = local.node.release(id).map_err(|r| format!("lock {id}: {r:?}"))?;
                     self.execute_into(local, actions, own);
                 } else {
-                    lock_of(&self.granted).insert(lock);
+                    lock(&self.granted).insert(id);
                     self.granted_cv.notify_all();
                 }
             }
@@ -546,11 +546,16 @@ impl Shared {
                 return Err(());
             }
         };
-        self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.pages_sent.fetch_add(pages, Ordering::Relaxed);
-        self.bytes_sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.count_sent(batch.len(), pages, buf.len());
         self.receive_all(to, &answer);
         Ok(())
+    }
+
+    /// Counts `messages` sent (`pages` of them pages) in `bytes` bytes.
+    fn count_sent(&self, messages: usize, pages: u64, bytes: usize) {
+        self.sent.fetch_add(messages as u64, Ordering::Relaxed);
+        self.pages_sent.fetch_add(pages, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Handles messages from peer `from` that came in an answer.
@@ -821,6 +826,7 @@ impl Service for Inbox {
         // above all): no sender thread to wake, no second connection. Sending from here on this
         // thread could deadlock (two nodes' connection threads each waiting for the other's).
         let answer = s.take(from);
+        let answered_from = response.len();
         let mut pages = 0;
         let mut encoded = Ok(());
         for e in &answer {
@@ -835,8 +841,7 @@ impl Service for Inbox {
             s.sending.fetch_sub(1, Ordering::AcqRel); // counted by `take`; on its way now
         }
         encoded?;
-        s.sent.fetch_add(answer.len() as u64, Ordering::Relaxed);
-        s.pages_sent.fetch_add(pages, Ordering::Relaxed);
+        s.count_sent(answer.len(), pages, response.len() - answered_from);
         Ok(())
     }
 }
@@ -1119,7 +1124,7 @@ impl Job {
                 s.execute(&mut local, actions);
             }
             s.flush();
-            let mut granted = lock_of(&s.granted);
+            let mut granted = lock(&s.granted);
             loop {
                 if granted.remove(&id) {
                     return Ok(());
@@ -1144,7 +1149,7 @@ impl Job {
                 // request is abandoned, and the grant, when it comes, is handed straight back.
                 let mut local = lock(&s.local);
                 if local.node.holds(id) {
-                    lock_of(&s.granted).remove(&id);
+                    lock(&s.granted).remove(&id);
                     return Ok(());
                 }
                 local.abandoned.insert(id);
