@@ -676,6 +676,10 @@ impl PageSource for Source {
             // Sent from here, not by a sender thread woken for it: the answer (often the page
             // itself) comes back on this call and is installed here too.
             s.flush();
+            // The answer usually brought the page: done now, not on the pager's next ask.
+            if let Some(done) = self.present(&mut lock(&s.local), fault, want) {
+                return done;
+            }
         }
         // The page is installed when it arrives (which wakes this fault's thread); the pager asks
         // again meanwhile.
@@ -711,6 +715,9 @@ impl PageSource for Source {
             }
             drop(local);
             s.flush();
+            if let Some(d) = self.writable(&mut lock(&s.local), fault) {
+                return d;
+            }
         }
         WriteDecision::Busy
     }
