@@ -34,7 +34,8 @@ use mosaic_transport::{
     Service, ServiceError, Status,
 };
 
-use crate::protocol::{Access, Action, Msg, Node, NodeId, PageNo, ProtocolError, Want, MAX_NODES};
+use crate::alloc::{AllocError, Arena};
+use crate::protocol::{Access, Action, Homes, Msg, Node, NodeId, PageNo, ProtocolError, Want, MAX_NODES};
 use crate::wire::{self, Envelope};
 
 /// The transport method protocol messages travel by.
@@ -62,8 +63,14 @@ pub struct JobConfig {
     pub listen: String,
     /// The shared region's address, the same on every node.
     pub addr: usize,
-    /// The shared region's size in bytes (a whole number of pages).
+    /// The collective heap's size in bytes (a whole number of pages): the start of the shared
+    /// region, pages homed at the nodes by turns, what [`Job::as_ptr`] points to and
+    /// [`Job::alloc`] allocates from.
     pub bytes: u64,
+    /// Each node's arena, in bytes (a whole number of pages; `None`: the heap's size divided by
+    /// the nodes, rounded up to a page): it follows the heap, one per node in rank order, its
+    /// pages homed at that node; [`Job::alloc_local`] allocates from it.
+    pub arena_bytes: Option<u64>,
     /// Longest wait for every peer to publish its address and accept a connection.
     pub join_timeout: Duration,
     /// Longest wait for one page; past it the access raises SIGBUS.
@@ -89,6 +96,9 @@ pub const JOIN_TIMEOUT_ENV: &str = "MOSAIC_DSM_JOIN_TIMEOUT_MS";
 /// default).
 pub const FAULT_TIMEOUT_ENV: &str = "MOSAIC_DSM_FAULT_TIMEOUT_MS";
 
+/// Each node's arena in bytes (optional; by default the heap's size divided by the nodes).
+pub const ARENA_BYTES_ENV: &str = "MOSAIC_DSM_ARENA_BYTES";
+
 /// Reach the peers through a simulated link (optional; `mosaic-bench`'s link syntax, e.g.
 /// `lat=20us,loss=0.2,rto=300us`): delays for testing.
 pub const SIM_LINK_ENV: &str = "MOSAIC_DSM_SIM_LINK";
@@ -108,6 +118,7 @@ impl JobConfig {
             listen: "tcp://127.0.0.1:0".into(),
             addr: DEFAULT_ADDR,
             bytes,
+            arena_bytes: None,
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
             remove_rendezvous: false,
@@ -142,6 +153,13 @@ impl JobConfig {
         }
         if let Some(t) = env_millis(JOIN_TIMEOUT_ENV)? {
             cfg.join_timeout = t;
+        }
+        if let Ok(text) = std::env::var(ARENA_BYTES_ENV) {
+            let bytes = text
+                .trim()
+                .parse()
+                .map_err(|_| JoinError::Environment { name: ARENA_BYTES_ENV, why: "not a number of bytes" })?;
+            cfg.arena_bytes = Some(bytes);
         }
         Ok(cfg)
     }
@@ -250,6 +268,34 @@ pub enum JoinError {
     /// The job broke: a peer vanished or broke the protocol.
     #[error("the job is broken: {0}")]
     Broken(String),
+    /// An allocation or a free in the shared region failed.
+    #[error("{what}")]
+    Alloc {
+        /// What was asked: `alloc`, `alloc_local`, `free`, `free_local`.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: AllocError,
+    },
+    /// An address given is not one the operation can use.
+    #[error("address {addr:#x}: {why}")]
+    Address {
+        /// The address.
+        addr: usize,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The nodes did not make the same collective call (a barrier, an allocation or a free) at
+    /// the same point: the job's calls diverged.
+    #[error("collective call {generation}: this node made {here}, nodes {differ:?} another call or another size")]
+    Diverged {
+        /// The collective call's number (0 for the first).
+        generation: u64,
+        /// What this node called.
+        here: String,
+        /// The nodes whose call differed.
+        differ: Vec<NodeId>,
+    },
 }
 
 /// Why a page could not be had (the faulting access raises SIGBUS; this is logged).
@@ -324,8 +370,8 @@ struct Shared {
     /// Connections to the peers, by rank (none to this node), once all are made.
     conns: OnceLock<Vec<Option<Connection>>>,
     outboxes: Vec<Outbox>,
-    /// Barrier arrivals: generation -> ranks that arrived.
-    arrivals: Mutex<HashMap<u64, HashSet<NodeId>>>,
+    /// Barrier arrivals: generation -> ranks that arrived, each with its call's tag.
+    arrivals: Mutex<HashMap<u64, HashMap<NodeId, u64>>>,
     arrived: Condvar,
     broken: Mutex<Option<String>>,
     /// Locks granted to this node that the waiting thread has not taken yet.
@@ -780,17 +826,32 @@ impl Source {
     }
 }
 
-/// A barrier arrival's payload: the arriving node and the barrier's generation.
-fn encode_arrival(from: NodeId, generation: u64) -> [u8; 10] {
-    let mut b = [0u8; 10];
+/// A barrier arrival's payload: the arriving node, the barrier's generation, and the tag of the
+/// collective call it belongs to (every node's must be the same).
+fn encode_arrival(from: NodeId, generation: u64, tag: u64) -> [u8; 18] {
+    let mut b = [0u8; 18];
     b[..2].copy_from_slice(&from.to_le_bytes());
-    b[2..].copy_from_slice(&generation.to_le_bytes());
+    b[2..10].copy_from_slice(&generation.to_le_bytes());
+    b[10..].copy_from_slice(&tag.to_le_bytes());
     b
 }
 
-fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64)> {
-    let b: &[u8; 10] = b.try_into().ok()?;
-    Some((u16::from_le_bytes([b[0], b[1]]), u64::from_le_bytes(b[2..].try_into().ok()?)))
+fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64, u64)> {
+    let b: &[u8; 18] = b.try_into().ok()?;
+    let u64_at = |i: usize| b[i..i + 8].try_into().ok().map(u64::from_le_bytes);
+    Some((u16::from_le_bytes([b[0], b[1]]), u64_at(2)?, u64_at(10)?))
+}
+
+/// The tag of a plain barrier (leaving is one too).
+const TAG_BARRIER: u64 = 0;
+
+/// The tag of a collective call other than a barrier: its kind and arguments, hashed (never
+/// [`TAG_BARRIER`]).
+fn call_tag(kind: &str, args: &[u64]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (kind, args).hash(&mut h);
+    h.finish() | 1
 }
 
 /// Receives peers' messages, on the connection's server thread.
@@ -800,10 +861,10 @@ impl Service for Inbox {
     fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         let s = &self.0;
         if method == METHOD_BARRIER {
-            let (from, generation) = decode_arrival(request)
-                .filter(|(from, _)| *from < s.size && *from != s.rank)
+            let (from, generation, tag) = decode_arrival(request)
+                .filter(|(from, _, _)| *from < s.size && *from != s.rank)
                 .ok_or_else(|| ServiceError::new(Status::BadRequest, "a malformed barrier arrival"))?;
-            lock(&s.arrivals).entry(generation).or_default().insert(from);
+            lock(&s.arrivals).entry(generation).or_default().insert(from, tag);
             s.arrived.notify_all();
             return Ok(());
         }
@@ -856,9 +917,15 @@ impl Service for Inbox {
 /// This process's node of a DSM job: the shared region and the threads that keep it coherent.
 pub struct Job {
     shared: Arc<Shared>,
-    /// The region's first byte and size.
+    /// The region's first byte and size (the heap, then the arenas).
     base: usize,
     len: usize,
+    /// The collective heap's size in bytes.
+    heap_len: usize,
+    /// The collective heap's allocator (the same on every node: collective calls keep it so).
+    heap: Mutex<Arena>,
+    /// This node's arena's allocator.
+    arena: Mutex<Arena>,
     /// Whether `join` completed (only then does leaving wait for the others).
     joined: bool,
     /// This node's address in the rendezvous directory, removed when it leaves.
@@ -898,7 +965,21 @@ impl Job {
                 cfg.bytes, cfg.addr
             )));
         }
-        let node = Node::new(cfg.rank, cfg.size).map_err(|e: ProtocolError| JoinError::Config(e.to_string()))?;
+        let heap_pages = cfg.bytes / page;
+        let arena_pages = match cfg.arena_bytes {
+            Some(b) if b % page != 0 => {
+                return Err(JoinError::Config(format!("an arena of {b} bytes: not a whole number of pages")))
+            }
+            Some(b) => b / page,
+            None => heap_pages.div_ceil(u64::from(cfg.size)),
+        };
+        let total_pages = u64::from(cfg.size)
+            .checked_mul(arena_pages)
+            .and_then(|a| a.checked_add(heap_pages))
+            .filter(|p| p.checked_mul(page).and_then(|b| cfg.addr.checked_add(b as usize)).is_some())
+            .ok_or_else(|| JoinError::Config("the heap and the arenas do not fit in the address space".into()))?;
+        let homes = Homes::with_arenas(cfg.size, heap_pages, arena_pages);
+        let node = Node::with_homes(cfg.rank, homes).map_err(|e: ProtocolError| JoinError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             rank: cfg.rank,
             size: cfg.size,
@@ -913,7 +994,7 @@ impl Job {
                 abandoned: HashSet::new(),
             }),
             core: OnceLock::new(),
-            pages: cfg.bytes / page,
+            pages: total_pages,
             sending: AtomicU64::new(0),
             callers: Mutex::new(HashMap::new()),
             conns: OnceLock::new(),
@@ -934,7 +1015,7 @@ impl Job {
             pages_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
         });
-        let rcfg = RegionConfig::new(cfg.bytes / page)
+        let rcfg = RegionConfig::new(total_pages)
             .fixed_addr(cfg.addr)
             .mode(FaultMode::Workers(2))
             .dirty(DirtyTracking::Faults)
@@ -943,9 +1024,13 @@ impl Job {
         let region = Region::new(rcfg, Source(shared.clone())).map_err(JoinError::Region)?;
         let _ = shared.core.set(Arc::downgrade(&region.core()));
         let core = region.core();
+        let (arena_start, arena_len) = homes.arena_of(cfg.rank);
         let mut job = Job {
             base: core.as_ptr() as usize,
             len: core.len(),
+            heap_len: cfg.bytes as usize,
+            heap: Mutex::new(Arena::new(0, cfg.bytes)),
+            arena: Mutex::new(Arena::new(arena_start * page, arena_len * page)),
             joined: false,
             published: None,
             remove_rendezvous: cfg.remove_rendezvous,
@@ -1005,19 +1090,138 @@ impl Job {
         Ok(job)
     }
 
-    /// The first byte of the shared region (the same address on every node).
+    /// The first byte of the shared region and of its collective heap (the same address on
+    /// every node). A program may lay the heap's [`len`](Self::len) bytes out itself, or
+    /// allocate from it with [`alloc`](Self::alloc): one or the other.
     pub fn as_ptr(&self) -> *mut u8 {
         self.base as *mut u8
     }
 
-    /// The shared region's size in bytes.
+    /// The collective heap's size in bytes (the job's `bytes`; the nodes' arenas follow it).
     pub fn len(&self) -> usize {
+        self.heap_len
+    }
+
+    /// Whether the heap is empty (never: a job's heap has at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole shared region's size in bytes: the heap and every node's arena.
+    pub fn region_len(&self) -> usize {
         self.len
     }
 
-    /// Whether the region is empty (never: a job's region has at least a page).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether `addr` is inside the shared region (the heap or any node's arena).
+    pub fn contains(&self, addr: usize) -> bool {
+        addr >= self.base && addr - self.base < self.len
+    }
+
+    /// Allocates `bytes` from the collective heap: a collective call (every node calls it, in
+    /// the same order with the same size, like `MPI_Win_allocate`; one thread of each node) that
+    /// returns the same address on every node. Blocks of a page or more are page-aligned, smaller
+    /// ones 64-byte aligned; their pages' homes take turns among the nodes. The bytes are zero
+    /// the first time, and what the last user left when a freed block is reused. Nodes that
+    /// call differently get [`JoinError::Diverged`].
+    pub fn alloc(&self, bytes: u64) -> Result<*mut u8, JoinError> {
+        let mut heap = lock(&self.heap);
+        let got = heap.alloc(bytes);
+        let tag = match &got {
+            Ok(at) => call_tag("alloc", &[bytes, *at]),
+            Err(_) => call_tag("alloc failed", &[bytes]),
+        };
+        let agreed = self.collective(tag, || format!("alloc({bytes})"), self.shared.fault_timeout);
+        match (got, agreed) {
+            (Ok(at), Ok(())) => Ok(self.at(at)),
+            (Ok(at), Err(e)) => {
+                let _ = heap.free(at);
+                Err(e)
+            }
+            (Err(source), _) => Err(JoinError::Alloc { what: "alloc", source }),
+        }
+    }
+
+    /// Frees a block of the collective heap (from [`alloc`](Self::alloc)): a collective call,
+    /// with the same address on every node.
+    pub fn free(&self, ptr: *mut u8) -> Result<(), JoinError> {
+        let addr = ptr as usize;
+        let offset = addr.checked_sub(self.base).filter(|o| *o < self.heap_len).map(|o| o as u64);
+        let mut heap = lock(&self.heap);
+        let len = offset.and_then(|o| heap.block(o));
+        let tag = match (offset, len) {
+            (Some(o), Some(_)) => call_tag("free", &[o]),
+            _ => call_tag("free failed", &[addr as u64]),
+        };
+        self.collective(tag, || format!("free({addr:#x})"), self.shared.fault_timeout)?;
+        match offset {
+            Some(o) => heap.free(o).map(drop).map_err(|source| JoinError::Alloc { what: "free", source }),
+            None => Err(JoinError::Address { addr, why: "not in the collective heap" }),
+        }
+    }
+
+    /// Allocates `bytes` from this node's arena (any thread, no other node involved): this node
+    /// is home of the block's pages, so it reads and writes them without asking anyone until
+    /// another node touches them. The address is valid on every node: pass it on through shared
+    /// memory. Alignment and contents as with [`alloc`](Self::alloc).
+    pub fn alloc_local(&self, bytes: u64) -> Result<*mut u8, JoinError> {
+        let at = lock(&self.arena).alloc(bytes).map_err(|source| JoinError::Alloc { what: "alloc_local", source })?;
+        Ok(self.at(at))
+    }
+
+    /// Frees a block of this node's arena (from [`alloc_local`](Self::alloc_local) on this node).
+    pub fn free_local(&self, ptr: *mut u8) -> Result<(), JoinError> {
+        let addr = ptr as usize;
+        if !self.contains(addr) {
+            return Err(JoinError::Address { addr, why: "not in the shared region" });
+        }
+        lock(&self.arena)
+            .free((addr - self.base) as u64)
+            .map(drop)
+            .map_err(|source| JoinError::Alloc { what: "free_local", source })
+    }
+
+    fn at(&self, offset: u64) -> *mut u8 {
+        (self.base + offset as usize) as *mut u8
+    }
+
+    /// The 8-byte word at `addr` as an atomic, if it is in the region and aligned.
+    fn word(&self, addr: *mut u64) -> Result<&AtomicU64, JoinError> {
+        let a = addr as usize;
+        if !self.contains(a) {
+            return Err(JoinError::Address { addr: a, why: "not in the shared region" });
+        }
+        if a % 8 != 0 {
+            return Err(JoinError::Address { addr: a, why: "not 8-byte aligned" });
+        }
+        if let Some(why) = self.shared.broken() {
+            return Err(JoinError::Broken(why));
+        }
+        // SAFETY: `a` is an aligned word inside the region, which stays mapped (its missing pages
+        // are filled by the fault handler) for as long as `self` lives, and the borrow does not
+        // outlive `self`. The region is memory shared with code outside Rust's view (other
+        // threads, the C ABI), which is why its words are only ever reached through atomics here.
+        Ok(unsafe { AtomicU64::from_ptr(addr) })
+    }
+
+    /// Adds `value` to the 64-bit word at `addr` (in the region, 8-byte aligned), atomically
+    /// across every thread of every node, and returns what it held before (wrapping on
+    /// overflow). The word's page comes to this node with write access, as for any write, and
+    /// the add is one atomic instruction on it: a page has one writer at a time.
+    pub fn fetch_add(&self, addr: *mut u64, value: u64) -> Result<u64, JoinError> {
+        Ok(self.word(addr)?.fetch_add(value, Ordering::SeqCst))
+    }
+
+    /// Stores `new` in the 64-bit word at `addr` if it holds `current`, atomically across every
+    /// thread of every node: `Ok` with the value before if it was stored, `Err` with the value
+    /// found if not (the outer result is the call's failure: a bad address, a broken job).
+    pub fn compare_exchange(&self, addr: *mut u64, current: u64, new: u64) -> Result<Result<u64, u64>, JoinError> {
+        Ok(self.word(addr)?.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst))
+    }
+
+    /// Reads the 64-bit word at `addr` atomically (sequentially consistent with every other
+    /// access to it).
+    pub fn load(&self, addr: *mut u64) -> Result<u64, JoinError> {
+        Ok(self.word(addr)?.load(Ordering::SeqCst))
     }
 
     /// This node's rank.
@@ -1051,11 +1255,21 @@ impl Job {
     }
 
     fn barrier_within(&self, timeout: Duration) -> Result<(), JoinError> {
-        self.arrive_and_wait(self.barriers.fetch_add(1, Ordering::AcqRel), timeout)
+        self.collective(TAG_BARRIER, || "a barrier".into(), timeout)
     }
 
-    /// Arrives at barrier `generation` and waits for every other node's arrival.
-    fn arrive_and_wait(&self, generation: u64, timeout: Duration) -> Result<(), JoinError> {
+    /// A collective call: the next barrier, which every node must enter with the same `tag` (a
+    /// hash of its call and arguments; `here` describes this node's, for the error).
+    fn collective(&self, tag: u64, here: impl FnOnce() -> String, timeout: Duration) -> Result<(), JoinError> {
+        let generation = self.barriers.fetch_add(1, Ordering::AcqRel);
+        self.arrive_and_wait(generation, tag, timeout).map_err(|e| match e {
+            JoinError::Diverged { generation, differ, .. } => JoinError::Diverged { generation, here: here(), differ },
+            e => e,
+        })
+    }
+
+    /// Arrives at barrier `generation` with `tag` and waits for every other node's arrival.
+    fn arrive_and_wait(&self, generation: u64, tag: u64, timeout: Duration) -> Result<(), JoinError> {
         let s = &self.shared;
         // The protocol's messages first (acknowledgements, `Done`s): an arrival must not overtake
         // them, or a node could leave while another still sends it what the protocol needs.
@@ -1068,7 +1282,7 @@ impl Job {
             s.flush();
             std::thread::sleep(Duration::from_micros(200));
         }
-        let arrival = encode_arrival(s.rank, generation);
+        let arrival = encode_arrival(s.rank, generation, tag);
         for conn in self.peers.iter().flatten() {
             conn.call(METHOD_BARRIER, &arrival).map_err(|e| JoinError::Broken(format!("{}: {e}", conn.peer())))?;
         }
@@ -1076,9 +1290,14 @@ impl Job {
         let others = usize::from(s.size) - 1;
         let mut arrivals = lock(&s.arrivals);
         loop {
-            if arrivals.get(&generation).map_or(0, HashSet::len) >= others {
-                arrivals.remove(&generation);
-                return Ok(());
+            if arrivals.get(&generation).map_or(0, HashMap::len) >= others {
+                let here = arrivals.remove(&generation).unwrap_or_default();
+                let mut differ: Vec<NodeId> = here.into_iter().filter(|(_, t)| *t != tag).map(|(n, _)| n).collect();
+                if differ.is_empty() {
+                    return Ok(());
+                }
+                differ.sort_unstable();
+                return Err(JoinError::Diverged { generation, here: String::new(), differ });
             }
             if let Some(why) = s.broken() {
                 return Err(JoinError::Broken(why));
@@ -1086,7 +1305,7 @@ impl Job {
             let waited = start.elapsed();
             if waited >= timeout {
                 let here = arrivals.remove(&generation).unwrap_or_default();
-                let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains(r)).collect();
+                let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains_key(r)).collect();
                 return Err(JoinError::Barrier { generation, missing, waited });
             }
             arrivals = s
@@ -1189,7 +1408,7 @@ impl Job {
     /// the region, so none still needs a page this node holds, then stops this node's threads and
     /// unmaps the region. Dropping a `Job` does the same, logging what goes wrong.
     pub fn leave(mut self) -> Result<(), JoinError> {
-        let r = self.arrive_and_wait(LEAVING, self.join_timeout);
+        let r = self.arrive_and_wait(LEAVING, TAG_BARRIER, self.join_timeout);
         self.stop();
         r
     }
@@ -1228,7 +1447,7 @@ impl Drop for Job {
             self.stop(); // a failed join: nobody to wait for
             return;
         }
-        if let Err(e) = self.arrive_and_wait(LEAVING, self.join_timeout) {
+        if let Err(e) = self.arrive_and_wait(LEAVING, TAG_BARRIER, self.join_timeout) {
             log::warn!("dsm node {} leaving: {e}", self.shared.rank);
         }
         self.stop();

@@ -38,11 +38,13 @@
 //! Not built yet (issue 12 of the tracker): MPI and Slurm environments, nodes on other hosts,
 //! shared allocation, locks queued at their home, the C ABI, and speed.
 
+pub mod alloc;
 pub mod job;
 pub mod launch;
 pub mod model;
 pub mod protocol;
 pub mod wire;
 
+pub use alloc::AllocError;
 pub use job::{Job, JobConfig, JobStats, JoinError};
-pub use protocol::{Access, Action, Msg, Node, NodeId, PageNo, Want};
+pub use protocol::{Access, Action, Homes, Msg, Node, NodeId, PageNo, Want};

@@ -32,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{Hash, Hasher};
 
-use crate::protocol::{Action, Msg, Node, NodeId, PageNo, ProtocolError, Want};
+use crate::protocol::{Action, Homes, Msg, Node, NodeId, PageNo, ProtocolError, Want};
 
 /// What to explore.
 #[derive(Clone, Debug)]
@@ -51,6 +51,8 @@ pub struct Config {
     pub locks: u64,
     /// Give up (and fail) past this many distinct states.
     pub max_states: usize,
+    /// The pages' homes (by turns if `None`).
+    pub homes: Option<Homes>,
 }
 
 /// A fault injected into the I/O layer (not the protocol), so that a test can show the checker
@@ -235,7 +237,10 @@ impl World<'_> {
 
     fn start(&self) -> Result<State, Violation> {
         let nodes = (0..self.cfg.nodes)
-            .map(|i| Node::new(i, self.cfg.nodes).map_err(|error| Violation::Protocol { node: i, error }))
+            .map(|i| {
+                let homes = self.cfg.homes.unwrap_or(Homes::interleaved(self.cfg.nodes));
+                Node::with_homes(i, homes).map_err(|error| Violation::Protocol { node: i, error })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut mem = vec![None; self.n() * ix(self.cfg.pages)];
         // Every page starts at its home, owned and writable: zeros (value 0).
@@ -580,7 +585,17 @@ mod tests {
     use super::*;
 
     fn cfg(nodes: u16, pages: u64, ops: u32, evictions: bool) -> Config {
-        Config { nodes, pages, ops_per_node: ops, evictions, locks: 0, max_states: 20_000_000 }
+        Config { nodes, pages, ops_per_node: ops, evictions, locks: 0, max_states: 20_000_000, homes: None }
+    }
+
+    #[test]
+    fn pages_of_one_nodes_arena_stay_consistent() {
+        // Both pages in node 0's arena (as its local allocation makes them): one home serialising
+        // every request, the other two nodes always remote.
+        let c = Config { homes: Some(Homes::with_arenas(3, 0, 2)), ..cfg(3, 2, 2, true) };
+        let r = check(&c, Mutation::None).unwrap_or_else(|f| panic!("{f}"));
+        eprintln!("explored: {r:?}");
+        assert!(r.states > 10_000, "{r:?}");
     }
 
     #[test]

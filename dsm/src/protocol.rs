@@ -2,8 +2,8 @@
 //!
 //! Page-grain single writer / many readers with write-invalidate and a home-based directory,
 //! after Ivy's fixed distributed manager (Li and Hudak, "Memory coherence in shared virtual
-//! memory systems", 1989). Every page has a *home* node (page number modulo the number of nodes)
-//! that keeps the page's directory entry (its owner and the nodes that may hold a copy) and
+//! memory systems", 1989). Every page has a *home* node (fixed by the job's [`Homes`]: page
+//! number modulo the number of nodes, or the node whose arena the page is in) that keeps the page's directory entry (its owner and the nodes that may hold a copy) and
 //! serialises the requests for the page: it runs one transaction per page at a time and queues
 //! the rest, so two nodes never race for one page.
 //!
@@ -54,6 +54,57 @@ pub type PageNo = u64;
 
 /// Most nodes a job may have: the directory keeps a page's sharers as a 64-bit set.
 pub const MAX_NODES: u16 = 64;
+
+/// Which node is home of each page: fixed for the life of a job, the same on every node.
+///
+/// The region starts with `interleaved` pages whose homes take turns (page number modulo the
+/// number of nodes: a collective heap spread evenly), followed by one arena of `arena` pages per
+/// node, in rank order, homed at that node (what a node allocates there is served from its own
+/// memory). Pages past the last arena take turns again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Homes {
+    nodes: u16,
+    interleaved: PageNo,
+    arena: PageNo,
+}
+
+impl Homes {
+    /// Every page's home by turns: page number modulo `nodes`.
+    pub fn interleaved(nodes: u16) -> Homes {
+        Homes { nodes, interleaved: PageNo::MAX, arena: 0 }
+    }
+
+    /// `interleaved` pages by turns, then an arena of `arena` pages for each of the `nodes` nodes.
+    pub fn with_arenas(nodes: u16, interleaved: PageNo, arena: PageNo) -> Homes {
+        Homes { nodes, interleaved, arena }
+    }
+
+    /// Nodes of the job.
+    pub fn nodes(&self) -> u16 {
+        self.nodes
+    }
+
+    /// The home of `page`.
+    pub fn home_of(&self, page: PageNo) -> NodeId {
+        let by_turns =
+            || NodeId::try_from(page % u64::from(self.nodes.max(1))).unwrap_or_else(|_| unreachable!("below a u16"));
+        if page < self.interleaved || self.arena == 0 {
+            return by_turns();
+        }
+        match NodeId::try_from((page - self.interleaved) / self.arena) {
+            Ok(owner) if owner < self.nodes => owner,
+            _ => by_turns(),
+        }
+    }
+
+    /// The pages of node `node`'s arena: first page and count (none past the job's nodes).
+    pub fn arena_of(&self, node: NodeId) -> (PageNo, PageNo) {
+        if node >= self.nodes || self.interleaved == PageNo::MAX {
+            return (0, 0);
+        }
+        (self.interleaved + u64::from(node) * self.arena, self.arena)
+    }
+}
 
 /// What a node may do with its copy of a page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -352,7 +403,7 @@ fn bit(n: NodeId) -> u64 {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Node {
     id: NodeId,
-    nodes: u16,
+    homes: Homes,
     /// Copies that differ from the start (home: owner, writable; elsewhere: none).
     copies: BTreeMap<PageNo, Copy>,
     /// Directory entries that differ from the start (owned by the home, only it a sharer).
@@ -375,8 +426,14 @@ pub enum LockRefusal {
 }
 
 impl Node {
-    /// Node `id` of a job of `nodes` nodes.
+    /// Node `id` of a job of `nodes` nodes, every page's home by turns ([`Homes::interleaved`]).
     pub fn new(id: NodeId, nodes: u16) -> Result<Node, ProtocolError> {
+        Node::with_homes(id, Homes::interleaved(nodes))
+    }
+
+    /// Node `id` of a job whose pages' homes are `homes` (the same on every node).
+    pub fn with_homes(id: NodeId, homes: Homes) -> Result<Node, ProtocolError> {
+        let nodes = homes.nodes;
         if nodes == 0 || nodes > MAX_NODES {
             return Err(ProtocolError::TooManyNodes { nodes });
         }
@@ -385,7 +442,7 @@ impl Node {
         }
         Ok(Node {
             id,
-            nodes,
+            homes,
             copies: BTreeMap::new(),
             directory: BTreeMap::new(),
             locks: BTreeMap::new(),
@@ -401,7 +458,12 @@ impl Node {
 
     /// The home of `page`.
     pub fn home_of(&self, page: PageNo) -> NodeId {
-        NodeId::try_from(page % u64::from(self.nodes)).unwrap_or_else(|_| unreachable!("below `nodes`, a u16"))
+        self.homes.home_of(page)
+    }
+
+    /// The home of lock `lock`: lock number modulo the number of nodes.
+    pub fn lock_home(&self, lock: u64) -> NodeId {
+        Homes::interleaved(self.homes.nodes).home_of(lock)
     }
 
     fn copy(&self, page: PageNo) -> Copy {
@@ -450,7 +512,7 @@ impl Node {
         if self.held.contains(&lock) || !self.acquiring.insert(lock) {
             return Err(LockRefusal::AlreadyMine);
         }
-        Ok(vec![Action::Send { to: self.home_of(lock), msg: Msg::Acquire { lock } }])
+        Ok(vec![Action::Send { to: self.lock_home(lock), msg: Msg::Acquire { lock } }])
     }
 
     /// Gives `lock` up.
@@ -458,7 +520,7 @@ impl Node {
         if !self.held.remove(&lock) {
             return Err(LockRefusal::NotHeld);
         }
-        Ok(vec![Action::Send { to: self.home_of(lock), msg: Msg::Release { lock } }])
+        Ok(vec![Action::Send { to: self.lock_home(lock), msg: Msg::Release { lock } }])
     }
 
     /// A local thread faulted on `page`, needing `want`. Returns nothing to do if the access is
@@ -493,8 +555,8 @@ impl Node {
 
     /// Handles a message from node `from`.
     pub fn handle(&mut self, from: NodeId, msg: Msg) -> Result<Vec<Action>, ProtocolError> {
-        if from >= self.nodes {
-            return Err(ProtocolError::UnknownNode { node: from, nodes: self.nodes });
+        if from >= self.homes.nodes {
+            return Err(ProtocolError::UnknownNode { node: from, nodes: self.homes.nodes });
         }
         let page = msg.page();
         let unexpected = |why| ProtocolError::Unexpected { page, from, msg: msg.name(), why };
@@ -534,7 +596,7 @@ impl Node {
                 }
             }
             Msg::Granted { lock } => {
-                if from != self.home_of(lock) {
+                if from != self.lock_home(lock) {
                     return Err(unexpected("only the lock's home grants it"));
                 }
                 if !self.acquiring.remove(&lock) {
@@ -580,8 +642,8 @@ impl Node {
                 if !c.owner || c.access == Access::None {
                     return Err(unexpected("this node does not own the page"));
                 }
-                if to >= self.nodes {
-                    return Err(ProtocolError::UnknownNode { node: to, nodes: self.nodes });
+                if to >= self.homes.nodes {
+                    return Err(ProtocolError::UnknownNode { node: to, nodes: self.homes.nodes });
                 }
                 if send {
                     // No local write may change the bytes while they are sent.
@@ -608,8 +670,8 @@ impl Node {
                 if c.owner || c.access == Access::Write {
                     return Err(unexpected("the owner is recalled, not invalidated"));
                 }
-                if ack_to >= self.nodes {
-                    return Err(ProtocolError::UnknownNode { node: ack_to, nodes: self.nodes });
+                if ack_to >= self.homes.nodes {
+                    return Err(ProtocolError::UnknownNode { node: ack_to, nodes: self.homes.nodes });
                 }
                 if c.access == Access::Read {
                     out.push(Action::Drop { page });
@@ -669,7 +731,7 @@ impl Node {
 
     /// Refuses a lock message for a lock this node is not home of.
     fn home_check(&self, lock: u64) -> Result<(), ProtocolError> {
-        let home = self.home_of(lock);
+        let home = self.lock_home(lock);
         if home == self.id {
             Ok(())
         } else {
@@ -716,7 +778,7 @@ impl Node {
                 let has_copy = dir.sharers & bit(requester) != 0;
                 let others = dir.sharers & !bit(requester) & !bit(owner);
                 let mut acks = 0;
-                for n in 0..self.nodes {
+                for n in 0..self.homes.nodes {
                     if others & bit(n) != 0 {
                         out.push(Action::Send { to: n, msg: Msg::Invalidate { page, ack_to: requester } });
                         acks += 1;
@@ -797,6 +859,21 @@ mod tests {
 
     fn job(n: u16) -> Vec<Node> {
         (0..n).map(|i| Node::new(i, n).unwrap()).collect()
+    }
+
+    #[test]
+    fn homes_take_turns_then_follow_the_arenas() {
+        let h = Homes::with_arenas(3, 4, 2);
+        let homes: Vec<NodeId> = (0..12).map(|p| h.home_of(p)).collect();
+        // Pages 0-3 by turns, 4-5 node 0's arena, 6-7 node 1's, 8-9 node 2's, then turns again.
+        assert_eq!(homes, [0, 1, 2, 0, 0, 0, 1, 1, 2, 2, 1, 2]);
+        assert_eq!(h.arena_of(1), (6, 2));
+        assert_eq!(h.arena_of(3), (0, 0));
+        assert_eq!(Homes::interleaved(3).arena_of(0), (0, 0));
+        // Locks stay by turns whatever the pages do.
+        let n = Node::with_homes(0, h).unwrap();
+        assert_eq!(n.lock_home(5), 2);
+        assert!(matches!(Node::with_homes(0, Homes::with_arenas(0, 1, 1)), Err(ProtocolError::TooManyNodes { .. })));
     }
 
     #[test]

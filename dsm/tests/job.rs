@@ -104,6 +104,22 @@ fn a_lock_keeps_plain_increments_apart() {
 }
 
 #[test]
+fn collective_and_local_allocations_agree_across_nodes() {
+    for size in [1, 2, 3] {
+        job("alloc", size, &["alloc"]);
+    }
+}
+
+#[test]
+fn global_atomics_lose_no_update_across_nodes() {
+    for size in [2, 3] {
+        let outs = job("atomics", size, &["atomics", "300"]);
+        let want = format!("both counters {}", 300 * u64::from(size));
+        assert!(outs.iter().all(|o| o.contains(&want)), "{outs:?}");
+    }
+}
+
+#[test]
 fn independent_reads_of_independent_writes_agree_on_their_order() {
     job("iriw", 4, &["iriw", "100"]);
 }

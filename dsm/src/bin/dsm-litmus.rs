@@ -20,6 +20,13 @@
 //! - `abandon` (2 nodes; run node 1 with a short `MOSAIC_DSM_FAULT_TIMEOUT_MS`): node 0 holds
 //!   lock 7 for 1.5 s; node 1's lock(7) gives up meanwhile, and once node 0 lets go node 1 takes
 //!   the lock again (the grant its abandoned request got was handed back, not kept).
+//! - `alloc`: collective allocations give every node the same address (each publishes what it
+//!   got, node 0 compares), a freed block is reused, a block of a node's arena written there is
+//!   read right by every other node, a node cannot free another's block, and nodes that
+//!   allocate different sizes get an error (not diverging heaps).
+//! - `atomics`: every node adds to a counter with [`Job::fetch_add`] and increments another
+//!   with a [`Job::compare_exchange`] loop ROUNDS times each; after a barrier both hold
+//!   size * ROUNDS; a misaligned or outside address is refused.
 //! - `lock`: every node adds 1 to a counter ROUNDS times with a plain load and a plain store
 //!   (not atomic) inside DSM lock 5; after a barrier each reads size * ROUNDS (an increment lost
 //!   would mean two nodes inside the lock at once).
@@ -62,7 +69,9 @@ fn main() -> ExitCode {
         "lock" => locked_counter(&job, rounds),
         "iriw" => iriw(&job, rounds),
         "abandon" => abandon(&job),
-        _ => Err(format!("unknown test {test:?}: counter, mp, sb, fill, lock or iriw")),
+        "alloc" => alloc(&job),
+        "atomics" => atomics(&job, rounds),
+        _ => Err(format!("unknown test {test:?}: counter, mp, sb, fill, lock, iriw, abandon, alloc or atomics")),
     };
     let rank = job.rank();
     let stats = job.stats();
@@ -189,7 +198,6 @@ fn fill(job: &mut Job) -> Result<String, String> {
     let me = usize::from(job.rank());
     let per = (PAGES - 8) / size;
     let words = per * PAGE / 8;
-    let pattern = |node: usize, i: usize| ((node as u64 + 1) << 48) ^ (i as u64).wrapping_mul(0x9e37_79b9);
     for i in 0..words {
         word(job, 8 * PAGE + (me * per * PAGE) + 8 * i).store(pattern(me, i), Ordering::Relaxed);
     }
@@ -289,4 +297,123 @@ fn abandon(job: &Job) -> Result<String, String> {
     }
     barrier(job)?;
     Ok("a lock given up on is handed back when granted".into())
+}
+
+fn alloc(job: &Job) -> Result<String, String> {
+    let me = usize::from(job.rank());
+    let size = usize::from(job.size());
+    let e = |e: mosaic_dsm::JoinError| chain(&e);
+    // Where each node publishes the addresses it got: one collective block, one line per node.
+    let board = job.alloc(64 * size as u64).map_err(e)?.cast::<u64>();
+    let slot = |node: usize, i: usize| -> Result<&AtomicU64, String> { atomic(job, board.wrapping_add(8 * node + i)) };
+    let small = job.alloc(24).map_err(e)?;
+    let big = job.alloc(3 * PAGE as u64 + 1).map_err(e)?;
+    if small as usize % 64 != 0 || big as usize % PAGE != 0 {
+        return Err(format!("misaligned blocks: {small:p}, {big:p}"));
+    }
+    job.free(small).map_err(e)?;
+    let again = job.alloc(16).map_err(e)?;
+    if again != small {
+        return Err(format!("the freed block at {small:p} was not reused ({again:p})"));
+    }
+    // A block of this node's arena, filled with a pattern, its address published.
+    let words = 2 * PAGE / 8;
+    let mine = job.alloc_local((words * 8) as u64).map_err(e)?.cast::<u64>();
+    let asked = job.stats().requests;
+    for i in 0..words {
+        atomic(job, mine.wrapping_add(i))?.store(pattern(me, i), Ordering::Relaxed);
+    }
+    // This node is the block's home: it wrote its pages without asking anyone.
+    if job.stats().requests != asked {
+        return Err(format!(
+            "writing a fresh block of this node's arena sent {} requests",
+            job.stats().requests - asked
+        ));
+    }
+    for (i, p) in [board as usize, big as usize, again as usize, mine as usize].into_iter().enumerate() {
+        slot(me, i)?.store(p as u64, Ordering::SeqCst);
+    }
+    barrier(job)?;
+    for node in 0..size {
+        for i in 0..3 {
+            let (theirs, ours) = (slot(node, i)?.load(Ordering::SeqCst), slot(me, i)?.load(Ordering::SeqCst));
+            if theirs != ours {
+                return Err(format!("collective block {i}: node {node} got {theirs:#x}, this node {ours:#x}"));
+            }
+        }
+        let block = slot(node, 3)?.load(Ordering::SeqCst) as *mut u64;
+        for i in 0..words {
+            let got = atomic(job, block.wrapping_add(i))?.load(Ordering::Relaxed);
+            if got != pattern(node, i) {
+                return Err(format!("node {node}'s local block, word {i}: {got:#x}, expected {:#x}", pattern(node, i)));
+            }
+        }
+        if node != me && job.free_local(block.cast()).is_ok() {
+            return Err(format!("freed node {node}'s local block here"));
+        }
+    }
+    barrier(job)?;
+    job.free_local(mine.cast()).map_err(e)?;
+    // Nodes asking different sizes get an error, and the heap stays as it was.
+    match job.alloc(if me == 0 { 100 } else { 200 }) {
+        Err(mosaic_dsm::JoinError::Diverged { .. }) if size > 1 => {}
+        Ok(_) if size == 1 => {}
+        other => return Err(format!("allocations of different sizes: {other:?}")),
+    }
+    let after = job.alloc(PAGE as u64).map_err(e)?;
+    job.free(after).map_err(e)?;
+    job.free(big).map_err(e)?;
+    Ok(format!("same addresses on {size} nodes, reuse, {size} local blocks read everywhere"))
+}
+
+fn pattern(node: usize, i: usize) -> u64 {
+    ((node as u64 + 1) << 48) ^ (i as u64).wrapping_mul(0x9e37_79b9)
+}
+
+/// The word at `p` (anywhere in the region) as an atomic.
+fn atomic(job: &Job, p: *mut u64) -> Result<&AtomicU64, String> {
+    let a = p as usize;
+    if !job.contains(a) || !job.contains(a + 7) || a % 8 != 0 {
+        return Err(format!("{p:p} is not an aligned word of the region"));
+    }
+    // SAFETY: an aligned word inside the mapped region (checked above), which lives as long as
+    // `job`; every node accesses these words only atomically.
+    Ok(unsafe { &*p.cast::<AtomicU64>() })
+}
+
+fn atomics(job: &Job, rounds: u64) -> Result<String, String> {
+    let e = |e: mosaic_dsm::JoinError| chain(&e);
+    let words = job.alloc(2 * PAGE as u64).map_err(e)?.cast::<u64>();
+    // On two pages: of different homes.
+    let (added, swapped) = (words, words.wrapping_add(PAGE / 8));
+    let mut retries = 0u64;
+    for _ in 0..rounds {
+        job.fetch_add(added, 1).map_err(e)?;
+        let mut seen = job.load(swapped).map_err(e)?;
+        loop {
+            match job.compare_exchange(swapped, seen, seen + 1).map_err(e)? {
+                Ok(_) => break,
+                Err(now) => {
+                    retries += 1;
+                    seen = now;
+                }
+            }
+        }
+    }
+    for bad in [
+        words.cast::<u8>().wrapping_add(4).cast::<u64>(),
+        std::ptr::null_mut(),
+        (job.as_ptr() as usize - 8) as *mut u64,
+    ] {
+        if !matches!(job.fetch_add(bad, 1), Err(mosaic_dsm::JoinError::Address { .. })) {
+            return Err(format!("fetch_add at {bad:p} was not refused"));
+        }
+    }
+    barrier(job)?;
+    let want = rounds * u64::from(job.size());
+    let (a, b) = (job.load(added).map_err(e)?, job.load(swapped).map_err(e)?);
+    if (a, b) != (want, want) {
+        return Err(format!("fetch_add gave {a}, compare_exchange {b}, expected {want}"));
+    }
+    Ok(format!("both counters {want}, {retries} compare-exchange retries"))
 }
