@@ -45,6 +45,8 @@ typedef enum mosaic_status {
   MOSAIC_ERR_OS = 9,
   // Mosaic panicked (a bug); the call had no effect that can be relied on.
   MOSAIC_ERR_PANIC = 10,
+  // No room: the shared region has no free block large enough for the allocation.
+  MOSAIC_ERR_NO_SPACE = 11,
 } mosaic_status;
 
 // This process's node of a DSM job (opaque).
@@ -158,11 +160,13 @@ enum mosaic_status mosaic_memserver_stop(struct mosaic_memserver *s);
 // joined (30 s at most, `MOSAIC_DSM_JOIN_TIMEOUT_MS`) and stores the handle in `*out`.
 enum mosaic_status mosaic_dsm_join(uint64_t size, struct mosaic_dsm **out);
 
-// The first byte of the shared region (the same address on every node), or NULL for a NULL or
-// dead handle.
+// The first byte of the shared region and of its collective heap (the same address on every
+// node), or NULL for a NULL or dead handle. Lay the heap out yourself, or allocate from it with
+// `mosaic_dsm_alloc()`: one or the other.
 void *mosaic_dsm_ptr(const struct mosaic_dsm *d);
 
-// The shared region's size in bytes, or 0 for a NULL or dead handle.
+// The size in bytes of the collective heap that `mosaic_dsm_ptr()` points to (the `size` given
+// to `mosaic_dsm_join`), or 0 for a NULL or dead handle.
 uint64_t mosaic_dsm_bytes(const struct mosaic_dsm *d);
 
 // This node's rank (0 to `mosaic_dsm_nodes() - 1`), or -1 for a NULL or dead handle.
@@ -182,6 +186,44 @@ enum mosaic_status mosaic_dsm_lock(const struct mosaic_dsm *d, uint64_t id);
 
 // Gives DSM lock `id` up; `MOSAIC_ERR_INVALID` if this node does not hold it.
 enum mosaic_status mosaic_dsm_unlock(const struct mosaic_dsm *d, uint64_t id);
+
+// Allocates `bytes` from the collective heap and stores the block's address in `*out`, the same
+// on every node. Collective: every node calls it, in the same order with the same size (one
+// thread per node), like `MPI_Win_allocate`; nodes that differ get `MOSAIC_ERR_INVALID`. Blocks
+// of a page or more are page-aligned, smaller ones 64-byte aligned; their pages' homes take turns
+// among the nodes. `MOSAIC_ERR_NO_SPACE` if the heap has no room.
+enum mosaic_status mosaic_dsm_alloc(const struct mosaic_dsm *d, uint64_t bytes, void **out);
+
+// Frees a block from `mosaic_dsm_alloc()`. Collective, as the allocation was.
+enum mosaic_status mosaic_dsm_free(const struct mosaic_dsm *d, void *block);
+
+// Allocates `bytes` from this node's arena (any thread, no other node involved) and stores the
+// block's address in `*out`: this node is home of its pages, so it uses them without asking
+// anyone until another node touches them. The address is valid on every node.
+// `MOSAIC_ERR_NO_SPACE` if the arena (`MOSAIC_DSM_ARENA_BYTES`) has no room.
+enum mosaic_status mosaic_dsm_alloc_local(const struct mosaic_dsm *d, uint64_t bytes, void **out);
+
+// Frees a block from `mosaic_dsm_alloc_local()` on this node (`MOSAIC_ERR_INVALID` for another
+// node's block).
+enum mosaic_status mosaic_dsm_free_local(const struct mosaic_dsm *d, void *block);
+
+// Adds `value` to the 64-bit word at `word` (in the shared region, 8-byte aligned) atomically
+// across every thread of every node, and stores what it held before in `*old` (wrapping on
+// overflow). `MOSAIC_ERR_INVALID` for a word outside the region or misaligned. (A C compiler's
+// own atomics on region memory, `__atomic_fetch_add`, are atomic across nodes too.)
+enum mosaic_status mosaic_dsm_fetch_add(const struct mosaic_dsm *d,
+                                        uint64_t *word,
+                                        uint64_t value,
+                                        uint64_t *old);
+
+// Stores `desired` in the 64-bit word at `word` if it holds `expected`, atomically across
+// every thread of every node; stores the value found in `*old` either way (the exchange
+// happened if it equals `expected`).
+enum mosaic_status mosaic_dsm_compare_exchange(const struct mosaic_dsm *d,
+                                               uint64_t *word,
+                                               uint64_t expected,
+                                               uint64_t desired,
+                                               uint64_t *old);
 
 // Leaves the job: waits until every node is done with the region, then unmaps it. The handle
 // is dead afterwards; as with `free()`, no other thread may be using it meanwhile.

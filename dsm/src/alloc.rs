@@ -169,7 +169,7 @@ mod tests {
             let mut live: BTreeMap<u64, u64> = BTreeMap::new();
             for (bytes, free) in ops {
                 if free && !live.is_empty() {
-                    let k = *live.keys().nth(bytes as usize % live.len()).unwrap();
+                    let k = *live.keys().nth(usize::try_from(bytes).unwrap() % live.len()).unwrap();
                     prop_assert_eq!(a.free(k), Ok(live.remove(&k).unwrap()));
                     continue;
                 }

@@ -919,9 +919,9 @@ pub struct Job {
     shared: Arc<Shared>,
     /// The region's first byte and size (the heap, then the arenas).
     base: usize,
-    len: usize,
+    region_bytes: usize,
     /// The collective heap's size in bytes.
-    heap_len: usize,
+    heap_bytes: usize,
     /// The collective heap's allocator (the same on every node: collective calls keep it so).
     heap: Mutex<Arena>,
     /// This node's arena's allocator.
@@ -976,7 +976,10 @@ impl Job {
         let total_pages = u64::from(cfg.size)
             .checked_mul(arena_pages)
             .and_then(|a| a.checked_add(heap_pages))
-            .filter(|p| p.checked_mul(page).and_then(|b| cfg.addr.checked_add(b as usize)).is_some())
+            .filter(|p| {
+                let bytes = p.checked_mul(page).and_then(|b| usize::try_from(b).ok());
+                bytes.and_then(|b| cfg.addr.checked_add(b)).is_some()
+            })
             .ok_or_else(|| JoinError::Config("the heap and the arenas do not fit in the address space".into()))?;
         let homes = Homes::with_arenas(cfg.size, heap_pages, arena_pages);
         let node = Node::with_homes(cfg.rank, homes).map_err(|e: ProtocolError| JoinError::Config(e.to_string()))?;
@@ -1027,8 +1030,8 @@ impl Job {
         let (arena_start, arena_len) = homes.arena_of(cfg.rank);
         let mut job = Job {
             base: core.as_ptr() as usize,
-            len: core.len(),
-            heap_len: cfg.bytes as usize,
+            region_bytes: core.len(),
+            heap_bytes: core.len().min(usize::try_from(cfg.bytes).unwrap_or(usize::MAX)),
             heap: Mutex::new(Arena::new(0, cfg.bytes)),
             arena: Mutex::new(Arena::new(arena_start * page, arena_len * page)),
             joined: false,
@@ -1099,7 +1102,7 @@ impl Job {
 
     /// The collective heap's size in bytes (the job's `bytes`; the nodes' arenas follow it).
     pub fn len(&self) -> usize {
-        self.heap_len
+        self.heap_bytes
     }
 
     /// Whether the heap is empty (never: a job's heap has at least a page).
@@ -1109,12 +1112,12 @@ impl Job {
 
     /// The whole shared region's size in bytes: the heap and every node's arena.
     pub fn region_len(&self) -> usize {
-        self.len
+        self.region_bytes
     }
 
     /// Whether `addr` is inside the shared region (the heap or any node's arena).
     pub fn contains(&self, addr: usize) -> bool {
-        addr >= self.base && addr - self.base < self.len
+        addr >= self.base && addr - self.base < self.region_bytes
     }
 
     /// Allocates `bytes` from the collective heap: a collective call (every node calls it, in
@@ -1145,7 +1148,7 @@ impl Job {
     /// with the same address on every node.
     pub fn free(&self, ptr: *mut u8) -> Result<(), JoinError> {
         let addr = ptr as usize;
-        let offset = addr.checked_sub(self.base).filter(|o| *o < self.heap_len).map(|o| o as u64);
+        let offset = addr.checked_sub(self.base).filter(|o| *o < self.heap_bytes).map(|o| o as u64);
         let mut heap = lock(&self.heap);
         let len = offset.and_then(|o| heap.block(o));
         let tag = match (offset, len) {
@@ -1180,8 +1183,9 @@ impl Job {
             .map_err(|source| JoinError::Alloc { what: "free_local", source })
     }
 
+    /// The address of `offset` (from the allocators: inside the region).
     fn at(&self, offset: u64) -> *mut u8 {
-        (self.base + offset as usize) as *mut u8
+        self.base.wrapping_add(usize::try_from(offset).unwrap_or(usize::MAX)) as *mut u8
     }
 
     /// The 8-byte word at `addr` as an atomic, if it is in the region and aligned.

@@ -16,8 +16,11 @@
 //!
 //! - [`job`]: a node of a job of processes: [`Job::join`] maps the shared region at the same
 //!   address on every node, meets the other nodes, and keeps the region coherent (faults through
-//!   the pager, messages over the transport); [`Job::barrier`], [`Job::leave`]. `mosrun -n N`
-//!   starts a job on this host.
+//!   the pager, messages over the transport); barriers, locks, global atomics
+//!   ([`Job::fetch_add`], [`Job::compare_exchange`]), collective allocation ([`Job::alloc`]) and
+//!   allocation from a node's own arena ([`Job::alloc_local`]). `mosrun -n N` starts a job on
+//!   this host; so do `mpirun` and `srun` ([`launch`]).
+//! - [`alloc`]: the allocator behind both kinds of allocation.
 //! - [`wire`]: the messages' encoding.
 //!
 //! ```no_run
@@ -35,8 +38,8 @@
 //! # }
 //! ```
 //!
-//! Not built yet (issue 12 of the tracker): MPI and Slurm environments, nodes on other hosts,
-//! shared allocation, locks queued at their home, the C ABI, and speed.
+//! Not built yet (issue 12 of the tracker): nodes on other hosts, first-touch placement, network
+//! RAM behind the region, and speed.
 
 pub mod alloc;
 pub mod job;

@@ -1,5 +1,6 @@
 ! DSM from Fortran through Mosaic's C API (iso_c_binding): every node of the job adds its rank + 1
-! to a shared integer(8) inside DSM lock 2; after a barrier each checks the sum against the
+! to a shared integer(8) inside DSM lock 2, and to a second one, in a block allocated collectively,
+! with the global atomic mosaic_dsm_fetch_add; after a barrier each checks both sums against the
 ! closed form n (n + 1) / 2.
 !   gfortran dsm_sum.f90 $(pkg-config --cflags --libs mosaic) -o dsm_sum && mosrun -n 3 ./dsm_sum
 !   (or: mpirun -x MOSAIC_CLUSTER_KEY -n 3 ./dsm_sum)
@@ -50,6 +51,20 @@ module mosaic_dsm
       type(c_ptr), value :: d
       integer(c_int64_t), value :: id
     end function
+    ! Collective: every node calls it with the same size and gets the same address.
+    integer(c_int) function mosaic_dsm_alloc(d, bytes, out) bind(c)
+      import :: c_int, c_ptr, c_int64_t
+      type(c_ptr), value :: d
+      integer(c_int64_t), value :: bytes
+      type(c_ptr) :: out
+    end function
+    integer(c_int) function mosaic_dsm_fetch_add(d, word, val, old) bind(c)
+      import :: c_int, c_ptr, c_int64_t
+      type(c_ptr), value :: d
+      integer(c_int64_t) :: word
+      integer(c_int64_t), value :: val
+      integer(c_int64_t) :: old
+    end function
     integer(c_int) function mosaic_dsm_leave(d) bind(c)
       import :: c_int, c_ptr
       type(c_ptr), value :: d
@@ -60,8 +75,9 @@ end module
 program dsm_sum
   use mosaic_dsm
   implicit none
-  type(c_ptr) :: job
-  integer(c_int64_t), pointer :: words(:), total
+  type(c_ptr) :: job, block
+  integer(c_int64_t), pointer :: words(:), total, counted(:)
+  integer(c_int64_t) :: old
   integer(c_int) :: rank, nodes
   integer(c_int64_t) :: expected
   logical :: correct
@@ -76,11 +92,18 @@ program dsm_sum
   if (mosaic_dsm_lock(job, 2_c_int64_t) /= MOSAIC_OK) stop 'mosaic_dsm_lock failed'
   total = total + rank + 1
   if (mosaic_dsm_unlock(job, 2_c_int64_t) /= MOSAIC_OK) stop 'mosaic_dsm_unlock failed'
+  ! Two words from the collective heap (past the third page, which this program lays out itself:
+  ! allocate a page's worth first so the block lands beyond it), added to atomically.
+  if (mosaic_dsm_alloc(job, 16384_c_int64_t, block) /= MOSAIC_OK) stop 'mosaic_dsm_alloc failed'
+  if (mosaic_dsm_alloc(job, 16_c_int64_t, block) /= MOSAIC_OK) stop 'mosaic_dsm_alloc failed'
+  call c_f_pointer(block, counted, [2])
+  if (mosaic_dsm_fetch_add(job, counted(2), int(rank + 1, c_int64_t), old) /= MOSAIC_OK) &
+    stop 'mosaic_dsm_fetch_add failed'
   if (mosaic_dsm_barrier(job) /= MOSAIC_OK) stop 'mosaic_dsm_barrier failed'
   expected = int(nodes, c_int64_t) * (nodes + 1) / 2
-  correct = total == expected
-  print '(a, i0, a, i0, a, i0, a, i0, a, l1)', 'dsm_sum: node ', rank, ' of ', nodes, ': sum ', total, &
-    ' (expected ', expected, ')  correct: ', correct
+  correct = total == expected .and. counted(2) == expected
+  print '(a, i0, a, i0, a, i0, a, i0, a, i0, a, l1)', 'dsm_sum: node ', rank, ' of ', nodes, ': sum ', total, &
+    ', atomic sum ', counted(2), ' (expected ', expected, ')  correct: ', correct
   ! The region is unmapped once the node leaves: nothing of it may be touched after.
   if (mosaic_dsm_leave(job) /= MOSAIC_OK) stop 'mosaic_dsm_leave failed'
   if (mosaic_finalize() /= MOSAIC_OK) stop 'mosaic_finalize failed'

@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use mosaic_dsm::{Job, JobConfig, JoinError};
+use mosaic_dsm::{AllocError, Job, JobConfig, JoinError};
 use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig, NetRamError};
 use mosaic_pager::{FaultMode, PagerError};
 use mosaic_transport::ClusterKey;
@@ -58,6 +58,8 @@ pub enum MosaicStatus {
     MosaicErrOs = 9,
     /// Mosaic panicked (a bug); the call had no effect that can be relied on.
     MosaicErrPanic = 10,
+    /// No room: the shared region has no free block large enough for the allocation.
+    MosaicErrNoSpace = 11,
 }
 
 use MosaicStatus::*;
@@ -478,6 +480,8 @@ fn dsm_error(e: &JoinError) -> Failure {
         }
         JoinError::Region(PagerError::Unsupported { .. }) => MosaicErrUnsupported,
         JoinError::Region(_) | JoinError::Listen { .. } | JoinError::Rendezvous { .. } => MosaicErrOs,
+        JoinError::Alloc { source: AllocError::Full { .. }, .. } => MosaicErrNoSpace,
+        JoinError::Alloc { .. } | JoinError::Address { .. } | JoinError::Diverged { .. } => MosaicErrInvalid,
         _ => MosaicErrUnreachable,
     };
     Failure(status, mosaic_transport::error_chain(e))
@@ -517,8 +521,9 @@ fn with_dsm<T>(d: *const MosaicDsm, f: impl FnOnce(&MosaicDsm) -> T) -> Result<T
     Ok(f(dsm))
 }
 
-/// The first byte of the shared region (the same address on every node), or NULL for a NULL or
-/// dead handle.
+/// The first byte of the shared region and of its collective heap (the same address on every
+/// node), or NULL for a NULL or dead handle. Lay the heap out yourself, or allocate from it with
+/// `mosaic_dsm_alloc()`: one or the other.
 #[no_mangle]
 pub extern "C" fn mosaic_dsm_ptr(d: *const MosaicDsm) -> *mut c_void {
     let mut p = std::ptr::null_mut();
@@ -529,7 +534,8 @@ pub extern "C" fn mosaic_dsm_ptr(d: *const MosaicDsm) -> *mut c_void {
     p
 }
 
-/// The shared region's size in bytes, or 0 for a NULL or dead handle.
+/// The size in bytes of the collective heap that `mosaic_dsm_ptr()` points to (the `size` given
+/// to `mosaic_dsm_join`), or 0 for a NULL or dead handle.
 #[no_mangle]
 pub extern "C" fn mosaic_dsm_bytes(d: *const MosaicDsm) -> u64 {
     let mut n = 0;
@@ -581,6 +587,77 @@ pub extern "C" fn mosaic_dsm_lock(d: *const MosaicDsm, id: u64) -> MosaicStatus 
 #[no_mangle]
 pub extern "C" fn mosaic_dsm_unlock(d: *const MosaicDsm, id: u64) -> MosaicStatus {
     guard(|| with_dsm(d, |d| d.job.unlock(id))?.map_err(|e| dsm_error(&e)))
+}
+
+/// Runs `f` on a live handle's job, storing what it gives in `*out` (NULL on failure).
+fn dsm_out<T: Copy>(
+    d: *const MosaicDsm,
+    out: *mut T,
+    none: T,
+    f: impl FnOnce(&Job) -> Result<T, JoinError>,
+) -> MosaicStatus {
+    guard(|| {
+        // SAFETY: `out` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        let out = unsafe { c::mut_arg(out, "out") }?;
+        *out = none;
+        *out = with_dsm(d, |d| f(&d.job))?.map_err(|e| dsm_error(&e))?;
+        Ok(())
+    })
+}
+
+/// Allocates `bytes` from the collective heap and stores the block's address in `*out`, the same
+/// on every node. Collective: every node calls it, in the same order with the same size (one
+/// thread per node), like `MPI_Win_allocate`; nodes that differ get `MOSAIC_ERR_INVALID`. Blocks
+/// of a page or more are page-aligned, smaller ones 64-byte aligned; their pages' homes take turns
+/// among the nodes. `MOSAIC_ERR_NO_SPACE` if the heap has no room.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_alloc(d: *const MosaicDsm, bytes: u64, out: *mut *mut c_void) -> MosaicStatus {
+    dsm_out(d, out, std::ptr::null_mut(), |job| job.alloc(bytes).map(<*mut u8>::cast))
+}
+
+/// Frees a block from `mosaic_dsm_alloc()`. Collective, as the allocation was.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_free(d: *const MosaicDsm, block: *mut c_void) -> MosaicStatus {
+    guard(|| with_dsm(d, |d| d.job.free(block.cast()))?.map_err(|e| dsm_error(&e)))
+}
+
+/// Allocates `bytes` from this node's arena (any thread, no other node involved) and stores the
+/// block's address in `*out`: this node is home of its pages, so it uses them without asking
+/// anyone until another node touches them. The address is valid on every node.
+/// `MOSAIC_ERR_NO_SPACE` if the arena (`MOSAIC_DSM_ARENA_BYTES`) has no room.
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_alloc_local(d: *const MosaicDsm, bytes: u64, out: *mut *mut c_void) -> MosaicStatus {
+    dsm_out(d, out, std::ptr::null_mut(), |job| job.alloc_local(bytes).map(<*mut u8>::cast))
+}
+
+/// Frees a block from `mosaic_dsm_alloc_local()` on this node (`MOSAIC_ERR_INVALID` for another
+/// node's block).
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_free_local(d: *const MosaicDsm, block: *mut c_void) -> MosaicStatus {
+    guard(|| with_dsm(d, |d| d.job.free_local(block.cast()))?.map_err(|e| dsm_error(&e)))
+}
+
+/// Adds `value` to the 64-bit word at `word` (in the shared region, 8-byte aligned) atomically
+/// across every thread of every node, and stores what it held before in `*old` (wrapping on
+/// overflow). `MOSAIC_ERR_INVALID` for a word outside the region or misaligned. (A C compiler's
+/// own atomics on region memory, `__atomic_fetch_add`, are atomic across nodes too.)
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_fetch_add(d: *const MosaicDsm, word: *mut u64, value: u64, old: *mut u64) -> MosaicStatus {
+    dsm_out(d, old, 0, |job| job.fetch_add(word, value))
+}
+
+/// Stores `desired` in the 64-bit word at `word` if it holds `expected`, atomically across
+/// every thread of every node; stores the value found in `*old` either way (the exchange
+/// happened if it equals `expected`).
+#[no_mangle]
+pub extern "C" fn mosaic_dsm_compare_exchange(
+    d: *const MosaicDsm,
+    word: *mut u64,
+    expected: u64,
+    desired: u64,
+    old: *mut u64,
+) -> MosaicStatus {
+    dsm_out(d, old, 0, |job| job.compare_exchange(word, expected, desired).map(|r| r.unwrap_or_else(|v| v)))
 }
 
 /// Leaves the job: waits until every node is done with the region, then unmaps it. The handle

@@ -43,6 +43,11 @@ cc "${cflags[@]}" -O2 examples/c/dsm_counter.c target/release/libmosaic.a "${lib
 echo "--- examples/c/dsm_counter.c (mosrun -n 3)"
 env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/dsm_counter" 500
 
+# The parallel histogram with the C API's allocation and global atomics, under mosrun -n 3.
+cc "${cflags[@]}" -O2 examples/c/dsm_histogram.c target/release/libmosaic.a "${libs[@]}" -o "$out/dsm_histogram"
+echo "--- examples/c/dsm_histogram.c (mosrun -n 3)"
+env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/dsm_histogram" 3000
+
 # DSM from Fortran (iso_c_binding), under mosrun -n 3.
 gfortran -Wall -Werror -O2 -J "$out" examples/fortran/dsm_sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_dsm_sum"
 echo "--- examples/fortran/dsm_sum.f90 (mosrun -n 3)"

@@ -141,6 +141,36 @@ static void dsm_without_a_job(void) {
         w[1000] = 42;
         CHECK(w[1000] == 42 && w[0] == 0);
     }
+    /* Allocation: collective and local blocks, reuse, and their errors. */
+    void *a = NULL, *b = NULL, *l = NULL;
+    EXPECT(mosaic_dsm_alloc(d, 100, &a), MOSAIC_OK);
+    CHECK(a != NULL && (uintptr_t)a % 64 == 0 && (char *)a >= (char *)w && (char *)a < (char *)w + (1 << 20));
+    EXPECT(mosaic_dsm_alloc(d, 2 << 20, &b), MOSAIC_ERR_NO_SPACE);
+    CHECK(b == NULL && strstr(mosaic_last_error(), "no room") != NULL);
+    EXPECT(mosaic_dsm_alloc(d, 0, &b), MOSAIC_ERR_INVALID);
+    EXPECT(mosaic_dsm_alloc(d, 8, NULL), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_dsm_alloc(NULL, 8, &b), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_dsm_free(d, a), MOSAIC_OK);
+    EXPECT(mosaic_dsm_free(d, a), MOSAIC_ERR_INVALID); /* freed twice */
+    EXPECT(mosaic_dsm_alloc(d, 64, &b), MOSAIC_OK);
+    CHECK(b == a); /* reused */
+    EXPECT(mosaic_dsm_alloc_local(d, 3 * 4096, &l), MOSAIC_OK);
+    CHECK(l != NULL && (uintptr_t)l % 4096 == 0 && (char *)l >= (char *)w + (1 << 20)); /* past the heap */
+    EXPECT(mosaic_dsm_free_local(d, b), MOSAIC_ERR_INVALID); /* a collective block */
+    EXPECT(mosaic_dsm_free_local(d, l), MOSAIC_OK);
+    /* Atomics on region words, and their errors. */
+    uint64_t old = 7;
+    EXPECT(mosaic_dsm_fetch_add(d, (uint64_t *)b, 5, &old), MOSAIC_OK);
+    CHECK(old == 0);
+    EXPECT(mosaic_dsm_compare_exchange(d, (uint64_t *)b, 4, 9, &old), MOSAIC_OK);
+    CHECK(old == 5 && *(uint64_t *)b == 5); /* not 4: unchanged */
+    EXPECT(mosaic_dsm_compare_exchange(d, (uint64_t *)b, 5, 9, &old), MOSAIC_OK);
+    CHECK(old == 5 && *(uint64_t *)b == 9);
+    EXPECT(mosaic_dsm_fetch_add(d, (uint64_t *)((char *)b + 4), 1, &old), MOSAIC_ERR_INVALID); /* misaligned */
+    CHECK(strstr(mosaic_last_error(), "aligned") != NULL);
+    EXPECT(mosaic_dsm_fetch_add(d, &old, 1, &old), MOSAIC_ERR_INVALID); /* not in the region */
+    EXPECT(mosaic_dsm_fetch_add(d, (uint64_t *)b, 1, NULL), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_dsm_free(d, b), MOSAIC_OK);
     EXPECT(mosaic_dsm_unlock(d, 3), MOSAIC_ERR_INVALID); /* not held */
     EXPECT(mosaic_dsm_lock(d, 3), MOSAIC_OK);
     EXPECT(mosaic_dsm_unlock(d, 3), MOSAIC_OK);
