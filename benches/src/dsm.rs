@@ -13,6 +13,12 @@
 //! - `lock`: acquire + release of a lock homed at node 1, nobody else asking.
 //! - `lock_handoff`: nodes 0 and 1 both taking one lock over and over; node 0's acquire time.
 //! - `barrier`: one barrier of all N nodes.
+//!
+//! Beside them, from the same run, the MPI peer (`benches/mpi/dsm_mpi.c`, built with `mpicc` and
+//! started with `mpirun` when both are installed): `MPI_Get` of 4 KiB, `MPI_Win_lock`, the lock
+//! handed between two ranks, `MPI_Barrier`, each twice: as `mpirun` runs it by default (one-sided
+//! operations through shared memory on one host, `mpi_path` "default") and with messages over
+//! TCP (`--mca osc pt2pt --mca btl tcp,self`, `mpi_path` "pt2pt-tcp", the path across hosts).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -30,6 +36,8 @@ use crate::stats::Samples;
 pub struct Plan {
     /// Job sizes.
     pub nodes: Vec<u16>,
+    /// Transports between the nodes: `tcp`, `shm`.
+    pub transports: Vec<String>,
     /// Samples per figure.
     pub samples: usize,
     /// Seconds of the baseline figures.
@@ -42,13 +50,22 @@ const PAGE: usize = 4096;
 
 /// Runs the plan: the baselines, then one job per size.
 pub fn run(plan: &Plan) -> Result<(), String> {
-    crate::netram::baselines(plan.time, plan.json)?;
-    for &n in &plan.nodes {
+    for t in &plan.transports {
+        if t != "tcp" && t != "shm" {
+            return Err(format!("--transports {t}: DSM runs over tcp or shm"));
+        }
+    }
+    crate::netram::baselines(&plan.transports, plan.time, plan.json)?;
+    for (&n, t) in plan.nodes.iter().flat_map(|n| plan.transports.iter().map(move |t| (n, t))) {
         if n < 2 {
             return Err(format!("--nodes {n}: a DSM figure needs at least 2 nodes"));
         }
-        eprintln!("[dsm] {n} nodes, {} samples per figure", plan.samples);
-        for line in job(n, plan.samples)? {
+        eprintln!("[dsm] {n} nodes over {t}, {} samples per figure", plan.samples);
+        let mut lines = job(n, t, plan.samples)?;
+        if t == plan.transports.last().map_or("", String::as_str) {
+            lines.extend(mpi_rows(n, plan.samples)?);
+        }
+        for line in lines {
             if plan.json {
                 println!("{line}");
             } else {
@@ -58,8 +75,12 @@ pub fn run(plan: &Plan) -> Result<(), String> {
                     .and_then(serde_json::Value::as_u64)
                     .map(|s| format!(" {s} sharers"))
                     .unwrap_or_default();
+                let via = match v.get("mpi_path").and_then(serde_json::Value::as_str) {
+                    Some(path) => format!("mpi ({path})"),
+                    None => t.clone(),
+                };
                 println!(
-                    "tcp   {:<16}{:<11} {} nodes  min {:.2} / median {:.2} / p99 {:.2} us",
+                    "{via:<17} {:<16}{:<11} {} nodes  min {:.2} / median {:.2} / p99 {:.2} us",
                     v["op"].as_str().unwrap_or(""),
                     sharers,
                     n,
@@ -73,8 +94,64 @@ pub fn run(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts a job of `n` nodes; returns node 0's figure lines.
-fn job(n: u16, samples: usize) -> Result<Vec<String>, String> {
+/// The MPI program's source, built by [`mpi_rows`].
+const DSM_MPI_C: &str = include_str!("../mpi/dsm_mpi.c");
+
+/// The MPI peer's figure lines for `n` ranks (none, with a note, without `mpicc` and `mpirun`).
+fn mpi_rows(n: u16, samples: usize) -> Result<Vec<String>, String> {
+    let have = |tool: &str| Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if !matches!(have("mpicc"), Ok(s) if s.success()) || !matches!(have("mpirun"), Ok(s) if s.success()) {
+        eprintln!("[dsm] MPI figures skipped: no mpicc or mpirun (apt-get install libopenmpi-dev openmpi-bin)");
+        return Ok(Vec::new());
+    }
+    let dir = std::env::temp_dir().join(format!("mosaic-bench-dsm-mpi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (src, exe) = (dir.join("dsm_mpi.c"), dir.join("dsm_mpi"));
+    let built = std::fs::write(&src, DSM_MPI_C).map_err(|e| format!("{}: {e}", src.display())).and_then(|()| {
+        let out = Command::new("mpicc").arg("-O2").arg("-o").arg(&exe).arg(&src).output();
+        match out {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!("mpicc failed: {}", String::from_utf8_lossy(&o.stderr))),
+            Err(e) => Err(format!("mpicc: {e}")),
+        }
+    });
+    let mut rows = Vec::new();
+    let ran = built.and_then(|()| {
+        for (path, mca) in
+            [("default", &[][..]), ("pt2pt-tcp", &["--mca", "osc", "pt2pt", "--mca", "btl", "tcp,self"][..])]
+        {
+            eprintln!("[dsm] {n} MPI ranks ({path})");
+            // Bounded: coreutils' timeout stops a job that hangs.
+            let mut child = Command::new("timeout")
+                .args(["300", "mpirun", "--allow-run-as-root", "--oversubscribe"])
+                .args(mca)
+                .args(["-n", &n.to_string()])
+                .arg(&exe)
+                .arg(samples.to_string())
+                .stdout(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("mpirun: {e}"))?;
+            let out = child.stdout.take().ok_or("no output from mpirun")?;
+            let lines: Vec<String> = BufReader::new(out).lines().map_while(Result::ok).collect();
+            let status = child.wait().map_err(|e| format!("mpirun: {e}"))?;
+            if !status.success() {
+                return Err(format!("mpirun -n {n} dsm_mpi ({path}): {status}"));
+            }
+            for line in lines.iter().filter(|l| l.starts_with('{')) {
+                let mut v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| format!("dsm_mpi: {e}: {line}"))?;
+                v["mpi_path"] = json!(path);
+                rows.push(v.to_string());
+            }
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    ran.map(|()| rows)
+}
+
+/// Starts a job of `n` nodes over `transport`; returns node 0's figure lines.
+fn job(n: u16, transport: &str, samples: usize) -> Result<Vec<String>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let key = mosaic_transport::ClusterKey::random_text().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("mosaic-bench-dsm-{}-{n}", std::process::id()));
@@ -86,6 +163,7 @@ fn job(n: u16, samples: usize) -> Result<Vec<String>, String> {
             .env("MOSAIC_DSM_RANK", rank.to_string())
             .env("MOSAIC_DSM_SIZE", n.to_string())
             .env("MOSAIC_DSM_RENDEZVOUS", &dir)
+            .env(mosaic_dsm::job::TRANSPORT_ENV, transport)
             .env(mosaic_transport::KEY_ENV, &key)
             .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
             .spawn()
@@ -115,6 +193,7 @@ pub fn node(samples: usize) -> Result<(), String> {
     let cfg = JobConfig::from_env((n_pages * PAGE) as u64).map_err(|e| e.to_string())?;
     let job = Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
     let (me, n) = (usize::from(job.rank()), usize::from(job.size()));
+    let transport = std::env::var(mosaic_dsm::job::TRANSPORT_ENV).unwrap_or_else(|_| "tcp".into());
     // The byte at the start of page `p`, touched with single accesses.
     let byte = |p: usize| -> &AtomicU8 {
         assert!((p + 1) * PAGE <= job.len());
@@ -127,7 +206,7 @@ pub fn node(samples: usize) -> Result<(), String> {
     let barrier = || job.barrier().map_err(|e| mosaic_transport::error_chain(&e));
     let emit = |op: &str, sharers: Option<usize>, s: &mut Samples| {
         if let Some(sum) = s.summary() {
-            let mut v = json!({"bench": "dsm", "op": op, "nodes": n, "transport": "tcp",
+            let mut v = json!({"bench": "dsm", "op": op, "nodes": n, "transport": transport,
                 "min_us": round3(sum.min_us), "median_us": round3(sum.median_us), "p99_us": round3(sum.p99_us),
                 "samples": sum.count});
             if let Some(sh) = sharers {

@@ -132,6 +132,9 @@ enum Cmd {
         /// Job sizes, comma-separated (at least 2; 3 hops need 3, 3 sharers need 4).
         #[arg(long, value_delimiter = ',', default_value = "2,4")]
         nodes: Vec<u16>,
+        /// Transports between the nodes, comma-separated: tcp, shm.
+        #[arg(long, value_delimiter = ',', default_value = "tcp,shm")]
+        transports: Vec<String>,
         /// Samples per figure.
         #[arg(long, default_value_t = 500)]
         samples: usize,
@@ -239,8 +242,8 @@ fn main() -> ExitCode {
             println!("{}", serde_json::json!({"bench": "rmw", "size": size, "ops_per_s": rate.round()}));
             Ok(())
         }
-        Cmd::Dsm { nodes, samples, time, json } => {
-            dsm::run(&dsm::Plan { nodes, samples, time: Duration::from_secs_f64(time), json })
+        Cmd::Dsm { nodes, transports, samples, time, json } => {
+            dsm::run(&dsm::Plan { nodes, transports, samples, time: Duration::from_secs_f64(time), json })
         }
         Cmd::DsmNode { samples } => dsm::node(samples),
         Cmd::ServeRam { uri, capacity } => serve::serve_ram(&uri, capacity),

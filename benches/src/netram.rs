@@ -153,9 +153,9 @@ pub fn run(plan: &Plan) -> Result<(), String> {
 
 /// The figures a DSM read miss is compared with, from one memory server over tcp in a child
 /// process: the pager's install and the bare transport's 4 KiB page read (`mosaic-bench dsm`).
-pub fn baselines(time: Duration, json_out: bool) -> Result<(), String> {
+pub fn baselines(transports: &[String], time: Duration, json_out: bool) -> Result<(), String> {
     let plan = Plan {
-        transports: vec!["tcp".into()],
+        transports: transports.to_vec(),
         servers: Vec::new(),
         sim_link: "10gbe".into(),
         threads: Vec::new(),
@@ -169,9 +169,11 @@ pub fn baselines(time: Duration, json_out: bool) -> Result<(), String> {
     let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
     let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
     install_figure()?.print(json_out, "workers");
-    let (_children, uris) = servers_for("tcp", &plan, &key_text)?;
-    for f in transport_figures("tcp", &uris, &key, &plan)? {
-        f.print(json_out, "workers");
+    for t in transports {
+        let (_children, uris) = servers_for(t, &plan, &key_text)?;
+        for f in transport_figures(t, &uris, &key, &plan)? {
+            f.print(json_out, "workers");
+        }
     }
     Ok(())
 }

@@ -59,7 +59,8 @@ pub struct JobConfig {
     pub rendezvous: PathBuf,
     /// The job's cluster key (the same on every node).
     pub key: ClusterKey,
-    /// Where this node listens for its peers.
+    /// Where this node listens for its peers: a transport URI (`tcp://127.0.0.1:0`, the default,
+    /// or `shm://NAME` for peers on this host); what it binds is published for the others.
     pub listen: String,
     /// The shared region's address, the same on every node.
     pub addr: usize,
@@ -95,6 +96,10 @@ pub const JOIN_TIMEOUT_ENV: &str = "MOSAIC_DSM_JOIN_TIMEOUT_MS";
 /// How long a page, a lock or a barrier is waited for, in milliseconds (optional; 60 s by
 /// default).
 pub const FAULT_TIMEOUT_ENV: &str = "MOSAIC_DSM_FAULT_TIMEOUT_MS";
+
+/// How the nodes reach each other (optional): `tcp` (the default; loopback for now) or `shm`
+/// (shared-memory rings between the processes, on one host).
+pub const TRANSPORT_ENV: &str = "MOSAIC_DSM_TRANSPORT";
 
 /// Each node's arena in bytes (optional; by default the heap's size divided by the nodes).
 pub const ARENA_BYTES_ENV: &str = "MOSAIC_DSM_ARENA_BYTES";
@@ -153,6 +158,11 @@ impl JobConfig {
         }
         if let Some(t) = env_millis(JOIN_TIMEOUT_ENV)? {
             cfg.join_timeout = t;
+        }
+        match std::env::var(TRANSPORT_ENV).as_deref() {
+            Err(_) | Ok("tcp") => {}
+            Ok("shm") => cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank),
+            Ok(_) => return Err(JoinError::Environment { name: TRANSPORT_ENV, why: "not tcp or shm" }),
         }
         if let Ok(text) = std::env::var(ARENA_BYTES_ENV) {
             let bytes = text

@@ -206,6 +206,20 @@ fn a_job_without_its_settings_says_what_is_missing() {
 }
 
 #[test]
+fn a_job_over_shared_memory_rings_is_coherent_too() {
+    let shm = [("MOSAIC_DSM_TRANSPORT", "shm")];
+    job_with("mp-shm", 3, &["mp", "100"], &shm);
+    let outs = job_with("counter-shm", 2, &["counter", "200"], &shm);
+    assert!(outs.iter().all(|o| o.contains("both counters 400")), "{outs:?}");
+    // A transport DSM does not run over is named.
+    let dir = rendezvous("bad-transport");
+    let o =
+        finish(node_with(0, 1, &dir, &["counter"], None, &[("MOSAIC_DSM_TRANSPORT", "udp")]), Duration::from_secs(30));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("MOSAIC_DSM_TRANSPORT: not tcp or shm"));
+}
+
+#[test]
 fn a_job_started_the_way_open_mpi_and_slurm_start_it_meets_by_its_job_name() {
     for (rank_var, size_var, job_vars) in [
         (
