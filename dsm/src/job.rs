@@ -76,6 +76,11 @@ pub struct JobConfig {
     pub join_timeout: Duration,
     /// Longest wait for one page; past it the access raises SIGBUS.
     pub fault_timeout: Duration,
+    /// Who serves a fault on the region: the faulting thread itself, in a SIGBUS handler
+    /// ([`FaultMode::FaultingThread`], the default: no hand-off between threads; a system call
+    /// given region memory that is not here fails with EFAULT), or fault workers
+    /// ([`FaultMode::Workers`]: system calls on region memory work).
+    pub fault_mode: FaultMode,
     /// Remove the rendezvous directory once the last node leaves (it was made for this job).
     pub remove_rendezvous: bool,
     /// Reach the peers through this simulated link (latency, bandwidth, frames delayed at
@@ -100,6 +105,10 @@ pub const FAULT_TIMEOUT_ENV: &str = "MOSAIC_DSM_FAULT_TIMEOUT_MS";
 /// How the nodes reach each other (optional): `tcp` (the default; loopback for now) or `shm`
 /// (shared-memory rings between the processes, on one host).
 pub const TRANSPORT_ENV: &str = "MOSAIC_DSM_TRANSPORT";
+
+/// Who serves faults (optional): `thread` (the faulting thread, the default) or `workers` (fault
+/// worker threads, for programs that hand region memory to system calls).
+pub const FAULTS_ENV: &str = "MOSAIC_DSM_FAULTS";
 
 /// Each node's arena in bytes (optional; by default the heap's size divided by the nodes).
 pub const ARENA_BYTES_ENV: &str = "MOSAIC_DSM_ARENA_BYTES";
@@ -126,6 +135,7 @@ impl JobConfig {
             arena_bytes: None,
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
+            fault_mode: FaultMode::FaultingThread,
             remove_rendezvous: false,
             link: None,
         }
@@ -163,6 +173,11 @@ impl JobConfig {
             Err(_) | Ok("tcp") => {}
             Ok("shm") => cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank),
             Ok(_) => return Err(JoinError::Environment { name: TRANSPORT_ENV, why: "not tcp or shm" }),
+        }
+        match std::env::var(FAULTS_ENV).as_deref() {
+            Err(_) | Ok("thread") => {}
+            Ok("workers") => cfg.fault_mode = FaultMode::Workers(2),
+            Ok(_) => return Err(JoinError::Environment { name: FAULTS_ENV, why: "not thread or workers" }),
         }
         if let Ok(text) = std::env::var(ARENA_BYTES_ENV) {
             let bytes = text
@@ -347,6 +362,9 @@ struct Local {
     early: Vec<BTreeMap<u64, Envelope>>,
     /// Locks whose waiting thread gave up: released as soon as they are granted.
     abandoned: HashSet<u64>,
+    /// Pages installed, made writable, write-protected or dropped so far (what faulting
+    /// threads waiting on [`Shared::changed`] watch).
+    changes: u64,
 }
 
 /// One peer's outbox. Any thread may take its messages and send them (the thread that made
@@ -368,6 +386,11 @@ struct Shared {
     size: u16,
     fault_timeout: Duration,
     local: Mutex<Local>,
+    /// Signalled (with `local`) when a page is installed, made writable, write-protected or
+    /// dropped, or the job breaks: faulting threads that serve their own fault wait on it.
+    changed: Condvar,
+    /// Threads waiting on `changed` (no wake-up system call when there are none).
+    waiting: AtomicU64,
     /// The region (weak: the region's source holds this, so a strong reference would be a
     /// cycle that keeps both alive after the job ends).
     core: OnceLock<std::sync::Weak<RegionCore>>,
@@ -407,6 +430,14 @@ impl Shared {
         log::error!("dsm node {}: {why}", self.rank);
         lock(&self.broken).get_or_insert(why);
         self.arrived.notify_all();
+        self.changed.notify_all();
+    }
+
+    /// Wakes the faulting threads waiting for a page to change, if any.
+    fn page_changed(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.changed.notify_all();
+        }
     }
 
     fn broken(&self) -> Option<String> {
@@ -463,6 +494,10 @@ impl Shared {
 
     fn act(&self, local: &mut Local, a: Action, own: &mut VecDeque<Envelope>) -> Result<(), String> {
         let core = self.core()?;
+        if !matches!(a, Action::Send { .. } | Action::Granted { .. }) {
+            local.changes += 1;
+            self.page_changed(); // the waiters check under the node's lock, held here
+        }
         log::trace!("node {}: {a:?} (mapped: {})", self.rank, local.mapped.contains(&action_page(&a)));
         match a {
             Action::Send { to, msg } => {
@@ -695,91 +730,109 @@ fn action_page(a: &Action) -> PageNo {
 /// The region's page source: faults go to the protocol.
 struct Source(Arc<Shared>);
 
-impl Source {
-    fn give_up(&self, fault: &Fault<'_>) -> Option<FillError> {
-        let page = fault.index;
-        if let Some(why) = self.0.broken() {
-            return Some(FillError::new(PageError::Broken { page, why }));
-        }
-        (fault.waited > self.0.fault_timeout)
-            .then(|| FillError::new(PageError::TimedOut { page, waited: fault.waited }))
-    }
+/// How asking for a page's access ended ([`Source::obtain`]).
+enum Obtained<T> {
+    /// Done: the answer for the pager.
+    Ready(T),
+    /// Not yet, and the pager will ask again (a fault worker's deferrable fault).
+    Pending,
+    /// Never: the time ran out or the job broke.
+    Failed(FillError),
 }
 
 impl PageSource for Source {
     fn fill(&self, fault: &Fault<'_>, _page: &mut Page) -> Result<Filled, FillError> {
-        let s = &self.0;
-        let page = fault.index;
         let want = if fault.write { Want::Write } else { Want::Read };
-        // A broken node serves no fault: SIGBUS, never a page it cannot vouch for.
-        if let Some(e) = self.give_up(fault) {
-            return Err(e);
+        log::trace!("node {}: fault on page {} ({want:?}), waited {:?}", self.0.rank, fault.index, fault.waited);
+        match self.obtain(fault, want, |local| self.present(local, fault, want)) {
+            Obtained::Ready(done) => done,
+            // The page is installed when it arrives (which wakes this fault's thread); the pager
+            // asks again meanwhile.
+            Obtained::Pending => Ok(Filled::Busy),
+            // A broken node serves no fault: SIGBUS, never a page it cannot vouch for.
+            Obtained::Failed(e) => Err(e),
         }
-        let mut local = lock(&s.local);
-        log::trace!("node {}: fault on page {page} ({want:?}), waited {:?}", s.rank, fault.waited);
-        if let Some(done) = self.present(&mut local, fault, want) {
-            return done;
-        }
-        let actions = local.node.fault(page, want);
-        if !actions.is_empty() {
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            s.execute(&mut local, actions);
-            // A request to this node itself may be done already.
-            if let Some(done) = self.present(&mut local, fault, want) {
-                return done;
-            }
-            drop(local);
-            // Sent from here, not by a sender thread woken for it: the answer (often the page
-            // itself) comes back on this call and is installed here too.
-            s.flush();
-            // The answer usually brought the page: done now, not on the pager's next ask.
-            if let Some(done) = self.present(&mut lock(&s.local), fault, want) {
-                return done;
-            }
-        }
-        // The page is installed when it arrives (which wakes this fault's thread); the pager asks
-        // again meanwhile.
-        Ok(Filled::Busy)
     }
 
     fn written(&self, fault: &Fault<'_>) -> WriteDecision {
-        let s = &self.0;
-        let page = fault.index;
-        let mut local = lock(&s.local);
-        log::trace!("node {}: write to read-only page {page}, access {:?}", s.rank, local.node.access(page));
-        if let Some(d) = self.writable(&mut local, fault) {
-            return d;
+        log::trace!("node {}: write to read-only page {}", self.0.rank, fault.index);
+        match self.obtain(fault, Want::Write, |local| self.writable(local, fault)) {
+            Obtained::Ready(d) => d,
+            Obtained::Pending => WriteDecision::Busy,
+            Obtained::Failed(_) => self.fail_write(&mut lock(&self.0.local), fault.index),
         }
-        if self.give_up(fault).is_some() {
-            // The write cannot go ahead. The node breaks (it acts on no message any more and
-            // every fault on it fails), the page goes, and the retried write faults as a missing
-            // page, whose fill raises SIGBUS: failed, never fed zeros.
-            s.break_job(format!("page {page}: no write access within {:?}", s.fault_timeout));
-            if local.mapped.remove(&page) {
-                if let Ok(core) = s.core() {
-                    let _ = core.drop_pages(page, 1);
-                }
-            }
-            return WriteDecision::Retry;
-        }
-        let actions = local.node.fault(page, Want::Write);
-        if !actions.is_empty() {
-            s.requests.fetch_add(1, Ordering::Relaxed);
-            s.execute(&mut local, actions);
-            if let Some(d) = self.writable(&mut local, fault) {
-                return d;
-            }
-            drop(local);
-            s.flush();
-            if let Some(d) = self.writable(&mut lock(&s.local), fault) {
-                return d;
-            }
-        }
-        WriteDecision::Busy
     }
 }
 
 impl Source {
+    /// Gets `want` access to the fault's page: asks the protocol (which sends a request unless
+    /// one is out already), sends it from this thread, and returns as soon as `ready` (asked
+    /// under the node's lock) has an answer. A deferrable fault that is not ready is left
+    /// pending; on the faulting thread, which may block, this waits for the pages to change and
+    /// asks again (the page may have come and gone meanwhile), until the fault time-out.
+    fn obtain<T>(&self, fault: &Fault<'_>, want: Want, ready: impl Fn(&mut Local) -> Option<T>) -> Obtained<T> {
+        let s = &self.0;
+        let page = fault.index;
+        let start = Instant::now();
+        loop {
+            if let Some(why) = s.broken() {
+                return Obtained::Failed(FillError::new(PageError::Broken { page, why }));
+            }
+            let waited = fault.waited + start.elapsed();
+            let Some(left) = s.fault_timeout.checked_sub(waited) else {
+                return Obtained::Failed(FillError::new(PageError::TimedOut { page, waited }));
+            };
+            let mut local = lock(&s.local);
+            if let Some(t) = ready(&mut local) {
+                return Obtained::Ready(t);
+            }
+            let actions = local.node.fault(page, want);
+            if !actions.is_empty() {
+                s.requests.fetch_add(1, Ordering::Relaxed);
+                s.execute(&mut local, actions);
+                // A request to this node itself may be done already.
+                if let Some(t) = ready(&mut local) {
+                    return Obtained::Ready(t);
+                }
+                drop(local);
+                // Sent from here, not by a sender thread woken for it: the answer (often the
+                // page itself) comes back on this call and is installed here too.
+                s.flush();
+                local = lock(&s.local);
+                if let Some(t) = ready(&mut local) {
+                    return Obtained::Ready(t);
+                }
+            }
+            if fault.can_defer {
+                return Obtained::Pending;
+            }
+            // Wait for any page to change (checked under the lock held since `ready`, so no
+            // change is missed), then ask again.
+            let seen = local.changes;
+            s.waiting.fetch_add(1, Ordering::AcqRel);
+            let (local, _) = s
+                .changed
+                .wait_timeout_while(local, left.min(Duration::from_millis(50)), |l| l.changes == seen)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.waiting.fetch_sub(1, Ordering::AcqRel);
+            drop(local);
+        }
+    }
+
+    /// A write that cannot go ahead. The node breaks (it acts on no message any more and every
+    /// fault on it fails), the page goes, and the retried write faults as a missing page, whose
+    /// fill raises SIGBUS: failed, never fed zeros.
+    fn fail_write(&self, local: &mut Local, page: PageNo) -> WriteDecision {
+        let s = &self.0;
+        s.break_job(format!("page {page}: no write access within {:?}", s.fault_timeout));
+        if local.mapped.remove(&page) {
+            if let Ok(core) = s.core() {
+                let _ = core.drop_pages(page, 1);
+            }
+        }
+        WriteDecision::Retry
+    }
+
     /// The answer to a missing-page fault whose access the protocol allows now: the page is
     /// mapped (installed when it arrived), or this node is its home and nobody touched it yet
     /// (zeros, installed here under the lock: the pager must install nothing itself, since the
@@ -997,6 +1050,8 @@ impl Job {
             rank: cfg.rank,
             size: cfg.size,
             fault_timeout: cfg.fault_timeout,
+            changed: Condvar::new(),
+            waiting: AtomicU64::new(0),
             local: Mutex::new(Local {
                 node,
                 mapped: HashSet::new(),
@@ -1005,6 +1060,7 @@ impl Job {
                 expected: vec![0; usize::from(cfg.size)],
                 early: (0..cfg.size).map(|_| BTreeMap::new()).collect(),
                 abandoned: HashSet::new(),
+                changes: 0,
             }),
             core: OnceLock::new(),
             pages: total_pages,
@@ -1030,7 +1086,7 @@ impl Job {
         });
         let rcfg = RegionConfig::new(total_pages)
             .fixed_addr(cfg.addr)
-            .mode(FaultMode::Workers(2))
+            .mode(cfg.fault_mode)
             .dirty(DirtyTracking::Faults)
             .report_discards(false)
             .name(format!("dsm node {}", cfg.rank));

@@ -206,6 +206,14 @@ fn a_job_without_its_settings_says_what_is_missing() {
 }
 
 #[test]
+fn fault_workers_serve_a_job_as_well_as_faulting_threads() {
+    let workers = [("MOSAIC_DSM_FAULTS", "workers")];
+    job_with("mp-workers", 3, &["mp", "100"], &workers);
+    let outs = job_with("atomics-workers", 3, &["atomics", "100"], &workers);
+    assert!(outs.iter().all(|o| o.contains("both counters 300")), "{outs:?}");
+}
+
+#[test]
 fn a_job_over_shared_memory_rings_is_coherent_too() {
     let shm = [("MOSAIC_DSM_TRANSPORT", "shm")];
     job_with("mp-shm", 3, &["mp", "100"], &shm);
