@@ -14,6 +14,9 @@
 //! - `lock_handoff`: nodes 0 and 1 both taking one lock over and over; node 0's acquire time.
 //! - `barrier`: one barrier of all N nodes.
 //!
+//! The nodes poll as `MOSAIC_DSM_WAIT` says (`spin` or `yield`; by default `yield` where the job
+//! outnumbers half the CPUs): each row says which (`wait`).
+//!
 //! Beside them, from the same run, the MPI peer (`benches/mpi/dsm_mpi.c`, built with `mpicc` and
 //! started with `mpirun` when both are installed): `MPI_Get` of 4 KiB, `MPI_Win_lock`, the lock
 //! handed between two ranks, `MPI_Barrier`, each twice: as `mpirun` runs it by default (one-sided
@@ -77,7 +80,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
                     .unwrap_or_default();
                 let via = match v.get("mpi_path").and_then(serde_json::Value::as_str) {
                     Some(path) => format!("mpi ({path})"),
-                    None => t.clone(),
+                    None => format!("{t} ({})", v["wait"].as_str().unwrap_or("")),
                 };
                 println!(
                     "{via:<17} {:<16}{:<11} {} nodes  min {:.2} / median {:.2} / p99 {:.2} us",
@@ -191,6 +194,7 @@ fn job(n: u16, transport: &str, samples: usize) -> Result<Vec<String>, String> {
 pub fn node(samples: usize) -> Result<(), String> {
     let n_pages = 4 * samples * 4 + 64;
     let cfg = JobConfig::from_env((n_pages * PAGE) as u64).map_err(|e| e.to_string())?;
+    let wait = if cfg.wait.yielding { "yield" } else { "spin" };
     let job = Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
     let (me, n) = (usize::from(job.rank()), usize::from(job.size()));
     let transport = std::env::var(mosaic_dsm::job::TRANSPORT_ENV).unwrap_or_else(|_| "tcp".into());
@@ -206,7 +210,7 @@ pub fn node(samples: usize) -> Result<(), String> {
     let barrier = || job.barrier().map_err(|e| mosaic_transport::error_chain(&e));
     let emit = |op: &str, sharers: Option<usize>, s: &mut Samples| {
         if let Some(sum) = s.summary() {
-            let mut v = json!({"bench": "dsm", "op": op, "nodes": n, "transport": transport,
+            let mut v = json!({"bench": "dsm", "op": op, "nodes": n, "transport": transport, "wait": wait,
                 "min_us": round3(sum.min_us), "median_us": round3(sum.median_us), "p99_us": round3(sum.p99_us),
                 "samples": sum.count});
             if let Some(sh) = sharers {

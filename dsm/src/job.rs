@@ -31,7 +31,7 @@ use mosaic_pager::{
 };
 use mosaic_transport::{
     connect, connect_sim, listen, Caller, ClusterKey, ConnectOptions, Connection, LinkSpec, Server, ServerConfig,
-    Service, ServiceError, Status,
+    Service, ServiceError, Status, WaitPolicy,
 };
 
 use crate::alloc::{AllocError, Arena};
@@ -45,6 +45,8 @@ const METHOD_BARRIER: u64 = 0x4453_4d02;
 /// The barrier generation of leaving (apart from the numbered barriers, so a node that leaves
 /// early does not count as arriving at its peers' next barrier).
 const LEAVING: u64 = u64::MAX;
+/// How long a barrier watches for the others' arrivals before it sleeps.
+const BARRIER_SPIN: Duration = Duration::from_micros(100);
 /// Most messages one call carries.
 const BATCH: usize = 32;
 
@@ -81,6 +83,10 @@ pub struct JobConfig {
     /// given region memory that is not here fails with EFAULT), or fault workers
     /// ([`FaultMode::Workers`]: system calls on region memory work).
     pub fault_mode: FaultMode,
+    /// How a thread waiting for a peer polls before it sleeps: spinning on its CPU (best where
+    /// every polling thread has a CPU of its own), or yielding it between polls (best where they
+    /// outnumber the CPUs). [`JobConfig::new`] picks by the CPUs this process may use.
+    pub wait: WaitPolicy,
     /// Remove the rendezvous directory once the last node leaves (it was made for this job).
     pub remove_rendezvous: bool,
     /// Reach the peers through this simulated link (latency, bandwidth, frames delayed at
@@ -105,6 +111,10 @@ pub const FAULT_TIMEOUT_ENV: &str = "MOSAIC_DSM_FAULT_TIMEOUT_MS";
 /// How the nodes reach each other (optional): `tcp` (the default; loopback for now) or `shm`
 /// (shared-memory rings between the processes, on one host).
 pub const TRANSPORT_ENV: &str = "MOSAIC_DSM_TRANSPORT";
+
+/// How waiting threads poll (optional): `spin` or `yield` (by default `yield` when the job's
+/// nodes outnumber half the CPUs, else `spin`).
+pub const WAIT_ENV: &str = "MOSAIC_DSM_WAIT";
 
 /// Who serves faults (optional): `thread` (the faulting thread, the default) or `workers` (fault
 /// worker threads, for programs that hand region memory to system calls).
@@ -136,6 +146,7 @@ impl JobConfig {
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
             fault_mode: FaultMode::FaultingThread,
+            wait: default_wait(size),
             remove_rendezvous: false,
             link: None,
         }
@@ -174,6 +185,12 @@ impl JobConfig {
             Ok("shm") => cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank),
             Ok(_) => return Err(JoinError::Environment { name: TRANSPORT_ENV, why: "not tcp or shm" }),
         }
+        match std::env::var(WAIT_ENV).as_deref() {
+            Err(_) => {}
+            Ok("spin") => cfg.wait = WaitPolicy::spin_then_sleep(POLL),
+            Ok("yield") => cfg.wait = WaitPolicy::yield_then_sleep(POLL),
+            Ok(_) => return Err(JoinError::Environment { name: WAIT_ENV, why: "not spin or yield" }),
+        }
         match std::env::var(FAULTS_ENV).as_deref() {
             Err(_) | Ok("thread") => {}
             Ok("workers") => cfg.fault_mode = FaultMode::Workers(2),
@@ -187,6 +204,21 @@ impl JobConfig {
             cfg.arena_bytes = Some(bytes);
         }
         Ok(cfg)
+    }
+}
+
+/// How long a waiting thread polls before it sleeps.
+const POLL: Duration = Duration::from_micros(100);
+
+/// The wait policy for a job of `size` nodes on this host: yielding when the job's polling
+/// threads (an application thread and at least one receiving thread per node) outnumber the
+/// CPUs this process may use, spinning otherwise.
+fn default_wait(size: u16) -> WaitPolicy {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if 2 * usize::from(size) > cpus {
+        WaitPolicy::yield_then_sleep(POLL)
+    } else {
+        WaitPolicy::spin_then_sleep(POLL)
     }
 }
 
@@ -406,6 +438,8 @@ struct Shared {
     /// Barrier arrivals: generation -> ranks that arrived, each with its call's tag.
     arrivals: Mutex<HashMap<u64, HashMap<NodeId, u64>>>,
     arrived: Condvar,
+    /// Barrier arrivals counted (what a barrier spinning for them watches).
+    arrival_count: AtomicU64,
     broken: Mutex<Option<String>>,
     /// Locks granted to this node that the waiting thread has not taken yet.
     granted: Mutex<HashSet<u64>>,
@@ -905,6 +939,15 @@ fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64, u64)> {
     Some((u16::from_le_bytes([b[0], b[1]]), u64_at(2)?, u64_at(10)?))
 }
 
+/// A barrier's outcome from the set of nodes whose call differed from the coordinator's.
+fn diverged(generation: u64, differ: u64) -> Result<(), JoinError> {
+    if differ == 0 {
+        return Ok(());
+    }
+    let differ = (0..64).filter(|n| differ & (1 << n) != 0).collect();
+    Err(JoinError::Diverged { generation, here: String::new(), differ })
+}
+
 /// The tag of a plain barrier (leaving is one too).
 const TAG_BARRIER: u64 = 0;
 
@@ -928,6 +971,7 @@ impl Service for Inbox {
                 .filter(|(from, _, _)| *from < s.size && *from != s.rank)
                 .ok_or_else(|| ServiceError::new(Status::BadRequest, "a malformed barrier arrival"))?;
             lock(&s.arrivals).entry(generation).or_default().insert(from, tag);
+            s.arrival_count.fetch_add(1, Ordering::AcqRel);
             s.arrived.notify_all();
             return Ok(());
         }
@@ -1002,6 +1046,8 @@ pub struct Job {
     peers: Vec<Option<Connection>>,
     /// Barriers this node entered.
     barriers: AtomicU64,
+    /// How its threads poll while waiting.
+    wait: WaitPolicy,
     join_timeout: Duration,
 }
 
@@ -1072,6 +1118,7 @@ impl Job {
                 .collect(),
             arrivals: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
+            arrival_count: AtomicU64::new(0),
             broken: Mutex::new(None),
             granted: Mutex::new(HashSet::new()),
             granted_cv: Condvar::new(),
@@ -1110,14 +1157,16 @@ impl Job {
             threads: Vec::new(),
             peers: Vec::new(),
             barriers: AtomicU64::new(0),
+            wait: cfg.wait,
             join_timeout: cfg.join_timeout,
         };
-        let server = listen(&cfg.listen, ServerConfig::new(cfg.key.clone()).service(Inbox(shared.clone())))
-            .map_err(|source| JoinError::Listen { uri: cfg.listen.clone(), source })?;
+        let scfg = ServerConfig::new(cfg.key.clone()).service(Inbox(shared.clone())).policy(cfg.wait);
+        let server =
+            listen(&cfg.listen, scfg).map_err(|source| JoinError::Listen { uri: cfg.listen.clone(), source })?;
         let uris = rendezvous(&cfg, server.uri())?;
         job.server = Some(server);
         let deadline = Instant::now() + cfg.join_timeout;
-        let opts = ConnectOptions::new(cfg.key.clone());
+        let opts = ConnectOptions::new(cfg.key.clone()).policy(cfg.wait);
         for (rank, uri) in uris.iter().enumerate() {
             let rank = NodeId::try_from(rank).expect("at most MAX_NODES");
             if rank == cfg.rank {
@@ -1341,42 +1390,102 @@ impl Job {
     /// Arrives at barrier `generation` with `tag` and waits for every other node's arrival.
     fn arrive_and_wait(&self, generation: u64, tag: u64, timeout: Duration) -> Result<(), JoinError> {
         let s = &self.shared;
-        // The protocol's messages first (acknowledgements, `Done`s): an arrival must not overtake
-        // them, or a node could leave while another still sends it what the protocol needs.
+        // The protocol's messages first (acknowledgements, `Done`s), so that the peers have them
+        // when they leave the barrier.
         s.flush();
-        let start = Instant::now();
-        while s.sending.load(Ordering::Acquire) > 0 || s.outboxes.iter().any(|o| !lock(&o.queue).messages.is_empty()) {
-            if start.elapsed() >= timeout {
-                break;
+        if generation == LEAVING {
+            // Leaving: nothing may still be on its way, or a node could go while another still
+            // sends it what the protocol needs. (A plain barrier need not wait: the region is
+            // sequentially consistent whatever is in flight.)
+            let start = Instant::now();
+            while s.sending.load(Ordering::Acquire) > 0
+                || s.outboxes.iter().any(|o| !lock(&o.queue).messages.is_empty())
+            {
+                if start.elapsed() >= timeout {
+                    break;
+                }
+                s.flush();
+                std::thread::sleep(Duration::from_micros(50));
             }
-            s.flush();
-            std::thread::sleep(Duration::from_micros(200));
         }
-        let arrival = encode_arrival(s.rank, generation, tag);
-        for conn in self.peers.iter().flatten() {
-            conn.call(METHOD_BARRIER, &arrival).map_err(|e| JoinError::Broken(format!("{}: {e}", conn.peer())))?;
+        // A coordinated barrier: every node tells node 0 it arrived (one call each); node 0,
+        // once all have, tells each that the barrier is over, and whether their calls agreed.
+        // (Calls cross in one direction at a time: when every node called every other at once,
+        // the calls and the threads answering them fought for the CPUs.)
+        if s.size == 1 {
+            return Ok(()); // nobody to wait for, nobody to disagree
         }
-        let start = Instant::now();
+        let coordinator: NodeId = 0;
+        let call = |to: NodeId, tag: u64| -> Result<(), JoinError> {
+            let conn =
+                self.peers[usize::from(to)].as_ref().ok_or_else(|| JoinError::Broken(format!("no node {to}")))?;
+            let message = encode_arrival(s.rank, generation, tag);
+            conn.call(METHOD_BARRIER, &message)
+                .map(drop)
+                .map_err(|e| JoinError::Broken(format!("{}: {e}", conn.peer())))
+        };
+        if s.rank != coordinator {
+            call(coordinator, tag)?;
+            // The coordinator's word: the nodes whose calls differed from its own, as a set.
+            let differ = self
+                .wait_arrivals(generation, timeout, |here| here.get(&coordinator).copied())
+                .map_err(|waited| self.barrier_failed(generation, vec![coordinator], waited))?;
+            return diverged(generation, differ);
+        }
         let others = usize::from(s.size) - 1;
+        let here = self
+            .wait_arrivals(generation, timeout, |here| (here.len() >= others).then(|| here.clone()))
+            .map_err(|waited| {
+                let here = lock(&s.arrivals).remove(&generation).unwrap_or_default();
+                let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains_key(r)).collect();
+                self.barrier_failed(generation, missing, waited)
+            })?;
+        let differ = here.iter().filter(|(_, t)| **t != tag).fold(0u64, |set, (n, _)| set | 1 << n);
+        for to in (0..s.size).filter(|r| *r != s.rank) {
+            call(to, differ)?;
+        }
+        diverged(generation, differ)
+    }
+
+    /// Why a barrier failed: the job broke, or nodes `missing` did not come within `waited`.
+    fn barrier_failed(&self, generation: u64, missing: Vec<NodeId>, waited: Duration) -> JoinError {
+        match self.shared.broken() {
+            Some(why) => JoinError::Broken(why),
+            None => JoinError::Barrier { generation, missing, waited },
+        }
+    }
+
+    /// Waits until `done` finds what it needs among barrier `generation`'s messages (which it
+    /// then takes), the job breaks, or `timeout` passes (`Err` with the time waited).
+    fn wait_arrivals<T>(
+        &self,
+        generation: u64,
+        timeout: Duration,
+        done: impl Fn(&HashMap<NodeId, u64>) -> Option<T>,
+    ) -> Result<T, Duration> {
+        let s = &self.shared;
+        let start = Instant::now();
         let mut arrivals = lock(&s.arrivals);
         loop {
-            if arrivals.get(&generation).map_or(0, HashMap::len) >= others {
-                let here = arrivals.remove(&generation).unwrap_or_default();
-                let mut differ: Vec<NodeId> = here.into_iter().filter(|(_, t)| *t != tag).map(|(n, _)| n).collect();
-                if differ.is_empty() {
-                    return Ok(());
-                }
-                differ.sort_unstable();
-                return Err(JoinError::Diverged { generation, here: String::new(), differ });
-            }
-            if let Some(why) = s.broken() {
-                return Err(JoinError::Broken(why));
+            if let Some(t) = arrivals.get(&generation).and_then(&done) {
+                arrivals.remove(&generation);
+                return Ok(t);
             }
             let waited = start.elapsed();
-            if waited >= timeout {
-                let here = arrivals.remove(&generation).unwrap_or_default();
-                let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains_key(r)).collect();
-                return Err(JoinError::Barrier { generation, missing, waited });
+            if waited >= timeout || s.broken().is_some() {
+                return Err(waited);
+            }
+            if waited < BARRIER_SPIN {
+                // The others are usually close behind: watch for their messages on this CPU for
+                // a while rather than sleep (a wake-up costs more than the whole barrier), as the
+                // job's wait policy says (yielding gives the CPU to the threads receiving them).
+                let seen = s.arrival_count.load(Ordering::Acquire);
+                drop(arrivals);
+                while s.arrival_count.load(Ordering::Acquire) == seen && start.elapsed() < BARRIER_SPIN {
+                    self.wait.pause();
+                }
+                arrivals = lock(&s.arrivals);
+                continue;
             }
             arrivals = s
                 .arrived
