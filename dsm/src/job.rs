@@ -18,7 +18,7 @@
 //! Message handling never touches a page that is not mapped (the node tracks what it mapped),
 //! so it never faults; the fault path never waits for anything but the node's lock.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -35,6 +35,7 @@ use mosaic_transport::{
 };
 
 use crate::alloc::{AllocError, Arena};
+use crate::order::Inorder;
 use crate::protocol::{Access, Action, Homes, Msg, Node, NodeId, PageNo, ProtocolError, Want, MAX_NODES};
 use crate::wire::{self, Envelope};
 
@@ -388,10 +389,8 @@ struct Local {
     touched: HashSet<PageNo>,
     /// Bytes that arrived with `Data`, until installed.
     staged: HashMap<PageNo, Box<Page>>,
-    /// Per peer: the number of the next message to handle from it.
-    expected: Vec<u64>,
-    /// Per peer: messages that arrived ahead of their turn.
-    early: Vec<BTreeMap<u64, Envelope>>,
+    /// Each peer's messages, put back in the order sent.
+    inorder: Inorder<Envelope>,
     /// Locks whose waiting thread gave up: released as soon as they are granted.
     abandoned: HashSet<u64>,
     /// Pages installed, made writable, write-protected or dropped so far (what faulting
@@ -607,18 +606,13 @@ impl Shared {
         let mut local = lock(&self.local);
         log::trace!("node {}: got {e:?}", self.rank);
         let from = usize::from(e.from);
-        let expected = local.expected[from];
-        if e.seq < expected || local.early[from].contains_key(&e.seq) {
-            drop(local);
-            self.break_job(format!("message {} from node {} came twice", e.seq, e.from));
+        let (seq, sender) = (e.seq, e.from);
+        if !local.inorder.accept(from, seq, e) {
+            // The transports deliver each message once: a repeat is a peer's bug, harmless to drop.
+            log::warn!("dsm node {}: message {seq} from node {sender} came twice; dropped", self.rank);
             return;
         }
-        local.early[from].insert(e.seq, e);
-        while let Some(e) = {
-            let next = local.expected[from];
-            local.early[from].remove(&next)
-        } {
-            local.expected[from] += 1;
+        while let Some(e) = local.inorder.next(from) {
             let page = e.msg.page();
             match local.node.handle(e.from, e.msg) {
                 Ok(actions) => {
@@ -1103,8 +1097,7 @@ impl Job {
                 mapped: HashSet::new(),
                 touched: HashSet::new(),
                 staged: HashMap::new(),
-                expected: vec![0; usize::from(cfg.size)],
-                early: (0..cfg.size).map(|_| BTreeMap::new()).collect(),
+                inorder: Inorder::new(usize::from(cfg.size)),
                 abandoned: HashSet::new(),
                 changes: 0,
             }),

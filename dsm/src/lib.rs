@@ -21,6 +21,8 @@
 //!   allocation from a node's own arena ([`Job::alloc_local`]). `mosrun -n N` starts a job on
 //!   this host; so do `mpirun` and `srun` ([`launch`]).
 //! - [`alloc`]: the allocator behind both kinds of allocation.
+//! - [`order`]: each peer's messages back in the order sent, once each (in the nodes and in the
+//!   model checker, which loses, delays and repeats messages).
 //! - [`wire`]: the messages' encoding.
 //!
 //! ```no_run
@@ -45,6 +47,7 @@ pub mod alloc;
 pub mod job;
 pub mod launch;
 pub mod model;
+pub mod order;
 pub mod protocol;
 pub mod wire;
 
