@@ -39,24 +39,17 @@ fn run(rounds: u64, threads: u64) -> Result<String, String> {
     let counter = job.alloc(8).map_err(chain)?.cast::<u64>();
     let start = Instant::now();
     let counter_at = counter as usize; // to the threads as a number (raw pointers are not `Send`)
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> Result<(), String> {
-                    let counter = counter_at as *mut u64;
-                    for _ in 0..rounds {
-                        job.lock(LOCK).map_err(chain)?;
-                        // SAFETY: an aligned word of the collective heap (from `alloc`), which stays
-                        // mapped while `job` lives; every thread of every node touches it only
-                        // while holding lock 1, so these plain accesses never race.
-                        unsafe { counter.write_volatile(counter.read_volatile() + 1) };
-                        job.unlock(LOCK).map_err(chain)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| "a thread panicked".to_string())?)
+    mosaic_examples::on_threads(threads, |_| {
+        let counter = counter_at as *mut u64;
+        for _ in 0..rounds {
+            job.lock(LOCK).map_err(chain)?;
+            // SAFETY: an aligned word of the collective heap (from `alloc`), which stays mapped
+            // while `job` lives; every thread of every node touches it only while holding lock
+            // 1, so these plain accesses never race.
+            unsafe { counter.write_volatile(counter.read_volatile() + 1) };
+            job.unlock(LOCK).map_err(chain)?;
+        }
+        Ok(())
     })?;
     let took = start.elapsed();
     job.barrier().map_err(chain)?;

@@ -68,22 +68,14 @@ fn run(samples: u64, bins: u64, threads: u64) -> Result<String, String> {
     let start = Instant::now();
     // Addresses cross to the threads as numbers (raw pointers are not `Send`).
     let (mine_at, hist_at) = (mine as usize, hist as usize);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let job = &job;
-                s.spawn(move || -> Result<(), String> {
-                    let (mine, hist) = (mine_at as *const u64, hist_at as *mut u64);
-                    for i in (t..samples).step_by(threads as usize) {
-                        // SAFETY: a word of this node's sample block, read-only from now on.
-                        let v = unsafe { mine.add(i as usize).read() };
-                        job.fetch_add(hist.wrapping_add((v % bins) as usize), 1).map_err(chain)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| "a thread panicked".to_string())?)
+    mosaic_examples::on_threads(threads, |t| {
+        let (mine, hist) = (mine_at as *const u64, hist_at as *mut u64);
+        for i in (t..samples).step_by(threads as usize) {
+            // SAFETY: a word of this node's sample block, read-only from now on.
+            let v = unsafe { mine.add(i as usize).read() };
+            job.fetch_add(hist.wrapping_add((v % bins) as usize), 1).map_err(chain)?;
+        }
+        Ok(())
     })?;
     let took = start.elapsed();
     job.barrier().map_err(chain)?;

@@ -16,16 +16,16 @@ fn main() -> ExitCode {
     }
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(512);
     let iterations: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100);
-    let run = || -> Result<(u16, u16, jacobi::Outcome), String> {
+    let run = || -> Result<(u16, u16, jacobi::Outcome, mosaic_dsm::JobStats), String> {
         let cfg = JobConfig::from_env(jacobi::region_bytes(n)).map_err(|e| mosaic_transport::error_chain(&e))?;
         let job = Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
         let out = jacobi::run(&job, n, iterations)?;
-        let (rank, size) = (job.rank(), job.size());
+        let (rank, size, stats) = (job.rank(), job.size(), job.stats());
         job.leave().map_err(|e| mosaic_transport::error_chain(&e))?;
-        Ok((rank, size, out))
+        Ok((rank, size, out, stats))
     };
     match run() {
-        Ok((rank, size, o)) => {
+        Ok((rank, size, o, stats)) => {
             println!(
                 "dsm-jacobi: node {rank} of {size}: {n}x{n}, {iterations} iterations: checksum {:.12e} {:016x}",
                 o.sum, o.bits
@@ -33,6 +33,13 @@ fn main() -> ExitCode {
             if rank == 0 {
                 let warm = o.us_per_iteration_warm.map(|w| format!(", {w:.1} after the first two")).unwrap_or_default();
                 println!("dsm-jacobi: {:.1} us per iteration on {size} nodes{warm}", o.us_per_iteration);
+                let per = |x: u64| x as f64 / iterations.max(1) as f64;
+                println!(
+                    "dsm-jacobi: node 0 sent {:.1} messages and {:.1} KiB per iteration ({} pages in all)",
+                    per(stats.messages_sent),
+                    per(stats.bytes_sent) / 1024.0,
+                    stats.pages_sent
+                );
             }
             ExitCode::SUCCESS
         }
