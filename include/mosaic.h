@@ -209,8 +209,9 @@ enum mosaic_status mosaic_dsm_free_local(const struct mosaic_dsm *d, void *block
 
 // Adds `value` to the 64-bit word at `word` (in the shared region, 8-byte aligned) atomically
 // across every thread of every node, and stores what it held before in `*old` (wrapping on
-// overflow). `MOSAIC_ERR_INVALID` for a word outside the region or misaligned. (A C compiler's
-// own atomics on region memory, `__atomic_fetch_add`, are atomic across nodes too.)
+// overflow). `MOSAIC_ERR_INVALID` for a word outside the region or misaligned. `old` must be
+// the caller's own memory, not the shared region. (A C compiler's own atomics on region memory,
+// `__atomic_fetch_add`, are atomic across nodes too.)
 enum mosaic_status mosaic_dsm_fetch_add(const struct mosaic_dsm *d,
                                         uint64_t *word,
                                         uint64_t value,

@@ -55,8 +55,9 @@ fn round_up(n: u64, to: u64) -> Option<u64> {
 }
 
 impl Arena {
-    /// An allocator of `start..start + len`, all free.
+    /// An allocator of `start..start + len`, all free (cut short at the end of the offsets).
     pub fn new(start: u64, len: u64) -> Arena {
+        let len = len.min(u64::MAX - start);
         let mut free = BTreeMap::new();
         if len > 0 {
             free.insert(start, len);

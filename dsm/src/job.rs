@@ -46,6 +46,8 @@ const METHOD_BARRIER: u64 = 0x4453_4d02;
 /// The barrier generation of leaving (apart from the numbered barriers, so a node that leaves
 /// early does not count as arriving at its peers' next barrier).
 const LEAVING: u64 = u64::MAX;
+/// The barrier generation of joining, where the nodes check that they agree on the region.
+const JOINING: u64 = u64::MAX - 1;
 /// How long a barrier watches for the others' arrivals before it sleeps.
 const BARRIER_SPIN: Duration = Duration::from_micros(100);
 /// Most messages one call carries.
@@ -53,6 +55,7 @@ const BATCH: usize = 32;
 
 /// Where this node is in its job, and the job's settings.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct JobConfig {
     /// This node's rank: 0 to `size - 1`.
     pub rank: NodeId,
@@ -608,8 +611,11 @@ impl Shared {
         let from = usize::from(e.from);
         let (seq, sender) = (e.seq, e.from);
         if !local.inorder.accept(from, seq, e) {
-            // The transports deliver each message once: a repeat is a peer's bug, harmless to drop.
-            log::warn!("dsm node {}: message {seq} from node {sender} came twice; dropped", self.rank);
+            // The transports deliver each message once: a repeat is a peer's bug, and what else
+            // it got wrong is anyone's guess. (The model checker's lossy network repeats
+            // messages on purpose; there `Inorder` drops them.)
+            drop(local);
+            self.break_job(format!("message {seq} from node {sender} came twice"));
             return;
         }
         while let Some(e) = local.inorder.next(from) {
@@ -806,6 +812,10 @@ impl Source {
             if let Some(why) = s.broken() {
                 return Obtained::Failed(FillError::new(PageError::Broken { page, why }));
             }
+            if s.stop.load(Ordering::Acquire) {
+                let why = "the node is leaving the job".to_string();
+                return Obtained::Failed(FillError::new(PageError::Broken { page, why }));
+            }
             let waited = fault.waited + start.elapsed();
             let Some(left) = s.fault_timeout.checked_sub(waited) else {
                 return Obtained::Failed(FillError::new(PageError::TimedOut { page, waited }));
@@ -948,10 +958,12 @@ const TAG_BARRIER: u64 = 0;
 /// The tag of a collective call other than a barrier: its kind and arguments, hashed (never
 /// [`TAG_BARRIER`]).
 fn call_tag(kind: &str, args: &[u64]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (kind, args).hash(&mut h);
-    h.finish() | 1
+    // FNV-1a: the same on every node whatever the toolchain that built it.
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in kind.bytes().chain(args.iter().flat_map(|a| a.to_le_bytes())) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h | 1
 }
 
 /// Receives peers' messages, on the connection's server thread.
@@ -1198,7 +1210,20 @@ impl Job {
         // Removed when this node leaves (a failed join leaves it: the others' errors then name
         // the node that really did not come).
         job.published = Some(cfg.rendezvous.join(format!("node-{}.uri", cfg.rank)));
-        Ok(job)
+        // Every node must see the same region: the same address, heap and arenas (each reads its
+        // own environment), or they would disagree about pages' homes.
+        let layout = [cfg.addr as u64, cfg.bytes, arena_pages];
+        match job.arrive_and_wait(JOINING, call_tag("layout", &layout), cfg.join_timeout) {
+            Ok(()) => Ok(job),
+            Err(JoinError::Diverged { differ, .. }) => Err(JoinError::Config(format!(
+                "nodes {differ:?} map the shared region otherwise than this node (at {:#x}, a heap of {} bytes, \
+                 arenas of {} bytes): every node must be given the same size and MOSAIC_DSM_ARENA_BYTES",
+                cfg.addr,
+                cfg.bytes,
+                arena_pages * page
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// The first byte of the shared region and of its collective heap (the same address on
@@ -1245,7 +1270,10 @@ impl Job {
         match (got, agreed) {
             (Ok(at), Ok(())) => Ok(self.at(at)),
             (Ok(at), Err(e)) => {
+                // Every node learns of a divergence and takes its block back; any other failure
+                // may have left other nodes with the block: the heaps can no longer be trusted.
                 let _ = heap.free(at);
+                self.untrusted_heap("alloc", &e);
                 Err(e)
             }
             (Err(source), _) => Err(JoinError::Alloc { what: "alloc", source }),
@@ -1263,10 +1291,19 @@ impl Job {
             (Some(o), Some(_)) => call_tag("free", &[o]),
             _ => call_tag("free failed", &[addr as u64]),
         };
-        self.collective(tag, || format!("free({addr:#x})"), self.shared.fault_timeout)?;
+        self.collective(tag, || format!("free({addr:#x})"), self.shared.fault_timeout)
+            .inspect_err(|e| self.untrusted_heap("free", e))?;
         match offset {
             Some(o) => heap.free(o).map(drop).map_err(|source| JoinError::Alloc { what: "free", source }),
             None => Err(JoinError::Address { addr, why: "not in the collective heap" }),
+        }
+    }
+
+    /// After collective call `what` failed with `e`: unless every node saw the same divergence
+    /// (and undid its part), the nodes' heaps may differ from now on, so the job breaks.
+    fn untrusted_heap(&self, what: &str, e: &JoinError) {
+        if !matches!(e, JoinError::Diverged { .. }) {
+            self.shared.break_job(format!("{what} failed on this node, perhaps not on the others: {e}"));
         }
     }
 
@@ -1590,6 +1627,11 @@ impl Job {
         s.stop.store(true, Ordering::Release);
         for o in &s.outboxes {
             o.ready.notify_all();
+        }
+        // A thread still waiting for a page gives up now (SIGBUS), not at its time-out.
+        {
+            let _local = lock(&s.local);
+            s.changed.notify_all();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -206,6 +206,19 @@ fn a_job_without_its_settings_says_what_is_missing() {
 }
 
 #[test]
+fn nodes_that_map_the_region_differently_refuse_to_start() {
+    let dir = rendezvous("layout");
+    let a = node(0, 2, &dir, &["counter"], Some(20_000));
+    let b = node_with(1, 2, &dir, &["counter"], Some(20_000), &[("MOSAIC_DSM_ARENA_BYTES", "8192")]);
+    for (rank, o) in [finish(a, Duration::from_secs(60)), finish(b, Duration::from_secs(60))].into_iter().enumerate() {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(2), "node {rank}: {err}");
+        assert!(err.contains("map the shared region otherwise"), "node {rank}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn fault_workers_serve_a_job_as_well_as_faulting_threads() {
     let workers = [("MOSAIC_DSM_FAULTS", "workers")];
     job_with("mp-workers", 3, &["mp", "100"], &workers);

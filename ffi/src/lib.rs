@@ -244,6 +244,7 @@ fn strerror(status: c_int) -> *const c_char {
         8 => c"handles are still live",
         9 => c"a system call failed",
         10 => c"Mosaic panicked (a bug)",
+        11 => c"no room in the shared region for the allocation",
         _ => c"unknown status",
     };
     s.as_ptr()
@@ -597,11 +598,17 @@ fn dsm_out<T: Copy>(
     f: impl FnOnce(&Job) -> Result<T, JoinError>,
 ) -> MosaicStatus {
     guard(|| {
-        // SAFETY: `out` is NULL or writable storage nobody else touches for the call: mosaic.h's contract for it.
+        if out.is_null() {
+            return fail(MosaicErrNull, "out is NULL");
+        }
+        // Done before `*out` is written (once, at the end): `out` may alias the operation's
+        // word in the caller's view (fetch_add into the word it adds to).
+        let result = with_dsm(d, |d| f(&d.job)).and_then(|r| r.map_err(|e| dsm_error(&e)));
+        // SAFETY: `out` is non-NULL, writable private storage nobody else touches for the call:
+        // mosaic.h's contract for it.
         let out = unsafe { c::mut_arg(out, "out") }?;
-        *out = none;
-        *out = with_dsm(d, |d| f(&d.job))?.map_err(|e| dsm_error(&e))?;
-        Ok(())
+        *out = *result.as_ref().unwrap_or(&none);
+        result.map(drop)
     })
 }
 
@@ -639,8 +646,9 @@ pub extern "C" fn mosaic_dsm_free_local(d: *const MosaicDsm, block: *mut c_void)
 
 /// Adds `value` to the 64-bit word at `word` (in the shared region, 8-byte aligned) atomically
 /// across every thread of every node, and stores what it held before in `*old` (wrapping on
-/// overflow). `MOSAIC_ERR_INVALID` for a word outside the region or misaligned. (A C compiler's
-/// own atomics on region memory, `__atomic_fetch_add`, are atomic across nodes too.)
+/// overflow). `MOSAIC_ERR_INVALID` for a word outside the region or misaligned. `old` must be
+/// the caller's own memory, not the shared region. (A C compiler's own atomics on region memory,
+/// `__atomic_fetch_add`, are atomic across nodes too.)
 #[no_mangle]
 pub extern "C" fn mosaic_dsm_fetch_add(d: *const MosaicDsm, word: *mut u64, value: u64, old: *mut u64) -> MosaicStatus {
     dsm_out(d, old, 0, |job| job.fetch_add(word, value))

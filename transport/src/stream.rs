@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 /// loopback round trip when both ends poll (about 8 us), so the default busy-polls for a bounded
 /// time and only then sleeps in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WaitPolicy {
     /// How long to busy-poll before sleeping. Zero means block at once (lowest CPU use).
     pub spin: Duration,

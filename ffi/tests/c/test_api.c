@@ -146,6 +146,7 @@ static void dsm_without_a_job(void) {
     EXPECT(mosaic_dsm_alloc(d, 100, &a), MOSAIC_OK);
     CHECK(a != NULL && (uintptr_t)a % 64 == 0 && (char *)a >= (char *)w && (char *)a < (char *)w + (1 << 20));
     EXPECT(mosaic_dsm_alloc(d, 2 << 20, &b), MOSAIC_ERR_NO_SPACE);
+    CHECK(strcmp(mosaic_strerror(MOSAIC_ERR_NO_SPACE), "unknown status") != 0);
     CHECK(b == NULL && strstr(mosaic_last_error(), "no room") != NULL);
     EXPECT(mosaic_dsm_alloc(d, 0, &b), MOSAIC_ERR_INVALID);
     EXPECT(mosaic_dsm_alloc(d, 8, NULL), MOSAIC_ERR_NULL);
