@@ -57,6 +57,9 @@ pub struct Config {
     /// granted releases at once (the model checks that no two nodes hold a lock together and
     /// that every acquire is granted).
     pub locks: u64,
+    /// Whether a thread holding lock `l` writes page `l % pages` before it releases the lock
+    /// (faulting as any write does): locks and pages in one run.
+    pub write_in_lock: bool,
     /// Give up (and fail) past this many distinct states.
     pub max_states: usize,
     /// The pages' homes (by turns if `None`).
@@ -267,8 +270,10 @@ struct State {
     latest: Vec<u32>,
     ops_left: Vec<u32>,
     blocked: Vec<Option<(PageNo, Want)>>,
-    /// The lock each thread waits for.
+    /// The lock each thread waits for or holds.
     waiting_lock: Vec<Option<u64>>,
+    /// Whether each thread holding its lock has started its write in the critical section.
+    in_section: Vec<bool>,
 }
 
 struct World<'a> {
@@ -312,6 +317,7 @@ impl World<'_> {
             ops_left: vec![self.cfg.ops_per_node; self.n()],
             blocked: vec![None; self.n()],
             waiting_lock: vec![None; self.n()],
+            in_section: vec![false; self.n()],
         })
     }
 
@@ -352,19 +358,36 @@ impl World<'_> {
         }
         for node in 0..self.n() {
             if let Some(l) = s.waiting_lock[node] {
-                if s.nodes[node].holds(l) {
-                    // Granted: the critical section (checked by `check_state`), then release.
-                    let mut next = s.clone();
-                    next.waiting_lock[node] = None;
-                    let r = match next.nodes[node].release(l) {
-                        Ok(actions) => self.apply(&mut next, node, actions),
-                        Err(_) => {
-                            Err(Violation::BadAction { node: id(node), what: "a granted lock cannot be released" })
-                        }
-                    };
-                    out.push((Step::Retry { node: id(node) }, r.map(|()| next)));
+                if !s.nodes[node].holds(l) {
+                    continue;
                 }
-                continue;
+                let write = self.cfg.write_in_lock.then(|| l % self.cfg.pages.max(1));
+                match (write, s.in_section[node]) {
+                    (Some(page), false) => {
+                        // Granted: the critical section's write (which may fault and block).
+                        let mut next = s.clone();
+                        next.in_section[node] = true;
+                        let r = self.access(&mut next, node, page, Want::Write).map(|()| next);
+                        out.push((Step::Start { node: id(node), page, op: Op::Write }, r));
+                        continue;
+                    }
+                    // The write is blocked: retried below, with the lock held.
+                    (Some(_), true) if s.blocked[node].is_some() => {}
+                    _ => {
+                        // The critical section is over (checked by `check_state`): release.
+                        let mut next = s.clone();
+                        next.waiting_lock[node] = None;
+                        next.in_section[node] = false;
+                        let r = match next.nodes[node].release(l) {
+                            Ok(actions) => self.apply(&mut next, node, actions),
+                            Err(_) => {
+                                Err(Violation::BadAction { node: id(node), what: "a granted lock cannot be released" })
+                            }
+                        };
+                        out.push((Step::Retry { node: id(node) }, r.map(|()| next)));
+                        continue;
+                    }
+                }
             }
             match s.blocked[node] {
                 Some((page, want)) => {
@@ -720,7 +743,17 @@ mod tests {
     use super::*;
 
     fn cfg(nodes: u16, pages: u64, ops: u32, evictions: bool) -> Config {
-        Config { nodes, pages, ops_per_node: ops, evictions, locks: 0, max_states: 20_000_000, homes: None, losses: 0 }
+        Config {
+            nodes,
+            pages,
+            ops_per_node: ops,
+            evictions,
+            locks: 0,
+            write_in_lock: false,
+            max_states: 20_000_000,
+            homes: None,
+            losses: 0,
+        }
     }
 
     #[test]
@@ -776,6 +809,19 @@ mod tests {
         let r = check(&c, Mutation::None).unwrap_or_else(|f| panic!("{f}"));
         eprintln!("explored: {r:?}");
         assert!(r.states > 1_000, "{r:?}");
+    }
+
+    #[test]
+    fn a_page_written_while_a_lock_is_held_stays_consistent() {
+        // Three nodes: take one of two locks (homed at nodes 0 and 1) and write its page inside
+        // (pages 0 and 1, homed likewise), or read or write a page; with a lost message too.
+        for losses in [0, 1] {
+            let c = Config { locks: 2, write_in_lock: true, losses, ..cfg(3, 2, 1, false) };
+            let t = std::time::Instant::now();
+            let r = check(&c, Mutation::None).unwrap_or_else(|f| panic!("{f}"));
+            eprintln!("{losses} losses: explored {r:?} in {:?}", t.elapsed());
+            assert!(r.states > 1_000, "{r:?}");
+        }
     }
 
     #[test]
