@@ -184,21 +184,16 @@ impl JobConfig {
         if let Some(t) = env_millis(JOIN_TIMEOUT_ENV)? {
             cfg.join_timeout = t;
         }
-        match std::env::var(TRANSPORT_ENV).as_deref() {
-            Err(_) | Ok("tcp") => {}
-            Ok("shm") => cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank),
-            Ok(_) => return Err(JoinError::Environment { name: TRANSPORT_ENV, why: "not tcp or shm" }),
+        if env_choice(TRANSPORT_ENV, &[("tcp", false), ("shm", true)], "not tcp or shm")? == Some(true) {
+            cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank);
         }
-        match std::env::var(WAIT_ENV).as_deref() {
-            Err(_) => {}
-            Ok("spin") => cfg.wait = WaitPolicy::spin_then_sleep(POLL),
-            Ok("yield") => cfg.wait = WaitPolicy::yield_then_sleep(POLL),
-            Ok(_) => return Err(JoinError::Environment { name: WAIT_ENV, why: "not spin or yield" }),
+        let waits = [("spin", WaitPolicy::spin_then_sleep(POLL)), ("yield", WaitPolicy::yield_then_sleep(POLL))];
+        if let Some(wait) = env_choice(WAIT_ENV, &waits, "not spin or yield")? {
+            cfg.wait = wait;
         }
-        match std::env::var(FAULTS_ENV).as_deref() {
-            Err(_) | Ok("thread") => {}
-            Ok("workers") => cfg.fault_mode = FaultMode::Workers(2),
-            Ok(_) => return Err(JoinError::Environment { name: FAULTS_ENV, why: "not thread or workers" }),
+        let modes = [("thread", FaultMode::FaultingThread), ("workers", FaultMode::Workers(2))];
+        if let Some(mode) = env_choice(FAULTS_ENV, &modes, "not thread or workers")? {
+            cfg.fault_mode = mode;
         }
         if let Ok(text) = std::env::var(ARENA_BYTES_ENV) {
             let bytes = text
@@ -224,6 +219,14 @@ fn default_wait(size: u16) -> WaitPolicy {
     } else {
         WaitPolicy::spin_then_sleep(POLL)
     }
+}
+
+/// What environment variable `name` chooses among `choices`, if set (`why` says what else it
+/// must be).
+fn env_choice<T: Copy>(name: &'static str, choices: &[(&str, T)], why: &'static str) -> Result<Option<T>, JoinError> {
+    let Ok(text) = std::env::var(name) else { return Ok(None) };
+    let found = choices.iter().find(|(word, _)| *word == text.trim()).map(|(_, value)| *value);
+    found.map(Some).ok_or(JoinError::Environment { name, why })
 }
 
 /// A duration in milliseconds from environment variable `name`, if set.
@@ -461,7 +464,42 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Why a wait on the node ended without its answer ([`Shared::wait_until`]).
+enum Unwaited {
+    /// The job broke, for this reason.
+    Broken(String),
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// The longest a waiting thread sleeps before it looks again (for a broken job, a deadline).
+const WAKE: Duration = Duration::from_millis(50);
+
 impl Shared {
+    /// Waits on `cv` under `m` until `done` (asked under the lock) has the answer, the job
+    /// breaks, or `deadline` passes.
+    fn wait_until<T, R>(
+        &self,
+        m: &Mutex<T>,
+        cv: &Condvar,
+        deadline: Instant,
+        mut done: impl FnMut(&mut T) -> Option<R>,
+    ) -> Result<R, Unwaited> {
+        let mut guard = lock(m);
+        loop {
+            if let Some(r) = done(&mut guard) {
+                return Ok(r);
+            }
+            if let Some(why) = self.broken() {
+                return Err(Unwaited::Broken(why));
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|l| !l.is_zero()) else {
+                return Err(Unwaited::TimedOut);
+            };
+            guard = cv.wait_timeout(guard, left.min(WAKE)).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+    }
+
     fn break_job(&self, why: String) {
         log::error!("dsm node {}: {why}", self.rank);
         lock(&self.broken).get_or_insert(why);
@@ -732,11 +770,7 @@ impl Shared {
             {
                 let mut q = lock(&out.queue);
                 while q.messages.is_empty() && !self.stop.load(Ordering::Acquire) {
-                    q = out
-                        .ready
-                        .wait_timeout(q, Duration::from_millis(50))
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
+                    q = out.ready.wait_timeout(q, WAKE).unwrap_or_else(std::sync::PoisonError::into_inner).0;
                 }
                 if q.messages.is_empty() {
                     return;
@@ -850,7 +884,7 @@ impl Source {
             s.waiting.fetch_add(1, Ordering::AcqRel);
             let (local, _) = s
                 .changed
-                .wait_timeout_while(local, left.min(Duration::from_millis(50)), |l| l.changes == seen)
+                .wait_timeout_while(local, left.min(WAKE), |l| l.changes == seen)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             s.waiting.fetch_sub(1, Ordering::AcqRel);
             drop(local);
@@ -1495,34 +1529,24 @@ impl Job {
     ) -> Result<T, Duration> {
         let s = &self.shared;
         let start = Instant::now();
-        let mut arrivals = lock(&s.arrivals);
-        loop {
-            if let Some(t) = arrivals.get(&generation).and_then(&done) {
-                arrivals.remove(&generation);
+        let take = |arrivals: &mut HashMap<u64, HashMap<NodeId, u64>>| {
+            let t = arrivals.get(&generation).and_then(&done)?;
+            arrivals.remove(&generation);
+            Some(t)
+        };
+        // The others are usually close behind: watch for their messages on this CPU for a while
+        // rather than sleep (a wake-up costs more than the whole barrier), as the job's wait
+        // policy says (yielding gives the CPU to the threads receiving them).
+        while start.elapsed() < BARRIER_SPIN.min(timeout) && s.broken().is_none() {
+            let seen = s.arrival_count.load(Ordering::Acquire);
+            if let Some(t) = take(&mut lock(&s.arrivals)) {
                 return Ok(t);
             }
-            let waited = start.elapsed();
-            if waited >= timeout || s.broken().is_some() {
-                return Err(waited);
+            while s.arrival_count.load(Ordering::Acquire) == seen && start.elapsed() < BARRIER_SPIN {
+                self.wait.pause();
             }
-            if waited < BARRIER_SPIN {
-                // The others are usually close behind: watch for their messages on this CPU for
-                // a while rather than sleep (a wake-up costs more than the whole barrier), as the
-                // job's wait policy says (yielding gives the CPU to the threads receiving them).
-                let seen = s.arrival_count.load(Ordering::Acquire);
-                drop(arrivals);
-                while s.arrival_count.load(Ordering::Acquire) == seen && start.elapsed() < BARRIER_SPIN {
-                    self.wait.pause();
-                }
-                arrivals = lock(&s.arrivals);
-                continue;
-            }
-            arrivals = s
-                .arrived
-                .wait_timeout(arrivals, Duration::from_millis(50).min(timeout - waited))
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
         }
+        s.wait_until(&s.arrivals, &s.arrived, start + timeout, take).map_err(|_| start.elapsed())
     }
 
     /// Takes DSM lock `id` (any number; its home is `id` modulo the nodes, which grants it to
@@ -1532,23 +1556,12 @@ impl Job {
     pub fn lock(&self, id: u64) -> Result<(), JoinError> {
         let s = &self.shared;
         let deadline = Instant::now() + s.fault_timeout;
-        let broken = || s.broken().map(JoinError::Broken);
-        let timed_out = || JoinError::LockTimeout { id, waited: s.fault_timeout };
-        {
-            let mut in_use = lock(&s.in_use);
-            while in_use.contains(&id) {
-                if let Some(e) = broken() {
-                    return Err(e);
-                }
-                let left = deadline.checked_duration_since(Instant::now()).ok_or_else(timed_out)?;
-                in_use = s
-                    .in_use_cv
-                    .wait_timeout(in_use, left.min(Duration::from_millis(50)))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
-            }
-            in_use.insert(id);
-        }
+        let failure = |u| match u {
+            Unwaited::Broken(why) => JoinError::Broken(why),
+            Unwaited::TimedOut => JoinError::LockTimeout { id, waited: s.fault_timeout },
+        };
+        // This node's turn first: one thread of a node per lock.
+        s.wait_until(&s.in_use, &s.in_use_cv, deadline, |in_use| in_use.insert(id).then_some(())).map_err(failure)?;
         let result = (|| {
             {
                 let mut local = lock(&s.local);
@@ -1559,37 +1572,20 @@ impl Job {
                 s.execute(&mut local, actions);
             }
             s.flush();
-            let mut granted = lock(&s.granted);
-            loop {
-                if granted.remove(&id) {
-                    return Ok(());
-                }
-                let failure = match broken() {
-                    Some(e) => e,
-                    None => match deadline.checked_duration_since(Instant::now()) {
-                        Some(left) => {
-                            granted = s
-                                .granted_cv
-                                .wait_timeout(granted, left.min(Duration::from_millis(50)))
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .0;
-                            continue;
-                        }
-                        None => timed_out(),
-                    },
-                };
-                drop(granted);
-                // Giving up: settled under the node's lock, which grants are handled under. A
-                // grant that came meanwhile is kept (the lock is ours after all); otherwise the
-                // request is abandoned, and the grant, when it comes, is handed straight back.
-                let mut local = lock(&s.local);
-                if local.node.holds(id) {
-                    lock(&s.granted).remove(&id);
-                    return Ok(());
-                }
-                local.abandoned.insert(id);
-                return Err(failure);
+            let gave_up = match s.wait_until(&s.granted, &s.granted_cv, deadline, |g| g.remove(&id).then_some(())) {
+                Ok(()) => return Ok(()),
+                Err(u) => failure(u),
+            };
+            // Giving up: settled under the node's lock, which grants are handled under. A grant
+            // that came meanwhile is kept (the lock is ours after all); otherwise the request is
+            // abandoned, and the grant, when it comes, is handed straight back.
+            let mut local = lock(&s.local);
+            if local.node.holds(id) {
+                lock(&s.granted).remove(&id);
+                return Ok(());
             }
+            local.abandoned.insert(id);
+            Err(gave_up)
         })();
         if result.is_err() {
             lock(&s.in_use).remove(&id);

@@ -2,78 +2,11 @@
 ! to a shared integer(8) inside DSM lock 2, and to a second one, in a block allocated collectively,
 ! with the global atomic mosaic_dsm_fetch_add; after a barrier each checks both sums against the
 ! closed form n (n + 1) / 2.
-!   gfortran dsm_sum.f90 $(pkg-config --cflags --libs mosaic) -o dsm_sum && mosrun -n 3 ./dsm_sum
+!   gfortran mosaic.f90 dsm_sum.f90 $(pkg-config --cflags --libs mosaic) -o dsm_sum && mosrun -n 3 ./dsm_sum
 !   (or: mpirun -x MOSAIC_CLUSTER_KEY -n 3 ./dsm_sum)
-module mosaic_dsm
-  use iso_c_binding
-  implicit none
-  integer(c_int), parameter :: MOSAIC_OK = 0
-  interface
-    ! NULL: the cluster key from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE.
-    integer(c_int) function mosaic_init(key) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: key
-    end function
-    integer(c_int) function mosaic_finalize() bind(c)
-      import :: c_int
-    end function
-    type(c_ptr) function mosaic_last_error() bind(c)
-      import :: c_ptr
-    end function
-    integer(c_int) function mosaic_dsm_join(size, out) bind(c)
-      import :: c_int, c_int64_t, c_ptr
-      integer(c_int64_t), value :: size
-      type(c_ptr) :: out
-    end function
-    type(c_ptr) function mosaic_dsm_ptr(d) bind(c)
-      import :: c_ptr
-      type(c_ptr), value :: d
-    end function
-    integer(c_int) function mosaic_dsm_rank(d) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: d
-    end function
-    integer(c_int) function mosaic_dsm_nodes(d) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: d
-    end function
-    integer(c_int) function mosaic_dsm_barrier(d) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: d
-    end function
-    integer(c_int) function mosaic_dsm_lock(d, id) bind(c)
-      import :: c_int, c_ptr, c_int64_t
-      type(c_ptr), value :: d
-      integer(c_int64_t), value :: id
-    end function
-    integer(c_int) function mosaic_dsm_unlock(d, id) bind(c)
-      import :: c_int, c_ptr, c_int64_t
-      type(c_ptr), value :: d
-      integer(c_int64_t), value :: id
-    end function
-    ! Collective: every node calls it with the same size and gets the same address.
-    integer(c_int) function mosaic_dsm_alloc(d, bytes, out) bind(c)
-      import :: c_int, c_ptr, c_int64_t
-      type(c_ptr), value :: d
-      integer(c_int64_t), value :: bytes
-      type(c_ptr) :: out
-    end function
-    integer(c_int) function mosaic_dsm_fetch_add(d, word, val, old) bind(c)
-      import :: c_int, c_ptr, c_int64_t
-      type(c_ptr), value :: d
-      integer(c_int64_t) :: word
-      integer(c_int64_t), value :: val
-      integer(c_int64_t) :: old
-    end function
-    integer(c_int) function mosaic_dsm_leave(d) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: d
-    end function
-  end interface
-end module
-
 program dsm_sum
-  use mosaic_dsm
+  use iso_c_binding
+  use mosaic
   implicit none
   type(c_ptr) :: job, block
   integer(c_int64_t), pointer :: words(:), total, counted(:)

@@ -1,67 +1,6 @@
 ! Network RAM from Fortran through Mosaic's C API (iso_c_binding): a real(8) array four times
 ! larger than the local RAM it may use, filled and summed against the closed form.
-!   gfortran sum.f90 $(pkg-config --cflags --libs mosaic) -o sum && ./sum
-module mosaic
-  use iso_c_binding
-  implicit none
-  integer(c_int), parameter :: MOSAIC_OK = 0
-  type, bind(c) :: mosaic_netram_options
-    integer(c_int64_t) :: size
-    integer(c_int64_t) :: resident_budget
-    type(c_ptr) :: servers
-    integer(c_int32_t) :: copies
-    integer(c_int32_t) :: fault_mode
-    type(c_ptr) :: backing_file
-  end type
-  interface
-    integer(c_int) function mosaic_init(key) bind(c)
-      import :: c_int, c_char
-      character(kind=c_char), dimension(*) :: key
-    end function
-    integer(c_int) function mosaic_finalize() bind(c)
-      import :: c_int
-    end function
-    type(c_ptr) function mosaic_last_error() bind(c)
-      import :: c_ptr
-    end function
-    integer(c_int) function mosaic_memserver_start(uri, capacity, out) bind(c)
-      import :: c_int, c_char, c_int64_t, c_ptr
-      character(kind=c_char), dimension(*) :: uri
-      integer(c_int64_t), value :: capacity
-      type(c_ptr) :: out
-    end function
-    type(c_ptr) function mosaic_memserver_uri(s) bind(c)
-      import :: c_ptr
-      type(c_ptr), value :: s
-    end function
-    integer(c_int) function mosaic_memserver_stop(s) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: s
-    end function
-    integer(c_int) function mosaic_netram_options_init(o) bind(c)
-      import :: c_int, mosaic_netram_options
-      type(mosaic_netram_options) :: o
-    end function
-    integer(c_int) function mosaic_netram_create(o, out) bind(c)
-      import :: c_int, c_ptr, mosaic_netram_options
-      type(mosaic_netram_options) :: o
-      type(c_ptr) :: out
-    end function
-    type(c_ptr) function mosaic_netram_ptr(r) bind(c)
-      import :: c_ptr
-      type(c_ptr), value :: r
-    end function
-    integer(c_int64_t) function mosaic_netram_size(r) bind(c)
-      import :: c_int64_t, c_ptr
-      type(c_ptr), value :: r
-    end function
-    integer(c_int) function mosaic_netram_destroy(r) bind(c)
-      import :: c_int, c_ptr
-      type(c_ptr), value :: r
-    end function
-  end interface
-end module
-
+!   gfortran mosaic.f90 sum.f90 $(pkg-config --cflags --libs mosaic) -o sum && ./sum
 program sum_netram
   use iso_c_binding
   use mosaic
@@ -71,8 +10,9 @@ program sum_netram
   real(c_double), pointer :: a(:)
   integer(c_int64_t) :: n, i
   real(c_double) :: total, expected
+  character(kind=c_char, len=31), target :: key = "fortran-example-key-0123456789" // c_null_char
 
-  if (mosaic_init("fortran-example-key-0123456789" // c_null_char) /= MOSAIC_OK) stop 1
+  if (mosaic_init(c_loc(key)) /= MOSAIC_OK) stop 1
   if (mosaic_memserver_start("tcp://127.0.0.1:0" // c_null_char, 256_c_int64_t * 2**20, server) /= MOSAIC_OK) stop 2
   if (mosaic_netram_options_init(o) /= MOSAIC_OK) stop 3
   o%servers = mosaic_memserver_uri(server)

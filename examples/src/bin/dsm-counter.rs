@@ -7,33 +7,20 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use mosaic_dsm::{Job, JobConfig};
+use mosaic_examples::chain;
 
 /// The lock that guards the counter.
 const LOCK: u64 = 1;
 
 fn main() -> ExitCode {
     env_logger::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: dsm-counter [ROUNDS (200)] [THREADS per node (2)], as the nodes of a DSM job (mosrun -n, mpirun, srun)");
-        return ExitCode::SUCCESS;
-    }
-    let rounds: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let threads: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(2).max(1);
-    match run(rounds, threads) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("dsm-counter: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let usage =
+        "dsm-counter [ROUNDS (200)] [THREADS per node (2)], as the nodes of a DSM job (mosrun -n, mpirun, srun)";
+    let Some(args) = mosaic_examples::args(usage, &[200, 2]) else { return ExitCode::SUCCESS };
+    mosaic_examples::report("dsm-counter", run(args[0], args[1].max(1)))
 }
 
 fn run(rounds: u64, threads: u64) -> Result<String, String> {
-    let chain = |e: mosaic_dsm::JoinError| mosaic_transport::error_chain(&e);
     let job = Job::join(JobConfig::from_env(1 << 20).map_err(chain)?).map_err(chain)?;
     // One word of the collective heap: the same address on every node.
     let counter = job.alloc(8).map_err(chain)?.cast::<u64>();

@@ -11,39 +11,21 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use mosaic_dsm::{Job, JobConfig, JoinError};
+use mosaic_dsm::{Job, JobConfig};
+use mosaic_examples::chain;
 
 fn main() -> ExitCode {
     env_logger::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!(
-            "usage: dsm-histogram [SAMPLES per node (4096)] [BINS (64)] [THREADS per node (2)], as the nodes of a DSM job (mosrun -n, mpirun, srun)"
-        );
-        return ExitCode::SUCCESS;
-    }
-    let arg = |i: usize, default: u64| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
-    let (samples, bins, threads) = (arg(0, 4096).max(1), arg(1, 64).max(1), arg(2, 2).max(1));
-    match run(samples, bins, threads) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("dsm-histogram: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let usage = "dsm-histogram [SAMPLES per node (4096)] [BINS (64)] [THREADS per node (2)], as the nodes of a DSM job (mosrun -n, mpirun, srun)";
+    let Some(args) = mosaic_examples::args(usage, &[4096, 64, 2]) else { return ExitCode::SUCCESS };
+    let (samples, bins, threads) = (args[0].max(1), args[1].max(1), args[2].max(1));
+    mosaic_examples::report("dsm-histogram", run(samples, bins, threads))
 }
 
 /// Sample `i` of node `node`.
 fn sample(node: u64, i: u64) -> u64 {
     let x = (node << 40 | i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     x ^ (x >> 29)
-}
-
-fn chain(e: JoinError) -> String {
-    mosaic_transport::error_chain(&e)
 }
 
 // Counts and indexes here are u64 (what the region's words hold) used as indexes of this

@@ -5,23 +5,18 @@
 use std::process::ExitCode;
 
 use mosaic_dsm::{Job, JobConfig};
-use mosaic_examples::jacobi;
+use mosaic_examples::{chain, jacobi};
 
 fn main() -> ExitCode {
     env_logger::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("usage: dsm-jacobi [N (512)] [ITERATIONS (100)], as the nodes of a DSM job (mosrun -n, mpirun, srun)");
-        return ExitCode::SUCCESS;
-    }
-    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(512);
-    let iterations: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100);
+    let usage = "dsm-jacobi [N (512)] [ITERATIONS (100)], as the nodes of a DSM job (mosrun -n, mpirun, srun)";
+    let Some(args) = mosaic_examples::args(usage, &[512usize, 100]) else { return ExitCode::SUCCESS };
+    let (n, iterations) = (args[0], args[1]);
     let run = || -> Result<(u16, u16, jacobi::Outcome, mosaic_dsm::JobStats), String> {
-        let cfg = JobConfig::from_env(jacobi::region_bytes(n)).map_err(|e| mosaic_transport::error_chain(&e))?;
-        let job = Job::join(cfg).map_err(|e| mosaic_transport::error_chain(&e))?;
+        let job = Job::join(JobConfig::from_env(jacobi::region_bytes(n)).map_err(chain)?).map_err(chain)?;
         let out = jacobi::run(&job, n, iterations)?;
         let (rank, size, stats) = (job.rank(), job.size(), job.stats());
-        job.leave().map_err(|e| mosaic_transport::error_chain(&e))?;
+        job.leave().map_err(chain)?;
         Ok((rank, size, out, stats))
     };
     match run() {

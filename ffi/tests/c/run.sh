@@ -34,7 +34,7 @@ done
 cc "${cflags[@]}" -O2 examples/c/stencil.c target/release/libmosaic.a "${libs[@]}" -o "$out/stencil"
 echo "--- examples/c/stencil.c"
 env -u MOSAIC_SERVERS "$out/stencil" 32
-gfortran -Wall -Werror -O2 -J "$out" examples/fortran/sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_sum"
+gfortran -Wall -Werror -O2 -J "$out" examples/fortran/mosaic.f90 examples/fortran/sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_sum"
 echo "--- examples/fortran/sum.f90"
 "$out/fortran_sum"
 
@@ -49,7 +49,7 @@ echo "--- examples/c/dsm_histogram.c (mosrun -n 3)"
 env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/dsm_histogram" 3000
 
 # DSM from Fortran (iso_c_binding), under mosrun -n 3.
-gfortran -Wall -Werror -O2 -J "$out" examples/fortran/dsm_sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_dsm_sum"
+gfortran -Wall -Werror -O2 -J "$out" examples/fortran/mosaic.f90 examples/fortran/dsm_sum.f90 target/release/libmosaic.a "${libs[@]}" -o "$out/fortran_dsm_sum"
 echo "--- examples/fortran/dsm_sum.f90 (mosrun -n 3)"
 env -u MOSAIC_CLUSTER_KEY -u MOSAIC_CLUSTER_KEY_FILE target/release/mosrun -n 3 "$out/fortran_dsm_sum"
 
