@@ -19,7 +19,7 @@
 //! so it never faults; the fault path never waits for anything but the node's lock.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -37,6 +37,7 @@ use mosaic_transport::{
 use crate::alloc::{AllocError, Arena};
 use crate::order::Inorder;
 use crate::protocol::{Access, Action, Homes, Msg, Node, NodeId, PageNo, ProtocolError, Want, MAX_NODES};
+use crate::rendezvous::Rendezvous;
 use crate::wire::{self, Envelope};
 
 /// The transport method protocol messages travel by.
@@ -61,12 +62,15 @@ pub struct JobConfig {
     pub rank: NodeId,
     /// Nodes in the job.
     pub size: u16,
-    /// A directory every node can read and write: each publishes its address there.
-    pub rendezvous: PathBuf,
+    /// Where the nodes find each other: a directory every node can read and write, or a
+    /// rendezvous server (see [`crate::rendezvous`]).
+    pub rendezvous: Rendezvous,
     /// The job's cluster key (the same on every node).
     pub key: ClusterKey,
-    /// Where this node listens for its peers: a transport URI (`tcp://127.0.0.1:0`, the default,
-    /// or `shm://NAME` for peers on this host); what it binds is published for the others.
+    /// Where this node listens for its peers: a transport URI (`tcp://127.0.0.1:0`, the default;
+    /// `tcp://ADDRESS:0` with an address the other hosts reach, for a job across hosts; or
+    /// `shm://NAME` for peers on this host); what it binds is published for the others, so it
+    /// must be a definite address, not `0.0.0.0` or `::`.
     pub listen: String,
     /// The shared region's address, the same on every node.
     pub addr: usize,
@@ -112,8 +116,8 @@ pub const JOIN_TIMEOUT_ENV: &str = "MOSAIC_DSM_JOIN_TIMEOUT_MS";
 /// default).
 pub const FAULT_TIMEOUT_ENV: &str = "MOSAIC_DSM_FAULT_TIMEOUT_MS";
 
-/// How the nodes reach each other (optional): `tcp` (the default; loopback for now) or `shm`
-/// (shared-memory rings between the processes, on one host).
+/// How the nodes reach each other (optional): `tcp` (the default) or `shm` (shared-memory rings
+/// between the processes, on one host).
 pub const TRANSPORT_ENV: &str = "MOSAIC_DSM_TRANSPORT";
 
 /// How waiting threads poll (optional): `spin` or `yield` (by default `yield` when the job's
@@ -127,6 +131,11 @@ pub const FAULTS_ENV: &str = "MOSAIC_DSM_FAULTS";
 /// Each node's arena in bytes (optional; by default the heap's size divided by the nodes).
 pub const ARENA_BYTES_ENV: &str = "MOSAIC_DSM_ARENA_BYTES";
 
+/// Where this node listens for its peers (optional; `tcp://127.0.0.1:0` by default): for a job
+/// across hosts, `tcp://ADDRESS:0` with an address of this host that the others reach
+/// (`mosrun --hosts` sets it).
+pub const LISTEN_ENV: &str = "MOSAIC_DSM_LISTEN";
+
 /// Reach the peers through a simulated link (optional; `mosaic-bench`'s link syntax, e.g.
 /// `lat=20us,loss=0.2,rto=300us`): delays for testing.
 pub const SIM_LINK_ENV: &str = "MOSAIC_DSM_SIM_LINK";
@@ -137,7 +146,7 @@ pub const DEFAULT_ADDR: usize = 0x5000_0000_0000;
 impl JobConfig {
     /// A job's settings for node `rank` of `size`, sharing `bytes` at [`DEFAULT_ADDR`], meeting
     /// in `rendezvous`, listening on a free loopback port.
-    pub fn new(rank: NodeId, size: u16, rendezvous: impl Into<PathBuf>, key: ClusterKey, bytes: u64) -> JobConfig {
+    pub fn new(rank: NodeId, size: u16, rendezvous: impl Into<Rendezvous>, key: ClusterKey, bytes: u64) -> JobConfig {
         JobConfig {
             rank,
             size,
@@ -184,8 +193,21 @@ impl JobConfig {
         if let Some(t) = env_millis(JOIN_TIMEOUT_ENV)? {
             cfg.join_timeout = t;
         }
-        if env_choice(TRANSPORT_ENV, &[("tcp", false), ("shm", true)], "not tcp or shm")? == Some(true) {
-            cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank);
+        let listen = std::env::var(LISTEN_ENV).ok().filter(|l| !l.is_empty());
+        let shm = env_choice(TRANSPORT_ENV, &[("tcp", false), ("shm", true)], "not tcp or shm")? == Some(true);
+        match (shm, listen) {
+            (true, Some(_)) => {
+                return Err(JoinError::Environment {
+                    name: LISTEN_ENV,
+                    why: "set with MOSAIC_DSM_TRANSPORT=shm, which joins nodes on one host only: choose one",
+                })
+            }
+            (true, None) => cfg.listen = format!("shm://mosaic-dsm-{}-{}", std::process::id(), cfg.rank),
+            (false, Some(uri)) if uri.starts_with("tcp://") => cfg.listen = uri,
+            (false, Some(_)) => {
+                return Err(JoinError::Environment { name: LISTEN_ENV, why: "not a tcp://ADDRESS:PORT address" })
+            }
+            (false, None) => {}
         }
         let waits = [("spin", WaitPolicy::spin_then_sleep(POLL)), ("yield", WaitPolicy::yield_then_sleep(POLL))];
         if let Some(wait) = env_choice(WAIT_ENV, &waits, "not spin or yield")? {
@@ -279,14 +301,22 @@ pub enum JoinError {
         source: std::io::Error,
     },
     /// Peers did not publish their address in time.
-    #[error("nodes {missing:?} did not join within {waited:?} (rendezvous {dir})")]
+    #[error("nodes {missing:?} did not join within {waited:?} (rendezvous {at})")]
     PeersMissing {
         /// Their ranks.
         missing: Vec<NodeId>,
         /// How long this node waited.
         waited: Duration,
-        /// The rendezvous directory.
-        dir: PathBuf,
+        /// The rendezvous directory or server.
+        at: String,
+    },
+    /// The rendezvous server could not be reached, or refused this node.
+    #[error("rendezvous server {uri}: {why}")]
+    RendezvousServer {
+        /// Its address.
+        uri: String,
+        /// Why.
+        why: String,
     },
     /// A peer could not be reached.
     #[error("cannot connect to node {rank} at {uri}")]
@@ -1202,7 +1232,14 @@ impl Job {
         let scfg = ServerConfig::new(cfg.key.clone()).service(Inbox(shared.clone())).policy(cfg.wait);
         let server =
             listen(&cfg.listen, scfg).map_err(|source| JoinError::Listen { uri: cfg.listen.clone(), source })?;
-        let uris = rendezvous(&cfg, server.uri())?;
+        if server.uri().contains("://0.0.0.0:") || server.uri().contains("://[::]:") {
+            return Err(JoinError::Config(format!(
+                "listening on {}: the other nodes reach this one by the address it publishes, so give a definite one",
+                server.uri()
+            )));
+        }
+        let uris =
+            crate::rendezvous::meet(&cfg.rendezvous, &cfg.key, cfg.rank, cfg.size, server.uri(), cfg.join_timeout)?;
         job.server = Some(server);
         let deadline = Instant::now() + cfg.join_timeout;
         let opts = ConnectOptions::new(cfg.key.clone()).policy(cfg.wait);
@@ -1243,7 +1280,9 @@ impl Job {
         job.joined = true;
         // Removed when this node leaves (a failed join leaves it: the others' errors then name
         // the node that really did not come).
-        job.published = Some(cfg.rendezvous.join(format!("node-{}.uri", cfg.rank)));
+        if let Rendezvous::Dir(dir) = &cfg.rendezvous {
+            job.published = Some(crate::rendezvous::published_file(dir, cfg.rank));
+        }
         // Every node must see the same region: the same address, heap and arenas (each reads its
         // own environment), or they would disagree about pages' homes.
         let layout = [cfg.addr as u64, cfg.bytes, arena_pages];
@@ -1666,37 +1705,4 @@ impl Drop for Job {
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new().name(name.into()).spawn(f).expect("cannot start a DSM thread")
-}
-
-/// Publishes this node's address in the rendezvous directory and waits for every node's;
-/// returns them by rank.
-fn rendezvous(cfg: &JobConfig, uri: &str) -> Result<Vec<String>, JoinError> {
-    let dir = &cfg.rendezvous;
-    let err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| JoinError::Rendezvous { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(err(dir))?;
-    let file = |rank: NodeId| dir.join(format!("node-{rank}.uri"));
-    let tmp = dir.join(format!(".node-{}.uri.{}", cfg.rank, std::process::id()));
-    std::fs::write(&tmp, uri).map_err(err(&tmp))?;
-    std::fs::rename(&tmp, file(cfg.rank)).map_err(err(&file(cfg.rank)))?;
-    let start = Instant::now();
-    loop {
-        let mut uris = Vec::new();
-        let mut missing = Vec::new();
-        for rank in 0..cfg.size {
-            match std::fs::read_to_string(file(rank)) {
-                Ok(u) => uris.push(u.trim().to_string()),
-                Err(_) => missing.push(rank),
-            }
-        }
-        if missing.is_empty() {
-            return Ok(uris);
-        }
-        if start.elapsed() >= cfg.join_timeout {
-            return Err(JoinError::PeersMissing { missing, waited: start.elapsed(), dir: dir.clone() });
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

@@ -2,13 +2,14 @@
 //! `mpirun` (`OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`), Slurm's `srun` (`SLURM_PROCID`,
 //! `SLURM_NTASKS`) or an MPICH/Hydra `mpiexec` (`PMI_RANK`, `PMI_SIZE`), in that order.
 //!
-//! The nodes meet in a rendezvous directory: `MOSAIC_DSM_RENDEZVOUS` where set; else, under
-//! Open MPI and Slurm, a directory named after the job (`PMIX_NAMESPACE` or Open MPI's job id;
+//! The nodes meet at `MOSAIC_DSM_RENDEZVOUS` where set: a directory, or a rendezvous server's
+//! `tcp://HOST:PORT` (`mosrun --hosts` runs one; see [`crate::rendezvous`]). Else, under Open MPI
+//! and Slurm, in a directory named after the job (`PMIX_NAMESPACE` or Open MPI's job id;
 //! `SLURM_JOB_ID.SLURM_STEP_ID`) in the temporary directory, which serves nodes on one host (on
-//! several, set `MOSAIC_DSM_RENDEZVOUS` to a directory they share). Hydra gives no job name in
-//! the environment: set `MOSAIC_DSM_RENDEZVOUS` there.
+//! several, set `MOSAIC_DSM_RENDEZVOUS` to a directory they share, and `MOSAIC_DSM_LISTEN` on
+//! each). Hydra gives no job name in the environment: set `MOSAIC_DSM_RENDEZVOUS` there.
 
-use std::path::PathBuf;
+use crate::rendezvous::Rendezvous;
 
 use crate::job::JoinError;
 use crate::protocol::NodeId;
@@ -34,7 +35,7 @@ pub struct Placement {
     /// Nodes in the job.
     pub size: u16,
     /// Where the nodes meet.
-    pub rendezvous: PathBuf,
+    pub rendezvous: Rendezvous,
     /// Whether the rendezvous directory was named here after the job (and is removed once
     /// empty), not given.
     pub derived: bool,
@@ -46,7 +47,7 @@ pub struct Placement {
 pub const RANK_ENV: &str = "MOSAIC_DSM_RANK";
 /// The size variable of `mosrun -n`.
 pub const SIZE_ENV: &str = "MOSAIC_DSM_SIZE";
-/// The rendezvous directory (set by `mosrun -n`; overrides any other launcher's).
+/// The rendezvous directory or server (set by `mosrun -n`; overrides any other launcher's).
 pub const RENDEZVOUS_ENV: &str = "MOSAIC_DSM_RENDEZVOUS";
 
 /// This node's place, from the environment `get` reads (the process's, in [`from_env`]).
@@ -55,7 +56,7 @@ pub fn placement(get: &dyn Fn(&str) -> Option<String>) -> Result<Placement, Join
         let v = get(name).ok_or(JoinError::Environment { name, why: "not set" })?;
         v.trim().parse().map_err(|_| JoinError::Environment { name, why: "not a number from 0 to 65535" })
     };
-    let given = get(RENDEZVOUS_ENV).filter(|d| !d.is_empty()).map(PathBuf::from);
+    let given = get(RENDEZVOUS_ENV).filter(|d| !d.is_empty()).map(|d| Rendezvous::parse(&d));
     let (launcher, rank, size, job) = if get(RANK_ENV).is_some() {
         (Launcher::Mosaic, number(RANK_ENV)?, number(SIZE_ENV)?, None)
     } else if get("OMPI_COMM_WORLD_RANK").is_some() {
@@ -78,20 +79,19 @@ pub fn placement(get: &dyn Fn(&str) -> Option<String>) -> Result<Placement, Join
             why: "not set, and no Open MPI, Slurm or PMI rank either: start the job with mosrun -n, mpirun or srun",
         });
     };
-    let (rendezvous, derived) = match (given, job) {
-        (Some(d), _) => (d, false),
-        (None, Some(job)) => {
-            let name: String =
-                job.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
-            (std::env::temp_dir().join(format!("mosaic-dsm-{name}")), true)
-        }
-        (None, None) => {
-            return Err(JoinError::Environment {
+    let (rendezvous, derived) =
+        match (given, job) {
+            (Some(d), _) => (d, false),
+            (None, Some(job)) => {
+                let name: String =
+                    job.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+                (Rendezvous::Dir(std::env::temp_dir().join(format!("mosaic-dsm-{name}"))), true)
+            }
+            (None, None) => return Err(JoinError::Environment {
                 name: RENDEZVOUS_ENV,
-                why: "not set (a directory every node of the job can reach)",
-            })
-        }
-    };
+                why: "not set (a directory every node of the job can reach, or a rendezvous server's tcp://HOST:PORT)",
+            }),
+        };
     Ok(Placement { rank, size, rendezvous, derived, launcher })
 }
 
@@ -111,7 +111,10 @@ mod tests {
     #[test]
     fn every_launcher_is_understood() {
         let p = placement(&env(&[(RANK_ENV, "2"), (SIZE_ENV, "4"), (RENDEZVOUS_ENV, "/x")])).unwrap();
-        assert_eq!((p.launcher, p.rank, p.size, p.rendezvous, p.derived), (Launcher::Mosaic, 2, 4, "/x".into(), false));
+        assert_eq!(
+            (p.launcher, p.rank, p.size, p.rendezvous, p.derived),
+            (Launcher::Mosaic, 2, 4, Rendezvous::Dir("/x".into()), false)
+        );
         let p = placement(&env(&[
             ("OMPI_COMM_WORLD_RANK", "1"),
             ("OMPI_COMM_WORLD_SIZE", "2"),
@@ -119,7 +122,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((p.launcher, p.rank, p.size, p.derived), (Launcher::OpenMpi, 1, 2, true));
-        assert!(p.rendezvous.ends_with("mosaic-dsm-ompi-prterun-h-12_1"), "{:?}", p.rendezvous);
+        assert!(p.rendezvous.to_string().ends_with("mosaic-dsm-ompi-prterun-h-12_1"), "{:?}", p.rendezvous);
         let p = placement(&env(&[
             ("SLURM_PROCID", "3"),
             ("SLURM_NTASKS", "8"),
@@ -128,7 +131,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((p.launcher, p.rank, p.size), (Launcher::Slurm, 3, 8));
-        assert!(p.rendezvous.ends_with("mosaic-dsm-slurm-77.0"));
+        assert!(p.rendezvous.to_string().ends_with("mosaic-dsm-slurm-77.0"));
         // A rendezvous given wins over a derived one.
         let p = placement(&env(&[
             ("SLURM_PROCID", "0"),
@@ -137,7 +140,9 @@ mod tests {
             (RENDEZVOUS_ENV, "/shared"),
         ]))
         .unwrap();
-        assert_eq!((p.rendezvous, p.derived), ("/shared".into(), false));
+        assert_eq!((p.rendezvous, p.derived), (Rendezvous::Dir("/shared".into()), false));
+        let p = placement(&env(&[(RANK_ENV, "0"), (SIZE_ENV, "2"), (RENDEZVOUS_ENV, "tcp://10.1.2.3:4000")])).unwrap();
+        assert_eq!(p.rendezvous, Rendezvous::Server("tcp://10.1.2.3:4000".into()));
         let p = placement(&env(&[("PMI_RANK", "0"), ("PMI_SIZE", "2"), (RENDEZVOUS_ENV, "/r")])).unwrap();
         assert_eq!(p.launcher, Launcher::Pmi);
     }

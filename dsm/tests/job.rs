@@ -19,12 +19,12 @@ fn node(rank: u16, size: u16, dir: &PathBuf, args: &[&str], join_ms: Option<u64>
 
 fn node_with(rank: u16, size: u16, dir: &PathBuf, args: &[&str], join_ms: Option<u64>, env: &[(&str, &str)]) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dsm-litmus"));
-    c.envs(env.iter().copied());
     c.args(args)
         .env("MOSAIC_DSM_RANK", rank.to_string())
         .env("MOSAIC_DSM_SIZE", size.to_string())
         .env("MOSAIC_DSM_RENDEZVOUS", dir)
         .env("MOSAIC_CLUSTER_KEY", KEY)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(ms) = join_ms {
@@ -191,6 +191,47 @@ fn a_node_that_never_comes_is_named_within_the_join_timeout() {
     }
     assert!(start.elapsed() < Duration::from_secs(15), "took {:?}", start.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Nodes that meet at a rendezvous server and listen on addresses of their own (127.0.0.2 to
+/// 127.0.0.4, as if each were a host), the way `mosrun --hosts` starts them.
+#[test]
+fn nodes_meet_at_a_rendezvous_server_and_listen_where_told() {
+    let key = mosaic_transport::ClusterKey::from_bytes(KEY.as_bytes()).unwrap();
+    let server = mosaic_dsm::RendezvousServer::start("tcp://127.0.0.1:0", key, 3).unwrap();
+    let at = PathBuf::from(server.uri());
+    let children: Vec<Child> = (0..3u16)
+        .map(|r| {
+            let listen = format!("tcp://127.0.0.{}:0", r + 2);
+            node_with(r, 3, &at, &["mp", "50"], None, &[("MOSAIC_DSM_LISTEN", &listen)])
+        })
+        .collect();
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = finish(c, Duration::from_secs(60));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains(" ok: "),
+            "node {rank}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // One node short: the others name it within their join time-out.
+    let server = mosaic_dsm::RendezvousServer::start(
+        "tcp://127.0.0.1:0",
+        mosaic_transport::ClusterKey::from_bytes(KEY.as_bytes()).unwrap(),
+        2,
+    )
+    .unwrap();
+    let o = finish(node(0, 2, &PathBuf::from(server.uri()), &["mp", "5"], Some(500)), Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("nodes [1] did not join within") && err.contains(server.uri()), "{err}");
+    // A listening address the others could not reach by is refused before anything waits.
+    let o = finish(
+        node_with(0, 1, &rendezvous("wildcard"), &["mp", "5"], None, &[("MOSAIC_DSM_LISTEN", "tcp://0.0.0.0:0")]),
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("give a definite one"), "{err}");
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! ```text
 //! mosrun -n N PROGRAM [ARGS...]
 //! ```
-//! runs N copies of PROGRAM as the nodes of a DSM job on this host instead (see `mosaic-dsm`).
+//! runs N copies of PROGRAM as the nodes of a DSM job on this host instead (see `mosaic-dsm`);
+//! with `--hosts A,B,...` on those hosts, started by `--launcher` (`ssh` by default).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -19,6 +20,8 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use clap::Parser;
+
+mod dsm_job;
 use mosaic_netram::{parse_size, proto, MemServer, MemServerConfig, MIN_BUDGET_PAGES, PAGE_SIZE};
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
@@ -46,7 +49,14 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
                   MOSAIC_DSM_RANK (0 to N-1), MOSAIC_DSM_SIZE and MOSAIC_DSM_RENDEZVOUS (a fresh \
                   directory where the nodes find each other), and the cluster key (a fresh one \
                   unless MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE is set). If a node fails, \
-                  the others are stopped and mosrun exits with the failed node's status."
+                  the others are stopped and mosrun exits with the failed node's status.\n\n\
+                  With -n N --hosts A,B,... the nodes run on those hosts by turns, started through \
+                  --launcher (ssh by default), and meet at a rendezvous mosrun serves; each listens \
+                  on its host's address (MOSAIC_DSM_LISTEN). The key goes to them as a file's path \
+                  (MOSAIC_CLUSTER_KEY_FILE, or a fresh key written to a file readable by you \
+                  alone under the temporary directory: the hosts must see it at the same path, \
+                  as on a shared file system, or set MOSAIC_CLUSTER_KEY_FILE to a key file every \
+                  host has)."
 )]
 struct Cli {
     /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: start one on
@@ -85,10 +95,23 @@ struct Cli {
     /// written back, faults that waited for room (sets MOSAIC_STATS=1).
     #[arg(long)]
     stats: bool,
-    /// Run N copies of PROGRAM as the nodes of a DSM job on this host (no network RAM for
-    /// them: the options above do not apply).
+    /// Run N copies of PROGRAM as the nodes of a DSM job, on this host or on --hosts (no
+    /// network RAM for them: the options above do not apply).
     #[arg(long = "nodes", short = 'n', value_name = "N")]
     nodes: Option<u16>,
+    /// With -n: run the nodes on these hosts instead of this one, node i on host i mod H. Each is
+    /// NAME (resolved) or NAME=ADDRESS: the launcher gets NAME, the nodes there listen on
+    /// ADDRESS. PROGRAM must be at the same path on every host.
+    #[arg(long, value_delimiter = ',', requires = "nodes", value_name = "HOST[=ADDRESS]")]
+    hosts: Vec<String>,
+    /// With --hosts: how to run a command on a host, {host} standing for its name; the node's
+    /// settings follow as `env NAME=VALUE... PROGRAM ARGS` [default: "ssh -o BatchMode=yes {host}"]
+    #[arg(long, requires = "hosts", value_name = "COMMAND")]
+    launcher: Option<String>,
+    /// With --hosts: the address of this machine the hosts reach mosrun's rendezvous by
+    /// (default: the one packets to the first host leave from).
+    #[arg(long, requires = "hosts", value_name = "ADDRESS")]
+    rendezvous_address: Option<String>,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     program: Vec<String>,
@@ -137,7 +160,7 @@ fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
 
 fn run(cli: &Cli) -> Result<ExitCode, String> {
     if let Some(n) = cli.nodes {
-        return run_dsm_job(cli, n);
+        return dsm_job::run(cli, n);
     }
     let min_budget = MIN_BUDGET_PAGES * PAGE_SIZE as u64;
     if cli.local_budget < min_budget {
@@ -236,111 +259,4 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
         _ => ExitCode::FAILURE,
     })
-}
-
-/// Most nodes of a job (the DSM directory's limit).
-const MAX_NODES: u16 = 64;
-
-/// `mosrun -n N`: runs `n` copies of the program as the nodes of a DSM job; stops the rest when
-/// one fails.
-fn run_dsm_job(cli: &Cli, n: u16) -> Result<ExitCode, String> {
-    if n == 0 || n > MAX_NODES {
-        return Err(format!("-n {n}: a job has 1 to {MAX_NODES} nodes"));
-    }
-    let key_text = match ClusterKey::from_env() {
-        Ok(_) => None,
-        Err(_) => Some(ClusterKey::random_text().map_err(|e| e.to_string())?),
-    };
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("mosaic-job-{}-{stamp}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot make the rendezvous directory {}: {e}", dir.display()))?;
-    let cleanup = RemoveDir(dir.clone());
-    if cli.verbose {
-        eprintln!("mosrun: {n} nodes of {}, meeting in {}", cli.program[0], dir.display());
-    }
-    let mut children = Vec::new();
-    for rank in 0..n {
-        let mut cmd = Command::new(&cli.program[0]);
-        cmd.args(&cli.program[1..])
-            .env("MOSAIC_DSM_RANK", rank.to_string())
-            .env("MOSAIC_DSM_SIZE", n.to_string())
-            .env("MOSAIC_DSM_RENDEZVOUS", &dir);
-        if let Some(text) = &key_text {
-            cmd.env(mosaic_transport::KEY_ENV, text).env_remove(mosaic_transport::KEY_FILE_ENV);
-        }
-        match cmd.spawn() {
-            Ok(c) => children.push(Some(c)),
-            Err(e) => {
-                stop_all(&mut children);
-                return Err(format!("cannot run {} (node {rank}): {e}", cli.program[0]));
-            }
-        }
-    }
-    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
-    while children.iter().any(Option::is_some) {
-        for (rank, slot) in children.iter_mut().enumerate() {
-            let Some(child) = slot else { continue };
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    *slot = None;
-                    if !status.success() && failed.is_none() {
-                        failed = Some((rank, status));
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    eprintln!("mosrun: cannot wait for node {rank}: {e}");
-                    *slot = None;
-                }
-            }
-        }
-        if let Some((rank, status)) = failed {
-            if children.iter().any(Option::is_some) {
-                eprintln!("mosrun: node {rank} failed ({status}); stopping the others");
-                stop_all(&mut children);
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    drop(cleanup);
-    Ok(match failed {
-        None => ExitCode::SUCCESS,
-        Some((_, status)) => match (status.code(), status.signal()) {
-            (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-            (None, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(255)),
-            _ => ExitCode::FAILURE,
-        },
-    })
-}
-
-/// Stops every node still running: SIGTERM, then SIGKILL after two seconds.
-fn stop_all(children: &mut [Option<std::process::Child>]) {
-    for c in children.iter().flatten() {
-        if let Ok(pid) = i32::try_from(c.id()) {
-            // SAFETY: signalling a child process of ours that we have not reaped yet.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    for slot in children.iter_mut() {
-        let Some(c) = slot else { continue };
-        while c.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        if c.try_wait().ok().flatten().is_none() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        *slot = None;
-    }
-}
-
-/// Removes the job's rendezvous directory when the job ends.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -289,3 +289,114 @@ fn mosrun_n_stops_the_job_when_a_node_fails() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("a job has 1 to 64 nodes"));
 }
+
+/// `--hosts` on loopback: three nodes on two "hosts" (127.0.0.2 and 127.0.0.3, node 2 back on
+/// the first), started through a launcher that runs the command here (`env`), meeting at
+/// mosrun's rendezvous server.
+#[test]
+fn mosrun_hosts_runs_the_nodes_by_turns_through_the_launcher() {
+    let out = mosrun()
+        .args(["-n", "3", "--hosts", "a=127.0.0.2,b=127.0.0.3", "--launcher", "env", "--verbose"])
+        .arg(dsm_litmus())
+        .args(["counter", "100"])
+        .env_remove("MOSAIC_CLUSTER_KEY")
+        .env_remove("MOSAIC_CLUSTER_KEY_FILE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{err}");
+    assert!(
+        err.contains("3 nodes of") && err.contains("on a,b") && err.contains("meeting at tcp://127.0.0.1:"),
+        "{err}"
+    );
+    for rank in 0..3 {
+        assert!(text.contains(&format!("rank {rank}: counter ok: both counters 300")), "{text}");
+    }
+    // Bad hosts, and options that need -n or --hosts, are refused before anything starts.
+    for (args, want) in [
+        (&["-n", "2", "--hosts", "a=not-an-ip", "true"][..], "not an IP address"),
+        (&["--hosts", "a=127.0.0.2", "true"], "--nodes"),
+        (&["-n", "2", "--launcher", "env", "true"], "--hosts"),
+    ] {
+        let out = mosrun().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Network namespaces joined by a bridge, each standing for a host; removed when dropped.
+struct Hosts {
+    names: Vec<String>,
+}
+
+impl Hosts {
+    /// A hub namespace with a bridge at 10.231.0.1/24 and `n` host namespaces at 10.231.0.2...
+    fn new(n: usize) -> Hosts {
+        let tag = std::process::id() % 100_000;
+        let hub = format!("mh{tag}");
+        let mut names = vec![hub.clone()];
+        names.extend((0..n).map(|i| format!("mh{tag}h{i}")));
+        let hosts = Hosts { names };
+        let ip = |args: &str| {
+            let out = Command::new("ip").args(args.split_whitespace()).output().expect("run ip");
+            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        for name in &hosts.names {
+            ip(&format!("netns add {name}"));
+            ip(&format!("-n {name} link set lo up"));
+        }
+        ip(&format!("-n {hub} link add br0 type bridge"));
+        ip(&format!("-n {hub} addr add 10.231.0.1/24 dev br0"));
+        ip(&format!("-n {hub} link set br0 up"));
+        for (i, host) in hosts.names[1..].iter().enumerate() {
+            ip(&format!("-n {host} link add eth0 type veth peer name p{i} netns {hub}"));
+            ip(&format!("-n {hub} link set p{i} master br0 up"));
+            ip(&format!("-n {host} addr add 10.231.0.{}/24 dev eth0", i + 2));
+            ip(&format!("-n {host} link set eth0 up"));
+        }
+        hosts
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+/// `mosrun --hosts` across network namespaces, each a host with its own address: mosrun in the
+/// hub, the nodes started in theirs by `ip netns exec`. Needs root (CI runs as root).
+#[test]
+fn mosrun_hosts_runs_a_job_across_network_namespaces() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run this test: it needs root and iproute2");
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let hosts = Hosts::new(2);
+    let hub = hosts.names[0].clone();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &hub])
+        .arg(env!("CARGO_BIN_EXE_mosrun"))
+        .args(["-n", "3", "--verbose", "--launcher", "ip netns exec {host}", "--hosts"])
+        .arg(format!("{}=10.231.0.2,{}=10.231.0.3", hosts.names[1], hosts.names[2]))
+        .arg(dsm_litmus())
+        .args(["mp", "100"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{err}");
+    assert!(err.contains("meeting at tcp://10.231.0.1:"), "{err}");
+    for rank in 0..3 {
+        assert!(text.contains(&format!("rank {rank}: mp ok")), "{text}");
+    }
+}
