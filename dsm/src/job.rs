@@ -82,6 +82,11 @@ pub struct JobConfig {
     /// the nodes, rounded up to a page): it follows the heap, one per node in rank order, its
     /// pages homed at that node; [`Job::alloc_local`] allocates from it.
     pub arena_bytes: Option<u64>,
+    /// Place the collective heap's pages by first touch: the first node to touch a page becomes
+    /// its home (asking the node that would be its home by turns, once), so a node's accesses to
+    /// pages it touched first never leave it until another node shares them. Off by default:
+    /// pages homed by turns.
+    pub first_touch: bool,
     /// Longest wait for every peer to publish its address and accept a connection.
     pub join_timeout: Duration,
     /// Longest wait for one page; past it the access raises SIGBUS.
@@ -128,6 +133,10 @@ pub const WAIT_ENV: &str = "MOSAIC_DSM_WAIT";
 /// worker threads, for programs that hand region memory to system calls).
 pub const FAULTS_ENV: &str = "MOSAIC_DSM_FAULTS";
 
+/// Where the collective heap's pages are homed (optional): `turns` (page number modulo the
+/// nodes, the default) or `first-touch` (at the node that touches each first).
+pub const PLACEMENT_ENV: &str = "MOSAIC_DSM_PLACEMENT";
+
 /// Each node's arena in bytes (optional; by default the heap's size divided by the nodes).
 pub const ARENA_BYTES_ENV: &str = "MOSAIC_DSM_ARENA_BYTES";
 
@@ -156,6 +165,7 @@ impl JobConfig {
             addr: DEFAULT_ADDR,
             bytes,
             arena_bytes: None,
+            first_touch: false,
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
             fault_mode: FaultMode::FaultingThread,
@@ -216,6 +226,10 @@ impl JobConfig {
         let modes = [("thread", FaultMode::FaultingThread), ("workers", FaultMode::Workers(2))];
         if let Some(mode) = env_choice(FAULTS_ENV, &modes, "not thread or workers")? {
             cfg.fault_mode = mode;
+        }
+        let placements = [("turns", false), ("first-touch", true)];
+        if let Some(first_touch) = env_choice(PLACEMENT_ENV, &placements, "not turns or first-touch")? {
+            cfg.first_touch = first_touch;
         }
         if let Ok(text) = std::env::var(ARENA_BYTES_ENV) {
             let bytes = text
@@ -564,7 +578,7 @@ impl Shared {
             // live region, and write-protected or ours alone while the node's lock is held: the
             // protocol downgrades a page before sending it. 4096 bytes, no overlap with `p`.
             unsafe { std::ptr::copy_nonoverlapping(core.as_ptr().add(off), p.0.as_mut_ptr(), PAGE_SIZE) };
-        } else if local.touched.contains(&page) || local.node.home_of(page) != self.rank {
+        } else if local.touched.contains(&page) || local.node.home_of(page) != Some(self.rank) {
             return Err(format!("page {page} is to be sent but is not mapped here"));
         }
         Ok(p)
@@ -639,7 +653,7 @@ impl Shared {
             Action::Upgrade { page } => {
                 if local.mapped.contains(&page) {
                     core.write_protect(page, 1, false).map_err(|e| format!("page {page}: {e}"))?;
-                } else if local.touched.contains(&page) || local.node.home_of(page) != self.rank {
+                } else if local.touched.contains(&page) || local.node.home_of(page) != Some(self.rank) {
                     return Err(format!("page {page} is to be made writable but is not mapped here"));
                 }
                 // Else a page this node is home of that nobody touched: the fault installs it.
@@ -654,6 +668,9 @@ impl Shared {
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                 }
             }
+            // A page placed here by first touch: zeros until touched (mapped by the fault that
+            // touches it); its waiting threads were woken above.
+            Action::Placed { .. } => {}
             Action::Granted { lock: id } => {
                 if local.abandoned.remove(&id) {
                     // Its waiter gave up: give the lock straight back.
@@ -820,7 +837,8 @@ fn action_page(a: &Action) -> PageNo {
         Action::Install { page, .. }
         | Action::Upgrade { page }
         | Action::Downgrade { page }
-        | Action::Drop { page } => *page,
+        | Action::Drop { page }
+        | Action::Placed { page } => *page,
         Action::Granted { lock } => *lock,
     }
 }
@@ -949,7 +967,7 @@ impl Source {
         if local.mapped.contains(&page) {
             return Some(Ok(Filled::Present));
         }
-        if local.touched.contains(&page) || local.node.home_of(page) != s.rank {
+        if local.touched.contains(&page) || local.node.home_of(page) != Some(s.rank) {
             let why = format!("page {page}: allowed here but not mapped");
             s.break_job(why.clone());
             return Some(Err(FillError::new(PageError::Broken { page, why })));
@@ -1160,7 +1178,10 @@ impl Job {
                 bytes.and_then(|b| cfg.addr.checked_add(b)).is_some()
             })
             .ok_or_else(|| JoinError::Config("the heap and the arenas do not fit in the address space".into()))?;
-        let homes = Homes::with_arenas(cfg.size, heap_pages, arena_pages);
+        let mut homes = Homes::with_arenas(cfg.size, heap_pages, arena_pages);
+        if cfg.first_touch {
+            homes = homes.first_touch();
+        }
         let node = Node::with_homes(cfg.rank, homes).map_err(|e: ProtocolError| JoinError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             rank: cfg.rank,
@@ -1285,15 +1306,17 @@ impl Job {
         }
         // Every node must see the same region: the same address, heap and arenas (each reads its
         // own environment), or they would disagree about pages' homes.
-        let layout = [cfg.addr as u64, cfg.bytes, arena_pages];
+        let layout = [cfg.addr as u64, cfg.bytes, arena_pages, u64::from(cfg.first_touch)];
         match job.arrive_and_wait(JOINING, call_tag("layout", &layout), cfg.join_timeout) {
             Ok(()) => Ok(job),
             Err(JoinError::Diverged { differ, .. }) => Err(JoinError::Config(format!(
                 "nodes {differ:?} map the shared region otherwise than this node (at {:#x}, a heap of {} bytes, \
-                 arenas of {} bytes): every node must be given the same size and MOSAIC_DSM_ARENA_BYTES",
+                 arenas of {} bytes, placed {}): every node must be given the same size, \
+                 MOSAIC_DSM_ARENA_BYTES and MOSAIC_DSM_PLACEMENT",
                 cfg.addr,
                 cfg.bytes,
-                arena_pages * page
+                arena_pages * page,
+                if cfg.first_touch { "by first touch" } else { "by turns" }
             ))),
             Err(e) => Err(e),
         }
@@ -1444,6 +1467,18 @@ impl Job {
     /// access to it).
     pub fn load(&self, addr: *mut u64) -> Result<u64, JoinError> {
         Ok(self.word(addr)?.load(Ordering::SeqCst))
+    }
+
+    /// The home of the page holding `addr` as this node knows it: the node that serialises the
+    /// requests for it and keeps it when nobody else uses it. `None` for a page placed by first
+    /// touch ([`JobConfig::first_touch`]) that this node never touched.
+    pub fn home_of(&self, addr: *const u8) -> Result<Option<NodeId>, JoinError> {
+        let a = addr as usize;
+        if !self.contains(a) {
+            return Err(JoinError::Address { addr: a, why: "outside the shared region" });
+        }
+        let page = ((a - self.base) / PAGE_SIZE) as PageNo;
+        Ok(lock(&self.shared.local).node.home_of(page))
     }
 
     /// This node's rank.

@@ -42,8 +42,7 @@
 //! # }
 //! ```
 //!
-//! Not built yet (issue 12 of the tracker): first-touch placement, network RAM behind the
-//! region, and speed.
+//! Not built yet (issue 12 of the tracker): network RAM behind the region, and speed.
 
 pub mod alloc;
 pub mod job;

@@ -300,9 +300,11 @@ impl World<'_> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut mem = vec![None; self.n() * ix(self.cfg.pages)];
         // Every page starts at its home, owned and writable: zeros (value 0).
+        // (Pages placed by first touch start nowhere: at their home once placed.)
         for p in 0..self.cfg.pages {
-            let home = usize::from(nodes[0].home_of(p));
-            mem[self.at(home, p)] = Some(Mapping { value: 0, writable: true });
+            if let Some(home) = nodes[0].home_of(p) {
+                mem[self.at(usize::from(home), p)] = Some(Mapping { value: 0, writable: true });
+            }
         }
         Ok(State {
             nodes,
@@ -560,6 +562,13 @@ impl World<'_> {
                         s.mem[self.at(node, page)] = None;
                     }
                 }
+                Action::Placed { page } => {
+                    let m = &mut s.mem[self.at(node, page)];
+                    if m.is_some() {
+                        return Err(bad("placed here a page it maps already"));
+                    }
+                    *m = Some(Mapping { value: 0, writable: true });
+                }
                 // The model reads who holds a lock from the nodes themselves.
                 Action::Granted { .. } => {}
             }
@@ -786,6 +795,25 @@ mod tests {
         let r = check(&c, Mutation::None).unwrap_or_else(|f| panic!("{f}"));
         eprintln!("explored: {r:?}");
         assert!(r.states > 10_000, "{r:?}");
+    }
+
+    #[test]
+    fn pages_placed_by_first_touch_stay_consistent() {
+        // Pages placed at whichever node touches them first (asking the placer, which may answer
+        // a second node, whose request then reaches the home before the placer's word that it is
+        // the home): one page touched twice by each node, two pages once, with evictions, and
+        // with a lost message. (Two pages touched twice each pass 20 million states.)
+        let first_touch = Some(Homes::interleaved(3).first_touch());
+        for (c, min_states) in [
+            (Config { homes: first_touch, ..cfg(3, 1, 2, true) }, 10_000),
+            (Config { homes: first_touch, ..cfg(3, 2, 1, true) }, 10_000),
+            (Config { homes: first_touch, losses: 1, ..cfg(3, 2, 1, true) }, 10_000),
+        ] {
+            let t = std::time::Instant::now();
+            let r = check(&c, Mutation::None).unwrap_or_else(|f| panic!("{c:?}: {f}"));
+            eprintln!("{c:?}: explored {r:?} in {:?}", t.elapsed());
+            assert!(r.states > min_states, "{r:?}");
+        }
     }
 
     #[test]

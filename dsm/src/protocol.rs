@@ -3,7 +3,9 @@
 //! Page-grain single writer / many readers with write-invalidate and a home-based directory,
 //! after Ivy's fixed distributed manager (Li and Hudak, "Memory coherence in shared virtual
 //! memory systems", 1989). Every page has a *home* node (fixed by the job's [`Homes`]: page
-//! number modulo the number of nodes, or the node whose arena the page is in) that keeps the page's directory entry (its owner and the nodes that may hold a copy) and
+//! number modulo the number of nodes, the node whose arena the page is in, or, placed by first
+//! touch, the first node to touch it) that keeps the page's directory entry (its owner and the
+//! nodes that may hold a copy) and
 //! serialises the requests for the page: it runs one transaction per page at a time and queues
 //! the rest, so two nodes never race for one page.
 //!
@@ -23,6 +25,13 @@
 //!   holds a current copy). Sharers drop their copy and send `InvalidateAck` to W; O sends `Data`
 //!   (or an ack, if W has the page) and drops its copy. With every answer in, W installs the page
 //!   writable (or makes its copy writable) and tells the home `Done`; W is the owner now.
+//! - **First touch** of a page placed by first touch ([`Homes::first_touch`]) at T, which does
+//!   not know its home: T sends `Locate` to the page's placer, which makes the first node to ask
+//!   the home for ever and answers `Located` with it; T remembers it and carries on with the
+//!   fault (a home that learns it is one says [`Action::Placed`]: the page is zeros, owned and
+//!   writable there). Another node's request can reach the new home before the placer's answer
+//!   does; only a node waiting for that answer can be the home, so it takes the request as the
+//!   word that it is.
 //! - **Dropping a read-only copy** (eviction): the node drops it and tells the home `Dropped`.
 //!   The owner never drops its copy on its own (it is the page's only source).
 //!
@@ -61,22 +70,54 @@ pub const MAX_NODES: u16 = 64;
 /// number of nodes: a collective heap spread evenly), followed by one arena of `arena` pages per
 /// node, in rank order, homed at that node (what a node allocates there is served from its own
 /// memory). Pages past the last arena take turns again.
+///
+/// With [`first_touch`](Homes::first_touch), the interleaved pages are not homed by turns but
+/// *placed*: the first node to touch a page becomes its home (its accesses never leave the node
+/// until another node shares the page). Each such page's placement is decided once by its
+/// *placer* (the node it would be homed at by turns), which the other nodes ask
+/// ([`Msg::Locate`]) the first time they touch the page, and remember.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Homes {
     nodes: u16,
     interleaved: PageNo,
     arena: PageNo,
+    first_touch: bool,
 }
 
 impl Homes {
     /// Every page's home by turns: page number modulo `nodes`.
     pub fn interleaved(nodes: u16) -> Homes {
-        Homes { nodes, interleaved: PageNo::MAX, arena: 0 }
+        Homes { nodes, interleaved: PageNo::MAX, arena: 0, first_touch: false }
     }
 
     /// `interleaved` pages by turns, then an arena of `arena` pages for each of the `nodes` nodes.
     pub fn with_arenas(nodes: u16, interleaved: PageNo, arena: PageNo) -> Homes {
-        Homes { nodes, interleaved, arena }
+        Homes { nodes, interleaved, arena, first_touch: false }
+    }
+
+    /// The same layout with the interleaved pages placed by first touch instead of homed by
+    /// turns (the arenas stay homed at their nodes).
+    pub fn first_touch(self) -> Homes {
+        Homes { first_touch: true, ..self }
+    }
+
+    /// Whether `page` is placed by first touch (its home is decided when it is first touched).
+    pub fn is_placed(&self, page: PageNo) -> bool {
+        self.first_touch && page < self.interleaved
+    }
+
+    /// The node that decides where `page` is placed (its home by turns).
+    pub fn placer_of(&self, page: PageNo) -> NodeId {
+        NodeId::try_from(page % u64::from(self.nodes.max(1))).unwrap_or_else(|_| unreachable!("below a u16"))
+    }
+
+    /// The home of `page` if fixed by the layout; `None` for a page placed by first touch.
+    pub fn fixed_home(&self, page: PageNo) -> Option<NodeId> {
+        if self.is_placed(page) {
+            None
+        } else {
+            Some(self.home_of(page))
+        }
     }
 
     /// Nodes of the job.
@@ -84,16 +125,15 @@ impl Homes {
         self.nodes
     }
 
-    /// The home of `page`.
-    pub fn home_of(&self, page: PageNo) -> NodeId {
-        let by_turns =
-            || NodeId::try_from(page % u64::from(self.nodes.max(1))).unwrap_or_else(|_| unreachable!("below a u16"));
+    /// The home of `page` by the layout, ignoring first touch (pages placed by first touch
+    /// give their placer: see [`fixed_home`](Self::fixed_home)).
+    fn home_of(&self, page: PageNo) -> NodeId {
         if page < self.interleaved || self.arena == 0 {
-            return by_turns();
+            return self.placer_of(page);
         }
         match NodeId::try_from((page - self.interleaved) / self.arena) {
             Ok(owner) if owner < self.nodes => owner,
-            _ => by_turns(),
+            _ => self.placer_of(page),
         }
     }
 
@@ -198,6 +238,19 @@ pub enum Msg {
         /// The page.
         page: PageNo,
     },
+    /// To the placer of a page placed by first touch: where is its home? (The sender touched it
+    /// and does not know.) The first to ask becomes the home.
+    Locate {
+        /// The page.
+        page: PageNo,
+    },
+    /// From a page's placer to a node that asked: the page's home.
+    Located {
+        /// The page.
+        page: PageNo,
+        /// Its home (for ever).
+        home: NodeId,
+    },
     /// To a lock's home (the lock's number modulo the nodes): the sender wants the lock.
     Acquire {
         /// The lock's number.
@@ -226,7 +279,9 @@ impl Msg {
             | Msg::Data { page }
             | Msg::Grant { page, .. }
             | Msg::Done { page }
-            | Msg::Dropped { page } => page,
+            | Msg::Dropped { page }
+            | Msg::Locate { page }
+            | Msg::Located { page, .. } => page,
             Msg::Acquire { lock } | Msg::Granted { lock } | Msg::Release { lock } => lock,
         }
     }
@@ -246,6 +301,8 @@ impl Msg {
             Msg::Grant { .. } => "Grant",
             Msg::Done { .. } => "Done",
             Msg::Dropped { .. } => "Dropped",
+            Msg::Locate { .. } => "Locate",
+            Msg::Located { .. } => "Located",
             Msg::Acquire { .. } => "Acquire",
             Msg::Granted { .. } => "Granted",
             Msg::Release { .. } => "Release",
@@ -284,6 +341,13 @@ pub enum Action {
     },
     /// Drop the copy in place: any local access now faults.
     Drop {
+        /// The page.
+        page: PageNo,
+    },
+    /// This node is the home of a page placed by first touch, which nobody touched yet: its
+    /// contents are zeros, owned and writable here (map them when touched), and the threads that
+    /// wait for the page may retry.
+    Placed {
         /// The page.
         page: PageNo,
     },
@@ -414,6 +478,12 @@ pub struct Node {
     acquiring: BTreeSet<u64>,
     /// Locks this node holds.
     held: BTreeSet<u64>,
+    /// Homes of pages placed by first touch that this node learned (for ever).
+    located: BTreeMap<PageNo, NodeId>,
+    /// As their placer: where pages placed by first touch were placed (for ever).
+    placements: BTreeMap<PageNo, NodeId>,
+    /// Pages placed by first touch whose home this node asked for, and the access it wants.
+    locating: BTreeMap<PageNo, Want>,
 }
 
 /// Why a lock operation cannot be done now ([`Node::acquire`], [`Node::release`]).
@@ -448,6 +518,9 @@ impl Node {
             locks: BTreeMap::new(),
             acquiring: BTreeSet::new(),
             held: BTreeSet::new(),
+            located: BTreeMap::new(),
+            placements: BTreeMap::new(),
+            locating: BTreeMap::new(),
         })
     }
 
@@ -456,9 +529,20 @@ impl Node {
         self.id
     }
 
-    /// The home of `page`.
-    pub fn home_of(&self, page: PageNo) -> NodeId {
-        self.homes.home_of(page)
+    /// The home of `page`, if known here: fixed by the job's [`Homes`], or placed by first touch
+    /// and learned (`None` until then).
+    pub fn home_of(&self, page: PageNo) -> Option<NodeId> {
+        self.homes.fixed_home(page).or_else(|| self.located.get(&page).copied())
+    }
+
+    /// The home of `page`, which this node must know (it holds a copy, or waits for one).
+    fn known_home(&self, page: PageNo) -> Result<NodeId, ProtocolError> {
+        self.home_of(page).ok_or(ProtocolError::Unexpected {
+            page,
+            from: self.id,
+            msg: "home",
+            why: "this node does not know the page's home",
+        })
     }
 
     /// The home of lock `lock`: lock number modulo the number of nodes.
@@ -468,7 +552,7 @@ impl Node {
 
     fn copy(&self, page: PageNo) -> Copy {
         self.copies.get(&page).copied().unwrap_or_else(|| {
-            if self.home_of(page) == self.id {
+            if self.home_of(page) == Some(self.id) {
                 Copy { access: Access::Write, owner: true, pending: None }
             } else {
                 Copy::default()
@@ -490,9 +574,10 @@ impl Node {
         self.copy(page).owner
     }
 
-    /// Whether a request of this node for `page` is in progress.
+    /// Whether a request of this node for `page` is in progress (or it is asking for the
+    /// page's home).
     pub fn is_pending(&self, page: PageNo) -> bool {
-        self.copy(page).pending.is_some()
+        self.copy(page).pending.is_some() || self.locating.contains_key(&page)
     }
 
     /// Whether this node, as home, has no transaction running or waiting for any page, and
@@ -526,14 +611,21 @@ impl Node {
     /// A local thread faulted on `page`, needing `want`. Returns nothing to do if the access is
     /// allowed already (a stale fault: retry the access) or a request for the page is in
     /// progress (wait for it, then retry); otherwise the request to send.
+    ///
+    /// The first touch of a page placed by first touch asks its placer where its home is
+    /// ([`Msg::Locate`]) instead; the request follows once the answer is in.
     pub fn fault(&mut self, page: PageNo, want: Want) -> Vec<Action> {
         let mut c = self.copy(page);
-        if want.allowed_by(c.access) || c.pending.is_some() {
+        if want.allowed_by(c.access) || c.pending.is_some() || self.locating.contains_key(&page) {
             return Vec::new();
         }
+        let Some(home) = self.home_of(page) else {
+            self.locating.insert(page, want);
+            return vec![Action::Send { to: self.homes.placer_of(page), msg: Msg::Locate { page } }];
+        };
         c.pending = Some(Pending { want, grant: None, answers: 0, data: false });
         self.set_copy(page, c);
-        vec![Action::Send { to: self.home_of(page), msg: Msg::Request { page, want } }]
+        vec![Action::Send { to: home, msg: Msg::Request { page, want } }]
     }
 
     /// Drops this node's read-only copy of `page` (to make room), telling the home.
@@ -548,9 +640,10 @@ impl Node {
             Access::Read if c.owner => return Err(NotEvictable::Owner),
             Access::Read => {}
         }
+        let home = self.home_of(page).ok_or(NotEvictable::NotCached)?;
         c.access = Access::None;
         self.set_copy(page, c);
-        Ok(vec![Action::Drop { page }, Action::Send { to: self.home_of(page), msg: Msg::Dropped { page } }])
+        Ok(vec![Action::Drop { page }, Action::Send { to: home, msg: Msg::Dropped { page } }])
     }
 
     /// Handles a message from node `from`.
@@ -605,7 +698,40 @@ impl Node {
                 self.held.insert(lock);
                 out.push(Action::Granted { lock });
             }
+            Msg::Locate { .. } => {
+                if !self.homes.is_placed(page) || self.homes.placer_of(page) != self.id {
+                    return Err(unexpected("this node does not place the page"));
+                }
+                let home = *self.placements.entry(page).or_insert(from);
+                out.push(Action::Send { to: from, msg: Msg::Located { page, home } });
+            }
+            Msg::Located { home, .. } => {
+                if !self.homes.is_placed(page) || self.homes.placer_of(page) != from {
+                    return Err(unexpected("only the page's placer says where it is"));
+                }
+                if home >= self.homes.nodes {
+                    return Err(ProtocolError::UnknownNode { node: home, nodes: self.homes.nodes });
+                }
+                let Some(want) = self.locating.remove(&page) else {
+                    return Err(unexpected("this node did not ask where the page is"));
+                };
+                match self.located.insert(page, home) {
+                    // Learned already: a request for the page came first (see `Request`).
+                    Some(known) if known == home => {}
+                    Some(_) => return Err(unexpected("the page was placed elsewhere")),
+                    None if home == self.id => out.push(Action::Placed { page }),
+                    None => {}
+                }
+                out.extend(self.fault(page, want));
+            }
             Msg::Request { want, .. } => {
+                // A request for a page placed here can come before the placer's word that it is
+                // (from a node the placer told first): only a node asking where the page is can
+                // have been made its home.
+                if self.homes.is_placed(page) && self.home_of(page).is_none() && self.locating.contains_key(&page) {
+                    self.located.insert(page, self.id);
+                    out.push(Action::Placed { page });
+                }
                 let dir = self.directory_mut(page)?;
                 if dir.busy.is_some() {
                     dir.queue.push_back((from, want));
@@ -704,7 +830,7 @@ impl Node {
                         c.access = Access::Read;
                         self.set_copy(page, c);
                         out.push(Action::Install { page, writable: false });
-                        out.push(Action::Send { to: self.home_of(page), msg: Msg::Done { page } });
+                        out.push(Action::Send { to: self.known_home(page)?, msg: Msg::Done { page } });
                     }
                     Want::Write => {
                         p.answers += 1;
@@ -714,7 +840,7 @@ impl Node {
                 }
             }
             Msg::Grant { acks, data, .. } => {
-                if from != self.home_of(page) {
+                if self.home_of(page) != Some(from) {
                     return Err(unexpected("only the page's home grants"));
                 }
                 let mut c = self.copy(page);
@@ -741,11 +867,16 @@ impl Node {
 
     /// The directory entry of `page`, of which this node must be the home.
     fn directory_mut(&mut self, page: PageNo) -> Result<&mut Directory, ProtocolError> {
-        let home = self.home_of(page);
-        if home != self.id {
-            return Err(ProtocolError::NotHome { page, home });
+        match self.home_of(page) {
+            Some(home) if home == self.id => Ok(self.directory.entry(page).or_insert_with(|| Directory::new(home))),
+            Some(home) => Err(ProtocolError::NotHome { page, home }),
+            None => Err(ProtocolError::Unexpected {
+                page,
+                from: self.id,
+                msg: "directory",
+                why: "the page is not placed here",
+            }),
         }
-        Ok(self.directory.entry(page).or_insert_with(|| Directory::new(home)))
     }
 
     /// Starts `requester`'s transaction for `page` (this node is its home and idle for it).
@@ -820,7 +951,7 @@ impl Node {
         c.owner = true;
         c.pending = None;
         self.set_copy(page, c);
-        out.push(Action::Send { to: self.home_of(page), msg: Msg::Done { page } });
+        out.push(Action::Send { to: self.known_home(page)?, msg: Msg::Done { page } });
         Ok(())
     }
 }

@@ -7,8 +7,9 @@
 //! `seq` numbers the messages from one node to another (0, 1, 2, ...): they may travel by
 //! different calls and threads, and the receiver handles them in this order.
 //! `kind`: 1 Request, 2 Recall, 3 Invalidate, 4 InvalidateAck, 5 Data, 6 Grant, 7 Done,
-//! 8 Dropped, 9 Acquire, 10 Granted, 11 Release (`page` holds the lock's number). `flags`: bit 0 the request is a write; Recall: bit 1 keep, bit 2 send; Grant: bit 3
-//! data. `node`: Recall's `to`, Invalidate's `ack_to`. `acks`: Grant's. Unused fields are zero,
+//! 8 Dropped, 9 Acquire, 10 Granted, 11 Release (`page` holds the lock's number), 12 Locate,
+//! 13 Located. `flags`: bit 0 the request is a write; Recall: bit 1 keep, bit 2 send; Grant:
+//! bit 3 data. `node`: Recall's `to`, Invalidate's `ack_to`, Located's `home`. `acks`: Grant's. Unused fields are zero,
 //! and a decoder refuses anything else: a malformed message is an error, never a guess.
 
 use std::fmt;
@@ -120,6 +121,8 @@ pub fn encode(e: &Envelope, out: &mut Vec<u8>) -> Result<(), WireError> {
         Msg::Acquire { lock } => (9, 0, lock, 0, 0),
         Msg::Granted { lock } => (10, 0, lock, 0, 0),
         Msg::Release { lock } => (11, 0, lock, 0, 0),
+        Msg::Locate { page } => (12, 0, page, 0, 0),
+        Msg::Located { page, home } => (13, 0, page, home, 0),
     };
     if (kind == 5) != e.bytes.is_some() {
         return Err(WireError::PageMismatch);
@@ -168,7 +171,9 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Envelope>, WireError> {
             9 => plain(Msg::Acquire { lock: page })?,
             10 => plain(Msg::Granted { lock: page })?,
             11 => plain(Msg::Release { lock: page })?,
-            1..=11 => return Err(bad),
+            12 => plain(Msg::Locate { page })?,
+            13 if flags == 0 && acks == 0 => Msg::Located { page, home: node },
+            1..=13 => return Err(bad),
             _ => return Err(WireError::UnknownKind { at, kind }),
         };
         at += HEADER;
@@ -210,6 +215,8 @@ mod tests {
             any::<u64>().prop_map(|lock| Msg::Acquire { lock }),
             any::<u64>().prop_map(|lock| Msg::Granted { lock }),
             any::<u64>().prop_map(|lock| Msg::Release { lock }),
+            any::<u64>().prop_map(|page| Msg::Locate { page }),
+            (any::<u64>(), any::<u16>()).prop_map(|(page, home)| Msg::Located { page, home }),
         ]
     }
 
@@ -260,8 +267,12 @@ mod tests {
         let mut buf = Vec::new();
         encode(&Envelope { from: 1, seq: 9, msg: Msg::Done { page: 3 }, bytes: None }, &mut buf).unwrap();
         let mut b = buf.clone();
-        b[0] = 12;
-        assert_eq!(decode(&b), Err(WireError::UnknownKind { at: 0, kind: 12 }));
+        b[0] = 14;
+        assert_eq!(decode(&b), Err(WireError::UnknownKind { at: 0, kind: 14 }));
+        let mut b = buf.clone();
+        b[0] = 12; // a Locate names no node
+        b[20] = 1;
+        assert_eq!(decode(&b), Err(WireError::BadFields { at: 0, kind: 12 }));
         let mut b = buf.clone();
         b[1] = 1;
         assert_eq!(decode(&b), Err(WireError::BadFields { at: 0, kind: 7 }));

@@ -170,6 +170,21 @@ fn every_node_reads_every_other_nodes_pages() {
     }
 }
 
+/// Pages placed by first touch: each node's pages are homed where it wrote them first (`fill`
+/// checks), and the litmus tests hold.
+#[test]
+fn pages_placed_by_first_touch_are_homed_where_first_written() {
+    let first_touch = [("MOSAIC_DSM_PLACEMENT", "first-touch")];
+    for size in [1, 3] {
+        let outs = job_with("first-touch", size, &["fill"], &first_touch);
+        assert!(outs.iter().all(|o| o.contains("placed by first touch")), "{outs:?}");
+    }
+    job_with("first-touch", 3, &["mp", "50"], &first_touch);
+    job_with("first-touch", 2, &["sb", "50"], &first_touch);
+    let outs = job_with("first-touch", 3, &["counter", "100"], &first_touch);
+    assert!(outs.iter().all(|o| o.contains("both counters 300")), "{outs:?}");
+}
+
 #[test]
 fn a_job_of_one_node_works() {
     for test in ["counter", "mp", "sb", "fill"] {
@@ -248,15 +263,19 @@ fn a_job_without_its_settings_says_what_is_missing() {
 
 #[test]
 fn nodes_that_map_the_region_differently_refuse_to_start() {
-    let dir = rendezvous("layout");
-    let a = node(0, 2, &dir, &["counter"], Some(20_000));
-    let b = node_with(1, 2, &dir, &["counter"], Some(20_000), &[("MOSAIC_DSM_ARENA_BYTES", "8192")]);
-    for (rank, o) in [finish(a, Duration::from_secs(60)), finish(b, Duration::from_secs(60))].into_iter().enumerate() {
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert_eq!(o.status.code(), Some(2), "node {rank}: {err}");
-        assert!(err.contains("map the shared region otherwise"), "node {rank}: {err}");
+    for differ in [("MOSAIC_DSM_ARENA_BYTES", "8192"), ("MOSAIC_DSM_PLACEMENT", "first-touch")] {
+        let dir = rendezvous("layout");
+        let a = node(0, 2, &dir, &["counter"], Some(20_000));
+        let b = node_with(1, 2, &dir, &["counter"], Some(20_000), &[differ]);
+        for (rank, o) in
+            [finish(a, Duration::from_secs(60)), finish(b, Duration::from_secs(60))].into_iter().enumerate()
+        {
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            assert_eq!(o.status.code(), Some(2), "node {rank} ({differ:?}): {err}");
+            assert!(err.contains("map the shared region otherwise"), "node {rank}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //! - `sb` (store buffering): nodes 0 and 1 each write their own variable, then read the other's;
 //!   under sequential consistency at least one of them sees the other's write, every round.
 //! - `fill`: every node writes its own pages of the region with a pattern; after a barrier each
-//!   checks every node's pages.
+//!   checks every node's pages, and that each page's home is the node that wrote it first
+//!   (`MOSAIC_DSM_PLACEMENT=first-touch`) or page number modulo the nodes (by turns).
 //! - `iriw` (independent reads of independent writes, 4 nodes or more): nodes 0 and 1 write x and
 //!   y; node 2 reads x then y, node 3 reads y then x; under sequential consistency the two
 //!   readers never see the writes in opposite orders.
@@ -202,6 +203,7 @@ fn fill(job: &mut Job) -> Result<String, String> {
         word(job, 8 * PAGE + (me * per * PAGE) + 8 * i).store(pattern(me, i), Ordering::Relaxed);
     }
     barrier(job)?;
+    let first_touch = std::env::var("MOSAIC_DSM_PLACEMENT").is_ok_and(|p| p == "first-touch");
     for node in 0..size {
         for i in 0..words {
             let got = word(job, 8 * PAGE + (node * per * PAGE) + 8 * i).load(Ordering::Relaxed);
@@ -209,8 +211,17 @@ fn fill(job: &mut Job) -> Result<String, String> {
                 return Err(format!("node {node}'s word {i}: {got:#x}, expected {:#x}", pattern(node, i)));
             }
         }
+        for p in 0..per {
+            let page = 8 + node * per + p;
+            let home = job.home_of(job.as_ptr().wrapping_add(page * PAGE)).map_err(|e| chain(&e))?;
+            let want = if first_touch { node } else { page % size };
+            if home.map(usize::from) != Some(want) {
+                return Err(format!("page {page}, written first by node {node}: home {home:?}, expected {want}"));
+            }
+        }
     }
-    Ok(format!("{size} x {per} pages checked"))
+    let placed = if first_touch { "placed by first touch" } else { "homed by turns" };
+    Ok(format!("{size} x {per} pages checked, {placed}"))
 }
 
 fn locked_counter(job: &Job, rounds: u64) -> Result<String, String> {
