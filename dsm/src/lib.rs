@@ -42,7 +42,10 @@
 //! # }
 //! ```
 //!
-//! Not built yet (issue 12 of the tracker): network RAM behind the region, and speed.
+//! With memory servers and a budget ([`JobConfig::budget`]), the pages a node owns beyond its
+//! budget live on network RAM (see `job`'s `spill` module).
+//!
+//! Not built yet (issue 12 of the tracker): speed.
 
 pub mod alloc;
 pub mod job;

@@ -185,6 +185,55 @@ fn pages_placed_by_first_touch_are_homed_where_first_written() {
     assert!(outs.iter().all(|o| o.contains("both counters 300")), "{outs:?}");
 }
 
+/// The figure `name` of a node's printed stats (`name: N`).
+fn stat(out: &str, name: &str) -> u64 {
+    let at = out.find(&format!("{name}: ")).unwrap_or_else(|| panic!("no {name} in {out}")) + name.len() + 2;
+    out[at..].split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok()).expect("a number")
+}
+
+/// Each node keeps at most 64 pages mapped (a quarter of the region) and the pages it owns beyond
+/// that go to two memory servers (two copies each): every node's pages come back right, to it
+/// and to the others, and the litmus tests hold.
+#[test]
+fn pages_beyond_the_budget_go_to_memory_servers_and_come_back() {
+    let key = mosaic_transport::ClusterKey::from_bytes(KEY.as_bytes()).unwrap();
+    let cfg = || mosaic_netram::MemServerConfig::new(64 << 20, key.clone());
+    let a = mosaic_netram::MemServer::start("tcp://127.0.0.1:0", cfg()).unwrap();
+    let b = mosaic_netram::MemServer::start("tcp://127.0.0.1:0", cfg()).unwrap();
+    let servers = format!("{},{}", a.uri(), b.uri());
+    let env = [("MOSAIC_DSM_SERVERS", servers.as_str()), ("MOSAIC_DSM_BUDGET", "256K")];
+    for size in [1, 2, 3] {
+        let outs = job_with("spill", size, &["fill"], &env);
+        for (rank, o) in outs.iter().enumerate() {
+            assert!(stat(o, "pages_stored") > 0 && stat(o, "resident_pages") <= 64 + 32, "node {rank}: {o}");
+        }
+    }
+    for (size, args) in [(3, &["mp", "50"][..]), (2, &["sb", "50"]), (3, &["counter", "100"]), (3, &["lock", "50"])] {
+        job_with("spill", size, args, &env);
+    }
+    // First touch and spilling together.
+    let first_touch = [env[0], env[1], ("MOSAIC_DSM_PLACEMENT", "first-touch")];
+    job_with("spill", 3, &["fill"], &first_touch);
+}
+
+#[test]
+fn a_budget_without_servers_or_too_small_is_refused() {
+    for (env, want) in [
+        (&[("MOSAIC_DSM_BUDGET", "1M")][..], "no memory servers"),
+        (&[("MOSAIC_DSM_SERVERS", "tcp://127.0.0.1:1")], "no budget"),
+        (&[("MOSAIC_DSM_SERVERS", "tcp://127.0.0.1:1"), ("MOSAIC_DSM_BUDGET", "4K")], "at least 64 pages"),
+        (
+            &[("MOSAIC_DSM_SERVERS", "tcp://127.0.0.1:1"), ("MOSAIC_DSM_BUDGET", "1M")],
+            "memory servers behind the region",
+        ),
+        (&[("MOSAIC_DSM_BUDGET", "lots")], "MOSAIC_DSM_BUDGET: not a size"),
+    ] {
+        let o = finish(node_with(0, 1, &rendezvous("budget"), &["fill"], None, env), Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(2) && err.contains(want), "{env:?}: {err}");
+    }
+}
+
 #[test]
 fn a_job_of_one_node_works() {
     for test in ["counter", "mp", "sb", "fill"] {

@@ -13,7 +13,8 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use mosaic_dsm::RendezvousServer;
+use mosaic_dsm::{job, RendezvousServer};
+use mosaic_netram::{MemServer, MemServerConfig};
 use mosaic_transport::{ClusterKey, KEY_ENV, KEY_FILE_ENV};
 
 use crate::Cli;
@@ -91,8 +92,8 @@ pub fn run(cli: &Cli, n: u16) -> Result<ExitCode, String> {
     let dir = std::env::temp_dir().join(format!("mosaic-job-{}-{stamp}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot make the job's directory {}: {e}", dir.display()))?;
     let cleanup = RemoveDir(dir.clone());
-    let commands = if cli.hosts.is_empty() { on_this_host(cli, n, &dir)? } else { on_hosts(cli, n, &dir)? };
-    let (commands, _server) = commands;
+    let (commands, _rendezvous, _memory) =
+        if cli.hosts.is_empty() { on_this_host(cli, n, &dir)? } else { on_hosts(cli, n, &dir)? };
     let mut children = Vec::new();
     for (rank, mut cmd) in commands.into_iter().enumerate() {
         match cmd.spawn() {
@@ -115,16 +116,57 @@ pub fn run(cli: &Cli, n: u16) -> Result<ExitCode, String> {
     })
 }
 
-/// The nodes' commands, and the rendezvous server they meet at (if any: kept running until the
-/// job ends).
-type Launch = (Vec<Command>, Option<RendezvousServer>);
+/// The nodes' commands, the rendezvous server they meet at and the memory server mosrun runs for
+/// them (if any: kept running until the job ends).
+type Launch = (Vec<Command>, Option<RendezvousServer>, Option<MemServer>);
+
+/// An environment variable for the nodes: name and value.
+type EnvVar = (String, String);
+
+/// Network RAM behind the nodes' pages, when `--servers` or `--local-budget` is given: the
+/// settings for the nodes, and the memory server started for them on `listen_host` when no
+/// servers are given.
+fn network_ram(cli: &Cli, key: &ClusterKey, listen_host: &str) -> Result<(Vec<EnvVar>, Option<MemServer>), String> {
+    let Some(budget) = cli.local_budget else {
+        if cli.servers.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        return Err(
+            "-n with --servers needs --local-budget: the most of the shared region each node keeps mapped".into()
+        );
+    };
+    let mut embedded = None;
+    let servers = if cli.servers.is_empty() {
+        let s =
+            MemServer::start(&format!("tcp://{listen_host}:0"), MemServerConfig::new(cli.server_capacity, key.clone()))
+                .map_err(|e| format!("cannot start the memory server: {}", mosaic_transport::error_chain(&e)))?;
+        if cli.verbose {
+            eprintln!("mosrun: started a memory server at {} (up to {} MiB)", s.uri(), cli.server_capacity >> 20);
+        }
+        let uri = s.uri().to_string();
+        embedded = Some(s);
+        vec![uri]
+    } else {
+        cli.servers.clone()
+    };
+    let mut env =
+        vec![(job::SERVERS_ENV.to_string(), servers.join(",")), (job::BUDGET_ENV.to_string(), budget.to_string())];
+    if let Some(c) = cli.copies {
+        env.push((job::COPIES_ENV.to_string(), c.to_string()));
+    }
+    Ok((env, embedded))
+}
 
 /// Every node on this host, meeting in `dir`.
 fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
-    let key_text = match ClusterKey::from_env() {
-        Ok(_) => None,
-        Err(_) => Some(ClusterKey::random_text().map_err(|e| e.to_string())?),
+    let (key, key_text) = match ClusterKey::from_env() {
+        Ok(k) => (k, None),
+        Err(_) => {
+            let text = ClusterKey::random_text().map_err(|e| e.to_string())?;
+            (ClusterKey::from_bytes(text.as_bytes()).map_err(|e| e.to_string())?, Some(text))
+        }
     };
+    let (memory, memory_server) = network_ram(cli, &key, "127.0.0.1")?;
     if cli.verbose {
         eprintln!("mosrun: {n} nodes of {}, meeting in {}", cli.program[0], dir.display());
     }
@@ -134,14 +176,15 @@ fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
             cmd.args(&cli.program[1..])
                 .env("MOSAIC_DSM_RANK", rank.to_string())
                 .env("MOSAIC_DSM_SIZE", n.to_string())
-                .env("MOSAIC_DSM_RENDEZVOUS", dir);
+                .env("MOSAIC_DSM_RENDEZVOUS", dir)
+                .envs(memory.iter().map(|(k, v)| (k, v)));
             if let Some(text) = &key_text {
                 cmd.env(KEY_ENV, text).env_remove(KEY_FILE_ENV);
             }
             cmd
         })
         .collect();
-    Ok((commands, None))
+    Ok((commands, None, memory_server))
 }
 
 /// Node `i` on host `i mod H` through the launcher, meeting at a rendezvous server of ours.
@@ -173,6 +216,7 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
         }
     };
     let key = ClusterKey::from_file(&key_file).map_err(|e| e.to_string())?;
+    let (memory, memory_server) = network_ram(cli, &key, &uri_host(here))?;
     let server = RendezvousServer::start(&format!("tcp://{}:0", uri_host(here)), key, n)
         .map_err(|e| format!("cannot start the job's rendezvous on {here}: {}", mosaic_transport::error_chain(&e)))?;
     let template = cli.launcher.as_deref().unwrap_or(DEFAULT_LAUNCHER);
@@ -197,12 +241,13 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
                 .arg(format!("MOSAIC_DSM_RENDEZVOUS={}", server.uri()))
                 .arg(format!("MOSAIC_DSM_LISTEN=tcp://{}:0", uri_host(host.addr)))
                 .arg(format!("{KEY_FILE_ENV}={}", key_file.display()))
+                .args(memory.iter().map(|(k, v)| format!("{k}={v}")))
                 .args(&cli.program)
                 .env_remove(KEY_ENV);
             cmd
         })
         .collect();
-    Ok((commands, Some(server)))
+    Ok((commands, Some(server), memory_server))
 }
 
 /// Waits for every node; when one fails, stops the others. Returns the first failure.

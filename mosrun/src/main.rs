@@ -60,13 +60,15 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 )]
 struct Cli {
     /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: start one on
-    /// loopback for this run.
+    /// loopback for this run. With -n: where the nodes' pages beyond --local-budget go.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
     /// Local RAM for the program's anonymous memory (its large allocations get what the rest
-    /// leaves, at least a quarter): one budget for the program and all the processes it starts.
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    local_budget: u64,
+    /// leaves, at least a quarter): one budget for the program and all the processes it starts
+    /// [default: 1G]. With -n: the most of the shared region each node keeps mapped, the rest
+    /// going to the memory servers (--servers, or one mosrun starts).
+    #[arg(long, value_parser = parse_size)]
+    local_budget: Option<u64>,
     /// Smallest allocation given whole pages of the region; smaller ones share pages.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     threshold: u64,
@@ -95,8 +97,9 @@ struct Cli {
     /// written back, faults that waited for room (sets MOSAIC_STATS=1).
     #[arg(long)]
     stats: bool,
-    /// Run N copies of PROGRAM as the nodes of a DSM job, on this host or on --hosts (no
-    /// network RAM for them: the options above do not apply).
+    /// Run N copies of PROGRAM as the nodes of a DSM job, on this host or on --hosts (of the
+    /// options above, only --servers, --local-budget, --copies and --server-capacity apply:
+    /// network RAM behind the shared region when --servers or --local-budget is given).
     #[arg(long = "nodes", short = 'n', value_name = "N")]
     nodes: Option<u16>,
     /// With -n: run the nodes on these hosts instead of this one, node i on host i mod H. Each is
@@ -128,6 +131,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// `--local-budget` when not given (network RAM).
+const DEFAULT_BUDGET: u64 = 1 << 30;
 
 fn find_preload(cli: &Cli) -> Result<PathBuf, String> {
     if let Some(p) = cli.preload.clone().or_else(|| std::env::var_os("MOSAIC_PRELOAD_LIB").map(PathBuf::from)) {
@@ -162,18 +168,15 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     if let Some(n) = cli.nodes {
         return dsm_job::run(cli, n);
     }
+    let local_budget = cli.local_budget.unwrap_or(DEFAULT_BUDGET);
     let min_budget = MIN_BUDGET_PAGES * PAGE_SIZE as u64;
-    if cli.local_budget < min_budget {
-        return Err(format!(
-            "--local-budget {} is impossible: the least is {} KiB",
-            cli.local_budget,
-            min_budget / 1024
-        ));
+    if local_budget < min_budget {
+        return Err(format!("--local-budget {} is impossible: the least is {} KiB", local_budget, min_budget / 1024));
     }
     if cli.threshold < PAGE_SIZE as u64 {
         return Err(format!("--threshold must be at least one page ({PAGE_SIZE} bytes)"));
     }
-    if cli.size < cli.local_budget {
+    if cli.size < local_budget {
         return Err("--size must be at least --local-budget".into());
     }
     let preload = find_preload(cli)?;
@@ -219,11 +222,11 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
             cli.program[0],
             cli.threshold,
             servers.join(","),
-            cli.local_budget >> 20
+            local_budget >> 20
         );
     }
     // One budget for the job: a page of shared memory every process of it publishes in.
-    let (_budget, budget_fd) = mosaic_netram::SharedBudget::create(cli.local_budget)
+    let (_budget, budget_fd) = mosaic_netram::SharedBudget::create(local_budget)
         .map_err(|e| format!("cannot set up the job's shared budget: {}", mosaic_transport::error_chain(&e)))?;
     // SAFETY: clearing close-on-exec on our own descriptor, so the program inherits it.
     if unsafe { libc::fcntl(budget_fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
@@ -233,7 +236,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
     cmd.args(&cli.program[1..])
         .env("LD_PRELOAD", preloads)
         .env("MOSAIC_SERVERS", servers.join(","))
-        .env("MOSAIC_LOCAL_BUDGET", cli.local_budget.to_string())
+        .env("MOSAIC_LOCAL_BUDGET", local_budget.to_string())
         .env("MOSAIC_THRESHOLD", cli.threshold.to_string())
         .env("MOSAIC_NETRAM_SIZE", cli.size.to_string())
         .env("MOSAIC_BUDGET_FD", budget_fd.as_raw_fd().to_string());

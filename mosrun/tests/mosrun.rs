@@ -278,6 +278,31 @@ fn mosrun_n_starts_the_nodes_of_a_dsm_job() {
     }
 }
 
+/// `mosrun -n --local-budget` without servers: mosrun runs a memory server for the job and each
+/// node keeps at most the budget of the region mapped, the pages it owns beyond it going there.
+#[test]
+fn mosrun_n_with_a_budget_puts_the_nodes_pages_on_network_ram() {
+    let out = mosrun()
+        .args(["-n", "2", "--local-budget", "256K", "--verbose"])
+        .arg(dsm_litmus())
+        .arg("fill")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}{err}");
+    assert!(err.contains("started a memory server at tcp://127.0.0.1:"), "{err}");
+    for rank in 0..2 {
+        let line =
+            text.lines().find(|l| l.starts_with(&format!("rank {rank}: fill ok"))).unwrap_or_else(|| panic!("{text}"));
+        assert!(!line.contains("pages_stored: 0,"), "{line}");
+    }
+    let out =
+        mosrun().args(["-n", "2", "--servers", "tcp://127.0.0.1:1"]).arg(dsm_litmus()).arg("fill").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --local-budget"));
+}
+
 #[test]
 fn mosrun_n_stops_the_job_when_a_node_fails() {
     let start = std::time::Instant::now();

@@ -7,6 +7,8 @@
 //!   touch (served on the faulting thread), at most a resident budget of them stay local, dirty
 //!   ones are written back to every copy's server before they are dropped, and each slab of
 //!   pages is placed on servers by power of two choices over their free memory.
+//! - [`PageStore`] keeps pages on the servers for a layer that maps them itself (DSM nodes spill
+//!   the pages they own there when over their budget).
 //!
 //! # Losing a server
 //! With two or more copies (the default where two servers exist), reads fail over to another
@@ -45,12 +47,14 @@ pub mod proto;
 mod server;
 mod servers;
 mod size;
+mod store;
 
 pub use budget::SharedBudget;
 pub use client::{ForkTicket, NetRam, NetRamConfig, NetRamStats, MIN_BUDGET_PAGES};
 pub use error::{ConfigError, NetRamError, PageError, ServerError};
 pub use server::{MemServer, MemServerConfig, MemStore, StoreStats, MAX_CAPACITY_PAGES};
 pub use size::parse_size;
+pub use store::{PageStore, StoreError};
 
 /// Size of a page.
 pub const PAGE_SIZE: usize = mosaic_transport::PAGE_SIZE;

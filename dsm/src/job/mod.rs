@@ -40,6 +40,9 @@ use crate::protocol::{Access, Action, Homes, Msg, Node, NodeId, PageNo, Protocol
 use crate::rendezvous::Rendezvous;
 use crate::wire::{self, Envelope};
 
+mod spill;
+use spill::{Spill, SpillState};
+
 /// The transport method protocol messages travel by.
 const METHOD_PROTOCOL: u64 = 0x4453_4d01;
 /// The transport method of barrier arrivals (outside the coherence protocol).
@@ -87,6 +90,17 @@ pub struct JobConfig {
     /// pages it touched first never leave it until another node shares them. Off by default:
     /// pages homed by turns.
     pub first_touch: bool,
+    /// Memory servers (transport URIs) behind this node's pages: with a [`budget`](Self::budget),
+    /// the pages it owns beyond the budget go there (network RAM), so the region may be far
+    /// larger than the nodes' RAM. Empty: no servers, every page stays mapped.
+    pub servers: Vec<String>,
+    /// The most bytes of the region this node keeps mapped, with [`servers`](Self::servers)
+    /// (at least 64 pages); read-only copies of other nodes' pages are dropped first-in
+    /// first-out, pages it owns go to the servers.
+    pub budget: Option<u64>,
+    /// Copies of each page on distinct servers (1 to the number of servers; by default 2 with
+    /// two or more servers, so that one server's death loses nothing).
+    pub copies: Option<usize>,
     /// Longest wait for every peer to publish its address and accept a connection.
     pub join_timeout: Duration,
     /// Longest wait for one page; past it the access raises SIGBUS.
@@ -137,6 +151,16 @@ pub const FAULTS_ENV: &str = "MOSAIC_DSM_FAULTS";
 /// nodes, the default) or `first-touch` (at the node that touches each first).
 pub const PLACEMENT_ENV: &str = "MOSAIC_DSM_PLACEMENT";
 
+/// Memory servers behind each node's pages (optional; comma-separated URIs), with
+/// [`BUDGET_ENV`].
+pub const SERVERS_ENV: &str = "MOSAIC_DSM_SERVERS";
+
+/// The most of the region each node keeps mapped (like `512M`; with [`SERVERS_ENV`]).
+pub const BUDGET_ENV: &str = "MOSAIC_DSM_BUDGET";
+
+/// Copies of each spilled page on distinct servers (optional; with [`SERVERS_ENV`]).
+pub const COPIES_ENV: &str = "MOSAIC_DSM_COPIES";
+
 /// Each node's arena in bytes (optional; by default the heap's size divided by the nodes).
 pub const ARENA_BYTES_ENV: &str = "MOSAIC_DSM_ARENA_BYTES";
 
@@ -166,6 +190,9 @@ impl JobConfig {
             bytes,
             arena_bytes: None,
             first_touch: false,
+            servers: Vec::new(),
+            budget: None,
+            copies: None,
             join_timeout: Duration::from_secs(30),
             fault_timeout: Duration::from_secs(60),
             fault_mode: FaultMode::FaultingThread,
@@ -231,6 +258,19 @@ impl JobConfig {
         if let Some(first_touch) = env_choice(PLACEMENT_ENV, &placements, "not turns or first-touch")? {
             cfg.first_touch = first_touch;
         }
+        if let Ok(text) = std::env::var(SERVERS_ENV) {
+            cfg.servers = text.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+        }
+        if let Ok(text) = std::env::var(BUDGET_ENV) {
+            let bytes = mosaic_netram::parse_size(&text)
+                .map_err(|_| JoinError::Environment { name: BUDGET_ENV, why: "not a size (like 512M or 2G)" })?;
+            cfg.budget = Some(bytes);
+        }
+        if let Ok(text) = std::env::var(COPIES_ENV) {
+            let copies =
+                text.trim().parse().map_err(|_| JoinError::Environment { name: COPIES_ENV, why: "not a number" })?;
+            cfg.copies = Some(copies);
+        }
         if let Ok(text) = std::env::var(ARENA_BYTES_ENV) {
             let bytes = text
                 .trim()
@@ -241,6 +281,9 @@ impl JobConfig {
         Ok(cfg)
     }
 }
+
+/// The smallest budget of mapped pages a node may be given.
+const MIN_BUDGET_PAGES: u64 = 64;
 
 /// How long a waiting thread polls before it sleeps.
 const POLL: Duration = Duration::from_micros(100);
@@ -343,6 +386,9 @@ pub enum JoinError {
         #[source]
         source: mosaic_transport::ConnectError,
     },
+    /// The memory servers behind the region cannot be used.
+    #[error("memory servers behind the region")]
+    MemoryServers(#[source] mosaic_netram::NetRamError),
     /// The shared region could not be made.
     #[error("cannot map the shared region")]
     Region(#[source] mosaic_pager::PagerError),
@@ -428,6 +474,16 @@ pub struct JobStats {
     pub pages_sent: u64,
     /// Protocol bytes sent (headers and pages).
     pub bytes_sent: u64,
+    /// Pages of the region mapped here now.
+    pub resident_pages: u64,
+    /// Pages this node owns that are on the memory servers now, not mapped.
+    pub spilled_pages: u64,
+    /// Pages stored on the memory servers (each time one left).
+    pub pages_stored: u64,
+    /// Pages read back from the memory servers (mapped again, or sent to a peer).
+    pub pages_fetched: u64,
+    /// Read-only copies of other nodes' pages dropped to keep within the budget.
+    pub copies_dropped: u64,
 }
 
 /// The node's protocol state and what it has mapped, under one lock.
@@ -446,6 +502,8 @@ struct Local {
     /// Pages installed, made writable, write-protected or dropped so far (what faulting
     /// threads waiting on [`Shared::changed`] watch).
     changes: u64,
+    /// Pages this node owns on the memory servers, and the evictor's bookkeeping.
+    spill: SpillState,
 }
 
 /// One peer's outbox. Any thread may take its messages and send them (the thread that made
@@ -502,6 +560,8 @@ struct Shared {
     received: AtomicU64,
     pages_sent: AtomicU64,
     bytes_sent: AtomicU64,
+    /// Network RAM behind this node's pages, if it has a budget.
+    spill: Option<Spill>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -578,6 +638,8 @@ impl Shared {
             // live region, and write-protected or ours alone while the node's lock is held: the
             // protocol downgrades a page before sending it. 4096 bytes, no overlap with `p`.
             unsafe { std::ptr::copy_nonoverlapping(core.as_ptr().add(off), p.0.as_mut_ptr(), PAGE_SIZE) };
+        } else if local.spill.spilled.contains(&page) {
+            return self.fetch_spilled(page);
         } else if local.touched.contains(&page) || local.node.home_of(page) != Some(self.rank) {
             return Err(format!("page {page} is to be sent but is not mapped here"));
         }
@@ -637,6 +699,7 @@ impl Shared {
             }
             Action::Install { page, writable } => {
                 let bytes = local.staged.remove(&page).ok_or(format!("page {page} installed before it arrived"))?;
+                self.forget_stored(local, page);
                 if local.mapped.remove(&page) {
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                 }
@@ -646,12 +709,16 @@ impl Shared {
                 }
                 local.mapped.insert(page);
                 local.touched.insert(page);
+                self.note_mapped(local, page);
                 if writable {
                     core.write_protect(page, 1, false).map_err(|e| format!("page {page}: {e}"))?;
                 }
             }
             Action::Upgrade { page } => {
-                if local.mapped.contains(&page) {
+                local.spill.changing(page);
+                if local.spill.spilled.contains(&page) {
+                    // On the servers: mapped (writable) when next touched.
+                } else if local.mapped.contains(&page) {
                     core.write_protect(page, 1, false).map_err(|e| format!("page {page}: {e}"))?;
                 } else if local.touched.contains(&page) || local.node.home_of(page) != Some(self.rank) {
                     return Err(format!("page {page} is to be made writable but is not mapped here"));
@@ -664,6 +731,7 @@ impl Shared {
                 }
             }
             Action::Drop { page } => {
+                self.forget_stored(local, page);
                 if local.mapped.remove(&page) {
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                 }
@@ -859,6 +927,8 @@ enum Obtained<T> {
 impl PageSource for Source {
     fn fill(&self, fault: &Fault<'_>, _page: &mut Page) -> Result<Filled, FillError> {
         let want = if fault.write { Want::Write } else { Want::Read };
+        // A page is about to be mapped: within the budget, if the evictor can make room.
+        self.0.wait_for_room(Instant::now() + self.0.fault_timeout.saturating_sub(fault.waited));
         log::trace!("node {}: fault on page {} ({want:?}), waited {:?}", self.0.rank, fault.index, fault.waited);
         match self.obtain(fault, want, |local| self.present(local, fault, want)) {
             Obtained::Ready(done) => done,
@@ -967,6 +1037,16 @@ impl Source {
         if local.mapped.contains(&page) {
             return Some(Ok(Filled::Present));
         }
+        if local.spill.spilled.contains(&page) {
+            return Some(match s.unspill(local, page, fault.write) {
+                Ok(()) => Ok(Filled::Present),
+                Err(why) => {
+                    // Owned here and lost with its memory servers: the job cannot go on.
+                    s.break_job(why.clone());
+                    Err(FillError::new(PageError::Broken { page, why }))
+                }
+            });
+        }
         if local.touched.contains(&page) || local.node.home_of(page) != Some(s.rank) {
             let why = format!("page {page}: allowed here but not mapped");
             s.break_job(why.clone());
@@ -984,6 +1064,7 @@ impl Source {
             Ok(()) => {
                 local.mapped.insert(page);
                 local.touched.insert(page);
+                s.note_mapped(local, page);
                 Ok(Filled::Present)
             }
             Err(e) => Err(FillError::new(e)),
@@ -995,8 +1076,15 @@ impl Source {
     /// a downgrade made meanwhile); `None` if it may not yet.
     fn writable(&self, local: &mut Local, fault: &Fault<'_>) -> Option<WriteDecision> {
         let s = &self.0;
+        if !local.mapped.contains(&fault.index) {
+            // Dropped, or gone to the memory servers, meanwhile: the write retries and faults
+            // as a missing page.
+            return Some(WriteDecision::Retry);
+        }
         match local.node.access(fault.index) {
             Access::Write => {
+                // Written from now on: a copy on its way to the servers is stale.
+                local.spill.changing(fault.index);
                 if let Err(e) = fault.unprotect() {
                     s.break_job(format!("page {}: {e}", fault.index));
                 }
@@ -1183,6 +1271,28 @@ impl Job {
             homes = homes.first_touch();
         }
         let node = Node::with_homes(cfg.rank, homes).map_err(|e: ProtocolError| JoinError::Config(e.to_string()))?;
+        let spill = match (&cfg.budget, cfg.servers.is_empty()) {
+            (None, true) => None,
+            (Some(_), true) => {
+                return Err(JoinError::Config(format!(
+                    "a budget but no memory servers to hold what exceeds it (set {SERVERS_ENV})"
+                )))
+            }
+            (None, false) => return Err(JoinError::Config(format!("memory servers but no budget (set {BUDGET_ENV})"))),
+            (Some(bytes), false) => {
+                let pages = bytes / page;
+                if pages < MIN_BUDGET_PAGES {
+                    return Err(JoinError::Config(format!(
+                        "a budget of {bytes} bytes: at least {MIN_BUDGET_PAGES} pages ({} KiB)",
+                        MIN_BUDGET_PAGES * page / 1024
+                    )));
+                }
+                let copies = cfg.copies.unwrap_or(if cfg.servers.len() >= 2 { 2 } else { 1 });
+                let store = mosaic_netram::PageStore::connect(&cfg.servers, &cfg.key, copies)
+                    .map_err(JoinError::MemoryServers)?;
+                Some(Spill::new(store, pages))
+            }
+        };
         let shared = Arc::new(Shared {
             rank: cfg.rank,
             size: cfg.size,
@@ -1197,6 +1307,7 @@ impl Job {
                 inorder: Inorder::new(usize::from(cfg.size)),
                 abandoned: HashSet::new(),
                 changes: 0,
+                spill: SpillState::default(),
             }),
             core: OnceLock::new(),
             pages: total_pages,
@@ -1220,6 +1331,7 @@ impl Job {
             received: AtomicU64::new(0),
             pages_sent: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
+            spill,
         });
         let rcfg = RegionConfig::new(total_pages)
             .fixed_addr(cfg.addr)
@@ -1297,6 +1409,10 @@ impl Job {
             let rank = NodeId::try_from(rank).expect("at most MAX_NODES");
             let sender = shared.clone();
             job.threads.push(spawn("mosaic-dsm-send", move || sender.run_sender(rank, conn)));
+        }
+        if shared.spill.is_some() {
+            let evictor = shared.clone();
+            job.threads.push(spawn("mosaic-dsm-evict", move || evictor.run_evictor()));
         }
         job.joined = true;
         // Removed when this node leaves (a failed join leaves it: the others' errors then name
@@ -1494,12 +1610,22 @@ impl Job {
     /// What this node counted so far.
     pub fn stats(&self) -> JobStats {
         let s = &self.shared;
+        let (resident_pages, spilled_pages) = {
+            let local = lock(&s.local);
+            (local.mapped.len() as u64, local.spill.spilled.len() as u64)
+        };
+        let spilled = |f: fn(&Spill) -> &AtomicU64| s.spill.as_ref().map_or(0, |sp| f(sp).load(Ordering::Relaxed));
         JobStats {
             requests: s.requests.load(Ordering::Relaxed),
             messages_sent: s.sent.load(Ordering::Relaxed),
             messages_received: s.received.load(Ordering::Relaxed),
             pages_sent: s.pages_sent.load(Ordering::Relaxed),
             bytes_sent: s.bytes_sent.load(Ordering::Relaxed),
+            resident_pages,
+            spilled_pages,
+            pages_stored: spilled(|sp| &sp.stored),
+            pages_fetched: spilled(|sp| &sp.fetched),
+            copies_dropped: spilled(|sp| &sp.dropped_copies),
         }
     }
 
@@ -1697,6 +1823,9 @@ impl Job {
         s.stop.store(true, Ordering::Release);
         for o in &s.outboxes {
             o.ready.notify_all();
+        }
+        if let Some(spill) = &s.spill {
+            spill.work.notify_all();
         }
         // A thread still waiting for a page gives up now (SIGBUS), not at its time-out.
         {
