@@ -18,7 +18,9 @@
 //! - **Read miss** at R: R sends `Request(Read)` to the home. The home sends `Recall(keep)` to
 //!   the owner O, which write-protects its copy if it was writable ([`Action::Downgrade`]) and
 //!   sends `Data` straight to R (three hops when the home is neither). R installs the page
-//!   read-only and tells the home `Done`; the home adds R to the sharers.
+//!   read-only and tells the home `Done`; the home adds R to the sharers. When the home owns the
+//!   page it sends `Data` itself and the transaction ends there, with no `Done` (two messages):
+//!   whatever the home sends R next about the page travels behind the page, in order.
 //! - **Write miss or upgrade** at W: W sends `Request(Write)`. The home sends `Invalidate` to
 //!   every sharer but W and O, and `Recall(give up)` to O unless O is W; it tells W in `Grant` how
 //!   many answers to wait for and whether the page's bytes come with one of them (not if W already
@@ -752,9 +754,7 @@ impl Node {
                     }
                 }
                 dir.busy = None;
-                if let Some((next, want)) = dir.queue.pop_front() {
-                    self.start(page, next, want, &mut out)?;
-                }
+                self.start_queued(page, &mut out)?;
             }
             Msg::Dropped { .. } => {
                 let dir = self.directory_mut(page)?;
@@ -763,34 +763,7 @@ impl Node {
                 }
                 dir.sharers &= !bit(from);
             }
-            Msg::Recall { to, keep, send, .. } => {
-                let mut c = self.copy(page);
-                if !c.owner || c.access == Access::None {
-                    return Err(unexpected("this node does not own the page"));
-                }
-                if to >= self.homes.nodes {
-                    return Err(ProtocolError::UnknownNode { node: to, nodes: self.homes.nodes });
-                }
-                if send {
-                    // No local write may change the bytes while they are sent.
-                    if c.access == Access::Write {
-                        out.push(Action::Downgrade { page });
-                        c.access = Access::Read;
-                    }
-                    out.push(Action::Send { to, msg: Msg::Data { page } });
-                }
-                if !keep {
-                    out.push(Action::Drop { page });
-                    c.access = Access::None;
-                    c.owner = false;
-                    if !send {
-                        out.push(Action::Send { to, msg: Msg::InvalidateAck { page } });
-                    }
-                } else if !send {
-                    return Err(unexpected("a recall that keeps the page must send it"));
-                }
-                self.set_copy(page, c);
-            }
+            Msg::Recall { to, keep, send, .. } => self.recall(page, from, to, keep, send, &mut out)?,
             Msg::Invalidate { ack_to, .. } => {
                 let mut c = self.copy(page);
                 if c.owner || c.access == Access::Write {
@@ -830,7 +803,12 @@ impl Node {
                         c.access = Access::Read;
                         self.set_copy(page, c);
                         out.push(Action::Install { page, writable: false });
-                        out.push(Action::Send { to: self.known_home(page)?, msg: Msg::Done { page } });
+                        // From the home itself, the transaction ended as the page left (see
+                        // `start`); from a third node, the home waits to hear it is in.
+                        let home = self.known_home(page)?;
+                        if from != home {
+                            out.push(Action::Send { to: home, msg: Msg::Done { page } });
+                        }
                     }
                     Want::Write => {
                         p.answers += 1;
@@ -887,6 +865,7 @@ impl Node {
         want: Want,
         out: &mut Vec<Action>,
     ) -> Result<(), ProtocolError> {
+        let me = self.id;
         let dir = self.directory_mut(page)?;
         let owner = dir.owner;
         // Between transactions the owner holds the page, so it never needs to ask to read it.
@@ -899,6 +878,13 @@ impl Node {
                 msg: "Request",
                 why: "the owner asked to read the page it holds",
             });
+        }
+        if want == Want::Read && owner == me {
+            // The home owns the page: it sends it at once and the transaction is over (no `Done`
+            // comes back): whatever the home sends the requester next about the page follows
+            // the page on the same channel, so it finds the page installed.
+            dir.sharers |= bit(requester);
+            return self.recall(page, me, requester, true, true, out);
         }
         dir.busy = Some((requester, want));
         match want {
@@ -925,6 +911,60 @@ impl Node {
                 out.push(Action::Send { to: requester, msg: Msg::Grant { page, acks, data: !has_copy } });
             }
         }
+        Ok(())
+    }
+
+    /// Starts the transactions queued for `page` (this node is its home and idle for it) until
+    /// one stays running.
+    fn start_queued(&mut self, page: PageNo, out: &mut Vec<Action>) -> Result<(), ProtocolError> {
+        loop {
+            let dir = self.directory_mut(page)?;
+            if dir.busy.is_some() {
+                return Ok(());
+            }
+            let Some((next, want)) = dir.queue.pop_front() else { return Ok(()) };
+            self.start(page, next, want, out)?;
+        }
+    }
+
+    /// As the owner of `page`, recalled by `from` (the home, possibly this node): sends the
+    /// page to `to` if `send`, keeps a read-only copy if `keep`, else gives it up.
+    fn recall(
+        &mut self,
+        page: PageNo,
+        from: NodeId,
+        to: NodeId,
+        keep: bool,
+        send: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<(), ProtocolError> {
+        let unexpected = |why| ProtocolError::Unexpected { page, from, msg: "Recall", why };
+        let mut c = self.copy(page);
+        if !c.owner || c.access == Access::None {
+            return Err(unexpected("this node does not own the page"));
+        }
+        if to >= self.homes.nodes {
+            return Err(ProtocolError::UnknownNode { node: to, nodes: self.homes.nodes });
+        }
+        if send {
+            // No local write may change the bytes while they are sent.
+            if c.access == Access::Write {
+                out.push(Action::Downgrade { page });
+                c.access = Access::Read;
+            }
+            out.push(Action::Send { to, msg: Msg::Data { page } });
+        }
+        if !keep {
+            out.push(Action::Drop { page });
+            c.access = Access::None;
+            c.owner = false;
+            if !send {
+                out.push(Action::Send { to, msg: Msg::InvalidateAck { page } });
+            }
+        } else if !send {
+            return Err(unexpected("a recall that keeps the page must send it"));
+        }
+        self.set_copy(page, c);
         Ok(())
     }
 

@@ -60,10 +60,29 @@ impl PageStore {
 
     /// Stores `pages` (number, contents), replacing what was stored of them before. A page no
     /// server could take is an error (its previous copies, if any, are kept: they are stale,
-    /// and the caller must keep its own copy).
+    /// and the caller must keep its own copy). A page stored on fewer servers than the copies
+    /// asked for is stored (and logged).
     pub fn store(&self, pages: &[(u64, &Page)]) -> Result<(), StoreError> {
         let batch: Vec<(u64, &[u8; PAGE_SIZE])> = pages.iter().map(|(n, p)| (*n, &p.0)).collect();
-        let stored = self.servers.put(&batch);
+        let mut stored = self.servers.put(&batch);
+        if stored.iter().any(|m| (m.count_ones() as usize) < self.servers.copies()) {
+            // A server that was full may have room again (pages freed since): ask each how much
+            // it has, and try once more for what is short.
+            self.servers.check_sessions();
+            let short: Vec<usize> =
+                (0..stored.len()).filter(|k| (stored[*k].count_ones() as usize) < self.servers.copies()).collect();
+            let again: Vec<(u64, &[u8; PAGE_SIZE])> = short.iter().map(|k| batch[*k]).collect();
+            for (k, mask) in short.iter().zip(self.servers.put(&again)) {
+                stored[*k] |= mask;
+            }
+            if stored.iter().any(|m| *m != 0 && (m.count_ones() as usize) < self.servers.copies()) {
+                log::warn!(
+                    "some pages are stored on fewer than {} servers: {}",
+                    self.servers.copies(),
+                    self.describe()
+                );
+            }
+        }
         let mut stale: HashMap<u32, Vec<u64>> = HashMap::new();
         let mut failed = None;
         {
@@ -126,6 +145,12 @@ impl PageStore {
     /// Whether a copy of `page` is stored.
     pub fn holds(&self, page: u64) -> bool {
         crate::lock(&self.holders).contains_key(&page)
+    }
+
+    /// Whether a copy of `page` is stored on a server that is alive (as far as this store
+    /// knows): whether dropping the caller's own copy is safe.
+    pub fn readable(&self, page: u64) -> bool {
+        crate::lock(&self.holders).get(&page).is_some_and(|h| self.servers.live_holder(*h).is_some())
     }
 
     /// Pages stored.

@@ -693,8 +693,10 @@ impl Shared {
                     let mut q = lock(&out.queue);
                     e.seq = q.next_seq;
                     q.next_seq += 1;
+                    // Its sender thread is not woken here: the thread that made the message sends
+                    // it (`flush`) or answers with it, and wakes the senders for what is left
+                    // (`kick`) once it has released the node's lock.
                     q.messages.push_back(e);
-                    out.ready.notify_one();
                 }
             }
             Action::Install { page, writable } => {
@@ -856,23 +858,41 @@ impl Shared {
     /// Sends every waiting message on the calling thread (which must hold no lock of the
     /// node's), a few rounds at most; what remains is left to the sender threads.
     fn flush(&self) {
-        let Some(conns) = self.conns.get() else { return };
-        let mut buf = Vec::new();
         for _ in 0..4 {
-            let mut sent = false;
-            for (to, conn) in conns.iter().enumerate() {
-                let Some(conn) = conn else { continue };
-                let to = NodeId::try_from(to).expect("at most MAX_NODES");
-                let batch = self.take(to);
-                if !batch.is_empty() {
-                    sent = true;
-                    if self.send(to, conn, &batch, &mut buf).is_err() {
-                        return;
-                    }
+            if !self.flush_round() {
+                return;
+            }
+        }
+        self.kick();
+    }
+
+    /// Sends each peer's waiting messages once, on the calling thread (which must hold no lock
+    /// of the node's), handling what the answers bring. Returns whether it sent anything (and
+    /// no send failed).
+    fn flush_round(&self) -> bool {
+        let Some(conns) = self.conns.get() else { return false };
+        let mut buf = Vec::new();
+        let mut sent = false;
+        for (to, conn) in conns.iter().enumerate() {
+            let Some(conn) = conn else { continue };
+            let to = NodeId::try_from(to).expect("at most MAX_NODES");
+            let batch = self.take(to);
+            if !batch.is_empty() {
+                sent = true;
+                if self.send(to, conn, &batch, &mut buf).is_err() {
+                    return false;
                 }
             }
-            if !sent {
-                return;
+        }
+        sent
+    }
+
+    /// Wakes the sender thread of every peer with messages waiting (made by a thread that does
+    /// not send them itself). Call with no lock of the node's held.
+    fn kick(&self) {
+        for out in &self.outboxes {
+            if !lock(&out.queue).messages.is_empty() {
+                out.ready.notify_one();
             }
         }
     }
@@ -892,8 +912,12 @@ impl Shared {
                 }
             }
             let batch = self.take(to);
-            if !batch.is_empty() && self.send(to, &conn, &batch, &mut buf).is_err() {
-                return;
+            if !batch.is_empty() {
+                if self.send(to, &conn, &batch, &mut buf).is_err() {
+                    return;
+                }
+                // The answer's messages may have made some for other peers.
+                self.kick();
             }
         }
     }
@@ -927,8 +951,12 @@ enum Obtained<T> {
 impl PageSource for Source {
     fn fill(&self, fault: &Fault<'_>, _page: &mut Page) -> Result<Filled, FillError> {
         let want = if fault.write { Want::Write } else { Want::Read };
-        // A page is about to be mapped: within the budget, if the evictor can make room.
-        self.0.wait_for_room(Instant::now() + self.0.fault_timeout.saturating_sub(fault.waited));
+        // A page is about to be mapped: within the budget, if the evictor can make room (a fault
+        // worker does not wait: the budget is exceeded for a moment instead of the workers
+        // blocked).
+        if !fault.can_defer {
+            self.0.wait_for_room(Instant::now() + self.0.fault_timeout.saturating_sub(fault.waited) / 2);
+        }
         log::trace!("node {}: fault on page {} ({want:?}), waited {:?}", self.0.rank, fault.index, fault.waited);
         match self.obtain(fault, want, |local| self.present(local, fault, want)) {
             Obtained::Ready(done) => done,
@@ -982,12 +1010,27 @@ impl Source {
                 s.execute(&mut local, actions);
                 // A request to this node itself may be done already.
                 if let Some(t) = ready(&mut local) {
+                    drop(local);
+                    s.kick();
                     return Obtained::Ready(t);
                 }
                 drop(local);
                 // Sent from here, not by a sender thread woken for it: the answer (often the
-                // page itself) comes back on this call and is installed here too.
-                s.flush();
+                // page itself) comes back on this call and is installed here too. As soon as
+                // the access is allowed the fault returns; what follows (the `Done` to the
+                // home) is left to the sender threads.
+                for _ in 0..4 {
+                    if !s.flush_round() {
+                        break;
+                    }
+                    let mut local = lock(&s.local);
+                    if let Some(t) = ready(&mut local) {
+                        drop(local);
+                        s.kick();
+                        return Obtained::Ready(t);
+                    }
+                }
+                s.kick();
                 local = lock(&s.local);
                 if let Some(t) = ready(&mut local) {
                     return Obtained::Ready(t);
@@ -1191,6 +1234,8 @@ impl Service for Inbox {
         if !answer.is_empty() {
             s.sending.fetch_sub(1, Ordering::AcqRel); // counted by `take`; on its way now
         }
+        // What this node has for other peers (a recall, invalidations) goes by their senders.
+        s.kick();
         encoded?;
         s.count_sent(answer.len(), pages, response.len() - answered_from);
         Ok(())
@@ -1813,6 +1858,7 @@ impl Job {
     /// the region, so none still needs a page this node holds, then stops this node's threads and
     /// unmaps the region. Dropping a `Job` does the same, logging what goes wrong.
     pub fn leave(mut self) -> Result<(), JoinError> {
+        self.shared.stop_evictor();
         let r = self.arrive_and_wait(LEAVING, TAG_BARRIER, self.join_timeout);
         self.stop();
         r
@@ -1860,6 +1906,7 @@ impl Drop for Job {
             self.stop(); // a failed join: nobody to wait for
             return;
         }
+        self.shared.stop_evictor();
         if let Err(e) = self.arrive_and_wait(LEAVING, TAG_BARRIER, self.join_timeout) {
             log::warn!("dsm node {} leaving: {e}", self.shared.rank);
         }

@@ -17,7 +17,10 @@
 //! Anything that may change a page's bytes or mapping (a write fault, an install, an upgrade, a
 //! drop) clears its `evicting` mark, so a write made while the copy travels is never lost. A page
 //! mapped back from the servers stays write-protected and counts as `clean` (its stored copy is
-//! current) until written: evicting it again stores nothing.
+//! current) until written: evicting it again stores nothing, as long as a server holding that
+//! copy is alive. Copies that went stale (written, dropped, or stored while the page changed) are
+//! freed on the servers by the evictor, never under the node's lock. The evictor stops before
+//! the node leaves (nothing may be sent after the last barrier).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +45,11 @@ pub(super) struct Spill {
     pub(super) budget: u64,
     /// Signalled (with the node's lock) when the evictor has work, or made room.
     pub(super) work: Condvar,
+    /// Held by the evictor through each round; [`Shared::stop_evictor`] takes it to wait for
+    /// the round under way.
+    round: std::sync::Mutex<()>,
+    /// The node is leaving: no round starts any more.
+    stopped: std::sync::atomic::AtomicBool,
     /// The evictor could not store pages lately: faults do not wait for room it cannot make.
     pub(super) stuck_until: std::sync::Mutex<Option<Instant>>,
     pub(super) stored: AtomicU64,
@@ -58,16 +66,20 @@ pub(super) struct SpillState {
     pub(super) clean: HashSet<PageNo>,
     /// Pages whose copy is on its way to the servers.
     pub(super) evicting: HashSet<PageNo>,
-    /// Mapped pages, oldest first (may hold pages unmapped since: skipped).
+    /// Mapped pages, oldest first (may hold pages unmapped since, or twice: skipped).
     pub(super) order: VecDeque<PageNo>,
+    /// Pages whose stored copy went stale: to be freed on the servers.
+    pub(super) stale: Vec<PageNo>,
 }
 
 impl SpillState {
     /// `page` may change (written, installed, dropped): its stored copy, if any, is stale and an
     /// eviction under way must not drop it.
     pub(super) fn changing(&mut self, page: PageNo) {
+        if self.clean.remove(&page) {
+            self.stale.push(page);
+        }
         self.evicting.remove(&page);
-        self.clean.remove(&page);
     }
 }
 
@@ -77,6 +89,8 @@ impl Spill {
             store,
             budget,
             work: Condvar::new(),
+            round: std::sync::Mutex::new(()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             stuck_until: std::sync::Mutex::new(None),
             stored: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
@@ -90,9 +104,26 @@ impl Shared {
     /// budget.
     pub(super) fn note_mapped(&self, local: &mut Local, page: PageNo) {
         let Some(spill) = &self.spill else { return };
-        local.spill.order.push_back(page);
+        let order = &mut local.spill.order;
+        order.push_back(page);
+        if order.len() > 2 * local.mapped.len() + 64 {
+            // Mostly pages unmapped since, or queued twice: keep each mapped page once.
+            let mut seen = HashSet::new();
+            let mapped = &local.mapped;
+            order.retain(|p| mapped.contains(p) && seen.insert(*p));
+        }
         if local.mapped.len() as u64 > spill.budget {
             spill.work.notify_all();
+        }
+    }
+
+    /// Stops the evictor before the node leaves: no round starts after this, and the one under
+    /// way (if any) is over when it returns.
+    pub(super) fn stop_evictor(&self) {
+        if let Some(spill) = &self.spill {
+            spill.stopped.store(true, Ordering::Release);
+            spill.work.notify_all();
+            drop(lock(&spill.round));
         }
     }
 
@@ -123,16 +154,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Forgets any stored copy of a page that leaves this node (dropped by the protocol): it is
-    /// not this node's to answer for any more.
+    /// A page that leaves this node, or comes anew (dropped or installed by the protocol): its
+    /// stored copy, if any, is not this node's to answer for any more (freed by the evictor).
     pub(super) fn forget_stored(&self, local: &mut Local, page: PageNo) {
+        if self.spill.is_none() {
+            return;
+        }
         local.spill.changing(page);
         local.spill.spilled.remove(&page);
-        if let Some(spill) = &self.spill {
-            if spill.store.holds(page) {
-                spill.store.forget(&[page]);
-            }
-        }
+        local.spill.stale.push(page);
     }
 
     /// Waits (a little at a time, at most until `deadline`) while the node maps more than its
@@ -143,6 +173,7 @@ impl Shared {
         while local.mapped.len() as u64 >= spill.budget + SLACK
             && Instant::now() < deadline
             && !self.stop.load(Ordering::Acquire)
+            && !spill.stopped.load(Ordering::Acquire)
             && self.broken().is_none()
         {
             if lock(&spill.stuck_until).is_some_and(|t| Instant::now() < t) {
@@ -157,24 +188,36 @@ impl Shared {
     pub(super) fn run_evictor(&self) {
         let Some(spill) = &self.spill else { return };
         let low = spill.budget - spill.budget / 16;
+        let stopped = || self.stop.load(Ordering::Acquire) || spill.stopped.load(Ordering::Acquire);
+        let mut pause = false;
         loop {
             {
                 let mut local = lock(&self.local);
-                while local.mapped.len() as u64 <= spill.budget && !self.stop.load(Ordering::Acquire) {
+                while (pause || local.mapped.len() as u64 <= spill.budget) && local.spill.stale.is_empty() && !stopped()
+                {
                     local = spill.work.wait_timeout(local, WAKE).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+                    pause = false;
                 }
             }
-            if self.stop.load(Ordering::Acquire) {
+            let _round = lock(&spill.round);
+            if stopped() {
                 return;
             }
-            while !self.stop.load(Ordering::Acquire) {
+            self.free_stale(spill);
+            pause = false;
+            while !stopped() {
                 let over = lock(&self.local).mapped.len() as u64;
                 if over <= low {
                     break;
                 }
                 let want = usize::try_from(over - low).unwrap_or(ROUND).min(ROUND);
                 match self.evict_round(spill, want) {
-                    Ok(0) => break, // nothing can go now (every page busy): look again later
+                    Ok(0) => {
+                        // Nothing can go now (every page busy): faults need not wait for it.
+                        *lock(&spill.stuck_until) = Some(Instant::now() + WAKE);
+                        pause = true;
+                        break;
+                    }
                     Ok(_) => *lock(&spill.stuck_until) = None,
                     Err(e) => {
                         log::warn!("dsm node {}: cannot make room: {e}; over the budget until it can", self.rank);
@@ -188,11 +231,21 @@ impl Shared {
         }
     }
 
+    /// Frees the stale copies on the servers (the lock released meanwhile).
+    fn free_stale(&self, spill: &Spill) {
+        let stale = std::mem::take(&mut lock(&self.local).spill.stale);
+        if !stale.is_empty() {
+            spill.store.forget(&stale);
+        }
+    }
+
     /// One round: up to `want` pages leave. Returns how many did.
     fn evict_round(&self, spill: &Spill, want: usize) -> Result<usize, String> {
         let core = self.core()?;
         let mut copies: Vec<(PageNo, Box<Page>)> = Vec::new();
         let mut gone = 0;
+        // The homes are told of the copies dropped (`Dropped`) when the lock is released.
+        let _tell = Flush(self);
         {
             let mut local = lock(&self.local);
             let mut looked = 0;
@@ -219,8 +272,8 @@ impl Shared {
                     }
                     continue;
                 }
-                if local.spill.clean.contains(&page) {
-                    // Its stored copy is current: nothing to store.
+                if local.spill.clean.contains(&page) && spill.store.readable(page) {
+                    // Its stored copy is current, on a live server: nothing to store.
                     core.drop_pages(page, 1).map_err(|e| format!("page {page}: {e}"))?;
                     local.mapped.remove(&page);
                     local.spill.clean.remove(&page);
@@ -229,10 +282,24 @@ impl Shared {
                     gone += 1;
                     continue;
                 }
+                local.spill.clean.remove(&page);
                 if local.node.access(page) == Access::Write {
-                    core.write_protect(page, 1, true).map_err(|e| format!("page {page}: {e}"))?;
+                    if let Err(e) = core.write_protect(page, 1, true) {
+                        local.spill.order.push_back(page);
+                        return Err(format!("page {page}: {e}"));
+                    }
                 }
-                copies.push((page, self.read_page(&local, page)?));
+                match self.read_page(&local, page) {
+                    Ok(bytes) => copies.push((page, bytes)),
+                    Err(e) => {
+                        local.spill.order.push_back(page);
+                        Self::keep(&mut local, &copies);
+                        return Err(e);
+                    }
+                }
+                // Picked to be stored anew: a free of its old copy still queued would free the
+                // new one.
+                local.spill.stale.retain(|p| *p != page);
                 local.spill.evicting.insert(page);
             }
         }
@@ -243,25 +310,51 @@ impl Shared {
         let stored = spill.store.store(&batch);
         let mut local = lock(&self.local);
         if let Err(e) = stored {
-            for (page, _) in &copies {
-                if local.spill.evicting.remove(page) {
-                    local.spill.order.push_back(*page);
-                }
-            }
+            Self::keep(&mut local, &copies);
             return Err(e.to_string());
         }
         spill.stored.fetch_add(copies.len() as u64, Ordering::Relaxed);
-        for (page, _) in &copies {
-            if local.spill.evicting.remove(page) && local.mapped.contains(page) {
-                core.drop_pages(*page, 1).map_err(|e| format!("page {page}: {e}"))?;
-                local.mapped.remove(page);
-                local.spill.spilled.insert(*page);
+        for (k, (page, _)) in copies.iter().enumerate() {
+            let page = *page;
+            if local.spill.evicting.remove(&page) && local.mapped.contains(&page) {
+                if let Err(e) = core.drop_pages(page, 1) {
+                    Self::keep(&mut local, &copies[k..]);
+                    return Err(format!("page {page}: {e}"));
+                }
+                local.mapped.remove(&page);
+                local.spill.spilled.insert(page);
                 local.changes += 1;
                 gone += 1;
-            } else if local.mapped.contains(page) {
-                local.spill.order.push_back(*page); // written meanwhile: stays, its copy stale
+            } else {
+                // Written, dropped or installed anew meanwhile: the copy just stored is stale.
+                local.spill.stale.push(page);
+                if local.mapped.contains(&page) {
+                    local.spill.order.push_back(page);
+                }
             }
         }
         Ok(gone)
+    }
+
+    /// Pages picked for a round that stay mapped after all (the round failed): no longer
+    /// `evicting`, back in the evictor's order.
+    fn keep(local: &mut Local, copies: &[(PageNo, Box<Page>)]) {
+        for (page, _) in copies {
+            local.spill.evicting.remove(page);
+            // Whatever was stored of it (a store can fail for some pages only) is not tracked.
+            local.spill.stale.push(*page);
+            if local.mapped.contains(page) {
+                local.spill.order.push_back(*page);
+            }
+        }
+    }
+}
+
+/// Sends the node's waiting messages when dropped (after the lock taken meanwhile is released).
+struct Flush<'a>(&'a Shared);
+
+impl Drop for Flush<'_> {
+    fn drop(&mut self) {
+        self.0.flush();
     }
 }
