@@ -327,8 +327,14 @@ fn jacobi_node(n: usize, iterations: usize) -> Result<(), String> {
     let stats = job.stats();
     job.leave().map_err(|e| mosaic_transport::error_chain(&e))?;
     println!(
-        "OUTCOME {:.12e} {:016x} {:.1} {} {}",
-        o.sum, o.bits, o.us_per_iteration, stats.messages_sent, stats.bytes_sent
+        "OUTCOME {:.12e} {:016x} {:.1} {} {} {} {}",
+        o.sum,
+        o.bits,
+        o.us_per_iteration,
+        stats.messages_sent,
+        stats.bytes_sent,
+        stats.pages_stored,
+        stats.pages_fetched
     );
     Ok(())
 }
@@ -344,7 +350,7 @@ fn dsm_part(cli: &Cli) -> Result<(), String> {
     );
     let mut results = Vec::new();
     for nodes in [1, cli.dsm_nodes] {
-        let outs = jacobi_job(nodes, n, iterations)?;
+        let outs = jacobi_job(nodes, n, iterations, &[])?;
         let o = &outs[0];
         let agree = outs.iter().all(|x| x[..2] == o[..2]);
         let messages: u64 = outs.iter().filter_map(|x| x[3].parse::<u64>().ok()).sum();
@@ -368,11 +374,47 @@ fn dsm_part(cli: &Cli) -> Result<(), String> {
         return Err(format!("the {}-process grid differs from the one-process grid", cli.dsm_nodes));
     }
     println!("  the same grid, bit for bit, on 1 and {} processes", cli.dsm_nodes);
+    behind_network_ram(cli, &results[0])
+}
+
+/// Jacobi again on `--dsm-nodes` processes, each page homed where first touched and each node
+/// keeping at most an eighth of the region mapped: the rest on a memory server.
+fn behind_network_ram(cli: &Cli, want: &[String]) -> Result<(), String> {
+    let (n, iterations, nodes) = (cli.dsm_grid, cli.dsm_iterations, cli.dsm_nodes);
+    let key = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let server_key = ClusterKey::from_bytes(key.as_bytes()).map_err(|e| e.to_string())?;
+    let server = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(1 << 30, server_key))
+        .map_err(|e| mosaic_transport::error_chain(&e))?;
+    let budget = (jacobi::region_bytes(n) / 8).max(64 * 4096);
+    let env = [
+        ("MOSAIC_DSM_SERVERS".to_string(), server.uri().to_string()),
+        ("MOSAIC_DSM_BUDGET".to_string(), budget.to_string()),
+        ("MOSAIC_DSM_PLACEMENT".to_string(), "first-touch".to_string()),
+        (mosaic_transport::KEY_ENV.to_string(), key),
+    ];
+    let outs = jacobi_job(nodes, n, iterations, &env)?;
+    let o = &outs[0];
+    let stored: u64 = outs.iter().filter_map(|x| x.get(5)?.parse::<u64>().ok()).sum();
+    let fetched: u64 = outs.iter().filter_map(|x| x.get(6)?.parse::<u64>().ok()).sum();
+    println!(
+        "  {nodes} processes, pages homed where first touched, each keeping at most {} KiB of the {} KiB region \
+         mapped: checksum {} {}, {} us per iteration; {stored} pages went to the memory server, {fetched} came back",
+        budget / 1024,
+        jacobi::region_bytes(n) / 1024,
+        o[0],
+        o[1],
+        o[2]
+    );
+    if outs.iter().any(|x| x[..2] != want[..2]) {
+        return Err("the grid computed behind network RAM differs from the one-process grid".into());
+    }
+    println!("  the same grid again, bit for bit");
     Ok(())
 }
 
-/// Runs `nodes` copies of this binary as a DSM job; returns each node's outcome fields.
-fn jacobi_job(nodes: u16, n: usize, iterations: usize) -> Result<Vec<Vec<String>>, String> {
+/// Runs `nodes` copies of this binary as a DSM job (with `env` besides: it may set the key);
+/// returns each node's outcome fields.
+fn jacobi_job(nodes: u16, n: usize, iterations: usize, env: &[(String, String)]) -> Result<Vec<Vec<String>>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let key = ClusterKey::random_text().map_err(|e| e.to_string())?;
     let dir = std::env::temp_dir().join(format!("mosaic-demo-dsm-{}-{nodes}", std::process::id()));
@@ -385,6 +427,7 @@ fn jacobi_job(nodes: u16, n: usize, iterations: usize) -> Result<Vec<Vec<String>
                 .env("MOSAIC_DSM_SIZE", nodes.to_string())
                 .env("MOSAIC_DSM_RENDEZVOUS", &dir)
                 .env(mosaic_transport::KEY_ENV, &key)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::piped())
                 .spawn()
                 .map_err(|e| format!("cannot start DSM node {rank}: {e}"))
