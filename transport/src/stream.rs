@@ -20,9 +20,9 @@ pub struct WaitPolicy {
     /// Offer the CPU to any other runnable thread between polls (`sched_yield`) instead of
     /// pausing on it: for threads that outnumber the CPUs, where the thread that would produce
     /// the awaited bytes may be queued for this very CPU. (Measured on 2 vCPUs, a DSM job of 2
-    /// processes: barriers 5-9 us instead of 130-240, Jacobi 1.1-4x faster, while a lone lock
-    /// takes 20-43 us instead of 3.4-4.7 and a read miss 39-44 instead of 15-24; plain polls for
-    /// the first 5 us did worse than either. BENCHMARKS.md, 2026-12-05.)
+    /// processes: barriers 5-15 us instead of 220-250, a read miss about the same, a lone lock
+    /// 3.8-9.8 us instead of 2.6; plain polls for the first 5 us did worse than either.
+    /// BENCHMARKS.md, 2026-12-05.)
     pub yielding: bool,
 }
 
