@@ -46,6 +46,19 @@ fn finish(mut child: Child, limit: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// Waits for every node (a minute at most) and asserts that each succeeded.
+fn all_ok(children: Vec<Child>) {
+    for (rank, c) in children.into_iter().enumerate() {
+        let o = finish(c, Duration::from_secs(60));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains(" ok: "),
+            "node {rank}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
 /// Runs `args` on `size` nodes; returns each node's stdout, asserting that all succeeded.
 fn job(name: &str, size: u16, args: &[&str]) -> Vec<String> {
     job_with(name, size, args, &[])
@@ -151,15 +164,7 @@ fn a_lock_given_up_on_is_handed_back_when_it_is_granted() {
             node_with(r, 2, &dir, &["abandon"], None, &[("MOSAIC_DSM_FAULT_TIMEOUT_MS", timeout)])
         })
         .collect();
-    for (rank, c) in children.into_iter().enumerate() {
-        let o = finish(c, Duration::from_secs(60));
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && out.contains(" ok: "),
-            "node {rank}: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    all_ok(children);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -270,15 +275,7 @@ fn nodes_meet_at_a_rendezvous_server_and_listen_where_told() {
             node_with(r, 3, &at, &["mp", "50"], None, &[("MOSAIC_DSM_LISTEN", &listen)])
         })
         .collect();
-    for (rank, c) in children.into_iter().enumerate() {
-        let o = finish(c, Duration::from_secs(60));
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success() && out.contains(" ok: "),
-            "node {rank}: {out}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    all_ok(children);
     // One node short: the others name it within their join time-out.
     let server = mosaic_dsm::RendezvousServer::start(
         "tcp://127.0.0.1:0",

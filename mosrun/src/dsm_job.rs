@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use mosaic_dsm::{job, RendezvousServer};
-use mosaic_netram::{MemServer, MemServerConfig};
+use mosaic_netram::MemServer;
 use mosaic_transport::{ClusterKey, KEY_ENV, KEY_FILE_ENV};
 
 use crate::Cli;
@@ -135,20 +135,7 @@ fn network_ram(cli: &Cli, key: &ClusterKey, listen_host: &str) -> Result<(Vec<En
             "-n with --servers needs --local-budget: the most of the shared region each node keeps mapped".into()
         );
     };
-    let mut embedded = None;
-    let servers = if cli.servers.is_empty() {
-        let s =
-            MemServer::start(&format!("tcp://{listen_host}:0"), MemServerConfig::new(cli.server_capacity, key.clone()))
-                .map_err(|e| format!("cannot start the memory server: {}", mosaic_transport::error_chain(&e)))?;
-        if cli.verbose {
-            eprintln!("mosrun: started a memory server at {} (up to {} MiB)", s.uri(), cli.server_capacity >> 20);
-        }
-        let uri = s.uri().to_string();
-        embedded = Some(s);
-        vec![uri]
-    } else {
-        cli.servers.clone()
-    };
+    let (servers, embedded) = crate::servers_or_one_of_ours(cli, key, listen_host)?;
     let mut env =
         vec![(job::SERVERS_ENV.to_string(), servers.join(",")), (job::BUDGET_ENV.to_string(), budget.to_string())];
     if let Some(c) = cli.copies {

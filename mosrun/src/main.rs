@@ -150,6 +150,20 @@ fn find_preload(cli: &Cli) -> Result<PathBuf, String> {
     })
 }
 
+/// The memory servers of the run: `--servers`, or one started here on `host` (kept running as
+/// long as the returned server lives) with `key`.
+fn servers_or_one_of_ours(cli: &Cli, key: &ClusterKey, host: &str) -> Result<(Vec<String>, Option<MemServer>), String> {
+    if !cli.servers.is_empty() {
+        return Ok((cli.servers.clone(), None));
+    }
+    let s = MemServer::start(&format!("tcp://{host}:0"), MemServerConfig::new(cli.server_capacity, key.clone()))
+        .map_err(|e| format!("cannot start a memory server on {host}: {}", mosaic_transport::error_chain(&e)))?;
+    if cli.verbose {
+        eprintln!("mosrun: started a memory server at {} (up to {} MiB)", s.uri(), cli.server_capacity >> 20);
+    }
+    Ok((vec![s.uri().to_string()], Some(s)))
+}
+
 /// Connects to `uri`, opens and closes a session: the server answers and shares our key.
 fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
     let conn = connect(uri, &ConnectOptions::new(key.clone()).timeout(std::time::Duration::from_secs(5)))
@@ -189,19 +203,7 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
         Err(e) => return Err(format!("{e} (needed to talk to --servers)")),
     };
-    let mut embedded = None;
-    let servers = if cli.servers.is_empty() {
-        let s = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(cli.server_capacity, key.clone()))
-            .map_err(|e| format!("cannot start the loopback memory server: {}", mosaic_transport::error_chain(&e)))?;
-        if cli.verbose {
-            eprintln!("mosrun: started a memory server at {} (up to {} MiB)", s.uri(), cli.server_capacity >> 20);
-        }
-        let uri = s.uri().to_string();
-        embedded = Some(s);
-        vec![uri]
-    } else {
-        cli.servers.clone()
-    };
+    let (servers, embedded) = servers_or_one_of_ours(cli, &key, "127.0.0.1")?;
     for s in &servers {
         check_server(s, &key)?;
     }

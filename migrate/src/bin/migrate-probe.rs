@@ -1,0 +1,120 @@
+//! Moves a region between two processes and checks it arrived whole (the migration tests'
+//! helper; the key comes from `MOSAIC_CLUSTER_KEY`):
+//!
+//! ```text
+//! migrate-probe source MIB PCT [URI]   fills PCT% of a MIB MiB region, freezes it, prints
+//!                                      `URI <uri>`, waits until every page left, prints `SENT PAGES n BYTES n FETCHED n`
+//! migrate-probe dest URI MIB PCT       maps it here, checks every page (a pattern where filled,
+//!                                      zeros elsewhere), waits for the rest, prints `OK FAULTED n PUSHED n ZERO n ...`
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use mosaic_migrate::{Incoming, Outgoing};
+use mosaic_transport::ClusterKey;
+
+/// Where the region lives in both processes.
+const ADDR: usize = 0x6100_0000_0000;
+const PAGE: usize = 4096;
+
+/// Whether page `p` is among the PCT% filled.
+fn filled(p: usize, pct: usize) -> bool {
+    (p * 7919) % 100 < pct
+}
+
+/// The word `i` of page `p`.
+fn pattern(p: usize, i: usize) -> u64 {
+    (p as u64) << 20 | i as u64 | 1
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["source", mib, pct] => source(mib, pct, "tcp://127.0.0.1:0"),
+        ["source", mib, pct, uri] => source(mib, pct, uri),
+        ["dest", uri, mib, pct] => dest(uri, mib, pct),
+        _ => Err("usage: migrate-probe source MIB PCT [URI] | dest URI MIB PCT".into()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migrate-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn numbers(mib: &str, pct: &str) -> Result<(usize, usize), String> {
+    let mib: usize = mib.parse().map_err(|_| format!("{mib}: not a number of MiB"))?;
+    let pct: usize = pct.parse().ok().filter(|p| *p <= 100).ok_or(format!("{pct}: not a percentage"))?;
+    Ok((mib << 20, pct))
+}
+
+fn key() -> Result<ClusterKey, String> {
+    ClusterKey::from_env().map_err(|e| e.to_string())
+}
+
+fn source(mib: &str, pct: &str, uri: &str) -> Result<(), String> {
+    let (len, pct) = numbers(mib, pct)?;
+    // SAFETY: a fresh private anonymous mapping at a fixed address nothing else uses (the call
+    // fails rather than replace a mapping).
+    let p = unsafe {
+        libc::mmap(
+            ADDR as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p != ADDR as *mut libc::c_void {
+        return Err(format!("cannot map {len} bytes at {ADDR:#x}: {}", std::io::Error::last_os_error()));
+    }
+    for page in (0..len / PAGE).filter(|p| filled(*p, pct)) {
+        for i in 0..PAGE / 8 {
+            // SAFETY: inside the mapping just made, aligned, used by this thread only.
+            unsafe { (ADDR as *mut u64).add(page * PAGE / 8 + i).write(pattern(page, i)) };
+        }
+    }
+    let t = Instant::now();
+    // SAFETY: the mapping made above, not used by this process after this point.
+    let out = unsafe { Outgoing::freeze(ADDR, len, uri, key()?) }.map_err(|e| mosaic_transport::error_chain(&e))?;
+    let freeze_us = t.elapsed().as_micros();
+    println!("URI {} PRESENT {} FREEZE_US {freeze_us}", out.uri(), out.descriptor().present_pages());
+    let _ = std::io::stdout().flush();
+    let s = out.finish(Duration::from_secs(300)).map_err(|e| mosaic_transport::error_chain(&e))?;
+    println!("SENT PAGES {} BYTES {} FETCHED {}", s.pages_sent, s.bytes_sent, s.pages_fetched);
+    Ok(())
+}
+
+fn dest(uri: &str, mib: &str, pct: &str) -> Result<(), String> {
+    let (len, pct) = numbers(mib, pct)?;
+    let t = Instant::now();
+    let mut inc = Incoming::connect(uri, key()?).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let running_us = t.elapsed().as_micros();
+    if inc.as_ptr() as usize != ADDR || inc.len() != len {
+        return Err(format!("a region of {} bytes at {:p}", inc.len(), inc.as_ptr()));
+    }
+    // From the end backwards: against the stream's direction, so faults and the stream meet.
+    for page in (0..len / PAGE).rev() {
+        for i in [0, PAGE / 8 - 1] {
+            // SAFETY: inside the migrated region, mapped while `inc` lives; aligned.
+            let got = unsafe { (ADDR as *const u64).add(page * PAGE / 8 + i).read_volatile() };
+            let want = if filled(page, pct) { pattern(page, i) } else { 0 };
+            if got != want {
+                return Err(format!("page {page} word {i}: {got:#x}, expected {want:#x}"));
+            }
+        }
+    }
+    let s = inc.wait_resident(Duration::from_secs(300)).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let residence_ms = t.elapsed().as_millis();
+    println!(
+        "OK FAULTED {} PUSHED {} ZERO {} BYTES {} RUNNING_US {running_us} RESIDENCE_MS {residence_ms}",
+        s.faulted, s.pushed, s.zero, s.bytes_received
+    );
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! The destination of a region post-copy: maps the region at its address at once, fetches what
+//! faults need, and pulls the rest in the background.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mosaic_pager::{Fault, FaultMode, FillError, Filled, Outcome, Page, PageSource, Region, RegionConfig, Token};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
+
+use crate::source::lock;
+use crate::wire::{decode_batch, Descriptor, DESCRIBE, FETCH, MOST, NEXT};
+use crate::MigrateError;
+
+/// What the destination counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IncomingStats {
+    /// Pages a fault fetched.
+    pub faulted: u64,
+    /// Pages the background stream brought.
+    pub pushed: u64,
+    /// Pages that were zeros at the source (never sent).
+    pub zero: u64,
+    /// Bytes received (pages and their headers).
+    pub bytes_received: u64,
+}
+
+struct Shared {
+    desc: Descriptor,
+    present: Vec<u64>,
+    conn: Connection,
+    /// Pages that arrived here (installed, or on their way into the region), one bit each.
+    here: Mutex<Vec<u64>>,
+    arrived: Condvar,
+    /// The latest page a fault asked for: where the background stream goes on from.
+    hint: AtomicU64,
+    stop: AtomicBool,
+    /// Why the background stream stopped early, if it did.
+    failed: Mutex<Option<String>>,
+    faulted: AtomicU64,
+    pushed: AtomicU64,
+    zero: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn bit(bits: &[u64], p: u64) -> bool {
+    bits.get((p / 64) as usize).is_some_and(|w| w & (1 << (p % 64)) != 0)
+}
+
+fn set(bits: &mut [u64], p: u64) {
+    if let Some(w) = bits.get_mut((p / 64) as usize) {
+        *w |= 1 << (p % 64);
+    }
+}
+
+/// How long a fault waits for a page the background stream is bringing.
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Source(Arc<Shared>);
+
+impl PageSource for Source {
+    fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
+        let s = &self.0;
+        let p = fault.index;
+        if !bit(&s.present, p) {
+            s.zero.fetch_add(1, Ordering::Relaxed);
+            return Ok(Filled::Zero(Token(0)));
+        }
+        s.hint.store(p + 1, Ordering::Relaxed);
+        if bit(&lock(&s.here), p) {
+            return Ok(Filled::Present);
+        }
+        let answer = s.conn.call(FETCH, &p.to_le_bytes()).map_err(FillError::new)?;
+        if answer.len() == page.0.len() {
+            page.0.copy_from_slice(&answer);
+            s.faulted.fetch_add(1, Ordering::Relaxed);
+            s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
+            return Ok(Filled::Data(Token(0)));
+        }
+        if !answer.is_empty() {
+            return Err(FillError::new(format!("page {p}: an answer of {} bytes", answer.len())));
+        }
+        // Sent already, by the background stream: it is being installed.
+        let deadline = Instant::now() + WAIT;
+        let mut here = lock(&s.here);
+        while !bit(&here, p) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(FillError::new(format!("page {p}: sent by the source, never installed")));
+            };
+            here = s.arrived.wait_timeout(here, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+        Ok(Filled::Present)
+    }
+
+    fn installed(&self, index: u64, _token: Token, outcome: Outcome) {
+        if outcome != Outcome::Lost {
+            set(&mut lock(&self.0.here), index);
+            self.0.arrived.notify_all();
+        }
+    }
+}
+
+/// A region arriving here: mapped at its address, usable at once, its pages on their way.
+pub struct Incoming {
+    shared: Arc<Shared>,
+    region: Region,
+    pusher: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").field("descriptor", &self.shared.desc).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Incoming {
+    /// Connects to a frozen region's source at `uri` with `key`, maps the region at its address
+    /// and starts pulling its pages. When this returns, the region is usable.
+    pub fn connect(uri: &str, key: ClusterKey) -> Result<Incoming, MigrateError> {
+        let conn = connect(uri, &ConnectOptions::new(key))?;
+        let desc = Descriptor::decode(&conn.call(DESCRIBE, &[])?)?;
+        let words = usize::try_from(desc.pages.div_ceil(64)).map_err(|_| MigrateError::Range("too large".into()))?;
+        let mut present = vec![0u64; words];
+        for r in &desc.present {
+            for p in r.clone() {
+                set(&mut present, p);
+            }
+        }
+        let addr = usize::try_from(desc.addr).map_err(|_| MigrateError::Range("address".into()))?;
+        let shared = Arc::new(Shared {
+            present,
+            conn,
+            here: Mutex::new(vec![0u64; words]),
+            arrived: Condvar::new(),
+            hint: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            faulted: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            desc,
+        });
+        let cfg = RegionConfig::new(shared.desc.pages)
+            .fixed_addr(addr)
+            .mode(FaultMode::Workers(1))
+            .report_discards(false)
+            .name("migrated region");
+        let region = Region::new(cfg, Source(shared.clone()))?;
+        let (s, core) = (shared.clone(), region.core());
+        let pusher = std::thread::Builder::new()
+            .name("mosaic-migrate-pull".into())
+            .spawn(move || {
+                if let Err(e) = pull(&s, &core) {
+                    log::error!("migrated region: the background stream stopped: {e}");
+                    *lock(&s.failed) = Some(e.to_string());
+                }
+            })
+            .map_err(|e| MigrateError::Range(format!("cannot start the background stream: {e}")))?;
+        Ok(Incoming { shared, region, pusher: Some(pusher) })
+    }
+
+    /// The region's first byte (the source's address).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
+    /// The region's size in bytes.
+    pub fn len(&self) -> usize {
+        self.region.len()
+    }
+
+    /// Whether the region is empty (never: a region has a page at least).
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty()
+    }
+
+    /// The descriptor the source sent.
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.shared.desc
+    }
+
+    /// What arrived so far.
+    pub fn stats(&self) -> IncomingStats {
+        let s = &self.shared;
+        IncomingStats {
+            faulted: s.faulted.load(Ordering::Relaxed),
+            pushed: s.pushed.load(Ordering::Relaxed),
+            zero: s.zero.load(Ordering::Relaxed),
+            bytes_received: s.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every page the source had is here (at most `timeout`): the region no longer
+    /// needs the source. Returns what arrived.
+    pub fn wait_resident(&mut self, timeout: Duration) -> Result<IncomingStats, MigrateError> {
+        let deadline = Instant::now() + timeout;
+        while self.pusher.as_ref().is_some_and(|t| !t.is_finished()) {
+            if Instant::now() >= deadline {
+                return Err(MigrateError::TimedOut(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(t) = self.pusher.take() {
+            let _ = t.join();
+        }
+        if let Some(why) = lock(&self.shared.failed).clone() {
+            return Err(MigrateError::Protocol(why));
+        }
+        Ok(self.stats())
+    }
+
+    /// Keeps the region mapped for good, as ordinary memory of this process (after
+    /// [`wait_resident`](Self::wait_resident)).
+    pub fn into_raw(self) -> (*mut u8, usize) {
+        let (p, l) = (self.as_ptr(), self.len());
+        std::mem::forget(self);
+        (p, l)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.pusher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The background stream: asks for the next batch from the latest fault on, installs it, until
+/// the source has nothing left.
+fn pull(s: &Shared, core: &mosaic_pager::RegionCore) -> Result<(), MigrateError> {
+    let mut page = Page::boxed();
+    while !s.stop.load(Ordering::Acquire) {
+        let mut req = s.hint.load(Ordering::Relaxed).to_le_bytes().to_vec();
+        req.extend_from_slice(&MOST.to_le_bytes());
+        let answer = s.conn.call(NEXT, &req)?;
+        if answer.is_empty() {
+            return Ok(());
+        }
+        s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
+        let batch = decode_batch(&answer, s.desc.pages)?;
+        let mut last = 0;
+        for (p, bytes) in batch {
+            page.0.copy_from_slice(bytes);
+            // A page the pager already filled cannot come here (each page is sent once), but an
+            // install that finds one present is harmless: it keeps what is there.
+            core.install(p, std::slice::from_ref(&*page))?;
+            set(&mut lock(&s.here), p);
+            s.pushed.fetch_add(1, Ordering::Relaxed);
+            last = p;
+        }
+        s.arrived.notify_all();
+        // Go on after this batch unless a fault points elsewhere meanwhile.
+        let _ = s.hint.compare_exchange(req_hint(&req), last + 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+fn req_hint(req: &[u8]) -> u64 {
+    u64::from_le_bytes(req[..8].try_into().unwrap_or_default())
+}

@@ -1,0 +1,58 @@
+//! Mosaic's migration: memory moves to another process (on this host or another) post-copy.
+//!
+//! What exists so far is region post-copy ([`Outgoing`], [`Incoming`]), the first part of issue
+//! 13: a range of private anonymous memory is frozen in one process and mapped at the same
+//! address in another, which runs on at once; its pages follow on demand. In the order things
+//! happen:
+//!
+//! 1. **Freeze** ([`Outgoing::freeze`]): the range is taken over by a userfaultfd region of the
+//!    source's (the mapping stays as it is), write-protected, and its present pages found with
+//!    `PAGEMAP_SCAN`. From now on the source does not change it: a write waits, a touch of a page
+//!    that was never there fails (SIGBUS). Stop the threads writing it before freezing.
+//! 2. **Descriptor** (`DESCRIBE`): the destination learns the address, the size and which pages
+//!    exist, and maps the range at the same address ([`Incoming::connect`]); from then on it may
+//!    run. A page that never existed at the source is zeros at the destination, never asked for
+//!    and never sent.
+//! 3. **Post-copy**: a fault at the destination fetches its page (`FETCH`); meanwhile a background
+//!    thread pulls the rest (`NEXT`) in batches, from the page after the latest fault on (what
+//!    the program touched last suggests what it touches next). Each page is sent once: a fault on
+//!    a page already on its way waits for it. The source frees each page as it leaves.
+//!
+//! Every exchange goes over one authenticated transport connection (any of Mosaic's transports).
+//! Not built yet: a region backed by network RAM handing over its slab map, process migration,
+//! `mosaicd`, and failure handling beyond clear errors (see the tracker's issue 13).
+
+mod dest;
+mod source;
+mod wire;
+
+pub use dest::{Incoming, IncomingStats};
+pub use source::{Outgoing, OutgoingStats};
+pub use wire::Descriptor;
+
+/// Why a migration step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    /// The range given cannot be migrated.
+    #[error("{0}")]
+    Range(String),
+    /// The pager refused (userfaultfd, the mapping).
+    #[error("pager")]
+    Pager(#[from] mosaic_pager::PagerError),
+    /// The source cannot listen.
+    #[error("cannot listen")]
+    Listen(#[from] mosaic_transport::ListenError),
+    /// The other side cannot be reached.
+    #[error("cannot connect")]
+    Connect(#[from] mosaic_transport::ConnectError),
+    /// A request failed.
+    #[error("the other side")]
+    Call(#[from] mosaic_transport::CallError),
+    /// The other side sent what the protocol does not allow.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Waiting for the migration to finish took too long.
+    #[error("not finished within {0:?}")]
+    TimedOut(std::time::Duration),
+}

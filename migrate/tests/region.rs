@@ -1,0 +1,85 @@
+//! Region post-copy between two processes (`migrate-probe source` and `dest`): every page
+//! arrives, untouched pages are never sent, and the bytes sent stay within 5% of the touched
+//! bytes plus the descriptor.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+const KEY: &str = "migrate-tests-cluster-key-0123456789";
+
+fn probe() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_migrate-probe"));
+    c.env("MOSAIC_CLUSTER_KEY", KEY);
+    c
+}
+
+/// The number after `name` in `line`.
+fn field(line: &str, name: &str) -> u64 {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == name).unwrap_or_else(|| panic!("no {name} in {line}"));
+    words[at + 1].parse().unwrap_or_else(|_| panic!("{name} in {line}"))
+}
+
+/// Moves a `mib` MiB region with `pct`% of its pages touched; returns (source's lines, dest's).
+fn migrate(mib: u64, pct: u64) -> (String, String) {
+    let mut src = probe()
+        .args(["source", &mib.to_string(), &pct.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the source");
+    let mut lines = BufReader::new(src.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("the source's first line").expect("a line");
+    let uri = first.split_whitespace().nth(1).expect("URI").to_string();
+    let dest = probe().args(["dest", &uri, &mib.to_string(), &pct.to_string()]).output().expect("run the destination");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = src.wait().expect("the source");
+    let d = String::from_utf8_lossy(&dest.stdout).to_string();
+    assert!(
+        dest.status.success() && status.success(),
+        "dest: {d}{}\nsource: {first} {rest:?}",
+        String::from_utf8_lossy(&dest.stderr)
+    );
+    (format!("{first}\n{}", rest.join("\n")), d)
+}
+
+#[test]
+fn a_region_arrives_whole_and_only_touched_pages_travel() {
+    for (mib, pct) in [(4, 0), (4, 1), (8, 10), (8, 100)] {
+        let (src, dest) = migrate(mib, pct);
+        let pages = mib * 256;
+        let present = field(&src, "PRESENT");
+        let sent = src.lines().find(|l| l.starts_with("SENT")).expect("SENT");
+        assert_eq!(field(sent, "PAGES"), present, "every present page once: {src}");
+        let touched_bytes = present * 4096;
+        let bytes = field(sent, "BYTES");
+        // Headers: 8 bytes a pushed page, and the descriptor (24 bytes and 16 a run of pages).
+        assert!(bytes * 100 <= touched_bytes * 105 + 64 * 1024 * 100, "{bytes} bytes for {touched_bytes}: {src}");
+        assert!(bytes >= touched_bytes, "{src}");
+        assert_eq!(field(&dest, "ZERO") + present, pages, "the rest zeros, never sent: {dest}");
+        assert_eq!(field(&dest, "FAULTED") + field(&dest, "PUSHED"), present, "{dest}");
+    }
+}
+
+#[test]
+fn a_wrong_key_or_no_source_is_a_clear_error() {
+    let out = probe().args(["dest", "tcp://127.0.0.1:1", "4", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut src = probe().args(["source", "4", "10"]).stdout(Stdio::piped()).spawn().unwrap();
+    let first = BufReader::new(src.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let uri = first.split_whitespace().nth(1).unwrap().to_string();
+    let out = probe()
+        .env("MOSAIC_CLUSTER_KEY", "another-key-altogether-0123456789")
+        .args(["dest", &uri, "4", "10"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = src.kill();
+    let _ = src.wait();
+}
