@@ -10,7 +10,7 @@ use mosaic_pager::{Fault, FaultMode, FillError, Filled, Outcome, Page, PageSourc
 use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
 
 use crate::source::lock;
-use crate::wire::{decode_batch, Descriptor, DESCRIBE, FETCH, MOST, NEXT};
+use crate::wire::{decode_batch, Descriptor, COMMIT, DESCRIBE, FETCH, MOST, NEXT};
 use crate::MigrateError;
 
 /// What the destination counted.
@@ -115,8 +115,10 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    /// Connects to a frozen region's source at `uri` with `key`, maps the region at its address
-    /// and starts pulling its pages. When this returns, the region is usable.
+    /// Connects to a frozen region's source at `uri` with `key`, maps the region at its address,
+    /// takes it over (after which the source cannot thaw it) and starts pulling its pages. When
+    /// this returns, the region is usable. If the source dies before every page arrived, a touch
+    /// of a page still missing raises SIGBUS (the page is named in the log), never zeros.
     pub fn connect(uri: &str, key: ClusterKey) -> Result<Incoming, MigrateError> {
         let conn = connect(uri, &ConnectOptions::new(key))?;
         let desc = Descriptor::decode(&conn.call(DESCRIBE, &[])?)?;
@@ -148,6 +150,8 @@ impl Incoming {
             .report_discards(false)
             .name("migrated region");
         let region = Region::new(cfg, Source(shared.clone()))?;
+        // Mapped here: the region is this process's from now on.
+        shared.conn.call(COMMIT, &[])?;
         let (s, core) = (shared.clone(), region.core());
         let pusher = std::thread::Builder::new()
             .name("mosaic-migrate-pull".into())

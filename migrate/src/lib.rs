@@ -18,9 +18,15 @@
 //!    the program touched last suggests what it touches next). Each page is sent once: a fault on
 //!    a page already on its way waits for it. The source frees each page as it leaves.
 //!
+//! The destination *commits* (`COMMIT`) as soon as the region is mapped there: before that the
+//! source can take the region back ([`Outgoing::thaw`]), so a destination that dies early costs
+//! nothing; after it the region lives at the destination only, and if the source dies there, a
+//! touch of a page that had not arrived yet raises SIGBUS (the page named in the log), never
+//! zeros.
+//!
 //! Every exchange goes over one authenticated transport connection (any of Mosaic's transports).
 //! Not built yet: a region backed by network RAM handing over its slab map, process migration,
-//! `mosaicd`, and failure handling beyond clear errors (see the tracker's issue 13).
+//! `mosaicd` (see the tracker's issue 13).
 
 mod dest;
 mod source;

@@ -10,7 +10,7 @@ use mosaic_pager::{
 };
 use mosaic_transport::{listen, Caller, ClusterKey, Server, ServerConfig, Service, ServiceError, Status};
 
-use crate::wire::{Descriptor, DESCRIBE, FETCH, MOST, NEXT};
+use crate::wire::{Descriptor, COMMIT, DESCRIBE, FETCH, MOST, NEXT};
 use crate::MigrateError;
 
 /// What the source counted.
@@ -32,6 +32,8 @@ struct ToSend {
     left: u64,
     /// The destination has the descriptor (it knows which pages to wait for).
     described: bool,
+    /// The destination took the region over: from now on it runs there, and only there.
+    committed: bool,
 }
 
 impl ToSend {
@@ -42,7 +44,7 @@ impl ToSend {
                 bits[(p / 64) as usize] |= 1 << (p % 64);
             }
         }
-        ToSend { bits, left: d.present_pages(), described: false }
+        ToSend { bits, left: d.present_pages(), described: false, committed: false }
     }
 
     /// Takes page `p` if it is still to be sent.
@@ -120,7 +122,7 @@ impl Shared {
     }
 
     fn finished(&self, to_send: &ToSend) {
-        if to_send.left == 0 && to_send.described {
+        if to_send.left == 0 && to_send.committed {
             self.done.notify_all();
         }
     }
@@ -159,8 +161,14 @@ impl Service for Serve {
                 let d = s.desc.encode();
                 s.bytes_sent.fetch_add(d.len() as u64, Ordering::Relaxed);
                 response.extend_from_slice(&d);
+                lock(&s.to_send).described = true;
+            }
+            COMMIT => {
                 let mut to_send = lock(&s.to_send);
-                to_send.described = true;
+                if !to_send.described {
+                    return Err(bad("a commit before the descriptor".into()));
+                }
+                to_send.committed = true;
                 s.finished(&to_send);
             }
             FETCH => {
@@ -170,6 +178,9 @@ impl Service for Serve {
                 }
                 let core = s.core()?;
                 let mut to_send = lock(&s.to_send);
+                if !to_send.committed {
+                    return Err(bad("a page asked for before the commit".into()));
+                }
                 // Not present at the freeze (zeros) or sent already: nothing to send.
                 if to_send.take(p) {
                     s.send_page(&core, p, response).map_err(|e| ServiceError::new(Status::Handler, e))?;
@@ -182,6 +193,9 @@ impl Service for Serve {
                 let most = request.get(8..12).and_then(|b| b.try_into().ok()).map_or(MOST, u32::from_le_bytes);
                 let core = s.core()?;
                 let mut to_send = lock(&s.to_send);
+                if !to_send.committed {
+                    return Err(bad("pages asked for before the commit".into()));
+                }
                 for p in to_send.take_from(hint, most.min(MOST) as usize) {
                     response.extend_from_slice(&p.to_le_bytes());
                     s.bytes_sent.fetch_add(8, Ordering::Relaxed);
@@ -272,12 +286,37 @@ impl Outgoing {
         }
     }
 
-    /// Waits until the destination has the descriptor and every present page has left (at most
-    /// `timeout`), then stops serving and unmaps the range here.
-    pub fn finish(mut self, timeout: Duration) -> Result<OutgoingStats, MigrateError> {
+    /// Whether the destination took the region over (after which the region can only go on
+    /// there; before, [`thaw`](Self::thaw) gives it back here).
+    pub fn committed(&self) -> bool {
+        lock(&self.shared.to_send).committed
+    }
+
+    /// Gives the region back to this process if no destination took it over: write protection
+    /// lifted, every page where it was. Returns its address; an error (and nothing changed) if
+    /// a destination committed, since it runs there now.
+    pub fn thaw(mut self) -> Result<usize, MigrateError> {
+        {
+            let to_send = lock(&self.shared.to_send);
+            if to_send.committed {
+                return Err(MigrateError::Range("the destination took the region over: it cannot thaw here".into()));
+            }
+        }
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        // Stopped serving: nothing can commit or take a page any more.
+        let region = self.region.take().ok_or(MigrateError::Range("the region is gone".into()))?;
+        Ok(region.release()?)
+    }
+
+    /// Waits until a destination committed and every present page has left (at most `timeout`),
+    /// then stops serving and unmaps the range here. On time-out nothing changes: if no
+    /// destination committed, [`thaw`](Self::thaw) gives the region back.
+    pub fn finish(&mut self, timeout: Duration) -> Result<OutgoingStats, MigrateError> {
         let deadline = Instant::now() + timeout;
         let mut to_send = lock(&self.shared.to_send);
-        while to_send.left > 0 || !to_send.described {
+        while to_send.left > 0 || !to_send.committed {
             let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                 return Err(MigrateError::TimedOut(timeout));
             };

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! DESCRIBE  -> addr u64 | pages u64 | runs u64 | (first u64, end u64) * runs   (present pages)
+//! COMMIT    (the region is mapped at the destination, which runs from now on)
 //! FETCH     page u64 -> the page's 4096 bytes, or nothing if it was sent already
 //! NEXT      hint u64 | most u32 -> (page u64 | 4096 bytes) * n; nothing once all are sent
 //! ```
@@ -14,6 +15,8 @@ use crate::MigrateError;
 
 /// The transport method of the descriptor.
 pub(crate) const DESCRIBE: u64 = 0x4d49_4701;
+/// The transport method by which the destination takes the region over.
+pub(crate) const COMMIT: u64 = 0x4d49_4704;
 /// The transport method of a page a fault needs.
 pub(crate) const FETCH: u64 = 0x4d49_4702;
 /// The transport method of the background stream's next batch.

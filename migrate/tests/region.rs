@@ -83,3 +83,31 @@ fn a_wrong_key_or_no_source_is_a_clear_error() {
     let _ = src.kill();
     let _ = src.wait();
 }
+
+/// No destination takes the region over: the source gives it back to itself, whole and writable.
+#[test]
+fn a_region_no_destination_took_over_is_thawed_at_the_source() {
+    let out = probe().args(["source", "4", "30"]).env("MIGRATE_PROBE_WAIT_MS", "300").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("THAWED OK"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The source dies right after the hand-over: the pages already here read right, a page still
+/// missing raises SIGBUS (named in the log), never zeros.
+#[test]
+fn a_source_that_dies_after_the_hand_over_leaves_sigbus_not_zeros() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut src = probe()
+        .args(["source", "64", "100"])
+        .env("MIGRATE_PROBE_QUIT_AT_COMMIT", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(src.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let uri = first.split_whitespace().nth(1).unwrap().to_string();
+    let dest = probe().env("RUST_LOG", "error").args(["dest", &uri, "64", "100"]).output().unwrap();
+    let _ = src.wait();
+    let err = String::from_utf8_lossy(&dest.stderr);
+    assert_eq!(dest.status.signal(), Some(libc::SIGBUS), "{}{err}", String::from_utf8_lossy(&dest.stdout));
+    assert!(err.contains("page"), "{err}");
+}

@@ -21,6 +21,8 @@ pub struct Region {
     core: Arc<RegionCore>,
     workers: Option<worker::Workers>,
     signal_slot: Option<signal::Slot>,
+    /// Leave the memory mapped when the region goes ([`Region::release`]).
+    keep_mapping: bool,
 }
 
 impl Region {
@@ -46,6 +48,22 @@ impl Region {
         // SAFETY: the descriptor is the inherited copy of the parent's userfaultfd; the region
         // owning it was just forgotten, so nothing in this process uses it again.
         unsafe { libc::close(fd) };
+    }
+}
+
+impl Region {
+    /// Stops serving the region and leaves its memory to the process as ordinary memory: write
+    /// protection lifted, the userfaultfd unregistered, the mapping and every page present in it
+    /// kept where they are (missing pages read as zeros from now on, as in any anonymous
+    /// mapping). Returns its address. For a region taken over with [`RegionConfig::adopt`] that
+    /// is given back (a migration that did not happen).
+    pub fn release(mut self) -> Result<usize, PagerError> {
+        if self.dirty != DirtyTracking::Off {
+            self.core.write_protect(0, self.core.pages, false)?;
+        }
+        set_dontfork(self.base(), self.len() as u64, false)?;
+        self.keep_mapping = true;
+        Ok(self.base() as usize)
     }
 }
 
@@ -134,7 +152,7 @@ impl Region {
             stats: Counters::default(),
         });
         // From here on, dropping `region` unmaps.
-        let mut region = Region { core, workers: None, signal_slot: None };
+        let mut region = Region { core, workers: None, signal_slot: None, keep_mapping: false };
         region.register(len)?;
         if cfg.dirty == DirtyTracking::Scan {
             // Probe PAGEMAP_SCAN now, so a kernel without it fails here and not at first use.
@@ -201,6 +219,9 @@ impl Region {
             // ENOMEM/EINVAL when part was unmapped: the rest is unregistered by munmap anyway.
             log::debug!("region {}: unregister: {e}", self.name);
         }
+        if self.keep_mapping {
+            return;
+        }
         let foreign = lock(&self.foreign).clone();
         for r in subtract(base..base + len, &foreign) {
             unmap(r.start, r.end - r.start);
@@ -224,6 +245,27 @@ mod tests {
     impl PageSource for Zeros {
         fn fill(&self, _: &crate::Fault<'_>, _: &mut crate::Page) -> Result<crate::Filled, crate::FillError> {
             Ok(crate::Filled::Zero(crate::Token::default()))
+        }
+    }
+
+    /// A released region stays mapped as plain memory: what was written is there, it can be
+    /// written again (no write protection left), missing pages read zeros, and it is the
+    /// caller's to unmap.
+    #[test]
+    fn a_released_region_is_ordinary_memory() {
+        let r = Region::new(RegionConfig::new(4).dirty(DirtyTracking::Faults), Zeros).unwrap();
+        // SAFETY: inside the region, mapped while `r` lives.
+        unsafe { r.as_ptr().write_volatile(7) };
+        r.write_protect(0, 4, true).unwrap();
+        let addr = r.release().unwrap();
+        let p = addr as *mut u8;
+        // SAFETY: the released mapping stays mapped (4 pages) until unmapped below.
+        unsafe {
+            assert_eq!(p.read_volatile(), 7);
+            p.write_volatile(8);
+            assert_eq!(p.read_volatile(), 8);
+            assert_eq!(p.add(3 * PAGE_SIZE).read_volatile(), 0);
+            libc::munmap(p.cast(), 4 * PAGE_SIZE);
         }
     }
 

@@ -7,6 +7,11 @@
 //! migrate-probe dest URI MIB PCT       maps it here, checks every page (a pattern where filled,
 //!                                      zeros elsewhere), waits for the rest, prints `OK FAULTED n PUSHED n ZERO n ...`
 //! ```
+//!
+//! With `MIGRATE_PROBE_WAIT_MS`, the source waits that long for a destination; if none took the
+//! region over, it thaws it, checks it and writes it, and prints `THAWED OK`. With
+//! `MIGRATE_PROBE_QUIT_AT_COMMIT=1` it exits as soon as a destination took the region over (a
+//! source that dies after the hand-over).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -82,13 +87,41 @@ fn source(mib: &str, pct: &str, uri: &str) -> Result<(), String> {
     }
     let t = Instant::now();
     // SAFETY: the mapping made above, not used by this process after this point.
-    let out = unsafe { Outgoing::freeze(ADDR, len, uri, key()?) }.map_err(|e| mosaic_transport::error_chain(&e))?;
+    let mut out = unsafe { Outgoing::freeze(ADDR, len, uri, key()?) }.map_err(|e| mosaic_transport::error_chain(&e))?;
     let freeze_us = t.elapsed().as_micros();
     println!("URI {} PRESENT {} FREEZE_US {freeze_us}", out.uri(), out.descriptor().present_pages());
     let _ = std::io::stdout().flush();
-    let s = out.finish(Duration::from_secs(300)).map_err(|e| mosaic_transport::error_chain(&e))?;
-    println!("SENT PAGES {} BYTES {} FETCHED {}", s.pages_sent, s.bytes_sent, s.pages_fetched);
-    Ok(())
+    if std::env::var_os("MIGRATE_PROBE_QUIT_AT_COMMIT").is_some() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !out.committed() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        std::process::exit(3); // dies with pages still here
+    }
+    let wait = std::env::var("MIGRATE_PROBE_WAIT_MS").ok().and_then(|w| w.parse().ok()).unwrap_or(300_000);
+    match out.finish(Duration::from_millis(wait)) {
+        Ok(s) => {
+            println!("SENT PAGES {} BYTES {} FETCHED {}", s.pages_sent, s.bytes_sent, s.pages_fetched);
+            Ok(())
+        }
+        Err(e) if !out.committed() => {
+            eprintln!("migrate-probe: {}; thawing", mosaic_transport::error_chain(&e));
+            let addr = out.thaw().map_err(|e| mosaic_transport::error_chain(&e))?;
+            for page in 0..len / PAGE {
+                // SAFETY: the thawed mapping, ours again, aligned.
+                let got = unsafe { (addr as *const u64).add(page * PAGE / 8).read_volatile() };
+                let want = if filled(page, pct) { pattern(page, 0) } else { 0 };
+                if got != want {
+                    return Err(format!("after thawing, page {page}: {got:#x}, expected {want:#x}"));
+                }
+                // SAFETY: as above; writable again.
+                unsafe { (addr as *mut u64).add(page * PAGE / 8).write_volatile(want + 1) };
+            }
+            println!("THAWED OK");
+            Ok(())
+        }
+        Err(e) => Err(mosaic_transport::error_chain(&e)),
+    }
 }
 
 fn dest(uri: &str, mib: &str, pct: &str) -> Result<(), String> {
