@@ -63,7 +63,7 @@ impl Region {
         }
         set_dontfork(self.base(), self.len() as u64, false)?;
         self.keep_mapping = true;
-        Ok(self.base() as usize)
+        Ok(self.as_ptr() as usize)
     }
 }
 
