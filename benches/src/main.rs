@@ -10,6 +10,7 @@
 //! ```
 
 mod dsm;
+mod migrate;
 mod netram;
 mod peer;
 mod serve;
@@ -145,6 +146,44 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Migration: a region moved post-copy between two processes of this host, for each
+    /// transport, size and share of pages touched: freeze time (the source's freeze to the
+    /// destination running), time to full residence, bytes sent beside the touched bytes.
+    Migrate {
+        /// Region sizes, comma-separated (like 64M, 1G, 8G: the source and the destination each
+        /// hold it once).
+        #[arg(long, value_delimiter = ',', default_value = "64M,1G", value_parser = mosaic_netram::parse_size)]
+        sizes: Vec<u64>,
+        /// Shares of the pages touched at the source, in percent, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+        touched: Vec<u64>,
+        /// Transports, comma-separated: tcp, shm, sim:fast-ethernet, sim:10gbe (sim: a shaped
+        /// link around tcp).
+        #[arg(long, value_delimiter = ',', default_value = "tcp,shm,sim:fast-ethernet,sim:10gbe")]
+        transports: Vec<String>,
+        /// The largest region measured over a simulated link.
+        #[arg(long, default_value = "64M", value_parser = mosaic_netram::parse_size)]
+        sim_max: u64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The source of a `migrate` figure (started by `migrate`).
+    #[command(hide = true)]
+    MigrateSource {
+        /// Region size in bytes.
+        size: u64,
+        /// Share touched, in percent.
+        pct: u64,
+        /// Where to listen.
+        listen: String,
+    },
+    /// The destination of a `migrate` figure (started by `migrate`).
+    #[command(hide = true)]
+    MigrateDest {
+        /// A simulated link's preset, if any.
+        link: Option<String>,
+    },
     /// One node of a `dsm` job (started by `dsm`).
     #[command(hide = true)]
     DsmNode {
@@ -246,6 +285,11 @@ fn main() -> ExitCode {
             dsm::run(&dsm::Plan { nodes, transports, samples, time: Duration::from_secs_f64(time), json })
         }
         Cmd::DsmNode { samples } => dsm::node(samples),
+        Cmd::Migrate { sizes, touched, transports, sim_max, json } => {
+            migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, json })
+        }
+        Cmd::MigrateSource { size, pct, listen } => migrate::source(size, pct, &listen),
+        Cmd::MigrateDest { link } => migrate::dest(link.as_deref()),
         Cmd::ServeRam { uri, capacity } => serve::serve_ram(&uri, capacity),
         Cmd::Serve { uri, window_pages, wait } => {
             let policy = match wait {

@@ -120,7 +120,12 @@ impl Incoming {
     /// this returns, the region is usable. If the source dies before every page arrived, a touch
     /// of a page still missing raises SIGBUS (the page is named in the log), never zeros.
     pub fn connect(uri: &str, key: ClusterKey) -> Result<Incoming, MigrateError> {
-        let conn = connect(uri, &ConnectOptions::new(key))?;
+        Incoming::over(connect(uri, &ConnectOptions::new(key))?)
+    }
+
+    /// As [`connect`](Self::connect), over a connection made by the caller (a simulated link,
+    /// other options).
+    pub fn over(conn: Connection) -> Result<Incoming, MigrateError> {
         let desc = Descriptor::decode(&conn.call(DESCRIBE, &[])?)?;
         let words = usize::try_from(desc.pages.div_ceil(64)).map_err(|_| MigrateError::Range("too large".into()))?;
         let mut present = vec![0u64; words];
