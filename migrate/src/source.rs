@@ -103,18 +103,33 @@ struct Shared {
 }
 
 impl Shared {
-    /// Appends page `p`'s bytes to `out` and frees it here (it is the destination's now).
-    fn send_page(&self, core: &RegionCore, p: u64, out: &mut Vec<u8>) -> Result<(), String> {
+    /// Appends page `p`'s bytes to `out` (then the caller frees it here with [`free`]: it is
+    /// the destination's now).
+    fn copy_page(&self, core: &RegionCore, p: u64, out: &mut Vec<u8>) -> Result<(), String> {
         let at = usize::try_from(p).map_err(|_| "page number".to_string())? * PAGE_SIZE;
         // SAFETY: page `p` is inside the frozen region (checked against its size by `ToSend`),
         // present and write-protected since the freeze, so nothing changes it while it is read;
-        // it is dropped only below, after the copy.
+        // it is dropped only after the copy, by `free`.
         let bytes = unsafe { std::slice::from_raw_parts(core.as_ptr().add(at), PAGE_SIZE) };
         out.extend_from_slice(bytes);
-        core.drop_pages(p, 1).map_err(|e| format!("page {p}: {e}"))?;
         self.pages_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Frees pages that left, in runs (one system call for the lot where the kernel allows).
+    fn free(core: &RegionCore, pages: &[u64]) -> Result<(), String> {
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        for &p in pages {
+            match runs.last_mut() {
+                Some(r) if r.end == p => r.end += 1,
+                _ => runs.push(p..p + 1),
+            }
+        }
+        match core.drop_runs(&runs).first() {
+            None => Ok(()),
+            Some((r, e)) => Err(format!("pages {r:?}: {e}")),
+        }
     }
 
     fn core(&self) -> Result<Arc<RegionCore>, ServiceError> {
@@ -183,7 +198,8 @@ impl Service for Serve {
                 }
                 // Not present at the freeze (zeros) or sent already: nothing to send.
                 if to_send.take(p) {
-                    s.send_page(&core, p, response).map_err(|e| ServiceError::new(Status::Handler, e))?;
+                    s.copy_page(&core, p, response).map_err(|e| ServiceError::new(Status::Handler, e))?;
+                    Shared::free(&core, &[p]).map_err(|e| ServiceError::new(Status::Handler, e))?;
                     s.pages_fetched.fetch_add(1, Ordering::Relaxed);
                 }
                 s.finished(&to_send);
@@ -196,11 +212,13 @@ impl Service for Serve {
                 if !to_send.committed {
                     return Err(bad("pages asked for before the commit".into()));
                 }
-                for p in to_send.take_from(hint, most.min(MOST) as usize) {
+                let batch = to_send.take_from(hint, most.min(MOST) as usize);
+                for &p in &batch {
                     response.extend_from_slice(&p.to_le_bytes());
                     s.bytes_sent.fetch_add(8, Ordering::Relaxed);
-                    s.send_page(&core, p, response).map_err(|e| ServiceError::new(Status::Handler, e))?;
+                    s.copy_page(&core, p, response).map_err(|e| ServiceError::new(Status::Handler, e))?;
                 }
+                Shared::free(&core, &batch).map_err(|e| ServiceError::new(Status::Handler, e))?;
                 s.finished(&to_send);
             }
             _ => return Err(ServiceError::new(Status::UnknownMethod, format!("no method {method:#x}"))),
