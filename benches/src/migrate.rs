@@ -114,19 +114,22 @@ fn one(transport: &str, size: u64, pct: u64, key: &str) -> Result<serde_json::Va
     }
     let mut src_in = src.stdin.take().ok_or("no source input")?;
     writeln!(src_in, "go").map_err(|e| e.to_string())?;
-    let frozen = line(&mut src_out, "source")?; // URI t0 present
+    let frozen = line(&mut src_out, "source")?; // URI t0
     let mut dest_in = dest.stdin.take().ok_or("no destination input")?;
     writeln!(dest_in, "{frozen}").map_err(|e| e.to_string())?;
     let f: Vec<&str> = frozen.split_whitespace().collect();
-    let (t0, present): (u64, u64) = match f[..] {
-        [_, t0, present] => (t0.parse().map_err(|_| "t0")?, present.parse().map_err(|_| "present")?),
+    let t0: u64 = match f[..] {
+        [_, t0] => t0.parse().map_err(|_| "t0")?,
         _ => return Err(format!("source: {frozen}")),
     };
     let arrived = line(&mut dest_out, "destination")?; // t1 t2
-    let sent = line(&mut src_out, "source")?; // bytes
+    let sent = line(&mut src_out, "source")?; // bytes present
     let (_, _) = (src.wait(), dest.wait());
     let a: Vec<u64> = arrived.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    let bytes_sent: u64 = sent.trim().parse().map_err(|_| format!("source: {sent}"))?;
+    let (bytes_sent, present) = match sent.split_whitespace().map(str::parse::<u64>).collect::<Vec<_>>()[..] {
+        [Ok(b), Ok(p)] => (b, p),
+        _ => return Err(format!("source: {sent}")),
+    };
     let [t1, t2] = a[..] else { return Err(format!("destination: {arrived}")) };
     Ok(json!({
         "bench": "migrate", "op": "region", "transport": transport, "size": size, "touched_pct": pct,
@@ -137,7 +140,7 @@ fn one(transport: &str, size: u64, pct: u64, key: &str) -> Result<serde_json::Va
 }
 
 /// `mosaic-bench migrate-source SIZE PCT LISTEN`: fills, says READY, freezes when told, prints
-/// `URI T0 PRESENT`, then the bytes sent once every page left.
+/// `URI T0`, then the bytes sent and the pages present once every page left.
 pub fn source(size: u64, pct: u64, listen: &str) -> Result<(), String> {
     let len = usize::try_from(size).map_err(|_| "size")?;
     // SAFETY: a fresh private anonymous mapping at an address nothing else in this process uses
@@ -166,13 +169,13 @@ pub fn source(size: u64, pct: u64, listen: &str) -> Result<(), String> {
     let t0 = now_ns();
     // SAFETY: the mapping made above; this process does not use it after this point.
     let mut out = unsafe { Outgoing::freeze(ADDR, len, listen, key) }.map_err(|e| mosaic_transport::error_chain(&e))?;
-    println!("{} {t0} {}", out.uri(), out.descriptor().present_pages());
+    println!("{} {t0}", out.uri());
     let s = out.finish(Duration::from_secs(3600)).map_err(|e| mosaic_transport::error_chain(&e))?;
-    println!("{}", s.bytes_sent);
+    println!("{} {}", s.bytes_sent, s.present_pages);
     Ok(())
 }
 
-/// `mosaic-bench migrate-dest [SIM_PRESET]`: reads `URI T0 PRESENT`, takes the region over,
+/// `mosaic-bench migrate-dest [SIM_PRESET]`: reads `URI T0`, takes the region over,
 /// prints when it ran again and when every page was in.
 pub fn dest(link: Option<&str>) -> Result<(), String> {
     let mut frozen = String::new();

@@ -10,7 +10,9 @@ use mosaic_pager::{Fault, FaultMode, FillError, Filled, Outcome, Page, PageSourc
 use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
 
 use crate::source::lock;
-use crate::wire::{decode_batch, Descriptor, COMMIT, DESCRIBE, FETCH, MOST, NEXT};
+use crate::wire::{
+    decode_batch, Descriptor, Record, CHUNK, CHUNK_BITS, COMMIT, DATA, DESCRIBE, DONE, FETCH, MOST, NEXT, SENT, ZERO,
+};
 use crate::MigrateError;
 
 /// What the destination counted.
@@ -28,7 +30,8 @@ pub struct IncomingStats {
 
 struct Shared {
     desc: Descriptor,
-    present: Vec<u64>,
+    /// Pages present at the source, one bit each, for the chunks whose bits came (`known`).
+    present: Mutex<(Vec<u64>, Vec<bool>)>,
     conn: Connection,
     /// Pages that arrived here (installed, or on their way into the region), one bit each.
     here: Mutex<Vec<u64>>,
@@ -63,23 +66,38 @@ impl PageSource for Source {
     fn fill(&self, fault: &Fault<'_>, page: &mut Page) -> Result<Filled, FillError> {
         let s = &self.0;
         let p = fault.index;
-        if !bit(&s.present, p) {
-            s.zero.fetch_add(1, Ordering::Relaxed);
-            return Ok(Filled::Zero(Token(0)));
+        let c = (p / CHUNK) as usize;
+        {
+            let present = lock(&s.present);
+            if present.1.get(c).copied().unwrap_or(false) && !bit(&present.0, p) {
+                s.zero.fetch_add(1, Ordering::Relaxed);
+                return Ok(Filled::Zero(Token(0)));
+            }
         }
         s.hint.store(p + 1, Ordering::Relaxed);
         if bit(&lock(&s.here), p) {
             return Ok(Filled::Present);
         }
         let answer = s.conn.call(FETCH, &p.to_le_bytes()).map_err(FillError::new)?;
-        if answer.len() == page.0.len() {
-            page.0.copy_from_slice(&answer);
-            s.faulted.fetch_add(1, Ordering::Relaxed);
-            s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
-            return Ok(Filled::Data(Token(0)));
-        }
-        if !answer.is_empty() {
-            return Err(FillError::new(format!("page {p}: an answer of {} bytes", answer.len())));
+        s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
+        let malformed = || FillError::new(format!("page {p}: an answer of {} bytes", answer.len()));
+        let (&kind, rest) = answer.split_first().ok_or_else(malformed)?;
+        let (bits, data) = rest.split_at_checked(CHUNK_BITS).ok_or_else(malformed)?;
+        let words: Vec<u64> =
+            bits.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default())).collect();
+        learn(s, c, &words);
+        match kind {
+            ZERO if data.is_empty() => {
+                s.zero.fetch_add(1, Ordering::Relaxed);
+                return Ok(Filled::Zero(Token(0)));
+            }
+            DATA if data.len() == page.0.len() => {
+                page.0.copy_from_slice(data);
+                s.faulted.fetch_add(1, Ordering::Relaxed);
+                return Ok(Filled::Data(Token(0)));
+            }
+            SENT if data.is_empty() => {}
+            _ => return Err(malformed()),
         }
         // Sent already, by the background stream: it is being installed.
         let deadline = Instant::now() + WAIT;
@@ -128,12 +146,10 @@ impl Incoming {
     pub fn over(conn: Connection) -> Result<Incoming, MigrateError> {
         let desc = Descriptor::decode(&conn.call(DESCRIBE, &[])?)?;
         let words = usize::try_from(desc.pages.div_ceil(64)).map_err(|_| MigrateError::Range("too large".into()))?;
-        let mut present = vec![0u64; words];
-        for r in &desc.present {
-            for p in r.clone() {
-                set(&mut present, p);
-            }
-        }
+        let chunks =
+            usize::try_from(desc.pages.div_ceil(CHUNK)).map_err(|_| MigrateError::Range("too large".into()))?;
+        // Whole chunks of bits, so that a chunk's bits always fit.
+        let present = Mutex::new((vec![0u64; chunks * CHUNK_BITS / 8], vec![false; chunks]));
         let addr = usize::try_from(desc.addr).map_err(|_| MigrateError::Range("address".into()))?;
         let shared = Arc::new(Shared {
             present,
@@ -238,36 +254,52 @@ impl Drop for Incoming {
     }
 }
 
+/// Records chunk `c`'s present pages (as the source learned them).
+fn learn(s: &Shared, c: usize, bits: &[u64]) {
+    let mut present = lock(&s.present);
+    let first = c * CHUNK_BITS / 8;
+    for (k, w) in bits.iter().enumerate() {
+        if let Some(slot) = present.0.get_mut(first + k) {
+            *slot = *w;
+        }
+    }
+    if let Some(known) = present.1.get_mut(c) {
+        *known = true;
+    }
+}
+
 /// The background stream: asks for the next batch from the latest fault on, installs it, until
-/// the source has nothing left.
+/// the source has nothing left; then lets the source go.
 fn pull(s: &Shared, core: &mosaic_pager::RegionCore) -> Result<(), MigrateError> {
     let mut page = Page::boxed();
     while !s.stop.load(Ordering::Acquire) {
-        let mut req = s.hint.load(Ordering::Relaxed).to_le_bytes().to_vec();
+        let hint = s.hint.load(Ordering::Relaxed);
+        let mut req = hint.to_le_bytes().to_vec();
         req.extend_from_slice(&MOST.to_le_bytes());
         let answer = s.conn.call(NEXT, &req)?;
         if answer.is_empty() {
+            s.conn.call(DONE, &[])?;
             return Ok(());
         }
         s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
-        let batch = decode_batch(&answer, s.desc.pages)?;
-        let mut last = 0;
-        for (p, bytes) in batch {
-            page.0.copy_from_slice(bytes);
-            // A page the pager already filled cannot come here (each page is sent once), but an
-            // install that finds one present is harmless: it keeps what is there.
-            core.install(p, std::slice::from_ref(&*page))?;
-            set(&mut lock(&s.here), p);
-            s.pushed.fetch_add(1, Ordering::Relaxed);
-            last = p;
+        let mut last = hint;
+        for record in decode_batch(&answer, s.desc.pages)? {
+            match record {
+                Record::Chunk(c, bits) => learn(s, usize::try_from(c).unwrap_or(usize::MAX), &bits),
+                Record::Page(p, bytes) => {
+                    page.0.copy_from_slice(bytes);
+                    // Each page is sent once, so none the pager filled can come here; an install
+                    // that found one present would keep what is there.
+                    core.install(p, std::slice::from_ref(&*page))?;
+                    set(&mut lock(&s.here), p);
+                    s.pushed.fetch_add(1, Ordering::Relaxed);
+                    last = p + 1;
+                }
+            }
         }
         s.arrived.notify_all();
         // Go on after this batch unless a fault points elsewhere meanwhile.
-        let _ = s.hint.compare_exchange(req_hint(&req), last + 1, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = s.hint.compare_exchange(hint, last, Ordering::Relaxed, Ordering::Relaxed);
     }
     Ok(())
-}
-
-fn req_hint(req: &[u8]) -> u64 {
-    u64::from_le_bytes(req[..8].try_into().unwrap_or_default())
 }

@@ -6,17 +6,20 @@
 //! happen:
 //!
 //! 1. **Freeze** ([`Outgoing::freeze`]): the range is taken over by a userfaultfd region of the
-//!    source's (the mapping stays as it is), write-protected, and its present pages found with
-//!    `PAGEMAP_SCAN`. From now on the source does not change it: a write waits, a touch of a page
-//!    that was never there fails (SIGBUS). Stop the threads writing it before freezing.
-//! 2. **Descriptor** (`DESCRIBE`): the destination learns the address, the size and which pages
-//!    exist, and maps the range at the same address ([`Incoming::connect`]); from then on it may
-//!    run. A page that never existed at the source is zeros at the destination, never asked for
-//!    and never sent.
-//! 3. **Post-copy**: a fault at the destination fetches its page (`FETCH`); meanwhile a background
-//!    thread pulls the rest (`NEXT`) in batches, from the page after the latest fault on (what
-//!    the program touched last suggests what it touches next). Each page is sent once: a fault on
-//!    a page already on its way waits for it. The source frees each page as it leaves.
+//!    source's (the mapping stays as it is), and nothing more: the cost does not grow with the
+//!    size. Which pages exist is learned a chunk of [`CHUNK`] pages at a time, when first needed:
+//!    the chunk is write-protected, then scanned with `PAGEMAP_SCAN`, so none of its pages can
+//!    change or appear afterwards. A touch of a page that was never there fails (SIGBUS). Stop
+//!    the threads writing the range before freezing.
+//! 2. **Descriptor** (`DESCRIBE`): the destination learns the address and the size, maps the
+//!    range at the same address and commits ([`Incoming::connect`]); from then on it runs.
+//! 3. **Post-copy**: a fault at the destination fetches its page (`FETCH`), learning its chunk's
+//!    present pages on the way (the other pages of the chunk that were never there are zeros,
+//!    installed without asking and never sent); meanwhile a background thread pulls the rest
+//!    (`NEXT`) in batches, from the page after the latest fault on (what the program touched last
+//!    suggests what it touches next), with every chunk's present pages. Each page is sent once: a
+//!    fault on a page already on its way waits for it. The source frees each page as it leaves,
+//!    and goes once the destination says it has everything (`DONE`).
 //!
 //! The destination *commits* (`COMMIT`) as soon as the region is mapped there: before that the
 //! source can take the region back ([`Outgoing::thaw`]), so a destination that dies early costs
@@ -34,7 +37,7 @@ mod wire;
 
 pub use dest::{Incoming, IncomingStats};
 pub use source::{Outgoing, OutgoingStats};
-pub use wire::Descriptor;
+pub use wire::{Descriptor, CHUNK};
 
 /// Why a migration step failed.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! migrate-probe source MIB PCT [URI]   fills PCT% of a MIB MiB region, freezes it, prints
-//!                                      `URI <uri>`, waits until every page left, prints `SENT PAGES n BYTES n FETCHED n`
+//!                                      `URI <uri>`, waits until every page left, prints `SENT PAGES n BYTES n FETCHED n PRESENT n`
 //! migrate-probe dest URI MIB PCT       maps it here, checks every page (a pattern where filled,
 //!                                      zeros elsewhere), waits for the rest, prints `OK FAULTED n PUSHED n ZERO n ...`
 //! ```
@@ -89,7 +89,7 @@ fn source(mib: &str, pct: &str, uri: &str) -> Result<(), String> {
     // SAFETY: the mapping made above, not used by this process after this point.
     let mut out = unsafe { Outgoing::freeze(ADDR, len, uri, key()?) }.map_err(|e| mosaic_transport::error_chain(&e))?;
     let freeze_us = t.elapsed().as_micros();
-    println!("URI {} PRESENT {} FREEZE_US {freeze_us}", out.uri(), out.descriptor().present_pages());
+    println!("URI {} FREEZE_US {freeze_us}", out.uri());
     let _ = std::io::stdout().flush();
     if std::env::var_os("MIGRATE_PROBE_QUIT_AT_COMMIT").is_some() {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -101,7 +101,10 @@ fn source(mib: &str, pct: &str, uri: &str) -> Result<(), String> {
     let wait = std::env::var("MIGRATE_PROBE_WAIT_MS").ok().and_then(|w| w.parse().ok()).unwrap_or(300_000);
     match out.finish(Duration::from_millis(wait)) {
         Ok(s) => {
-            println!("SENT PAGES {} BYTES {} FETCHED {}", s.pages_sent, s.bytes_sent, s.pages_fetched);
+            println!(
+                "SENT PAGES {} BYTES {} FETCHED {} PRESENT {}",
+                s.pages_sent, s.bytes_sent, s.pages_fetched, s.present_pages
+            );
             Ok(())
         }
         Err(e) if !out.committed() => {
