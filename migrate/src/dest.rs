@@ -76,7 +76,9 @@ impl PageSource for Source {
         }
         s.hint.store(p + 1, Ordering::Relaxed);
         if bit(&lock(&s.here), p) {
-            return Ok(Filled::Present);
+            // It arrived, and was discarded since (MADV_DONTNEED): zeros, as Linux has it (over
+            // a page still present, a zero install keeps the page).
+            return Ok(Filled::Zero(Token(0)));
         }
         let answer = s.conn.call(FETCH, &p.to_le_bytes()).map_err(FillError::new)?;
         s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
@@ -103,12 +105,16 @@ impl PageSource for Source {
         let deadline = Instant::now() + WAIT;
         let mut here = lock(&s.here);
         while !bit(&here, p) {
+            if let Some(why) = lock(&s.failed).clone() {
+                return Err(FillError::new(format!("page {p}: the stream bringing it stopped: {why}")));
+            }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return Err(FillError::new(format!("page {p}: sent by the source, never installed")));
             };
             here = s.arrived.wait_timeout(here, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
-        Ok(Filled::Present)
+        // In place (or discarded since: zeros, as above).
+        Ok(Filled::Zero(Token(0)))
     }
 
     fn installed(&self, index: u64, _token: Token, outcome: Outcome) {
@@ -122,7 +128,7 @@ impl PageSource for Source {
 /// A region arriving here: mapped at its address, usable at once, its pages on their way.
 pub struct Incoming {
     shared: Arc<Shared>,
-    region: Region,
+    region: Option<Region>,
     pusher: Option<JoinHandle<()>>,
 }
 
@@ -180,25 +186,28 @@ impl Incoming {
                 if let Err(e) = pull(&s, &core) {
                     log::error!("migrated region: the background stream stopped: {e}");
                     *lock(&s.failed) = Some(e.to_string());
+                    // Faults waiting for pages it was bringing fail now, not at their time-out.
+                    let _here = lock(&s.here);
+                    s.arrived.notify_all();
                 }
             })
             .map_err(|e| MigrateError::Range(format!("cannot start the background stream: {e}")))?;
-        Ok(Incoming { shared, region, pusher: Some(pusher) })
+        Ok(Incoming { shared, region: Some(region), pusher: Some(pusher) })
     }
 
     /// The region's first byte (the source's address).
     pub fn as_ptr(&self) -> *mut u8 {
-        self.region.as_ptr()
+        self.region.as_ref().map_or(std::ptr::null_mut(), |r| r.as_ptr())
     }
 
     /// The region's size in bytes.
     pub fn len(&self) -> usize {
-        self.region.len()
+        self.region.as_ref().map_or(0, |r| r.len())
     }
 
     /// Whether the region is empty (never: a region has a page at least).
     pub fn is_empty(&self) -> bool {
-        self.region.is_empty()
+        self.len() == 0
     }
 
     /// The descriptor the source sent.
@@ -236,12 +245,13 @@ impl Incoming {
         Ok(self.stats())
     }
 
-    /// Keeps the region mapped for good, as ordinary memory of this process (after
-    /// [`wait_resident`](Self::wait_resident)).
-    pub fn into_raw(self) -> (*mut u8, usize) {
-        let (p, l) = (self.as_ptr(), self.len());
-        std::mem::forget(self);
-        (p, l)
+    /// Waits for every page, then keeps the region mapped for good as ordinary memory of this
+    /// process (no userfaultfd, no connection left): its address and size.
+    pub fn into_raw(mut self, timeout: Duration) -> Result<(*mut u8, usize), MigrateError> {
+        self.wait_resident(timeout)?;
+        let len = self.len();
+        let region = self.region.take().ok_or(MigrateError::Range("the region is gone".into()))?;
+        Ok((region.release()? as *mut u8, len))
     }
 }
 
@@ -283,21 +293,32 @@ fn pull(s: &Shared, core: &mosaic_pager::RegionCore) -> Result<(), MigrateError>
         }
         s.bytes.fetch_add(answer.len() as u64, Ordering::Relaxed);
         let mut last = hint;
+        let mut failed = None;
         for record in decode_batch(&answer, s.desc.pages)? {
             match record {
                 Record::Chunk(c, bits) => learn(s, usize::try_from(c).unwrap_or(usize::MAX), &bits),
                 Record::Page(p, bytes) => {
                     page.0.copy_from_slice(bytes);
                     // Each page is sent once, so none the pager filled can come here; an install
-                    // that found one present would keep what is there.
-                    core.install(p, std::slice::from_ref(&*page))?;
-                    set(&mut lock(&s.here), p);
-                    s.pushed.fetch_add(1, Ordering::Relaxed);
+                    // that found one present would keep what is there. One that fails leaves the
+                    // page missing (its faults fail); the rest of the batch still goes in.
+                    match core.install(p, std::slice::from_ref(&*page)) {
+                        Ok(_) => {
+                            set(&mut lock(&s.here), p);
+                            s.pushed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
                     last = p + 1;
                 }
             }
         }
         s.arrived.notify_all();
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         // Go on after this batch unless a fault points elsewhere meanwhile.
         let _ = s.hint.compare_exchange(hint, last, Ordering::Relaxed, Ordering::Relaxed);
     }

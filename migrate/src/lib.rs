@@ -18,8 +18,12 @@
 //!    installed without asking and never sent); meanwhile a background thread pulls the rest
 //!    (`NEXT`) in batches, from the page after the latest fault on (what the program touched last
 //!    suggests what it touches next), with every chunk's present pages. Each page is sent once: a
-//!    fault on a page already on its way waits for it. The source frees each page as it leaves,
-//!    and goes once the destination says it has everything (`DONE`).
+//!    fault on a page already on its way waits for it. The source frees each page as it hands it
+//!    to the transport (a connection lost after the commit loses the region: there is no
+//!    reconnecting yet), and goes once the destination says it has everything (`DONE`).
+//!
+//! Pages in swap at the source count as present (they hold data); a page the destination
+//! discards after it arrived reads zeros again, as Linux has it.
 //!
 //! The destination *commits* (`COMMIT`) as soon as the region is mapped there: before that the
 //! source can take the region back ([`Outgoing::thaw`]), so a destination that dies early costs

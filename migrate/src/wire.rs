@@ -7,7 +7,8 @@
 //!           (kind 0: zeros, never there; 1: the page; 2: sent already, by the stream)
 //! NEXT      hint u64 | most u32 -> records: 0 | chunk u64 | present bits [u64; 8] (a chunk just
 //!           learned), 1 | page u64 | 4096 bytes; nothing once all are sent
-//! DONE      (the destination has every page and every chunk's bits: the source may go)
+//! DONE      (the stream found nothing left: the destination has every page the source had, and
+//!           the present bits of every chunk the stream learned; the source may go)
 //! ```
 //!
 //! The source learns which pages exist a chunk of [`CHUNK`] pages at a time (write-protecting
@@ -64,9 +65,12 @@ impl Descriptor {
         let b: &[u8; 16] = b.try_into().map_err(|_| bad("malformed"))?;
         let addr = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
         let pages = u64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        // x86-64's user address space: 47 bits (a larger claim is refused before anything is
+        // allocated for it).
+        const USER_END: u64 = 1 << 47;
         if addr % PAGE_SIZE as u64 != 0
             || pages == 0
-            || pages.checked_mul(PAGE_SIZE as u64).and_then(|l| l.checked_add(addr)).is_none()
+            || pages.checked_mul(PAGE_SIZE as u64).and_then(|l| l.checked_add(addr)).is_none_or(|end| end > USER_END)
         {
             return Err(bad("not a page-aligned region in the address space"));
         }

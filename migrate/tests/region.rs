@@ -20,10 +20,11 @@ fn field(line: &str, name: &str) -> u64 {
     words[at + 1].parse().unwrap_or_else(|_| panic!("{name} in {line}"))
 }
 
-/// Moves a `mib` MiB region with `pct`% of its pages touched; returns (source's lines, dest's).
-fn migrate(mib: u64, pct: u64) -> (String, String) {
+/// Moves a region of `size` (MiB, or KiB with a K) with `pct`% of its pages touched; returns
+/// (the source's lines, the destination's).
+fn migrate(size: &str, pct: u64) -> (String, String) {
     let mut src = probe()
-        .args(["source", &mib.to_string(), &pct.to_string()])
+        .args(["source", size, &pct.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -31,7 +32,7 @@ fn migrate(mib: u64, pct: u64) -> (String, String) {
     let mut lines = BufReader::new(src.stdout.take().expect("stdout")).lines();
     let first = lines.next().expect("the source's first line").expect("a line");
     let uri = first.split_whitespace().nth(1).expect("URI").to_string();
-    let dest = probe().args(["dest", &uri, &mib.to_string(), &pct.to_string()]).output().expect("run the destination");
+    let dest = probe().args(["dest", &uri, size, &pct.to_string()]).output().expect("run the destination");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = src.wait().expect("the source");
     let d = String::from_utf8_lossy(&dest.stdout).to_string();
@@ -45,16 +46,16 @@ fn migrate(mib: u64, pct: u64) -> (String, String) {
 
 #[test]
 fn a_region_arrives_whole_and_only_touched_pages_travel() {
-    for (mib, pct) in [(4, 0), (4, 1), (8, 10), (8, 100)] {
-        let (src, dest) = migrate(mib, pct);
-        let pages = mib * 256;
+    // 1000 KiB: 250 pages, no whole number of chunks nor of 64 pages.
+    for (size, pages, pct) in [("4", 1024, 0), ("4", 1024, 1), ("8", 2048, 10), ("8", 2048, 100), ("1000K", 250, 50)] {
+        let (src, dest) = migrate(size, pct);
         let sent = src.lines().find(|l| l.starts_with("SENT")).expect("SENT");
         let present = field(sent, "PRESENT");
         assert_eq!(field(sent, "PAGES"), present, "every present page once: {src}");
         let touched_bytes = present * 4096;
         let bytes = field(sent, "BYTES");
-        // Headers: 8 bytes a pushed page, 65 a fetched one (with its chunk's present bits), and
-        // the descriptor.
+        // Headers: 9 bytes a pushed page, 65 a fetched one (with its chunk's present bits), 73 a
+        // chunk's bits on the stream, and the descriptor.
         assert!(bytes * 100 <= touched_bytes * 105 + 64 * 1024 * 100, "{bytes} bytes for {touched_bytes}: {src}");
         assert!(bytes >= touched_bytes, "{src}");
         assert_eq!(field(&dest, "ZERO") + present, pages, "the rest zeros, never sent: {dest}");

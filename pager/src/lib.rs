@@ -83,7 +83,7 @@ mod uffd;
 mod worker;
 
 pub use config::{DirtyTracking, FaultMode, PagerStats, RegionConfig};
-pub use mapping::{present_pages, unmap_inherited};
+pub use mapping::{populated_pages, present_pages, unmap_inherited};
 pub use region::Region;
 pub use region_core::RegionCore;
 

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::pagemap::{Pagemap, Query, PAGE_IS_PRESENT};
+use crate::pagemap::{Pagemap, Query, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
 use crate::{ConfigError, PagerError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -81,7 +81,17 @@ pub(crate) fn set_dontfork(start: u64, len: u64, on: bool) -> Result<(), PagerEr
 /// (a fresh `/proc/self/pagemap`: a descriptor opened before a fork would describe the parent).
 pub fn present_pages(addr: usize, pages: u64) -> Result<Vec<Range<u64>>, PagerError> {
     let start = addr as u64;
-    let q = Query { require: PAGE_IS_PRESENT, exclude: 0, reprotect: false };
+    let q = Query { require: PAGE_IS_PRESENT, exclude: 0, any: 0, reprotect: false };
+    scan_pages(&open_pagemap()?, start, start, start + pages * PAGE, q)
+}
+
+/// The page ranges among `pages` pages from `addr` that hold data in this process: present in
+/// memory or swapped out (what a page migrating away must take with it). In a userfaultfd range
+/// with write protection of unpopulated pages off (the pager's regions), a swapped entry is a
+/// real page in swap, never a marker.
+pub fn populated_pages(addr: usize, pages: u64) -> Result<Vec<Range<u64>>, PagerError> {
+    let start = addr as u64;
+    let q = Query { require: 0, exclude: 0, any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED, reprotect: false };
     scan_pages(&open_pagemap()?, start, start, start + pages * PAGE, q)
 }
 

@@ -17,6 +17,7 @@ const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// Page categories reported by the scan.
 pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub(crate) const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub(crate) const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 #[repr(C)]
@@ -53,6 +54,8 @@ pub(crate) struct Query {
     pub(crate) require: u64,
     /// Categories a page must not have.
     pub(crate) exclude: u64,
+    /// Categories of which a page must have one at least (none: no such condition).
+    pub(crate) any: u64,
     /// Write-protect the matching pages again (requires WP_ASYNC on the range).
     pub(crate) reprotect: bool,
 }
@@ -87,7 +90,8 @@ impl Pagemap {
                 vec_len: vec.len() as u64,
                 category_mask: q.require | q.exclude,
                 category_inverted: q.exclude,
-                return_mask: q.require | q.exclude,
+                category_anyof_mask: q.any,
+                return_mask: q.require | q.exclude | q.any,
                 ..PmScanArg::default()
             };
             // SAFETY: `arg` and the `vec` array it points to live across the call; the kernel

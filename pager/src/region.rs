@@ -58,11 +58,12 @@ impl Region {
     /// mapping). Returns its address. For a region taken over with [`RegionConfig::adopt`] that
     /// is given back (a migration that did not happen).
     pub fn release(mut self) -> Result<usize, PagerError> {
+        // Kept mapped whatever happens below: a failed release must not destroy the memory.
+        self.keep_mapping = true;
         if self.dirty != DirtyTracking::Off {
             self.core.write_protect(0, self.core.pages, false)?;
         }
         set_dontfork(self.base(), self.len() as u64, false)?;
-        self.keep_mapping = true;
         Ok(self.as_ptr() as usize)
     }
 }
@@ -156,7 +157,7 @@ impl Region {
         region.register(len)?;
         if cfg.dirty == DirtyTracking::Scan {
             // Probe PAGEMAP_SCAN now, so a kernel without it fails here and not at first use.
-            region.scan(0, 1, Query { require: PAGE_IS_WRITTEN, exclude: 0, reprotect: false }).map_err(
+            region.scan(0, 1, Query { require: PAGE_IS_WRITTEN, exclude: 0, any: 0, reprotect: false }).map_err(
                 |e| match e {
                     PagerError::Os { err, .. } if err.raw_os_error() == Some(libc::ENOTTY) => {
                         PagerError::Unsupported { missing: vec!["PAGEMAP_SCAN"], needed_for: "dirty tracking" }

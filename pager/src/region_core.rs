@@ -410,13 +410,13 @@ impl RegionCore {
         if self.dirty != DirtyTracking::Scan {
             return Err(PagerError::NoDirtyTracking { op: "take_written", needs: "DirtyTracking::Scan" });
         }
-        let q = Query { require: PAGE_IS_WRITTEN | PAGE_IS_PRESENT, exclude: PAGE_IS_PFNZERO, reprotect: true };
+        let q = Query { require: PAGE_IS_WRITTEN | PAGE_IS_PRESENT, exclude: PAGE_IS_PFNZERO, any: 0, reprotect: true };
         self.scan(first, count, q)
     }
 
     /// Page ranges among `count` pages from `first` that are present in memory.
     pub fn present(&self, first: u64, count: u64) -> Result<Vec<Range<u64>>, PagerError> {
-        self.scan(first, count, Query { require: PAGE_IS_PRESENT, exclude: 0, reprotect: false })
+        self.scan(first, count, Query { require: PAGE_IS_PRESENT, exclude: 0, any: 0, reprotect: false })
     }
 
     pub(crate) fn scan(&self, first: u64, count: u64, q: Query) -> Result<Vec<Range<u64>>, PagerError> {

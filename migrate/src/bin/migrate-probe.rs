@@ -2,9 +2,9 @@
 //! helper; the key comes from `MOSAIC_CLUSTER_KEY`):
 //!
 //! ```text
-//! migrate-probe source MIB PCT [URI]   fills PCT% of a MIB MiB region, freezes it, prints
+//! migrate-probe source SIZE PCT [URI]  fills PCT% of a MIB MiB region, freezes it, prints
 //!                                      `URI <uri>`, waits until every page left, prints `SENT PAGES n BYTES n FETCHED n PRESENT n`
-//! migrate-probe dest URI MIB PCT       maps it here, checks every page (a pattern where filled,
+//! migrate-probe dest URI SIZE PCT      maps it here, checks every page (a pattern where filled,
 //!                                      zeros elsewhere), waits for the rest, prints `OK FAULTED n PUSHED n ZERO n ...`
 //! ```
 //!
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
         ["source", mib, pct] => source(mib, pct, "tcp://127.0.0.1:0"),
         ["source", mib, pct, uri] => source(mib, pct, uri),
         ["dest", uri, mib, pct] => dest(uri, mib, pct),
-        _ => Err("usage: migrate-probe source MIB PCT [URI] | dest URI MIB PCT".into()),
+        _ => Err("usage: migrate-probe source SIZE PCT [URI] | dest URI SIZE PCT".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,9 +53,14 @@ fn main() -> ExitCode {
 }
 
 fn numbers(mib: &str, pct: &str) -> Result<(usize, usize), String> {
-    let mib: usize = mib.parse().map_err(|_| format!("{mib}: not a number of MiB"))?;
+    // MiB, or KiB with a K (a region that is no whole number of chunks, or of 64 pages).
+    let bytes = match mib.strip_suffix('K') {
+        Some(kib) => kib.parse::<usize>().ok().filter(|k| k % 4 == 0).map(|k| k << 10),
+        None => mib.parse::<usize>().ok().map(|m| m << 20),
+    };
+    let bytes = bytes.filter(|b| *b > 0).ok_or(format!("{mib}: not a size (MiB, or KiB with K, whole pages)"))?;
     let pct: usize = pct.parse().ok().filter(|p| *p <= 100).ok_or(format!("{pct}: not a percentage"))?;
-    Ok((mib << 20, pct))
+    Ok((bytes, pct))
 }
 
 fn key() -> Result<ClusterKey, String> {
@@ -148,6 +153,15 @@ fn dest(uri: &str, mib: &str, pct: &str) -> Result<(), String> {
     }
     let s = inc.wait_resident(Duration::from_secs(300)).map_err(|e| mosaic_transport::error_chain(&e))?;
     let residence_ms = t.elapsed().as_millis();
+    // A page discarded after it arrived reads zeros (Linux's MADV_DONTNEED), and nothing hangs.
+    // SAFETY: the first page of the migrated region, mapped while `inc` lives.
+    unsafe {
+        libc::madvise(ADDR as *mut libc::c_void, PAGE, libc::MADV_DONTNEED);
+        let got = (ADDR as *const u64).read_volatile();
+        if got != 0 {
+            return Err(format!("a discarded page reads {got:#x}, not zeros"));
+        }
+    }
     println!(
         "OK FAULTED {} PUSHED {} ZERO {} BYTES {} RUNNING_US {running_us} RESIDENCE_MS {residence_ms}",
         s.faulted, s.pushed, s.zero, s.bytes_received
