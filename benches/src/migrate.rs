@@ -143,21 +143,7 @@ fn one(transport: &str, size: u64, pct: u64, key: &str) -> Result<serde_json::Va
 /// `URI T0`, then the bytes sent and the pages present once every page left.
 pub fn source(size: u64, pct: u64, listen: &str) -> Result<(), String> {
     let len = usize::try_from(size).map_err(|_| "size")?;
-    // SAFETY: a fresh private anonymous mapping at an address nothing else in this process uses
-    // (the call fails rather than replace a mapping).
-    let p = unsafe {
-        libc::mmap(
-            ADDR as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    if p != ADDR as *mut libc::c_void {
-        return Err(format!("cannot map {len} bytes at {ADDR:#x}: {}", std::io::Error::last_os_error()));
-    }
+    mosaic_migrate::map_anonymous_at(ADDR, len).map_err(|e| format!("cannot map {len} bytes at {ADDR:#x}: {e}"))?;
     for page in (0..len / PAGE).filter(|p| touched(*p, pct)) {
         // SAFETY: inside the mapping just made; this thread alone uses it.
         unsafe { (ADDR as *mut u64).add(page * PAGE / 8).write(page as u64 + 1) };

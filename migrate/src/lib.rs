@@ -43,6 +43,34 @@ pub use dest::{Incoming, IncomingStats};
 pub use source::{Outgoing, OutgoingStats};
 pub use wire::{Descriptor, CHUNK};
 
+/// Maps `len` bytes of private anonymous memory at exactly `addr` (page-aligned), failing rather
+/// than replacing anything mapped there: a region to fill, then migrate with
+/// [`Outgoing::freeze`] (the destination maps it at the same address).
+pub fn map_anonymous_at(addr: usize, len: usize) -> std::io::Result<*mut u8> {
+    // SAFETY: a fresh private anonymous mapping; MAP_FIXED_NOREPLACE fails instead of touching
+    // whatever may be mapped at `addr`.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    if p as usize != addr {
+        // An old kernel that ignores MAP_FIXED_NOREPLACE placed it elsewhere: give it back.
+        // SAFETY: the mapping just made, used by nothing.
+        unsafe { libc::munmap(p, len) };
+        return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(p.cast())
+}
+
 /// Why a migration step failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -69,21 +69,7 @@ fn key() -> Result<ClusterKey, String> {
 
 fn source(mib: &str, pct: &str, uri: &str) -> Result<(), String> {
     let (len, pct) = numbers(mib, pct)?;
-    // SAFETY: a fresh private anonymous mapping at a fixed address nothing else uses (the call
-    // fails rather than replace a mapping).
-    let p = unsafe {
-        libc::mmap(
-            ADDR as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    if p != ADDR as *mut libc::c_void {
-        return Err(format!("cannot map {len} bytes at {ADDR:#x}: {}", std::io::Error::last_os_error()));
-    }
+    mosaic_migrate::map_anonymous_at(ADDR, len).map_err(|e| format!("cannot map {len} bytes at {ADDR:#x}: {e}"))?;
     for page in (0..len / PAGE).filter(|p| filled(*p, pct)) {
         for i in 0..PAGE / 8 {
             // SAFETY: inside the mapping just made, aligned, used by this thread only.
