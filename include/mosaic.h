@@ -55,6 +55,12 @@ typedef struct mosaic_dsm mosaic_dsm;
 // A memory server running in this process (opaque).
 typedef struct mosaic_memserver mosaic_memserver;
 
+// A region arriving in this process (opaque).
+typedef struct mosaic_migration_in mosaic_migration_in;
+
+// A region frozen in this process and served to a destination (opaque).
+typedef struct mosaic_migration_out mosaic_migration_out;
+
 // A network-RAM region (opaque).
 typedef struct mosaic_netram mosaic_netram;
 
@@ -99,6 +105,18 @@ typedef struct mosaic_netram_stats {
   // Pages in local RAM now.
   uint64_t resident;
 } mosaic_netram_stats;
+
+// What a source sent (`mosaic_migrate_finish()`).
+typedef struct mosaic_migrate_stats {
+  // Pages that held data at the source.
+  uint64_t present_pages;
+  // Pages sent (each once).
+  uint64_t pages_sent;
+  // Of those, pages sent because the destination faulted on them.
+  uint64_t pages_fetched;
+  // Bytes sent: pages, their headers and the descriptor.
+  uint64_t bytes_sent;
+} mosaic_migrate_stats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -229,6 +247,45 @@ enum mosaic_status mosaic_dsm_compare_exchange(const struct mosaic_dsm *d,
 // Leaves the job: waits until every node is done with the region, then unmaps it. The handle
 // is dead afterwards; as with `free()`, no other thread may be using it meanwhile.
 enum mosaic_status mosaic_dsm_leave(struct mosaic_dsm *d);
+
+// Freezes the `len` bytes at `addr` (private anonymous memory of this process, whole pages,
+// which the caller no longer uses: stop the threads writing it first) and serves them at
+// `listen` (`tcp://HOST:0`, `shm://NAME`) to a destination holding the cluster key; stores the
+// handle in `*out`. `mosaic_migrate_uri()` says where to connect.
+enum mosaic_status mosaic_migrate_freeze(void *addr,
+                                         uint64_t len,
+                                         const char *listen,
+                                         struct mosaic_migration_out **out);
+
+// Where the destination connects (valid while the handle lives), or NULL for a bad handle.
+const char *mosaic_migrate_uri(const struct mosaic_migration_out *m);
+
+// Waits (at most `timeout_ms`) until a destination took the region over and every page left,
+// then stops serving, unmaps the range here, fills `*stats` (if not NULL) and frees the
+// handle. On time-out the handle stays: call it again, or `mosaic_migrate_thaw()` if no
+// destination took the region over.
+enum mosaic_status mosaic_migrate_finish(struct mosaic_migration_out *m,
+                                         uint64_t timeout_ms,
+                                         struct mosaic_migrate_stats *stats);
+
+// Gives the region back to this process if no destination took it over (every page where it
+// was, writable again) and frees the handle; `MOSAIC_ERR_INVALID` (and nothing changed) if a
+// destination did.
+enum mosaic_status mosaic_migrate_thaw(struct mosaic_migration_out *m);
+
+// Connects to a frozen region's source at `uri`, maps the region here at its address and takes
+// it over; stores the handle in `*incoming`, the address in `*addr` and the size in `*len` (each
+// out-pointer may be NULL but `incoming`). The region is usable at once; its pages arrive as touched
+// and in the background.
+enum mosaic_status mosaic_migrate_connect(const char *uri,
+                                          struct mosaic_migration_in **incoming,
+                                          void **addr,
+                                          uint64_t *len);
+
+// Waits (at most `timeout_ms`) until every page is here, then leaves the region mapped as
+// ordinary memory of this process (nothing of Mosaic's behind it any more) and frees the
+// handle. On time-out the handle stays.
+enum mosaic_status mosaic_migrate_complete(struct mosaic_migration_in *m, uint64_t timeout_ms);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -28,6 +28,8 @@ use mosaic_pager::{FaultMode, PagerError};
 use mosaic_transport::ClusterKey;
 
 mod c;
+mod migrate;
+pub use migrate::{MosaicMigrateStats, MosaicMigrationIn, MosaicMigrationOut};
 mod sigchain;
 
 /// Status of a call. `MOSAIC_OK` is zero; every other value is a failure, described further by

@@ -8,6 +8,8 @@
  */
 #define _DEFAULT_SOURCE /* mkdtemp, setenv */
 #include <pthread.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -251,7 +253,85 @@ static void threads(const char *server) {
     }
 }
 
-int main(void) {
+/* Region post-copy: a region of this process moves to a child process (this program again,
+ * run as "migrate-dest URI"), which checks every page; a region no one takes thaws here. */
+#define MIG_ADDR ((void *)0x510000000000ull) /* clear of AddressSanitizer's heap (0x6000...) */
+#define MIG_PAGES 256
+static uint64_t mig_word(size_t page) { return page % 3 ? mix(page) : 0; } /* a third never touched */
+
+static void *mig_map(void) {
+    void *p = mmap(MIG_ADDR, MIG_PAGES * 4096, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    CHECK(p == MIG_ADDR);
+    if (p != MIG_ADDR) {
+        fprintf(stderr, "cannot map the region to migrate\n");
+        exit(1);
+    }
+    for (size_t i = 0; i < MIG_PAGES; i++)
+        if (mig_word(i)) ((uint64_t *)p)[i * 512] = mig_word(i);
+    return p;
+}
+
+static int migrate_dest(const char *uri) {
+    EXPECT(mosaic_init(KEY), MOSAIC_OK);
+    mosaic_migration_in *in = NULL;
+    void *addr = NULL;
+    uint64_t len = 0;
+    EXPECT(mosaic_migrate_connect(uri, &in, &addr, &len), MOSAIC_OK);
+    CHECK(addr == MIG_ADDR && len == MIG_PAGES * 4096);
+    if (addr == MIG_ADDR)
+        for (size_t i = 0; i < MIG_PAGES; i++) CHECK(((uint64_t *)addr)[i * 512] == mig_word(i));
+    EXPECT(mosaic_migrate_complete(in, 60000), MOSAIC_OK);
+    EXPECT(mosaic_migrate_complete(in, 60000), MOSAIC_ERR_BAD_HANDLE);
+    if (addr == MIG_ADDR) {
+        ((uint64_t *)addr)[5] = 7; /* ordinary memory now */
+        CHECK(((uint64_t *)addr)[5] == 7 && ((uint64_t *)addr)[512] == mig_word(1));
+        munmap(addr, MIG_PAGES * 4096);
+    }
+    EXPECT(mosaic_finalize(), MOSAIC_OK);
+    return failures ? 1 : 0;
+}
+
+static void migration(void) {
+    mosaic_migration_out *m = NULL;
+    EXPECT(mosaic_migrate_freeze(NULL, 4096, "tcp://127.0.0.1:0", &m), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_migrate_freeze(MIG_ADDR, 100, "tcp://127.0.0.1:0", &m), MOSAIC_ERR_INVALID);
+    CHECK(m == NULL);
+    EXPECT(mosaic_migrate_finish(NULL, 0, NULL), MOSAIC_ERR_NULL);
+    CHECK(mosaic_migrate_uri(NULL) == NULL);
+    mosaic_migration_in *in = NULL;
+    CHECK(mosaic_migrate_connect("tcp://127.0.0.1:1", &in, NULL, NULL) != MOSAIC_OK && in == NULL);
+
+    /* Nobody takes it: it thaws, whole and writable. */
+    uint64_t *p = mig_map();
+    EXPECT(mosaic_migrate_freeze(p, MIG_PAGES * 4096, "tcp://127.0.0.1:0", &m), MOSAIC_OK);
+    EXPECT(mosaic_migrate_finish(m, 50, NULL), MOSAIC_ERR_UNREACHABLE); /* timed out */
+    EXPECT(mosaic_migrate_thaw(m), MOSAIC_OK);
+    EXPECT(mosaic_migrate_thaw(m), MOSAIC_ERR_BAD_HANDLE);
+    for (size_t i = 0; i < MIG_PAGES; i++) CHECK(p[i * 512] == mig_word(i));
+    p[1] = 9;
+    CHECK(p[1] == 9);
+    munmap(p, MIG_PAGES * 4096);
+
+    /* It moves to a child process. */
+    p = mig_map();
+    EXPECT(mosaic_migrate_freeze(p, MIG_PAGES * 4096, "tcp://127.0.0.1:0", &m), MOSAIC_OK);
+    char uri[128];
+    snprintf(uri, sizeof uri, "%s", mosaic_migrate_uri(m) ? mosaic_migrate_uri(m) : "");
+    pid_t child = fork();
+    if (child == 0) {
+        execl("/proc/self/exe", "test_api", "migrate-dest", uri, (char *)NULL);
+        _exit(127);
+    }
+    mosaic_migrate_stats st;
+    EXPECT(mosaic_migrate_finish(m, 60000, &st), MOSAIC_OK);
+    CHECK(st.present_pages == MIG_PAGES - (MIG_PAGES + 2) / 3 && st.pages_sent == st.present_pages);
+    CHECK(st.bytes_sent >= st.pages_sent * 4096 && st.bytes_sent < st.pages_sent * 4200 + 4096);
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "migrate-dest") == 0) return migrate_dest(argv[2]);
     strings();
     before_init();
     EXPECT(mosaic_init(KEY), MOSAIC_OK);
@@ -272,6 +352,7 @@ int main(void) {
     real_use(server, MOSAIC_FAULT_THREAD);
     real_use(server, MOSAIC_FAULT_PER_CPU);
     threads(server);
+    migration();
 
     EXPECT(mosaic_finalize(), MOSAIC_ERR_BUSY); /* the server is live */
     EXPECT(mosaic_memserver_stop(s), MOSAIC_OK);
