@@ -858,12 +858,24 @@ impl Shared {
     /// Sends every waiting message on the calling thread (which must hold no lock of the
     /// node's), a few rounds at most; what remains is left to the sender threads.
     fn flush(&self) {
+        self.flush_until(|| false);
+    }
+
+    /// As [`flush`](Self::flush), stopping as soon as `done` says so after a round; then wakes
+    /// the sender threads for whatever is left. Returns whether `done` said so.
+    fn flush_until(&self, mut done: impl FnMut() -> bool) -> bool {
+        let mut finished = false;
         for _ in 0..4 {
             if !self.flush_round() {
-                return;
+                break;
+            }
+            if done() {
+                finished = true;
+                break;
             }
         }
         self.kick();
+        finished
     }
 
     /// Sends each peer's waiting messages once, on the calling thread (which must hold no lock
@@ -1019,18 +1031,14 @@ impl Source {
                 // page itself) comes back on this call and is installed here too. As soon as
                 // the access is allowed the fault returns; what follows (the `Done` to the
                 // home) is left to the sender threads.
-                for _ in 0..4 {
-                    if !s.flush_round() {
-                        break;
-                    }
-                    let mut local = lock(&s.local);
-                    if let Some(t) = ready(&mut local) {
-                        drop(local);
-                        s.kick();
-                        return Obtained::Ready(t);
-                    }
+                let mut got = None;
+                s.flush_until(|| {
+                    got = ready(&mut lock(&s.local));
+                    got.is_some()
+                });
+                if let Some(t) = got {
+                    return Obtained::Ready(t);
                 }
-                s.kick();
                 local = lock(&s.local);
                 if let Some(t) = ready(&mut local) {
                     return Obtained::Ready(t);
