@@ -36,6 +36,7 @@
 //! `mosaicd` (see the tracker's issue 13).
 
 mod dest;
+pub mod process;
 mod source;
 mod wire;
 
@@ -96,4 +97,16 @@ pub enum MigrateError {
     /// Waiting for the migration to finish took too long.
     #[error("not finished within {0:?}")]
     TimedOut(std::time::Duration),
+    /// The process cannot migrate (nothing was stopped, or it runs on where it was).
+    #[error("cannot migrate: {0}")]
+    Refused(String),
+    /// A system call or `/proc` read failed.
+    #[error("{0}")]
+    Os(String),
+    /// Rebuilding the process at the destination failed.
+    #[error("restore: {0}")]
+    Restore(String),
+    /// The source went away before every page had come.
+    #[error("the source is lost: {0}")]
+    SourceLost(String),
 }

@@ -71,6 +71,7 @@
 
 use std::ops::Range;
 
+mod foreign;
 mod config;
 mod install;
 mod mapping;
@@ -83,7 +84,8 @@ mod uffd;
 mod worker;
 
 pub use config::{DirtyTracking, FaultMode, PagerStats, RegionConfig};
-pub use mapping::{populated_pages, present_pages, unmap_inherited};
+pub use mapping::{populated_pages, present_pages, private_pages_of, unmap_inherited};
+pub use foreign::{Event, ForeignUffd, Installed};
 pub use region::Region;
 pub use region_core::RegionCore;
 

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::pagemap::{Pagemap, Query, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+use crate::pagemap::{Pagemap, Query, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
 use crate::{ConfigError, PagerError, PAGE_SIZE};
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -93,6 +93,22 @@ pub fn populated_pages(addr: usize, pages: u64) -> Result<Vec<Range<u64>>, Pager
     let start = addr as u64;
     let q = Query { require: 0, exclude: 0, any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED, reprotect: false };
     scan_pages(&open_pagemap()?, start, start, start + pages * PAGE, q)
+}
+
+/// The byte ranges of `[start, end)` in process `pid` that hold data of that process's own:
+/// present or swapped out, and neither the shared zero page nor a file's page (so in a private
+/// file mapping, only the pages the process wrote, its private copies). What a whole process
+/// migrating away must send. Needs the right to read `/proc/PID/pagemap` (ptrace access).
+pub fn private_pages_of(pid: u32, start: u64, end: u64) -> Result<Vec<Range<u64>>, PagerError> {
+    let pm = Pagemap::open_path(&format!("/proc/{pid}/pagemap"))
+        .map_err(|err| PagerError::Os { op: "open /proc/PID/pagemap", err })?;
+    let q = Query {
+        require: 0,
+        exclude: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+        any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        reprotect: false,
+    };
+    pm.scan(start, end, q).map_err(|err| PagerError::Os { op: "PAGEMAP_SCAN", err })
 }
 
 pub(crate) fn open_pagemap() -> Result<Pagemap, PagerError> {

@@ -16,6 +16,7 @@ const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
 /// Page categories reported by the scan.
 pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub(crate) const PAGE_IS_FILE: u64 = 1 << 2;
 pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub(crate) const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub(crate) const PAGE_IS_PFNZERO: u64 = 1 << 5;
@@ -68,7 +69,12 @@ pub(crate) struct Pagemap {
 
 impl Pagemap {
     pub(crate) fn open() -> io::Result<Pagemap> {
-        Ok(Pagemap { file: File::open("/proc/self/pagemap")? })
+        Pagemap::open_path("/proc/self/pagemap")
+    }
+
+    /// Another process's (`/proc/PID/pagemap`).
+    pub(crate) fn open_path(path: &str) -> io::Result<Pagemap> {
+        Ok(Pagemap { file: File::open(path)? })
     }
 
     /// Byte ranges within `[start, end)` that match `q`, merged where adjacent.

@@ -20,6 +20,8 @@ const fn ior(nr: u64, size: usize) -> u64 {
 
 const UFFDIO_API: u64 = iowr(0x3F, size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = iowr(0x00, size_of::<UffdioRegister>());
+/// `UFFDIO_REGISTER`, for a caller that issues it itself.
+pub(crate) const UFFDIO_REGISTER_NR: u64 = UFFDIO_REGISTER;
 const UFFDIO_UNREGISTER: u64 = ior(0x01, size_of::<UffdioRange>());
 const UFFDIO_WAKE: u64 = ior(0x02, size_of::<UffdioRange>());
 const UFFDIO_COPY: u64 = iowr(0x03, size_of::<UffdioCopy>());
@@ -243,6 +245,16 @@ impl Userfaultfd {
     }
 
     /// The descriptor.
+    /// Adopts an open userfaultfd whose features were negotiated as `features`.
+    pub(crate) fn from_fd(fd: OwnedFd, features: u64) -> Userfaultfd {
+        Userfaultfd { fd, features }
+    }
+
+    /// Gives the descriptor up.
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
     }

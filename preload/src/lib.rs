@@ -37,6 +37,9 @@
 //!   region (default: on).
 //! - `MOSAIC_COPIES`: copies of each page (default 2 with two or more servers).
 //!
+//! - `MOSAIC_MIGRATE_SIGNAL`: a real-time signal number; the process gets the checkpoint handler
+//!   of process migration for it (`mosrun --migratable` sets it; see `mosaic_migrate::process`).
+//!   Works with or without network RAM (a process with a network-RAM region cannot migrate yet).
 //! - `MOSAIC_STATS`: when set (to anything but `0`), each process prints one line of network-RAM
 //!   counters on standard error when it exits (`mosrun --stats`).
 //! - `MOSAIC_BUDGET_FD`: a descriptor of the budget shared by a `mosrun` job's processes (set
@@ -202,6 +205,16 @@ extern "C" fn read_env_at_load() {
     }
     if c.small && c.servers.is_some() {
         backend();
+    }
+    if let Some(sig) = env(c"MOSAIC_MIGRATE_SIGNAL") {
+        match sig.parse::<i32>() {
+            Ok(n) if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&n) => {
+                if let Err(e) = mosaic_migrate::process::shim::install(n) {
+                    report(&format!("migration is off: cannot set the handler of signal {n}: {e}"));
+                }
+            }
+            _ => report(&format!("migration is off: MOSAIC_MIGRATE_SIGNAL={sig} is not a real-time signal")),
+        }
     }
 }
 

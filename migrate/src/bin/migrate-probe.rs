@@ -8,6 +8,8 @@
 //!                                      zeros elsewhere), waits for the rest, prints `OK FAULTED n PUSHED n ZERO n ...`
 //! ```
 //!
+//! `migrate-probe restore` is the restorer of process migration (`keeper_main`), for the tests.
+//!
 //! With `MIGRATE_PROBE_WAIT_MS`, the source waits that long for a destination; if none took the
 //! region over, it thaws it, checks it and writes it, and prints `THAWED OK`. With
 //! `MIGRATE_PROBE_QUIT_AT_COMMIT=1` it exits as soon as a destination took the region over (a
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     env_logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["restore"] => return ExitCode::from(mosaic_migrate::process::keeper_main().clamp(0, 255) as u8),
         ["source", mib, pct] => source(mib, pct, "tcp://127.0.0.1:0"),
         ["source", mib, pct, uri] => source(mib, pct, uri),
         ["dest", uri, mib, pct] => dest(uri, mib, pct),

@@ -1,0 +1,481 @@
+//! The source's side of process migration: check that a process can move, stop it through
+//! its checkpoint handlers, and read what it is from `/proc` (see [`super`]).
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use super::image::{Backing, Credentials, FileId, Mapping, MmFields, OpenFile, ProcessImage};
+use super::record::{socket_name, ThreadRecord, VERDICT_RESUME, VERDICT_STAY};
+use crate::MigrateError;
+
+fn refuse(why: impl Into<String>) -> MigrateError {
+    MigrateError::Refused(why.into())
+}
+
+fn os(what: impl std::fmt::Display, e: std::io::Error) -> MigrateError {
+    MigrateError::Os(format!("{what}: {e}"))
+}
+
+fn read(path: &str) -> Result<String, MigrateError> {
+    std::fs::read_to_string(path).map_err(|e| os(path, e))
+}
+
+/// Character devices that are the same everywhere, opened again by path.
+const PORTABLE_DEVICES: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+
+/// Why process `pid` cannot move, if it cannot: what openMosix called a process's "locks".
+/// Nothing is stopped; the answer reflects the moment of the call.
+pub fn check_movable(pid: u32) -> Result<(), MigrateError> {
+    let status = read(&format!("/proc/{pid}/status")).map_err(|_| refuse(format!("no process {pid}")))?;
+    if status_field(&status, "TracerPid:").is_some_and(|t| t != "0") {
+        return Err(refuse("it is being traced (ptrace)"));
+    }
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| os("its threads", e))?;
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        if !children.trim().is_empty() {
+            return Err(refuse(format!("it has children (pids {})", children.trim())));
+        }
+    }
+    for (fd, target) in descriptors(pid)? {
+        if fd <= 2 {
+            continue;
+        }
+        what_a_descriptor_is(pid, fd, &target)?;
+    }
+    for line in read(&format!("/proc/{pid}/maps"))?.lines() {
+        let m = MapsLine::parse(line).ok_or_else(|| MigrateError::Os(format!("maps line {line:?}")))?;
+        m.backing()?;
+    }
+    Ok(())
+}
+
+/// The descriptors of `pid`, with what each points to.
+fn descriptors(pid: u32) -> Result<Vec<(i32, String)>, MigrateError> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| os(&dir, e))?.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        // A descriptor closed meanwhile is simply not there.
+        if let Ok(t) = std::fs::read_link(e.path()) {
+            out.push((fd, t.to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// How descriptor `fd` (pointing at `target`) moves, or why it cannot.
+fn what_a_descriptor_is(pid: u32, fd: i32, target: &str) -> Result<OpenFile, MigrateError> {
+    let cannot = |what: &str| refuse(format!("descriptor {fd} is {what} ({target}), which cannot move yet"));
+    if target.starts_with("socket:") {
+        return Err(cannot("a socket"));
+    }
+    if target.starts_with("pipe:") {
+        return Err(cannot("a pipe"));
+    }
+    if target.starts_with("anon_inode:") {
+        return Err(cannot(if target.contains("userfaultfd") { "a userfaultfd (network RAM?)" } else { "a kernel object" }));
+    }
+    if !target.starts_with('/') || target.ends_with(" (deleted)") {
+        return Err(cannot("not a file that can be opened again"));
+    }
+    let info = read(&format!("/proc/{pid}/fdinfo/{fd}"))?;
+    let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("0").to_string();
+    let flags = u32::from_str_radix(&field("flags:"), 8).map_err(|_| MigrateError::Os(format!("fdinfo {fd} flags")))?;
+    let pos = field("pos:").parse().unwrap_or(0);
+    let meta = std::fs::metadata(target).map_err(|e| os(target, e))?;
+    let id = if meta.is_file() {
+        Some(FileId::of(target).map_err(|e| os(target, e))?)
+    } else if meta.is_dir() || PORTABLE_DEVICES.contains(&target) {
+        None
+    } else {
+        return Err(cannot("a device"));
+    };
+    Ok(OpenFile::Path { fd, path: target.to_string(), flags, pos, id })
+}
+
+/// One line of `/proc/PID/maps`.
+struct MapsLine<'a> {
+    start: u64,
+    end: u64,
+    perms: &'a str,
+    offset: u64,
+    path: &'a str,
+}
+
+impl<'a> MapsLine<'a> {
+    fn parse(line: &'a str) -> Option<MapsLine<'a>> {
+        let mut it = line.splitn(6, ' ');
+        let (range, perms, offset) = (it.next()?, it.next()?, it.next()?);
+        let (_dev, _inode) = (it.next()?, it.next()?);
+        let path = it.next().unwrap_or("").trim_start();
+        let (s, e) = range.split_once('-')?;
+        Some(MapsLine {
+            start: u64::from_str_radix(s, 16).ok()?,
+            end: u64::from_str_radix(e, 16).ok()?,
+            perms,
+            offset: u64::from_str_radix(offset, 16).ok()?,
+            path,
+        })
+    }
+
+    fn prot(&self) -> u32 {
+        let b = self.perms.as_bytes();
+        let mut p = 0;
+        if b.first() == Some(&b'r') {
+            p |= libc::PROT_READ;
+        }
+        if b.get(1) == Some(&b'w') {
+            p |= libc::PROT_WRITE;
+        }
+        if b.get(2) == Some(&b'x') {
+            p |= libc::PROT_EXEC;
+        }
+        p as u32
+    }
+
+    fn shared(&self) -> bool {
+        self.perms.as_bytes().get(3) == Some(&b's')
+    }
+
+    /// What backs it; `None` for `[vsyscall]`, which is the same fixed page everywhere.
+    fn backing(&self) -> Result<Option<Backing>, MigrateError> {
+        let at = format!("mapping {:#x}-{:#x} ({})", self.start, self.end, if self.path.is_empty() { "anonymous" } else { self.path });
+        match self.path {
+            "[vsyscall]" => return Ok(None),
+            "[vdso]" | "[vvar]" | "[vvar_vclock]" => return Ok(Some(Backing::Kernel(self.path.to_string()))),
+            _ => {}
+        }
+        let anonymous = self.path.is_empty() || matches!(self.path, "[heap]" | "[stack]") || self.path.starts_with("[anon:");
+        if self.shared() {
+            if anonymous || self.path.starts_with("[anon_shmem:") || self.path.starts_with("/dev/zero") {
+                return Err(refuse(format!("{at} is memory shared with other processes")));
+            }
+            if self.prot() & libc::PROT_WRITE as u32 != 0 {
+                return Err(refuse(format!("{at} is a file mapped shared and writable")));
+            }
+        }
+        if anonymous {
+            return Ok(Some(Backing::Anonymous));
+        }
+        if self.path.starts_with('[') || self.path.ends_with(" (deleted)") || !self.path.starts_with('/') {
+            return Err(refuse(format!("{at} cannot be mapped again elsewhere")));
+        }
+        if self.path.starts_with("/SYSV") || self.path.starts_with("/dev/") {
+            return Err(refuse(format!("{at} is shared memory or a device")));
+        }
+        let id = FileId::of(self.path).map_err(|e| os(&at, e))?;
+        let (path, offset) = (self.path.to_string(), self.offset);
+        Ok(Some(if self.shared() {
+            Backing::SharedFile { path, offset, id }
+        } else {
+            Backing::PrivateFile { path, offset, id }
+        }))
+    }
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
+}
+
+/// A process stopped by its checkpoint handlers: every thread waits in its handler for a
+/// verdict. Dropping it resumes the process.
+#[derive(Debug)]
+pub struct Stopped {
+    pid: u32,
+    threads: Vec<(ThreadRecord, UnixStream)>,
+    settled: bool,
+}
+
+/// Stops process `pid` (started with the checkpoint handler for `signal` installed: see
+/// [`super::shim`]): queues the signal to each of its threads and waits, at most `timeout`,
+/// for every thread to report. A thread that never reports (no handler, the signal blocked)
+/// resumes the others and names the thread.
+pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, MigrateError> {
+    let token = {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|e| MigrateError::Os(format!("random token: {e}")))?;
+        u64::from_le_bytes(b)
+    };
+    let listener = listen_abstract(&socket_name(token)).map_err(|e| os("checkpoint socket", e))?;
+    let mut stopped = Stopped { pid, threads: Vec::new(), settled: false };
+    let mut signalled: Vec<u64> = Vec::new();
+    let deadline = Instant::now() + timeout;
+    // Threads may start or end while this runs: signal the new ones until every thread there
+    // is has reported (bounded by the deadline).
+    loop {
+        let tids = threads_of(pid)?;
+        if tids.is_empty() {
+            return Err(refuse(format!("process {pid} is gone")));
+        }
+        let missing: Vec<u64> = tids.iter().copied().filter(|t| !stopped.threads.iter().any(|(r, _)| r.tid == *t)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        for &t in &missing {
+            if !signalled.contains(&t) {
+                queue_signal(pid, t, signal, token).map_err(|e| os(format!("signal thread {t}"), e))?;
+                signalled.push(t);
+            }
+        }
+        match accept_until(&listener, deadline) {
+            Some(mut s) => {
+                let mut b = vec![0u8; size_of::<ThreadRecord>()];
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                if s.read_exact(&mut b).is_ok() {
+                    if let Some(r) = ThreadRecord::from_bytes(&b) {
+                        stopped.threads.push((r, s));
+                    }
+                }
+            }
+            None => {
+                return Err(refuse(format!(
+                    "thread(s) {missing:?} of process {pid} did not stop within {timeout:?}: was it started by \
+                     mosrun (with the checkpoint handler for signal {signal}), and does it block or use that signal?"
+                )))
+            }
+        }
+    }
+    // The main thread first.
+    let pos = stopped.threads.iter().position(|(r, _)| r.tid == r.pid).ok_or_else(|| refuse("the main thread is gone"))?;
+    stopped.threads.swap(0, pos);
+    Ok(stopped)
+}
+
+fn threads_of(pid: u32) -> Result<Vec<u64>, MigrateError> {
+    let dir = format!("/proc/{pid}/task");
+    let rd = std::fs::read_dir(&dir).map_err(|_| refuse(format!("no process {pid}")))?;
+    Ok(rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+}
+
+fn queue_signal(pid: u32, tid: u64, signal: i32, token: u64) -> std::io::Result<()> {
+    // siginfo for SI_QUEUE on x86-64: signo @0, code @8, pid @16, uid @20, value @24.
+    let mut info = [0u64; 16];
+    info[0] = signal as u32 as u64;
+    info[1] = (libc::SI_QUEUE as i32) as u32 as u64;
+    // SAFETY: getpid/getuid cannot fail.
+    info[2] = u64::from(unsafe { libc::getpid() } as u32) | (u64::from(unsafe { libc::getuid() }) << 32);
+    info[3] = token;
+    // SAFETY: rt_tgsigqueueinfo reads a 128-byte siginfo from `info`.
+    let r = unsafe { libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid as i32, tid as i32, signal, info.as_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn listen_abstract(name: &[u8]) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket/bind/listen with a sockaddr_un filled in here; the descriptor is owned
+    // at once.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(name) {
+            *d = *s as libc::c_char;
+        }
+        let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + name.len()) as libc::socklen_t;
+        if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) != 0 || libc::listen(fd.as_raw_fd(), 128) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+}
+
+fn accept_until(listener: &OwnedFd, deadline: Instant) -> Option<UnixStream> {
+    loop {
+        // SAFETY: accept4 on a listening socket; the result is owned at once.
+        let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor.
+            return Some(unsafe { UnixStream::from_raw_fd(fd) });
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 100) as i32) };
+    }
+}
+
+impl Stopped {
+    /// The process's pid (here).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Reads what the process is: its threads' records, mappings (with the byte ranges of its
+    /// own data in each, and the bytes of those that travel with the image), descriptors,
+    /// working directory, limits and ids.
+    pub fn capture(&self) -> Result<ProcessImage, MigrateError> {
+        let pid = self.pid;
+        let status = read(&format!("/proc/{pid}/status"))?;
+        let ids = |name: &str| -> Vec<u32> {
+            status_field(&status, name).unwrap_or("").split_whitespace().filter_map(|v| v.parse().ok()).collect()
+        };
+        let (uid, gid) = (ids("Uid:"), ids("Gid:"));
+        if uid.len() < 3 || gid.len() < 3 {
+            return Err(MigrateError::Os("ids in /proc/PID/status".into()));
+        }
+        let creds = Credentials { uid: [uid[0], uid[1], uid[2]], gid: [gid[0], gid[1], gid[2]], groups: ids("Groups:") };
+        let umask = status_field(&status, "Umask:").and_then(|u| u32::from_str_radix(u, 8).ok()).unwrap_or(0o022);
+        let link = |what: &str| {
+            std::fs::read_link(format!("/proc/{pid}/{what}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .map_err(|e| os(format!("/proc/{pid}/{what}"), e))
+        };
+        let mut rlimits = Vec::new();
+        for res in 0..16u32 {
+            let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: prlimit reads into `old`.
+            if unsafe { libc::prlimit(pid as i32, res as _, std::ptr::null(), &mut old) } == 0 {
+                rlimits.push((res, old.rlim_cur, old.rlim_max));
+            }
+        }
+        let ours: Vec<i32> = self.threads.iter().map(|(r, _)| r.socket_fd as i32).collect();
+        let mut files = Vec::new();
+        for (fd, target) in descriptors(pid)? {
+            if ours.contains(&fd) {
+                continue;
+            }
+            files.push(if fd <= 2 { OpenFile::Stdio(fd) } else { what_a_descriptor_is(pid, fd, &target)? });
+        }
+        let mut mappings = Vec::new();
+        let mut heap_end = 0;
+        for line in read(&format!("/proc/{pid}/maps"))?.lines() {
+            let l = MapsLine::parse(line).ok_or_else(|| MigrateError::Os(format!("maps line {line:?}")))?;
+            let Some(backing) = l.backing()? else { continue };
+            if l.path == "[heap]" {
+                heap_end = l.end;
+            }
+            let private = if matches!(backing, Backing::Kernel(_) | Backing::SharedFile { .. }) {
+                Vec::new()
+            } else {
+                mosaic_pager::private_pages_of(pid, l.start, l.end).map_err(|e| MigrateError::Os(format!("{line}: {e}")))?
+            };
+            let mut m =
+                Mapping { start: l.start, end: l.end, prot: l.prot(), grows_down: l.path == "[stack]", backing, private, eager: vec![] };
+            if m.travels_eagerly() && !m.private.is_empty() {
+                let mut buf = vec![0u8; m.private_bytes() as usize];
+                let mut at = 0;
+                for r in &m.private {
+                    let n = (r.end - r.start) as usize;
+                    read_memory(pid, r.start, &mut buf[at..at + n])?;
+                    at += n;
+                }
+                m.eager = buf;
+            }
+            mappings.push(m);
+        }
+        let stat = read(&format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces), numbered from 3.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<u64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+        let at = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+        let mut mm = MmFields {
+            start_code: at(26),
+            end_code: at(27),
+            start_stack: at(28),
+            start_data: at(45),
+            end_data: at(46),
+            start_brk: at(47),
+            arg_start: at(48),
+            arg_end: at(49),
+            env_start: at(50),
+            env_end: at(51),
+            brk: 0,
+        };
+        mm.brk = heap_end.max(mm.start_brk);
+        let mut threads = Vec::new();
+        for (r, _) in &self.threads {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", r.tid)).unwrap_or_default();
+            threads.push((*r, comm.trim_end().to_string()));
+        }
+        let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|e| os("auxv", e))?;
+        Ok(ProcessImage {
+            pid: self.threads[0].0.pid as u32,
+            comm: read(&format!("/proc/{pid}/comm"))?.trim_end().to_string(),
+            exe: link("exe")?,
+            cwd: link("cwd")?,
+            umask,
+            creds,
+            rlimits,
+            mm,
+            auxv,
+            threads,
+            mappings,
+            files,
+        })
+    }
+
+    /// Lets the process run on here (the migration did not happen).
+    pub fn resume(mut self) {
+        self.settle(VERDICT_RESUME);
+    }
+
+    /// Keeps the process stopped for good: it runs elsewhere now, and this copy only holds its
+    /// memory for [`read_memory`] until it is killed ([`Remains::kill`]).
+    pub fn stay(mut self) -> Remains {
+        self.settle(VERDICT_STAY);
+        Remains { pid: self.pid }
+    }
+
+    fn settle(&mut self, verdict: u8) {
+        for (_, s) in &mut self.threads {
+            let _ = s.write_all(&[verdict]);
+        }
+        self.settled = true;
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle(VERDICT_RESUME);
+        }
+    }
+}
+
+/// What is left of a process that moved: its memory, read until the destination has it all.
+#[derive(Debug)]
+pub struct Remains {
+    pid: u32,
+}
+
+impl Remains {
+    /// Its pid here.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Kills it (its memory goes with it).
+    pub fn kill(self) {
+        // SAFETY: kill(2) of a process this agent stopped.
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// Reads `out.len()` bytes at `addr` of process `pid`.
+pub fn read_memory(pid: u32, addr: u64, out: &mut [u8]) -> Result<(), MigrateError> {
+    let mut done = 0;
+    while done < out.len() {
+        let local = libc::iovec { iov_base: out[done..].as_mut_ptr().cast(), iov_len: out.len() - done };
+        let remote = libc::iovec { iov_base: (addr + done as u64) as *mut libc::c_void, iov_len: out.len() - done };
+        // SAFETY: process_vm_readv writes at most `iov_len` bytes into `out`.
+        let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
+        if n <= 0 {
+            return Err(os(format!("read {} bytes at {:#x} of process {pid}", out.len() - done, addr + done as u64), std::io::Error::last_os_error()));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

@@ -1,0 +1,635 @@
+//! Post-copy of a migrated process's anonymous memory, at the destination: faults pull their
+//! pages from the source, a stream pulls the rest, and the process's own `mremap`, `madvise`
+//! and `munmap` calls are followed so that no page lands where it no longer belongs.
+//!
+//! One thread, the *installer*, owns the userfaultfd: it reads the events, serves faults
+//! (fetching their pages itself: the faulting thread waits either way) and installs what the
+//! *streamer* thread fetched. Since only the installer reads events and installs, an install can
+//! never follow a discard it has not seen: the kernel refuses installs (`EAGAIN`) while an event
+//! waits unread, and the installer reads it, updates its table, then installs what still belongs.
+//!
+//! Each page with data at the source is fetched once (a fault on a page the stream has taken
+//! waits for the stream's copy, which wakes it). If the source is lost, every page not yet
+//! here is poisoned: touching one raises SIGBUS (the pages are named in the log), never zeros.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mosaic_pager::{Event, ForeignUffd, Installed};
+
+use super::image::{Backing, ProcessImage};
+use crate::source::lock;
+use crate::MigrateError;
+
+const PAGE: u64 = 4096;
+/// Pages a fault fetches: its own and the following ones of its run not taken yet.
+const FAULT_AROUND: usize = 16;
+/// Pages the stream fetches at a time.
+const STREAM_BATCH: usize = 64;
+
+/// Where the pages come from.
+pub trait FetchPages: Send + Sync + 'static {
+    /// The bytes of each run (source address, pages), concatenated in order.
+    fn fetch(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String>;
+}
+
+/// What post-copy did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostCopyStats {
+    /// Pages with data at the source (what must come).
+    pub pages: u64,
+    /// Pages installed (or found discarded or unmapped by the process meanwhile).
+    pub settled: u64,
+    /// Faults served.
+    pub faults: u64,
+    /// Pages fetched for faults.
+    pub fetched_for_faults: u64,
+    /// Pages fetched by the stream.
+    pub streamed: u64,
+    /// Bytes of page data received.
+    pub bytes: u64,
+    /// Pages poisoned because the source was lost.
+    pub poisoned: u64,
+}
+
+/// A run of pages with data at the source, contiguous there and (while not moved apart by
+/// `mremap`) at the destination.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// Source address of its first page.
+    src: u64,
+    pages: u64,
+    /// Global index of its first page.
+    first: usize,
+    /// Where its first page is in the process now (`None` once unmapped).
+    dst: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Table {
+    runs: Vec<Run>,
+    claimed: Vec<u64>,
+    settled: Vec<u64>,
+    settled_n: usize,
+    total: usize,
+    /// Where the stream takes its next pages (just after the latest fault).
+    cursor: usize,
+    failed: Option<String>,
+}
+
+fn bit(v: &[u64], i: usize) -> bool {
+    v[i / 64] & (1 << (i % 64)) != 0
+}
+fn set(v: &mut [u64], i: usize) {
+    v[i / 64] |= 1 << (i % 64);
+}
+
+impl Table {
+    fn new(image: &ProcessImage) -> Table {
+        let mut runs = Vec::new();
+        let mut n = 0;
+        for m in image.mappings.iter().filter(|m| matches!(m.backing, Backing::Anonymous) && !m.travels_eagerly()) {
+            for r in &m.private {
+                let pages = (r.end - r.start) / PAGE;
+                runs.push(Run { src: r.start, pages, first: n, dst: Some(r.start) });
+                n += pages as usize;
+            }
+        }
+        Table::with_runs(runs, n)
+    }
+
+    fn with_runs(runs: Vec<Run>, n: usize) -> Table {
+        let words = n.div_ceil(64);
+        let mut claimed = vec![0; words];
+        // The bits past the last page count as taken, so whole words can be skipped.
+        if n % 64 != 0 {
+            claimed[words - 1] = !0u64 << (n % 64);
+        }
+        Table { runs, claimed, settled: vec![0; words], settled_n: 0, total: n, cursor: 0, failed: None }
+    }
+
+    fn run_of(&self, i: usize) -> usize {
+        self.runs.partition_point(|r| r.first <= i) - 1
+    }
+
+    /// The page at destination address `a`: its index.
+    fn at_dst(&self, a: u64) -> Option<usize> {
+        self.runs.iter().find_map(|r| {
+            let d = r.dst?;
+            (a >= d && a < d + r.pages * PAGE).then(|| r.first + ((a - d) / PAGE) as usize)
+        })
+    }
+
+    /// Splits runs so that none straddles destination address `a`.
+    fn split_at_dst(&mut self, a: u64) {
+        let Some(k) = self.runs.iter().position(|r| r.dst.is_some_and(|d| a > d && a < d + r.pages * PAGE)) else { return };
+        let r = self.runs[k];
+        let head = (a - r.dst.expect("found by dst")) / PAGE;
+        self.runs[k].pages = head;
+        let tail = Run { src: r.src + head * PAGE, pages: r.pages - head, first: r.first + head as usize, dst: Some(a) };
+        self.runs.insert(k + 1, tail);
+    }
+
+    /// The runs lying in `[start, end)` at the destination (after splitting at both ends).
+    fn runs_in(&mut self, start: u64, end: u64) -> Vec<usize> {
+        self.split_at_dst(start);
+        self.split_at_dst(end);
+        (0..self.runs.len()).filter(|&k| self.runs[k].dst.is_some_and(|d| d >= start && d < end)).collect()
+    }
+
+    fn settle(&mut self, i: usize) {
+        if !bit(&self.settled, i) {
+            set(&mut self.settled, i);
+            set(&mut self.claimed, i);
+            self.settled_n += 1;
+        }
+    }
+
+    fn follow(&mut self, e: Event) {
+        match e {
+            Event::Fault(_) => {}
+            Event::Remap { from, to, len } => {
+                for k in self.runs_in(from, from + len) {
+                    let d = self.runs[k].dst.expect("in range");
+                    self.runs[k].dst = Some(d - from + to);
+                }
+            }
+            Event::Remove { start, end } | Event::Unmap { start, end } => {
+                for k in self.runs_in(start, end) {
+                    let r = self.runs[k];
+                    (r.first..r.first + r.pages as usize).for_each(|i| self.settle(i));
+                    if matches!(e, Event::Unmap { .. }) {
+                        self.runs[k].dst = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims up to `most` pages not taken yet from `i` on within its run.
+    fn claim_from(&mut self, i: usize, most: usize) -> Option<(usize, u32)> {
+        let r = self.runs[self.run_of(i)];
+        let end = r.first + r.pages as usize;
+        let mut n = 0;
+        while i + n < end && n < most && !bit(&self.claimed, i + n) {
+            set(&mut self.claimed, i + n);
+            n += 1;
+        }
+        (n > 0).then_some((i, n as u32))
+    }
+
+    /// Claims the stream's next pages, from the cursor on, round the table (skipping whole
+    /// words of taken pages).
+    fn claim_next(&mut self, most: usize) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        if self.total == 0 {
+            return out;
+        }
+        let mut left = most;
+        let mut scanned = 0;
+        let mut i = self.cursor % self.total;
+        while left > 0 && scanned < self.total {
+            let step = if self.claimed[i / 64] == u64::MAX {
+                64 - i % 64
+            } else if bit(&self.claimed, i) {
+                1
+            } else {
+                let (first, n) = self.claim_from(i, left).expect("an unclaimed page");
+                left -= n as usize;
+                out.push((first, n));
+                n as usize
+            };
+            i += step;
+            scanned += step;
+            if i >= self.total {
+                i = 0;
+            }
+        }
+        self.cursor = i;
+        out
+    }
+
+    fn src_of(&self, i: usize) -> u64 {
+        let r = self.runs[self.run_of(i)];
+        r.src + (i - r.first) as u64 * PAGE
+    }
+}
+
+struct Shared {
+    table: Mutex<Table>,
+    changed: Condvar,
+    stop: AtomicBool,
+    faults: AtomicU64,
+    fetched_for_faults: AtomicU64,
+    streamed: AtomicU64,
+    bytes: AtomicU64,
+    poisoned: AtomicU64,
+}
+
+enum FromStream {
+    Pages(Vec<(usize, u32)>, Vec<u8>),
+    Failed(String),
+}
+
+/// Post-copy of one migrated process's memory, under way.
+pub struct PostCopy {
+    shared: Arc<Shared>,
+    wake: Arc<OwnedFd>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PostCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostCopy").field("stats", &self.stats()).finish()
+    }
+}
+
+impl PostCopy {
+    /// Starts serving the process that `uffd` belongs to (rebuilt from `image`), its pages
+    /// fetched with `fetch`.
+    pub fn start(uffd: ForeignUffd, image: &ProcessImage, fetch: Arc<dyn FetchPages>) -> Result<PostCopy, MigrateError> {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors, owned at once.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(MigrateError::Os(format!("pipe: {}", std::io::Error::last_os_error())));
+        }
+        // SAFETY: fresh descriptors.
+        let (wake_r, wake_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let shared = Arc::new(Shared {
+            table: Mutex::new(Table::new(image)),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            fetched_for_faults: AtomicU64::new(0),
+            streamed: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            poisoned: AtomicU64::new(0),
+        });
+        let wake = Arc::new(wake_w);
+        let (tx, rx) = sync_channel(4);
+        let s = shared.clone();
+        let f = fetch.clone();
+        let w = wake.clone();
+        let streamer = std::thread::Builder::new()
+            .name("mosaic-stream".into())
+            .spawn(move || stream(&s, &*f, &tx, &w))
+            .map_err(|e| MigrateError::Os(format!("thread: {e}")))?;
+        let s = shared.clone();
+        let installer = std::thread::Builder::new()
+            .name("mosaic-install".into())
+            .spawn(move || install_loop(&s, &uffd, &*fetch, &rx, &wake_r))
+            .map_err(|e| MigrateError::Os(format!("thread: {e}")))?;
+        Ok(PostCopy { shared, wake, threads: vec![streamer, installer] })
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> PostCopyStats {
+        let s = &self.shared;
+        let t = lock(&s.table);
+        PostCopyStats {
+            pages: t.total as u64,
+            settled: t.settled_n as u64,
+            faults: s.faults.load(Ordering::Relaxed),
+            fetched_for_faults: s.fetched_for_faults.load(Ordering::Relaxed),
+            streamed: s.streamed.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+            poisoned: s.poisoned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every page is here (then the userfaultfd is closed, and the process owns
+    /// all its memory), or the source was lost (`Err`, the missing pages poisoned), at most
+    /// `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<PostCopyStats, MigrateError> {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut t = lock(&self.shared.table);
+            while t.settled_n < t.total && t.failed.is_none() && !self.shared.stop.load(Ordering::Relaxed) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(MigrateError::TimedOut(timeout));
+                }
+                t = self.shared.changed.wait_timeout(t, left.min(Duration::from_millis(100))).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+            }
+            if let Some(f) = &t.failed {
+                return Err(MigrateError::SourceLost(f.clone()));
+            }
+        }
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+        Ok(self.stats())
+    }
+
+    fn halt(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        poke(&self.wake);
+        self.shared.changed.notify_all();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for PostCopy {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn poke(w: &OwnedFd) {
+    // SAFETY: a one-byte write to our pipe (a full pipe means a wake-up is pending anyway).
+    unsafe { libc::write(w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+}
+
+fn stream(s: &Shared, fetch: &dyn FetchPages, tx: &SyncSender<FromStream>, wake: &OwnedFd) {
+    loop {
+        if s.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (batch, runs) = {
+            let mut t = lock(&s.table);
+            if t.failed.is_some() {
+                return;
+            }
+            let batch = t.claim_next(STREAM_BATCH);
+            let runs: Vec<(u64, u32)> = batch.iter().map(|&(i, n)| (t.src_of(i), n)).collect();
+            (batch, runs)
+        };
+        if batch.is_empty() {
+            return; // every page is taken
+        }
+        let msg = match fetch.fetch(&runs) {
+            Ok(bytes) => FromStream::Pages(batch, bytes),
+            Err(e) => FromStream::Failed(e),
+        };
+        let failed = matches!(msg, FromStream::Failed(_));
+        if tx.send(msg).is_err() {
+            return;
+        }
+        poke(wake);
+        if failed {
+            return;
+        }
+    }
+}
+
+fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Receiver<FromStream>, wake: &OwnedFd) {
+    let mut events = Vec::new();
+    let mut pending: Vec<(Vec<(usize, u32)>, Vec<u8>)> = Vec::new();
+    loop {
+        {
+            let t = lock(&s.table);
+            if t.settled_n >= t.total || t.failed.is_some() || s.stop.load(Ordering::Relaxed) {
+                s.changed.notify_all();
+                return;
+            }
+        }
+        // Wait for an event or the stream (bounded, so a stop is seen).
+        let mut p = [
+            libc::pollfd { fd: uffd.raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        let timeout = if pending.is_empty() { 100 } else { 0 };
+        // SAFETY: poll on two valid pollfds.
+        unsafe { libc::poll(p.as_mut_ptr(), 2, timeout) };
+        if p[1].revents != 0 {
+            let mut b = [0u8; 64];
+            // SAFETY: draining our non-blocking pipe.
+            while unsafe { libc::read(wake.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) } > 0 {}
+        }
+        events.clear();
+        if let Err(e) = uffd.read_events(Duration::ZERO, &mut events) {
+            fail(s, uffd, format!("reading the process's faults: {e}"));
+            return;
+        }
+        let mut faults = Vec::new();
+        {
+            let mut t = lock(&s.table);
+            for &e in &events {
+                match e {
+                    Event::Fault(a) => faults.push(a),
+                    other => t.follow(other),
+                }
+            }
+        }
+        for a in faults {
+            s.faults.fetch_add(1, Ordering::Relaxed);
+            serve_fault(s, uffd, fetch, a);
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(FromStream::Pages(batch, bytes)) => pending.push((batch, bytes)),
+                Ok(FromStream::Failed(e)) => {
+                    fail(s, uffd, e);
+                    return;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        // Install what the stream brought; what meets an unread event waits for the next round.
+        let mut keep = Vec::new();
+        for (batch, bytes) in pending.drain(..) {
+            let n: u64 = batch.iter().map(|&(_, n)| u64::from(n)).sum();
+            if let Some(rest) = install(s, uffd, &batch, &bytes) {
+                keep.push(rest);
+            } else {
+                s.streamed.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        pending = keep;
+        s.changed.notify_all();
+    }
+}
+
+fn serve_fault(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, a: u64) {
+    let claim = {
+        let mut t = lock(&s.table);
+        match t.at_dst(a) {
+            // No data at the source there, or discarded since: zeros.
+            None => None,
+            Some(i) if bit(&t.settled, i) => None,
+            // The stream has it on its way: its copy wakes the thread.
+            Some(i) if bit(&t.claimed, i) => return,
+            Some(i) => {
+                let c = t.claim_from(i, FAULT_AROUND);
+                t.cursor = (i + FAULT_AROUND) % t.total.max(1);
+                c.map(|(i, n)| (i, n, t.src_of(i)))
+            }
+        }
+    };
+    let Some((i, n, src)) = claim else {
+        if let Err(e) = uffd.zero(a, PAGE) {
+            log::warn!("migrated process: zero page at {a:#x}: {e}");
+        }
+        return;
+    };
+    match fetch.fetch(&[(src, n)]) {
+        Ok(bytes) => {
+            s.fetched_for_faults.fetch_add(u64::from(n), Ordering::Relaxed);
+            let batch = [(i, n)];
+            let mut rest = install(s, uffd, &batch, &bytes);
+            // An event waits (the process is changing its mappings): read it, then go on.
+            for _ in 0..1000 {
+                let Some((b, by)) = rest else { break };
+                let mut ev = Vec::new();
+                let _ = uffd.read_events(Duration::from_millis(1), &mut ev);
+                {
+                    let mut t = lock(&s.table);
+                    for e in ev {
+                        if let Event::Fault(f) = e {
+                            // Served once this one is in: it is asked again if still missing.
+                            let _ = f;
+                        } else {
+                            t.follow(e);
+                        }
+                    }
+                }
+                rest = install(s, uffd, &b, &by);
+            }
+        }
+        Err(e) => fail(s, uffd, e),
+    }
+}
+
+/// Installs fetched pages where they belong now (skipping those discarded or unmapped
+/// meanwhile). Returns what is left if an unread event stopped it.
+fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8]) -> Option<(Vec<(usize, u32)>, Vec<u8>)> {
+    let mut t = lock(&s.table);
+    let mut off = 0usize;
+    for (k, &(first, n)) in batch.iter().enumerate() {
+        let mut i = first;
+        let end = first + n as usize;
+        while i < end {
+            if bit(&t.settled, i) {
+                i += 1;
+                continue;
+            }
+            // The longest stretch from i that is unsettled and contiguous at the destination.
+            let r = t.runs[t.run_of(i)];
+            let stop = end.min(r.first + r.pages as usize);
+            let mut j = i;
+            while j < stop && !bit(&t.settled, j) {
+                j += 1;
+            }
+            let Some(d) = r.dst else {
+                (i..j).for_each(|x| t.settle(x));
+                i = j;
+                continue;
+            };
+            let dst = d + (i - r.first) as u64 * PAGE;
+            let from = off + (i - first) * PAGE as usize;
+            let data = &bytes[from..from + (j - i) * PAGE as usize];
+            match uffd.copy(dst, data) {
+                Ok(Installed::Done | Installed::Gone) => {
+                    s.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    (i..j).for_each(|x| t.settle(x));
+                    i = j;
+                }
+                Ok(Installed::Again { done }) => {
+                    let done_pages = (done / PAGE) as usize;
+                    (i..i + done_pages).for_each(|x| t.settle(x));
+                    // Give back the rest, from the first page not in.
+                    let resume = i + done_pages;
+                    let mut rest_batch = vec![(resume, (end - resume) as u32)];
+                    rest_batch.extend_from_slice(&batch[k + 1..]);
+                    let cut = off + (resume - first) * PAGE as usize;
+                    return Some((rest_batch, bytes[cut..].to_vec()));
+                }
+                Err(e) => {
+                    log::warn!("migrated process: installing pages at {dst:#x}: {e}");
+                    (i..j).for_each(|x| t.settle(x));
+                    i = j;
+                }
+            }
+        }
+        off += n as usize * PAGE as usize;
+    }
+    None
+}
+
+/// The source is lost: every page not here yet is poisoned (a touch raises SIGBUS), and named.
+fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
+    let mut t = lock(&s.table);
+    let mut lost = Vec::new();
+    for k in 0..t.runs.len() {
+        let r = t.runs[k];
+        let Some(d) = r.dst else { continue };
+        let mut i = r.first;
+        let end = r.first + r.pages as usize;
+        while i < end {
+            if bit(&t.settled, i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < end && !bit(&t.settled, j) {
+                j += 1;
+            }
+            let at = d + (i - r.first) as u64 * PAGE;
+            let len = (j - i) as u64 * PAGE;
+            if let Err(e) = uffd.poison(at, len) {
+                log::error!("migrated process: cannot poison {at:#x}+{len:#x}: {e}");
+            }
+            s.poisoned.fetch_add((j - i) as u64, Ordering::Relaxed);
+            lost.push(format!("{at:#x}-{:#x}", at + len));
+            i = j;
+        }
+    }
+    log::error!("migrated process: the source is lost ({why}); pages that had not arrived raise SIGBUS: {}", lost.join(", "));
+    t.failed = Some(why);
+    s.changed.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(runs: &[(u64, u64)]) -> Table {
+        let mut v = Vec::new();
+        let mut n = 0;
+        for &(start, pages) in runs {
+            v.push(Run { src: start, pages, first: n, dst: Some(start) });
+            n += pages as usize;
+        }
+        Table::with_runs(v, n)
+    }
+
+    #[test]
+    fn remap_moves_pages_and_keeps_their_source() {
+        let mut t = table(&[(0x10000, 8)]);
+        t.follow(Event::Remap { from: 0x12000, to: 0x50000, len: 0x2000 });
+        assert_eq!(t.at_dst(0x12000), None);
+        assert_eq!(t.at_dst(0x50000), Some(2));
+        assert_eq!(t.at_dst(0x51000), Some(3));
+        assert_eq!(t.at_dst(0x14000), Some(4));
+        assert_eq!(t.src_of(3), 0x13000);
+    }
+
+    #[test]
+    fn discarded_and_unmapped_pages_settle_without_coming() {
+        let mut t = table(&[(0x10000, 4), (0x20000, 4)]);
+        t.follow(Event::Remove { start: 0x11000, end: 0x13000 });
+        assert_eq!(t.settled_n, 2);
+        t.follow(Event::Unmap { start: 0x20000, end: 0x30000 });
+        assert_eq!(t.settled_n, 6);
+        assert_eq!(t.at_dst(0x20000), None);
+        // The stream takes only what is left.
+        assert_eq!(t.claim_next(64), vec![(0, 1), (3, 1)]);
+        assert!(t.claim_next(64).is_empty());
+    }
+
+    #[test]
+    fn the_stream_starts_after_the_latest_fault_and_takes_each_page_once() {
+        let mut t = table(&[(0x10000, 100)]);
+        assert_eq!(t.claim_from(10, 16), Some((10, 16)));
+        t.cursor = 26;
+        assert_eq!(t.claim_next(64), vec![(26, 64)]);
+        assert_eq!(t.claim_next(64), vec![(90, 10), (0, 10)]);
+        assert!(t.claim_next(64).is_empty());
+    }
+}
