@@ -13,6 +13,12 @@
 //! ```
 //! runs N copies of PROGRAM as the nodes of a DSM job on this host instead (see `mosaic-dsm`);
 //! with `--hosts A,B,...` on those hosts, started by `--launcher` (`ssh` by default).
+//!
+//! ```text
+//! mosrun --migratable [--node URI] PROGRAM [ARGS...]
+//! ```
+//! runs PROGRAM so that `mosctl migrate PID --to NODE` can move it to another node while it runs
+//! (see `mosaic-cluster`); mosrun stays its home.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -22,6 +28,7 @@ use std::process::{Command, ExitCode};
 use clap::Parser;
 
 mod dsm_job;
+mod migratable;
 use mosaic_netram::{parse_size, proto, MemServer, MemServerConfig, MIN_BUDGET_PAGES, PAGE_SIZE};
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
@@ -56,7 +63,11 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
                   (MOSAIC_CLUSTER_KEY_FILE, or a fresh key written to a file readable by you \
                   alone under the temporary directory: the hosts must see it at the same path, \
                   as on a shared file system, or set MOSAIC_CLUSTER_KEY_FILE to a key file every \
-                  host has)."
+                  host has).\n\n\
+                  With --migratable, PROGRAM runs here under this node's agent (mosaicd, --node) \
+                  with the checkpoint handler of process migration and no network RAM; `mosctl \
+                  migrate PID --to NODE` moves it, while it runs, to another node, and back; its \
+                  standard streams stay with mosrun, which exits with its status."
 )]
 struct Cli {
     /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: start one on
@@ -115,6 +126,18 @@ struct Cli {
     /// (default: the one packets to the first host leave from).
     #[arg(long, requires = "hosts", value_name = "ADDRESS")]
     rendezvous_address: Option<String>,
+    /// Run PROGRAM so that it can move to other nodes while it runs (`mosctl migrate PID --to
+    /// NODE`), without network RAM: mosrun stays its home (output, input, exit status). Needs a
+    /// node agent (mosaicd) here and the cluster key in the environment.
+    #[arg(long, conflicts_with_all = ["nodes", "servers", "local_budget", "stats"])]
+    migratable: bool,
+    /// With --migratable: this node's agent [default: $MOSAIC_NODE, else tcp://127.0.0.1:7070].
+    #[arg(long, requires = "migratable", value_name = "URI")]
+    node: Option<String>,
+    /// With --migratable: the address the job's home listens on, which the nodes it moves to
+    /// reach.
+    #[arg(long, requires = "migratable", default_value = "127.0.0.1", value_name = "ADDRESS")]
+    home_address: String,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     program: Vec<String>,
@@ -181,6 +204,9 @@ fn check_server(uri: &str, key: &ClusterKey) -> Result<(), String> {
 fn run(cli: &Cli) -> Result<ExitCode, String> {
     if let Some(n) = cli.nodes {
         return dsm_job::run(cli, n);
+    }
+    if cli.migratable {
+        return migratable::run(cli);
     }
     let local_budget = cli.local_budget.unwrap_or(DEFAULT_BUDGET);
     let min_budget = MIN_BUDGET_PAGES * PAGE_SIZE as u64;

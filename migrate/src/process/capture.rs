@@ -207,15 +207,18 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
     // Threads may start or end while this runs: signal the new ones until every thread there
     // is has reported (bounded by the deadline).
     loop {
+        // Each thread as this host knows it, and as the process does (they differ when the
+        // process runs in a pid namespace of its own, as a process that moved here does).
         let tids = threads_of(pid)?;
         if tids.is_empty() {
             return Err(refuse(format!("process {pid} is gone")));
         }
-        let missing: Vec<u64> = tids.iter().copied().filter(|t| !stopped.threads.iter().any(|(r, _)| r.tid == *t)).collect();
+        let missing: Vec<(u64, u64)> =
+            tids.iter().copied().filter(|(_, inner)| !stopped.threads.iter().any(|(r, _)| r.tid == *inner)).collect();
         if missing.is_empty() {
             break;
         }
-        for &t in &missing {
+        for &(t, _) in &missing {
             if !signalled.contains(&t) {
                 queue_signal(pid, t, signal, token).map_err(|e| os(format!("signal thread {t}"), e))?;
                 signalled.push(t);
@@ -232,10 +235,11 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
                 }
             }
             None => {
+                let missing: Vec<u64> = missing.iter().map(|&(t, _)| t).collect();
                 return Err(refuse(format!(
                     "thread(s) {missing:?} of process {pid} did not stop within {timeout:?}: was it started by \
                      mosrun (with the checkpoint handler for signal {signal}), and does it block or use that signal?"
-                )))
+                )));
             }
         }
     }
@@ -245,10 +249,20 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
     Ok(stopped)
 }
 
-fn threads_of(pid: u32) -> Result<Vec<u64>, MigrateError> {
+/// The threads of `pid`: each one's id here and in the process's own pid namespace (the last
+/// of its `NSpid` ids).
+fn threads_of(pid: u32) -> Result<Vec<(u64, u64)>, MigrateError> {
     let dir = format!("/proc/{pid}/task");
     let rd = std::fs::read_dir(&dir).map_err(|_| refuse(format!("no process {pid}")))?;
-    Ok(rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
+        // A thread gone meanwhile is simply not there.
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
+        let inner = status_field(&status, "NSpid:").and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(tid);
+        out.push((tid, inner));
+    }
+    Ok(out)
 }
 
 fn queue_signal(pid: u32, tid: u64, signal: i32, token: u64) -> std::io::Result<()> {
@@ -395,9 +409,11 @@ impl Stopped {
             brk: 0,
         };
         mm.brk = heap_end.max(mm.start_brk);
+        let here = threads_of(pid)?;
         let mut threads = Vec::new();
         for (r, _) in &self.threads {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", r.tid)).unwrap_or_default();
+            let tid = here.iter().find(|(_, inner)| *inner == r.tid).map_or(r.tid, |(t, _)| *t);
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
             threads.push((*r, comm.trim_end().to_string()));
         }
         let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|e| os("auxv", e))?;

@@ -112,9 +112,19 @@ impl Restorer {
         })
     }
 
+    /// The process's standard input, if the keeper was started with it piped.
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
     /// The process's standard output, if the keeper was started with it piped.
     pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
         self.child.stdout.take()
+    }
+
+    /// The process's standard error, if the keeper was started with it piped.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
     }
 
     /// Waits for the process to run (its userfaultfd first), at most `timeout` for each step.

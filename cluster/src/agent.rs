@@ -1,0 +1,482 @@
+//! The node agent (`mosaicd`): a memory server and the migration endpoint of its node.
+//!
+//! As a **source** it stops a process of its node on its home's request (`MIGRATE_OUT`), sends
+//! the image to the destination's agent and, once the process runs there, keeps the stopped copy
+//! only to answer for its pages (`PAGES`) until the destination has them all (`DONE`), then
+//! kills it. If the destination fails or cannot be reached, the process runs on where it was.
+//!
+//! As a **destination** it rebuilds the process (`MIGRATE_IN`, through the restorer: this
+//! program run again as `mosaicd restore`), serves its faults and streams the rest of its pages
+//! from the source, relays its standard input, output and error to and from the job's home
+//! (`mosrun`), and tells the home its exit status.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use mosaic_migrate::process::{check_movable, read_memory, stop, FetchPages, PostCopy, ProcessImage, Remains, Restorer};
+use mosaic_netram::{MemServer, MemServerConfig};
+use mosaic_pager::ForeignUffd;
+use mosaic_transport::{connect, listen, Caller, ClusterKey, ConnectOptions, Connection, Server, ServerConfig, Service, ServiceError, Status};
+
+use crate::wire::{self, bad, failed, Dec, Enc, Moved};
+use crate::ClusterError;
+
+/// The checkpoint signal `mosrun --migratable` gives its programs' handler.
+pub const MIGRATE_SIGNAL: i32 = mosaic_migrate::process::shim::DEFAULT_SIGNAL;
+
+/// Largest message the agent takes (a process image with its written file pages).
+const MAX_FRAME: u32 = 64 << 20;
+
+/// How an agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Where it listens (`tcp://HOST:PORT`): other agents and homes reach it there, so not a
+    /// wildcard address.
+    pub listen: String,
+    /// The cluster key.
+    pub key: ClusterKey,
+    /// RAM donated to network RAM, bytes (0: no memory server).
+    pub memory: u64,
+    /// Where the memory server listens (default: the agent's host, any port).
+    pub memory_listen: Option<String>,
+    /// The restorer: a program and arguments that run [`mosaic_migrate::process::keeper_main`]
+    /// (default: this program with `restore`).
+    pub restorer: (PathBuf, Vec<String>),
+    /// How long the threads of a process have to stop.
+    pub stop_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults: no memory server, this program as its own restorer.
+    pub fn new(listen: &str, key: ClusterKey) -> AgentConfig {
+        AgentConfig {
+            listen: listen.to_string(),
+            key,
+            memory: 0,
+            memory_listen: None,
+            restorer: (std::env::current_exe().unwrap_or_else(|_| PathBuf::from("mosaicd")), vec!["restore".into()]),
+            stop_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A process that moved away, while its pages are still wanted.
+struct Away {
+    pid: u32,
+    remains: Option<Remains>,
+}
+
+/// A process that moved here.
+struct Hosted {
+    comm: String,
+    /// Its pages are still coming: it cannot move on yet.
+    arriving: bool,
+    /// It moved on: its end here is not its end.
+    gone: bool,
+    /// Its output on its way to its home.
+    relay: Arc<Relay>,
+}
+
+/// The output relays of a hosted process: their pipes, and output read but not yet delivered.
+#[derive(Default)]
+struct Relay {
+    pipes: Mutex<Vec<std::os::fd::RawFd>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Relay {
+    /// Waits (at most `timeout`) until everything the process wrote reached its home: for a
+    /// process that is stopped and about to move, so its output keeps its order.
+    fn drain(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let unread: i32 = crate::lock(&self.pipes)
+                .iter()
+                .map(|&fd| {
+                    let mut n: libc::c_int = 0;
+                    // SAFETY: FIONREAD on a pipe of ours (a closed one answers an error, counted 0).
+                    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+                    n.max(0)
+                })
+                .sum();
+            if unread == 0 && self.in_flight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+struct State {
+    cfg: AgentConfig,
+    uri: OnceLock<String>,
+    memory_uri: String,
+    away: Mutex<HashMap<u64, Away>>,
+    hosted: Mutex<HashMap<u32, Hosted>>,
+    arrived: std::sync::Condvar,
+}
+
+/// A running agent. Stops when dropped (processes it hosts keep running; their pages keep
+/// coming only while it runs).
+pub struct Agent {
+    server: Option<Server>,
+    memory: Option<MemServer>,
+    state: Arc<State>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("uri", &self.uri()).field("memory", &self.state.memory_uri).finish()
+    }
+}
+
+impl Agent {
+    /// Starts serving.
+    pub fn start(cfg: AgentConfig) -> Result<Agent, ClusterError> {
+        let memory = if cfg.memory > 0 {
+            let host = cfg.listen.rsplit_once(':').map_or("tcp://127.0.0.1", |(h, _)| h);
+            let uri = cfg.memory_listen.clone().unwrap_or_else(|| format!("{host}:0"));
+            let m = MemServer::start(&uri, MemServerConfig::new(cfg.memory, cfg.key.clone()))
+                .map_err(|e| ClusterError::Start(format!("memory server at {uri}: {}", mosaic_transport::error_chain(&e))))?;
+            Some(m)
+        } else {
+            None
+        };
+        let state = Arc::new(State {
+            memory_uri: memory.as_ref().map_or(String::new(), |m| m.uri().to_string()),
+            cfg: cfg.clone(),
+            uri: OnceLock::new(),
+            away: Mutex::new(HashMap::new()),
+            hosted: Mutex::new(HashMap::new()),
+            arrived: std::sync::Condvar::new(),
+        });
+        let mut scfg = ServerConfig::new(cfg.key.clone()).service(AgentService(state.clone()));
+        scfg.max_frame = MAX_FRAME;
+        let server = listen(&cfg.listen, scfg)
+            .map_err(|e| ClusterError::Start(format!("listening at {}: {}", cfg.listen, mosaic_transport::error_chain(&e))))?;
+        let _ = state.uri.set(server.uri().to_string());
+        Ok(Agent { server: Some(server), memory, state })
+    }
+
+    /// Where it listens.
+    pub fn uri(&self) -> &str {
+        self.server.as_ref().map_or("", Server::uri)
+    }
+
+    /// Where its memory server listens, if it has one.
+    pub fn memory_uri(&self) -> Option<&str> {
+        self.memory.as_ref().map(MemServer::uri)
+    }
+
+    /// The processes running here that moved in: pid (here) and command.
+    pub fn hosted(&self) -> Vec<(u32, String)> {
+        crate::lock(&self.state.hosted).iter().filter(|(_, h)| !h.gone).map(|(p, h)| (*p, h.comm.clone())).collect()
+    }
+
+    /// Stops serving.
+    pub fn shutdown(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+fn options(key: &ClusterKey, timeout: Duration) -> ConnectOptions {
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = timeout;
+    o
+}
+
+struct AgentService(Arc<State>);
+
+impl Service for AgentService {
+    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let s = &self.0;
+        let mut d = Dec(request);
+        match method {
+            wire::MIGRATE_OUT => {
+                let (pid, to, home, job) = (d.u32().map_err(bad)?, d.str().map_err(bad)?, d.str().map_err(bad)?, d.u64().map_err(bad)?);
+                let moved = migrate_out(s, pid, &to, &home, job)?;
+                response.extend_from_slice(&moved.encode());
+            }
+            wire::MIGRATE_IN => {
+                let (id, source, home, job) = (d.u64().map_err(bad)?, d.str().map_err(bad)?, d.str().map_err(bad)?, d.u64().map_err(bad)?);
+                let pid = migrate_in(s, id, &source, &home, job, d.rest())?;
+                response.extend_from_slice(&pid.to_le_bytes());
+            }
+            wire::PAGES => {
+                let id = d.u64().map_err(bad)?;
+                let n = d.u32().map_err(bad)?;
+                let pid = crate::lock(&s.away).get(&id).map(|a| a.pid).ok_or_else(|| ServiceError::new(Status::NotFound, format!("no migration {id:#x} here")))?;
+                for _ in 0..n {
+                    let (addr, pages) = (d.u64().map_err(bad)?, d.u32().map_err(bad)?);
+                    let at = response.len();
+                    let len = pages as usize * mosaic_transport::PAGE_SIZE;
+                    if at + len > MAX_FRAME as usize - 4096 {
+                        return Err(bad(format!("{n} runs of pages do not fit in one answer")));
+                    }
+                    response.resize(at + len, 0);
+                    read_memory(pid, addr, &mut response[at..]).map_err(failed)?;
+                }
+            }
+            wire::DONE => {
+                let id = d.u64().map_err(bad)?;
+                if let Some(a) = crate::lock(&s.away).remove(&id) {
+                    if let Some(r) = a.remains {
+                        log::info!("process {} moved away for good: the stopped copy goes", r.pid());
+                        r.kill();
+                    }
+                }
+            }
+            wire::STATUS => {
+                let hosted = crate::lock(&s.hosted).values().filter(|h| !h.gone).count() as u32;
+                let mut e = Enc::default();
+                e.str(s.uri.get().map_or("", String::as_str)).str(&s.memory_uri).u32(hosted);
+                response.extend_from_slice(&e.0);
+            }
+            m => return Err(ServiceError::new(Status::UnknownMethod, format!("no method {m:#x}"))),
+        }
+        Ok(())
+    }
+}
+
+fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Result<Moved, ServiceError> {
+    // A process that moved here moves on once all its pages are here.
+    let relay = {
+        let mut h = crate::lock(&s.hosted);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while h.get(&pid).is_some_and(|x| x.arriving) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ServiceError::new(Status::Forbidden, format!("process {pid} is still receiving its memory; try again")));
+            }
+            h = s.arrived.wait_timeout(h, left).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
+        h.get(&pid).map(|x| x.relay.clone())
+    };
+    check_movable(pid).map_err(failed)?;
+    let t0 = Instant::now();
+    let stopped = stop(pid, MIGRATE_SIGNAL, s.cfg.stop_timeout).map_err(failed)?;
+    // Its output so far reaches its home before the new copy's.
+    if let Some(r) = relay {
+        r.drain(Duration::from_secs(2));
+    }
+    let image = match stopped.capture() {
+        Ok(i) => i,
+        Err(e) => {
+            stopped.resume();
+            return Err(failed(e));
+        }
+    };
+    let bytes = image.encode();
+    let id = {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(failed)?;
+        u64::from_le_bytes(b)
+    };
+    crate::lock(&s.away).insert(id, Away { pid, remains: None });
+    let mut req = Enc::default();
+    req.u64(id).str(s.uri.get().map_or("", String::as_str)).str(home).u64(job).rest(&bytes);
+    let answer = connect(to, &options(&s.cfg.key, Duration::from_secs(60)))
+        .map_err(|e| mosaic_transport::error_chain(&e))
+        .and_then(|c| c.call(wire::MIGRATE_IN, &req.0).map_err(|e| mosaic_transport::error_chain(&e)));
+    match answer {
+        Ok(a) => {
+            let freeze_us = t0.elapsed().as_micros() as u64;
+            let remote = Dec(&a).u32().unwrap_or(0);
+            let remains = stopped.stay();
+            if let Some(away) = crate::lock(&s.away).get_mut(&id) {
+                away.remains = Some(remains);
+            }
+            if let Some(h) = crate::lock(&s.hosted).get_mut(&pid) {
+                h.gone = true;
+            }
+            log::info!("process {pid} moved to {to} (pid {remote} there), stopped for {freeze_us} us");
+            Ok(Moved {
+                pid: remote,
+                freeze_us,
+                image_bytes: bytes.len() as u64,
+                post_copy_bytes: image.post_copy_bytes(),
+                threads: image.threads.len() as u32,
+            })
+        }
+        Err(e) => {
+            crate::lock(&s.away).remove(&id);
+            stopped.resume();
+            Err(failed(format!("the destination {to} did not take process {pid} (it runs on here): {e}")))
+        }
+    }
+}
+
+/// Pages of a process that moved here, asked of its source's agent.
+struct RemotePages {
+    conn: Connection,
+    id: u64,
+}
+
+impl FetchPages for RemotePages {
+    fn fetch(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String> {
+        let mut e = Enc::default();
+        e.u64(self.id).u32(runs.len() as u32);
+        for &(a, n) in runs {
+            e.u64(a).u32(n);
+        }
+        let want: usize = runs.iter().map(|&(_, n)| n as usize * mosaic_transport::PAGE_SIZE).sum();
+        let b = self.conn.call(wire::PAGES, &e.0).map_err(|e| mosaic_transport::error_chain(&e))?;
+        if b.len() != want {
+            return Err(format!("{} bytes of pages where {want} were asked for", b.len()));
+        }
+        Ok(b)
+    }
+}
+
+fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes: &[u8]) -> Result<u32, ServiceError> {
+    let image = ProcessImage::decode(bytes).map_err(|e| bad(e.to_string()))?;
+    let (program, args) = &s.cfg.restorer;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if home.is_empty() {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    } else {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    let mut restorer = Restorer::spawn(cmd, bytes).map_err(failed)?;
+    let pages = connect(source, &options(&s.cfg.key, Duration::from_secs(30)))
+        .map_err(|e| failed(format!("the source {source}: {}", mosaic_transport::error_chain(&e))));
+    let (restored, pages) = match pages.and_then(|p| restorer.running(Duration::from_secs(30)).map(|r| (r, p)).map_err(failed)) {
+        Ok(r) => r,
+        Err(e) => {
+            restorer.kill();
+            return Err(e);
+        }
+    };
+    let pid = restored.pid;
+    let post = PostCopy::start(ForeignUffd::from_fd(restored.uffd), &image, Arc::new(RemotePages { conn: pages, id }));
+    let post = match post {
+        Ok(p) => p,
+        Err(e) => {
+            restorer.kill();
+            return Err(failed(e));
+        }
+    };
+    crate::lock(&s.hosted).insert(pid, Hosted { comm: image.comm.clone(), arriving: true, gone: false, relay: Arc::default() });
+    let (st, home, key, source) = (s.clone(), home.to_string(), s.cfg.key.clone(), source.to_string());
+    std::thread::Builder::new()
+        .name(format!("mosaic-host-{pid}"))
+        .spawn(move || host(&st, restorer, post, pid, &home, job, &key, &source, id))
+        .map_err(failed)?;
+    Ok(pid)
+}
+
+/// Follows a process that moved here to its end: its pages, its standard streams, its status.
+#[allow(clippy::too_many_arguments)]
+fn host(s: &State, mut restorer: Restorer, mut post: PostCopy, pid: u32, home: &str, job: u64, key: &ClusterKey, source: &str, id: u64) {
+    use std::os::fd::AsRawFd;
+    let home_conn = if home.is_empty() { None } else { connect(home, &options(key, Duration::from_secs(30))).ok().map(Arc::new) };
+    let relay = crate::lock(&s.hosted).get(&pid).map(|h| h.relay.clone()).unwrap_or_default();
+    let mut relays = Vec::new();
+    if let Some(h) = &home_conn {
+        let outs: [(u8, Option<Box<dyn Read + Send>>, i32); 2] = {
+            let o = restorer.take_stdout();
+            let e = restorer.take_stderr();
+            let (ofd, efd) = (o.as_ref().map_or(-1, AsRawFd::as_raw_fd), e.as_ref().map_or(-1, AsRawFd::as_raw_fd));
+            [(1u8, o.map(|o| Box::new(o) as Box<dyn Read + Send>), ofd), (2, e.map(|e| Box::new(e) as Box<dyn Read + Send>), efd)]
+        };
+        for (stream, out, fd) in outs {
+            let (Some(mut out), h, relay) = (out, h.clone(), relay.clone()) else { continue };
+            crate::lock(&relay.pipes).push(fd);
+            relays.push(std::thread::spawn(move || {
+                use std::sync::atomic::Ordering;
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    // Counted as on its way from the moment it can be read, so a drain never
+                    // sees it in neither place.
+                    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                    // SAFETY: poll on our pipe.
+                    unsafe { libc::poll(&mut p, 1, -1) };
+                    relay.in_flight.fetch_add(1, Ordering::AcqRel);
+                    let n = match out.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            relay.in_flight.fetch_sub(1, Ordering::AcqRel);
+                            crate::lock(&relay.pipes).retain(|&f| f != fd);
+                            return;
+                        }
+                        Ok(n) => n,
+                    };
+                    let mut e = Enc::default();
+                    e.u64(job).u8(stream).rest(&buf[..n]);
+                    let sent = h.call(wire::OUTPUT, &e.0);
+                    relay.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    if let Err(err) = sent {
+                        log::warn!("process {pid}: its home is gone ({err}): output dropped");
+                        crate::lock(&relay.pipes).retain(|&f| f != fd);
+                        return;
+                    }
+                }
+            }));
+        }
+        if let Some(mut input) = restorer.take_stdin() {
+            let h = h.clone();
+            std::thread::spawn(move || loop {
+                let mut e = Enc::default();
+                e.u64(job).u32(64 << 10);
+                match h.call(wire::INPUT, &e.0) {
+                    Ok(b) if b.first() == Some(&0) => {
+                        if input.write_all(&b[1..]).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(b) if b.first() == Some(&2) => {}
+                    _ => return, // end of input, or the home is gone: the process sees the end
+                }
+            });
+        }
+    }
+    match post.wait(Duration::from_secs(365 * 24 * 3600)) {
+        Ok(stats) => {
+            log::info!("process {pid}: all {} pages here ({} fetched by faults, {} streamed)", stats.pages, stats.fetched_for_faults, stats.streamed);
+            let mut e = Enc::default();
+            e.u64(id);
+            if let Err(err) = connect(source, &options(key, Duration::from_secs(10))).map_err(|e| e.to_string()).and_then(|c| c.call(wire::DONE, &e.0).map_err(|e| e.to_string())) {
+                log::warn!("process {pid}: telling the source it may let go: {err}");
+            }
+        }
+        Err(e) => log::error!("process {pid}: {e}"),
+    }
+    drop(post);
+    if let Some(h) = crate::lock(&s.hosted).get_mut(&pid) {
+        h.arriving = false;
+    }
+    s.arrived.notify_all();
+    let status = restorer.exited().unwrap_or_else(|e| {
+        log::error!("process {pid}: {e}");
+        libc::SIGKILL
+    });
+    for r in relays {
+        let _ = r.join();
+    }
+    let gone = crate::lock(&s.hosted).remove(&pid).is_some_and(|h| h.gone);
+    if gone {
+        log::info!("process {pid} ended here after it moved on (status {status:#x})");
+        return;
+    }
+    if let Some(h) = home_conn {
+        let mut e = Enc::default();
+        e.u64(job).u32(status as u32);
+        if let Err(err) = h.call(wire::EXITED, &e.0) {
+            log::warn!("process {pid} ended (status {status:#x}) but its home is gone: {err}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The cluster as one machine: the node agent ([`Agent`], run as `mosaicd`), the home of a
+//! migratable job ([`Home`], run inside `mosrun --migratable`), and what `mosctl` calls
+//! ([`migrate_job`], [`job_where`]).
+//!
+//! A job started by `mosrun --migratable` runs at its home node under `mosrun`, with the
+//! checkpoint handler of process migration installed. `mosctl migrate PID --to NODE` asks the
+//! job's home to move it; the home asks the agent of the node where the job runs to stop it
+//! and send it to NODE's agent, which rebuilds it and pulls its memory post-copy; standard
+//! input, output and error stay with the home, which also learns the exit status. See
+//! `mosaic_migrate::process` for how a process is stopped, captured and rebuilt.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+
+pub mod agent;
+pub mod home;
+pub mod wire;
+
+pub use agent::{Agent, AgentConfig, MIGRATE_SIGNAL};
+pub use home::{job_file, run_dir, Home};
+pub use wire::Moved;
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// A server could not start.
+    #[error("{0}")]
+    Start(String),
+    /// No job with that pid has its home here.
+    #[error("no migratable job with pid {pid} at this node (no {path}): was it started with `mosrun --migratable`?")]
+    NoJob {
+        /// The pid asked for.
+        pid: u32,
+        /// The job file looked for.
+        path: String,
+    },
+    /// A node name that is neither an address nor in `MOSAIC_NODES`.
+    #[error("unknown node {0:?}: give an address (tcp://HOST:PORT or HOST:PORT) or a name from MOSAIC_NODES (name=tcp://HOST:PORT,...)")]
+    UnknownNode(String),
+    /// The request failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The agent address of `node`: an address as it is (`tcp://HOST:PORT`, or `HOST:PORT` for
+/// TCP), or a name looked up in `MOSAIC_NODES` (`name=tcp://HOST:PORT,...`).
+pub fn resolve_node(node: &str) -> Result<String, ClusterError> {
+    if node.contains("://") {
+        return Ok(node.to_string());
+    }
+    if let Ok(map) = std::env::var("MOSAIC_NODES") {
+        for entry in map.split(',') {
+            if let Some((name, uri)) = entry.trim().split_once('=') {
+                if name == node {
+                    return resolve_node(uri);
+                }
+            }
+        }
+    }
+    if node.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+        return Ok(format!("tcp://{node}"));
+    }
+    Err(ClusterError::UnknownNode(node.to_string()))
+}
+
+fn home_of(dir: &Path, pid: u32) -> Result<String, ClusterError> {
+    let path = job_file(dir, pid);
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|_| ClusterError::NoJob { pid, path: path.display().to_string() })
+}
+
+fn call_home(dir: &Path, pid: u32, key: &ClusterKey, method: u64, req: &[u8], timeout: Duration) -> Result<Vec<u8>, ClusterError> {
+    let home = home_of(dir, pid)?;
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = timeout;
+    let c = connect(&home, &o).map_err(|e| ClusterError::Failed(format!("the job's home {home}: {}", mosaic_transport::error_chain(&e))))?;
+    c.call(method, req).map_err(|e| ClusterError::Failed(mosaic_transport::error_chain(&e)))
+}
+
+/// Moves the job whose pid at home is `pid` (its job file in `dir`) to `to` (see
+/// [`resolve_node`]).
+pub fn migrate_job(dir: &Path, pid: u32, to: &str, key: &ClusterKey) -> Result<Moved, ClusterError> {
+    let mut e = wire::Enc::default();
+    e.str(to);
+    let a = call_home(dir, pid, key, wire::MIGRATE, &e.0, Duration::from_secs(180))?;
+    Moved::decode(&a).map_err(ClusterError::Failed)
+}
+
+/// Where a job runs: (node, pid there, moves so far, command).
+pub fn job_where(dir: &Path, pid: u32, key: &ClusterKey) -> Result<(String, u32, u32, String), ClusterError> {
+    let a = call_home(dir, pid, key, wire::WHERE, &[], Duration::from_secs(5))?;
+    let mut d = wire::Dec(&a);
+    (|| Ok::<_, String>((d.str()?, d.u32()?, d.u32()?, d.str()?)))().map_err(ClusterError::Failed)
+}

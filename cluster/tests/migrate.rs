@@ -1,0 +1,184 @@
+#![allow(missing_docs)]
+//! Jobs started by `mosrun --migratable` move between two node agents (`mosaicd`) on loopback
+//! while they run, there and back, and print exactly what an unmigrated run prints. Needs root
+//! (the restorer uses pid namespaces); skipped otherwise.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The directory of this test's binaries, with mosrun and libmosaic_preload.so built there too.
+fn bin_dir() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_mosaicd")).parent().unwrap().to_path_buf();
+    BUILD.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", "mosrun", "-p", "mosaic-preload"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        assert!(cargo.status().unwrap().success(), "building mosrun and mosaic-preload failed");
+    });
+    dir
+}
+
+fn key() -> String {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| mosaic_transport::ClusterKey::random_text().unwrap()).clone()
+}
+
+fn c_program(name: &str, src: &str) -> PathBuf {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(src);
+    let st = Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"]).arg(&out).arg(&src).status().unwrap();
+    assert!(st.success(), "cc failed");
+    out
+}
+
+/// A node agent on loopback, stopped when dropped.
+struct Node {
+    child: Child,
+    uri: String,
+}
+
+impl Node {
+    fn start() -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mosaicd"))
+            .args(["--listen", "tcp://127.0.0.1:0"])
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let uri = line.trim().strip_prefix("mosaicd: listening at ").unwrap_or_else(|| panic!("mosaicd said {line:?}")).to_string();
+        Node { child, uri }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A job under `mosrun --migratable`, its output collected as it comes.
+struct Job {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    run_dir: PathBuf,
+}
+
+impl Job {
+    fn start(node: &Node, run_dir: &Path, program: &[&str]) -> Job {
+        std::fs::create_dir_all(run_dir).unwrap();
+        let mut child = Command::new(bin_dir().join("mosrun"))
+            .args(["--migratable", "--node", &node.uri, "--"])
+            .args(program)
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .env("MOSAIC_RUN_DIR", run_dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let o = out.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Job { child, out, reader: Some(reader), run_dir: run_dir.to_path_buf() }
+    }
+
+    /// The job's pid at home (its job file's name), once mosrun published it.
+    fn pid(&self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = std::fs::read_dir(&self.run_dir)
+                .ok()
+                .and_then(|rd| rd.flatten().find_map(|e| e.file_name().to_str()?.strip_prefix("job-")?.parse().ok()))
+            {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no job file in {}", self.run_dir.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !String::from_utf8_lossy(&self.out.lock().unwrap()).contains(text) {
+            assert!(Instant::now() < deadline, "never printed {text:?}: {}", String::from_utf8_lossy(&self.out.lock().unwrap()));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn migrate(&self, to: &Node) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_mosctl"))
+            .args(["migrate", &self.pid().to_string(), "--to", &to.uri])
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .env("MOSAIC_RUN_DIR", &self.run_dir)
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "mosctl migrate failed: {said}");
+        said
+    }
+
+    fn finish(mut self) -> (std::process::ExitStatus, Vec<u8>) {
+        let st = self.child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        let out = std::mem::take(&mut *self.out.lock().unwrap());
+        (st, out)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn a_c_loop_moves_there_and_back_and_prints_what_it_would_have() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prog = c_program("counter", "../migrate/tests/c/counter.c");
+    let args = ["60", "16", "20"];
+    let expected = Command::new(&prog).args(args).output().unwrap().stdout;
+    let (a, b) = (Node::start(), Node::start());
+    let mut cmd = vec![prog.to_str().unwrap()];
+    cmd.extend(args);
+    let job = Job::start(&a, &tmp("counter"), &cmd);
+    job.wait_for("step 10 ");
+    let said = job.migrate(&b);
+    assert!(said.contains("moved to"), "{said}");
+    job.wait_for("step 30 ");
+    job.migrate(&a);
+    let (st, out) = job.finish();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
+}

@@ -1,0 +1,76 @@
+//! `mosrun --migratable`: runs a program that can move to other nodes while it runs
+//! (`mosctl migrate PID --to NODE`). mosrun stays its home: it keeps the job's record, writes its
+//! output and feeds its input while it runs elsewhere, and exits with its status.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitCode};
+
+use mosaic_cluster::{resolve_node, run_dir, Home, MIGRATE_SIGNAL};
+use mosaic_transport::ClusterKey;
+
+use crate::{find_preload, Cli};
+
+/// The exit code for a wait status, saying so when the program died of a signal.
+fn exit_code(program: &str, status: i32) -> ExitCode {
+    if libc::WIFEXITED(status) {
+        ExitCode::from(libc::WEXITSTATUS(status) as u8)
+    } else if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        eprintln!("mosrun: {program} died of signal {sig}");
+        ExitCode::from(u8::try_from(128 + sig).unwrap_or(255))
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
+    let preload = find_preload(cli)?;
+    let key = ClusterKey::from_env().map_err(|e| format!("{e} (the nodes' agents share it)"))?;
+    let node = cli.node.clone().or_else(|| std::env::var("MOSAIC_NODE").ok()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
+    let node = resolve_node(&node).map_err(|e| e.to_string())?;
+    let mut preloads = preload.display().to_string();
+    if let Ok(old) = std::env::var("LD_PRELOAD") {
+        if !old.is_empty() {
+            preloads = format!("{preloads}:{old}");
+        }
+    }
+    let program = &cli.program[0];
+    let mut cmd = Command::new(program);
+    // Only standard input, output and error go to the program: an inherited pipe (a make
+    // jobserver's, a test harness's) would keep it from moving.
+    // SAFETY: close_range between fork and exec touches only the child's descriptors.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .args(&cli.program[1..])
+        .env("LD_PRELOAD", preloads)
+        .env("MOSAIC_MIGRATE_SIGNAL", MIGRATE_SIGNAL.to_string())
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let pid = child.id();
+    let home = Home::start(&format!("tcp://{}:0", cli.home_address), key, &node, pid, &cli.program.join(" ")).and_then(|mut h| {
+        h.publish(&run_dir())?;
+        Ok(h)
+    });
+    let home = match home {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.to_string());
+        }
+    };
+    if cli.verbose {
+        eprintln!("mosrun: job {pid} runs at {node}, its home at {}: `mosctl migrate {pid} --to NODE` moves it", home.uri());
+    }
+    let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
+    if home.left() {
+        // What ended here was the stopped copy; the job runs (or ran) elsewhere.
+        return Ok(exit_code(program, home.wait_exit()));
+    }
+    Ok(exit_code(program, status.into_raw()))
+}
