@@ -314,6 +314,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         }
         Err(e) => {
             crate::lock(&s.away).remove(&id);
+            stopped.give_back(&image);
             stopped.resume();
             Err(failed(format!("the destination {to} did not take process {pid} (it runs on here): {e}")))
         }

@@ -182,3 +182,87 @@ fn a_c_loop_moves_there_and_back_and_prints_what_it_would_have() {
     assert!(st.success(), "{st:?}");
     assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
 }
+
+/// Runs `cmd` unmigrated, then under `mosrun --migratable`, moving it to the other node once
+/// `first` is printed and back once `second` is: both outputs must be equal.
+fn there_and_back(name: &str, cmd: &[&str], first: &str, second: &str) {
+    let expected = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert!(expected.status.success(), "{name} failed unmigrated");
+    let (a, b) = (Node::start(), Node::start());
+    let job = Job::start(&a, &tmp(name), cmd);
+    job.wait_for(first);
+    job.migrate(&b);
+    job.wait_for(second);
+    job.migrate(&a);
+    let (st, out) = job.finish();
+    assert!(st.success(), "{name}: {st:?}");
+    assert!(out == expected.stdout, "{name}: the output differs from an unmigrated run's:\n{}", String::from_utf8_lossy(&out));
+}
+
+#[test]
+fn a_threaded_program_with_a_mutex_and_condition_variables_moves_there_and_back() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prog = c_program("workers", "tests/c/workers.c");
+    there_and_back("workers", &[prog.to_str().unwrap(), "150", "20"], "item 20 ", "item 70 ");
+}
+
+#[test]
+fn python_moves_there_and_back() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let script = "import time\n\
+                  primes = []\n\
+                  for n in range(2, 40001):\n\
+                  \x20   if all(n % p for p in primes if p * p <= n):\n\
+                  \x20       primes.append(n)\n\
+                  \x20   if n % 500 == 0:\n\
+                  \x20       print(n, len(primes), sum(primes) % 1000003, flush=True)\n\
+                  \x20       time.sleep(0.02)\n";
+    there_and_back("python", &["/usr/bin/python3", "-c", script], "\n5000 ", "\n20000 ");
+}
+
+impl Job {
+    fn wait_for_bytes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.out.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "only {} bytes came", self.out.lock().unwrap().len());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[test]
+fn xz_compressing_a_file_to_stdout_moves_there_and_back() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // 8 MiB of text xz takes a few seconds over.
+    let input = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xz-input.txt");
+    let mut text = String::with_capacity(9 << 20);
+    let mut x: u64 = 88172645463325252;
+    while text.len() < 8 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.push_str(&format!("line {} value {} {}\n", x % 100_000, x >> 40, ["alpha", "beta", "gamma", "delta"][(x % 4) as usize]));
+    }
+    std::fs::write(&input, text).unwrap();
+    let cmd = ["/usr/bin/xz", "-T1", "-6", "-c", input.to_str().unwrap()];
+    let expected = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert!(expected.status.success());
+    let (a, b) = (Node::start(), Node::start());
+    let job = Job::start(&a, &tmp("xz"), &cmd);
+    job.wait_for_bytes(expected.stdout.len() / 5);
+    job.migrate(&b);
+    job.wait_for_bytes(expected.stdout.len() / 2);
+    job.migrate(&a);
+    let (st, out) = job.finish();
+    assert!(st.success(), "{st:?}");
+    assert!(out == expected.stdout, "xz's output differs from an unmigrated run's ({} bytes against {})", out.len(), expected.stdout.len());
+}

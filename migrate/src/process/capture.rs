@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -39,11 +40,12 @@ pub fn check_movable(pid: u32) -> Result<(), MigrateError> {
             return Err(refuse(format!("it has children (pids {})", children.trim())));
         }
     }
-    for (fd, target) in descriptors(pid)? {
-        if fd <= 2 {
+    let fds = descriptors(pid)?;
+    for (fd, target) in &fds {
+        if *fd <= 2 {
             continue;
         }
-        what_a_descriptor_is(pid, fd, &target)?;
+        what_a_descriptor_is(pid, *fd, target, &fds)?;
     }
     for line in read(&format!("/proc/{pid}/maps"))?.lines() {
         let m = MapsLine::parse(line).ok_or_else(|| MigrateError::Os(format!("maps line {line:?}")))?;
@@ -67,14 +69,27 @@ fn descriptors(pid: u32) -> Result<Vec<(i32, String)>, MigrateError> {
     Ok(out)
 }
 
-/// How descriptor `fd` (pointing at `target`) moves, or why it cannot.
-fn what_a_descriptor_is(pid: u32, fd: i32, target: &str) -> Result<OpenFile, MigrateError> {
+/// The `flags:` of a descriptor's fdinfo.
+fn fd_flags(pid: u32, fd: i32) -> Result<u32, MigrateError> {
+    let info = read(&format!("/proc/{pid}/fdinfo/{fd}"))?;
+    let f = info.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap_or("0");
+    u32::from_str_radix(f, 8).map_err(|_| MigrateError::Os(format!("fdinfo {fd} flags")))
+}
+
+/// How descriptor `fd` (pointing at `target`; `all` the process's descriptors) moves, or why
+/// it cannot.
+fn what_a_descriptor_is(pid: u32, fd: i32, target: &str, all: &[(i32, String)]) -> Result<OpenFile, MigrateError> {
     let cannot = |what: &str| refuse(format!("descriptor {fd} is {what} ({target}), which cannot move yet"));
     if target.starts_with("socket:") {
         return Err(cannot("a socket"));
     }
-    if target.starts_with("pipe:") {
-        return Err(cannot("a pipe"));
+    if let Some(inode) = target.strip_prefix("pipe:[").and_then(|t| t.strip_suffix(']')).and_then(|t| t.parse::<u64>().ok()) {
+        // Movable if the process holds both ends (reads are O_RDONLY, writes O_WRONLY).
+        let ends: Vec<u32> = all.iter().filter(|(_, t)| t == target).map(|(f, _)| fd_flags(pid, *f).map(|x| x & 3)).collect::<Result<_, _>>()?;
+        if !(ends.contains(&(libc::O_RDONLY as u32)) && ends.contains(&(libc::O_WRONLY as u32))) {
+            return Err(cannot("a pipe to another process"));
+        }
+        return Ok(OpenFile::Pipe { fd, pipe: inode, flags: fd_flags(pid, fd)?, buffered: Vec::new() });
     }
     if target.starts_with("anon_inode:") {
         return Err(cannot(if target.contains("userfaultfd") { "a userfaultfd (network RAM?)" } else { "a kernel object" }));
@@ -174,6 +189,13 @@ impl<'a> MapsLine<'a> {
         } else {
             Backing::PrivateFile { path, offset, id }
         }))
+    }
+}
+
+fn f_pipe(f: &OpenFile) -> Option<u64> {
+    match f {
+        OpenFile::Pipe { pipe, .. } => Some(*pipe),
+        _ => None,
     }
 }
 
@@ -356,13 +378,12 @@ impl Stopped {
             }
         }
         let ours: Vec<i32> = self.threads.iter().map(|(r, _)| r.socket_fd as i32).collect();
+        let all: Vec<(i32, String)> = descriptors(pid)?.into_iter().filter(|(fd, _)| !ours.contains(fd)).collect();
         let mut files = Vec::new();
-        for (fd, target) in descriptors(pid)? {
-            if ours.contains(&fd) {
-                continue;
-            }
-            files.push(if fd <= 2 { OpenFile::Stdio(fd) } else { what_a_descriptor_is(pid, fd, &target)? });
+        for (fd, target) in &all {
+            files.push(if *fd <= 2 { OpenFile::Stdio(*fd) } else { what_a_descriptor_is(pid, *fd, target, &all)? });
         }
+        self.take_pipe_contents(&mut files)?;
         let mut mappings = Vec::new();
         let mut heap_end = 0;
         for line in read(&format!("/proc/{pid}/maps"))?.lines() {
@@ -431,6 +452,71 @@ impl Stopped {
             mappings,
             files,
         })
+    }
+
+    /// Takes what is buffered in the process's own pipes (read through a copy of a read end),
+    /// onto the first read end of each in `files`. Given back if the process resumes here.
+    fn take_pipe_contents(&self, files: &mut [OpenFile]) -> Result<(), MigrateError> {
+        let mut done: Vec<u64> = Vec::new();
+        for f in files.iter_mut() {
+            let OpenFile::Pipe { fd, pipe, flags, buffered } = f else { continue };
+            if *flags & 3 != libc::O_RDONLY as u32 || done.contains(pipe) {
+                continue;
+            }
+            done.push(*pipe);
+            let copy = self.their_fd(*fd)?;
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD on our copy of the pipe's read end.
+            unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut n) };
+            if n > 0 {
+                let mut b = vec![0u8; n as usize];
+                // The process is stopped: the bytes counted are there, and reading them cannot block.
+                std::fs::File::from(copy).read_exact(&mut b).map_err(|e| os("reading a pipe of the process", e))?;
+                *buffered = b;
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of the process's descriptor `fd` (pidfd_getfd).
+    fn their_fd(&self, fd: i32) -> Result<OwnedFd, MigrateError> {
+        // SAFETY: pidfd_open and pidfd_getfd return new descriptors, owned at once.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, self.pid as i32, 0);
+            if pidfd < 0 {
+                return Err(os("pidfd_open", std::io::Error::last_os_error()));
+            }
+            let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+            let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+            if copy < 0 {
+                return Err(os(format!("a copy of descriptor {fd}"), std::io::Error::last_os_error()));
+            }
+            Ok(OwnedFd::from_raw_fd(copy as i32))
+        }
+    }
+
+    /// Puts back what [`Stopped::take_pipe_contents`] took, for a process that stays.
+    pub fn give_back(&self, image: &ProcessImage) {
+        for f in &image.files {
+            let OpenFile::Pipe { fd, buffered, .. } = f else { continue };
+            if buffered.is_empty() {
+                continue;
+            }
+            // Any write end of the same pipe will do; a copy of the read end's pipe is one.
+            let write_end = image.files.iter().find_map(|g| match g {
+                OpenFile::Pipe { fd: w, pipe, flags, .. } if *flags & 3 == libc::O_WRONLY as u32 && f_pipe(f) == Some(*pipe) => Some(*w),
+                _ => None,
+            });
+            let Some(w) = write_end else { continue };
+            match self.their_fd(w) {
+                Ok(copy) => {
+                    if let Err(e) = std::fs::File::from(copy).write_all(buffered) {
+                        log::error!("process {}: {} bytes of its pipe (descriptor {fd}) could not be put back: {e}", self.pid, buffered.len());
+                    }
+                }
+                Err(e) => log::error!("process {}: its pipe (descriptor {fd}) lost {} bytes: {e}", self.pid, buffered.len()),
+            }
+        }
     }
 
     /// Lets the process run on here (the migration did not happen).

@@ -104,6 +104,27 @@ pub enum OpenFile {
         /// What the destination checks (none for character devices such as `/dev/null`).
         id: Option<FileId>,
     },
+    /// An end of a pipe whose two ends are both the process's (a self-pipe, as programs use to
+    /// wake their own poll loops): made again at the destination, with what was in it.
+    Pipe {
+        /// The descriptor's number.
+        fd: i32,
+        /// The pipe (its inode): the descriptors of one pipe share it.
+        pipe: u64,
+        /// `open` flags (`O_RDONLY` or `O_WRONLY`, `O_NONBLOCK`, `O_CLOEXEC`).
+        flags: u32,
+        /// Bytes written and not read yet (on one descriptor of the pipe only).
+        buffered: Vec<u8>,
+    },
+}
+
+impl OpenFile {
+    /// The descriptor's number.
+    pub fn fd(&self) -> i32 {
+        match self {
+            OpenFile::Stdio(fd) | OpenFile::Path { fd, .. } | OpenFile::Pipe { fd, .. } => *fd,
+        }
+    }
 }
 
 /// The `mm` fields `prctl(PR_SET_MM_MAP)` sets, from `/proc/PID/stat`.
@@ -240,6 +261,13 @@ impl ProcessImage {
                         e.id(id);
                     }
                 }
+                OpenFile::Pipe { fd, pipe, flags, buffered } => {
+                    e.u8(2);
+                    e.u32(*fd as u32);
+                    e.u64(*pipe);
+                    e.u32(*flags);
+                    e.bytes(buffered);
+                }
             }
         }
         e.0
@@ -328,6 +356,7 @@ impl ProcessImage {
                     let id = if d.u8()? != 0 { Some(d.id()?) } else { None };
                     OpenFile::Path { fd, path, flags, pos, id }
                 }
+                2 => OpenFile::Pipe { fd: d.u32()? as i32, pipe: d.u64()?, flags: d.u32()?, buffered: d.bytes()?.to_vec() },
                 k => return Err(bad(&format!("file kind {k}"))),
             });
         }

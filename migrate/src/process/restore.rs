@@ -283,9 +283,7 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
     }
 
     // Descriptors of ours go above every descriptor the process has.
-    let top = image.files.iter().map(|f| match f {
-        OpenFile::Stdio(fd) | OpenFile::Path { fd, .. } => *fd,
-    });
+    let top = image.files.iter().map(OpenFile::fd);
     let floor = top.max().unwrap_or(2).max(2) + 1;
     let control = lift(control, floor)?;
     let report = lift(report, floor)?;
@@ -392,14 +390,51 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
             }
         }
     }
+    // Its own pipes, made again with what was in them.
+    let mut made: Vec<(u64, [RawFd; 2])> = Vec::new();
+    for f in &image.files {
+        let OpenFile::Pipe { fd, pipe, flags, buffered } = f else { continue };
+        let ends = match made.iter().find(|(p, _)| p == pipe) {
+            Some((_, e)) => *e,
+            None => {
+                let mut e = [0; 2];
+                // SAFETY: pipe2 writes two descriptors, moved above the process's below.
+                if unsafe { libc::pipe2(e.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                    return Err(last_os("a pipe"));
+                }
+                let e = [lift(e[0], floor)?, lift(e[1], floor)?];
+                made.push((*pipe, e));
+                e
+            }
+        };
+        // SAFETY: writing to and duplicating descriptors of ours.
+        unsafe {
+            if !buffered.is_empty() && libc::write(ends[1], buffered.as_ptr().cast(), buffered.len()) != buffered.len() as isize {
+                return Err(last_os(format!("refilling the pipe of descriptor {fd}")));
+            }
+            let end = if *flags & 3 == libc::O_WRONLY as u32 { ends[1] } else { ends[0] };
+            let cloexec = if (*flags as i32) & libc::O_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
+            if libc::dup3(end, *fd, cloexec) < 0 {
+                return Err(last_os(format!("descriptor {fd}")));
+            }
+            if (*flags as i32) & libc::O_NONBLOCK != 0 {
+                libc::fcntl(*fd, libc::F_SETFL, libc::fcntl(*fd, libc::F_GETFL) | libc::O_NONBLOCK);
+            }
+        }
+    }
+    for (_, [r, w]) in made {
+        // SAFETY: our spare ends, duplicated where the process has them.
+        unsafe {
+            libc::close(r);
+            libc::close(w);
+        }
+    }
     // Close what the process did not have (of standard input, output, error) and everything else
     // of ours but what the program uses.
     let keep: Vec<RawFd> = image
         .files
         .iter()
-        .map(|f| match f {
-            OpenFile::Stdio(fd) | OpenFile::Path { fd, .. } => *fd,
-        })
+        .map(OpenFile::fd)
         .chain([report, memfd, uffd, exe_fd])
         .chain(mapped.iter().map(|(_, fd)| *fd))
         .collect();
