@@ -112,6 +112,11 @@ impl Home {
         r.moves > 0
     }
 
+    /// The job's wait status, once it ended elsewhere.
+    pub fn exit_status(&self) -> Option<i32> {
+        crate::lock(&self.state.record).exited
+    }
+
     /// Waits for the job (running elsewhere) to end: its wait status.
     pub fn wait_exit(&self) -> i32 {
         let mut r = crate::lock(&self.state.record);

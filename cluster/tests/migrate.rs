@@ -4,6 +4,7 @@
 //! (the restorer uses pid namespaces); skipped otherwise.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -50,8 +51,13 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
+        Node::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mosaicd"))
             .args(["--listen", "tcp://127.0.0.1:0"])
+            .args(extra)
             .env("MOSAIC_CLUSTER_KEY", key())
             .stdout(Stdio::piped())
             .spawn()
@@ -128,6 +134,12 @@ impl Job {
     }
 
     fn migrate(&self, to: &Node) -> String {
+        let (ok, said) = self.try_migrate(to);
+        assert!(ok, "mosctl migrate failed: {said}");
+        said
+    }
+
+    fn try_migrate(&self, to: &Node) -> (bool, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_mosctl"))
             .args(["migrate", &self.pid().to_string(), "--to", &to.uri])
             .env("MOSAIC_CLUSTER_KEY", key())
@@ -135,8 +147,7 @@ impl Job {
             .output()
             .unwrap();
         let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "mosctl migrate failed: {said}");
-        said
+        (out.status.success(), said)
     }
 
     fn finish(mut self) -> (std::process::ExitStatus, Vec<u8>) {
@@ -265,4 +276,72 @@ fn xz_compressing_a_file_to_stdout_moves_there_and_back() {
     let (st, out) = job.finish();
     assert!(st.success(), "{st:?}");
     assert!(out == expected.stdout, "xz's output differs from an unmigrated run's ({} bytes against {})", out.len(), expected.stdout.len());
+}
+
+#[test]
+fn a_process_that_cannot_move_is_told_why_and_runs_on() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prog = c_program("socket_holder", "tests/c/socket_holder.c");
+    let cmd = [prog.to_str().unwrap(), "60"];
+    let expected = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap().stdout;
+    let (a, b) = (Node::start(), Node::start());
+    let job = Job::start(&a, &tmp("socket"), &cmd);
+    job.wait_for("step 5 ");
+    let (ok, said) = job.try_migrate(&b);
+    assert!(!ok && said.contains("descriptor 3 is a socket"), "{said}");
+    let (st, out) = job.finish();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn a_destination_that_dies_during_the_move_leaves_the_process_running_at_its_source() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // The destination's restorer kills its agent: the agent dies in the middle of the move.
+    let killer = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kill-my-agent.sh");
+    std::fs::write(&killer, "#!/bin/sh\nkill -9 $PPID\n").unwrap();
+    Command::new("chmod").arg("755").arg(&killer).status().unwrap();
+    let prog = c_program("counter", "../migrate/tests/c/counter.c");
+    let cmd = [prog.to_str().unwrap(), "50", "16", "20"];
+    let expected = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap().stdout;
+    let a = Node::start();
+    let mut b = Node::start_with(&["--restorer", killer.to_str().unwrap()]);
+    let job = Job::start(&a, &tmp("deaddest"), &cmd);
+    job.wait_for("step 5 ");
+    let (ok, said) = job.try_migrate(&b);
+    assert!(!ok && said.contains("runs on here"), "{said}");
+    assert!(b.child.wait().unwrap().signal() == Some(9), "the destination's agent was to die");
+    let (st, out) = job.finish();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&expected));
+}
+
+#[test]
+fn a_source_that_dies_after_the_hand_over_fails_loudly_never_with_zeros() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // 1 GiB touched: its pages are still on their way when the source goes.
+    let prog = c_program("counter", "../migrate/tests/c/counter.c");
+    let cmd = [prog.to_str().unwrap(), "40", "1024", "20"];
+    let expected = String::from_utf8(Command::new(cmd[0]).args(&cmd[1..]).output().unwrap().stdout).unwrap();
+    let (mut a, b) = (Node::start(), Node::start());
+    let job = Job::start(&a, &tmp("deadsource"), &cmd);
+    job.wait_for("step 2 ");
+    job.migrate(&b);
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let (st, out) = job.finish();
+    let out = String::from_utf8(out).unwrap();
+    // The job dies of SIGBUS (a page that can no longer come), and everything it printed is what
+    // an unmigrated run prints: no page read as zeros.
+    assert_eq!(st.code(), Some(128 + libc::SIGBUS), "{st:?}\n{out}");
+    assert!(expected.starts_with(&out), "printed what an unmigrated run does not:\n{out}");
 }

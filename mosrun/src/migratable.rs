@@ -67,10 +67,23 @@ pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
     if cli.verbose {
         eprintln!("mosrun: job {pid} runs at {node}, its home at {}: `mosctl migrate {pid} --to NODE` moves it", home.uri());
     }
-    let status = child.wait().map_err(|e| format!("waiting for {program}: {e}"))?;
-    if home.left() {
-        // What ended here was the stopped copy; the job runs (or ran) elsewhere.
-        return Ok(exit_code(program, home.wait_exit()));
+    let waiter = std::thread::spawn(move || child.wait().map(ExitStatusExt::into_raw));
+    loop {
+        if waiter.is_finished() {
+            let status = waiter
+                .join()
+                .map_err(|_| "the thread waiting for the program failed".to_string())?
+                .map_err(|e| format!("waiting for {program}: {e}"))?;
+            // What ended here is the job itself, or the stopped copy of a job that left.
+            return Ok(exit_code(program, if home.left() { home.wait_exit() } else { status }));
+        }
+        if let Some(status) = home.exit_status() {
+            // The job ended elsewhere; the stopped copy here goes too (its node's agent, which
+            // would have killed it, may be gone).
+            // SAFETY: kill(2) of our own child, reaped by the waiting thread.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            return Ok(exit_code(program, status));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(exit_code(program, status.into_raw()))
 }

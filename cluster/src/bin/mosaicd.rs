@@ -35,6 +35,10 @@ struct Args {
     /// Where the memory server listens (default: this agent's host, any port).
     #[arg(long)]
     memory_listen: Option<String>,
+    /// The restorer program, run with the argument `restore` (default: this program). For
+    /// installations that keep it elsewhere, and for tests of a restorer that fails.
+    #[arg(long, hide = true)]
+    restorer: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,9 @@ fn run(args: &Args) -> Result<(), String> {
     let mut cfg = AgentConfig::new(&args.listen, key);
     cfg.memory = memory;
     cfg.memory_listen = args.memory_listen.clone();
+    if let Some(r) = &args.restorer {
+        cfg.restorer = (r.clone(), vec!["restore".into()]);
+    }
     let agent = Agent::start(cfg).map_err(|e| e.to_string())?;
     match agent.memory_uri() {
         Some(m) => println!("mosaicd: listening at {} (memory server at {m})", agent.uri()),

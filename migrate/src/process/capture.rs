@@ -397,18 +397,26 @@ impl Stopped {
             } else {
                 mosaic_pager::private_pages_of(pid, l.start, l.end).map_err(|e| MigrateError::Os(format!("{line}: {e}")))?
             };
-            let mut m =
-                Mapping { start: l.start, end: l.end, prot: l.prot(), grows_down: l.path == "[stack]", backing, private, eager: vec![] };
-            if m.travels_eagerly() && !m.private.is_empty() {
-                let mut buf = vec![0u8; m.private_bytes() as usize];
-                let mut at = 0;
-                for r in &m.private {
-                    let n = (r.end - r.start) as usize;
-                    read_memory(pid, r.start, &mut buf[at..at + n])?;
-                    at += n;
-                }
-                m.eager = buf;
+            let mut m = Mapping {
+                start: l.start,
+                end: l.end,
+                prot: l.prot(),
+                grows_down: l.path == "[stack]",
+                backing,
+                private,
+                early: vec![],
+                eager: vec![],
+            };
+            if !m.travels_eagerly() {
+                m.early = self.contexts_within(&m);
             }
+            let mut buf = Vec::new();
+            for r in m.eager_ranges() {
+                let at = buf.len();
+                buf.resize(at + (r.end - r.start) as usize, 0);
+                read_memory(pid, r.start, &mut buf[at..])?;
+            }
+            m.eager = buf;
             mappings.push(m);
         }
         let stat = read(&format!("/proc/{pid}/stat"))?;
@@ -517,6 +525,32 @@ impl Stopped {
                 Err(e) => log::error!("process {}: its pipe (descriptor {fd}) lost {} bytes: {e}", self.pid, buffered.len()),
             }
         }
+    }
+
+    /// The pages of `m` holding the threads' saved contexts (each signal frame: the `ucontext`
+    /// and the FPU state above it, within 16 KiB of it), among its pages with data.
+    fn contexts_within(&self, m: &Mapping) -> Vec<std::ops::Range<u64>> {
+        const PAGE: u64 = 4096;
+        let mut want: Vec<std::ops::Range<u64>> = Vec::new();
+        for (r, _) in &self.threads {
+            let from = (r.ucontext - 8) & !(PAGE - 1);
+            let to = (r.ucontext + 16384).next_multiple_of(PAGE);
+            for p in &m.private {
+                let (a, b) = (p.start.max(from), p.end.min(to));
+                if a < b {
+                    want.push(a..b);
+                }
+            }
+        }
+        want.sort_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<u64>> = Vec::new();
+        for r in want {
+            match merged.last_mut() {
+                Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        merged
     }
 
     /// Lets the process run on here (the migration did not happen).

@@ -69,8 +69,13 @@ pub struct Mapping {
     /// The byte ranges holding the process's own data (present or swapped, not the zero page,
     /// not a file's page).
     pub private: Vec<Range<u64>>,
-    /// Their bytes, for the mappings whose pages travel with the image (private file
-    /// mappings, and anonymous mappings that cannot be read): concatenated in `private`'s order.
+    /// Of a mapping whose pages follow post-copy, the ranges that travel with the image all
+    /// the same: the threads' saved contexts, which they resume from before anything can fault
+    /// (sorted, within `private`).
+    pub early: Vec<Range<u64>>,
+    /// The bytes that travel with the image: all of `private`'s for the mappings whose pages
+    /// travel with it (private file mappings, anonymous mappings that cannot be read), else
+    /// `early`'s; concatenated in order.
     pub eager: Vec<u8>,
 }
 
@@ -78,6 +83,20 @@ impl Mapping {
     /// Bytes of the process's own data in this mapping.
     pub fn private_bytes(&self) -> u64 {
         self.private.iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Bytes of `early`.
+    pub fn early_bytes(&self) -> u64 {
+        self.early.iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// The ranges whose bytes are in `eager`.
+    pub fn eager_ranges(&self) -> &[Range<u64>] {
+        if self.travels_eagerly() {
+            &self.private
+        } else {
+            &self.early
+        }
     }
 
     /// Whether its pages travel with the image rather than post-copy.
@@ -187,7 +206,7 @@ pub struct ProcessImage {
 impl ProcessImage {
     /// Bytes of anonymous memory that follow post-copy.
     pub fn post_copy_bytes(&self) -> u64 {
-        self.mappings.iter().filter(|m| !m.travels_eagerly()).map(Mapping::private_bytes).sum()
+        self.mappings.iter().filter(|m| !m.travels_eagerly()).map(|m| m.private_bytes() - m.early_bytes()).sum()
     }
 
     /// Its encoding.
@@ -236,10 +255,12 @@ impl ProcessImage {
                     e.str(name);
                 }
             }
-            e.u32(m.private.len() as u32);
-            for r in &m.private {
-                e.u64(r.start);
-                e.u64(r.end);
+            for list in [&m.private, &m.early] {
+                e.u32(list.len() as u32);
+                for r in list {
+                    e.u64(r.start);
+                    e.u64(r.end);
+                }
             }
             e.bytes(&m.eager);
         }
@@ -333,15 +354,19 @@ impl ProcessImage {
             };
             let k = d.count(16)?;
             let private = (0..k).map(|_| Ok(d.u64()?..d.u64()?)).collect::<Result<Vec<_>, MigrateError>>()?;
+            let k = d.count(16)?;
+            let early = (0..k).map(|_| Ok(d.u64()?..d.u64()?)).collect::<Result<Vec<_>, MigrateError>>()?;
             let eager = d.bytes()?.to_vec();
             if start >= end || start % 4096 != 0 || end % 4096 != 0 || end > USER_END {
                 return Err(bad(&format!("mapping {start:#x}-{end:#x}")));
             }
-            if private.iter().any(|r| r.start < start || r.end > end || r.start >= r.end) {
+            let outside = |v: &[Range<u64>]| v.iter().any(|r| r.start < start || r.end > end || r.start >= r.end);
+            if outside(&private) || outside(&early) {
                 return Err(bad(&format!("pages outside mapping {start:#x}-{end:#x}")));
             }
-            let m = Mapping { start, end, prot, grows_down, backing, private, eager };
-            if m.travels_eagerly() && m.eager.len() as u64 != m.private_bytes() {
+            let m = Mapping { start, end, prot, grows_down, backing, private, early, eager };
+            let want: u64 = m.eager_ranges().iter().map(|r| r.end - r.start).sum();
+            if m.eager.len() as u64 != want {
                 return Err(bad(&format!("mapping {start:#x}-{end:#x}: its pages are missing")));
             }
             mappings.push(m);

@@ -81,6 +81,22 @@ struct Table {
     failed: Option<String>,
 }
 
+/// `r` less the (sorted) ranges `holes`.
+fn without(r: std::ops::Range<u64>, holes: &[std::ops::Range<u64>]) -> Vec<std::ops::Range<u64>> {
+    let mut out = Vec::new();
+    let mut at = r.start;
+    for h in holes.iter().filter(|h| h.end > r.start && h.start < r.end) {
+        if h.start > at {
+            out.push(at..h.start);
+        }
+        at = at.max(h.end);
+    }
+    if at < r.end {
+        out.push(at..r.end);
+    }
+    out
+}
+
 fn bit(v: &[u64], i: usize) -> bool {
     v[i / 64] & (1 << (i % 64)) != 0
 }
@@ -94,9 +110,12 @@ impl Table {
         let mut n = 0;
         for m in image.mappings.iter().filter(|m| matches!(m.backing, Backing::Anonymous) && !m.travels_eagerly()) {
             for r in &m.private {
-                let pages = (r.end - r.start) / PAGE;
-                runs.push(Run { src: r.start, pages, first: n, dst: Some(r.start) });
-                n += pages as usize;
+                // What came early (the threads' contexts) is there already.
+                for piece in without(r.clone(), &m.early) {
+                    let pages = (piece.end - piece.start) / PAGE;
+                    runs.push(Run { src: piece.start, pages, first: n, dst: Some(piece.start) });
+                    n += pages as usize;
+                }
             }
         }
         Table::with_runs(runs, n)
@@ -597,6 +616,13 @@ mod tests {
             n += pages as usize;
         }
         Table::with_runs(v, n)
+    }
+
+    #[test]
+    fn early_pages_are_cut_out_of_the_runs() {
+        assert_eq!(without(0..100, &[10..20, 30..40]), vec![0..10, 20..30, 40..100]);
+        assert_eq!(without(0..100, &[0..100]), vec![]);
+        assert_eq!(without(50..60, &[0..55]), vec![55..60]);
     }
 
     #[test]

@@ -515,7 +515,7 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
         let l = m.end - m.start;
         let at = format!("{:#x}-{:#x}", m.start, m.end);
         let eager = !m.eager.is_empty();
-        let prot = u64::from(m.prot) | if eager { libc::PROT_WRITE as u64 } else { 0 };
+        let prot = u64::from(m.prot) | if eager { (libc::PROT_WRITE | libc::PROT_READ) as u64 } else { 0 };
         let fixed = (libc::MAP_FIXED | libc::MAP_PRIVATE) as u64;
         match &m.backing {
             Backing::Kernel(_) => continue,
@@ -530,13 +530,14 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
             }
         }
         if eager {
-            for r in &m.private {
+            for r in m.eager_ranges() {
                 let n = r.end - r.start;
                 prog.must(libc::SYS_pread64, &[memfd as u64, r.start, n, eager_at], format!("fill {:#x}-{:#x}", r.start, r.end));
                 eager_at += n;
             }
             prog.must(libc::SYS_mprotect, &[m.start, l, u64::from(m.prot)], format!("protect {at}"));
-        } else if matches!(m.backing, Backing::Anonymous) && !m.private.is_empty() {
+        }
+        if !m.travels_eagerly() && matches!(m.backing, Backing::Anonymous) && m.private_bytes() > m.early_bytes() {
             let (req, arg) = ForeignUffd::register_request(m.start, l);
             let a = hole.put_words(&arg)?;
             prog.must(libc::SYS_ioctl, &[uffd as u64, req, a], format!("register {at} for post-copy"));
