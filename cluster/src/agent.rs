@@ -17,10 +17,15 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use mosaic_migrate::process::{check_movable, read_memory, stop, FetchPages, PostCopy, ProcessImage, Remains, Restorer};
+use mosaic_migrate::process::{
+    check_movable, read_memory, stop, FetchPages, PostCopy, ProcessImage, Remains, Restorer,
+};
 use mosaic_netram::{MemServer, MemServerConfig};
 use mosaic_pager::ForeignUffd;
-use mosaic_transport::{connect, listen, Caller, ClusterKey, ConnectOptions, Connection, Server, ServerConfig, Service, ServiceError, Status};
+use mosaic_transport::{
+    connect, listen, Caller, ClusterKey, ConnectOptions, Connection, Server, ServerConfig, Service, ServiceError,
+    Status,
+};
 
 use crate::wire::{self, bad, failed, Dec, Enc, Moved};
 use crate::ClusterError;
@@ -140,8 +145,9 @@ impl Agent {
         let memory = if cfg.memory > 0 {
             let host = cfg.listen.rsplit_once(':').map_or("tcp://127.0.0.1", |(h, _)| h);
             let uri = cfg.memory_listen.clone().unwrap_or_else(|| format!("{host}:0"));
-            let m = MemServer::start(&uri, MemServerConfig::new(cfg.memory, cfg.key.clone()))
-                .map_err(|e| ClusterError::Start(format!("memory server at {uri}: {}", mosaic_transport::error_chain(&e))))?;
+            let m = MemServer::start(&uri, MemServerConfig::new(cfg.memory, cfg.key.clone())).map_err(|e| {
+                ClusterError::Start(format!("memory server at {uri}: {}", mosaic_transport::error_chain(&e)))
+            })?;
             Some(m)
         } else {
             None
@@ -156,8 +162,9 @@ impl Agent {
         });
         let mut scfg = ServerConfig::new(cfg.key.clone()).service(AgentService(state.clone()));
         scfg.max_frame = MAX_FRAME;
-        let server = listen(&cfg.listen, scfg)
-            .map_err(|e| ClusterError::Start(format!("listening at {}: {}", cfg.listen, mosaic_transport::error_chain(&e))))?;
+        let server = listen(&cfg.listen, scfg).map_err(|e| {
+            ClusterError::Start(format!("listening at {}: {}", cfg.listen, mosaic_transport::error_chain(&e)))
+        })?;
         let _ = state.uri.set(server.uri().to_string());
         Ok(Agent { server: Some(server), memory, state })
     }
@@ -207,19 +214,24 @@ impl Service for AgentService {
         let mut d = Dec(request);
         match method {
             wire::MIGRATE_OUT => {
-                let (pid, to, home, job) = (d.u32().map_err(bad)?, d.str().map_err(bad)?, d.str().map_err(bad)?, d.u64().map_err(bad)?);
+                let (pid, to, home, job) =
+                    (d.u32().map_err(bad)?, d.str().map_err(bad)?, d.str().map_err(bad)?, d.u64().map_err(bad)?);
                 let moved = migrate_out(s, pid, &to, &home, job)?;
                 response.extend_from_slice(&moved.encode());
             }
             wire::MIGRATE_IN => {
-                let (id, source, home, job) = (d.u64().map_err(bad)?, d.str().map_err(bad)?, d.str().map_err(bad)?, d.u64().map_err(bad)?);
+                let (id, source, home, job) =
+                    (d.u64().map_err(bad)?, d.str().map_err(bad)?, d.str().map_err(bad)?, d.u64().map_err(bad)?);
                 let pid = migrate_in(s, id, &source, &home, job, d.rest())?;
                 response.extend_from_slice(&pid.to_le_bytes());
             }
             wire::PAGES => {
                 let id = d.u64().map_err(bad)?;
                 let n = d.u32().map_err(bad)?;
-                let pid = crate::lock(&s.away).get(&id).map(|a| a.pid).ok_or_else(|| ServiceError::new(Status::NotFound, format!("no migration {id:#x} here")))?;
+                let pid = crate::lock(&s.away)
+                    .get(&id)
+                    .map(|a| a.pid)
+                    .ok_or_else(|| ServiceError::new(Status::NotFound, format!("no migration {id:#x} here")))?;
                 for _ in 0..n {
                     let (addr, pages) = (d.u64().map_err(bad)?, d.u32().map_err(bad)?);
                     let at = response.len();
@@ -241,7 +253,8 @@ impl Service for AgentService {
                 }
             }
             wire::STATUS => {
-                let hosted = crate::lock(&s.hosted).values().filter(|h| !h.gone).count() as u32;
+                let hosted =
+                    u32::try_from(crate::lock(&s.hosted).values().filter(|h| !h.gone).count()).unwrap_or(u32::MAX);
                 let mut e = Enc::default();
                 e.str(s.uri.get().map_or("", String::as_str)).str(&s.memory_uri).u32(hosted);
                 response.extend_from_slice(&e.0);
@@ -260,7 +273,10 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         while h.get(&pid).is_some_and(|x| x.arriving) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ServiceError::new(Status::Forbidden, format!("process {pid} is still receiving its memory; try again")));
+                return Err(ServiceError::new(
+                    Status::Forbidden,
+                    format!("process {pid} is still receiving its memory; try again"),
+                ));
             }
             h = s.arrived.wait_timeout(h, left).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
         }
@@ -294,7 +310,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         .and_then(|c| c.call(wire::MIGRATE_IN, &req.0).map_err(|e| mosaic_transport::error_chain(&e)));
     match answer {
         Ok(a) => {
-            let freeze_us = t0.elapsed().as_micros() as u64;
+            let freeze_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
             let remote = Dec(&a).u32().unwrap_or(0);
             let remains = stopped.stay();
             if let Some(away) = crate::lock(&s.away).get_mut(&id) {
@@ -309,7 +325,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
                 freeze_us,
                 image_bytes: bytes.len() as u64,
                 post_copy_bytes: image.post_copy_bytes(),
-                threads: image.threads.len() as u32,
+                threads: u32::try_from(image.threads.len()).unwrap_or(u32::MAX),
             })
         }
         Err(e) => {
@@ -330,7 +346,7 @@ struct RemotePages {
 impl FetchPages for RemotePages {
     fn fetch(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String> {
         let mut e = Enc::default();
-        e.u64(self.id).u32(runs.len() as u32);
+        e.u64(self.id).u32(u32::try_from(runs.len()).unwrap_or(u32::MAX));
         for &(a, n) in runs {
             e.u64(a).u32(n);
         }
@@ -356,13 +372,14 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
     let mut restorer = Restorer::spawn(cmd, bytes).map_err(failed)?;
     let pages = connect(source, &options(&s.cfg.key, Duration::from_secs(30)))
         .map_err(|e| failed(format!("the source {source}: {}", mosaic_transport::error_chain(&e))));
-    let (restored, pages) = match pages.and_then(|p| restorer.running(Duration::from_secs(30)).map(|r| (r, p)).map_err(failed)) {
-        Ok(r) => r,
-        Err(e) => {
-            restorer.kill();
-            return Err(e);
-        }
-    };
+    let (restored, pages) =
+        match pages.and_then(|p| restorer.running(Duration::from_secs(30)).map(|r| (r, p)).map_err(failed)) {
+            Ok(r) => r,
+            Err(e) => {
+                restorer.kill();
+                return Err(e);
+            }
+        };
     let pid = restored.pid;
     let post = PostCopy::start(ForeignUffd::from_fd(restored.uffd), &image, Arc::new(RemotePages { conn: pages, id }));
     let post = match post {
@@ -372,7 +389,8 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
             return Err(failed(e));
         }
     };
-    crate::lock(&s.hosted).insert(pid, Hosted { comm: image.comm.clone(), arriving: true, gone: false, relay: Arc::default() });
+    crate::lock(&s.hosted)
+        .insert(pid, Hosted { comm: image.comm.clone(), arriving: true, gone: false, relay: Arc::default() });
     let (st, home, key, source) = (s.clone(), home.to_string(), s.cfg.key.clone(), source.to_string());
     std::thread::Builder::new()
         .name(format!("mosaic-host-{pid}"))
@@ -381,19 +399,36 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
     Ok(pid)
 }
 
+/// An output stream of a hosted process: its number (1, 2), the pipe, its descriptor.
+type Output = (u8, Option<Box<dyn Read + Send>>, i32);
+
 /// Follows a process that moved here to its end: its pages, its standard streams, its status.
 #[allow(clippy::too_many_arguments)]
-fn host(s: &State, mut restorer: Restorer, mut post: PostCopy, pid: u32, home: &str, job: u64, key: &ClusterKey, source: &str, id: u64) {
+fn host(
+    s: &State,
+    mut restorer: Restorer,
+    mut post: PostCopy,
+    pid: u32,
+    home: &str,
+    job: u64,
+    key: &ClusterKey,
+    source: &str,
+    id: u64,
+) {
     use std::os::fd::AsRawFd;
-    let home_conn = if home.is_empty() { None } else { connect(home, &options(key, Duration::from_secs(30))).ok().map(Arc::new) };
+    let home_conn =
+        if home.is_empty() { None } else { connect(home, &options(key, Duration::from_secs(30))).ok().map(Arc::new) };
     let relay = crate::lock(&s.hosted).get(&pid).map(|h| h.relay.clone()).unwrap_or_default();
     let mut relays = Vec::new();
     if let Some(h) = &home_conn {
-        let outs: [(u8, Option<Box<dyn Read + Send>>, i32); 2] = {
+        let outs: [Output; 2] = {
             let o = restorer.take_stdout();
             let e = restorer.take_stderr();
             let (ofd, efd) = (o.as_ref().map_or(-1, AsRawFd::as_raw_fd), e.as_ref().map_or(-1, AsRawFd::as_raw_fd));
-            [(1u8, o.map(|o| Box::new(o) as Box<dyn Read + Send>), ofd), (2, e.map(|e| Box::new(e) as Box<dyn Read + Send>), efd)]
+            [
+                (1u8, o.map(|o| Box::new(o) as Box<dyn Read + Send>), ofd),
+                (2, e.map(|e| Box::new(e) as Box<dyn Read + Send>), efd),
+            ]
         };
         for (stream, out, fd) in outs {
             let (Some(mut out), h, relay) = (out, h.clone(), relay.clone()) else { continue };
@@ -447,10 +482,18 @@ fn host(s: &State, mut restorer: Restorer, mut post: PostCopy, pid: u32, home: &
     }
     match post.wait(Duration::from_secs(365 * 24 * 3600)) {
         Ok(stats) => {
-            log::info!("process {pid}: all {} pages here ({} fetched by faults, {} streamed)", stats.pages, stats.fetched_for_faults, stats.streamed);
+            log::info!(
+                "process {pid}: all {} pages here ({} fetched by faults, {} streamed)",
+                stats.pages,
+                stats.fetched_for_faults,
+                stats.streamed
+            );
             let mut e = Enc::default();
             e.u64(id);
-            if let Err(err) = connect(source, &options(key, Duration::from_secs(10))).map_err(|e| e.to_string()).and_then(|c| c.call(wire::DONE, &e.0).map_err(|e| e.to_string())) {
+            if let Err(err) = connect(source, &options(key, Duration::from_secs(10)))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.call(wire::DONE, &e.0).map_err(|e| e.to_string()))
+            {
                 log::warn!("process {pid}: telling the source it may let go: {err}");
             }
         }
@@ -475,7 +518,7 @@ fn host(s: &State, mut restorer: Restorer, mut post: PostCopy, pid: u32, home: &
     }
     if let Some(h) = home_conn {
         let mut e = Enc::default();
-        e.u64(job).u32(status as u32);
+        e.u64(job).u32(u32::from_le_bytes(status.to_le_bytes()));
         if let Err(err) = h.call(wire::EXITED, &e.0) {
             log::warn!("process {pid} ended (status {status:#x}) but its home is gone: {err}");
         }

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use mosaic_transport::{connect, listen, Caller, ClusterKey, ConnectOptions, Server, ServerConfig, Service, ServiceError, Status};
+use mosaic_transport::{
+    connect, listen, Caller, ClusterKey, ConnectOptions, Server, ServerConfig, Service, ServiceError, Status,
+};
 
 use crate::wire::{self, bad, failed, Dec, Enc, Moved};
 use crate::{resolve_node, ClusterError};
@@ -82,8 +84,9 @@ impl Home {
             record: Mutex::new(Record { node: node.to_string(), pid: job, ..Record::default() }),
             changed: Condvar::new(),
         });
-        let server = listen(listen_at, ServerConfig::new(key).service(HomeService(state.clone())))
-            .map_err(|e| ClusterError::Start(format!("the job's home at {listen_at}: {}", mosaic_transport::error_chain(&e))))?;
+        let server = listen(listen_at, ServerConfig::new(key).service(HomeService(state.clone()))).map_err(|e| {
+            ClusterError::Start(format!("the job's home at {listen_at}: {}", mosaic_transport::error_chain(&e)))
+        })?;
         let _ = state.uri.set(server.uri().to_string());
         Ok(Home { server: Some(server), state, job_file: None })
     }
@@ -96,8 +99,9 @@ impl Home {
     /// Writes the job file in `dir` (made if missing), so `mosctl` finds the job.
     pub fn publish(&mut self, dir: &Path) -> Result<(), ClusterError> {
         std::fs::create_dir_all(dir).map_err(|e| ClusterError::Start(format!("{}: {e}", dir.display())))?;
-        let path = job_file(dir, self.state.job as u32);
-        std::fs::write(&path, format!("{}\n", self.uri())).map_err(|e| ClusterError::Start(format!("{}: {e}", path.display())))?;
+        let path = job_file(dir, u32::try_from(self.state.job).unwrap_or(u32::MAX));
+        std::fs::write(&path, format!("{}\n", self.uri()))
+            .map_err(|e| ClusterError::Start(format!("{}: {e}", path.display())))?;
         self.job_file = Some(path);
         Ok(())
     }
@@ -174,7 +178,7 @@ impl Service for HomeService {
             }
             wire::EXITED => {
                 for_us(&mut d)?;
-                let status = d.u32().map_err(bad)? as i32;
+                let status = i32::from_le_bytes(d.u32().map_err(bad)?.to_le_bytes());
                 crate::lock(&s.record).exited = Some(status);
                 s.changed.notify_all();
             }

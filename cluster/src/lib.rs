@@ -77,11 +77,19 @@ fn home_of(dir: &Path, pid: u32) -> Result<String, ClusterError> {
         .map_err(|_| ClusterError::NoJob { pid, path: path.display().to_string() })
 }
 
-fn call_home(dir: &Path, pid: u32, key: &ClusterKey, method: u64, req: &[u8], timeout: Duration) -> Result<Vec<u8>, ClusterError> {
+fn call_home(
+    dir: &Path,
+    pid: u32,
+    key: &ClusterKey,
+    method: u64,
+    req: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, ClusterError> {
     let home = home_of(dir, pid)?;
     let mut o = ConnectOptions::new(key.clone());
     o.timeout = timeout;
-    let c = connect(&home, &o).map_err(|e| ClusterError::Failed(format!("the job's home {home}: {}", mosaic_transport::error_chain(&e))))?;
+    let c = connect(&home, &o)
+        .map_err(|e| ClusterError::Failed(format!("the job's home {home}: {}", mosaic_transport::error_chain(&e))))?;
     c.call(method, req).map_err(|e| ClusterError::Failed(mosaic_transport::error_chain(&e)))
 }
 

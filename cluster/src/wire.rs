@@ -65,7 +65,13 @@ impl Moved {
     /// Decodes one.
     pub fn decode(b: &[u8]) -> Result<Moved, String> {
         let mut d = Dec(b);
-        Ok(Moved { pid: d.u32()?, freeze_us: d.u64()?, image_bytes: d.u64()?, post_copy_bytes: d.u64()?, threads: d.u32()? })
+        Ok(Moved {
+            pid: d.u32()?,
+            freeze_us: d.u64()?,
+            image_bytes: d.u64()?,
+            post_copy_bytes: d.u64()?,
+            threads: d.u32()?,
+        })
     }
 }
 
@@ -91,7 +97,7 @@ impl Enc {
     }
     /// Appends a string (length first).
     pub fn str(&mut self, s: &str) -> &mut Enc {
-        self.u32(s.len() as u32);
+        self.u32(u32::try_from(s.len()).unwrap_or(u32::MAX));
         self.0.extend_from_slice(s.as_bytes());
         self
     }

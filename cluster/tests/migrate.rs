@@ -38,7 +38,12 @@ fn key() -> String {
 fn c_program(name: &str, src: &str) -> PathBuf {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(src);
-    let st = Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"]).arg(&out).arg(&src).status().unwrap();
+    let st = Command::new("cc")
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap();
     assert!(st.success(), "cc failed");
     out
 }
@@ -64,7 +69,11 @@ impl Node {
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let uri = line.trim().strip_prefix("mosaicd: listening at ").unwrap_or_else(|| panic!("mosaicd said {line:?}")).to_string();
+        let uri = line
+            .trim()
+            .strip_prefix("mosaicd: listening at ")
+            .unwrap_or_else(|| panic!("mosaicd said {line:?}"))
+            .to_string();
         Node { child, uri }
     }
 }
@@ -128,7 +137,11 @@ impl Job {
     fn wait_for(&self, text: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !String::from_utf8_lossy(&self.out.lock().unwrap()).contains(text) {
-            assert!(Instant::now() < deadline, "never printed {text:?}: {}", String::from_utf8_lossy(&self.out.lock().unwrap()));
+            assert!(
+                Instant::now() < deadline,
+                "never printed {text:?}: {}",
+                String::from_utf8_lossy(&self.out.lock().unwrap())
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -207,7 +220,11 @@ fn there_and_back(name: &str, cmd: &[&str], first: &str, second: &str) {
     job.migrate(&a);
     let (st, out) = job.finish();
     assert!(st.success(), "{name}: {st:?}");
-    assert!(out == expected.stdout, "{name}: the output differs from an unmigrated run's:\n{}", String::from_utf8_lossy(&out));
+    assert!(
+        out == expected.stdout,
+        "{name}: the output differs from an unmigrated run's:\n{}",
+        String::from_utf8_lossy(&out)
+    );
 }
 
 #[test]
@@ -261,7 +278,12 @@ fn xz_compressing_a_file_to_stdout_moves_there_and_back() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        text.push_str(&format!("line {} value {} {}\n", x % 100_000, x >> 40, ["alpha", "beta", "gamma", "delta"][(x % 4) as usize]));
+        text.push_str(&format!(
+            "line {} value {} {}\n",
+            x % 100_000,
+            x >> 40,
+            ["alpha", "beta", "gamma", "delta"][(x % 4) as usize]
+        ));
     }
     std::fs::write(&input, text).unwrap();
     let cmd = ["/usr/bin/xz", "-T1", "-6", "-c", input.to_str().unwrap()];
@@ -275,7 +297,12 @@ fn xz_compressing_a_file_to_stdout_moves_there_and_back() {
     job.migrate(&a);
     let (st, out) = job.finish();
     assert!(st.success(), "{st:?}");
-    assert!(out == expected.stdout, "xz's output differs from an unmigrated run's ({} bytes against {})", out.len(), expected.stdout.len());
+    assert!(
+        out == expected.stdout,
+        "xz's output differs from an unmigrated run's ({} bytes against {})",
+        out.len(),
+        expected.stdout.len()
+    );
 }
 
 #[test]

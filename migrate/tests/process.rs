@@ -15,7 +15,12 @@ use mosaic_pager::ForeignUffd;
 fn c_program(name: &str) -> PathBuf {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/c/{name}.c"));
-    let st = Command::new("cc").args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"]).arg(&out).arg(&src).status().unwrap();
+    let st = Command::new("cc")
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap();
     assert!(st.success(), "cc failed");
     out
 }
@@ -68,12 +73,7 @@ fn launch(prog: &PathBuf, args: &[&str]) -> std::process::Child {
             Ok(())
         });
     }
-    c.args(args)
-        .env("LD_PRELOAD", shim())
-        .env("MOSAIC_MIGRATE_SIGNAL", "63")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
+    c.args(args).env("LD_PRELOAD", shim()).env("MOSAIC_MIGRATE_SIGNAL", "63").stdout(Stdio::piped()).spawn().unwrap()
 }
 
 #[test]
@@ -111,7 +111,8 @@ fn a_c_program_moves_to_a_new_process_and_prints_what_it_would_have() {
     };
     let remains = stopped.stay();
 
-    let mut post = PostCopy::start(ForeignUffd::from_fd(restored.uffd), &image, Arc::new(Local(remains.pid()))).unwrap();
+    let mut post =
+        PostCopy::start(ForeignUffd::from_fd(restored.uffd), &image, Arc::new(Local(remains.pid()))).unwrap();
     let stats = post.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(stats.settled, stats.pages);
     assert_eq!(stats.poisoned, 0);

@@ -13,7 +13,7 @@ use crate::{find_preload, Cli};
 /// The exit code for a wait status, saying so when the program died of a signal.
 fn exit_code(program: &str, status: i32) -> ExitCode {
     if libc::WIFEXITED(status) {
-        ExitCode::from(libc::WEXITSTATUS(status) as u8)
+        ExitCode::from(u8::try_from(libc::WEXITSTATUS(status)).unwrap_or(1))
     } else if libc::WIFSIGNALED(status) {
         let sig = libc::WTERMSIG(status);
         eprintln!("mosrun: {program} died of signal {sig}");
@@ -26,7 +26,8 @@ fn exit_code(program: &str, status: i32) -> ExitCode {
 pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
     let preload = find_preload(cli)?;
     let key = ClusterKey::from_env().map_err(|e| format!("{e} (the nodes' agents share it)"))?;
-    let node = cli.node.clone().or_else(|| std::env::var("MOSAIC_NODE").ok()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
+    let node =
+        cli.node.clone().or_else(|| std::env::var("MOSAIC_NODE").ok()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
     let node = resolve_node(&node).map_err(|e| e.to_string())?;
     let mut preloads = preload.display().to_string();
     if let Ok(old) = std::env::var("LD_PRELOAD") {
@@ -52,10 +53,12 @@ pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     let pid = child.id();
-    let home = Home::start(&format!("tcp://{}:0", cli.home_address), key, &node, pid, &cli.program.join(" ")).and_then(|mut h| {
-        h.publish(&run_dir())?;
-        Ok(h)
-    });
+    let home = Home::start(&format!("tcp://{}:0", cli.home_address), key, &node, pid, &cli.program.join(" ")).and_then(
+        |mut h| {
+            h.publish(&run_dir())?;
+            Ok(h)
+        },
+    );
     let home = match home {
         Ok(h) => h,
         Err(e) => {
@@ -65,7 +68,10 @@ pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
     };
     if cli.verbose {
-        eprintln!("mosrun: job {pid} runs at {node}, its home at {}: `mosctl migrate {pid} --to NODE` moves it", home.uri());
+        eprintln!(
+            "mosrun: job {pid} runs at {node}, its home at {}: `mosctl migrate {pid} --to NODE` moves it",
+            home.uri()
+        );
     }
     let waiter = std::thread::spawn(move || child.wait().map(ExitStatusExt::into_raw));
     loop {

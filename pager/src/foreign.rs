@@ -110,7 +110,9 @@ impl ForeignUffd {
     pub fn read_events(&self, timeout: Duration, out: &mut Vec<Event>) -> io::Result<usize> {
         let mut p = libc::pollfd { fd: self.raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: poll on one valid pollfd.
-        let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: poll on one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted { Ok(0) } else { Err(e) };

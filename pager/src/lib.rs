@@ -71,8 +71,8 @@
 
 use std::ops::Range;
 
-mod foreign;
 mod config;
+mod foreign;
 mod install;
 mod mapping;
 mod pagemap;
@@ -84,8 +84,8 @@ mod uffd;
 mod worker;
 
 pub use config::{DirtyTracking, FaultMode, PagerStats, RegionConfig};
-pub use mapping::{populated_pages, present_pages, private_pages_of, unmap_inherited};
 pub use foreign::{Event, ForeignUffd, Installed};
+pub use mapping::{populated_pages, present_pages, private_pages_of, unmap_inherited};
 pub use region::Region;
 pub use region_core::RegionCore;
 

@@ -44,7 +44,7 @@ struct Args {
 fn main() -> ExitCode {
     // The restorer mode runs first, before anything starts a thread (it forks).
     if std::env::args().nth(1).as_deref() == Some("restore") {
-        return ExitCode::from(mosaic_migrate::process::keeper_main().clamp(0, 255) as u8);
+        return ExitCode::from(mosaic_migrate::process::keeper_main());
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
@@ -62,7 +62,10 @@ fn run(args: &Args) -> Result<(), String> {
     let memory = parse_size(&args.memory).map_err(|e| format!("--memory {}: {e}", args.memory))?;
     if let Some((host, _)) = args.listen.rsplit_once(':') {
         if host.ends_with("0.0.0.0") || host.ends_with("[::]") {
-            return Err(format!("--listen {}: a wildcard address cannot be reached; give the address other nodes use", args.listen));
+            return Err(format!(
+                "--listen {}: a wildcard address cannot be reached; give the address other nodes use",
+                args.listen
+            ));
         }
     }
     // Block the stop signals before any thread starts, so that only sigwait sees them.

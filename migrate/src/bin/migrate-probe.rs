@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     env_logger::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let r = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["restore"] => return ExitCode::from(mosaic_migrate::process::keeper_main().clamp(0, 255) as u8),
+        ["restore"] => return ExitCode::from(mosaic_migrate::process::keeper_main()),
         ["source", mib, pct] => source(mib, pct, "tcp://127.0.0.1:0"),
         ["source", mib, pct, uri] => source(mib, pct, uri),
         ["dest", uri, mib, pct] => dest(uri, mib, pct),

@@ -1,6 +1,10 @@
 //! The source's side of process migration: check that a process can move, stop it through
 //! its checkpoint handlers, and read what it is from `/proc` (see [`super`]).
 
+// System-call arguments and results (pids, descriptors, addresses, kernel ABI words) pass
+// between C and Rust integer types here; every value is one the kernel gave or takes.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -83,16 +87,26 @@ fn what_a_descriptor_is(pid: u32, fd: i32, target: &str, all: &[(i32, String)]) 
     if target.starts_with("socket:") {
         return Err(cannot("a socket"));
     }
-    if let Some(inode) = target.strip_prefix("pipe:[").and_then(|t| t.strip_suffix(']')).and_then(|t| t.parse::<u64>().ok()) {
+    if let Some(inode) =
+        target.strip_prefix("pipe:[").and_then(|t| t.strip_suffix(']')).and_then(|t| t.parse::<u64>().ok())
+    {
         // Movable if the process holds both ends (reads are O_RDONLY, writes O_WRONLY).
-        let ends: Vec<u32> = all.iter().filter(|(_, t)| t == target).map(|(f, _)| fd_flags(pid, *f).map(|x| x & 3)).collect::<Result<_, _>>()?;
+        let ends: Vec<u32> = all
+            .iter()
+            .filter(|(_, t)| t == target)
+            .map(|(f, _)| fd_flags(pid, *f).map(|x| x & 3))
+            .collect::<Result<_, _>>()?;
         if !(ends.contains(&(libc::O_RDONLY as u32)) && ends.contains(&(libc::O_WRONLY as u32))) {
             return Err(cannot("a pipe to another process"));
         }
         return Ok(OpenFile::Pipe { fd, pipe: inode, flags: fd_flags(pid, fd)?, buffered: Vec::new() });
     }
     if target.starts_with("anon_inode:") {
-        return Err(cannot(if target.contains("userfaultfd") { "a userfaultfd (network RAM?)" } else { "a kernel object" }));
+        return Err(cannot(if target.contains("userfaultfd") {
+            "a userfaultfd (network RAM?)"
+        } else {
+            "a kernel object"
+        }));
     }
     if !target.starts_with('/') || target.ends_with(" (deleted)") {
         return Err(cannot("not a file that can be opened again"));
@@ -158,13 +172,19 @@ impl<'a> MapsLine<'a> {
 
     /// What backs it; `None` for `[vsyscall]`, which is the same fixed page everywhere.
     fn backing(&self) -> Result<Option<Backing>, MigrateError> {
-        let at = format!("mapping {:#x}-{:#x} ({})", self.start, self.end, if self.path.is_empty() { "anonymous" } else { self.path });
+        let at = format!(
+            "mapping {:#x}-{:#x} ({})",
+            self.start,
+            self.end,
+            if self.path.is_empty() { "anonymous" } else { self.path }
+        );
         match self.path {
             "[vsyscall]" => return Ok(None),
             "[vdso]" | "[vvar]" | "[vvar_vclock]" => return Ok(Some(Backing::Kernel(self.path.to_string()))),
             _ => {}
         }
-        let anonymous = self.path.is_empty() || matches!(self.path, "[heap]" | "[stack]") || self.path.starts_with("[anon:");
+        let anonymous =
+            self.path.is_empty() || matches!(self.path, "[heap]" | "[stack]") || self.path.starts_with("[anon:");
         if self.shared() {
             if anonymous || self.path.starts_with("[anon_shmem:") || self.path.starts_with("/dev/zero") {
                 return Err(refuse(format!("{at} is memory shared with other processes")));
@@ -266,7 +286,8 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
         }
     }
     // The main thread first.
-    let pos = stopped.threads.iter().position(|(r, _)| r.tid == r.pid).ok_or_else(|| refuse("the main thread is gone"))?;
+    let pos =
+        stopped.threads.iter().position(|(r, _)| r.tid == r.pid).ok_or_else(|| refuse("the main thread is gone"))?;
     stopped.threads.swap(0, pos);
     Ok(stopped)
 }
@@ -281,7 +302,8 @@ fn threads_of(pid: u32) -> Result<Vec<(u64, u64)>, MigrateError> {
         let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) else { continue };
         // A thread gone meanwhile is simply not there.
         let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
-        let inner = status_field(&status, "NSpid:").and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(tid);
+        let inner =
+            status_field(&status, "NSpid:").and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(tid);
         out.push((tid, inner));
     }
     Ok(out)
@@ -291,7 +313,7 @@ fn queue_signal(pid: u32, tid: u64, signal: i32, token: u64) -> std::io::Result<
     // siginfo for SI_QUEUE on x86-64: signo @0, code @8, pid @16, uid @20, value @24.
     let mut info = [0u64; 16];
     info[0] = signal as u32 as u64;
-    info[1] = (libc::SI_QUEUE as i32) as u32 as u64;
+    info[1] = libc::SI_QUEUE as u32 as u64;
     // SAFETY: getpid/getuid cannot fail.
     info[2] = u64::from(unsafe { libc::getpid() } as u32) | (u64::from(unsafe { libc::getuid() }) << 32);
     info[3] = token;
@@ -328,7 +350,9 @@ fn listen_abstract(name: &[u8]) -> std::io::Result<OwnedFd> {
 fn accept_until(listener: &OwnedFd, deadline: Instant) -> Option<UnixStream> {
     loop {
         // SAFETY: accept4 on a listening socket; the result is owned at once.
-        let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        let fd = unsafe {
+            libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        };
         if fd >= 0 {
             // SAFETY: a fresh descriptor.
             return Some(unsafe { UnixStream::from_raw_fd(fd) });
@@ -362,7 +386,8 @@ impl Stopped {
         if uid.len() < 3 || gid.len() < 3 {
             return Err(MigrateError::Os("ids in /proc/PID/status".into()));
         }
-        let creds = Credentials { uid: [uid[0], uid[1], uid[2]], gid: [gid[0], gid[1], gid[2]], groups: ids("Groups:") };
+        let creds =
+            Credentials { uid: [uid[0], uid[1], uid[2]], gid: [gid[0], gid[1], gid[2]], groups: ids("Groups:") };
         let umask = status_field(&status, "Umask:").and_then(|u| u32::from_str_radix(u, 8).ok()).unwrap_or(0o022);
         let link = |what: &str| {
             std::fs::read_link(format!("/proc/{pid}/{what}"))
@@ -395,7 +420,8 @@ impl Stopped {
             let private = if matches!(backing, Backing::Kernel(_) | Backing::SharedFile { .. }) {
                 Vec::new()
             } else {
-                mosaic_pager::private_pages_of(pid, l.start, l.end).map_err(|e| MigrateError::Os(format!("{line}: {e}")))?
+                mosaic_pager::private_pages_of(pid, l.start, l.end)
+                    .map_err(|e| MigrateError::Os(format!("{line}: {e}")))?
             };
             let mut m = Mapping {
                 start: l.start,
@@ -503,7 +529,7 @@ impl Stopped {
         }
     }
 
-    /// Puts back what [`Stopped::take_pipe_contents`] took, for a process that stays.
+    /// Puts back what capturing took out of the process's own pipes, for a process that stays.
     pub fn give_back(&self, image: &ProcessImage) {
         for f in &image.files {
             let OpenFile::Pipe { fd, buffered, .. } = f else { continue };
@@ -512,17 +538,27 @@ impl Stopped {
             }
             // Any write end of the same pipe will do; a copy of the read end's pipe is one.
             let write_end = image.files.iter().find_map(|g| match g {
-                OpenFile::Pipe { fd: w, pipe, flags, .. } if *flags & 3 == libc::O_WRONLY as u32 && f_pipe(f) == Some(*pipe) => Some(*w),
+                OpenFile::Pipe { fd: w, pipe, flags, .. }
+                    if *flags & 3 == libc::O_WRONLY as u32 && f_pipe(f) == Some(*pipe) =>
+                {
+                    Some(*w)
+                }
                 _ => None,
             });
             let Some(w) = write_end else { continue };
             match self.their_fd(w) {
                 Ok(copy) => {
                     if let Err(e) = std::fs::File::from(copy).write_all(buffered) {
-                        log::error!("process {}: {} bytes of its pipe (descriptor {fd}) could not be put back: {e}", self.pid, buffered.len());
+                        log::error!(
+                            "process {}: {} bytes of its pipe (descriptor {fd}) could not be put back: {e}",
+                            self.pid,
+                            buffered.len()
+                        );
                     }
                 }
-                Err(e) => log::error!("process {}: its pipe (descriptor {fd}) lost {} bytes: {e}", self.pid, buffered.len()),
+                Err(e) => {
+                    log::error!("process {}: its pipe (descriptor {fd}) lost {} bytes: {e}", self.pid, buffered.len())
+                }
             }
         }
     }
@@ -609,7 +645,10 @@ pub fn read_memory(pid: u32, addr: u64, out: &mut [u8]) -> Result<(), MigrateErr
         // SAFETY: process_vm_readv writes at most `iov_len` bytes into `out`.
         let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
         if n <= 0 {
-            return Err(os(format!("read {} bytes at {:#x} of process {pid}", out.len() - done, addr + done as u64), std::io::Error::last_os_error()));
+            return Err(os(
+                format!("read {} bytes at {:#x} of process {pid}", out.len() - done, addr + done as u64),
+                std::io::Error::last_os_error(),
+            ));
         }
         done += n as usize;
     }

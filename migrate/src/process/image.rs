@@ -1,6 +1,10 @@
 //! A stopped process as it travels: everything but its anonymous memory's contents, which
 //! follow post-copy (see [`super`]).
 
+// Counts, lengths and page numbers: x86-64 only (see the module), where usize is u64, and
+// every count is bounded by the image frame (64 MiB).
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::ops::Range;
 
 use super::record::{ThreadRecord, RECORD_MAGIC};
@@ -381,7 +385,12 @@ impl ProcessImage {
                     let id = if d.u8()? != 0 { Some(d.id()?) } else { None };
                     OpenFile::Path { fd, path, flags, pos, id }
                 }
-                2 => OpenFile::Pipe { fd: d.u32()? as i32, pipe: d.u64()?, flags: d.u32()?, buffered: d.bytes()?.to_vec() },
+                2 => OpenFile::Pipe {
+                    fd: d.u32()? as i32,
+                    pipe: d.u64()?,
+                    flags: d.u32()?,
+                    buffered: d.bytes()?.to_vec(),
+                },
                 k => return Err(bad(&format!("file kind {k}"))),
             });
         }

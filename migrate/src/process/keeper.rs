@@ -12,6 +12,10 @@
 //! then, when it ends, its wait status. Standard input, output and error pass through to the
 //! process unchanged.
 
+// System-call arguments and results (pids, descriptors, addresses, kernel ABI words) pass
+// between C and Rust integer types here; every value is one the kernel gave or takes.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -64,7 +68,7 @@ pub struct Restored {
 
 impl Restorer {
     /// Starts `keeper` (a command whose program calls [`keeper_main`], given the descriptor
-    /// through [`CONTROL_FD_ENV`]) and sends it `image` (encoded). Set the command's standard
+    /// through `CONTROL_FD_ENV`) and sends it `image` (encoded). Set the command's standard
     /// input, output and error to what the process should have.
     pub fn spawn(mut keeper: Command, image: &[u8]) -> Result<Restorer, MigrateError> {
         let (mut ours, theirs) = UnixStream::pair().map_err(|e| MigrateError::Os(format!("socketpair: {e}")))?;
@@ -81,7 +85,8 @@ impl Restorer {
         }
         let child = keeper.spawn().map_err(|e| MigrateError::Restore(format!("cannot start the restorer: {e}")))?;
         drop(theirs);
-        write_frame(&mut ours, TAG_IMAGE, image).map_err(|e| MigrateError::Restore(format!("sending the image: {e}")))?;
+        write_frame(&mut ours, TAG_IMAGE, image)
+            .map_err(|e| MigrateError::Restore(format!("sending the image: {e}")))?;
         Ok(Restorer { child, ctl: ours })
     }
 
@@ -97,7 +102,9 @@ impl Restorer {
         };
         let (tag, fd) = recv_fd(self.ctl.as_raw_fd()).map_err(lost)?;
         if tag == TAG_UFFD {
-            return fd.map(RestoreEvent::Uffd).ok_or_else(|| MigrateError::Restore("a userfaultfd message without one".into()));
+            return fd
+                .map(RestoreEvent::Uffd)
+                .ok_or_else(|| MigrateError::Restore("a userfaultfd message without one".into()));
         }
         let mut len = [0u8; 4];
         self.ctl.read_exact(&mut len).map_err(lost)?;
@@ -180,9 +187,9 @@ fn write_raw(fd: RawFd, b: &[u8]) {
 }
 
 /// The keeper: what a program's `restore` mode runs (the control descriptor from
-/// [`CONTROL_FD_ENV`]). Returns the exit code for the program. Must run in a single-threaded
+/// `CONTROL_FD_ENV`). Returns the exit code for the program. Must run in a single-threaded
 /// process (it forks).
-pub fn keeper_main() -> i32 {
+pub fn keeper_main() -> u8 {
     let Some(fd) = std::env::var(CONTROL_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
         eprintln!("mosaic restorer: {CONTROL_FD_ENV} is not set (this mode is started by the node agent)");
         return 2;
@@ -210,7 +217,10 @@ pub fn keeper_main() -> i32 {
     };
     // SAFETY: unshare(2) of the pid namespace for the children to come.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
-        return failed(&mut ctl, format!("a new pid namespace: {} (the agent needs CAP_SYS_ADMIN)", std::io::Error::last_os_error()));
+        return failed(
+            &mut ctl,
+            format!("a new pid namespace: {} (the agent needs CAP_SYS_ADMIN)", std::io::Error::last_os_error()),
+        );
     }
     // SAFETY: fork in a single-threaded process.
     let init = unsafe { libc::fork() };

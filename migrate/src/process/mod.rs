@@ -18,7 +18,7 @@
 //!    from the stopped process), a stream pulls the rest; the stopped copy is killed when all
 //!    are here.
 //!
-//! x86-64 only: the interpreter in [`restore`] and the signal frame are the architecture's.
+//! x86-64 only: the restorer's interpreter and the signal frame are the architecture's.
 //! aarch64 would need the interpreter in its assembly (`svc #0`, `x8` for the call number), its
 //! `rt_sigreturn` frame and `TPIDR_EL0` for the thread pointer (set by `clone3`'s `tls` too).
 
@@ -34,7 +34,7 @@ pub mod shim;
 pub use capture::{check_movable, read_memory, stop, Remains, Stopped};
 pub use fdpass::{read_frame, recv_fd, send_fd, write_frame};
 pub use image::{Backing, Credentials, FileId, Mapping, MmFields, OpenFile, ProcessImage};
-pub use keeper::{keeper_main, Restored, RestoreEvent, Restorer};
+pub use keeper::{keeper_main, RestoreEvent, Restored, Restorer};
 pub use postcopy::{FetchPages, PostCopy, PostCopyStats};
 pub use record::{KernelSigaction, ThreadRecord};
 pub use restore::{become_process, describe_failure};

@@ -12,6 +12,10 @@
 //! waits for the stream's copy, which wakes it). If the source is lost, every page not yet
 //! here is poisoned: touching one raises SIGBUS (the pages are named in the log), never zeros.
 
+// Counts, lengths and page numbers: x86-64 only (see the module), where usize is u64, and
+// every count is bounded by the image frame (64 MiB).
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
@@ -145,11 +149,14 @@ impl Table {
 
     /// Splits runs so that none straddles destination address `a`.
     fn split_at_dst(&mut self, a: u64) {
-        let Some(k) = self.runs.iter().position(|r| r.dst.is_some_and(|d| a > d && a < d + r.pages * PAGE)) else { return };
+        let Some(k) = self.runs.iter().position(|r| r.dst.is_some_and(|d| a > d && a < d + r.pages * PAGE)) else {
+            return;
+        };
         let r = self.runs[k];
         let head = (a - r.dst.expect("found by dst")) / PAGE;
         self.runs[k].pages = head;
-        let tail = Run { src: r.src + head * PAGE, pages: r.pages - head, first: r.first + head as usize, dst: Some(a) };
+        let tail =
+            Run { src: r.src + head * PAGE, pages: r.pages - head, first: r.first + head as usize, dst: Some(a) };
         self.runs.insert(k + 1, tail);
     }
 
@@ -249,6 +256,9 @@ struct Shared {
     poisoned: AtomicU64,
 }
 
+/// Pages fetched: runs (first index, pages) and their bytes.
+type Fetched = (Vec<(usize, u32)>, Vec<u8>);
+
 enum FromStream {
     Pages(Vec<(usize, u32)>, Vec<u8>),
     Failed(String),
@@ -270,7 +280,11 @@ impl std::fmt::Debug for PostCopy {
 impl PostCopy {
     /// Starts serving the process that `uffd` belongs to (rebuilt from `image`), its pages
     /// fetched with `fetch`.
-    pub fn start(uffd: ForeignUffd, image: &ProcessImage, fetch: Arc<dyn FetchPages>) -> Result<PostCopy, MigrateError> {
+    pub fn start(
+        uffd: ForeignUffd,
+        image: &ProcessImage,
+        fetch: Arc<dyn FetchPages>,
+    ) -> Result<PostCopy, MigrateError> {
         let mut fds = [0i32; 2];
         // SAFETY: pipe2 writes two descriptors, owned at once.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -332,7 +346,12 @@ impl PostCopy {
                 if left.is_zero() {
                     return Err(MigrateError::TimedOut(timeout));
                 }
-                t = self.shared.changed.wait_timeout(t, left.min(Duration::from_millis(100))).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+                t = self
+                    .shared
+                    .changed
+                    .wait_timeout(t, left.min(Duration::from_millis(100)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
             }
             if let Some(f) = &t.failed {
                 return Err(MigrateError::SourceLost(f.clone()));
@@ -399,7 +418,7 @@ fn stream(s: &Shared, fetch: &dyn FetchPages, tx: &SyncSender<FromStream>, wake:
 
 fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Receiver<FromStream>, wake: &OwnedFd) {
     let mut events = Vec::new();
-    let mut pending: Vec<(Vec<(usize, u32)>, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<Fetched> = Vec::new();
     loop {
         {
             let t = lock(&s.table);
@@ -517,7 +536,7 @@ fn serve_fault(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, a: u64) {
 
 /// Installs fetched pages where they belong now (skipping those discarded or unmapped
 /// meanwhile). Returns what is left if an unread event stopped it.
-fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8]) -> Option<(Vec<(usize, u32)>, Vec<u8>)> {
+fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8]) -> Option<Fetched> {
     let mut t = lock(&s.table);
     let mut off = 0usize;
     for (k, &(first, n)) in batch.iter().enumerate() {
@@ -599,7 +618,10 @@ fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
             i = j;
         }
     }
-    log::error!("migrated process: the source is lost ({why}); pages that had not arrived raise SIGBUS: {}", lost.join(", "));
+    log::error!(
+        "migrated process: the source is lost ({why}); pages that had not arrived raise SIGBUS: {}",
+        lost.join(", ")
+    );
     t.failed = Some(why);
     s.changed.notify_all();
 }
@@ -619,6 +641,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn early_pages_are_cut_out_of_the_runs() {
         assert_eq!(without(0..100, &[10..20, 30..40]), vec![0..10, 20..30, 40..100]);
         assert_eq!(without(0..100, &[0..100]), vec![]);

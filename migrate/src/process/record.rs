@@ -28,7 +28,7 @@ pub struct KernelSigaction {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ThreadRecord {
-    /// [`RECORD_MAGIC`].
+    /// `RECORD_MAGIC`.
     pub magic: u64,
     /// The thread's id (as the process sees it).
     pub tid: u64,

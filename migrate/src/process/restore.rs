@@ -17,6 +17,10 @@
 //! A failed step writes its number and error on the report descriptor and exits with 127;
 //! [`describe_failure`] names it from the step table written before the jump.
 
+// System-call arguments and results (pids, descriptors, addresses, kernel ABI words) pass
+// between C and Rust integer types here; every value is one the kernel gave or takes.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -186,7 +190,8 @@ struct Own {
 }
 
 fn own_layout() -> Result<Vec<Own>, MigrateError> {
-    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| MigrateError::Restore(format!("/proc/self/maps: {e}")))?;
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| MigrateError::Restore(format!("/proc/self/maps: {e}")))?;
     let mut out = Vec::with_capacity(512);
     for l in maps.lines() {
         let mut it = l.split_whitespace();
@@ -245,13 +250,21 @@ fn lift(fd: RawFd, min: RawFd) -> Result<RawFd, MigrateError> {
 /// Replaces the whole address space: nothing of this process's may run afterwards, and no
 /// other thread may exist.
 pub unsafe fn become_process(image: &ProcessImage, control: RawFd, report: RawFd) -> MigrateError {
+    // SAFETY: the caller promises what `prepare_and_jump` needs: a single-threaded process whose
+    // address space may be replaced.
     match unsafe { prepare_and_jump(image, control, report) } {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) -> Result<std::convert::Infallible, MigrateError> {
+/// # Safety
+/// As [`become_process`].
+unsafe fn prepare_and_jump(
+    image: &ProcessImage,
+    control: RawFd,
+    report: RawFd,
+) -> Result<std::convert::Infallible, MigrateError> {
     // Nothing may interrupt from here on: the threads' own masks come back with rt_sigreturn.
     // SAFETY: sigprocmask with a full set.
     unsafe {
@@ -272,12 +285,18 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
             .find(|o| &o.name == name)
             .ok_or_else(|| restore_err(format!("this kernel has no {name} mapping (the source's kernel differs)")))?;
         if o.end - o.start != m.end - m.start {
-            return Err(restore_err(format!("{name} is {} bytes here, {} at the source (a different kernel)", o.end - o.start, m.end - m.start)));
+            return Err(restore_err(format!(
+                "{name} is {} bytes here, {} at the source (a different kernel)",
+                o.end - o.start,
+                m.end - m.start
+            )));
         }
         parked.push((o.clone(), 0));
     }
     for o in &own {
-        if matches!(o.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]") && !parked.iter().any(|(p, _)| p.name == o.name) {
+        if matches!(o.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]")
+            && !parked.iter().any(|(p, _)| p.name == o.name)
+        {
             return Err(restore_err(format!("the source had no {} mapping (a different kernel)", o.name)));
         }
     }
@@ -291,7 +310,9 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
     // The files mapped, each opened once and checked to be the same file.
     let mut mapped: Vec<(String, RawFd)> = Vec::new();
     for m in &image.mappings {
-        let (Backing::PrivateFile { path, id, .. } | Backing::SharedFile { path, id, .. }) = &m.backing else { continue };
+        let (Backing::PrivateFile { path, id, .. } | Backing::SharedFile { path, id, .. }) = &m.backing else {
+            continue;
+        };
         if mapped.iter().any(|(p, _)| p == path) {
             continue;
         }
@@ -336,7 +357,8 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
 
     // The userfaultfd, handed to the agent now; the program registers the ranges with it.
     let uffd = ForeignUffd::open().map_err(|e| restore_err(format!("userfaultfd: {e}")))?;
-    super::fdpass::send_fd(control, b'U', uffd.raw_fd()).map_err(|e| restore_err(format!("send the userfaultfd: {e}")))?;
+    super::fdpass::send_fd(control, b'U', uffd.raw_fd())
+        .map_err(|e| restore_err(format!("send the userfaultfd: {e}")))?;
     let uffd: OwnedFd = uffd.into();
     let uffd = lift(uffd.into_raw_fd(), floor)?;
 
@@ -409,7 +431,9 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
         };
         // SAFETY: writing to and duplicating descriptors of ours.
         unsafe {
-            if !buffered.is_empty() && libc::write(ends[1], buffered.as_ptr().cast(), buffered.len()) != buffered.len() as isize {
+            if !buffered.is_empty()
+                && libc::write(ends[1], buffered.as_ptr().cast(), buffered.len()) != buffered.len() as isize
+            {
                 return Err(last_os(format!("refilling the pipe of descriptor {fd}")));
             }
             let end = if *flags & 3 == libc::O_WRONLY as u32 { ends[1] } else { ends[0] };
@@ -453,7 +477,10 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
     // Room: the interpreter, the parked kernel mappings, the steps and their data, stacks.
     let code_len = (&raw const RESTORER_END as u64) - (&raw const RESTORER_START as u64);
     let parking_len: u64 = kernel.iter().map(|m| m.end - m.start).sum();
-    let steps_max = own.len() as u64 + 64 + image.mappings.iter().map(|m| 4 + m.private.len() as u64).sum::<u64>() + 8 * image.threads.len() as u64;
+    let steps_max = own.len() as u64
+        + 64
+        + image.mappings.iter().map(|m| 4 + m.private.len() as u64).sum::<u64>()
+        + 8 * image.threads.len() as u64;
     let data_len = steps_max * 64
         + 256 * image.mappings.len() as u64
         + image.threads.len() as u64 * (THREAD_STACK + 256)
@@ -461,7 +488,8 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
         + 4 * image.creds.groups.len() as u64
         + 8 * PAGE;
     let len = (PAGE + parking_len + data_len).next_multiple_of(PAGE);
-    let base = find_hole(&own, image, len).ok_or_else(|| restore_err("no room left for the restorer in the address space"))?;
+    let base =
+        find_hole(&own, image, len).ok_or_else(|| restore_err("no room left for the restorer in the address space"))?;
     // SAFETY: a fresh anonymous mapping where nothing is mapped (MAP_FIXED_NOREPLACE).
     let p = unsafe {
         libc::mmap(
@@ -493,7 +521,11 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
     for (o, slot) in &mut parked {
         *slot = at;
         let l = o.end - o.start;
-        prog.must(libc::SYS_mremap, &[o.start, l, l, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, at], format!("park {}", o.name));
+        prog.must(
+            libc::SYS_mremap,
+            &[o.start, l, l, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, at],
+            format!("park {}", o.name),
+        );
         at += l;
     }
     for o in &own {
@@ -501,12 +533,21 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
         if ours || matches!(o.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]") {
             continue;
         }
-        prog.must(libc::SYS_munmap, &[o.start, o.end - o.start], format!("unmap the agent's {:#x}-{:#x} {}", o.start, o.end, o.name));
+        prog.must(
+            libc::SYS_munmap,
+            &[o.start, o.end - o.start],
+            format!("unmap the agent's {:#x}-{:#x} {}", o.start, o.end, o.name),
+        );
     }
     for (o, slot) in &parked {
-        let m = kernel.iter().find(|m| matches!(&m.backing, Backing::Kernel(n) if *n == o.name)).expect("matched above");
+        let m =
+            kernel.iter().find(|m| matches!(&m.backing, Backing::Kernel(n) if *n == o.name)).expect("matched above");
         let l = o.end - o.start;
-        prog.must(libc::SYS_mremap, &[*slot, l, l, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, m.start], format!("move {} to {:#x}", o.name, m.start));
+        prog.must(
+            libc::SYS_mremap,
+            &[*slot, l, l, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, m.start],
+            format!("move {} to {:#x}", o.name, m.start),
+        );
     }
 
     // 4. The process's mappings.
@@ -520,19 +561,32 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
         match &m.backing {
             Backing::Kernel(_) => continue,
             Backing::Anonymous => {
-                let flags = fixed | libc::MAP_ANONYMOUS as u64 | if m.grows_down { libc::MAP_GROWSDOWN as u64 } else { 0 };
+                let flags =
+                    fixed | libc::MAP_ANONYMOUS as u64 | if m.grows_down { libc::MAP_GROWSDOWN as u64 } else { 0 };
                 prog.must(libc::SYS_mmap, &[m.start, l, prot, flags, u64::MAX, 0], format!("map {at} (anonymous)"));
             }
             Backing::PrivateFile { path, offset, .. } | Backing::SharedFile { path, offset, .. } => {
                 let fd = mapped.iter().find(|(p, _)| p == path).map(|(_, fd)| *fd).expect("opened above");
-                let flags = if matches!(m.backing, Backing::SharedFile { .. }) { (libc::MAP_FIXED | libc::MAP_SHARED) as u64 } else { fixed };
-                prog.must(libc::SYS_mmap, &[m.start, l, prot, flags, fd as u64, *offset], format!("map {at} from {path}"));
+                let flags = if matches!(m.backing, Backing::SharedFile { .. }) {
+                    (libc::MAP_FIXED | libc::MAP_SHARED) as u64
+                } else {
+                    fixed
+                };
+                prog.must(
+                    libc::SYS_mmap,
+                    &[m.start, l, prot, flags, fd as u64, *offset],
+                    format!("map {at} from {path}"),
+                );
             }
         }
         if eager {
             for r in m.eager_ranges() {
                 let n = r.end - r.start;
-                prog.must(libc::SYS_pread64, &[memfd as u64, r.start, n, eager_at], format!("fill {:#x}-{:#x}", r.start, r.end));
+                prog.must(
+                    libc::SYS_pread64,
+                    &[memfd as u64, r.start, n, eager_at],
+                    format!("fill {:#x}-{:#x}", r.start, r.end),
+                );
                 eager_at += n;
             }
             prog.must(libc::SYS_mprotect, &[m.start, l, u64::from(m.prot)], format!("protect {at}"));
@@ -563,9 +617,17 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
     ];
     map_words.push(u64::from(image.auxv.len() as u32) | (u64::from(u32::MAX) << 32));
     let map = hole.put_words(&map_words)?;
-    prog.must(libc::SYS_prctl, &[libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, map, 104, 0], "set the mm fields (PR_SET_MM_MAP)");
+    prog.must(
+        libc::SYS_prctl,
+        &[libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, map, 104, 0],
+        "set the mm fields (PR_SET_MM_MAP)",
+    );
     if exe_fd >= 0 {
-        prog.try_(libc::SYS_prctl, &[libc::PR_SET_MM as u64, libc::PR_SET_MM_EXE_FILE as u64, exe_fd as u64, 0, 0], "link the executable");
+        prog.try_(
+            libc::SYS_prctl,
+            &[libc::PR_SET_MM as u64, libc::PR_SET_MM_EXE_FILE as u64, exe_fd as u64, 0, 0],
+            "link the executable",
+        );
     }
     for fd in mapped.iter().map(|(_, fd)| *fd).chain([memfd, uffd, exe_fd]) {
         if fd >= 0 {
@@ -654,7 +716,11 @@ unsafe fn prepare_and_jump(image: &ProcessImage, control: RawFd, report: RawFd) 
 /// A thread's last steps: its robust list, its `rseq` area, back into its context.
 fn thread_tail(prog: &mut Program, t: &super::record::ThreadRecord) {
     if t.robust_head != 0 {
-        prog.try_(libc::SYS_set_robust_list, &[t.robust_head, t.robust_len], format!("thread {}: robust futex list", t.tid));
+        prog.try_(
+            libc::SYS_set_robust_list,
+            &[t.robust_head, t.robust_len],
+            format!("thread {}: robust futex list", t.tid),
+        );
     }
     if t.rseq_addr != 0 {
         prog.try_(libc::SYS_rseq, &[t.rseq_addr, t.rseq_len, 0, t.rseq_sig], format!("thread {}: rseq", t.tid));
@@ -668,7 +734,11 @@ pub fn describe_failure(report: &[u8]) -> Result<(), String> {
     let text_end = report.windows(3).position(|w| w == b"GO\n").map(|p| p + 3);
     let Some(end) = text_end else {
         let t = String::from_utf8_lossy(report);
-        return Err(if t.trim().is_empty() { "the restorer ended before it was ready".into() } else { t.trim().to_string() });
+        return Err(if t.trim().is_empty() {
+            "the restorer ended before it was ready".into()
+        } else {
+            t.trim().to_string()
+        });
     };
     let rest = &report[end..];
     if rest.is_empty() {

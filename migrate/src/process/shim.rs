@@ -6,9 +6,13 @@
 //! the handler of each thread collects what only the thread itself can see (its `ucontext` as
 //! the kernel saved it, thread pointer, robust futex list, `rseq` area, clear-tid address,
 //! the signal dispositions), connects to the abstract Unix socket named by the token, writes
-//! its [`ThreadRecord`] and waits for a verdict: resume ([`VERDICT_RESUME`], or the agent gone)
-//! or stay stopped for good ([`VERDICT_STAY`]). Everything here is async-signal-safe: system
+//! its [`ThreadRecord`] and waits for a verdict: resume (`VERDICT_RESUME`, or the agent gone)
+//! or stay stopped for good (`VERDICT_STAY`). Everything here is async-signal-safe: system
 //! calls only, no allocation, no lock.
+
+// System-call arguments and results (pids, descriptors, addresses, kernel ABI words) pass
+// between C and Rust integer types here; every value is one the kernel gave or takes.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
