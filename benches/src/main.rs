@@ -11,6 +11,7 @@
 
 mod dsm;
 mod migrate;
+mod migrate_process;
 mod netram;
 mod peer;
 mod serve;
@@ -164,9 +165,22 @@ enum Cmd {
         /// The largest region measured over a simulated link.
         #[arg(long, default_value = "64M", value_parser = mosaic_netram::parse_size)]
         sim_max: u64,
+        /// What moves, comma-separated: `region` (a region between two processes) and
+        /// `process` (a whole process between two node agents, as `mosctl migrate` moves it:
+        /// needs root and libmosaic_preload.so beside this program).
+        #[arg(long, value_delimiter = ',', default_value = "region,process")]
+        ops: Vec<String>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// The process a `migrate --ops process` figure moves (started by `migrate`).
+    #[command(hide = true)]
+    MigrateHold {
+        /// Bytes to map.
+        size: u64,
+        /// Share written, in percent.
+        pct: u64,
     },
     /// The source of a `migrate` figure (started by `migrate`).
     #[command(hide = true)]
@@ -215,6 +229,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The restorer of `migrate --ops process` (this program run again by the agents): first,
+    // before any thread starts (it forks).
+    if std::env::args().nth(1).as_deref() == Some("restore") {
+        return ExitCode::from(mosaic_migrate::process::keeper_main());
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let result = match Cli::parse().cmd {
         Cmd::Transport { transports, sizes, outstanding, time, wait, peer, sim_link, protection, json } => {
@@ -285,9 +304,14 @@ fn main() -> ExitCode {
             dsm::run(&dsm::Plan { nodes, transports, samples, time: Duration::from_secs_f64(time), json })
         }
         Cmd::DsmNode { samples } => dsm::node(samples),
-        Cmd::Migrate { sizes, touched, transports, sim_max, json } => {
-            migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, json })
+        Cmd::Migrate { sizes, touched, transports, sim_max, ops, json } => {
+            if let Some(o) = ops.iter().find(|o| !["region", "process"].contains(&o.as_str())) {
+                Err(format!("unknown op {o:?}: expected region or process"))
+            } else {
+                migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, ops, json })
+            }
         }
+        Cmd::MigrateHold { size, pct } => migrate_process::hold(size, pct),
         Cmd::MigrateSource { size, pct, listen } => migrate::source(size, pct, &listen),
         Cmd::MigrateDest { link } => migrate::dest(link.as_deref()),
         Cmd::ServeRam { uri, capacity } => serve::serve_ram(&uri, capacity),

@@ -30,6 +30,8 @@ pub struct Plan {
     pub transports: Vec<String>,
     /// The largest region measured over a simulated link (they are slow by design).
     pub sim_max: u64,
+    /// `region`, `process`, or both.
+    pub ops: Vec<String>,
     /// JSON lines instead of a table.
     pub json: bool,
 }
@@ -55,13 +57,18 @@ pub fn run(plan: &Plan) -> Result<(), String> {
             if transport.starts_with("sim") && size > plan.sim_max {
                 continue;
             }
-            for &pct in &plan.touched {
-                let r = one(transport, size, pct, &key)?;
+            for (op, &pct) in plan.ops.iter().flat_map(|o| plan.touched.iter().map(move |p| (o, p))) {
+                let r = if op == "process" {
+                    crate::migrate_process::one(transport, size, pct, &key)?
+                } else {
+                    one(transport, size, pct, &key)?
+                };
                 if plan.json {
                     println!("{r}");
                 } else {
                     println!(
-                        "{:<18} {:>6} MiB {:>3}% touched: freeze {:>9.0} us, resident after {:>9.1} ms, {:>12} bytes sent for {:>12} touched ({:.4}x)",
+                        "{:<8} {:<18} {:>6} MiB {:>3}% touched: freeze {:>9.0} us, resident after {:>9.1} ms, {:>12} bytes sent for {:>12} touched ({:.4}x)",
+                        op,
                         transport,
                         size >> 20,
                         pct,

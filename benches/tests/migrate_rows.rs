@@ -6,7 +6,18 @@ use std::process::Command;
 #[test]
 fn migrate_rows_carry_the_issues_fields() {
     let out = Command::new(env!("CARGO_BIN_EXE_mosaic-bench"))
-        .args(["migrate", "--sizes", "1M", "--touched", "0,100", "--transports", "tcp,sim:10gbe", "--json"])
+        .args([
+            "migrate",
+            "--ops",
+            "region",
+            "--sizes",
+            "1M",
+            "--touched",
+            "0,100",
+            "--transports",
+            "tcp,sim:10gbe",
+            "--json",
+        ])
         .output()
         .expect("run mosaic-bench");
     let text = String::from_utf8_lossy(&out.stdout);

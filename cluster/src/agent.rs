@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use mosaic_migrate::process::{
-    check_movable, read_memory, stop, FetchPages, PostCopy, ProcessImage, Remains, Restorer,
+    check_movable, read_memory, stop, FetchPages, PostCopy, PostCopyStats, ProcessImage, Remains, Restorer,
 };
 use mosaic_netram::{MemServer, MemServerConfig};
 use mosaic_pager::ForeignUffd;
@@ -53,6 +53,9 @@ pub struct AgentConfig {
     pub restorer: (PathBuf, Vec<String>),
     /// How long the threads of a process have to stop.
     pub stop_timeout: Duration,
+    /// The address other agents are told to reach this one by, if not the one it listens at
+    /// (a `sim://LINK@...` address puts a simulated link on the pages a destination pulls).
+    pub advertise: Option<String>,
 }
 
 impl AgentConfig {
@@ -65,6 +68,7 @@ impl AgentConfig {
             memory_listen: None,
             restorer: (std::env::current_exe().unwrap_or_else(|_| PathBuf::from("mosaicd")), vec!["restore".into()]),
             stop_timeout: Duration::from_secs(5),
+            advertise: None,
         }
     }
 }
@@ -80,6 +84,8 @@ struct Hosted {
     comm: String,
     /// Its pages are still coming: it cannot move on yet.
     arriving: bool,
+    /// When the last of its pages came, and what post-copy did.
+    arrived: Option<(Instant, PostCopyStats)>,
     /// It moved on: its end here is not its end.
     gone: bool,
     /// Its output on its way to its home.
@@ -165,7 +171,7 @@ impl Agent {
         let server = listen(&cfg.listen, scfg).map_err(|e| {
             ClusterError::Start(format!("listening at {}: {}", cfg.listen, mosaic_transport::error_chain(&e)))
         })?;
-        let _ = state.uri.set(server.uri().to_string());
+        let _ = state.uri.set(cfg.advertise.clone().unwrap_or_else(|| server.uri().to_string()));
         Ok(Agent { server: Some(server), memory, state })
     }
 
@@ -182,6 +188,26 @@ impl Agent {
     /// The processes running here that moved in: pid (here) and command.
     pub fn hosted(&self) -> Vec<(u32, String)> {
         crate::lock(&self.state.hosted).iter().filter(|(_, h)| !h.gone).map(|(p, h)| (*p, h.comm.clone())).collect()
+    }
+
+    /// Waits (at most `timeout`) until every page of process `pid`, which moved here, has
+    /// come: when the last came, and what post-copy did. `None` if it is not here or its pages
+    /// did not all come.
+    pub fn wait_arrived(&self, pid: u32, timeout: Duration) -> Option<(Instant, PostCopyStats)> {
+        let deadline = Instant::now() + timeout;
+        let mut h = crate::lock(&self.state.hosted);
+        loop {
+            match h.get(&pid) {
+                Some(x) if x.arrived.is_some() => return x.arrived,
+                Some(x) if x.arriving => {}
+                _ => return None,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            h = self.state.arrived.wait_timeout(h, left).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
     }
 
     /// Stops serving.
@@ -283,12 +309,16 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         h.get(&pid).map(|x| x.relay.clone())
     };
     check_movable(pid).map_err(failed)?;
+    // Connected before the process stops: the handshake is not part of its pause.
+    let dest = connect(to, &options(&s.cfg.key, Duration::from_secs(60)))
+        .map_err(|e| failed(format!("the destination {to}: {}", mosaic_transport::error_chain(&e))))?;
     let t0 = Instant::now();
     let stopped = stop(pid, MIGRATE_SIGNAL, s.cfg.stop_timeout).map_err(failed)?;
     // Its output so far reaches its home before the new copy's.
     if let Some(r) = relay {
         r.drain(Duration::from_secs(2));
     }
+    let t_stopped = t0.elapsed();
     let image = match stopped.capture() {
         Ok(i) => i,
         Err(e) => {
@@ -297,6 +327,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         }
     };
     let bytes = image.encode();
+    let captured = t0.elapsed();
     let id = {
         let mut b = [0u8; 8];
         getrandom::fill(&mut b).map_err(failed)?;
@@ -305,9 +336,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
     crate::lock(&s.away).insert(id, Away { pid, remains: None });
     let mut req = Enc::default();
     req.u64(id).str(s.uri.get().map_or("", String::as_str)).str(home).u64(job).rest(&bytes);
-    let answer = connect(to, &options(&s.cfg.key, Duration::from_secs(60)))
-        .map_err(|e| mosaic_transport::error_chain(&e))
-        .and_then(|c| c.call(wire::MIGRATE_IN, &req.0).map_err(|e| mosaic_transport::error_chain(&e)));
+    let answer = dest.call(wire::MIGRATE_IN, &req.0).map_err(|e| mosaic_transport::error_chain(&e));
     match answer {
         Ok(a) => {
             let freeze_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -319,7 +348,12 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
             if let Some(h) = crate::lock(&s.hosted).get_mut(&pid) {
                 h.gone = true;
             }
-            log::info!("process {pid} moved to {to} (pid {remote} there), stopped for {freeze_us} us");
+            log::info!(
+                "process {pid} moved to {to} (pid {remote} there), stopped for {freeze_us} us ({} us to stop, {} to capture, {} bytes of image)",
+                t_stopped.as_micros(),
+                captured.as_micros(),
+                bytes.len()
+            );
             Ok(Moved {
                 pid: remote,
                 freeze_us,
@@ -351,7 +385,9 @@ impl FetchPages for RemotePages {
             e.u64(a).u32(n);
         }
         let want: usize = runs.iter().map(|&(_, n)| n as usize * mosaic_transport::PAGE_SIZE).sum();
+        let t = Instant::now();
         let b = self.conn.call(wire::PAGES, &e.0).map_err(|e| mosaic_transport::error_chain(&e))?;
+        log::debug!("PAGES {} runs, {} bytes: {} us", runs.len(), b.len(), t.elapsed().as_micros());
         if b.len() != want {
             return Err(format!("{} bytes of pages where {want} were asked for", b.len()));
         }
@@ -369,7 +405,9 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
     } else {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     }
+    let t0 = Instant::now();
     let mut restorer = Restorer::spawn(cmd, bytes).map_err(failed)?;
+    let spawned = t0.elapsed();
     let pages = connect(source, &options(&s.cfg.key, Duration::from_secs(30)))
         .map_err(|e| failed(format!("the source {source}: {}", mosaic_transport::error_chain(&e))));
     let (restored, pages) =
@@ -381,6 +419,11 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
             }
         };
     let pid = restored.pid;
+    log::info!(
+        "process {pid} rebuilt here: restorer started in {} us, running after {} us",
+        spawned.as_micros(),
+        t0.elapsed().as_micros()
+    );
     let post = PostCopy::start(ForeignUffd::from_fd(restored.uffd), &image, Arc::new(RemotePages { conn: pages, id }));
     let post = match post {
         Ok(p) => p,
@@ -389,8 +432,10 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
             return Err(failed(e));
         }
     };
-    crate::lock(&s.hosted)
-        .insert(pid, Hosted { comm: image.comm.clone(), arriving: true, gone: false, relay: Arc::default() });
+    crate::lock(&s.hosted).insert(
+        pid,
+        Hosted { comm: image.comm.clone(), arriving: true, arrived: None, gone: false, relay: Arc::default() },
+    );
     let (st, home, key, source) = (s.clone(), home.to_string(), s.cfg.key.clone(), source.to_string());
     std::thread::Builder::new()
         .name(format!("mosaic-host-{pid}"))
@@ -482,6 +527,9 @@ fn host(
     }
     match post.wait(Duration::from_secs(365 * 24 * 3600)) {
         Ok(stats) => {
+            if let Some(h) = crate::lock(&s.hosted).get_mut(&pid) {
+                h.arrived = Some((Instant::now(), stats));
+            }
             log::info!(
                 "process {pid}: all {} pages here ({} fetched by faults, {} streamed)",
                 stats.pages,

@@ -99,12 +99,15 @@ pub fn populated_pages(addr: usize, pages: u64) -> Result<Vec<Range<u64>>, Pager
 /// present or swapped out, and neither the shared zero page nor a file's page (so in a private
 /// file mapping, only the pages the process wrote, its private copies). What a whole process
 /// migrating away must send. Needs the right to read `/proc/PID/pagemap` (ptrace access).
-pub fn private_pages_of(pid: u32, start: u64, end: u64) -> Result<Vec<Range<u64>>, PagerError> {
+///
+/// `anonymous` says the range is anonymous memory, which holds no file pages: the scan then
+/// skips that test (it costs a look at each page's descriptor).
+pub fn private_pages_of(pid: u32, start: u64, end: u64, anonymous: bool) -> Result<Vec<Range<u64>>, PagerError> {
     let pm = Pagemap::open_path(&format!("/proc/{pid}/pagemap"))
         .map_err(|err| PagerError::Os { op: "open /proc/PID/pagemap", err })?;
     let q = Query {
         require: 0,
-        exclude: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+        exclude: if anonymous { PAGE_IS_PFNZERO } else { PAGE_IS_FILE | PAGE_IS_PFNZERO },
         any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
         reprotect: false,
     };

@@ -420,7 +420,7 @@ impl Stopped {
             let private = if matches!(backing, Backing::Kernel(_) | Backing::SharedFile { .. }) {
                 Vec::new()
             } else {
-                mosaic_pager::private_pages_of(pid, l.start, l.end)
+                mosaic_pager::private_pages_of(pid, l.start, l.end, matches!(backing, Backing::Anonymous))
                     .map_err(|e| MigrateError::Os(format!("{line}: {e}")))?
             };
             let mut m = Mapping {

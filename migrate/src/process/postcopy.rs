@@ -33,7 +33,7 @@ const PAGE: u64 = 4096;
 /// Pages a fault fetches: its own and the following ones of its run not taken yet.
 const FAULT_AROUND: usize = 16;
 /// Pages the stream fetches at a time.
-const STREAM_BATCH: usize = 64;
+const STREAM_BATCH: usize = 512;
 
 /// Where the pages come from.
 pub trait FetchPages: Send + Sync + 'static {
