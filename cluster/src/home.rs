@@ -30,7 +30,13 @@ struct Record {
     exited: Option<i32>,
 }
 
+/// Where a job's output goes while it runs elsewhere.
+pub type Sink = Box<dyn FnMut(u8, &[u8]) -> std::io::Result<()> + Send>;
+
 struct State {
+    /// Output of the job while it runs elsewhere (stream 1 or 2, bytes); `None`: this
+    /// process's own standard output and error.
+    sink: Mutex<Option<Sink>>,
     key: ClusterKey,
     uri: OnceLock<String>,
     job: u64,
@@ -77,6 +83,7 @@ impl Home {
     /// the node whose agent is `node`.
     pub fn start(listen_at: &str, key: ClusterKey, node: &str, job: u32, command: &str) -> Result<Home, ClusterError> {
         let state = Arc::new(State {
+            sink: Mutex::new(None),
             key: key.clone(),
             uri: OnceLock::new(),
             job: u64::from(job),
@@ -94,6 +101,12 @@ impl Home {
     /// Where it listens.
     pub fn uri(&self) -> &str {
         self.server.as_ref().map_or("", Server::uri)
+    }
+
+    /// Sends the job's output, while it runs elsewhere, to `sink` (stream 1 or 2, bytes)
+    /// instead of this process's standard output and error.
+    pub fn set_output(&self, sink: Sink) {
+        *crate::lock(&self.state.sink) = Some(sink);
     }
 
     /// Writes the job file in `dir` (made if missing), so `mosctl` finds the job.
@@ -162,7 +175,10 @@ impl Service for HomeService {
                 for_us(&mut d)?;
                 let stream = d.u8().map_err(bad)?;
                 let bytes = d.rest();
-                let r = if stream == 2 {
+                let mut sink = crate::lock(&s.sink);
+                let r = if let Some(f) = sink.as_mut() {
+                    f(stream, bytes)
+                } else if stream == 2 {
                     let mut e = std::io::stderr().lock();
                     e.write_all(bytes).and_then(|()| e.flush())
                 } else {

@@ -1,6 +1,7 @@
 //! Code the example programs share.
 
 pub mod jacobi;
+pub mod migration;
 
 /// Runs `work(t)` on `threads` threads at once (t = 0 to `threads - 1`) and waits for all:
 /// the first error any returned, or a panic, is the result.

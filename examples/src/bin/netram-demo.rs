@@ -6,7 +6,9 @@
 //! multiset of keys (sum and xor of all keys unchanged). It prints where the pages went and the
 //! figures, beside the same sort on ordinary local memory. Then DSM: the Jacobi example
 //! (`mosaic_examples::jacobi`) on a job of one process and on a job of `--dsm-nodes` processes
-//! (this binary, re-run as `jacobi-node`), whose checksums must be equal.
+//! (this binary, re-run as `jacobi-node`), whose checksums must be equal. Then migration: two
+//! node agents in this process, and `python3` moved from one to the other and back while it
+//! runs, its output equal to an unmigrated run's (root only; see `mosaic_examples::migration`).
 //!
 //! ```text
 //! cargo run --release -p mosaic-examples --bin netram-demo
@@ -66,6 +68,9 @@ struct Cli {
     /// Jacobi iterations.
     #[arg(long, default_value_t = 50)]
     dsm_iterations: usize,
+    /// Skip the migration part (python3 moved between two node agents and back; needs root).
+    #[arg(long)]
+    no_migration: bool,
 }
 
 #[derive(Subcommand)]
@@ -92,18 +97,36 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The node agents' restorer (this program run again): first, before any thread starts.
+    if std::env::args().nth(1).as_deref() == Some("restore") {
+        return ExitCode::from(mosaic_migrate::process::keeper_main());
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Some(Cmd::Serve { uri, capacity }) => serve(uri, *capacity),
         Some(Cmd::JacobiNode { grid, iterations }) => jacobi_node(*grid, *iterations),
-        None => demo(&cli).and_then(|()| dsm_part(&cli)),
+        None => demo(&cli).and_then(|()| dsm_part(&cli)).and_then(|()| migration_part(&cli)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("netram-demo: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn migration_part(cli: &Cli) -> Result<(), String> {
+    if cli.no_migration {
+        return Ok(());
+    }
+    println!();
+    match mosaic_examples::migration::run()? {
+        None => Ok(()),
+        Some(why) => {
+            println!("migration: skipped: {why}");
+            Ok(())
         }
     }
 }
