@@ -59,11 +59,11 @@ pub fn hold(size: u64, pct: u64) -> Result<(), String> {
 fn preload_lib() -> Result<std::path::PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let lib = exe.with_file_name("libmosaic_preload.so");
-    if lib.is_file() {
-        Ok(lib)
-    } else {
-        Err(format!("{} is missing: build it with `cargo build --release -p mosaic-preload`", lib.display()))
-    }
+    let dep = exe.with_file_name("deps").join("libmosaic_preload.so");
+    [lib.clone(), dep]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("{} is missing: build it with `cargo build --release -p mosaic-preload`", lib.display()))
 }
 
 /// A free TCP port of loopback (for an agent that must know its address before it listens).

@@ -268,6 +268,10 @@ impl Service for AgentService {
                     response.resize(at + len, 0);
                     read_memory(pid, addr, &mut response[at..]).map_err(failed)?;
                 }
+                // Read from the stopped copy itself, not from a process that took its pid after it died.
+                if crate::lock(&s.away).get(&id).is_some_and(|a| a.remains.as_ref().is_some_and(|r| !r.alive())) {
+                    return Err(failed(format!("the stopped copy of process {pid} is gone")));
+                }
             }
             wire::DONE => {
                 let id = d.u64().map_err(bad)?;
@@ -308,7 +312,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         }
         h.get(&pid).map(|x| x.relay.clone())
     };
-    check_movable(pid).map_err(failed)?;
+    check_movable(pid, MIGRATE_SIGNAL).map_err(failed)?;
     // Connected before the process stops: the handshake is not part of its pause.
     let dest = connect(to, &options(&s.cfg.key, Duration::from_secs(60)))
         .map_err(|e| failed(format!("the destination {to}: {}", mosaic_transport::error_chain(&e))))?;
@@ -364,7 +368,6 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         }
         Err(e) => {
             crate::lock(&s.away).remove(&id);
-            stopped.give_back(&image);
             stopped.resume();
             Err(failed(format!("the destination {to} did not take process {pid} (it runs on here): {e}")))
         }
@@ -461,8 +464,30 @@ fn host(
     id: u64,
 ) {
     use std::os::fd::AsRawFd;
-    let home_conn =
-        if home.is_empty() { None } else { connect(home, &options(key, Duration::from_secs(30))).ok().map(Arc::new) };
+    let home_conn = if home.is_empty() {
+        None
+    } else {
+        // A job cannot run without its home (its output would block, its end go unheard).
+        let mut conn = None;
+        for attempt in 0..3 {
+            match connect(home, &options(key, Duration::from_secs(30))) {
+                Ok(c) => {
+                    conn = Some(Arc::new(c));
+                    break;
+                }
+                Err(e) if attempt == 2 => {
+                    log::error!("process {pid}: its home {home} cannot be reached ({e}): it is killed")
+                }
+                Err(_) => std::thread::sleep(Duration::from_secs(1)),
+            }
+        }
+        if conn.is_none() {
+            restorer.kill();
+            crate::lock(&s.hosted).remove(&pid);
+            return;
+        }
+        conn
+    };
     let relay = crate::lock(&s.hosted).get(&pid).map(|h| h.relay.clone()).unwrap_or_default();
     let mut relays = Vec::new();
     if let Some(h) = &home_conn {
@@ -498,7 +523,13 @@ fn host(
                     };
                     let mut e = Enc::default();
                     e.u64(job).u8(stream).rest(&buf[..n]);
-                    let sent = h.call(wire::OUTPUT, &e.0);
+                    // A slow reader at home (a paused pager) is waited for, not dropped.
+                    let sent = loop {
+                        match h.call(wire::OUTPUT, &e.0) {
+                            Err(mosaic_transport::CallError::TimedOut { .. }) => continue,
+                            other => break other,
+                        }
+                    };
                     relay.in_flight.fetch_sub(1, Ordering::AcqRel);
                     if let Err(err) = sent {
                         log::warn!("process {pid}: its home is gone ({err}): output dropped");
@@ -530,6 +561,7 @@ fn host(
             if let Some(h) = crate::lock(&s.hosted).get_mut(&pid) {
                 h.arrived = Some((Instant::now(), stats));
             }
+            restorer.all_here();
             log::info!(
                 "process {pid}: all {} pages here ({} fetched by faults, {} streamed)",
                 stats.pages,
@@ -566,7 +598,7 @@ fn host(
     }
     if let Some(h) = home_conn {
         let mut e = Enc::default();
-        e.u64(job).u32(u32::from_le_bytes(status.to_le_bytes()));
+        e.u64(job).u32(u32::from_le_bytes(status.to_le_bytes())).u32(pid);
         if let Err(err) = h.call(wire::EXITED, &e.0) {
             log::warn!("process {pid} ended (status {status:#x}) but its home is gone: {err}");
         }

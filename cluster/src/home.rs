@@ -18,6 +18,16 @@ use mosaic_transport::{
 use crate::wire::{self, bad, failed, Dec, Enc, Moved};
 use crate::{resolve_node, ClusterError};
 
+impl Record {
+    /// The job's wait status, once the process the record names has ended (not while it moves).
+    fn exited(&self) -> Option<i32> {
+        if self.moving {
+            return None;
+        }
+        self.exits.iter().find(|(p, _)| *p == self.pid).map(|(_, s)| *s)
+    }
+}
+
 /// Where the job is.
 #[derive(Clone, Debug, Default)]
 struct Record {
@@ -27,7 +37,9 @@ struct Record {
     pid: u32,
     moves: u32,
     moving: bool,
-    exited: Option<i32>,
+    /// Ends reported: the pid that ended (at its node) and its wait status. Only the end of the
+    /// process the record names is the job's (a stale copy's is not).
+    exits: Vec<(u32, i32)>,
 }
 
 /// Where a job's output goes while it runs elsewhere.
@@ -131,14 +143,14 @@ impl Home {
 
     /// The job's wait status, once it ended elsewhere.
     pub fn exit_status(&self) -> Option<i32> {
-        crate::lock(&self.state.record).exited
+        crate::lock(&self.state.record).exited()
     }
 
     /// Waits for the job (running elsewhere) to end: its wait status.
     pub fn wait_exit(&self) -> i32 {
         let mut r = crate::lock(&self.state.record);
         loop {
-            if let Some(s) = r.exited {
+            if let Some(s) = r.exited() {
                 return s;
             }
             r = self.state.changed.wait(r).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -195,7 +207,8 @@ impl Service for HomeService {
             wire::EXITED => {
                 for_us(&mut d)?;
                 let status = i32::from_le_bytes(d.u32().map_err(bad)?.to_le_bytes());
-                crate::lock(&s.record).exited = Some(status);
+                let pid = d.u32().map_err(bad)?;
+                crate::lock(&s.record).exits.push((pid, status));
                 s.changed.notify_all();
             }
             wire::MIGRATE => {
@@ -241,7 +254,7 @@ fn migrate(s: &State, to: &str) -> Result<Moved, ServiceError> {
         if r.moving {
             return Err(ServiceError::new(Status::Forbidden, "the job is moving already"));
         }
-        if r.exited.is_some() {
+        if r.exited().is_some() {
             return Err(ServiceError::new(Status::Forbidden, "the job has ended"));
         }
         if r.node == to {

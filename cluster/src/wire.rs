@@ -10,7 +10,7 @@
 //! home (mosrun --migratable):
 //!   OUTPUT       job u64 | stream u8 | bytes
 //!   INPUT        job u64 | most u32                           -> bytes (none: end of input)
-//!   EXITED       job u64 | status i32 (a wait status)
+//!   EXITED       job u64 | status i32 (a wait status) | pid u32 (that ended, at its node)
 //!   MIGRATE      to str                                       -> Moved
 //!   WHERE                                                     -> node str | pid u32 | moves u32 | command str
 //! ```

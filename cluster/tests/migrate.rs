@@ -35,8 +35,16 @@ fn key() -> String {
     KEY.get_or_init(|| mosaic_transport::ClusterKey::random_text().unwrap()).clone()
 }
 
+/// Builds a C program once (tests run at once: one writing the binary while another runs it
+/// would fail with "text file busy").
 fn c_program(name: &str, src: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if built.iter().any(|b| b == name) {
+        return out;
+    }
+    built.push(name.to_string());
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(src);
     let st = Command::new("cc")
         .args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])

@@ -93,7 +93,7 @@ fn a_c_program_moves_to_a_new_process_and_prints_what_it_would_have() {
     for _ in 0..5 {
         out.read_line(&mut before).unwrap();
     }
-    check_movable(pid).unwrap();
+    check_movable(pid, 63).unwrap();
     let stopped = stop(pid, 63, Duration::from_secs(5)).unwrap();
     let image = stopped.capture().unwrap();
     assert!(image.post_copy_bytes() >= 16 << 20, "{}", image.post_copy_bytes());
@@ -127,4 +127,15 @@ fn a_c_program_moves_to_a_new_process_and_prints_what_it_would_have() {
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
     assert!(after.starts_with("step "), "nothing printed after the move: {after:?}");
     assert_eq!(format!("{before}{rest}{after}"), expected);
+}
+
+#[test]
+fn a_process_without_the_checkpoint_handler_is_refused_not_signalled() {
+    // Signal 63's default action would kill it: the check must come first.
+    let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+    let e = check_movable(child.id(), 63).unwrap_err().to_string();
+    assert!(e.contains("does not catch signal 63"), "{e}");
+    assert!(child.try_wait().unwrap().is_none(), "the process must live on");
+    let _ = child.kill();
+    let _ = child.wait();
 }

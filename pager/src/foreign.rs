@@ -53,7 +53,8 @@ pub struct ForeignUffd {
 pub enum Installed {
     /// The pages are there (or were there already: a page the process faulted in another way).
     Done,
-    /// The range is no longer mapped in that process (it unmapped it): nothing to install.
+    /// Some of the range is no longer mapped in that process (it unmapped it): those pages
+    /// were skipped, the others installed.
     Gone,
     /// The process is changing its mappings and an event about it waits to be read: the first
     /// `done` bytes are installed; read the events, then try the rest again.
@@ -74,7 +75,11 @@ impl ForeignUffd {
         if have & need != need {
             return Err(io::Error::other("this kernel's userfaultfd lacks the remap/remove/unmap events"));
         }
-        let wanted = have & (feature::POISON | need);
+        if have & feature::POISON == 0 {
+            // Without it, pages that can no longer come could only be left to read as zeros.
+            return Err(io::Error::other("this kernel's userfaultfd lacks UFFDIO_POISON (Linux 6.6 or newer)"));
+        }
+        let wanted = feature::POISON | need;
         Ok(ForeignUffd { uffd: Userfaultfd::open(wanted)? })
     }
 
@@ -157,22 +162,32 @@ impl ForeignUffd {
     }
 
     /// Runs an install ioctl over `[dst, dst + len)` to the end, page by page past a page that
-    /// is there already; stops at `EAGAIN` (an event to read first).
+    /// is there already, or where the range turns out to cross mappings (the process split one
+    /// with `mprotect` or `madvise`: the kernel refuses such a range whole, `ENOENT`); stops at
+    /// `EAGAIN` (an event to read first). Pages no longer mapped are skipped ([`Installed::Gone`]).
     fn install(&self, dst: u64, len: u64, op: impl Fn(u64, u64, u64) -> crate::uffd::Partial) -> io::Result<Installed> {
         let page = crate::PAGE_SIZE as u64;
         let mut done = 0;
+        let mut gone = false;
+        // After a refusal of a whole range, one page at a time.
+        let mut one_by_one = false;
         while done < len {
-            let p = op(dst + done, done, len - done);
+            let n = if one_by_one { page } else { len - done };
+            let p = op(dst + done, done, n);
             done += p.done;
             match p.errno {
                 0 => {}
                 libc::EEXIST => done += page,
                 libc::EAGAIN => return Ok(Installed::Again { done }),
-                libc::ENOENT | libc::ESRCH => return Ok(Installed::Gone),
+                libc::ENOENT | libc::ESRCH if !one_by_one && len - done > page => one_by_one = true,
+                libc::ENOENT | libc::ESRCH => {
+                    gone = true;
+                    done += page;
+                }
                 e => return Err(io::Error::from_raw_os_error(e)),
             }
         }
-        Ok(Installed::Done)
+        Ok(if gone { Installed::Gone } else { Installed::Done })
     }
 }
 

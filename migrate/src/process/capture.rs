@@ -31,9 +31,17 @@ fn read(path: &str) -> Result<String, MigrateError> {
 const PORTABLE_DEVICES: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
 /// Why process `pid` cannot move, if it cannot: what openMosix called a process's "locks".
+/// `signal` is the checkpoint handler's (see [`super::shim`]), which the process must catch.
 /// Nothing is stopped; the answer reflects the moment of the call.
-pub fn check_movable(pid: u32) -> Result<(), MigrateError> {
+pub fn check_movable(pid: u32, signal: i32) -> Result<(), MigrateError> {
     let status = read(&format!("/proc/{pid}/status")).map_err(|_| refuse(format!("no process {pid}")))?;
+    // The signal must be caught: its default action would kill the process.
+    let caught = status_field(&status, "SigCgt:").and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+    if !(1..=64).contains(&signal) || caught & (1 << (signal - 1)) == 0 {
+        return Err(refuse(format!(
+            "it does not catch signal {signal}, the checkpoint handler's (start it with `mosrun --migratable`)"
+        )));
+    }
     if status_field(&status, "TracerPid:").is_some_and(|t| t != "0") {
         return Err(refuse("it is being traced (ptrace)"));
     }
@@ -212,13 +220,6 @@ impl<'a> MapsLine<'a> {
     }
 }
 
-fn f_pipe(f: &OpenFile) -> Option<u64> {
-    match f {
-        OpenFile::Pipe { pipe, .. } => Some(*pipe),
-        _ => None,
-    }
-}
-
 fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
     status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim)
 }
@@ -228,7 +229,12 @@ fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
 #[derive(Debug)]
 pub struct Stopped {
     pid: u32,
+    /// The process, as a descriptor: its pid cannot be taken by another while this is open.
+    pidfd: OwnedFd,
     threads: Vec<(ThreadRecord, UnixStream)>,
+    /// Bytes taken out of the process's own pipes by the capture, with a write end of each
+    /// pipe: given back if the process resumes here.
+    taken: std::sync::Mutex<Vec<(i32, Vec<u8>)>>,
     settled: bool,
 }
 
@@ -243,7 +249,9 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
         u64::from_le_bytes(b)
     };
     let listener = listen_abstract(&socket_name(token)).map_err(|e| os("checkpoint socket", e))?;
-    let mut stopped = Stopped { pid, threads: Vec::new(), settled: false };
+    let pidfd = pidfd_open(pid).map_err(|_| refuse(format!("no process {pid}")))?;
+    let mut stopped =
+        Stopped { pid, pidfd, threads: Vec::new(), taken: std::sync::Mutex::new(Vec::new()), settled: false };
     let mut signalled: Vec<u64> = Vec::new();
     let deadline = Instant::now() + timeout;
     // Threads may start or end while this runs: signal the new ones until every thread there
@@ -294,6 +302,22 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
 
 /// The threads of `pid`: each one's id here and in the process's own pid namespace (the last
 /// of its `NSpid` ids).
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open returns a new descriptor, owned at once.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as i32, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether the process behind `pidfd` still lives (signal 0).
+fn alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0 only checks.
+    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0) == 0 }
+}
+
 fn threads_of(pid: u32) -> Result<Vec<(u64, u64)>, MigrateError> {
     let dir = format!("/proc/{pid}/task");
     let rd = std::fs::read_dir(&dir).map_err(|_| refuse(format!("no process {pid}")))?;
@@ -408,7 +432,6 @@ impl Stopped {
         for (fd, target) in &all {
             files.push(if *fd <= 2 { OpenFile::Stdio(*fd) } else { what_a_descriptor_is(pid, *fd, target, &all)? });
         }
-        self.take_pipe_contents(&mut files)?;
         let mut mappings = Vec::new();
         let mut heap_end = 0;
         for line in read(&format!("/proc/{pid}/maps"))?.lines() {
@@ -472,6 +495,9 @@ impl Stopped {
             threads.push((*r, comm.trim_end().to_string()));
         }
         let auxv = std::fs::read(format!("/proc/{pid}/auxv")).map_err(|e| os("auxv", e))?;
+        self.still_movable()?;
+        // Last, as it changes the process (given back if it resumes here).
+        self.take_pipe_contents(&mut files)?;
         Ok(ProcessImage {
             pid: self.threads[0].0.pid as u32,
             comm: read(&format!("/proc/{pid}/comm"))?.trim_end().to_string(),
@@ -488,10 +514,48 @@ impl Stopped {
         })
     }
 
+    /// What may have changed between the check and the stop: children, a tracer, a signal that
+    /// came meanwhile and waits (it would be lost), POSIX timers (they would not follow).
+    fn still_movable(&self) -> Result<(), MigrateError> {
+        let pid = self.pid;
+        let status = read(&format!("/proc/{pid}/status"))?;
+        if status_field(&status, "TracerPid:").is_some_and(|t| t != "0") {
+            return Err(refuse("it is being traced (ptrace)"));
+        }
+        let pending =
+            |st: &str, f: &str| status_field(st, f).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+        if pending(&status, "ShdPnd:") != 0 {
+            return Err(refuse("a signal waits to be delivered to it (it would be lost); try again"));
+        }
+        for (tid, _) in threads_of(pid)? {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
+            if !children.trim().is_empty() {
+                return Err(refuse(format!("it has children (pids {})", children.trim())));
+            }
+            let st = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+            if pending(&st, "SigPnd:") != 0 {
+                return Err(refuse(format!(
+                    "a signal waits to be delivered to thread {tid} (it would be lost); try again"
+                )));
+            }
+        }
+        if !std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default().trim().is_empty() {
+            return Err(refuse("it has POSIX timers (timer_create), which cannot move yet"));
+        }
+        Ok(())
+    }
+
     /// Takes what is buffered in the process's own pipes (read through a copy of a read end),
     /// onto the first read end of each in `files`. Given back if the process resumes here.
     fn take_pipe_contents(&self, files: &mut [OpenFile]) -> Result<(), MigrateError> {
         let mut done: Vec<u64> = Vec::new();
+        let write_ends: Vec<(u64, i32)> = files
+            .iter()
+            .filter_map(|g| match g {
+                OpenFile::Pipe { fd, pipe, flags, .. } if *flags & 3 == libc::O_WRONLY as u32 => Some((*pipe, *fd)),
+                _ => None,
+            })
+            .collect();
         for f in files.iter_mut() {
             let OpenFile::Pipe { fd, pipe, flags, buffered } = f else { continue };
             if *flags & 3 != libc::O_RDONLY as u32 || done.contains(pipe) {
@@ -506,6 +570,9 @@ impl Stopped {
                 let mut b = vec![0u8; n as usize];
                 // The process is stopped: the bytes counted are there, and reading them cannot block.
                 std::fs::File::from(copy).read_exact(&mut b).map_err(|e| os("reading a pipe of the process", e))?;
+                if let Some(&(_, w)) = write_ends.iter().find(|(q, _)| q == pipe) {
+                    crate::source::lock(&self.taken).push((w, b.clone()));
+                }
                 *buffered = b;
             }
         }
@@ -514,14 +581,9 @@ impl Stopped {
 
     /// A copy of the process's descriptor `fd` (pidfd_getfd).
     fn their_fd(&self, fd: i32) -> Result<OwnedFd, MigrateError> {
-        // SAFETY: pidfd_open and pidfd_getfd return new descriptors, owned at once.
+        // SAFETY: pidfd_getfd returns a new descriptor, owned at once.
         unsafe {
-            let pidfd = libc::syscall(libc::SYS_pidfd_open, self.pid as i32, 0);
-            if pidfd < 0 {
-                return Err(os("pidfd_open", std::io::Error::last_os_error()));
-            }
-            let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-            let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+            let copy = libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0);
             if copy < 0 {
                 return Err(os(format!("a copy of descriptor {fd}"), std::io::Error::last_os_error()));
             }
@@ -529,35 +591,21 @@ impl Stopped {
         }
     }
 
-    /// Puts back what capturing took out of the process's own pipes, for a process that stays.
-    pub fn give_back(&self, image: &ProcessImage) {
-        for f in &image.files {
-            let OpenFile::Pipe { fd, buffered, .. } = f else { continue };
-            if buffered.is_empty() {
-                continue;
-            }
-            // Any write end of the same pipe will do; a copy of the read end's pipe is one.
-            let write_end = image.files.iter().find_map(|g| match g {
-                OpenFile::Pipe { fd: w, pipe, flags, .. }
-                    if *flags & 3 == libc::O_WRONLY as u32 && f_pipe(f) == Some(*pipe) =>
-                {
-                    Some(*w)
-                }
-                _ => None,
-            });
-            let Some(w) = write_end else { continue };
+    /// Puts back what capturing took out of the process's own pipes, for a process that resumes.
+    fn give_back(&self) {
+        for (w, bytes) in crate::source::lock(&self.taken).drain(..) {
             match self.their_fd(w) {
                 Ok(copy) => {
-                    if let Err(e) = std::fs::File::from(copy).write_all(buffered) {
+                    if let Err(e) = std::fs::File::from(copy).write_all(&bytes) {
                         log::error!(
-                            "process {}: {} bytes of its pipe (descriptor {fd}) could not be put back: {e}",
+                            "process {}: {} bytes of its pipe (descriptor {w}) could not be put back: {e}",
                             self.pid,
-                            buffered.len()
+                            bytes.len()
                         );
                     }
                 }
                 Err(e) => {
-                    log::error!("process {}: its pipe (descriptor {fd}) lost {} bytes: {e}", self.pid, buffered.len())
+                    log::error!("process {}: its pipe (descriptor {w}) lost {} bytes: {e}", self.pid, bytes.len())
                 }
             }
         }
@@ -598,10 +646,20 @@ impl Stopped {
     /// memory for [`read_memory`] until it is killed ([`Remains::kill`]).
     pub fn stay(mut self) -> Remains {
         self.settle(VERDICT_STAY);
-        Remains { pid: self.pid }
+        // The descriptor goes with the remains (a copy: this one closes with `self`).
+        let pidfd = self.pidfd.try_clone().ok();
+        Remains { pid: self.pid, pidfd }
+    }
+
+    /// Whether the stopped process still lives (its pages can still be read).
+    pub fn alive(&self) -> bool {
+        alive(&self.pidfd)
     }
 
     fn settle(&mut self, verdict: u8) {
+        if verdict == VERDICT_RESUME {
+            self.give_back();
+        }
         for (_, s) in &mut self.threads {
             let _ = s.write_all(&[verdict]);
         }
@@ -621,6 +679,7 @@ impl Drop for Stopped {
 #[derive(Debug)]
 pub struct Remains {
     pid: u32,
+    pidfd: Option<OwnedFd>,
 }
 
 impl Remains {
@@ -629,10 +688,20 @@ impl Remains {
         self.pid
     }
 
+    /// Whether it still lives: its pages read since it stopped are its own (its pid cannot have
+    /// been taken by another process while it lived).
+    pub fn alive(&self) -> bool {
+        self.pidfd.as_ref().is_some_and(alive)
+    }
+
     /// Kills it (its memory goes with it).
     pub fn kill(self) {
-        // SAFETY: kill(2) of a process this agent stopped.
-        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        if let Some(fd) = &self.pidfd {
+            // SAFETY: pidfd_send_signal to the process itself, never to a pid reused by another.
+            unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0)
+            };
+        }
     }
 }
 

@@ -364,9 +364,15 @@ impl ProcessImage {
             if start >= end || start % 4096 != 0 || end % 4096 != 0 || end > USER_END {
                 return Err(bad(&format!("mapping {start:#x}-{end:#x}")));
             }
-            let outside = |v: &[Range<u64>]| v.iter().any(|r| r.start < start || r.end > end || r.start >= r.end);
-            if outside(&private) || outside(&early) {
-                return Err(bad(&format!("pages outside mapping {start:#x}-{end:#x}")));
+            // Whole pages, in order, apart, inside the mapping: what the destination sizes its
+            // tables and copies by.
+            let well_formed = |v: &[Range<u64>]| {
+                v.iter().all(|r| {
+                    r.start >= start && r.end <= end && r.start < r.end && r.start % 4096 == 0 && r.end % 4096 == 0
+                }) && v.windows(2).all(|w| w[0].end <= w[1].start)
+            };
+            if !well_formed(&private) || !well_formed(&early) {
+                return Err(bad(&format!("page ranges of mapping {start:#x}-{end:#x} out of order or outside it")));
             }
             let m = Mapping { start, end, prot, grows_down, backing, private, early, eager };
             let want: u64 = m.eager_ranges().iter().map(|r| r.end - r.start).sum();
@@ -393,6 +399,9 @@ impl ProcessImage {
                 },
                 k => return Err(bad(&format!("file kind {k}"))),
             });
+        }
+        if mappings.windows(2).any(|w| w[0].end > w[1].start) {
+            return Err(bad("mappings out of order or overlapping"));
         }
         if threads.is_empty() || threads[0].0.tid != u64::from(pid) {
             return Err(bad("the first thread is not the main thread"));

@@ -36,6 +36,7 @@ const TAG_UFFD: u8 = b'U';
 const TAG_RUNNING: u8 = b'R';
 const TAG_FAILED: u8 = b'F';
 const TAG_EXITED: u8 = b'X';
+const TAG_ALL_HERE: u8 = b'A';
 
 /// What the agent hears from a keeper.
 #[derive(Debug)]
@@ -150,10 +151,21 @@ impl Restorer {
         }
     }
 
-    /// Waits for the process's end: its wait status.
+    /// Tells the keeper every page of the process is here: from now on the process no longer
+    /// needs the agent, and lives on if the agent goes (before this, it is killed with it).
+    pub fn all_here(&mut self) {
+        use std::io::Write;
+        let _ = self.ctl.write_all(&[TAG_ALL_HERE]);
+    }
+
+    /// Waits for the process's end (however long it runs): its wait status.
     pub fn exited(&mut self) -> Result<i32, MigrateError> {
         loop {
-            match self.next(Duration::from_secs(24 * 3600))? {
+            let ev = match self.next(Duration::from_secs(3600)) {
+                Err(MigrateError::TimedOut(_)) => continue,
+                other => other?,
+            };
+            match ev {
                 RestoreEvent::Exited(s) => {
                     let _ = self.child.wait();
                     return Ok(s);
@@ -228,7 +240,9 @@ pub fn keeper_main() -> u8 {
         return failed(&mut ctl, format!("fork: {}", std::io::Error::last_os_error()));
     }
     if init == 0 {
-        // Pid 1 of the namespace.
+        // Pid 1 of the namespace; it goes with the keeper (and the namespace with it).
+        // SAFETY: prctl on this process.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
         drop(rep_r);
         drop(st_r);
         let tid = image.pid as i32;
@@ -296,6 +310,34 @@ pub fn keeper_main() -> u8 {
             libc::waitpid(init, std::ptr::null_mut(), 0);
         }
         return 1;
+    }
+    // Until every page is here, the process lives only as long as the agent serving them.
+    let mut arrived = false;
+    loop {
+        let mut p = [
+            libc::pollfd { fd: st_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: if arrived { -1 } else { ctl.as_raw_fd() }, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: poll on our descriptors (a negative one is ignored).
+        if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if p[0].revents != 0 {
+            break;
+        }
+        if p[1].revents != 0 {
+            let mut b = [0u8; 1];
+            match ctl.read(&mut b) {
+                Ok(1) if b[0] == TAG_ALL_HERE => arrived = true,
+                Ok(1) => {}
+                _ => {
+                    // The agent is gone with pages still to come: they never will.
+                    // SAFETY: killing our own child (init), and so the namespace.
+                    unsafe { libc::kill(init, libc::SIGKILL) };
+                    arrived = true;
+                }
+            }
+        }
     }
     let mut st = [0u8; 4];
     let status = match std::fs::File::from(st_r).read_exact(&mut st) {

@@ -418,7 +418,9 @@ fn stream(s: &Shared, fetch: &dyn FetchPages, tx: &SyncSender<FromStream>, wake:
 
 fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Receiver<FromStream>, wake: &OwnedFd) {
     let mut events = Vec::new();
+    // Pages fetched and not installed yet (an event came first), and faults to serve.
     let mut pending: Vec<Fetched> = Vec::new();
+    let mut faults: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     loop {
         {
             let t = lock(&s.table);
@@ -445,19 +447,18 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
             fail(s, uffd, format!("reading the process's faults: {e}"));
             return;
         }
-        let mut faults = Vec::new();
         {
             let mut t = lock(&s.table);
             for &e in &events {
                 match e {
-                    Event::Fault(a) => faults.push(a),
+                    Event::Fault(a) => faults.push_back(a),
                     other => t.follow(other),
                 }
             }
         }
-        for a in faults {
+        while let Some(a) = faults.pop_front() {
             s.faults.fetch_add(1, Ordering::Relaxed);
-            serve_fault(s, uffd, fetch, a);
+            serve_fault(s, uffd, fetch, a, &mut faults, &mut pending);
         }
         loop {
             match rx.try_recv() {
@@ -484,14 +485,24 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
     }
 }
 
-fn serve_fault(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, a: u64) {
+/// Serves a fault at `a`: fetches its page (and the next ones of its run not taken yet) and
+/// installs them; what an unread event holds back goes to `pending`, faults read meanwhile to
+/// `faults`.
+fn serve_fault(
+    s: &Shared,
+    uffd: &ForeignUffd,
+    fetch: &dyn FetchPages,
+    a: u64,
+    faults: &mut std::collections::VecDeque<u64>,
+    pending: &mut Vec<Fetched>,
+) {
     let claim = {
         let mut t = lock(&s.table);
         match t.at_dst(a) {
             // No data at the source there, or discarded since: zeros.
             None => None,
             Some(i) if bit(&t.settled, i) => None,
-            // The stream has it on its way: its copy wakes the thread.
+            // On its way (the stream's, or held back): its install wakes the thread.
             Some(i) if bit(&t.claimed, i) => return,
             Some(i) => {
                 let c = t.claim_from(i, FAULT_AROUND);
@@ -509,25 +520,19 @@ fn serve_fault(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, a: u64) {
     match fetch.fetch(&[(src, n)]) {
         Ok(bytes) => {
             s.fetched_for_faults.fetch_add(u64::from(n), Ordering::Relaxed);
-            let batch = [(i, n)];
-            let mut rest = install(s, uffd, &batch, &bytes);
-            // An event waits (the process is changing its mappings): read it, then go on.
-            for _ in 0..1000 {
-                let Some((b, by)) = rest else { break };
+            if let Some(rest) = install(s, uffd, &[(i, n)], &bytes) {
+                // The process is changing its mappings: follow what it did, then the main loop
+                // installs the rest.
                 let mut ev = Vec::new();
-                let _ = uffd.read_events(Duration::from_millis(1), &mut ev);
-                {
-                    let mut t = lock(&s.table);
-                    for e in ev {
-                        if let Event::Fault(f) = e {
-                            // Served once this one is in: it is asked again if still missing.
-                            let _ = f;
-                        } else {
-                            t.follow(e);
-                        }
+                let _ = uffd.read_events(Duration::ZERO, &mut ev);
+                let mut t = lock(&s.table);
+                for e in ev {
+                    match e {
+                        Event::Fault(f) => faults.push_back(f),
+                        other => t.follow(other),
                     }
                 }
-                rest = install(s, uffd, &b, &by);
+                pending.push(rest);
             }
         }
         Err(e) => fail(s, uffd, e),
@@ -579,7 +584,13 @@ fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8])
                     return Some((rest_batch, bytes[cut..].to_vec()));
                 }
                 Err(e) => {
-                    log::warn!("migrated process: installing pages at {dst:#x}: {e}");
+                    // Never leave them to read as zeros: poisoned, a touch raises SIGBUS.
+                    let len = data.len() as u64;
+                    log::error!("migrated process: installing pages {dst:#x}-{:#x}: {e}; they are poisoned", dst + len);
+                    if let Err(p) = uffd.poison(dst, len) {
+                        log::error!("migrated process: cannot poison {dst:#x}-{:#x} either: {p}", dst + len);
+                    }
+                    s.poisoned.fetch_add(len / PAGE, Ordering::Relaxed);
                     (i..j).for_each(|x| t.settle(x));
                     i = j;
                 }

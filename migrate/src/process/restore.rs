@@ -372,6 +372,13 @@ unsafe fn prepare_and_jump(
         // SAFETY: rt_sigaction reads a kernel sigaction of the right layout.
         unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, a as *const _, 0usize, 8usize) };
     }
+    for &(res, soft, hard) in &image.rlimits {
+        let l = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+        // SAFETY: prlimit on this process with a limit built here.
+        if unsafe { libc::prlimit(0, res as _, &l, std::ptr::null_mut()) } != 0 {
+            log::warn!("restoring resource limit {res}: {}", std::io::Error::last_os_error());
+        }
+    }
     let cwd = CString::new(image.cwd.as_str()).map_err(|_| restore_err("a path with a NUL"))?;
     // SAFETY: chdir/umask/prctl with valid arguments.
     unsafe {
@@ -431,6 +438,10 @@ unsafe fn prepare_and_jump(
         };
         // SAFETY: writing to and duplicating descriptors of ours.
         unsafe {
+            if buffered.len() > 65536 {
+                // A pipe holds 64 KiB unless made larger, as the source's was.
+                libc::fcntl(ends[1], libc::F_SETPIPE_SZ, buffered.len() as libc::c_int);
+            }
             if !buffered.is_empty()
                 && libc::write(ends[1], buffered.as_ptr().cast(), buffered.len()) != buffered.len() as isize
             {
@@ -480,7 +491,7 @@ unsafe fn prepare_and_jump(
     let steps_max = own.len() as u64
         + 64
         + image.mappings.iter().map(|m| 4 + m.private.len() as u64).sum::<u64>()
-        + 8 * image.threads.len() as u64;
+        + 12 * image.threads.len() as u64;
     let data_len = steps_max * 64
         + 256 * image.mappings.len() as u64
         + image.threads.len() as u64 * (THREAD_STACK + 256)
@@ -513,7 +524,6 @@ unsafe fn prepare_and_jump(
         }
     }
     let mut hole = Hole { base, len, parking: base + PAGE, next: base + PAGE + parking_len };
-    let own = own_layout()?;
 
     let mut prog = Program::default();
     // 1. Park the kernel mappings in the hole, 2. unmap the agent, 3. put them in place.
@@ -528,17 +538,12 @@ unsafe fn prepare_and_jump(
         );
         at += l;
     }
-    for o in &own {
-        let ours = o.start >= hole.base && o.end <= hole.base + hole.len;
-        if ours || matches!(o.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]") {
-            continue;
-        }
-        prog.must(
-            libc::SYS_munmap,
-            &[o.start, o.end - o.start],
-            format!("unmap the agent's {:#x}-{:#x} {}", o.start, o.end, o.name),
-        );
-    }
+    // Everything of the agent's below and above the hole (what it mapped after its layout was
+    // read included); `[vsyscall]` lies above the user address space.
+    prog.must(libc::SYS_munmap, &[0, hole.base], "unmap the agent below the hole");
+    let top = hole.base + hole.len;
+    // (The user address space ends a page below 2^47: TASK_SIZE_MAX.)
+    prog.must(libc::SYS_munmap, &[top, USER_END - PAGE - top], "unmap the agent above the hole");
     for (o, slot) in &parked {
         let m =
             kernel.iter().find(|m| matches!(&m.backing, Backing::Kernel(n) if *n == o.name)).expect("matched above");
@@ -635,14 +640,11 @@ unsafe fn prepare_and_jump(
         }
     }
 
-    // 6. The process's ids (after everything that needs privileges).
+    // 6. The process's ids, given up by each thread itself as its last step (at the level of
+    // system calls ids are per thread, and creating threads with chosen ids needs privileges).
     let c = &image.creds;
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
-    let g = hole.put(&groups)?;
-    prog.must(libc::SYS_setgroups, &[c.groups.len() as u64, g], "set the supplementary groups");
-    prog.must(libc::SYS_setresgid, &[c.gid[0].into(), c.gid[1].into(), c.gid[2].into()], "set the group ids");
-    prog.must(libc::SYS_setresuid, &[c.uid[0].into(), c.uid[1].into(), c.uid[2].into()], "set the user ids");
-    prog.try_(libc::SYS_close, &[report as u64], "close the report descriptor");
+    let ids = Ids { groups: hole.put(&groups)?, n_groups: c.groups.len() as u64, gid: c.gid, uid: c.uid };
 
     // 7. The other threads, each with its id, thread pointer and clear-tid address.
     for (t, comm) in &image.threads[1..] {
@@ -670,7 +672,7 @@ unsafe fn prepare_and_jump(
         let first = prog.steps.len();
         prog.call(OP_CLONE, libc::SYS_clone3, &[args, 88], format!("create thread {}", t.tid));
         prog.try_(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name], "name the thread");
-        thread_tail(&mut prog, t);
+        thread_tail(&mut prog, t, &ids);
         let sub = (prog.steps.len() - first - 1) as u64;
         prog.steps[first].args[5] = sub;
     }
@@ -678,7 +680,8 @@ unsafe fn prepare_and_jump(
     let main = &image.threads[0].0;
     prog.must(libc::SYS_set_tid_address, &[main.clear_tid], "set the main thread's clear-tid address");
     prog.must(libc::SYS_arch_prctl, &[0x1002 /* ARCH_SET_FS */, main.fs_base], "set the main thread's thread pointer");
-    thread_tail(&mut prog, main);
+    prog.try_(libc::SYS_close, &[report as u64], "close the report descriptor");
+    thread_tail(&mut prog, main, &ids);
 
     let steps_at = hole.alloc(prog.steps.len() as u64 * 64)?;
     // SAFETY: `steps_at` has room for the steps (allocated just above), in the hole.
@@ -713,8 +716,17 @@ unsafe fn prepare_and_jump(
     }
 }
 
-/// A thread's last steps: its robust list, its `rseq` area, back into its context.
-fn thread_tail(prog: &mut Program, t: &super::record::ThreadRecord) {
+/// The ids each thread takes before it runs the program's code again.
+struct Ids {
+    groups: u64,
+    n_groups: u64,
+    gid: [u32; 3],
+    uid: [u32; 3],
+}
+
+/// A thread's last steps: its robust list, its `rseq` area, the process's ids, back into its
+/// context.
+fn thread_tail(prog: &mut Program, t: &super::record::ThreadRecord, ids: &Ids) {
     if t.robust_head != 0 {
         prog.try_(
             libc::SYS_set_robust_list,
@@ -725,6 +737,17 @@ fn thread_tail(prog: &mut Program, t: &super::record::ThreadRecord) {
     if t.rseq_addr != 0 {
         prog.try_(libc::SYS_rseq, &[t.rseq_addr, t.rseq_len, 0, t.rseq_sig], format!("thread {}: rseq", t.tid));
     }
+    prog.must(libc::SYS_setgroups, &[ids.n_groups, ids.groups], format!("thread {}: supplementary groups", t.tid));
+    prog.must(
+        libc::SYS_setresgid,
+        &[ids.gid[0].into(), ids.gid[1].into(), ids.gid[2].into()],
+        format!("thread {}: group ids", t.tid),
+    );
+    prog.must(
+        libc::SYS_setresuid,
+        &[ids.uid[0].into(), ids.uid[1].into(), ids.uid[2].into()],
+        format!("thread {}: user ids", t.tid),
+    );
     prog.call(OP_SIGRETURN, 0, &[t.ucontext], format!("thread {}: resume", t.tid));
 }
 
