@@ -97,6 +97,12 @@ struct Hosted {
 struct Relay {
     pipes: Mutex<Vec<std::os::fd::RawFd>>,
     in_flight: std::sync::atomic::AtomicUsize,
+    /// The process's standard input (written by the input relay).
+    stdin: Mutex<Option<std::process::ChildStdin>>,
+    /// The input relay asks its home for nothing more (the process is moving on).
+    input_paused: std::sync::atomic::AtomicBool,
+    /// The input relay is waiting for its home's answer.
+    input_busy: std::sync::atomic::AtomicBool,
 }
 
 impl Relay {
@@ -119,6 +125,29 @@ impl Relay {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Stops the input relay asking its home, once its call in flight (if any) has delivered.
+    fn pause_input(&self, timeout: Duration) {
+        use std::sync::atomic::Ordering;
+        self.input_paused.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        while self.input_busy.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Gives back input taken from the process, and lets the relay ask its home again.
+    fn resume_input(&self, unread: &[u8]) {
+        use std::io::Write;
+        if !unread.is_empty() {
+            if let Some(w) = crate::lock(&self.stdin).as_mut() {
+                if let Err(e) = w.write_all(unread) {
+                    log::error!("{} bytes of standard input could not be given back: {e}", unread.len());
+                }
+            }
+        }
+        self.input_paused.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -313,20 +342,42 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         h.get(&pid).map(|x| x.relay.clone())
     };
     check_movable(pid, MIGRATE_SIGNAL).map_err(failed)?;
+    // A process that moved here: its input relay stops first, so that what it handed over and
+    // the process has not read yet travels with the image.
+    if let Some(r) = &relay {
+        r.pause_input(Duration::from_secs(3));
+    }
+    let resume_input = |unread: &[u8]| {
+        if let Some(r) = &relay {
+            r.resume_input(unread);
+        }
+    };
     // Connected before the process stops: the handshake is not part of its pause.
     let dest = connect(to, &options(&s.cfg.key, Duration::from_secs(60)))
         .map_err(|e| failed(format!("the destination {to}: {}", mosaic_transport::error_chain(&e))))?;
     let t0 = Instant::now();
-    let stopped = stop(pid, MIGRATE_SIGNAL, s.cfg.stop_timeout).map_err(failed)?;
+    let stopped = match stop(pid, MIGRATE_SIGNAL, s.cfg.stop_timeout) {
+        Ok(st) => st,
+        Err(e) => {
+            resume_input(&[]);
+            return Err(failed(e));
+        }
+    };
     // Its output so far reaches its home before the new copy's.
-    if let Some(r) = relay {
+    if let Some(r) = &relay {
         r.drain(Duration::from_secs(2));
     }
     let t_stopped = t0.elapsed();
-    let image = match stopped.capture() {
+    let image = match stopped.capture().and_then(|mut i| {
+        if relay.is_some() {
+            i.stdin_unread = stopped.take_unread_input()?;
+        }
+        Ok(i)
+    }) {
         Ok(i) => i,
         Err(e) => {
             stopped.resume();
+            resume_input(&[]);
             return Err(failed(e));
         }
     };
@@ -369,6 +420,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         Err(e) => {
             crate::lock(&s.away).remove(&id);
             stopped.resume();
+            resume_input(&image.stdin_unread);
             Err(failed(format!("the destination {to} did not take process {pid} (it runs on here): {e}")))
         }
     }
@@ -440,9 +492,10 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
         Hosted { comm: image.comm.clone(), arriving: true, arrived: None, gone: false, relay: Arc::default() },
     );
     let (st, home, key, source) = (s.clone(), home.to_string(), s.cfg.key.clone(), source.to_string());
+    let unread = image.stdin_unread.clone();
     std::thread::Builder::new()
         .name(format!("mosaic-host-{pid}"))
-        .spawn(move || host(&st, restorer, post, pid, &home, job, &key, &source, id))
+        .spawn(move || host(&st, restorer, post, pid, &home, job, &key, &source, id, &unread))
         .map_err(failed)?;
     Ok(pid)
 }
@@ -462,6 +515,7 @@ fn host(
     key: &ClusterKey,
     source: &str,
     id: u64,
+    unread: &[u8],
 ) {
     use std::os::fd::AsRawFd;
     let home_conn = if home.is_empty() {
@@ -489,6 +543,8 @@ fn host(
         conn
     };
     let relay = crate::lock(&s.hosted).get(&pid).map(|h| h.relay.clone()).unwrap_or_default();
+    // The input relay asks the home until the process ends here (or moves on).
+    let input_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut relays = Vec::new();
     if let Some(h) = &home_conn {
         let outs: [Output; 2] = {
@@ -540,18 +596,44 @@ fn host(
             }));
         }
         if let Some(mut input) = restorer.take_stdin() {
-            let h = h.clone();
-            std::thread::spawn(move || loop {
-                let mut e = Enc::default();
-                e.u64(job).u32(64 << 10);
-                match h.call(wire::INPUT, &e.0) {
-                    Ok(b) if b.first() == Some(&0) => {
-                        if input.write_all(&b[1..]).is_err() {
-                            return;
-                        }
+            // What it had not read where it came from comes first.
+            if !unread.is_empty() {
+                if let Err(e) = input.write_all(unread) {
+                    log::error!("process {pid}: {} bytes of its standard input lost: {e}", unread.len());
+                }
+            }
+            *crate::lock(&relay.stdin) = Some(input);
+            let (h, done, relay) = (h.clone(), input_done.clone(), relay.clone());
+            std::thread::spawn(move || {
+                use std::sync::atomic::Ordering;
+                loop {
+                    if done.load(Ordering::Acquire) {
+                        return;
                     }
-                    Ok(b) if b.first() == Some(&2) => {}
-                    _ => return, // end of input, or the home is gone: the process sees the end
+                    if relay.input_paused.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                    relay.input_busy.store(true, Ordering::Release);
+                    let mut e = Enc::default();
+                    e.u64(job).u32(64 << 10).u32(pid);
+                    let answer = h.call(wire::INPUT, &e.0);
+                    let go_on = match answer {
+                        Ok(b) if b.first() == Some(&0) => {
+                            crate::lock(&relay.stdin).as_mut().is_some_and(|w| w.write_all(&b[1..]).is_ok())
+                        }
+                        Ok(b) if b.first() == Some(&2) => true,
+                        Err(mosaic_transport::CallError::TimedOut { .. }) => true,
+                        // The end of its input, or the home is gone: the process sees the end.
+                        _ => {
+                            crate::lock(&relay.stdin).take();
+                            false
+                        }
+                    };
+                    relay.input_busy.store(false, Ordering::Release);
+                    if !go_on {
+                        return;
+                    }
                 }
             });
         }
@@ -591,6 +673,7 @@ fn host(
     for r in relays {
         let _ = r.join();
     }
+    input_done.store(true, std::sync::atomic::Ordering::Release);
     let gone = crate::lock(&s.hosted).remove(&pid).is_some_and(|h| h.gone);
     if gone {
         log::info!("process {pid} ended here after it moved on (status {status:#x})");

@@ -46,6 +46,8 @@ struct Record {
 pub type Sink = Box<dyn FnMut(u8, &[u8]) -> std::io::Result<()> + Send>;
 
 struct State {
+    /// Input read from this process's standard input for a copy that moved on before it got it.
+    input: Mutex<Vec<u8>>,
     /// Output of the job while it runs elsewhere (stream 1 or 2, bytes); `None`: this
     /// process's own standard output and error.
     sink: Mutex<Option<Sink>>,
@@ -95,6 +97,7 @@ impl Home {
     /// the node whose agent is `node`.
     pub fn start(listen_at: &str, key: ClusterKey, node: &str, job: u32, command: &str) -> Result<Home, ClusterError> {
         let state = Arc::new(State {
+            input: Mutex::new(Vec::new()),
             sink: Mutex::new(None),
             key: key.clone(),
             uri: OnceLock::new(),
@@ -202,7 +205,34 @@ impl Service for HomeService {
             wire::INPUT => {
                 for_us(&mut d)?;
                 let most = d.u32().map_err(bad)?.clamp(1, 1 << 20) as usize;
+                let pid = d.u32().map_err(bad)?;
+                let here = |s: &State| {
+                    let r = crate::lock(&s.record);
+                    !r.moving && r.pid == pid
+                };
+                if !here(s) {
+                    // Input goes only to where the job runs now (a copy that moved on gets none).
+                    std::thread::sleep(Duration::from_millis(200));
+                    response.push(2);
+                    return Ok(());
+                }
+                let mut kept = crate::lock(&s.input);
+                if !kept.is_empty() {
+                    let n = kept.len().min(most);
+                    response.push(0);
+                    response.extend(kept.drain(..n));
+                    return Ok(());
+                }
+                drop(kept);
+                // (The answer is appended to what `response` holds already.)
+                let start = response.len();
                 read_input(most, response);
+                // Read while the job began to move: kept for where it runs next.
+                if response.get(start) == Some(&0) && !here(s) {
+                    crate::lock(&s.input).extend_from_slice(&response[start + 1..]);
+                    response.truncate(start);
+                    response.push(2);
+                }
             }
             wire::EXITED => {
                 for_us(&mut d)?;

@@ -9,7 +9,7 @@
 //!   STATUS                                                     -> uri str | memory str | hosted u32
 //! home (mosrun --migratable):
 //!   OUTPUT       job u64 | stream u8 | bytes
-//!   INPUT        job u64 | most u32                           -> bytes (none: end of input)
+//!   INPUT        job u64 | most u32 | pid u32 (asking)        -> 0 | bytes, 1 (end), 2 (nothing yet)
 //!   EXITED       job u64 | status i32 (a wait status) | pid u32 (that ended, at its node)
 //!   MIGRATE      to str                                       -> Moved
 //!   WHERE                                                     -> node str | pid u32 | moves u32 | command str

@@ -103,8 +103,13 @@ struct Job {
 
 impl Job {
     fn start(node: &Node, run_dir: &Path, program: &[&str]) -> Job {
+        Job::start_with_input(node, run_dir, program, Stdio::inherit())
+    }
+
+    fn start_with_input(node: &Node, run_dir: &Path, program: &[&str], input: Stdio) -> Job {
         std::fs::create_dir_all(run_dir).unwrap();
         let mut child = Command::new(bin_dir().join("mosrun"))
+            .stdin(input)
             .args(["--migratable", "--node", &node.uri, "--"])
             .args(program)
             .env("MOSAIC_CLUSTER_KEY", key())
@@ -379,4 +384,29 @@ fn a_source_that_dies_after_the_hand_over_fails_loudly_never_with_zeros() {
     // an unmigrated run prints: no page read as zeros.
     assert_eq!(st.code(), Some(128 + libc::SIGBUS), "{st:?}\n{out}");
     assert!(expected.starts_with(&out), "printed what an unmigrated run does not:\n{out}");
+}
+
+#[test]
+fn standard_input_follows_the_job_there_and_back() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::io::Write;
+    let prog = c_program("echo", "tests/c/echo.c");
+    let (a, b) = (Node::start(), Node::start());
+    let mut job = Job::start_with_input(&a, &tmp("echo"), &[prog.to_str().unwrap()], Stdio::piped());
+    let mut input = job.child.stdin.take().unwrap();
+    input.write_all(b"one\ntwo\n").unwrap();
+    job.wait_for("got 2: two");
+    job.migrate(&b);
+    input.write_all(b"three\n").unwrap();
+    job.wait_for("got 3: three");
+    job.migrate(&a);
+    input.write_all(b"four\n").unwrap();
+    job.wait_for("got 4: four");
+    drop(input);
+    let (st, out) = job.finish();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(String::from_utf8_lossy(&out), "got 1: one\ngot 2: two\ngot 3: three\ngot 4: four\nend after 4 lines\n");
 }

@@ -8,8 +8,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::uffd::{
-    feature, RawMsg, UffdOps, Userfaultfd, EVENT_PAGEFAULT, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, NEED_RANGE_IOCTLS,
-    REGISTER_MODE_MISSING, UFFDIO_REGISTER_NR,
+    feature, RawMsg, UffdOps, Userfaultfd, EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP,
+    NEED_RANGE_IOCTLS, REGISTER_MODE_MISSING, UFFDIO_REGISTER_NR,
 };
 
 /// What the process did that the holder must know of.
@@ -33,6 +33,10 @@ pub enum Event {
         /// Past the last.
         end: u64,
     },
+    /// The process forked: the child's userfaultfd (a descriptor number, now the holder's to
+    /// close), whose ranges are the parent's as they were. Pages not installed in the parent
+    /// are missing in the child too.
+    Fork(i32),
     /// `[start, end)` was unmapped.
     Unmap {
         /// First byte.
@@ -68,9 +72,9 @@ impl ForeignUffd {
     /// Opens a userfaultfd for this process's memory, with `UFFDIO_POISON` if the kernel has it
     /// (so pages that can no longer come can fail loudly).
     /// Asks for the events that move or drop missing pages (`mremap`, `MADV_DONTNEED`,
-    /// `munmap`), which the holder must follow: [`Event`].
+    /// `munmap`) or copy them (`fork`), which the holder must follow: [`Event`].
     pub fn open() -> io::Result<ForeignUffd> {
-        let need = feature::EVENT_REMAP | feature::EVENT_REMOVE | feature::EVENT_UNMAP;
+        let need = feature::EVENT_REMAP | feature::EVENT_REMOVE | feature::EVENT_UNMAP | feature::EVENT_FORK;
         let have = Userfaultfd::available_features()?;
         if have & need != need {
             return Err(io::Error::other("this kernel's userfaultfd lacks the remap/remove/unmap events"));
@@ -138,6 +142,7 @@ impl ForeignUffd {
                 EVENT_REMAP => Event::Remap { from: a[0], to: a[1], len: a[2] },
                 EVENT_REMOVE => Event::Remove { start: a[0], end: a[1] },
                 EVENT_UNMAP => Event::Unmap { start: a[0], end: a[1] },
+                EVENT_FORK => Event::Fork(i32::try_from(a[0]).unwrap_or(-1)),
                 _ => continue,
             });
         }

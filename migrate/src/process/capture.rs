@@ -511,6 +511,7 @@ impl Stopped {
             threads,
             mappings,
             files,
+            stdin_unread: Vec::new(),
         })
     }
 
@@ -577,6 +578,25 @@ impl Stopped {
             }
         }
         Ok(())
+    }
+
+    /// Takes what waits unread in the process's standard input, if that is a pipe (the relay of
+    /// a node agent, which alone can give it back: see [`ProcessImage::stdin_unread`]).
+    pub fn take_unread_input(&self) -> Result<Vec<u8>, MigrateError> {
+        let target = std::fs::read_link(format!("/proc/{}/fd/0", self.pid)).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("pipe:") {
+            return Ok(Vec::new());
+        }
+        let copy = self.their_fd(0)?;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD on our copy of the pipe's read end.
+        unsafe { libc::ioctl(copy.as_raw_fd(), libc::FIONREAD, &mut n) };
+        let mut b = vec![0u8; n.max(0) as usize];
+        if n > 0 {
+            // The process is stopped and its relay is held: the bytes counted stay there.
+            std::fs::File::from(copy).read_exact(&mut b).map_err(|e| os("reading the process's standard input", e))?;
+        }
+        Ok(b)
     }
 
     /// A copy of the process's descriptor `fd` (pidfd_getfd).

@@ -205,6 +205,9 @@ pub struct ProcessImage {
     pub mappings: Vec<Mapping>,
     /// Its open descriptors.
     pub files: Vec<OpenFile>,
+    /// Standard input the process had been given and had not read yet (when it ran under a
+    /// node agent, whose relay pipe held it): the destination gives it first.
+    pub stdin_unread: Vec<u8>,
 }
 
 impl ProcessImage {
@@ -268,6 +271,7 @@ impl ProcessImage {
             }
             e.bytes(&m.eager);
         }
+        e.bytes(&self.stdin_unread);
         e.u32(self.files.len() as u32);
         for f in &self.files {
             match f {
@@ -381,6 +385,7 @@ impl ProcessImage {
             }
             mappings.push(m);
         }
+        let stdin_unread = d.bytes()?.to_vec();
         let n = d.count(5)?;
         let mut files = Vec::with_capacity(n);
         for _ in 0..n {
@@ -406,7 +411,21 @@ impl ProcessImage {
         if threads.is_empty() || threads[0].0.tid != u64::from(pid) {
             return Err(bad("the first thread is not the main thread"));
         }
-        Ok(ProcessImage { pid, comm, exe, cwd, umask, creds, rlimits, mm, auxv, threads, mappings, files })
+        Ok(ProcessImage {
+            pid,
+            comm,
+            exe,
+            cwd,
+            umask,
+            creds,
+            rlimits,
+            mm,
+            auxv,
+            threads,
+            mappings,
+            files,
+            stdin_unread,
+        })
     }
 }
 

@@ -177,7 +177,7 @@ impl Table {
 
     fn follow(&mut self, e: Event) {
         match e {
-            Event::Fault(_) => {}
+            Event::Fault(_) | Event::Fork(_) => {}
             Event::Remap { from, to, len } => {
                 for k in self.runs_in(from, from + len) {
                     let d = self.runs[k].dst.expect("in range");
@@ -452,6 +452,7 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
             for &e in &events {
                 match e {
                     Event::Fault(a) => faults.push_back(a),
+                    Event::Fork(child) => forked(&t, child),
                     other => t.follow(other),
                 }
             }
@@ -529,6 +530,7 @@ fn serve_fault(
                 for e in ev {
                     match e {
                         Event::Fault(f) => faults.push_back(f),
+                        Event::Fork(child) => forked(&t, child),
                         other => t.follow(other),
                     }
                 }
@@ -602,11 +604,11 @@ fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8])
 }
 
 /// The source is lost: every page not here yet is poisoned (a touch raises SIGBUS), and named.
-fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
-    let mut t = lock(&s.table);
-    let mut lost = Vec::new();
-    for k in 0..t.runs.len() {
-        let r = t.runs[k];
+/// Poisons, through `uffd`, every page of the table not settled yet (a touch raises SIGBUS);
+/// returns the ranges, for the log.
+fn poison_unsettled(t: &Table, uffd: &ForeignUffd) -> (u64, Vec<String>) {
+    let (mut pages, mut lost) = (0, Vec::new());
+    for r in &t.runs {
         let Some(d) = r.dst else { continue };
         let mut i = r.first;
         let end = r.first + r.pages as usize;
@@ -624,17 +626,39 @@ fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
             if let Err(e) = uffd.poison(at, len) {
                 log::error!("migrated process: cannot poison {at:#x}+{len:#x}: {e}");
             }
-            s.poisoned.fetch_add((j - i) as u64, Ordering::Relaxed);
+            pages += (j - i) as u64;
             lost.push(format!("{at:#x}-{:#x}", at + len));
             i = j;
         }
     }
+    (pages, lost)
+}
+
+/// The source is lost: every page not here yet is poisoned (a touch raises SIGBUS), and named.
+fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
+    let mut t = lock(&s.table);
+    let (pages, lost) = poison_unsettled(&t, uffd);
+    s.poisoned.fetch_add(pages, Ordering::Relaxed);
     log::error!(
         "migrated process: the source is lost ({why}); pages that had not arrived raise SIGBUS: {}",
         lost.join(", ")
     );
     t.failed = Some(why);
     s.changed.notify_all();
+}
+
+/// The process forked before all its pages came: the child's missing pages are poisoned (it
+/// would read zeros there otherwise). A child that execs, as most do, never notices.
+fn forked(t: &Table, child: i32) {
+    if child < 0 {
+        return;
+    }
+    // SAFETY: the kernel handed this new descriptor over with the event; it is ours to close.
+    let child = ForeignUffd::from_fd(unsafe { std::os::fd::OwnedFd::from_raw_fd(child) });
+    let (pages, _) = poison_unsettled(t, &child);
+    if pages > 0 {
+        log::warn!("migrated process forked before {pages} of its pages came: in the child they raise SIGBUS");
+    }
 }
 
 #[cfg(test)]
