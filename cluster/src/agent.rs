@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use mosaic_migrate::process::{
-    check_movable, read_memory, stop, FetchPages, PostCopy, PostCopyStats, ProcessImage, Remains, Restorer,
+    check_movable, stop, FetchPages, Got, PostCopy, PostCopyStats, ProcessImage, Remains, Restorer, SourcePages,
 };
 use mosaic_netram::{MemServer, MemServerConfig};
 use mosaic_pager::ForeignUffd;
@@ -75,7 +75,7 @@ impl AgentConfig {
 
 /// A process that moved away, while its pages are still wanted.
 struct Away {
-    pid: u32,
+    pages: Arc<SourcePages>,
     remains: Option<Remains>,
 }
 
@@ -280,26 +280,36 @@ impl Service for AgentService {
                 let pid = migrate_in(s, id, &source, &home, job, d.rest())?;
                 response.extend_from_slice(&pid.to_le_bytes());
             }
-            wire::PAGES => {
+            wire::FETCH | wire::NEXT => {
                 let id = d.u64().map_err(bad)?;
-                let n = d.u32().map_err(bad)?;
-                let pid = crate::lock(&s.away)
+                let pages = crate::lock(&s.away)
                     .get(&id)
-                    .map(|a| a.pid)
+                    .map(|a| a.pages.clone())
                     .ok_or_else(|| ServiceError::new(Status::NotFound, format!("no migration {id:#x} here")))?;
-                for _ in 0..n {
-                    let (addr, pages) = (d.u64().map_err(bad)?, d.u32().map_err(bad)?);
-                    let at = response.len();
-                    let len = pages as usize * mosaic_transport::PAGE_SIZE;
-                    if at + len > MAX_FRAME as usize - 4096 {
-                        return Err(bad(format!("{n} runs of pages do not fit in one answer")));
-                    }
-                    response.resize(at + len, 0);
-                    read_memory(pid, addr, &mut response[at..]).map_err(failed)?;
+                let at = response.len();
+                if method == wire::FETCH {
+                    let n = d.u32().map_err(bad)?.min(4096) as usize;
+                    let addrs = (0..n).map(|_| d.u64()).collect::<Result<Vec<u64>, _>>().map_err(bad)?;
+                    let mut bytes = Vec::new();
+                    let kinds = pages.fetch(&addrs, &mut bytes).map_err(failed)?;
+                    response.extend(kinds.iter().map(|&k| k as u8));
+                    response.extend_from_slice(&bytes);
+                } else {
+                    let (hint, most) = (d.u64().map_err(bad)?, d.u32().map_err(bad)?.min(2048) as usize);
+                    let mut bytes = Vec::new();
+                    let (addrs, done) = pages.next(hint, most, &mut bytes).map_err(failed)?;
+                    let mut e = Enc::default();
+                    e.u8(u8::from(done)).u32(u32::try_from(addrs.len()).unwrap_or(0));
+                    addrs.iter().for_each(|&a| {
+                        e.u64(a);
+                    });
+                    response.extend_from_slice(&e.0);
+                    response.extend_from_slice(&bytes);
                 }
                 // Read from the stopped copy itself, not from a process that took its pid after it died.
                 if crate::lock(&s.away).get(&id).is_some_and(|a| a.remains.as_ref().is_some_and(|r| !r.alive())) {
-                    return Err(failed(format!("the stopped copy of process {pid} is gone")));
+                    response.truncate(at);
+                    return Err(failed("the stopped copy of the process is gone"));
                 }
             }
             wire::DONE => {
@@ -388,7 +398,7 @@ fn migrate_out(s: &Arc<State>, pid: u32, to: &str, home: &str, job: u64) -> Resu
         getrandom::fill(&mut b).map_err(failed)?;
         u64::from_le_bytes(b)
     };
-    crate::lock(&s.away).insert(id, Away { pid, remains: None });
+    crate::lock(&s.away).insert(id, Away { pages: Arc::new(SourcePages::new(pid, &image)), remains: None });
     let mut req = Enc::default();
     req.u64(id).str(s.uri.get().map_or("", String::as_str)).str(home).u64(job).rest(&bytes);
     let answer = dest.call(wire::MIGRATE_IN, &req.0).map_err(|e| mosaic_transport::error_chain(&e));
@@ -433,20 +443,43 @@ struct RemotePages {
 }
 
 impl FetchPages for RemotePages {
-    fn fetch(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String> {
+    fn fetch(&self, pages: &[u64]) -> Result<(Vec<Got>, Vec<u8>), String> {
         let mut e = Enc::default();
-        e.u64(self.id).u32(u32::try_from(runs.len()).unwrap_or(u32::MAX));
-        for &(a, n) in runs {
-            e.u64(a).u32(n);
+        e.u64(self.id).u32(u32::try_from(pages.len()).unwrap_or(0));
+        pages.iter().for_each(|&a| {
+            e.u64(a);
+        });
+        let b = self.conn.call(wire::FETCH, &e.0).map_err(|e| mosaic_transport::error_chain(&e))?;
+        let n = pages.len();
+        let kinds: Vec<Got> = b
+            .get(..n)
+            .ok_or("a short answer")?
+            .iter()
+            .map(|&k| Got::from_u8(k).ok_or("an unknown page kind"))
+            .collect::<Result<_, _>>()?;
+        let data = kinds.iter().filter(|&&k| k == Got::Data).count() * mosaic_transport::PAGE_SIZE;
+        if b.len() != n + data {
+            return Err(format!("{} bytes of pages where {data} were due", b.len() - n));
         }
-        let want: usize = runs.iter().map(|&(_, n)| n as usize * mosaic_transport::PAGE_SIZE).sum();
-        let t = Instant::now();
-        let b = self.conn.call(wire::PAGES, &e.0).map_err(|e| mosaic_transport::error_chain(&e))?;
-        log::debug!("PAGES {} runs, {} bytes: {} us", runs.len(), b.len(), t.elapsed().as_micros());
-        if b.len() != want {
-            return Err(format!("{} bytes of pages where {want} were asked for", b.len()));
+        Ok((kinds, b[n..].to_vec()))
+    }
+
+    fn next(&self, hint: u64, most: usize) -> Result<(Vec<u64>, Vec<u8>, bool), String> {
+        let mut e = Enc::default();
+        e.u64(self.id).u64(hint).u32(u32::try_from(most).unwrap_or(u32::MAX));
+        let b = self.conn.call(wire::NEXT, &e.0).map_err(|e| mosaic_transport::error_chain(&e))?;
+        let mut d = Dec(&b);
+        let done = d.u8()? != 0;
+        let n = d.u32()? as usize;
+        if n > most {
+            return Err(format!("{n} pages where at most {most} were asked for"));
         }
-        Ok(b)
+        let addrs = (0..n).map(|_| d.u64()).collect::<Result<Vec<u64>, _>>()?;
+        let bytes = d.rest();
+        if bytes.len() != n * mosaic_transport::PAGE_SIZE {
+            return Err(format!("{} bytes for {n} pages", bytes.len()));
+        }
+        Ok((addrs, bytes.to_vec(), done))
     }
 }
 

@@ -4,7 +4,9 @@
 //! agent (mosaicd):
 //!   MIGRATE_OUT  pid u32 | to str | home str | job u64       -> Moved
 //!   MIGRATE_IN   id u64 | source str | home str | job u64 | image bytes -> pid u32
-//!   PAGES        id u64 | n u32 | n x (addr u64 | pages u32)  -> the pages' bytes
+//!   FETCH        id u64 | n u32 | n x addr u64               -> n x kind u8 | the bytes of the
+//!                                                               pages of kind 1 (0 zero, 2 sent)
+//!   NEXT         id u64 | hint u64 | most u32                 -> done u8 | n u32 | n x addr u64 | bytes
 //!   DONE         id u64                                       (the destination has every page)
 //!   STATUS                                                     -> uri str | memory str | hosted u32
 //! home (mosrun --migratable):
@@ -22,8 +24,10 @@ use mosaic_transport::{ServiceError, Status};
 pub const MIGRATE_OUT: u64 = 0x4d4f_5301;
 /// Rebuild a process here (from the source's agent).
 pub const MIGRATE_IN: u64 = 0x4d4f_5302;
-/// Pages of a process that moved away (from the destination's agent).
-pub const PAGES: u64 = 0x4d4f_5303;
+/// Pages a fault of a process that moved away wants (from the destination's agent).
+pub const FETCH: u64 = 0x4d4f_5303;
+/// The next pages of a process that moved away (from the destination's stream).
+pub const NEXT: u64 = 0x4d4f_5306;
 /// The destination has every page: the stopped copy may go.
 pub const DONE: u64 = 0x4d4f_5304;
 /// What the agent is.

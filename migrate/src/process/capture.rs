@@ -440,7 +440,9 @@ impl Stopped {
             if l.path == "[heap]" {
                 heap_end = l.end;
             }
-            let private = if matches!(backing, Backing::Kernel(_) | Backing::SharedFile { .. }) {
+            let lazy = matches!(backing, Backing::Anonymous) && l.prot() & libc::PROT_READ as u32 != 0;
+            let private = if lazy || matches!(backing, Backing::Kernel(_) | Backing::SharedFile { .. }) {
+                // Pages that follow post-copy are learned at the source as they are asked for.
                 Vec::new()
             } else {
                 mosaic_pager::private_pages_of(pid, l.start, l.end, matches!(backing, Backing::Anonymous))
@@ -632,18 +634,16 @@ impl Stopped {
     }
 
     /// The pages of `m` holding the threads' saved contexts (each signal frame: the `ucontext`
-    /// and the FPU state above it, within 16 KiB of it), among its pages with data.
+    /// and the FPU state above it, within 16 KiB of it).
     fn contexts_within(&self, m: &Mapping) -> Vec<std::ops::Range<u64>> {
         const PAGE: u64 = 4096;
         let mut want: Vec<std::ops::Range<u64>> = Vec::new();
         for (r, _) in &self.threads {
             let from = (r.ucontext - 8) & !(PAGE - 1);
             let to = (r.ucontext + 16384).next_multiple_of(PAGE);
-            for p in &m.private {
-                let (a, b) = (p.start.max(from), p.end.min(to));
-                if a < b {
-                    want.push(a..b);
-                }
+            let (a, b) = (m.start.max(from), m.end.min(to));
+            if a < b {
+                want.push(a..b);
             }
         }
         want.sort_by_key(|r| r.start);

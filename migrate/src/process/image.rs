@@ -71,7 +71,8 @@ pub struct Mapping {
     /// What backs it.
     pub backing: Backing,
     /// The byte ranges holding the process's own data (present or swapped, not the zero page,
-    /// not a file's page).
+    /// not a file's page), for the mappings whose pages travel with the image (empty for those
+    /// that follow post-copy).
     pub private: Vec<Range<u64>>,
     /// Of a mapping whose pages follow post-copy, the ranges that travel with the image all
     /// the same: the threads' saved contexts, which they resume from before anything can fault
@@ -101,6 +102,13 @@ impl Mapping {
         } else {
             &self.early
         }
+    }
+
+    /// Whether its pages follow post-copy (private anonymous memory that can be read): which
+    /// of them hold data is not in the image (`private` is empty), so that stopping the process
+    /// costs the same whatever its size.
+    pub fn follows_post_copy(&self) -> bool {
+        matches!(self.backing, Backing::Anonymous) && !self.travels_eagerly()
     }
 
     /// Whether its pages travel with the image rather than post-copy.
@@ -211,9 +219,10 @@ pub struct ProcessImage {
 }
 
 impl ProcessImage {
-    /// Bytes of anonymous memory that follow post-copy.
+    /// Bytes of anonymous mappings whose pages follow post-copy (those of their pages that hold
+    /// data are learned as they go: see [`super::SourcePages`]).
     pub fn post_copy_bytes(&self) -> u64 {
-        self.mappings.iter().filter(|m| !m.travels_eagerly()).map(|m| m.private_bytes() - m.early_bytes()).sum()
+        self.mappings.iter().filter(|m| m.follows_post_copy()).map(|m| m.end - m.start - m.early_bytes()).sum()
     }
 
     /// Its encoding.

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use mosaic_pager::{Event, ForeignUffd, Installed};
 
-use super::image::{Backing, ProcessImage};
+use super::image::ProcessImage;
+use super::pages::Got;
 use crate::source::lock;
 use crate::MigrateError;
 
@@ -35,18 +36,24 @@ const FAULT_AROUND: usize = 16;
 /// Pages the stream fetches at a time.
 const STREAM_BATCH: usize = 512;
 
-/// Where the pages come from.
+/// Where the pages come from (the source, which learns which pages hold data as it is asked:
+/// see [`super::SourcePages`]).
 pub trait FetchPages: Send + Sync + 'static {
-    /// The bytes of each run (source address, pages), concatenated in order.
-    fn fetch(&self, runs: &[(u64, u32)]) -> Result<Vec<u8>, String>;
+    /// What each page at the source addresses `pages` is; the bytes of those with data,
+    /// concatenated in order.
+    fn fetch(&self, pages: &[u64]) -> Result<(Vec<Got>, Vec<u8>), String>;
+    /// Up to `most` pages with data not sent yet, from `hint` on: their source addresses, their
+    /// bytes, and whether every page with data has now been sent.
+    fn next(&self, hint: u64, most: usize) -> Result<(Vec<u64>, Vec<u8>, bool), String>;
 }
 
 /// What post-copy did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PostCopyStats {
-    /// Pages with data at the source (what must come).
+    /// Pages of the mappings that follow post-copy (with data at the source or not).
     pub pages: u64,
-    /// Pages installed (or found discarded or unmapped by the process meanwhile).
+    /// Pages installed, as data or zeros (or found discarded or unmapped by the process
+    /// meanwhile).
     pub settled: u64,
     /// Faults served.
     pub faults: u64,
@@ -83,6 +90,8 @@ struct Table {
     /// Where the stream takes its next pages (just after the latest fault).
     cursor: usize,
     failed: Option<String>,
+    /// The source has sent every page with data, and all are installed.
+    finished: bool,
 }
 
 /// `r` less the (sorted) ranges `holes`.
@@ -112,14 +121,12 @@ impl Table {
     fn new(image: &ProcessImage) -> Table {
         let mut runs = Vec::new();
         let mut n = 0;
-        for m in image.mappings.iter().filter(|m| matches!(m.backing, Backing::Anonymous) && !m.travels_eagerly()) {
-            for r in &m.private {
-                // What came early (the threads' contexts) is there already.
-                for piece in without(r.clone(), &m.early) {
-                    let pages = (piece.end - piece.start) / PAGE;
-                    runs.push(Run { src: piece.start, pages, first: n, dst: Some(piece.start) });
-                    n += pages as usize;
-                }
+        for m in image.mappings.iter().filter(|m| m.follows_post_copy()) {
+            // What came early (the threads' contexts) is there already.
+            for piece in without(m.start..m.end, &m.early) {
+                let pages = (piece.end - piece.start) / PAGE;
+                runs.push(Run { src: piece.start, pages, first: n, dst: Some(piece.start) });
+                n += pages as usize;
             }
         }
         Table::with_runs(runs, n)
@@ -132,7 +139,16 @@ impl Table {
         if n % 64 != 0 {
             claimed[words - 1] = !0u64 << (n % 64);
         }
-        Table { runs, claimed, settled: vec![0; words], settled_n: 0, total: n, cursor: 0, failed: None }
+        Table {
+            runs,
+            claimed,
+            settled: vec![0; words],
+            settled_n: 0,
+            total: n,
+            cursor: 0,
+            failed: None,
+            finished: false,
+        }
     }
 
     fn run_of(&self, i: usize) -> usize {
@@ -208,35 +224,11 @@ impl Table {
         (n > 0).then_some((i, n as u32))
     }
 
-    /// Claims the stream's next pages, from the cursor on, round the table (skipping whole
-    /// words of taken pages).
-    fn claim_next(&mut self, most: usize) -> Vec<(usize, u32)> {
-        let mut out = Vec::new();
-        if self.total == 0 {
-            return out;
-        }
-        let mut left = most;
-        let mut scanned = 0;
-        let mut i = self.cursor % self.total;
-        while left > 0 && scanned < self.total {
-            let step = if self.claimed[i / 64] == u64::MAX {
-                64 - i % 64
-            } else if bit(&self.claimed, i) {
-                1
-            } else {
-                let (first, n) = self.claim_from(i, left).expect("an unclaimed page");
-                left -= n as usize;
-                out.push((first, n));
-                n as usize
-            };
-            i += step;
-            scanned += step;
-            if i >= self.total {
-                i = 0;
-            }
-        }
-        self.cursor = i;
-        out
+    /// The page at source address `a`: its index (runs keep the source's order).
+    fn at_src(&self, a: u64) -> Option<usize> {
+        let k = self.runs.partition_point(|r| r.src <= a).checked_sub(1)?;
+        let r = self.runs[k];
+        (a < r.src + r.pages * PAGE).then(|| r.first + ((a - r.src) / PAGE) as usize)
     }
 
     fn src_of(&self, i: usize) -> u64 {
@@ -261,6 +253,8 @@ type Fetched = (Vec<(usize, u32)>, Vec<u8>);
 
 enum FromStream {
     Pages(Vec<(usize, u32)>, Vec<u8>),
+    /// Every page with data has been sent.
+    Done,
     Failed(String),
 }
 
@@ -334,14 +328,14 @@ impl PostCopy {
         }
     }
 
-    /// Waits until every page is here (then the userfaultfd is closed, and the process owns
-    /// all its memory), or the source was lost (`Err`, the missing pages poisoned), at most
-    /// `timeout`.
+    /// Waits until every page with data at the source is here (then the userfaultfd is closed:
+    /// the process owns all its memory, and its other pages read as zeros, as they did), or the
+    /// source was lost (`Err`, the missing pages poisoned), at most `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> Result<PostCopyStats, MigrateError> {
         let deadline = Instant::now() + timeout;
         {
             let mut t = lock(&self.shared.table);
-            while t.settled_n < t.total && t.failed.is_none() && !self.shared.stop.load(Ordering::Relaxed) {
+            while !t.finished && t.failed.is_none() && !self.shared.stop.load(Ordering::Relaxed) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(MigrateError::TimedOut(timeout));
@@ -389,28 +383,54 @@ fn stream(s: &Shared, fetch: &dyn FetchPages, tx: &SyncSender<FromStream>, wake:
         if s.stop.load(Ordering::Relaxed) {
             return;
         }
-        let (batch, runs) = {
-            let mut t = lock(&s.table);
-            if t.failed.is_some() {
-                return;
+        let hint = {
+            let t = lock(&s.table);
+            if t.failed.is_some() || t.total == 0 {
+                None
+            } else {
+                Some(t.src_of(t.cursor.min(t.total - 1)))
             }
-            let batch = t.claim_next(STREAM_BATCH);
-            let runs: Vec<(u64, u32)> = batch.iter().map(|&(i, n)| (t.src_of(i), n)).collect();
-            (batch, runs)
         };
-        if batch.is_empty() {
-            return; // every page is taken
-        }
-        let msg = match fetch.fetch(&runs) {
-            Ok(bytes) => FromStream::Pages(batch, bytes),
-            Err(e) => FromStream::Failed(e),
+        let msg = match hint.map(|h| fetch.next(h, STREAM_BATCH)) {
+            None => FromStream::Done,
+            Some(Err(e)) => FromStream::Failed(e),
+            Some(Ok((addrs, bytes, done))) => {
+                // Runs of consecutive indexes; each page the source sends, it sends once.
+                let mut batch: Vec<(usize, u32)> = Vec::new();
+                {
+                    let mut t = lock(&s.table);
+                    for a in addrs {
+                        let Some(i) = t.at_src(a) else {
+                            // Not a page of ours (cannot happen with a sane source): kept in
+                            // line with the bytes, installed nowhere.
+                            batch.push((usize::MAX, 1));
+                            continue;
+                        };
+                        set(&mut t.claimed, i);
+                        t.cursor = (i + 1) % t.total.max(1);
+                        match batch.last_mut() {
+                            Some((f, n)) if *f != usize::MAX && *f + *n as usize == i => *n += 1,
+                            _ => batch.push((i, 1)),
+                        }
+                    }
+                }
+                if !batch.is_empty() && tx.send(FromStream::Pages(batch, bytes)).is_err() {
+                    return;
+                }
+                if done {
+                    FromStream::Done
+                } else {
+                    poke(wake);
+                    continue;
+                }
+            }
         };
-        let failed = matches!(msg, FromStream::Failed(_));
+        let last = !matches!(msg, FromStream::Pages(..));
         if tx.send(msg).is_err() {
             return;
         }
         poke(wake);
-        if failed {
+        if last {
             return;
         }
     }
@@ -421,10 +441,14 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
     // Pages fetched and not installed yet (an event came first), and faults to serve.
     let mut pending: Vec<Fetched> = Vec::new();
     let mut faults: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    let mut stream_done = false;
     loop {
         {
-            let t = lock(&s.table);
-            if t.settled_n >= t.total || t.failed.is_some() || s.stop.load(Ordering::Relaxed) {
+            let mut t = lock(&s.table);
+            if stream_done && pending.is_empty() && faults.is_empty() {
+                t.finished = true;
+            }
+            if t.finished || t.failed.is_some() || s.stop.load(Ordering::Relaxed) {
                 s.changed.notify_all();
                 return;
             }
@@ -464,6 +488,7 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
         loop {
             match rx.try_recv() {
                 Ok(FromStream::Pages(batch, bytes)) => pending.push((batch, bytes)),
+                Ok(FromStream::Done) => stream_done = true,
                 Ok(FromStream::Failed(e)) => {
                     fail(s, uffd, e);
                     return;
@@ -512,41 +537,111 @@ fn serve_fault(
             }
         }
     };
-    let Some((i, n, src)) = claim else {
+    let Some((i, n, _)) = claim else {
         if let Err(e) = uffd.zero(a, PAGE) {
             log::warn!("migrated process: zero page at {a:#x}: {e}");
         }
         return;
     };
-    match fetch.fetch(&[(src, n)]) {
-        Ok(bytes) => {
-            s.fetched_for_faults.fetch_add(u64::from(n), Ordering::Relaxed);
-            if let Some(rest) = install(s, uffd, &[(i, n)], &bytes) {
-                // The process is changing its mappings: follow what it did, then the main loop
-                // installs the rest.
-                let mut ev = Vec::new();
-                let _ = uffd.read_events(Duration::ZERO, &mut ev);
-                let mut t = lock(&s.table);
-                for e in ev {
-                    match e {
-                        Event::Fault(f) => faults.push_back(f),
-                        Event::Fork(child) => forked(&t, child),
-                        other => t.follow(other),
-                    }
-                }
-                pending.push(rest);
+    let srcs: Vec<u64> = {
+        let t = lock(&s.table);
+        (i..i + n as usize).map(|x| t.src_of(x)).collect()
+    };
+    let (kinds, bytes) = match fetch.fetch(&srcs) {
+        Ok(k) if k.0.len() == srcs.len() => k,
+        Ok(_) => return fail(s, uffd, "the source answered for other pages than asked".into()),
+        Err(e) => return fail(s, uffd, e),
+    };
+    // Pages with data install from the bytes, in runs; those never there are zeros; those the
+    // stream took come with it (still claimed, so a fault on them waits for that).
+    let mut batch: Vec<(usize, u32)> = Vec::new();
+    let mut zeros = Vec::new();
+    for (k, g) in kinds.iter().enumerate() {
+        let x = i + k;
+        match g {
+            Got::Data => match batch.last_mut() {
+                Some((f, m)) if *f + *m as usize == x => *m += 1,
+                _ => batch.push((x, 1)),
+            },
+            Got::Zero => zeros.push(x),
+            Got::Sent => {}
+        }
+    }
+    let data: u64 = batch.iter().map(|&(_, m)| u64::from(m)).sum();
+    if bytes.len() as u64 != data * PAGE {
+        return fail(s, uffd, format!("the source sent {} bytes for {data} pages", bytes.len()));
+    }
+    s.fetched_for_faults.fetch_add(data, Ordering::Relaxed);
+    let mut held = Vec::new();
+    if !batch.is_empty() {
+        held.extend(install(s, uffd, &batch, &bytes));
+    }
+    for x in zeros {
+        if let Some(rest) = install_zero(s, uffd, x) {
+            held.push(rest);
+        }
+    }
+    if !held.is_empty() {
+        // The process is changing its mappings: follow what it did, then the main loop installs
+        // the rest.
+        let mut ev = Vec::new();
+        let _ = uffd.read_events(Duration::ZERO, &mut ev);
+        let mut t = lock(&s.table);
+        for e in ev {
+            match e {
+                Event::Fault(f) => faults.push_back(f),
+                Event::Fork(child) => forked(&t, child),
+                other => t.follow(other),
             }
         }
-        Err(e) => fail(s, uffd, e),
+        pending.extend(held);
+    }
+}
+
+/// Maps a zero page where page `x` is now (it never held data at the source). What an unread
+/// event holds back comes back as a batch of one page with no bytes.
+fn install_zero(s: &Shared, uffd: &ForeignUffd, x: usize) -> Option<Fetched> {
+    let mut t = lock(&s.table);
+    if bit(&t.settled, x) {
+        return None;
+    }
+    let r = t.runs[t.run_of(x)];
+    let Some(d) = r.dst else {
+        t.settle(x);
+        return None;
+    };
+    let dst = d + (x - r.first) as u64 * PAGE;
+    match uffd.zero(dst, PAGE) {
+        Ok(Installed::Again { done: 0 }) => Some((vec![(x, 1)], Vec::new())),
+        Ok(_) => {
+            t.settle(x);
+            None
+        }
+        Err(e) => {
+            log::error!("migrated process: zero page at {dst:#x}: {e}; it is poisoned");
+            let _ = uffd.poison(dst, PAGE);
+            t.settle(x);
+            None
+        }
     }
 }
 
 /// Installs fetched pages where they belong now (skipping those discarded or unmapped
 /// meanwhile). Returns what is left if an unread event stopped it.
 fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8]) -> Option<Fetched> {
+    if bytes.is_empty() {
+        // Zero pages held back by an event.
+        let held: Vec<Fetched> =
+            batch.iter().flat_map(|&(x, n)| x..x + n as usize).filter_map(|x| install_zero(s, uffd, x)).collect();
+        return (!held.is_empty()).then(|| (held.iter().flat_map(|(b, _)| b.clone()).collect(), Vec::new()));
+    }
     let mut t = lock(&s.table);
     let mut off = 0usize;
     for (k, &(first, n)) in batch.iter().enumerate() {
+        if first == usize::MAX {
+            off += n as usize * PAGE as usize;
+            continue;
+        }
         let mut i = first;
         let end = first + n as usize;
         while i < end {
@@ -702,18 +797,20 @@ mod tests {
         t.follow(Event::Unmap { start: 0x20000, end: 0x30000 });
         assert_eq!(t.settled_n, 6);
         assert_eq!(t.at_dst(0x20000), None);
-        // The stream takes only what is left.
-        assert_eq!(t.claim_next(64), vec![(0, 1), (3, 1)]);
-        assert!(t.claim_next(64).is_empty());
+        // A fault takes only what is left of its run.
+        assert_eq!(t.claim_from(0, 16), Some((0, 1)));
+        assert_eq!(t.claim_from(3, 16), Some((3, 1)));
     }
 
     #[test]
-    fn the_stream_starts_after_the_latest_fault_and_takes_each_page_once() {
-        let mut t = table(&[(0x10000, 100)]);
+    fn pages_are_found_by_their_source_address_after_a_remap() {
+        let mut t = table(&[(0x10000, 100), (0x90000, 10)]);
         assert_eq!(t.claim_from(10, 16), Some((10, 16)));
-        t.cursor = 26;
-        assert_eq!(t.claim_next(64), vec![(26, 64)]);
-        assert_eq!(t.claim_next(64), vec![(90, 10), (0, 10)]);
-        assert!(t.claim_next(64).is_empty());
+        assert_eq!(t.claim_from(20, 16), None, "taken already");
+        t.follow(Event::Remap { from: 0x10000, to: 0x700000, len: 0x8000 });
+        assert_eq!(t.at_src(0x10000 + 5 * PAGE), Some(5));
+        assert_eq!(t.at_src(0x90000 + 9 * PAGE), Some(109));
+        assert_eq!(t.at_src(0x90000 + 10 * PAGE), None);
+        assert_eq!(t.at_dst(0x700000 + 5 * PAGE), Some(5));
     }
 }

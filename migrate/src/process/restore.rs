@@ -490,7 +490,7 @@ unsafe fn prepare_and_jump(
     let parking_len: u64 = kernel.iter().map(|m| m.end - m.start).sum();
     let steps_max = own.len() as u64
         + 64
-        + image.mappings.iter().map(|m| 4 + m.private.len() as u64).sum::<u64>()
+        + image.mappings.iter().map(|m| 4 + (m.private.len() + m.early.len()) as u64).sum::<u64>()
         + 12 * image.threads.len() as u64;
     let data_len = steps_max * 64
         + 256 * image.mappings.len() as u64
@@ -596,7 +596,7 @@ unsafe fn prepare_and_jump(
             }
             prog.must(libc::SYS_mprotect, &[m.start, l, u64::from(m.prot)], format!("protect {at}"));
         }
-        if !m.travels_eagerly() && matches!(m.backing, Backing::Anonymous) && m.private_bytes() > m.early_bytes() {
+        if m.follows_post_copy() && l > m.early_bytes() {
             let (req, arg) = ForeignUffd::register_request(m.start, l);
             let a = hole.put_words(&arg)?;
             prog.must(libc::SYS_ioctl, &[uffd as u64, req, a], format!("register {at} for post-copy"));
