@@ -7,16 +7,19 @@
 //!    before anything is stopped.
 //! 2. **Stop** ([`stop`]): every thread is sent the checkpoint signal; the handler that `mosrun`'s
 //!    shim installed ([`shim`]) reports what only the thread sees ([`ThreadRecord`]) and waits.
-//! 3. **Capture** ([`Stopped::capture`]): the rest comes from `/proc` (mappings and which of
-//!    their pages hold the process's own data, by `PAGEMAP_SCAN`; descriptors, working directory,
-//!    limits, ids, `mm` fields, auxiliary vector) into a [`ProcessImage`]. The pages of private
-//!    file mappings that the process wrote travel with it; anonymous memory does not.
+//! 3. **Capture** ([`Stopped::capture`]): the rest comes from `/proc` (mappings; descriptors,
+//!    working directory, limits, ids, `mm` fields, auxiliary vector) into a [`ProcessImage`]. The
+//!    pages of private file mappings that the process wrote (found by `PAGEMAP_SCAN`) and those
+//!    holding the threads' saved contexts travel with it; the rest of its anonymous memory does
+//!    not, and which of its pages hold data is not even looked at: so the pause does not grow
+//!    with the process's size.
 //! 4. **Restore** ([`keeper_main`], [`become_process`]): at the destination a fresh process in
 //!    a new pid namespace takes the migrated pid and rebuilds the process at the same addresses;
 //!    threads get their ids back and resume from their saved contexts.
-//! 5. **Post-copy** ([`PostCopy`]): faults pull their pages from the source (which reads them
-//!    from the stopped process), a stream pulls the rest; the stopped copy is killed when all
-//!    are here.
+//! 5. **Post-copy** ([`PostCopy`], [`SourcePages`]): faults pull their pages from the source,
+//!    which reads them from the stopped process and learns which pages hold data a chunk (2 MiB)
+//!    at a time as it is asked; a stream pulls the rest; the stopped copy is killed when all are
+//!    here (it keeps its memory until then: pages are not freed at the source as they leave).
 //!
 //! x86-64 only: the restorer's interpreter and the signal frame are the architecture's.
 //! aarch64 would need the interpreter in its assembly (`svc #0`, `x8` for the call number), its
