@@ -12,7 +12,6 @@
 //! alone, the process's fixed cost.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -112,13 +111,7 @@ pub fn one(transport: &str, size: u64, pct: u64, key: &str) -> Result<serde_json
         .env("MOSAIC_MIGRATE_SIGNAL", MIGRATE_SIGNAL.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    // SAFETY: close_range between fork and exec: the holder keeps standard descriptors only.
-    unsafe {
-        holder.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    mosaic_migrate::process::standard_descriptors_only(&mut holder);
     let mut holder = holder.spawn().map_err(|e| format!("cannot start the holder: {e}"))?;
     let mut said = String::new();
     BufReader::new(holder.stdout.take().ok_or("no holder output")?).read_line(&mut said).map_err(|e| e.to_string())?;

@@ -5,7 +5,6 @@
 //! restorer (re-run as `restore`).
 
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -87,13 +86,7 @@ pub fn run() -> Result<Option<String>, String> {
         .env("MOSAIC_MIGRATE_SIGNAL", MIGRATE_SIGNAL.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    // SAFETY: close_range between fork and exec: the job keeps its standard descriptors only.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    mosaic_migrate::process::standard_descriptors_only(&mut cmd);
     let t = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("python3: {e}"))?;
     let pid = child.id();

@@ -67,15 +67,8 @@ impl FetchPages for Local {
 /// Starts `prog` with the checkpoint handler, and with no descriptor but standard ones (the
 /// test harness's inherited pipes would make it unmovable).
 fn launch(prog: &PathBuf, args: &[&str]) -> std::process::Child {
-    use std::os::unix::process::CommandExt;
     let mut c = Command::new(prog);
-    // SAFETY: close_range between fork and exec.
-    unsafe {
-        c.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    mosaic_migrate::process::standard_descriptors_only(&mut c);
     c.args(args).env("LD_PRELOAD", shim()).env("MOSAIC_MIGRATE_SIGNAL", "63").stdout(Stdio::piped()).spawn().unwrap()
 }
 

@@ -2,7 +2,7 @@
 //! (`mosctl migrate PID --to NODE`). mosrun stays its home: it keeps the job's record, writes its
 //! output and feeds its input while it runs elsewhere, and exits with its status.
 
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode};
 
 use mosaic_cluster::{resolve_node, run_dir, Home, MIGRATE_SIGNAL};
@@ -39,13 +39,7 @@ pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
     let mut cmd = Command::new(program);
     // Only standard input, output and error go to the program: an inherited pipe (a make
     // jobserver's, a test harness's) would keep it from moving.
-    // SAFETY: close_range between fork and exec touches only the child's descriptors.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    mosaic_migrate::process::standard_descriptors_only(&mut cmd);
     let mut child = cmd
         .args(&cli.program[1..])
         .env("LD_PRELOAD", preloads)

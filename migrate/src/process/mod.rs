@@ -43,3 +43,16 @@ pub use pages::{Got, SourcePages};
 pub use postcopy::{FetchPages, PostCopy, PostCopyStats};
 pub use record::{KernelSigaction, ThreadRecord};
 pub use restore::{become_process, describe_failure};
+
+/// Makes `cmd` start its program with standard input, output and error only: an inherited
+/// descriptor (a make jobserver's pipe, a test harness's) would keep it from moving.
+pub fn standard_descriptors_only(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range between fork and exec touches only the child's descriptors.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
