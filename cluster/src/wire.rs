@@ -52,7 +52,8 @@ pub struct Moved {
     pub freeze_us: u64,
     /// Bytes of the process image (everything but the anonymous memory that follows).
     pub image_bytes: u64,
-    /// Bytes of anonymous memory that follow post-copy.
+    /// Bytes of anonymous mappings whose pages follow post-copy (an upper bound: only the pages
+    /// that hold data cross, and which those are is learned as they go).
     pub post_copy_bytes: u64,
     /// Threads moved.
     pub threads: u32,

@@ -43,7 +43,7 @@ fn wait_for(out: &Mutex<Vec<u8>>, text: &str, limit: Duration) -> Result<(), Str
 
 fn said(node: &str, m: &Moved) -> String {
     format!(
-        "moved to node {node}: stopped {:.1} ms, {} KiB of image, {:.1} MiB of memory followed post-copy (pid {} there)",
+        "moved to node {node}: stopped {:.1} ms, {} KiB of image, the rest of {:.1} MiB of anonymous mappings following post-copy (pid {} there)",
         m.freeze_us as f64 / 1000.0,
         m.image_bytes / 1024,
         m.post_copy_bytes as f64 / f64::from(1 << 20),

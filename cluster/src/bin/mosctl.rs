@@ -60,7 +60,7 @@ fn run(args: Args) -> Result<(), String> {
         Cmd::Migrate { pid, to } => {
             let m = migrate_job(&dir, pid, &to, &key).map_err(|e| e.to_string())?;
             println!(
-                "job {pid} moved to {to}: pid {} there, {} thread(s), stopped {:.3} ms, image {} bytes, {} bytes of memory follow",
+                "job {pid} moved to {to}: pid {} there, {} thread(s), stopped {:.3} ms, image {} bytes, its pages with data among {} bytes of anonymous mappings follow",
                 m.pid,
                 m.threads,
                 m.freeze_us as f64 / 1000.0,
