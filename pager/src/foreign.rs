@@ -161,6 +161,12 @@ impl ForeignUffd {
         self.install(dst, len, |at, _, len| self.uffd.zeropage(at, len, false))
     }
 
+    /// Wakes the threads waiting on faults in `[start, start + len)`: they fault again (and
+    /// are served afresh) if their page is still missing.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        self.uffd.wake(start, len)
+    }
+
     /// Poisons the missing pages `[dst, dst + len)`: an access raises SIGBUS.
     pub fn poison(&self, dst: u64, len: u64) -> io::Result<Installed> {
         self.install(dst, len, |at, _, len| self.uffd.poison(at, len))

@@ -442,10 +442,12 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
     let mut pending: Vec<Fetched> = Vec::new();
     let mut faults: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let mut stream_done = false;
+    // Faults whose zero page met an unread event: served again after the next read.
+    let mut retry: Vec<u64> = Vec::new();
     loop {
         {
             let mut t = lock(&s.table);
-            if stream_done && pending.is_empty() && faults.is_empty() {
+            if stream_done && pending.is_empty() && faults.is_empty() && retry.is_empty() {
                 t.finished = true;
             }
             if t.finished || t.failed.is_some() || s.stop.load(Ordering::Relaxed) {
@@ -458,7 +460,7 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
             libc::pollfd { fd: uffd.raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
-        let timeout = if pending.is_empty() { 100 } else { 0 };
+        let timeout = if pending.is_empty() && retry.is_empty() { 100 } else { 0 };
         // SAFETY: poll on two valid pollfds.
         unsafe { libc::poll(p.as_mut_ptr(), 2, timeout) };
         if p[1].revents != 0 {
@@ -476,14 +478,14 @@ fn install_loop(s: &Shared, uffd: &ForeignUffd, fetch: &dyn FetchPages, rx: &Rec
             for &e in &events {
                 match e {
                     Event::Fault(a) => faults.push_back(a),
-                    Event::Fork(child) => forked(&t, child),
-                    other => t.follow(other),
+                    other => follow_event(&mut t, uffd, other),
                 }
             }
         }
+        faults.extend(retry.drain(..));
         while let Some(a) = faults.pop_front() {
             s.faults.fetch_add(1, Ordering::Relaxed);
-            serve_fault(s, uffd, fetch, a, &mut faults, &mut pending);
+            serve_fault(s, uffd, fetch, a, &mut faults, &mut pending, &mut retry);
         }
         loop {
             match rx.try_recv() {
@@ -521,6 +523,7 @@ fn serve_fault(
     a: u64,
     faults: &mut std::collections::VecDeque<u64>,
     pending: &mut Vec<Fetched>,
+    retry: &mut Vec<u64>,
 ) {
     let claim = {
         let mut t = lock(&s.table);
@@ -538,8 +541,14 @@ fn serve_fault(
         }
     };
     let Some((i, n, _)) = claim else {
-        if let Err(e) = uffd.zero(a, PAGE) {
-            log::warn!("migrated process: zero page at {a:#x}: {e}");
+        match uffd.zero(a, PAGE) {
+            // An event waits unread: served again once it is followed.
+            Ok(Installed::Again { .. }) => retry.push(a),
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("migrated process: zero page at {a:#x}: {e}; it is poisoned");
+                let _ = uffd.poison(a, PAGE);
+            }
         }
         return;
     };
@@ -590,8 +599,7 @@ fn serve_fault(
         for e in ev {
             match e {
                 Event::Fault(f) => faults.push_back(f),
-                Event::Fork(child) => forked(&t, child),
-                other => t.follow(other),
+                other => follow_event(&mut t, uffd, other),
             }
         }
         pending.extend(held);
@@ -698,12 +706,32 @@ fn install(s: &Shared, uffd: &ForeignUffd, batch: &[(usize, u32)], bytes: &[u8])
     None
 }
 
-/// The source is lost: every page not here yet is poisoned (a touch raises SIGBUS), and named.
+/// Follows an event the process caused (under the table's lock), waking the threads that wait
+/// on the pages it moved or dropped: they fault again and are served under the new table
+/// (a page settled by a discard would otherwise never wake its waiter).
+fn follow_event(t: &mut Table, uffd: &ForeignUffd, e: Event) {
+    match e {
+        Event::Fault(_) => {}
+        Event::Fork(child) => forked(t, child),
+        Event::Remap { from, len, .. } => {
+            t.follow(e);
+            let _ = uffd.wake(from, len);
+        }
+        Event::Remove { start, end } | Event::Unmap { start, end } => {
+            t.follow(e);
+            let _ = uffd.wake(start, end - start);
+        }
+    }
+}
+
 /// Poisons, through `uffd`, every page of the table not settled yet (a touch raises SIGBUS);
 /// returns the ranges, for the log.
-fn poison_unsettled(t: &Table, uffd: &ForeignUffd) -> (u64, Vec<String>) {
+fn poison_unsettled(t: &mut Table, uffd: &ForeignUffd) -> (u64, Vec<String>) {
     let (mut pages, mut lost) = (0, Vec::new());
-    for r in &t.runs {
+    let mut k = 0;
+    while k < t.runs.len() {
+        let r = t.runs[k];
+        k += 1;
         let Some(d) = r.dst else { continue };
         let mut i = r.first;
         let end = r.first + r.pages as usize;
@@ -718,8 +746,28 @@ fn poison_unsettled(t: &Table, uffd: &ForeignUffd) -> (u64, Vec<String>) {
             }
             let at = d + (i - r.first) as u64 * PAGE;
             let len = (j - i) as u64 * PAGE;
-            if let Err(e) = uffd.poison(at, len) {
-                log::error!("migrated process: cannot poison {at:#x}+{len:#x}: {e}");
+            let mut done = 0;
+            // An unread event holds installs back: follow it (the table may change under us:
+            // what is poisoned stays poisoned, what moved is poisoned where it went, later).
+            for _ in 0..10_000 {
+                match uffd.poison(at + done, len - done) {
+                    Ok(Installed::Again { done: d2 }) => {
+                        done += d2;
+                        let mut ev = Vec::new();
+                        let _ = uffd.read_events(Duration::ZERO, &mut ev);
+                        for e in ev {
+                            if !matches!(e, Event::Fault(_)) {
+                                follow_event(t, uffd, e);
+                            }
+                        }
+                        std::thread::yield_now();
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        log::error!("migrated process: cannot poison {at:#x}+{len:#x}: {e}");
+                        break;
+                    }
+                }
             }
             pages += (j - i) as u64;
             lost.push(format!("{at:#x}-{:#x}", at + len));
@@ -732,7 +780,7 @@ fn poison_unsettled(t: &Table, uffd: &ForeignUffd) -> (u64, Vec<String>) {
 /// The source is lost: every page not here yet is poisoned (a touch raises SIGBUS), and named.
 fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
     let mut t = lock(&s.table);
-    let (pages, lost) = poison_unsettled(&t, uffd);
+    let (pages, lost) = poison_unsettled(&mut t, uffd);
     s.poisoned.fetch_add(pages, Ordering::Relaxed);
     log::error!(
         "migrated process: the source is lost ({why}); pages that had not arrived raise SIGBUS: {}",
@@ -744,7 +792,7 @@ fn fail(s: &Shared, uffd: &ForeignUffd, why: String) {
 
 /// The process forked before all its pages came: the child's missing pages are poisoned (it
 /// would read zeros there otherwise). A child that execs, as most do, never notices.
-fn forked(t: &Table, child: i32) {
+fn forked(t: &mut Table, child: i32) {
     if child < 0 {
         return;
     }
