@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use super::image::{Backing, Credentials, FileId, Mapping, MmFields, OpenFile, ProcessImage};
-use super::record::{socket_name, ThreadRecord, VERDICT_RESUME, VERDICT_STAY};
+use super::record::{socket_addr, ThreadRecord, VERDICT_RESUME, VERDICT_STAY};
 use crate::MigrateError;
 
 fn refuse(why: impl Into<String>) -> MigrateError {
@@ -248,7 +248,7 @@ pub fn stop(pid: u32, signal: i32, timeout: Duration) -> Result<Stopped, Migrate
         getrandom::fill(&mut b).map_err(|e| MigrateError::Os(format!("random token: {e}")))?;
         u64::from_le_bytes(b)
     };
-    let listener = listen_abstract(&socket_name(token)).map_err(|e| os("checkpoint socket", e))?;
+    let listener = listen_abstract(token).map_err(|e| os("checkpoint socket", e))?;
     let pidfd = pidfd_open(pid).map_err(|_| refuse(format!("no process {pid}")))?;
     let mut stopped =
         Stopped { pid, pidfd, threads: Vec::new(), taken: std::sync::Mutex::new(Vec::new()), settled: false };
@@ -349,7 +349,7 @@ fn queue_signal(pid: u32, tid: u64, signal: i32, token: u64) -> std::io::Result<
     Ok(())
 }
 
-fn listen_abstract(name: &[u8]) -> std::io::Result<OwnedFd> {
+fn listen_abstract(token: u64) -> std::io::Result<OwnedFd> {
     // SAFETY: socket/bind/listen with a sockaddr_un filled in here; the descriptor is owned
     // at once.
     unsafe {
@@ -358,12 +358,7 @@ fn listen_abstract(name: &[u8]) -> std::io::Result<OwnedFd> {
             return Err(std::io::Error::last_os_error());
         }
         let fd = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(name) {
-            *d = *s as libc::c_char;
-        }
-        let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + name.len()) as libc::socklen_t;
+        let (addr, len) = socket_addr(token);
         if libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) != 0 || libc::listen(fd.as_raw_fd(), 128) != 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -58,6 +58,17 @@ pub fn recv_fd(sock: RawFd) -> io::Result<(u8, Option<OwnedFd>)> {
     }
 }
 
+/// A pipe (read end, write end) with `flags` (`O_CLOEXEC`, `O_NONBLOCK`).
+pub fn pipe(flags: i32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors, owned at once.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Writes a frame: tag, length (u32), bytes.
 pub fn write_frame(s: &mut UnixStream, tag: u8, body: &[u8]) -> io::Result<()> {
     let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;

@@ -23,7 +23,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use super::fdpass::{read_frame, recv_fd, write_frame};
+use super::fdpass::{pipe, read_frame, recv_fd, write_frame};
 use super::image::ProcessImage;
 use super::restore::{become_process, describe_failure};
 use crate::MigrateError;
@@ -183,16 +183,6 @@ impl Restorer {
     }
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors, owned at once.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 fn write_raw(fd: RawFd, b: &[u8]) {
     // SAFETY: write from a valid buffer.
     let _ = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
@@ -223,7 +213,7 @@ pub fn keeper_main() -> u8 {
     if image.pid <= 1 {
         return failed(&mut ctl, format!("pid {} cannot be given back", image.pid));
     }
-    let ((rep_r, rep_w), (st_r, st_w)) = match (pipe(), pipe()) {
+    let ((rep_r, rep_w), (st_r, st_w)) = match (pipe(libc::O_CLOEXEC), pipe(libc::O_CLOEXEC)) {
         (Ok(a), Ok(b)) => (a, b),
         _ => return failed(&mut ctl, "pipe".into()),
     };

@@ -279,13 +279,8 @@ impl PostCopy {
         image: &ProcessImage,
         fetch: Arc<dyn FetchPages>,
     ) -> Result<PostCopy, MigrateError> {
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two descriptors, owned at once.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-            return Err(MigrateError::Os(format!("pipe: {}", std::io::Error::last_os_error())));
-        }
-        // SAFETY: fresh descriptors.
-        let (wake_r, wake_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (wake_r, wake_w) = super::fdpass::pipe(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .map_err(|e| MigrateError::Os(format!("pipe: {e}")))?;
         let shared = Arc::new(Shared {
             table: Mutex::new(Table::new(image)),
             changed: Condvar::new(),

@@ -94,6 +94,21 @@ pub fn socket_name(token: u64) -> [u8; 32] {
     name
 }
 
+/// The abstract Unix socket address for a migration's token, and its length (what both the
+/// handlers' `connect` and the agent's `bind` take; building it is async-signal-safe).
+#[allow(clippy::cast_possible_truncation)] // AF_UNIX and a 48-byte length: small constants
+pub fn socket_addr(token: u64) -> (libc::sockaddr_un, libc::socklen_t) {
+    let name = socket_name(token);
+    // SAFETY: sockaddr_un is plain data; all zeros is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(name) {
+        *d = s as libc::c_char;
+    }
+    let len = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + name.len()) as libc::socklen_t;
+    (addr, len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
-use super::record::{socket_name, KernelSigaction, ThreadRecord, RECORD_MAGIC, SIGNALS, VERDICT_STAY};
+use super::record::{socket_addr, KernelSigaction, ThreadRecord, RECORD_MAGIC, SIGNALS, VERDICT_STAY};
 
 /// glibc's `__rseq_offset` (from the thread pointer), read once at install; `i64::MIN` if none.
 static RSEQ_OFFSET: AtomicI64 = AtomicI64::new(i64::MIN);
@@ -152,13 +152,7 @@ extern "C" fn on_checkpoint(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *
             return;
         }
         r.socket_fd = fd as u64;
-        let name = socket_name(token);
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (d, s) in addr.sun_path.iter_mut().zip(name.iter()) {
-            *d = *s as libc::c_char;
-        }
-        let alen = (std::mem::offset_of!(libc::sockaddr_un, sun_path) + name.len()) as libc::socklen_t;
+        let (addr, alen) = socket_addr(token);
         let verdict = if libc::connect(fd, (&raw const addr).cast(), alen) == 0 && write_all(fd, r.as_bytes()) {
             let mut v = 0u8;
             loop {
