@@ -77,6 +77,9 @@ pub enum NetRamError {
         /// How long it was given.
         waited: Duration,
     },
+    /// The region could not be handed over to another process.
+    #[error("hand-over: {0}")]
+    HandOver(#[from] crate::client::HandOverError),
     /// The pager refused the region.
     #[error(transparent)]
     Pager(#[from] PagerError),

@@ -50,7 +50,9 @@ mod size;
 mod store;
 
 pub use budget::SharedBudget;
-pub use client::{ForkTicket, NetRam, NetRamConfig, NetRamStats, MIN_BUDGET_PAGES};
+pub use client::{
+    ForkTicket, HandOver, HandOverError, NetRam, NetRamConfig, NetRamStats, HAND_OVER_GRACE, MIN_BUDGET_PAGES,
+};
 pub use error::{ConfigError, NetRamError, PageError, ServerError};
 pub use server::{MemServer, MemServerConfig, MemStore, StoreStats, MAX_CAPACITY_PAGES};
 pub use size::parse_size;

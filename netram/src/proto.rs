@@ -76,18 +76,18 @@ pub struct ProtoError {
     pub why: String,
 }
 
-fn err(what: &'static str, why: impl Into<String>) -> ProtoError {
+pub(crate) fn err(what: &'static str, why: impl Into<String>) -> ProtoError {
     ProtoError { what, why: why.into() }
 }
 
 /// A little-endian reader over a request, failing with a [`ProtoError`].
-struct Reader<'a> {
-    what: &'static str,
-    buf: &'a [u8],
+pub(crate) struct Reader<'a> {
+    pub(crate) what: &'static str,
+    pub(crate) buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
         if self.buf.len() < n {
             return Err(err(self.what, format!("truncated: needs {n} more bytes, has {}", self.buf.len())));
         }
@@ -95,16 +95,22 @@ impl<'a> Reader<'a> {
         self.buf = rest;
         Ok(head)
     }
-    fn u32(&mut self) -> Result<u32, ProtoError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap_or_default()))
+    }
+    pub(crate) fn u32(&mut self) -> Result<u32, ProtoError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap_or_default()))
     }
-    fn u64(&mut self) -> Result<u64, ProtoError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ProtoError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap_or_default()))
     }
-    fn client(&mut self) -> Result<ClientId, ProtoError> {
+    pub(crate) fn client(&mut self) -> Result<ClientId, ProtoError> {
         Ok(self.take(16)?.try_into().unwrap_or_default())
     }
-    fn end(&self) -> Result<(), ProtoError> {
+    pub(crate) fn end(&self) -> Result<(), ProtoError> {
         if self.buf.is_empty() {
             Ok(())
         } else {

@@ -153,6 +153,18 @@ impl ServerSet {
         }
     }
 
+    /// Every slab's placement (server indexes), for a region handed over to another process.
+    pub(crate) fn placements(&self) -> Vec<(u64, Vec<usize>)> {
+        let mut v: Vec<(u64, Vec<usize>)> = crate::lock(&self.placement).iter().map(|(k, v)| (*k, v.clone())).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Takes over the placements of a region handed over (indexes into the same server list).
+    pub(crate) fn set_placements(&self, placements: impl IntoIterator<Item = (u64, Vec<usize>)>) {
+        crate::lock(&self.placement).extend(placements);
+    }
+
     /// The servers that should hold slab `slab`'s copies: its placement, with dead or full
     /// members replaced.
     pub(crate) fn servers_for(&self, slab: u64) -> Vec<usize> {
@@ -387,10 +399,12 @@ impl ServerSet {
     }
 
     /// Clones this session on every live server into a new detached session `child` (see
-    /// `proto`'s "Clones"); returns the mask of servers that did. A server that refuses is
-    /// logged and left out: the child has no copy there.
-    pub(crate) fn clone_session(&self, child: &ClientId, secret: &Secret) -> u32 {
-        let req = proto::encode_clone(&self.client, child, self.grace_ms, secret);
+    /// `proto`'s "Clones") that waits `grace` (this session's own grace time if `None`) for the
+    /// child to attach; returns the mask of servers that did. A server that refuses is logged
+    /// and left out: the child has no copy there.
+    pub(crate) fn clone_session(&self, child: &ClientId, secret: &Secret, grace: Option<Duration>) -> u32 {
+        let grace_ms = grace.map_or(self.grace_ms, |g| u32::try_from(g.as_millis()).unwrap_or(u32::MAX));
+        let req = proto::encode_clone(&self.client, child, grace_ms, secret);
         let mut done = 0;
         for (i, m) in self.members.iter().enumerate() {
             if !m.alive() {

@@ -52,6 +52,9 @@ pub struct NetRamConfig {
     /// never less than a quarter of the budget. For one region per process (the LD_PRELOAD
     /// shim sets it); off by default.
     pub count_process_memory: bool,
+    /// Map the region at exactly this address (page-aligned; creating it fails if anything is
+    /// mapped there). Default: wherever the kernel puts it.
+    pub fixed_addr: Option<usize>,
 }
 
 impl NetRamConfig {
@@ -73,6 +76,7 @@ impl NetRamConfig {
             backing_file: None,
             shared_budget: None,
             count_process_memory: false,
+            fixed_addr: None,
         }
     }
 }

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{NetRam, Shared};
-use crate::pages::PageState::{Absent, Dirty, Lost, Remote};
+use crate::pages::PageState::{self, Absent, Dirty, Lost, Remote};
 use crate::pages::PageTable;
 use crate::proto::{ClientId, Secret};
 use crate::servers::{ServerSet, FILE_HOLDER};
@@ -36,7 +36,7 @@ use crate::{ConfigError, NetRamError};
 /// Set in the gate's state while it is closed; the rest counts the threads inside.
 const CLOSED: u64 = 1 << 63;
 /// How long closing the gate waits for the threads inside to leave.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
+pub(super) const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 thread_local! {
     /// Gates this thread is inside: a thread already inside never waits at a gate again (it
@@ -77,7 +77,7 @@ impl ForkGate {
 
     /// Closes the gate and waits for everyone inside to leave; false (and open again) if they
     /// did not within `limit`.
-    fn close(&self, limit: Duration) -> bool {
+    pub(super) fn close(&self, limit: Duration) -> bool {
         self.state.fetch_or(CLOSED, Ordering::AcqRel);
         let start = Instant::now();
         while self.state.load(Ordering::Acquire) & !CLOSED != 0 {
@@ -90,7 +90,7 @@ impl ForkGate {
         true
     }
 
-    fn open(&self) {
+    pub(super) fn open(&self) {
         self.state.fetch_and(!CLOSED, Ordering::AcqRel);
     }
 }
@@ -132,7 +132,7 @@ impl NetRam {
         if !s.fork_gate.close(CLOSE_WAIT) {
             return Err(NetRamError::ForkPause { waited: CLOSE_WAIT });
         }
-        let ticket = ForkTicket { child, secret, cloned: s.servers.clone_session(&child, &secret) };
+        let ticket = ForkTicket { child, secret, cloned: s.servers.clone_session(&child, &secret, None) };
         if let Err(e) = self.region().inherit_on_fork(true) {
             s.fork_gate.open();
             return Err(e.into());
@@ -172,6 +172,23 @@ impl NetRam {
     }
 }
 
+/// What a page not in local memory becomes in a region that takes over another's table (a
+/// forked child, a region handed over): its state there and the holders `usable` leaves it.
+/// A page whose copies are all on servers it cannot read becomes Lost (SIGBUS, never zeros).
+pub(super) fn inherited(state: PageState, holders: u32, usable: u32) -> (PageState, u32) {
+    let all = holders & !FILE_HOLDER;
+    let kept = all & usable;
+    if state == Lost {
+        (Lost, 0)
+    } else if kept != 0 {
+        (Remote, kept)
+    } else if all != 0 || state == Remote {
+        (Lost, 0)
+    } else {
+        (Absent, 0)
+    }
+}
+
 /// Builds the child's region on the mapping at `base` (see the module's documentation).
 fn adopt(
     parent: &Shared,
@@ -202,22 +219,14 @@ fn adopt(
             next.next();
         }
         let here = next.peek().is_some_and(|r| r.contains(&i));
-        let (st, all) = (parent.table.get(i), parent.table.holders(i) & !FILE_HOLDER);
-        let holders = all & usable;
-        let state = if here {
+        if here {
             queue.push_back(i);
-            Dirty
-        } else if st == Lost {
-            Lost
-        } else if holders != 0 {
-            Remote
-        } else if all != 0 || st == Remote {
-            // It had copies, none of which the child can read.
-            lost += 1;
-            Lost
-        } else {
-            Absent
-        };
+            table.set(i, Dirty);
+            table.set_holders(i, parent.table.holders(i) & !FILE_HOLDER & usable);
+            continue;
+        }
+        let (state, holders) = inherited(parent.table.get(i), parent.table.holders(i), usable);
+        lost += u64::from(state == Lost && parent.table.get(i) != Lost);
         if state != Absent {
             table.set(i, state);
             table.set_holders(i, holders);
@@ -233,7 +242,7 @@ fn adopt(
     let shared = Shared::new(&cfg, servers, table, budget, None);
     shared.resident.store(queue.len() as u64, Ordering::Release);
     *crate::lock(&shared.queue) = queue;
-    let ram = NetRam::start(cfg, shared, Some(base))?;
+    let ram = NetRam::start(cfg, shared, super::MapAt::Adopt(base))?;
     ram.shared.wake_evictor();
     log::debug!("region {}: adopted in a forked child ({} pages resident)", ram.shared.name, ram.stats().resident);
     Ok(ram)

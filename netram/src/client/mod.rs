@@ -28,6 +28,7 @@ mod config;
 mod eviction;
 mod footprint;
 mod fork;
+mod handover;
 mod lifecycle;
 mod source;
 mod store;
@@ -39,6 +40,7 @@ pub use config::{NetRamConfig, NetRamStats};
 use footprint::Footprint;
 use fork::ForkGate;
 pub use fork::ForkTicket;
+pub use handover::{HandOver, HandOverError, HAND_OVER_GRACE};
 use source::{Settled, Source};
 use victims::VictimCache;
 
@@ -160,6 +162,16 @@ fn offset(i: u64) -> usize {
     i as usize * PAGE_SIZE
 }
 
+/// Where a region's mapping comes from.
+enum MapAt {
+    /// A new mapping wherever the kernel puts it.
+    Anywhere,
+    /// The mapping at this address, inherited across a fork.
+    Adopt(usize),
+    /// A new mapping at exactly this address (a region handed over from another process).
+    Fixed(usize),
+}
+
 /// A region of network RAM. Dereferences to the underlying [`RegionCore`] (address, size,
 /// pager statistics).
 pub struct NetRam {
@@ -210,19 +222,22 @@ impl NetRam {
             None => None,
         };
         let shared = Shared::new(&cfg, servers, PageTable::new(pages), budget, file);
-        NetRam::start(cfg, shared, None)
+        let at = cfg.fixed_addr.map_or(MapAt::Anywhere, MapAt::Fixed);
+        NetRam::start(cfg, shared, at)
     }
 
-    /// Maps the region (or adopts the mapping at `adopt`, in a forked child) with `shared` as
-    /// its page source and starts the background threads.
-    fn start(cfg: NetRamConfig, shared: Arc<Shared>, adopt: Option<usize>) -> Result<NetRam, NetRamError> {
+    /// Maps the region where `at` says with `shared` as its page source and starts the
+    /// background threads.
+    fn start(cfg: NetRamConfig, shared: Arc<Shared>, at: MapAt) -> Result<NetRam, NetRamError> {
         let mut rcfg = RegionConfig::new(shared.table.len())
             .mode(cfg.fault_mode)
             .dirty(DirtyTracking::Faults)
             .report_discards(false)
             .name(cfg.name.clone());
-        if let Some(addr) = adopt {
-            rcfg = rcfg.adopt(addr);
+        match at {
+            MapAt::Anywhere => {}
+            MapAt::Adopt(addr) => rcfg = rcfg.adopt(addr),
+            MapAt::Fixed(addr) => rcfg = rcfg.fixed_addr(addr),
         }
         let region = Region::new(rcfg, Source(shared.clone())).map_err(NetRamError::Pager)?;
         let core = region.core();
@@ -434,6 +449,8 @@ impl Drop for NetRam {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.shared.wake_evictor();
+        // A region handed over keeps its gate closed: let its threads out to see the stop.
+        self.shared.fork_gate.open();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

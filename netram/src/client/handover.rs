@@ -1,0 +1,458 @@
+//! A region handed over to another process, on this host or another: only its table moves.
+//!
+//! ```text
+//!  source   hand_over: write back every dirty page and drop every resident one (the
+//!           evictor's rounds, to the end), close the gate (no eviction, rebuild or session
+//!           check runs), CLONE the session on every live server (copy-on-write there: no
+//!           page is copied), describe the table: each page Absent, Remote (with its holders)
+//!           or Lost, the slabs' placement, the clone's identity and secret
+//!  taker    take_over: attach to the clone with its secret, map the region at the same
+//!           address, every page Remote/Absent/Lost as described: pages come in on touch
+//!  source   dropped once the taker has the region (its own session ends; the clone keeps
+//!           every page), or resume_after_hand_over if nobody took it
+//! ```
+//! Why nothing is lost: after the write-back every page's current contents are on the servers
+//! (Remote) or zeros (Absent); the clone holds exactly those copies whatever the source does
+//! next, and a source that dies only ends its own session. What crosses besides the table: no
+//! page. The threads using the region must be stopped before [`NetRam::hand_over`] (a write
+//! after it would stay at the source); a page touched meanwhile makes the hand-over fail.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mosaic_transport::ClusterKey;
+
+use super::fork::{inherited, CLOSE_WAIT};
+use super::lifecycle::Round;
+use super::{MapAt, NetRam, NetRamConfig, Shared};
+use crate::pages::PageState::{self, Absent, Lost, Remote};
+use crate::pages::PageTable;
+use crate::proto::{err, ClientId, ProtoError, Reader, Secret, SECRET_LEN};
+use crate::servers::{ServerSet, MAX_SERVERS, SLAB_PAGES};
+use crate::{ConfigError, NetRamError, PAGE_SIZE};
+
+/// How long the servers keep the handed-over pages for a taker that has not attached yet.
+pub const HAND_OVER_GRACE: Duration = Duration::from_secs(120);
+/// The encoding's first bytes, and its version.
+const MAGIC: &[u8; 4] = b"MNH1";
+/// The user address space of x86-64 (47 bits): nothing is described beyond it.
+const USER_END: u64 = 1 << 47;
+
+/// Why a region could not be handed over.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandOverError {
+    /// A region with a local backing file (the file stays on this host).
+    #[error("a region with a backing file cannot be handed over (the file stays on this host)")]
+    BackingFile,
+    /// Pages stayed resident: they could not be written back (the servers are full or down).
+    #[error("{pages} resident page(s) could not be written back to the memory servers")]
+    NotWrittenBack {
+        /// How many.
+        pages: u64,
+    },
+    /// A thread touched the region during the hand-over (the caller must stop them first).
+    #[error("page {page} was touched during the hand-over (stop the threads using the region first)")]
+    Touched {
+        /// The first such page.
+        page: u64,
+    },
+    /// No server could clone the region's pages for the taker.
+    #[error("no memory server could keep the region's pages for the taker")]
+    NotCloned,
+    /// The background work did not pause in time.
+    #[error("the region's background work did not pause within {waited:?}")]
+    Pause {
+        /// How long it was given.
+        waited: Duration,
+    },
+    /// A description that does not parse or describes no possible region.
+    #[error(transparent)]
+    Malformed(#[from] ProtoError),
+}
+
+/// What a region's taker needs: its place, its servers, the session holding its pages and
+/// the state of every page. [`encode`](HandOver::encode) it to send it, [`NetRam::take_over`]
+/// in the other process.
+///
+/// It holds the secret of the clone session that holds the pages: whoever has it can read
+/// them. Send it only over an authenticated link.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HandOver {
+    addr: u64,
+    pages: u64,
+    region: u64,
+    client: ClientId,
+    secret: Secret,
+    copies: u8,
+    /// Servers that cloned the session.
+    cloned: u32,
+    /// Pages written back to the servers by the hand-over.
+    written_back: u64,
+    servers: Vec<String>,
+    /// Runs of pages: (count, state, holders).
+    runs: Vec<(u64, PageState, u32)>,
+    /// Each slab's servers.
+    placements: Vec<(u64, Vec<usize>)>,
+}
+
+impl std::fmt::Debug for HandOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandOver")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("pages", &self.pages)
+            .field("servers", &self.servers)
+            .field("runs", &self.runs.len())
+            .field("written_back", &self.written_back)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandOver {
+    /// The region's address (the same in both processes).
+    pub fn addr(&self) -> usize {
+        usize::try_from(self.addr).unwrap_or(usize::MAX)
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        usize::try_from(self.pages).unwrap_or(usize::MAX / PAGE_SIZE) * PAGE_SIZE
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The memory servers holding its pages.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// Pages with data on the servers (the rest read as zeros, or are lost).
+    pub fn remote_pages(&self) -> u64 {
+        self.runs.iter().filter(|r| r.1 == Remote).map(|r| r.0).sum()
+    }
+
+    /// Pages the hand-over wrote back to the servers (the dirty resident ones).
+    pub fn written_back(&self) -> u64 {
+        self.written_back
+    }
+
+    /// The encoding (little-endian; see the module's source for the layout).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(128 + self.runs.len() * 13 + self.placements.len() * 12);
+        b.extend_from_slice(MAGIC);
+        for w in [self.addr, self.pages, self.region, self.written_back] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b.extend_from_slice(&self.client);
+        b.extend_from_slice(&self.secret);
+        b.push(self.copies);
+        b.extend_from_slice(&self.cloned.to_le_bytes());
+        b.push(self.servers.len() as u8); // at most MAX_SERVERS
+        for s in &self.servers {
+            let bytes = &s.as_bytes()[..s.len().min(u16::MAX.into())];
+            b.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+            b.extend_from_slice(bytes);
+        }
+        b.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
+        for &(count, state, holders) in &self.runs {
+            b.extend_from_slice(&count.to_le_bytes());
+            b.push(state as u8);
+            b.extend_from_slice(&holders.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.placements.len() as u64).to_le_bytes());
+        for (slab, servers) in &self.placements {
+            b.extend_from_slice(&slab.to_le_bytes());
+            b.push(servers.len() as u8);
+            b.extend(servers.iter().map(|&i| i as u8));
+        }
+        b
+    }
+
+    /// Decodes one, checking that it describes a possible region: page-aligned and inside the
+    /// address space, runs covering it exactly, holders and placements among its servers.
+    pub fn decode(buf: &[u8]) -> Result<HandOver, HandOverError> {
+        const WHAT: &str = "hand-over";
+        let bad = |why: String| HandOverError::Malformed(err(WHAT, why));
+        let mut r = Reader { what: WHAT, buf };
+        if r.take(4)? != MAGIC {
+            return Err(bad("not a hand-over of this version".into()));
+        }
+        let (addr, pages, region, written_back) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        if addr % PAGE_SIZE as u64 != 0
+            || pages == 0
+            || pages.checked_mul(PAGE_SIZE as u64).and_then(|l| l.checked_add(addr)).is_none_or(|e| e > USER_END)
+        {
+            return Err(bad(format!("{pages} pages at {addr:#x} is not a region of the address space")));
+        }
+        let client = r.client()?;
+        let secret: Secret = r.take(SECRET_LEN)?.try_into().unwrap_or([0; SECRET_LEN]);
+        let (copies, cloned) = (r.u8()?, r.u32()?);
+        let n = usize::from(r.u8()?);
+        if n == 0 || n > MAX_SERVERS || usize::from(copies) == 0 || usize::from(copies) > n {
+            return Err(bad(format!("{n} servers and {copies} copies")));
+        }
+        let mut servers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = usize::from(r.u16()?);
+            let uri = std::str::from_utf8(r.take(len)?).map_err(|_| bad("a server URI that is not UTF-8".into()))?;
+            servers.push(uri.to_string());
+        }
+        let members = (1u32 << n) - 1;
+        let count = r.u64()?;
+        // Each run takes 13 bytes: a count the buffer cannot hold is refused before allocating.
+        if count > (r.buf.len() / 13) as u64 {
+            return Err(bad(format!("{count} runs in {} bytes", r.buf.len())));
+        }
+        let mut runs = Vec::with_capacity(count as usize);
+        let mut covered = 0u64;
+        for _ in 0..count {
+            let (len, state, holders) = (r.u64()?, r.u8()?, r.u32()?);
+            let state = match state {
+                0 => Absent,
+                1 => Remote,
+                7 => Lost,
+                s => return Err(bad(format!("page state {s} (only absent, remote or lost can be handed over)"))),
+            };
+            if len == 0 || holders & !members != 0 || (state == Remote) != (holders != 0) {
+                return Err(bad(format!("a run of {len} {state:?} pages held by {holders:#x}")));
+            }
+            covered =
+                covered.checked_add(len).filter(|c| *c <= pages).ok_or_else(|| bad("runs beyond the region".into()))?;
+            runs.push((len, state, holders));
+        }
+        if covered != pages {
+            return Err(bad(format!("runs cover {covered} of {pages} pages")));
+        }
+        let count = r.u64()?;
+        if count > (r.buf.len() / 9) as u64 {
+            return Err(bad(format!("{count} placements in {} bytes", r.buf.len())));
+        }
+        let mut placements = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let slab = r.u64()?;
+            let k = usize::from(r.u8()?);
+            let idx: Vec<usize> = r.take(k)?.iter().map(|&i| usize::from(i)).collect();
+            if slab > pages / SLAB_PAGES || k > n || idx.iter().any(|&i| i >= n) {
+                return Err(bad(format!("slab {slab} placed on servers {idx:?}")));
+            }
+            placements.push((slab, idx));
+        }
+        r.end()?;
+        Ok(HandOver { addr, pages, region, client, secret, copies, cloned, written_back, servers, runs, placements })
+    }
+}
+
+impl NetRam {
+    /// Hands the region over to another process (see the module's documentation): writes back
+    /// its dirty pages, drops its resident ones, pauses its background work and has the servers
+    /// keep a copy-on-write clone of its pages for the taker ([`NetRam::take_over`]), which
+    /// must attach within [`HAND_OVER_GRACE`]. Stop every thread using the region first.
+    ///
+    /// Afterwards, drop this region once the taker has it (its session ends; the clone keeps
+    /// every page), or call [`resume_after_hand_over`](NetRam::resume_after_hand_over) to go on
+    /// here. On error nothing was handed over and the region works on here.
+    pub fn hand_over(&self) -> Result<HandOver, NetRamError> {
+        let s = &self.shared;
+        if s.file.is_some() {
+            return Err(HandOverError::BackingFile.into());
+        }
+        let written_before = s.stats.written_back.load(Ordering::Relaxed);
+        s.write_back_all(self.region());
+        let resident = s.resident.load(Ordering::Acquire);
+        if resident > 0 {
+            return Err(HandOverError::NotWrittenBack { pages: resident }.into());
+        }
+        if !s.fork_gate.close(CLOSE_WAIT) {
+            return Err(HandOverError::Pause { waited: CLOSE_WAIT }.into());
+        }
+        let described = s.describe().and_then(|runs| {
+            let (mut client, mut secret) = ([0u8; 16], [0u8; SECRET_LEN]);
+            getrandom::fill(&mut client).and_then(|()| getrandom::fill(&mut secret)).map_err(NetRamError::Random)?;
+            let cloned = s.servers.clone_session(&client, &secret, Some(HAND_OVER_GRACE));
+            if cloned == 0 {
+                return Err(HandOverError::NotCloned.into());
+            }
+            Ok(HandOver {
+                addr: self.as_ptr() as u64,
+                pages: s.table.len(),
+                region: s.servers.region_id(),
+                client,
+                secret,
+                copies: s.servers.copies() as u8,
+                cloned,
+                written_back: s.stats.written_back.load(Ordering::Relaxed) - written_before,
+                servers: s.servers.members.iter().map(|m| m.uri.clone()).collect(),
+                runs,
+                placements: s.servers.placements(),
+            })
+        });
+        if described.is_err() {
+            s.fork_gate.open();
+        }
+        described
+    }
+
+    /// Goes on using a region whose [`hand_over`](NetRam::hand_over) nobody took: its
+    /// background work resumes and its pages come back on touch. (The servers reclaim the
+    /// unused clone after [`HAND_OVER_GRACE`].)
+    pub fn resume_after_hand_over(&self) {
+        self.shared.fork_gate.open();
+    }
+
+    /// Takes over a region another process handed over: maps it at the same address, attached
+    /// to the servers' clone of its pages, with at most `resident_budget` bytes in local RAM.
+    /// Pages come in on touch; a page whose every copy is on a server that lost the clone is
+    /// lost (SIGBUS on touch, never zeros).
+    pub fn take_over(h: &HandOver, key: ClusterKey, resident_budget: u64) -> Result<NetRam, NetRamError> {
+        let mut cfg = NetRamConfig::new(h.servers.clone(), key, h.pages * PAGE_SIZE as u64, resident_budget);
+        cfg.copies = usize::from(h.copies);
+        cfg.name = "taken over".into();
+        let budget = resident_budget / PAGE_SIZE as u64;
+        if budget < super::MIN_BUDGET_PAGES {
+            return Err(
+                ConfigError::BudgetTooSmall { bytes: resident_budget, min_pages: super::MIN_BUDGET_PAGES }.into()
+            );
+        }
+        let servers = ServerSet::connect(
+            &cfg.servers,
+            &cfg.key,
+            h.client,
+            h.secret,
+            h.region,
+            cfg.copies,
+            cfg.grace,
+            cfg.timeout,
+        )?;
+        let usable = h.cloned & !servers.fresh_mask();
+        servers.set_placements(h.placements.iter().cloned());
+        let table = PageTable::new(h.pages);
+        let (mut at, mut lost) = (0u64, 0u64);
+        for &(count, state, holders) in &h.runs {
+            let (now, kept) = inherited(state, holders, usable);
+            if now != Absent {
+                for i in at..at + count {
+                    table.set(i, now);
+                    table.set_holders(i, kept);
+                }
+            }
+            lost += if now == Lost && state != Lost { count } else { 0 };
+            at += count;
+        }
+        if lost > 0 {
+            log::error!(
+                "region at {:#x}: {lost} page(s) handed over have no copy this process can read (a server lost the clone): touching one raises SIGBUS",
+                h.addr
+            );
+        }
+        let shared = Shared::new(&cfg, servers, table, budget, None);
+        // Copies short of `copies` (a server that did not clone) are made again.
+        shared.rebuild_wanted.store(true, Ordering::Release);
+        NetRam::start(cfg, shared, MapAt::Fixed(h.addr()))
+    }
+}
+
+impl Shared {
+    /// Writes back every dirty page and drops every resident page (rounds of eviction until
+    /// the queue is empty or no round makes progress).
+    fn write_back_all(&self, core: &mosaic_pager::RegionCore) {
+        let _round = crate::lock(&self.evicting);
+        let mut stuck = 0;
+        while self.resident.load(Ordering::Acquire) > 0 && stuck < 3 + crate::lock(&self.queue).len() / 64 {
+            let _gate = self.fork_gate.enter();
+            match self.evict_round(core, Round::All) {
+                None => break,
+                Some(0) => stuck += 1,
+                Some(_) => stuck = 0,
+            }
+        }
+    }
+
+    /// The table as runs of (count, state, holders), if every page is absent, remote or lost.
+    fn describe(&self) -> Result<Vec<(u64, PageState, u32)>, NetRamError> {
+        let mut runs: Vec<(u64, PageState, u32)> = Vec::new();
+        for i in 0..self.table.len() {
+            let state = self.table.get(i);
+            if !matches!(state, Absent | Remote | Lost) {
+                return Err(HandOverError::Touched { page: i }.into());
+            }
+            let holders = if state == Remote { self.table.holders(i) & !crate::servers::FILE_HOLDER } else { 0 };
+            match runs.last_mut() {
+                Some(r) if r.1 == state && r.2 == holders => r.0 += 1,
+                _ => runs.push((1, state, holders)),
+            }
+        }
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> HandOver {
+        HandOver {
+            addr: 0x6000_0000_0000,
+            pages: 1000,
+            region: 7,
+            client: [3; 16],
+            secret: [9; SECRET_LEN],
+            copies: 2,
+            cloned: 0b11,
+            written_back: 12,
+            servers: vec!["tcp://127.0.0.1:1".into(), "shm:///x".into()],
+            runs: vec![(10, Absent, 0), (500, Remote, 0b11), (1, Lost, 0), (489, Remote, 0b01)],
+            placements: vec![(0, vec![0, 1]), (3, vec![1])],
+        }
+    }
+
+    #[test]
+    fn a_hand_over_round_trips_and_every_cut_or_bent_encoding_is_refused() {
+        let h = sample();
+        let b = h.encode();
+        assert_eq!(HandOver::decode(&b).unwrap(), h);
+        assert_eq!((h.remote_pages(), h.len()), (989, 1000 * PAGE_SIZE));
+        for cut in 0..b.len() {
+            assert!(HandOver::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(HandOver::decode(&longer).is_err());
+        let bent = |f: &dyn Fn(&mut HandOver)| {
+            let mut h = sample();
+            f(&mut h);
+            HandOver::decode(&h.encode()).map(|_| ()).map_err(|e| e.to_string())
+        };
+        for (what, f) in [
+            ("unaligned", &(|h: &mut HandOver| h.addr += 1) as &dyn Fn(&mut HandOver)),
+            ("beyond the address space", &|h| h.addr = USER_END - 4096),
+            ("runs short", &|h| h.runs[0].0 = 9),
+            ("runs long", &|h| h.runs[0].0 = 11),
+            ("remote without holders", &|h| h.runs[1].2 = 0),
+            ("absent with holders", &|h| h.runs[0].2 = 1),
+            ("a holder that is no server", &|h| h.runs[1].2 = 0b100),
+            ("more copies than servers", &|h| h.copies = 3),
+            ("no copies", &|h| h.copies = 0),
+            ("a placement on no server", &|h| h.placements[0].1 = vec![2]),
+            ("a slab beyond the region", &|h| h.placements[0].0 = 4),
+            ("a resident page", &|h| h.runs[2].1 = PageState::Dirty),
+        ] {
+            assert!(bent(f).is_err(), "{what} was accepted");
+        }
+        let mut b = h.encode();
+        b[0] = b'X';
+        assert!(HandOver::decode(&b).unwrap_err().to_string().contains("version"));
+    }
+
+    #[test]
+    fn a_run_count_larger_than_the_buffer_is_refused_before_allocating() {
+        let h = sample();
+        let mut b = h.encode();
+        // The run count follows the servers: find it by re-encoding with no runs.
+        let at = b.len() - (h.runs.len() * 13 + 8 + 8 + h.placements.iter().map(|p| 9 + p.1.len()).sum::<usize>());
+        b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(HandOver::decode(&b).unwrap_err().to_string().contains("runs in"));
+    }
+}
