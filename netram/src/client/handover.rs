@@ -140,6 +140,8 @@ impl HandOver {
     }
 
     /// The encoding (little-endian; see the module's source for the layout).
+    // Server counts and indexes are below MAX_SERVERS (31), URIs are cut to u16::MAX bytes.
+    #[allow(clippy::cast_possible_truncation)]
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(128 + self.runs.len() * 13 + self.placements.len() * 12);
         b.extend_from_slice(MAGIC);
@@ -206,7 +208,7 @@ impl HandOver {
         if count > (r.buf.len() / 13) as u64 {
             return Err(bad(format!("{count} runs in {} bytes", r.buf.len())));
         }
-        let mut runs = Vec::with_capacity(count as usize);
+        let mut runs = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
         let mut covered = 0u64;
         for _ in 0..count {
             let (len, state, holders) = (r.u64()?, r.u8()?, r.u32()?);
@@ -230,7 +232,7 @@ impl HandOver {
         if count > (r.buf.len() / 9) as u64 {
             return Err(bad(format!("{count} placements in {} bytes", r.buf.len())));
         }
-        let mut placements = Vec::with_capacity(count as usize);
+        let mut placements = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
         for _ in 0..count {
             let slab = r.u64()?;
             let k = usize::from(r.u8()?);
@@ -281,7 +283,7 @@ impl NetRam {
                 region: s.servers.region_id(),
                 client,
                 secret,
-                copies: s.servers.copies() as u8,
+                copies: u8::try_from(s.servers.copies()).unwrap_or(u8::MAX),
                 cloned,
                 written_back: s.stats.written_back.load(Ordering::Relaxed) - written_before,
                 servers: s.servers.members.iter().map(|m| m.uri.clone()).collect(),
