@@ -64,6 +64,9 @@ typedef struct mosaic_migration_out mosaic_migration_out;
 // A network-RAM region (opaque).
 typedef struct mosaic_netram mosaic_netram;
 
+// A network-RAM region handed over by this process and offered to a destination (opaque).
+typedef struct mosaic_netram_out mosaic_netram_out;
+
 // Options of `mosaic_netram_create()`. Initialise with `mosaic_netram_options_init()`, then set
 // what differs.
 typedef struct mosaic_netram_options {
@@ -80,6 +83,9 @@ typedef struct mosaic_netram_options {
   uint32_t fault_mode;
   // A local file that also keeps every written-back page (created, truncated); NULL: none.
   const char *backing_file;
+  // Map the region at exactly this address (page-aligned; creating it fails if anything is
+  // mapped there); 0: wherever the kernel puts it.
+  uint64_t fixed_addr;
 } mosaic_netram_options;
 
 // Counters of a region (`mosaic_netram_get_stats()`).
@@ -118,6 +124,19 @@ typedef struct mosaic_migrate_stats {
   uint64_t bytes_sent;
 } mosaic_migrate_stats;
 
+// What a network-RAM region's migration cost at the source (`mosaic_netram_out_finish()`).
+typedef struct mosaic_netram_hand_over_stats {
+  // Microseconds from the start of the hand-over to its description being ready (dirty
+  // pages written back, the session cloned on the servers).
+  uint64_t hand_over_us;
+  // Dirty pages written back to the memory servers by the hand-over.
+  uint64_t written_back_pages;
+  // Pages with data on the servers (none of them crossed the migration link).
+  uint64_t remote_pages;
+  // Bytes sent to the destination (the description).
+  uint64_t bytes_sent;
+} mosaic_netram_hand_over_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -137,7 +156,7 @@ const char *mosaic_strerror(int status);
 const char *mosaic_last_error(void);
 
 // Fills `opts` with the defaults: no size, a 64 MiB budget, servers from the environment,
-// default copies, faults on the faulting thread, no backing file.
+// default copies, faults on the faulting thread, no backing file, no fixed address.
 enum mosaic_status mosaic_netram_options_init(struct mosaic_netram_options *opts);
 
 // Creates a network-RAM region as `opts` says and stores its handle in `*out`.
@@ -286,6 +305,40 @@ enum mosaic_status mosaic_migrate_connect(const char *uri,
 // ordinary memory of this process (nothing of Mosaic's behind it any more) and frees the
 // handle. On time-out the handle stays.
 enum mosaic_status mosaic_migrate_complete(struct mosaic_migration_in *m, uint64_t timeout_ms);
+
+// Hands the region `r` over to another process (stop the threads using it first): its dirty
+// pages are written back, the memory servers keep its pages for the destination, and it is
+// offered at `listen` (`tcp://HOST:0`...) to whoever holds the cluster key; stores the
+// handle in `*out`. On success `r` is no longer a live handle (the region belongs to the
+// hand-over: it ends here once a destination took it, or comes back with
+// `mosaic_netram_out_thaw()`); on error `r` stays live and the region works on.
+enum mosaic_status mosaic_netram_hand_over(struct mosaic_netram *r,
+                                           const char *listen,
+                                           struct mosaic_netram_out **out);
+
+// Where the destination connects (valid while the handle lives), or NULL for a bad handle.
+const char *mosaic_netram_out_uri(const struct mosaic_netram_out *h);
+
+// Waits (at most `timeout_ms`) until a destination took the region over, then ends it here
+// (the destination's copy on the servers keeps every page), fills `*stats` (if not NULL) and
+// frees the handle. On time-out the handle stays: call it again, or `mosaic_netram_out_thaw()`.
+enum mosaic_status mosaic_netram_out_finish(struct mosaic_netram_out *h,
+                                            uint64_t timeout_ms,
+                                            struct mosaic_netram_hand_over_stats *stats);
+
+// Takes the region back if no destination took it over: it works on here, and its new handle
+// goes to `*region`; the hand-over handle is freed. `MOSAIC_ERR_INVALID` (and nothing changed)
+// if a destination did.
+enum mosaic_status mosaic_netram_out_thaw(struct mosaic_netram_out *h,
+                                          struct mosaic_netram **region);
+
+// Takes over the network-RAM region offered at `uri` (by `mosaic_netram_hand_over()` in
+// another process): maps it here at the same address, its pages coming from the memory servers
+// on touch, with at most `resident_budget` bytes in local RAM; stores the region's handle in
+// `*out` (use it as one from `mosaic_netram_create()`).
+enum mosaic_status mosaic_netram_take_over(const char *uri,
+                                           uint64_t resident_budget,
+                                           struct mosaic_netram **out);
 
 #ifdef __cplusplus
 }  // extern "C"

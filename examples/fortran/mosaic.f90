@@ -11,6 +11,7 @@ module mosaic
     integer(c_int32_t) :: copies
     integer(c_int32_t) :: fault_mode
     type(c_ptr) :: backing_file
+    integer(c_int64_t) :: fixed_addr
   end type
   interface
     ! key: a NUL-terminated string (c_loc of a character variable), or c_null_ptr for the key

@@ -29,6 +29,7 @@ use mosaic_transport::ClusterKey;
 
 mod c;
 mod migrate;
+mod netram_migrate;
 pub use migrate::{MosaicMigrateStats, MosaicMigrationIn, MosaicMigrationOut};
 mod sigchain;
 
@@ -90,6 +91,9 @@ pub struct MosaicNetramOptions {
     pub fault_mode: u32,
     /// A local file that also keeps every written-back page (created, truncated); NULL: none.
     pub backing_file: *const c_char,
+    /// Map the region at exactly this address (page-aligned; creating it fails if anything is
+    /// mapped there); 0: wherever the kernel puts it.
+    pub fixed_addr: u64,
 }
 
 /// Counters of a region (`mosaic_netram_get_stats()`).
@@ -260,7 +264,7 @@ pub extern "C" fn mosaic_last_error() -> *const c_char {
 }
 
 /// Fills `opts` with the defaults: no size, a 64 MiB budget, servers from the environment,
-/// default copies, faults on the faulting thread, no backing file.
+/// default copies, faults on the faulting thread, no backing file, no fixed address.
 #[no_mangle]
 pub extern "C" fn mosaic_netram_options_init(opts: *mut MosaicNetramOptions) -> MosaicStatus {
     guard(|| {
@@ -273,19 +277,24 @@ pub extern "C" fn mosaic_netram_options_init(opts: *mut MosaicNetramOptions) -> 
             copies: 0,
             fault_mode: MOSAIC_FAULT_THREAD,
             backing_file: std::ptr::null(),
+            fixed_addr: 0,
         };
         Ok(())
     })
 }
 
 fn netram_error(e: NetRamError) -> Failure {
-    let status = match &e {
+    Failure(netram_status(&e), mosaic_transport::error_chain(&e))
+}
+
+/// The status a network-RAM error is reported with.
+fn netram_status(e: &NetRamError) -> MosaicStatus {
+    match e {
         NetRamError::Unreachable { .. } => MosaicErrUnreachable,
         NetRamError::Pager(PagerError::Unsupported { .. } | PagerError::NoUserfaultfd(_)) => MosaicErrUnsupported,
         NetRamError::Pager(_) => MosaicErrOs,
         _ => MosaicErrInvalid,
-    };
-    Failure(status, mosaic_transport::error_chain(&e))
+    }
 }
 
 /// Creates a network-RAM region as `opts` says and stores its handle in `*out`.
@@ -320,6 +329,11 @@ pub extern "C" fn mosaic_netram_create(opts: *const MosaicNetramOptions, out: *m
         if !o.backing_file.is_null() {
             // SAFETY: `o.backing_file` is NULL or a NUL-terminated string for the call: mosaic.h's contract for it.
             cfg.backing_file = Some(unsafe { c::str_arg(o.backing_file, "opts.backing_file") }?.into());
+        }
+        if o.fixed_addr != 0 {
+            let a = usize::try_from(o.fixed_addr)
+                .map_err(|_| Failure(MosaicErrInvalid, "fixed_addr is too large".into()))?;
+            cfg.fixed_addr = Some(a);
         }
         cfg.name = "c".into();
         let ram = NetRam::new(cfg).map_err(netram_error)?;

@@ -33,11 +33,12 @@ pub struct MosaicMigrateStats {
     pub bytes_sent: u64,
 }
 
-fn migrate_error(e: &MigrateError) -> Failure {
+pub(crate) fn migrate_error(e: &MigrateError) -> Failure {
     let status = match e {
         MigrateError::Range(_) => MosaicErrInvalid,
         MigrateError::Pager(mosaic_pager::PagerError::Unsupported { .. }) => MosaicErrUnsupported,
         MigrateError::Pager(_) | MigrateError::Listen(_) => MosaicErrOs,
+        MigrateError::NetRam(e) => crate::netram_status(e),
         _ => MosaicErrUnreachable,
     };
     Failure(status, mosaic_transport::error_chain(e))

@@ -32,15 +32,23 @@
 //! zeros.
 //!
 //! Every exchange goes over one authenticated transport connection (any of Mosaic's transports).
-//! Not built yet: a region backed by network RAM handing over its slab map, process migration,
-//! `mosaicd` (see the tracker's issue 13).
+//!
+//! A region backed by network RAM migrates differently ([`NetRamOutgoing`], [`take_over_netram`]):
+//! its dirty pages are written back to the memory servers, which keep a copy-on-write clone of its
+//! pages for the destination, and only its table crosses; a source that dies afterwards loses
+//! nothing. Whole processes move with [`process`].
 
 mod dest;
+mod netram;
 pub mod process;
 mod source;
 mod wire;
 
 pub use dest::{Incoming, IncomingStats};
+pub use netram::{
+    take_over_netram, take_over_netram_over, NetRamIncomingStats, NetRamOutgoing, NetRamOutgoingStats, COMMIT_NETRAM,
+    DESCRIBE_NETRAM,
+};
 pub use source::{Outgoing, OutgoingStats};
 pub use wire::{Descriptor, CHUNK};
 
@@ -106,6 +114,9 @@ pub enum MigrateError {
     /// Rebuilding the process at the destination failed.
     #[error("restore: {0}")]
     Restore(String),
+    /// Network RAM refused (handing the region over, or taking it over).
+    #[error("network RAM")]
+    NetRam(#[from] mosaic_netram::NetRamError),
     /// The source went away before every page had come.
     #[error("the source is lost: {0}")]
     SourceLost(String),

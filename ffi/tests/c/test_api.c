@@ -330,8 +330,77 @@ static void migration(void) {
     int status = 0;
     CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
 }
+/* A network-RAM region moves to a child process (this program again, run as "netram-dest
+ * URI"): only its table crosses, its pages stay on the memory server; one no one takes thaws. */
+#define NR_ADDR 0x520000000000ull
+#define NR_SIZE (8u << 20)
+static uint64_t nr_word(size_t page, uint64_t round) { return mix(page) ^ round; }
+
+static int netram_dest(const char *uri) {
+    EXPECT(mosaic_init(KEY), MOSAIC_OK);
+    mosaic_netram *r = NULL;
+    EXPECT(mosaic_netram_take_over(uri, 1u << 20, &r), MOSAIC_OK);
+    uint64_t *p = r ? mosaic_netram_ptr(r) : NULL;
+    CHECK((uint64_t)(uintptr_t)p == NR_ADDR && mosaic_netram_size(r) == NR_SIZE);
+    if (p) {
+        for (size_t i = 0; i < NR_SIZE / 4096; i++) CHECK(p[i * 512] == nr_word(i, 2));
+        for (size_t i = 0; i < NR_SIZE / 4096; i++) p[i * 512] = nr_word(i, 3);
+        for (size_t i = 0; i < NR_SIZE / 4096; i++) CHECK(p[i * 512] == nr_word(i, 3));
+    }
+    EXPECT(mosaic_netram_destroy(r), MOSAIC_OK);
+    EXPECT(mosaic_finalize(), MOSAIC_OK);
+    return failures ? 1 : 0;
+}
+
+static void netram_migration(const char *server) {
+    mosaic_netram_out *h = NULL;
+    mosaic_netram *r = NULL;
+    EXPECT(mosaic_netram_hand_over(NULL, "tcp://127.0.0.1:0", &h), MOSAIC_ERR_NULL);
+    EXPECT(mosaic_netram_take_over("tcp://127.0.0.1:1", 1u << 20, &r), MOSAIC_ERR_UNREACHABLE);
+    CHECK(h == NULL && r == NULL && mosaic_netram_out_uri(NULL) == NULL);
+    mosaic_netram_options o;
+    EXPECT(mosaic_netram_options_init(&o), MOSAIC_OK);
+    o.size = NR_SIZE;
+    o.resident_budget = 1u << 20;
+    o.servers = server;
+    o.fixed_addr = NR_ADDR;
+    EXPECT(mosaic_netram_create(&o, &r), MOSAIC_OK);
+    uint64_t *p = r ? mosaic_netram_ptr(r) : NULL;
+    CHECK((uint64_t)(uintptr_t)p == NR_ADDR);
+    if (!p) return;
+    for (size_t i = 0; i < NR_SIZE / 4096; i++) p[i * 512] = nr_word(i, 1);
+
+    /* Nobody takes it: it comes back, whole, under a new handle. */
+    EXPECT(mosaic_netram_hand_over(r, "tcp://127.0.0.1:0", &h), MOSAIC_OK);
+    EXPECT(mosaic_netram_destroy(r), MOSAIC_ERR_BAD_HANDLE); /* the hand-over has it now */
+    EXPECT(mosaic_netram_out_finish(h, 50, NULL), MOSAIC_ERR_UNREACHABLE); /* timed out */
+    EXPECT(mosaic_netram_out_thaw(h, &r), MOSAIC_OK);
+    mosaic_netram *again = NULL;
+    EXPECT(mosaic_netram_out_thaw(h, &again), MOSAIC_ERR_BAD_HANDLE);
+    CHECK(again == NULL && r != NULL && mosaic_netram_ptr(r) == p);
+    for (size_t i = 0; i < NR_SIZE / 4096; i++) CHECK(p[i * 512] == nr_word(i, 1));
+    for (size_t i = 0; i < NR_SIZE / 4096; i++) p[i * 512] = nr_word(i, 2);
+
+    /* It moves to a child process. */
+    EXPECT(mosaic_netram_hand_over(r, "tcp://127.0.0.1:0", &h), MOSAIC_OK);
+    char uri[128];
+    snprintf(uri, sizeof uri, "%s", mosaic_netram_out_uri(h) ? mosaic_netram_out_uri(h) : "");
+    pid_t child = fork();
+    if (child == 0) {
+        execl("/proc/self/exe", "test_api", "netram-dest", uri, (char *)NULL);
+        _exit(127);
+    }
+    mosaic_netram_hand_over_stats st;
+    EXPECT(mosaic_netram_out_finish(h, 60000, &st), MOSAIC_OK);
+    CHECK(st.remote_pages == NR_SIZE / 4096 && st.written_back_pages > 0);
+    CHECK(st.bytes_sent > 0 && st.bytes_sent < 4096); /* the table, not 8 MiB of pages */
+    int status = 0;
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "migrate-dest") == 0) return migrate_dest(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "netram-dest") == 0) return netram_dest(argv[2]);
     strings();
     before_init();
     EXPECT(mosaic_init(KEY), MOSAIC_OK);
@@ -353,6 +422,7 @@ int main(int argc, char **argv) {
     real_use(server, MOSAIC_FAULT_PER_CPU);
     threads(server);
     migration();
+    netram_migration(server);
 
     EXPECT(mosaic_finalize(), MOSAIC_ERR_BUSY); /* the server is live */
     EXPECT(mosaic_memserver_stop(s), MOSAIC_OK);

@@ -8,6 +8,24 @@
 //!                                      zeros elsewhere), waits for the rest, prints `OK FAULTED n PUSHED n ZERO n ...`
 //! ```
 //!
+//! A network-RAM region (its pages on memory servers, only its table migrates):
+//!
+//! ```text
+//! migrate-probe memserver MIB          a memory server of MIB MiB on loopback; prints `URI <uri>`,
+//!                                      serves until its standard input closes
+//! migrate-probe netram-source SIZE PCT BUDGET SERVER...
+//!                                      fills PCT% of a SIZE MiB region (BUDGET MiB resident) while
+//!                                      a writer rewrites it round after round; stops the writer,
+//!                                      hands the region over, prints `URI <uri> ROUND r ...`,
+//!                                      waits for a destination
+//! migrate-probe netram-dest URI SIZE PCT BUDGET ROUND
+//!                                      takes it over, checks every page (round ROUND where filled,
+//!                                      zeros elsewhere), writes another round and checks it
+//! migrate-probe netram-describe-only URI
+//!                                      asks for the description and exits without committing (a
+//!                                      destination that dies mid-migration)
+//! ```
+//!
 //! `migrate-probe restore` is the restorer of process migration (`keeper_main`), for the tests.
 //!
 //! With `MIGRATE_PROBE_WAIT_MS`, the source waits that long for a destination; if none took the
@@ -20,6 +38,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use mosaic_migrate::{Incoming, Outgoing};
+
+mod netram;
 use mosaic_transport::ClusterKey;
 
 /// Where the region lives in both processes.
@@ -44,7 +64,13 @@ fn main() -> ExitCode {
         ["source", mib, pct] => source(mib, pct, "tcp://127.0.0.1:0"),
         ["source", mib, pct, uri] => source(mib, pct, uri),
         ["dest", uri, mib, pct] => dest(uri, mib, pct),
-        _ => Err("usage: migrate-probe source SIZE PCT [URI] | dest URI SIZE PCT".into()),
+        ["memserver", mib] => netram::memserver(mib),
+        ["netram-source", mib, pct, budget, ref servers @ ..] if !servers.is_empty() => {
+            netram::source(mib, pct, budget, servers)
+        }
+        ["netram-dest", uri, mib, pct, budget, round] => netram::dest(uri, mib, pct, budget, round),
+        ["netram-describe-only", uri] => netram::describe_only(uri),
+        _ => Err(USAGE.into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +80,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+const USAGE: &str = "usage: migrate-probe source SIZE PCT [URI] | dest URI SIZE PCT | memserver MIB
+       | netram-source SIZE PCT BUDGET_MIB SERVER... | netram-dest URI SIZE PCT BUDGET_MIB ROUND
+       | netram-describe-only URI";
 
 fn numbers(mib: &str, pct: &str) -> Result<(usize, usize), String> {
     // MiB, or KiB with a K (a region that is no whole number of chunks, or of 64 pages).

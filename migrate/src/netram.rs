@@ -1,0 +1,284 @@
+//! A region backed by network RAM migrates by handing over its table: its pages stay on the
+//! memory servers, and none of them crosses the migration link.
+//!
+//! ```text
+//!  source       NetRamOutgoing::hand_over: the region writes back its dirty pages and has the
+//!               servers clone its session for the taker (NetRam::hand_over), then serves the
+//!               description on a transport server
+//!  destination  take_over_netram: DESCRIBE_NETRAM -> attach to the clone, map the region at
+//!               the same address -> COMMIT_NETRAM: it runs here from now on
+//!  source       finish: once committed, the region ends here (its own session closes; the
+//!               clone keeps every page); thaw instead if nobody committed
+//! ```
+//! Failure: a destination that dies before its commit leaves the region to the source
+//! ([`NetRamOutgoing::thaw`]); a source that dies after the hand-over loses nothing, since every
+//! page is on the servers under the clone the destination holds (see `mosaic_netram`'s
+//! "Losing a server" for the servers' own failures).
+//!
+//! Messages, over one authenticated transport connection:
+//!
+//! ```text
+//! DESCRIBE_NETRAM  -> the encoded HandOver (address, size, servers, the clone's identity and
+//!                     secret, every page's state as runs, the slabs' placement)
+//! COMMIT_NETRAM    (the destination attached and mapped the region: it runs there from now on)
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use mosaic_netram::{HandOver, NetRam};
+use mosaic_transport::{
+    connect, listen, Caller, ClusterKey, ConnectOptions, Connection, Server, ServerConfig, Service, ServiceError,
+    Status,
+};
+
+use crate::source::lock;
+use crate::MigrateError;
+
+/// The transport method of the hand-over's description.
+pub const DESCRIBE_NETRAM: u64 = 0x4d49_4711;
+/// The transport method by which the destination takes the region over.
+pub const COMMIT_NETRAM: u64 = 0x4d49_4712;
+
+/// What a network-RAM region's migration cost at the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRamOutgoingStats {
+    /// Time from the start of the hand-over to the description being ready (writing back the
+    /// dirty pages, cloning the session).
+    pub hand_over_us: u64,
+    /// Dirty pages written back to the memory servers by the hand-over.
+    pub written_back_pages: u64,
+    /// Pages with data on the servers (what the destination can read; none crossed the link).
+    pub remote_pages: u64,
+    /// Bytes sent to the destination over the migration link (the description).
+    pub bytes_sent: u64,
+}
+
+#[derive(Default)]
+struct State {
+    described: bool,
+    committed: bool,
+    thawing: bool,
+}
+
+struct Out {
+    description: Vec<u8>,
+    state: Mutex<State>,
+    committed: Condvar,
+    bytes_sent: AtomicU64,
+}
+
+struct Serve(Arc<Out>);
+
+impl Service for Serve {
+    fn call(&self, _caller: &Caller, method: u64, _request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let s = &self.0;
+        let mut state = lock(&s.state);
+        match method {
+            DESCRIBE_NETRAM => {
+                if state.thawing {
+                    return Err(ServiceError::new(Status::Forbidden, "the source took the region back"));
+                }
+                response.extend_from_slice(&s.description);
+                s.bytes_sent.fetch_add(s.description.len() as u64, Ordering::Relaxed);
+                state.described = true;
+            }
+            COMMIT_NETRAM => {
+                if !state.described {
+                    return Err(ServiceError::new(Status::BadRequest, "a commit before the description"));
+                }
+                if state.thawing {
+                    return Err(ServiceError::new(Status::Forbidden, "the source took the region back"));
+                }
+                state.committed = true;
+                s.committed.notify_all();
+            }
+            m => {
+                return Err(ServiceError::new(
+                    Status::BadRequest,
+                    format!("method {m:#x} is not a network-RAM hand-over's"),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A network-RAM region handed over here and offered to one destination.
+pub struct NetRamOutgoing {
+    out: Arc<Out>,
+    server: Option<Server>,
+    ram: Option<NetRam>,
+    stats: NetRamOutgoingStats,
+}
+
+impl std::fmt::Debug for NetRamOutgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetRamOutgoing").field("uri", &self.uri()).field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+impl NetRamOutgoing {
+    /// Hands `ram` over ([`NetRam::hand_over`]: stop the threads using it first) and offers it
+    /// on `listen_uri` (a transport URI, e.g. `tcp://127.0.0.1:0`) to whoever holds `key`. On
+    /// error the region is given back, working here, with the reason.
+    pub fn hand_over(
+        ram: NetRam,
+        listen_uri: &str,
+        key: ClusterKey,
+    ) -> Result<NetRamOutgoing, Box<(NetRam, MigrateError)>> {
+        match NetRamOutgoing::start(&ram, listen_uri, key) {
+            Ok(mut out) => {
+                out.give(ram);
+                Ok(out)
+            }
+            Err(e) => Err(Box::new((ram, e))),
+        }
+    }
+
+    /// The part of [`hand_over`](Self::hand_over) that can fail, for a caller that gives the
+    /// region up only once it succeeded: hands `ram` over and offers it, then
+    /// [`give`](Self::give) it (before a destination can commit, nothing depends on it; until
+    /// it is given, [`thaw`](Self::thaw) has nothing to give back). On error the region works
+    /// on here.
+    pub fn start(ram: &NetRam, listen_uri: &str, key: ClusterKey) -> Result<NetRamOutgoing, MigrateError> {
+        let start = Instant::now();
+        let h = ram.hand_over()?;
+        let out = Arc::new(Out {
+            description: h.encode(),
+            state: Mutex::new(State::default()),
+            committed: Condvar::new(),
+            bytes_sent: AtomicU64::new(0),
+        });
+        let stats = NetRamOutgoingStats {
+            hand_over_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            written_back_pages: h.written_back(),
+            remote_pages: h.remote_pages(),
+            bytes_sent: 0,
+        };
+        match listen(listen_uri, ServerConfig::new(key).service(Serve(out.clone()))) {
+            Ok(server) => Ok(NetRamOutgoing { out, server: Some(server), ram: None, stats }),
+            Err(e) => {
+                ram.resume_after_hand_over();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Gives the region [`start`](Self::start) handed over: it ends here once a destination
+    /// took it over ([`finish`](Self::finish)).
+    pub fn give(&mut self, ram: NetRam) {
+        self.ram = Some(ram);
+    }
+
+    /// Where the destination connects.
+    pub fn uri(&self) -> &str {
+        self.server.as_ref().map_or("", Server::uri)
+    }
+
+    /// What the migration cost so far.
+    pub fn stats(&self) -> NetRamOutgoingStats {
+        NetRamOutgoingStats { bytes_sent: self.out.bytes_sent.load(Ordering::Relaxed), ..self.stats }
+    }
+
+    /// Whether a destination took the region over.
+    pub fn committed(&self) -> bool {
+        lock(&self.out.state).committed
+    }
+
+    /// Waits (at most `timeout`) until a destination took the region over, then ends it here:
+    /// its own session on the servers closes, the destination's clone keeps every page. On
+    /// time-out nothing changes: [`thaw`](Self::thaw) gives the region back.
+    pub fn finish(&mut self, timeout: Duration) -> Result<NetRamOutgoingStats, MigrateError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.out.state);
+        while !state.committed {
+            let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                return Err(MigrateError::TimedOut(timeout));
+            };
+            state = self.out.committed.wait_timeout(state, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+        drop(state);
+        let stats = self.stats();
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        self.ram.take();
+        Ok(stats)
+    }
+
+    /// Gives the region back to this process if no destination took it over: it works on here
+    /// (its pages come back on touch). An error, and nothing changed, if a destination
+    /// committed: the region runs there now.
+    pub fn thaw(mut self) -> Result<NetRam, MigrateError> {
+        {
+            let mut state = lock(&self.out.state);
+            if state.committed {
+                return Err(MigrateError::Range("the destination took the region over: it cannot thaw here".into()));
+            }
+            state.thawing = true; // from now on a commit is refused
+        }
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+        let ram = self.ram.take().ok_or_else(|| MigrateError::Range("the region is gone".into()))?;
+        ram.resume_after_hand_over();
+        Ok(ram)
+    }
+}
+
+impl Drop for NetRamOutgoing {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+/// What a destination learned when taking a network-RAM region over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRamIncomingStats {
+    /// Time from connecting to the source to the region being usable here.
+    pub take_over_us: u64,
+    /// Bytes received over the migration link (the description).
+    pub bytes_received: u64,
+    /// Pages with data on the servers.
+    pub remote_pages: u64,
+}
+
+/// Takes over the network-RAM region offered at `uri` (a [`NetRamOutgoing`]) with `key`: maps it
+/// at its address here, attached to the servers' copy of its pages, with at most
+/// `resident_budget` bytes in local RAM, and commits (after which the source cannot thaw it).
+/// When this returns the region is usable; its pages come from the memory servers on touch.
+pub fn take_over_netram(
+    uri: &str,
+    key: ClusterKey,
+    resident_budget: u64,
+) -> Result<(NetRam, NetRamIncomingStats), MigrateError> {
+    let start = Instant::now();
+    let conn = connect(uri, &ConnectOptions::new(key.clone()))?;
+    take_over_netram_over(&conn, key, resident_budget, start)
+}
+
+/// As [`take_over_netram`], over a connection made by the caller (a simulated link, other
+/// options); `key` is the memory servers' cluster key.
+pub fn take_over_netram_over(
+    conn: &Connection,
+    key: ClusterKey,
+    resident_budget: u64,
+    start: Instant,
+) -> Result<(NetRam, NetRamIncomingStats), MigrateError> {
+    let description = conn.call(DESCRIBE_NETRAM, &[])?;
+    let h = HandOver::decode(&description).map_err(|e| MigrateError::Protocol(e.to_string()))?;
+    let ram = NetRam::take_over(&h, key, resident_budget)?;
+    // Attached and mapped: commit. If the source refuses (it took the region back) or is
+    // gone, this process lets go of the region (dropping it ends its session on the clone).
+    conn.call(COMMIT_NETRAM, &[])?;
+    let stats = NetRamIncomingStats {
+        take_over_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+        bytes_received: description.len() as u64,
+        remote_pages: h.remote_pages(),
+    };
+    Ok((ram, stats))
+}
