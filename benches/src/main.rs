@@ -11,6 +11,7 @@
 
 mod dsm;
 mod migrate;
+mod migrate_netram;
 mod migrate_process;
 mod netram;
 mod peer;
@@ -167,7 +168,8 @@ enum Cmd {
         sim_max: u64,
         /// What moves, comma-separated: `region` (a region between two processes) and
         /// `process` (a whole process between two node agents, as `mosctl migrate` moves it:
-        /// needs root and libmosaic_preload.so beside this program).
+        /// needs root and libmosaic_preload.so beside this program) and `netram` (a
+        /// network-RAM region handed over: only its table moves; tcp and shm only).
         #[arg(long, value_delimiter = ',', default_value = "region,process")]
         ops: Vec<String>,
         /// One JSON object per line instead of a table.
@@ -197,6 +199,26 @@ enum Cmd {
     MigrateDest {
         /// A simulated link's preset, if any.
         link: Option<String>,
+    },
+    /// The source of a `migrate --ops netram` figure (started by `migrate`).
+    #[command(hide = true)]
+    MigrateNetramSource {
+        /// Region size in bytes.
+        size: u64,
+        /// Share written, in percent.
+        pct: u64,
+        /// Where to listen.
+        listen: String,
+        /// The memory server.
+        server: String,
+    },
+    /// The destination of a `migrate --ops netram` figure (started by `migrate`).
+    #[command(hide = true)]
+    MigrateNetramDest {
+        /// Region size in bytes.
+        size: u64,
+        /// Share written, in percent.
+        pct: u64,
     },
     /// One node of a `dsm` job (started by `dsm`).
     #[command(hide = true)]
@@ -305,8 +327,8 @@ fn main() -> ExitCode {
         }
         Cmd::DsmNode { samples } => dsm::node(samples),
         Cmd::Migrate { sizes, touched, transports, sim_max, ops, json } => {
-            if let Some(o) = ops.iter().find(|o| !["region", "process"].contains(&o.as_str())) {
-                Err(format!("unknown op {o:?}: expected region or process"))
+            if let Some(o) = ops.iter().find(|o| !["region", "process", "netram"].contains(&o.as_str())) {
+                Err(format!("unknown op {o:?}: expected region, process or netram"))
             } else {
                 migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, ops, json })
             }
@@ -314,6 +336,8 @@ fn main() -> ExitCode {
         Cmd::MigrateHold { size, pct } => migrate_process::hold(size, pct),
         Cmd::MigrateSource { size, pct, listen } => migrate::source(size, pct, &listen),
         Cmd::MigrateDest { link } => migrate::dest(link.as_deref()),
+        Cmd::MigrateNetramSource { size, pct, listen, server } => migrate_netram::source(size, pct, &listen, &server),
+        Cmd::MigrateNetramDest { size, pct } => migrate_netram::dest(size, pct),
         Cmd::ServeRam { uri, capacity } => serve::serve_ram(&uri, capacity),
         Cmd::Serve { uri, window_pages, wait } => {
             let policy = match wait {

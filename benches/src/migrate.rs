@@ -30,14 +30,14 @@ pub struct Plan {
     pub transports: Vec<String>,
     /// The largest region measured over a simulated link (they are slow by design).
     pub sim_max: u64,
-    /// `region`, `process`, or both.
+    /// `region`, `process`, `netram`, or several.
     pub ops: Vec<String>,
     /// JSON lines instead of a table.
     pub json: bool,
 }
 
 /// The host's monotonic clock in nanoseconds (the same clock in every process).
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
@@ -45,7 +45,7 @@ fn now_ns() -> u64 {
 }
 
 /// Whether page `p` is among the `pct`% touched.
-fn touched(p: usize, pct: u64) -> bool {
+pub(crate) fn touched(p: usize, pct: u64) -> bool {
     ((p * 7919) % 100) < usize::try_from(pct).unwrap_or(100)
 }
 
@@ -60,6 +60,11 @@ pub fn run(plan: &Plan) -> Result<(), String> {
             for (op, &pct) in plan.ops.iter().flat_map(|o| plan.touched.iter().map(move |p| (o, p))) {
                 let r = if op == "process" {
                     crate::migrate_process::one(transport, size, pct, &key)?
+                } else if op == "netram" {
+                    if transport.starts_with("sim") {
+                        continue; // the table crosses, the pages stay on the servers' links
+                    }
+                    crate::migrate_netram::one(transport, size, pct, &key)?
                 } else {
                     one(transport, size, pct, &key)?
                 };
@@ -85,7 +90,7 @@ pub fn run(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-fn spawn(args: &[String], key: &str) -> Result<Child, String> {
+pub(crate) fn spawn(args: &[String], key: &str) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     Command::new(exe)
         .args(args)

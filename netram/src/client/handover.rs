@@ -33,6 +33,8 @@ use crate::{ConfigError, NetRamError, PAGE_SIZE};
 
 /// How long the servers keep the handed-over pages for a taker that has not attached yet.
 pub const HAND_OVER_GRACE: Duration = Duration::from_secs(120);
+/// Pages written back and dropped per step of a hand-over.
+const HAND_OVER_BATCH: usize = 1024;
 /// The encoding's first bytes, and its version.
 const MAGIC: &[u8; 4] = b"MNH1";
 /// The user address space of x86-64 (47 bits): nothing is described beyond it.
@@ -262,7 +264,9 @@ impl NetRam {
             return Err(HandOverError::BackingFile.into());
         }
         let written_before = s.stats.written_back.load(Ordering::Relaxed);
+        let t = std::time::Instant::now();
         s.write_back_all(self.region());
+        let wrote = t.elapsed();
         let resident = s.resident.load(Ordering::Acquire);
         if resident > 0 {
             return Err(HandOverError::NotWrittenBack { pages: resident }.into());
@@ -273,7 +277,13 @@ impl NetRam {
         let described = s.describe().and_then(|runs| {
             let (mut client, mut secret) = ([0u8; 16], [0u8; SECRET_LEN]);
             getrandom::fill(&mut client).and_then(|()| getrandom::fill(&mut secret)).map_err(NetRamError::Random)?;
+            let described = t.elapsed();
             let cloned = s.servers.clone_session(&client, &secret, Some(HAND_OVER_GRACE));
+            log::debug!(
+                "region {}: handed over: written back in {wrote:?}, described by {described:?}, cloned by {:?}",
+                s.name,
+                t.elapsed()
+            );
             if cloned == 0 {
                 return Err(HandOverError::NotCloned.into());
             }
@@ -357,18 +367,27 @@ impl NetRam {
 }
 
 impl Shared {
-    /// Writes back every dirty page and drops every resident page (rounds of eviction until
-    /// the queue is empty or no round makes progress).
+    /// Writes back every dirty page and drops every resident page: batches of eviction until
+    /// the queue is empty or no batch makes progress. The region's threads are stopped, so the
+    /// batches are large (a server call carries up to `MAX_BATCH` pages), not the evictor's
+    /// small steps that let faults through between them.
     fn write_back_all(&self, core: &mosaic_pager::RegionCore) {
         let _round = crate::lock(&self.evicting);
-        let mut stuck = 0;
-        while self.resident.load(Ordering::Acquire) > 0 && stuck < 3 + crate::lock(&self.queue).len() / 64 {
-            let _gate = self.fork_gate.enter();
-            match self.evict_round(core, Round::All) {
-                None => break,
-                Some(0) => stuck += 1,
-                Some(_) => stuck = 0,
+        let _gate = self.fork_gate.enter();
+        // Pages taken since the last batch that made progress: a page marked hot goes back to
+        // the queue once (its second chance), so only two whole passes without progress mean
+        // that nothing more can go (every server full, say).
+        let mut idle = 0usize;
+        while self.resident.load(Ordering::Acquire) > 0 {
+            let (batch, queued): (Vec<u64>, usize) = {
+                let mut q = crate::lock(&self.queue);
+                let n = q.len().min(HAND_OVER_BATCH);
+                (q.drain(..n).collect(), q.len())
+            };
+            if batch.is_empty() || idle > 2 * (queued + batch.len()) {
+                break;
             }
+            idle = if self.evict_batch(core, &batch, Round::All) == 0 { idle + batch.len() } else { 0 };
         }
     }
 
