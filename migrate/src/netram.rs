@@ -18,8 +18,9 @@
 //! Messages, over one authenticated transport connection:
 //!
 //! ```text
-//! DESCRIBE_NETRAM  -> the encoded HandOver (address, size, servers, the clone's identity and
-//!                     secret, every page's state as runs, the slabs' placement)
+//! DESCRIBE_NETRAM  offset u64 (or nothing: 0) -> total length u64 | the encoded HandOver's
+//!                     bytes from offset, at most 256 KiB (address, size, servers, the clone's
+//!                     identity and secret, every page's state as runs, the slabs' placement)
 //! COMMIT_NETRAM    (the destination attached and mapped the region: it runs there from now on)
 //! ```
 
@@ -40,6 +41,12 @@ use crate::MigrateError;
 pub const DESCRIBE_NETRAM: u64 = 0x4d49_4711;
 /// The transport method by which the destination takes the region over.
 pub const COMMIT_NETRAM: u64 = 0x4d49_4712;
+/// Most bytes of the description one `DESCRIBE_NETRAM` answer carries (a large region's comes in
+/// parts, each within the transport's frame).
+const DESCRIPTION_PART: usize = 256 << 10;
+/// The largest description a destination accepts (a region of scattered pages as large as the
+/// address space stays well below it).
+const DESCRIPTION_MAX: u64 = 1 << 30;
 
 /// What a network-RAM region's migration cost at the source.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,7 +79,7 @@ struct Out {
 struct Serve(Arc<Out>);
 
 impl Service for Serve {
-    fn call(&self, _caller: &Caller, method: u64, _request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         let s = &self.0;
         let mut state = lock(&s.state);
         match method {
@@ -80,8 +87,17 @@ impl Service for Serve {
                 if state.thawing {
                     return Err(ServiceError::new(Status::Forbidden, "the source took the region back"));
                 }
-                response.extend_from_slice(&s.description);
-                s.bytes_sent.fetch_add(s.description.len() as u64, Ordering::Relaxed);
+                let from = match request.len() {
+                    0 => 0,
+                    8 => u64::from_le_bytes(request.try_into().unwrap_or_default()),
+                    n => return Err(ServiceError::new(Status::BadRequest, format!("a request of {n} bytes"))),
+                };
+                let d = &s.description;
+                let from = usize::try_from(from).unwrap_or(usize::MAX).min(d.len());
+                let part = &d[from..d.len().min(from + DESCRIPTION_PART)];
+                response.extend_from_slice(&(d.len() as u64).to_le_bytes());
+                response.extend_from_slice(part);
+                s.bytes_sent.fetch_add(8 + part.len() as u64, Ordering::Relaxed);
                 state.described = true;
             }
             COMMIT_NETRAM => {
@@ -269,7 +285,7 @@ pub fn take_over_netram_over(
     resident_budget: u64,
     start: Instant,
 ) -> Result<(NetRam, NetRamIncomingStats), MigrateError> {
-    let description = conn.call(DESCRIBE_NETRAM, &[])?;
+    let description = describe(conn)?;
     let h = HandOver::decode(&description).map_err(|e| MigrateError::Protocol(e.to_string()))?;
     let ram = NetRam::take_over(&h, key, resident_budget)?;
     // Attached and mapped: commit. If the source refuses (it took the region back) or is
@@ -281,4 +297,55 @@ pub fn take_over_netram_over(
         remote_pages: h.remote_pages(),
     };
     Ok((ram, stats))
+}
+
+/// Reads the whole description, part after part.
+fn describe(conn: &Connection) -> Result<Vec<u8>, MigrateError> {
+    let mut d = Vec::new();
+    loop {
+        let r = conn.call(DESCRIBE_NETRAM, &(d.len() as u64).to_le_bytes())?;
+        let (total, part) =
+            r.split_at_checked(8).ok_or_else(|| MigrateError::Protocol("a description part of no length".into()))?;
+        let total = u64::from_le_bytes(total.try_into().unwrap_or_default());
+        if total > DESCRIPTION_MAX || total < (d.len() + part.len()) as u64 {
+            return Err(MigrateError::Protocol(format!(
+                "a description of {total} bytes, {} received",
+                d.len() + part.len()
+            )));
+        }
+        d.extend_from_slice(part);
+        if d.len() as u64 == total {
+            return Ok(d);
+        }
+        if part.is_empty() {
+            return Err(MigrateError::Protocol(format!("the description stopped at {} of {total} bytes", d.len())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_larger_than_a_part_arrives_whole_and_a_commit_needs_it_first() {
+        let key = ClusterKey::from_bytes(b"netram-migrate-unit-test-key").unwrap();
+        let description: Vec<u8> =
+            (0..DESCRIPTION_PART * 2 + 1234).map(|i| u8::try_from(i * 7 % 251).unwrap_or(0)).collect();
+        let out = Arc::new(Out {
+            description: description.clone(),
+            state: Mutex::new(State::default()),
+            committed: Condvar::new(),
+            bytes_sent: AtomicU64::new(0),
+        });
+        let server = listen("tcp://127.0.0.1:0", ServerConfig::new(key.clone()).service(Serve(out.clone()))).unwrap();
+        let conn = connect(server.uri(), &ConnectOptions::new(key)).unwrap();
+        assert!(conn.call(COMMIT_NETRAM, &[]).is_err(), "a commit before the description");
+        assert!(conn.call(DESCRIBE_NETRAM, &[1, 2, 3]).is_err(), "a malformed offset");
+        assert_eq!(describe(&conn).unwrap(), description);
+        assert_eq!(out.bytes_sent.load(Ordering::Relaxed), description.len() as u64 + 3 * 8);
+        conn.call(COMMIT_NETRAM, &[]).unwrap();
+        assert!(lock(&out.state).committed);
+        server.shutdown();
+    }
 }

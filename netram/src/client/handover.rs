@@ -145,7 +145,7 @@ impl HandOver {
     // Server counts and indexes are below MAX_SERVERS (31), URIs are cut to u16::MAX bytes.
     #[allow(clippy::cast_possible_truncation)]
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(128 + self.runs.len() * 13 + self.placements.len() * 12);
+        let mut b = Vec::with_capacity(128 + self.runs.len() * 3 + self.placements.len() * 4);
         b.extend_from_slice(MAGIC);
         for w in [self.addr, self.pages, self.region, self.written_back] {
             b.extend_from_slice(&w.to_le_bytes());
@@ -160,15 +160,31 @@ impl HandOver {
             b.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
             b.extend_from_slice(bytes);
         }
-        b.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
+        // Runs as (length, class) varints, a class being one of the distinct (state, holders)
+        // pairs listed first: about two bytes a run.
+        let mut classes: Vec<(PageState, u32)> = Vec::new();
+        let mut coded = Vec::with_capacity(self.runs.len() * 2);
         for &(count, state, holders) in &self.runs {
-            b.extend_from_slice(&count.to_le_bytes());
+            let class = classes.iter().position(|c| *c == (state, holders)).unwrap_or_else(|| {
+                classes.push((state, holders));
+                classes.len() - 1
+            });
+            put_varint(&mut coded, count);
+            put_varint(&mut coded, class as u64);
+        }
+        put_varint(&mut b, classes.len() as u64);
+        for (state, holders) in classes {
             b.push(state as u8);
             b.extend_from_slice(&holders.to_le_bytes());
         }
-        b.extend_from_slice(&(self.placements.len() as u64).to_le_bytes());
+        put_varint(&mut b, self.runs.len() as u64);
+        b.extend_from_slice(&coded);
+        // Placements by slab, in order: the gap from the previous slab, then the servers.
+        put_varint(&mut b, self.placements.len() as u64);
+        let mut last = 0;
         for (slab, servers) in &self.placements {
-            b.extend_from_slice(&slab.to_le_bytes());
+            put_varint(&mut b, slab - last);
+            last = *slab;
             b.push(servers.len() as u8);
             b.extend(servers.iter().map(|&i| i as u8));
         }
@@ -205,23 +221,40 @@ impl HandOver {
             servers.push(uri.to_string());
         }
         let members = (1u32 << n) - 1;
-        let count = r.u64()?;
-        // Each run takes 13 bytes: a count the buffer cannot hold is refused before allocating.
-        if count > (r.buf.len() / 13) as u64 {
-            return Err(bad(format!("{count} runs in {} bytes", r.buf.len())));
+        let nclasses = varint(&mut r)?;
+        // Each class takes 5 bytes, each run at least 2, each placement at least 2: a count the
+        // buffer cannot hold is refused before anything is allocated for it.
+        if nclasses > (r.buf.len() / 5) as u64 {
+            return Err(bad(format!("{nclasses} classes of runs in {} bytes", r.buf.len())));
         }
-        let mut runs = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-        let mut covered = 0u64;
-        for _ in 0..count {
-            let (len, state, holders) = (r.u64()?, r.u8()?, r.u32()?);
+        let mut classes = Vec::new();
+        for _ in 0..nclasses {
+            let (state, holders) = (r.u8()?, r.u32()?);
             let state = match state {
                 0 => Absent,
                 1 => Remote,
                 7 => Lost,
                 s => return Err(bad(format!("page state {s} (only absent, remote or lost can be handed over)"))),
             };
-            if len == 0 || holders & !members != 0 || (state == Remote) != (holders != 0) {
-                return Err(bad(format!("a run of {len} {state:?} pages held by {holders:#x}")));
+            if holders & !members != 0 || (state == Remote) != (holders != 0) {
+                return Err(bad(format!("{state:?} pages held by {holders:#x}")));
+            }
+            classes.push((state, holders));
+        }
+        let count = varint(&mut r)?;
+        if count > (r.buf.len() / 2) as u64 {
+            return Err(bad(format!("{count} runs in {} bytes", r.buf.len())));
+        }
+        let mut runs = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+        let mut covered = 0u64;
+        for _ in 0..count {
+            let (len, class) = (varint(&mut r)?, varint(&mut r)?);
+            let &(state, holders) = usize::try_from(class)
+                .ok()
+                .and_then(|c| classes.get(c))
+                .ok_or_else(|| bad(format!("run class {class} of {nclasses}")))?;
+            if len == 0 {
+                return Err(bad("a run of no pages".into()));
             }
             covered =
                 covered.checked_add(len).filter(|c| *c <= pages).ok_or_else(|| bad("runs beyond the region".into()))?;
@@ -230,16 +263,24 @@ impl HandOver {
         if covered != pages {
             return Err(bad(format!("runs cover {covered} of {pages} pages")));
         }
-        let count = r.u64()?;
-        if count > (r.buf.len() / 9) as u64 {
+        let count = varint(&mut r)?;
+        if count > (r.buf.len() / 2) as u64 {
             return Err(bad(format!("{count} placements in {} bytes", r.buf.len())));
         }
         let mut placements = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-        for _ in 0..count {
-            let slab = r.u64()?;
-            let k = usize::from(r.u8()?);
-            let idx: Vec<usize> = r.take(k)?.iter().map(|&i| usize::from(i)).collect();
-            if slab > pages / SLAB_PAGES || k > n || idx.iter().any(|&i| i >= n) {
+        let mut slab = 0u64;
+        for k in 0..count {
+            let gap = varint(&mut r)?;
+            if k > 0 && gap == 0 {
+                return Err(bad(format!("slab {slab} placed twice")));
+            }
+            slab = slab
+                .checked_add(gap)
+                .filter(|s| *s <= pages / SLAB_PAGES)
+                .ok_or_else(|| bad("a slab beyond the region".into()))?;
+            let m = usize::from(r.u8()?);
+            let idx: Vec<usize> = r.take(m)?.iter().map(|&i| usize::from(i)).collect();
+            if m > n || idx.iter().any(|&i| i >= n) {
                 return Err(bad(format!("slab {slab} placed on servers {idx:?}")));
             }
             placements.push((slab, idx));
@@ -247,6 +288,33 @@ impl HandOver {
         r.end()?;
         Ok(HandOver { addr, pages, region, client, secret, copies, cloned, written_back, servers, runs, placements })
     }
+}
+
+/// Appends `v` as a LEB128 varint.
+#[allow(clippy::cast_possible_truncation)] // seven bits at a time, masked
+fn put_varint(b: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        b.push((v & 0x7f) as u8 | 0x80);
+        v >>= 7;
+    }
+    b.push(v as u8);
+}
+
+/// Reads a LEB128 varint of at most ten bytes.
+fn varint(r: &mut Reader<'_>) -> Result<u64, ProtoError> {
+    let mut v = 0u64;
+    for shift in (0..70).step_by(7) {
+        let byte = r.u8()?;
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err(err(r.what, "a varint beyond 64 bits"));
+        }
+        v |= bits << shift;
+        if byte & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(err(r.what, "a varint beyond 64 bits"))
 }
 
 impl NetRam {
@@ -457,7 +525,8 @@ mod tests {
             ("more copies than servers", &|h| h.copies = 3),
             ("no copies", &|h| h.copies = 0),
             ("a placement on no server", &|h| h.placements[0].1 = vec![2]),
-            ("a slab beyond the region", &|h| h.placements[0].0 = 4),
+            ("a slab beyond the region", &|h| h.placements[1].0 = 4),
+            ("a slab placed twice", &|h| h.placements[1].0 = 0),
             ("a resident page", &|h| h.runs[2].1 = PageState::Dirty),
         ] {
             assert!(bent(f).is_err(), "{what} was accepted");
@@ -469,11 +538,26 @@ mod tests {
 
     #[test]
     fn a_run_count_larger_than_the_buffer_is_refused_before_allocating() {
-        let h = sample();
-        let mut b = h.encode();
-        // The run count follows the servers: find it by re-encoding with no runs.
-        let at = b.len() - (h.runs.len() * 13 + 8 + 8 + h.placements.iter().map(|p| 9 + p.1.len()).sum::<usize>());
-        b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(HandOver::decode(&b).unwrap_err().to_string().contains("runs in"));
+        let mut h = sample();
+        h.placements.clear();
+        let b = h.encode();
+        // The tail: the runs' count (one byte here), the runs, no placements (one byte).
+        let mut runs = Vec::new();
+        for (k, r) in h.runs.iter().enumerate() {
+            put_varint(&mut runs, r.0);
+            put_varint(&mut runs, k as u64);
+        }
+        let tail = 1 + runs.len() + 1;
+        let mut bent = b[..b.len() - tail].to_vec();
+        put_varint(&mut bent, u64::MAX);
+        bent.extend_from_slice(&b[b.len() - tail + 1..]);
+        assert!(HandOver::decode(&bent).unwrap_err().to_string().contains("runs in"), "{:?}", HandOver::decode(&bent));
+        let mut r = Reader { what: "varint", buf: &[0xff; 11] };
+        assert!(varint(&mut r).is_err());
+        for v in [0, 1, 127, 128, 300, u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(varint(&mut Reader { what: "varint", buf: &b }).unwrap(), v);
+        }
     }
 }

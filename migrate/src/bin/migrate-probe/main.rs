@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! migrate-probe memserver MIB          a memory server of MIB MiB on loopback; prints `URI <uri>`,
-//!                                      serves until its standard input closes
+//!                                      serves until killed (an hour at most)
 //! migrate-probe netram-source SIZE PCT BUDGET SERVER...
 //!                                      fills PCT% of a SIZE MiB region (BUDGET MiB resident) while
 //!                                      a writer rewrites it round after round; stops the writer,

@@ -1,6 +1,6 @@
 //! The probe's network-RAM modes (see the binary's documentation).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,9 +55,8 @@ pub(super) fn memserver(mib: &str) -> Result<(), String> {
         .map_err(|e| mosaic_transport::error_chain(&e))?;
     println!("URI {}", server.uri());
     let _ = std::io::stdout().flush();
-    // Serves until the standard input closes (the test ends, or kills this process).
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    // Serves until killed (the tests kill it when they end), for an hour at most.
+    std::thread::sleep(Duration::from_secs(3600));
     Ok(())
 }
 
