@@ -334,10 +334,12 @@ enum mosaic_status mosaic_netram_out_thaw(struct mosaic_netram_out *h,
 
 // Takes over the network-RAM region offered at `uri` (by `mosaic_netram_hand_over()` in
 // another process): maps it here at the same address, its pages coming from the memory servers
-// on touch, with at most `resident_budget` bytes in local RAM; stores the region's handle in
-// `*out` (use it as one from `mosaic_netram_create()`).
+// on touch, and stores the region's handle in `*out` (use it as one from
+// `mosaic_netram_create()`). From `opts` (NULL: the defaults of `mosaic_netram_options_init()`)
+// only `resident_budget` and `fault_mode` count: the size, servers, copies and address are the
+// region's; a backing file is refused.
 enum mosaic_status mosaic_netram_take_over(const char *uri,
-                                           uint64_t resident_budget,
+                                           const struct mosaic_netram_options *opts,
                                            struct mosaic_netram **out);
 
 #ifdef __cplusplus

@@ -321,11 +321,7 @@ pub extern "C" fn mosaic_netram_create(opts: *const MosaicNetramOptions, out: *m
         if o.copies > 0 {
             cfg.copies = o.copies as usize;
         }
-        cfg.fault_mode = match o.fault_mode {
-            MOSAIC_FAULT_THREAD => FaultMode::FaultingThread,
-            MOSAIC_FAULT_PER_CPU => FaultMode::PerCpu,
-            m => return fail(MosaicErrInvalid, format!("unknown fault_mode {m}")),
-        };
+        cfg.fault_mode = fault_mode_of(o.fault_mode)?;
         if !o.backing_file.is_null() {
             // SAFETY: `o.backing_file` is NULL or a NUL-terminated string for the call: mosaic.h's contract for it.
             cfg.backing_file = Some(unsafe { c::str_arg(o.backing_file, "opts.backing_file") }?.into());
@@ -342,6 +338,15 @@ pub extern "C" fn mosaic_netram_create(opts: *const MosaicNetramOptions, out: *m
         *out = handle;
         Ok(())
     })
+}
+
+/// The fault mode an option's `fault_mode` names.
+fn fault_mode_of(m: u32) -> Result<FaultMode, Failure> {
+    match m {
+        MOSAIC_FAULT_THREAD => Ok(FaultMode::FaultingThread),
+        MOSAIC_FAULT_PER_CPU => Ok(FaultMode::PerCpu),
+        m => fail(MosaicErrInvalid, format!("unknown fault_mode {m}")),
+    }
 }
 
 /// Runs `f` on the region behind a live handle.

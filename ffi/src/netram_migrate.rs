@@ -5,12 +5,14 @@
 use std::ffi::{c_char, CString};
 use std::time::Duration;
 
-use mosaic_migrate::{take_over_netram, NetRamOutgoing};
+use mosaic_migrate::{take_over_netram_over, NetRamOutgoing};
+use mosaic_pager::FaultMode;
 
 use crate::migrate::migrate_error;
 use crate::MosaicStatus::*;
 use crate::{
-    c, fail, guard, is_live, key, lock, register, unregister, with_region, Failure, MosaicNetram, MosaicStatus, LIVE,
+    c, fail, fault_mode_of, guard, is_live, key, register, unregister, Failure, MosaicNetram, MosaicNetramOptions,
+    MosaicStatus,
 };
 
 /// A network-RAM region handed over by this process and offered to a destination (opaque).
@@ -64,20 +66,30 @@ pub extern "C" fn mosaic_netram_hand_over(
         // SAFETY: NULL or a NUL-terminated string for the call (mosaic.h).
         let listen = unsafe { c::str_arg(listen, "listen") }?;
         let key = key()?;
-        let mut o =
-            with_region(r, |region| NetRamOutgoing::start(&region.ram, listen, key))?.map_err(|e| migrate_error(&e))?;
-        let uri = CString::new(o.uri()).map_err(|_| Failure(MosaicErrInvalid, "a URI with a NUL".into()))?;
-        {
-            let mut live = lock(&LIVE);
-            if !live.as_mut().is_some_and(|l| l.remove(&(r as usize))) {
-                // Destroyed by another thread meanwhile (which mosaic.h forbids): nothing to give.
-                return fail(MosaicErrBadHandle, "the region handle was destroyed during the hand-over");
-            }
+        if r.is_null() {
+            return fail(MosaicErrNull, "the region handle is NULL");
+        }
+        // Out of the registry for the hand-over (which takes a while: no other call waits on the
+        // registry's lock meanwhile), back in if it fails.
+        if !unregister(r as usize) {
+            return fail(MosaicErrBadHandle, "the region handle is not live (destroyed, or never created)");
         }
         // SAFETY: the handle was live, so it came from Box::into_raw in mosaic_netram_create or
-        // _take_over; it was just removed from the registry under its lock: nobody uses it again.
+        // _take_over; it was just removed from the registry under its lock, so no other call
+        // reaches it until it is registered again.
+        let region = unsafe { c::ref_arg(r, "region") }?;
+        let mut o = match NetRamOutgoing::start(&region.ram, listen, key) {
+            Ok(o) => o,
+            Err(e) => {
+                register(r as usize);
+                return Err(migrate_error(&e));
+            }
+        };
+        // SAFETY: as above: ours alone, out of the registry; not used again after this.
         let region = unsafe { c::take_box(r) };
         o.give(region.ram);
+        // A transport URI holds no NUL.
+        let uri = CString::new(o.uri()).unwrap_or_default();
         let handle = Box::into_raw(Box::new(MosaicNetramOut { out: o, uri }));
         register(handle as usize);
         *out = handle;
@@ -141,13 +153,13 @@ pub extern "C" fn mosaic_netram_out_thaw(h: *mut MosaicNetramOut, region: *mut *
         *region = std::ptr::null_mut();
         live_out(h)?;
         // SAFETY: a live handle (checked above), used by this thread alone for the call (mosaic.h).
-        if unsafe { c::ref_arg(h, "hand-over") }?.out.committed() {
-            return fail(MosaicErrInvalid, "a destination took the region over: it cannot thaw here");
+        let o = unsafe { c::mut_arg(h, "hand-over") }?;
+        // Fails (a destination committed) without changing anything: the handle stays.
+        let ram = o.out.try_thaw().map_err(|e| Failure(MosaicErrInvalid, mosaic_transport::error_chain(&e)))?;
+        if unregister(h as usize) {
+            // SAFETY: the live handle from Box::into_raw, just unregistered: not used again.
+            drop(unsafe { c::take_box(h) });
         }
-        unregister(h as usize);
-        // SAFETY: the live handle from Box::into_raw, just unregistered: not used again.
-        let o = unsafe { c::take_box(h) };
-        let ram = o.out.thaw().map_err(|e| migrate_error(&e))?;
         let r = Box::into_raw(Box::new(MosaicNetram { ram }));
         register(r as usize);
         *region = r;
@@ -157,12 +169,14 @@ pub extern "C" fn mosaic_netram_out_thaw(h: *mut MosaicNetramOut, region: *mut *
 
 /// Takes over the network-RAM region offered at `uri` (by `mosaic_netram_hand_over()` in
 /// another process): maps it here at the same address, its pages coming from the memory servers
-/// on touch, with at most `resident_budget` bytes in local RAM; stores the region's handle in
-/// `*out` (use it as one from `mosaic_netram_create()`).
+/// on touch, and stores the region's handle in `*out` (use it as one from
+/// `mosaic_netram_create()`). From `opts` (NULL: the defaults of `mosaic_netram_options_init()`)
+/// only `resident_budget` and `fault_mode` count: the size, servers, copies and address are the
+/// region's; a backing file is refused.
 #[no_mangle]
 pub extern "C" fn mosaic_netram_take_over(
     uri: *const c_char,
-    resident_budget: u64,
+    opts: *const MosaicNetramOptions,
     out: *mut *mut MosaicNetram,
 ) -> MosaicStatus {
     guard(|| {
@@ -171,7 +185,26 @@ pub extern "C" fn mosaic_netram_take_over(
         *out = std::ptr::null_mut();
         // SAFETY: NULL or a NUL-terminated string for the call (mosaic.h).
         let uri = unsafe { c::str_arg(uri, "uri") }?;
-        let (ram, _) = take_over_netram(uri, key()?, resident_budget).map_err(|e| migrate_error(&e))?;
+        let (budget, fault_mode) = if opts.is_null() {
+            (64 << 20, FaultMode::FaultingThread)
+        } else {
+            // SAFETY: non-null: a valid value to read for the call (mosaic.h).
+            let o = unsafe { c::ref_arg(opts, "opts") }?;
+            if !o.backing_file.is_null() {
+                return fail(MosaicErrInvalid, "a region taken over cannot have a backing file");
+            }
+            (o.resident_budget, fault_mode_of(o.fault_mode)?)
+        };
+        let key = key()?;
+        let conn = mosaic_transport::connect(uri, &mosaic_transport::ConnectOptions::new(key.clone()))
+            .map_err(|e| migrate_error(&e.into()))?;
+        let (ram, _) = take_over_netram_over(&conn, |h| {
+            let mut cfg = h.config(key, budget);
+            cfg.fault_mode = fault_mode;
+            cfg.name = "c".into();
+            cfg
+        })
+        .map_err(|e| migrate_error(&e))?;
         let r = Box::into_raw(Box::new(MosaicNetram { ram }));
         register(r as usize);
         *out = r;

@@ -11,9 +11,13 @@
 //!               clone keeps every page); thaw instead if nobody committed
 //! ```
 //! Failure: a destination that dies before its commit leaves the region to the source
-//! ([`NetRamOutgoing::thaw`]); a source that dies after the hand-over loses nothing, since every
-//! page is on the servers under the clone the destination holds (see `mosaic_netram`'s
-//! "Losing a server" for the servers' own failures).
+//! ([`NetRamOutgoing::thaw`], which also ends the clone, so a destination that attached anyway
+//! finds its pages gone rather than diverging); a source that dies after the hand-over loses
+//! nothing, since every page is on the servers under the clone the destination holds. A commit
+//! whose answer is lost (the source died just then, or the link broke) keeps the region at the
+//! destination: the source either committed, or, alive, can thaw and so end the destination's
+//! copy; the region is never dropped on both sides. See `mosaic_netram`'s "Losing a server" for
+//! the servers' own failures.
 //!
 //! Messages, over one authenticated transport connection:
 //!
@@ -64,7 +68,9 @@ pub struct NetRamOutgoingStats {
 
 #[derive(Default)]
 struct State {
-    described: bool,
+    /// The connection that asked for the description: the only one that may commit (another
+    /// is refused, so two processes never attach to the same pages).
+    describer: Option<u64>,
     committed: bool,
     thawing: bool,
 }
@@ -79,13 +85,16 @@ struct Out {
 struct Serve(Arc<Out>);
 
 impl Service for Serve {
-    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         let s = &self.0;
         let mut state = lock(&s.state);
         match method {
             DESCRIBE_NETRAM => {
                 if state.thawing {
                     return Err(ServiceError::new(Status::Forbidden, "the source took the region back"));
+                }
+                if state.describer.is_some_and(|d| d != caller.id) {
+                    return Err(ServiceError::new(Status::Forbidden, "another destination is taking the region over"));
                 }
                 let from = match request.len() {
                     0 => 0,
@@ -98,11 +107,11 @@ impl Service for Serve {
                 response.extend_from_slice(&(d.len() as u64).to_le_bytes());
                 response.extend_from_slice(part);
                 s.bytes_sent.fetch_add(8 + part.len() as u64, Ordering::Relaxed);
-                state.described = true;
+                state.describer = Some(caller.id);
             }
             COMMIT_NETRAM => {
-                if !state.described {
-                    return Err(ServiceError::new(Status::BadRequest, "a commit before the description"));
+                if state.describer != Some(caller.id) {
+                    return Err(ServiceError::new(Status::Forbidden, "a commit without the description"));
                 }
                 if state.thawing {
                     return Err(ServiceError::new(Status::Forbidden, "the source took the region back"));
@@ -126,6 +135,8 @@ pub struct NetRamOutgoing {
     out: Arc<Out>,
     server: Option<Server>,
     ram: Option<NetRam>,
+    /// What was handed over (to end the taker's clone if the region comes back).
+    handed: HandOver,
     stats: NetRamOutgoingStats,
 }
 
@@ -174,9 +185,9 @@ impl NetRamOutgoing {
             bytes_sent: 0,
         };
         match listen(listen_uri, ServerConfig::new(key).service(Serve(out.clone()))) {
-            Ok(server) => Ok(NetRamOutgoing { out, server: Some(server), ram: None, stats }),
+            Ok(server) => Ok(NetRamOutgoing { out, server: Some(server), ram: None, handed: h, stats }),
             Err(e) => {
-                ram.resume_after_hand_over();
+                ram.resume_after_hand_over(&h);
                 Err(e.into())
             }
         }
@@ -228,6 +239,13 @@ impl NetRamOutgoing {
     /// (its pages come back on touch). An error, and nothing changed, if a destination
     /// committed: the region runs there now.
     pub fn thaw(mut self) -> Result<NetRam, MigrateError> {
+        self.try_thaw()
+    }
+
+    /// As [`thaw`](Self::thaw), without giving up `self` when it fails (a destination
+    /// committed): the caller can still [`finish`](Self::finish). Once it succeeded, `self` holds
+    /// nothing more.
+    pub fn try_thaw(&mut self) -> Result<NetRam, MigrateError> {
         {
             let mut state = lock(&self.out.state);
             if state.committed {
@@ -239,7 +257,9 @@ impl NetRamOutgoing {
             server.shutdown();
         }
         let ram = self.ram.take().ok_or_else(|| MigrateError::Range("the region is gone".into()))?;
-        ram.resume_after_hand_over();
+        // A destination that attached but never committed (or never heard its commit refused)
+        // finds the pages gone, never a copy that diverges from this one.
+        ram.resume_after_hand_over(&self.handed);
         Ok(ram)
     }
 }
@@ -261,40 +281,58 @@ pub struct NetRamIncomingStats {
     pub bytes_received: u64,
     /// Pages with data on the servers.
     pub remote_pages: u64,
+    /// Whether the source answered the commit. False: the link broke (or the source died)
+    /// after the commit was sent; the region was kept here, since the source cannot know
+    /// whether it arrived and dropping it could lose the only copy. If the source is alive
+    /// and takes the region back, this copy's pages go (SIGBUS on touch), never diverge.
+    pub commit_confirmed: bool,
 }
 
 /// Takes over the network-RAM region offered at `uri` (a [`NetRamOutgoing`]) with `key`: maps it
 /// at its address here, attached to the servers' copy of its pages, with at most
-/// `resident_budget` bytes in local RAM, and commits (after which the source cannot thaw it).
-/// When this returns the region is usable; its pages come from the memory servers on touch.
+/// `resident_budget` bytes in local RAM (other settings: [`take_over_netram_over`]), and
+/// commits (after which the source cannot thaw it). When this returns the region is usable; its
+/// pages come from the memory servers on touch.
 pub fn take_over_netram(
     uri: &str,
     key: ClusterKey,
     resident_budget: u64,
 ) -> Result<(NetRam, NetRamIncomingStats), MigrateError> {
-    let start = Instant::now();
     let conn = connect(uri, &ConnectOptions::new(key.clone()))?;
-    take_over_netram_over(&conn, key, resident_budget, start)
+    take_over_netram_over(&conn, |h| h.config(key, resident_budget))
 }
 
 /// As [`take_over_netram`], over a connection made by the caller (a simulated link, other
-/// options); `key` is the memory servers' cluster key.
+/// options), with the region's settings here from `config` (given the hand-over; start from
+/// [`HandOver::config`]).
 pub fn take_over_netram_over(
     conn: &Connection,
-    key: ClusterKey,
-    resident_budget: u64,
-    start: Instant,
+    config: impl FnOnce(&HandOver) -> mosaic_netram::NetRamConfig,
 ) -> Result<(NetRam, NetRamIncomingStats), MigrateError> {
+    let start = Instant::now();
     let description = describe(conn)?;
     let h = HandOver::decode(&description).map_err(|e| MigrateError::Protocol(e.to_string()))?;
-    let ram = NetRam::take_over(&h, key, resident_budget)?;
-    // Attached and mapped: commit. If the source refuses (it took the region back) or is
-    // gone, this process lets go of the region (dropping it ends its session on the clone).
-    conn.call(COMMIT_NETRAM, &[])?;
+    let ram = NetRam::take_over(&h, config(&h))?;
+    // Attached and mapped: commit. A refusal (the source took the region back) lets go of it
+    // here (dropping it ends this process's session on the clone). Any other failure leaves
+    // it unknown whether the commit arrived: the region stays (see `commit_confirmed`).
+    let commit_confirmed = match conn.call(COMMIT_NETRAM, &[]) {
+        Ok(_) => true,
+        Err(e) if e.status().is_some() => return Err(e.into()),
+        Err(e) => {
+            log::warn!(
+                "network-RAM region at {:#x}: the commit's answer was lost ({}); keeping the region here",
+                h.addr(),
+                mosaic_transport::error_chain(&e)
+            );
+            false
+        }
+    };
     let stats = NetRamIncomingStats {
         take_over_us: u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
         bytes_received: description.len() as u64,
         remote_pages: h.remote_pages(),
+        commit_confirmed,
     };
     Ok((ram, stats))
 }
@@ -328,7 +366,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_description_larger_than_a_part_arrives_whole_and_a_commit_needs_it_first() {
+    fn a_description_larger_than_a_part_arrives_whole_and_only_its_reader_commits() {
         let key = ClusterKey::from_bytes(b"netram-migrate-unit-test-key").unwrap();
         let description: Vec<u8> =
             (0..DESCRIPTION_PART * 2 + 1234).map(|i| u8::try_from(i * 7 % 251).unwrap_or(0)).collect();
@@ -339,11 +377,15 @@ mod tests {
             bytes_sent: AtomicU64::new(0),
         });
         let server = listen("tcp://127.0.0.1:0", ServerConfig::new(key.clone()).service(Serve(out.clone()))).unwrap();
-        let conn = connect(server.uri(), &ConnectOptions::new(key)).unwrap();
+        let conn = connect(server.uri(), &ConnectOptions::new(key.clone())).unwrap();
         assert!(conn.call(COMMIT_NETRAM, &[]).is_err(), "a commit before the description");
         assert!(conn.call(DESCRIBE_NETRAM, &[1, 2, 3]).is_err(), "a malformed offset");
         assert_eq!(describe(&conn).unwrap(), description);
         assert_eq!(out.bytes_sent.load(Ordering::Relaxed), description.len() as u64 + 3 * 8);
+        // A second destination neither gets the description nor commits.
+        let other = connect(server.uri(), &ConnectOptions::new(key)).unwrap();
+        assert!(other.call(DESCRIBE_NETRAM, &[]).is_err());
+        assert!(other.call(COMMIT_NETRAM, &[]).is_err());
         conn.call(COMMIT_NETRAM, &[]).unwrap();
         assert!(lock(&out.state).committed);
         server.shutdown();

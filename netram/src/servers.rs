@@ -418,6 +418,19 @@ impl ServerSet {
         done
     }
 
+    /// Ends another session of this region's on every live server (a clone made for a process
+    /// that must not use it: a hand-over taken back), attaching to it with its secret first.
+    /// Where it no longer existed, the empty session the attach made is ended too.
+    pub(crate) fn end_other(&self, client: &ClientId, secret: &Secret) {
+        let open = proto::encode_open(client, self.grace_ms, secret);
+        for m in self.members.iter().filter(|m| m.alive()) {
+            let ended = m.bulk.call(proto::OPEN, &open).and_then(|_| m.bulk.call(proto::CLOSE, client));
+            if let Err(e) = ended {
+                log::warn!("memory server {}: cannot end the session handed over and taken back: {e}", m.uri);
+            }
+        }
+    }
+
     /// Ends the session on every live server, freeing what it holds there.
     pub(crate) fn close(&self) {
         for m in &self.members {

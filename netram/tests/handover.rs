@@ -51,7 +51,7 @@ fn the_taker_sees_every_page_after_the_source_is_gone() {
     // The source ends (its session closes: the clone keeps the pages).
     drop(src);
     let h = HandOver::decode(&wire).unwrap();
-    let taker = NetRam::take_over(&h, key(), BUDGET).unwrap();
+    let taker = NetRam::take_over(&h, h.config(key(), BUDGET)).unwrap();
     assert_eq!(taker.as_ptr() as usize, addr);
     assert_eq!(taker.len() as u64, REGION);
     assert_eq!(words(&taker)[5], 55);
@@ -75,17 +75,16 @@ fn a_hand_over_nobody_takes_leaves_the_region_working_here() {
     write(&src, n, 1);
     let h = src.hand_over().unwrap();
     assert_eq!(src.stats().resident, 0, "everything was written back and dropped");
-    src.resume_after_hand_over();
+    src.resume_after_hand_over(&h);
     assert_eq!(first_wrong(&src, n, 1), None);
     write(&src, n, 3);
     assert_eq!(first_wrong(&src, n, 3), None);
-    // The clone stayed as it was at the hand-over (copy-on-write on the server): a taker
-    // would have seen round 1, not this process's later writes.
-    let addr = src.as_ptr();
+    // The clone made for the taker was ended when the source took the region back: a taker
+    // that comes anyway is refused (its pages are gone), rather than running on a copy that
+    // diverges from this one.
     drop(src);
-    let taker = NetRam::take_over(&h, key(), BUDGET).unwrap();
-    assert_eq!(taker.as_ptr(), addr);
-    assert_eq!(first_wrong(&taker, n, 1), None);
+    let e = NetRam::take_over(&h, h.config(key(), BUDGET)).unwrap_err();
+    assert!(e.to_string().contains("no server that still holds the clone"), "{e}");
 }
 
 #[test]
@@ -96,9 +95,44 @@ fn a_taker_with_the_wrong_key_or_a_dead_server_gets_a_clear_error() {
     let h = src.hand_over().unwrap();
     drop(src);
     let other = mosaic_transport::ClusterKey::from_bytes(b"some-other-cluster-key-entirely").unwrap();
-    let e = NetRam::take_over(&h, other, BUDGET).unwrap_err();
+    let e = NetRam::take_over(&h, h.config(other, BUDGET)).unwrap_err();
     assert!(e.is_wrong_key(), "{e}");
     drop(s);
-    let e = NetRam::take_over(&h, key(), BUDGET).unwrap_err();
+    let e = NetRam::take_over(&h, h.config(key(), BUDGET)).unwrap_err();
     assert!(e.to_string().contains("unreachable"), "{e}");
+}
+
+#[test]
+fn a_prefetch_window_on_its_way_does_not_stop_a_hand_over() {
+    let s = servers(1, 256 * MIB);
+    let n = (16 * MIB / 8) as usize;
+    let src = region(uris(&s), 0x5a30_0000_0000);
+    write(&src, n, 1);
+    // A sequential read of pages long evicted: the prefetcher follows the stream and asks for
+    // the window after the last one, still on its way when the reader stops.
+    let w = words(&src);
+    let sum: u64 = (0..(4 * MIB / 8) as usize).step_by(512).map(|i| w[i]).fold(0, u64::wrapping_add);
+    assert_ne!(sum, 0);
+    assert!(src.stats().prefetched > 0, "the read was followed: {:?}", src.stats());
+    let h = src.hand_over().expect("a window on its way is given up, not taken for a touch");
+    drop(src);
+    let taker = NetRam::take_over(&h, h.config(key(), BUDGET)).unwrap();
+    assert_eq!(first_wrong(&taker, n, 1), None);
+}
+
+#[test]
+fn a_server_that_cannot_keep_the_pages_for_the_taker_fails_the_hand_over_and_nothing_is_lost() {
+    // One session only: the region's own; the clone for the taker is refused (table full).
+    let mut cfg = mosaic_netram::MemServerConfig::new(256 * MIB, key());
+    cfg.max_clients = 1;
+    let s = mosaic_netram::MemServer::start("tcp://127.0.0.1:0", cfg).unwrap();
+    let n = (8 * MIB / 8) as usize;
+    let src = region(vec![s.uri().to_string()], 0x5a40_0000_0000);
+    write(&src, n, 1);
+    let e = src.hand_over().unwrap_err();
+    assert!(e.to_string().contains("no memory server that could keep them"), "{e}");
+    // It works on here, every page as written.
+    assert_eq!(first_wrong(&src, n, 1), None);
+    write(&src, n, 2);
+    assert_eq!(first_wrong(&src, n, 2), None);
 }

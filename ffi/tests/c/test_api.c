@@ -339,7 +339,11 @@ static uint64_t nr_word(size_t page, uint64_t round) { return mix(page) ^ round;
 static int netram_dest(const char *uri) {
     EXPECT(mosaic_init(KEY), MOSAIC_OK);
     mosaic_netram *r = NULL;
-    EXPECT(mosaic_netram_take_over(uri, 1u << 20, &r), MOSAIC_OK);
+    mosaic_netram_options o;
+    EXPECT(mosaic_netram_options_init(&o), MOSAIC_OK);
+    o.resident_budget = 1u << 20;
+    o.fault_mode = MOSAIC_FAULT_PER_CPU; /* the region's settings here are this process's */
+    EXPECT(mosaic_netram_take_over(uri, &o, &r), MOSAIC_OK);
     uint64_t *p = r ? mosaic_netram_ptr(r) : NULL;
     CHECK((uint64_t)(uintptr_t)p == NR_ADDR && mosaic_netram_size(r) == NR_SIZE);
     if (p) {
@@ -356,7 +360,7 @@ static void netram_migration(const char *server) {
     mosaic_netram_out *h = NULL;
     mosaic_netram *r = NULL;
     EXPECT(mosaic_netram_hand_over(NULL, "tcp://127.0.0.1:0", &h), MOSAIC_ERR_NULL);
-    EXPECT(mosaic_netram_take_over("tcp://127.0.0.1:1", 1u << 20, &r), MOSAIC_ERR_UNREACHABLE);
+    EXPECT(mosaic_netram_take_over("tcp://127.0.0.1:1", NULL, &r), MOSAIC_ERR_UNREACHABLE);
     CHECK(h == NULL && r == NULL && mosaic_netram_out_uri(NULL) == NULL);
     mosaic_netram_options o;
     EXPECT(mosaic_netram_options_init(&o), MOSAIC_OK);

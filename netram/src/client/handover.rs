@@ -39,6 +39,9 @@ const HAND_OVER_BATCH: usize = 1024;
 const MAGIC: &[u8; 4] = b"MNH1";
 /// The user address space of x86-64 (47 bits): nothing is described beyond it.
 const USER_END: u64 = 1 << 47;
+/// The largest region a hand-over describes: 2^30 pages (4 TiB), whose table takes about
+/// 6 GiB at the taker (a description claiming more is refused before anything is allocated).
+const MAX_PAGES: u64 = 1 << 30;
 
 /// Why a region could not be handed over.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +62,20 @@ pub enum HandOverError {
         /// The first such page.
         page: u64,
     },
-    /// No server could clone the region's pages for the taker.
-    #[error("no memory server could keep the region's pages for the taker")]
-    NotCloned,
+    /// The servers could not keep every page with data for the taker (a server refused to
+    /// clone the session).
+    #[error("{pages} page(s) with data are on no memory server that could keep them for the taker")]
+    NotCloned {
+        /// How many (0: no server cloned at all).
+        pages: u64,
+    },
+    /// The taker cannot read pages with data: the servers holding them lost the clone (it came
+    /// later than the hand-over's grace time, or a server restarted).
+    #[error("{pages} page(s) with data are on no server that still holds the clone (taken over too late?)")]
+    ClonesLost {
+        /// How many.
+        pages: u64,
+    },
     /// The background work did not pause in time.
     #[error("the region's background work did not pause within {waited:?}")]
     Pause {
@@ -203,6 +217,7 @@ impl HandOver {
         let (addr, pages, region, written_back) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
         if addr % PAGE_SIZE as u64 != 0
             || pages == 0
+            || pages > MAX_PAGES
             || pages.checked_mul(PAGE_SIZE as u64).and_then(|l| l.checked_add(addr)).is_none_or(|e| e > USER_END)
         {
             return Err(bad(format!("{pages} pages at {addr:#x} is not a region of the address space")));
@@ -276,11 +291,12 @@ impl HandOver {
             }
             slab = slab
                 .checked_add(gap)
-                .filter(|s| *s <= pages / SLAB_PAGES)
+                .filter(|s| *s <= (pages - 1) / SLAB_PAGES)
                 .ok_or_else(|| bad("a slab beyond the region".into()))?;
             let m = usize::from(r.u8()?);
             let idx: Vec<usize> = r.take(m)?.iter().map(|&i| usize::from(i)).collect();
-            if m > n || idx.iter().any(|&i| i >= n) {
+            let distinct = idx.iter().enumerate().all(|(k, i)| !idx[..k].contains(i));
+            if m > n || !distinct || idx.iter().any(|&i| i >= n) {
                 return Err(bad(format!("slab {slab} placed on servers {idx:?}")));
             }
             placements.push((slab, idx));
@@ -321,7 +337,9 @@ impl NetRam {
     /// Hands the region over to another process (see the module's documentation): writes back
     /// its dirty pages, drops its resident ones, pauses its background work and has the servers
     /// keep a copy-on-write clone of its pages for the taker ([`NetRam::take_over`]), which
-    /// must attach within [`HAND_OVER_GRACE`]. Stop every thread using the region first.
+    /// must attach within [`HAND_OVER_GRACE`]. Stop every thread using the region first. The
+    /// taker maps the region at the same address: create it at an address the taker can map
+    /// ([`NetRamConfig::fixed_addr`]).
     ///
     /// Afterwards, drop this region once the taker has it (its session ends; the clone keeps
     /// every page), or call [`resume_after_hand_over`](NetRam::resume_after_hand_over) to go on
@@ -333,6 +351,9 @@ impl NetRam {
         }
         let written_before = s.stats.written_back.load(Ordering::Relaxed);
         let t = std::time::Instant::now();
+        // A window requested ahead of a strided stream holds its pages (Fetching): they are
+        // remote again once it is given up.
+        s.give_up_ahead();
         s.write_back_all(self.region());
         let wrote = t.elapsed();
         let resident = s.resident.load(Ordering::Acquire);
@@ -342,7 +363,7 @@ impl NetRam {
         if !s.fork_gate.close(CLOSE_WAIT) {
             return Err(HandOverError::Pause { waited: CLOSE_WAIT }.into());
         }
-        let described = s.describe().and_then(|runs| {
+        let handed = s.store_orphans().and_then(|()| s.describe()).and_then(|runs| {
             let (mut client, mut secret) = ([0u8; 16], [0u8; SECRET_LEN]);
             getrandom::fill(&mut client).and_then(|()| getrandom::fill(&mut secret)).map_err(NetRamError::Random)?;
             let described = t.elapsed();
@@ -352,8 +373,11 @@ impl NetRam {
                 s.name,
                 t.elapsed()
             );
-            if cloned == 0 {
-                return Err(HandOverError::NotCloned.into());
+            // Every page with data must have a copy on a server that cloned.
+            let uncloned: u64 = runs.iter().filter(|r| r.1 == Remote && r.2 & cloned == 0).map(|r| r.0).sum();
+            if cloned == 0 || uncloned > 0 {
+                s.servers.end_other(&client, &secret);
+                return Err(HandOverError::NotCloned { pages: uncloned }.into());
             }
             Ok(HandOver {
                 addr: self.as_ptr() as u64,
@@ -369,31 +393,41 @@ impl NetRam {
                 placements: s.servers.placements(),
             })
         });
-        if described.is_err() {
+        if handed.is_err() {
             s.fork_gate.open();
         }
-        described
+        handed
     }
 
-    /// Goes on using a region whose [`hand_over`](NetRam::hand_over) nobody took: its
-    /// background work resumes and its pages come back on touch. (The servers reclaim the
-    /// unused clone after [`HAND_OVER_GRACE`].)
-    pub fn resume_after_hand_over(&self) {
+    /// Goes on using a region whose hand-over `h` nobody took: the servers' clone made for the
+    /// taker is ended first (a taker that attached anyway then finds its pages gone: SIGBUS,
+    /// never two diverging copies), then the background work resumes; pages come back on
+    /// touch.
+    pub fn resume_after_hand_over(&self, h: &HandOver) {
+        self.shared.servers.end_other(&h.client, &h.secret);
         self.shared.fork_gate.open();
     }
 
     /// Takes over a region another process handed over: maps it at the same address, attached
-    /// to the servers' clone of its pages, with at most `resident_budget` bytes in local RAM.
-    /// Pages come in on touch; a page whose every copy is on a server that lost the clone is
-    /// lost (SIGBUS on touch, never zeros).
-    pub fn take_over(h: &HandOver, key: ClusterKey, resident_budget: u64) -> Result<NetRam, NetRamError> {
-        let mut cfg = NetRamConfig::new(h.servers.clone(), key, h.pages * PAGE_SIZE as u64, resident_budget);
+    /// to the servers' clone of its pages. `cfg` says how the region runs here (key, resident
+    /// budget, fault mode, time-outs, prefetch, victim cache); its servers, size, copies and
+    /// address are the hand-over's ([`HandOver::config`] makes one). Pages come in on touch.
+    ///
+    /// Fails, attaching to nothing, if a page with data has no copy this process can read (a
+    /// server lost the clone: the taker came later than [`HAND_OVER_GRACE`], or the server
+    /// restarted): the source still has it and can go on.
+    pub fn take_over(h: &HandOver, mut cfg: NetRamConfig) -> Result<NetRam, NetRamError> {
+        cfg.servers.clone_from(&h.servers);
+        cfg.size = h.pages * PAGE_SIZE as u64;
         cfg.copies = usize::from(h.copies);
-        cfg.name = "taken over".into();
-        let budget = resident_budget / PAGE_SIZE as u64;
+        cfg.fixed_addr = Some(h.addr());
+        if cfg.backing_file.is_some() {
+            return Err(HandOverError::BackingFile.into());
+        }
+        let budget = cfg.resident_budget / PAGE_SIZE as u64;
         if budget < super::MIN_BUDGET_PAGES {
             return Err(
-                ConfigError::BudgetTooSmall { bytes: resident_budget, min_pages: super::MIN_BUDGET_PAGES }.into()
+                ConfigError::BudgetTooSmall { bytes: cfg.resident_budget, min_pages: super::MIN_BUDGET_PAGES }.into()
             );
         }
         let servers = ServerSet::connect(
@@ -407,9 +441,15 @@ impl NetRam {
             cfg.timeout,
         )?;
         let usable = h.cloned & !servers.fresh_mask();
+        let lost: u64 = h.runs.iter().filter(|r| r.1 == Remote && r.2 & usable == 0).map(|r| r.0).sum();
+        if lost > 0 {
+            // Ends the session this process attached to (the source's own keeps the pages).
+            servers.close();
+            return Err(HandOverError::ClonesLost { pages: lost }.into());
+        }
         servers.set_placements(h.placements.iter().cloned());
         let table = PageTable::new(h.pages);
-        let (mut at, mut lost) = (0u64, 0u64);
+        let mut at = 0u64;
         for &(count, state, holders) in &h.runs {
             let (now, kept) = inherited(state, holders, usable);
             if now != Absent {
@@ -418,19 +458,23 @@ impl NetRam {
                     table.set_holders(i, kept);
                 }
             }
-            lost += if now == Lost && state != Lost { count } else { 0 };
             at += count;
-        }
-        if lost > 0 {
-            log::error!(
-                "region at {:#x}: {lost} page(s) handed over have no copy this process can read (a server lost the clone): touching one raises SIGBUS",
-                h.addr
-            );
         }
         let shared = Shared::new(&cfg, servers, table, budget, None);
         // Copies short of `copies` (a server that did not clone) are made again.
         shared.rebuild_wanted.store(true, Ordering::Release);
         NetRam::start(cfg, shared, MapAt::Fixed(h.addr()))
+    }
+}
+
+impl HandOver {
+    /// A configuration to take this region over with ([`NetRam::take_over`]): the defaults of
+    /// [`NetRamConfig::new`] with `key` and `resident_budget`; change what should differ.
+    pub fn config(&self, key: ClusterKey, resident_budget: u64) -> NetRamConfig {
+        let mut cfg = NetRamConfig::new(self.servers.clone(), key, self.pages * PAGE_SIZE as u64, resident_budget);
+        cfg.copies = usize::from(self.copies);
+        cfg.name = "taken over".into();
+        cfg
     }
 }
 
@@ -440,13 +484,14 @@ impl Shared {
     /// batches are large (a server call carries up to `MAX_BATCH` pages), not the evictor's
     /// small steps that let faults through between them.
     fn write_back_all(&self, core: &mosaic_pager::RegionCore) {
-        let _round = crate::lock(&self.evicting);
-        let _gate = self.fork_gate.enter();
         // Pages taken since the last batch that made progress: a page marked hot goes back to
         // the queue once (its second chance), so only two whole passes without progress mean
         // that nothing more can go (every server full, say).
         let mut idle = 0usize;
         while self.resident.load(Ordering::Acquire) > 0 {
+            // The gate, then the round: the order the evictor takes them in.
+            let _gate = self.fork_gate.enter();
+            let _round = crate::lock(&self.evicting);
             let (batch, queued): (Vec<u64>, usize) = {
                 let mut q = crate::lock(&self.queue);
                 let n = q.len().min(HAND_OVER_BATCH);
@@ -457,6 +502,33 @@ impl Shared {
             }
             idle = if self.evict_batch(core, &batch, Round::All) == 0 { idle + batch.len() } else { 0 };
         }
+    }
+
+    /// Pages remote in the books with no holder left (their server lost the session, or a
+    /// rebuild could not store them): stored again from the victim cache where it has them,
+    /// marked lost where nothing has them (as a fault here would find). The gate is closed.
+    fn store_orphans(&self) -> Result<(), NetRamError> {
+        let orphans: Vec<u64> = (0..self.table.len())
+            .filter(|&i| self.table.get(i) == Remote && self.table.holders(i) & !crate::servers::FILE_HOLDER == 0)
+            .collect();
+        let mut lost = 0u64;
+        for i in orphans {
+            let Some(copy) = self.victims.take(i) else {
+                self.table.set(i, Lost);
+                lost += 1;
+                continue;
+            };
+            let mask = self.servers.put(&[(i, &*copy)]).first().copied().unwrap_or(0);
+            if mask == 0 {
+                self.victims.insert_all([(i, copy)]);
+                return Err(HandOverError::NotWrittenBack { pages: 1 }.into());
+            }
+            self.table.set_holders(i, mask);
+        }
+        if lost > 0 {
+            log::error!("region {}: {lost} page(s) had no copy left anywhere: they are handed over lost", self.name);
+        }
+        Ok(())
     }
 
     /// The table as runs of (count, state, holders), if every page is absent, remote or lost.
@@ -527,6 +599,11 @@ mod tests {
             ("a placement on no server", &|h| h.placements[0].1 = vec![2]),
             ("a slab beyond the region", &|h| h.placements[1].0 = 4),
             ("a slab placed twice", &|h| h.placements[1].0 = 0),
+            ("a slab on one server twice", &|h| h.placements[0].1 = vec![1, 1]),
+            ("more pages than a hand-over takes", &|h| {
+                h.pages = MAX_PAGES + 1;
+                h.runs[3].0 += MAX_PAGES + 1 - 1000;
+            }),
             ("a resident page", &|h| h.runs[2].1 = PageState::Dirty),
         ] {
             assert!(bent(f).is_err(), "{what} was accepted");

@@ -156,7 +156,13 @@ impl PageSource for Source {
                     s.admit(&[index]);
                 }
             }
-            Outcome::Lost => s.table.set(index, Lost),
+            Outcome::Lost => {
+                s.table.set(index, Lost);
+                if counted {
+                    // It was resident (counted) and is not any more.
+                    s.resident.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
         }
     }
 

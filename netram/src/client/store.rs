@@ -98,6 +98,9 @@ impl Shared {
             if stop.load(Ordering::Acquire) {
                 return;
             }
+            // The scan claims pages (Fetching) and changes holder masks: inside the gate, as
+            // the batch that stores them, so that a fork or a hand-over never sees it half done.
+            let _gate = self.fork_gate.enter();
             remote.clear();
             resident.clear();
             while i < self.table.len() && remote.len() + resident.len() < REBUILD_BATCH {
