@@ -127,7 +127,7 @@ typedef struct mosaic_migrate_stats {
 // What a network-RAM region's migration cost at the source (`mosaic_netram_out_finish()`).
 typedef struct mosaic_netram_hand_over_stats {
   // Microseconds from the start of the hand-over to its description being ready (dirty
-  // pages written back, the session cloned on the servers).
+  // pages written back, the session handed over on the servers).
   uint64_t hand_over_us;
   // Dirty pages written back to the memory servers by the hand-over.
   uint64_t written_back_pages;

@@ -26,7 +26,7 @@ pub struct MosaicNetramOut {
 #[derive(Debug, Default)]
 pub struct MosaicNetramHandOverStats {
     /// Microseconds from the start of the hand-over to its description being ready (dirty
-    /// pages written back, the session cloned on the servers).
+    /// pages written back, the session handed over on the servers).
     pub hand_over_us: u64,
     /// Dirty pages written back to the memory servers by the hand-over.
     pub written_back_pages: u64,

@@ -3,17 +3,17 @@
 //!
 //! ```text
 //!  source       NetRamOutgoing::hand_over: the region writes back its dirty pages and has the
-//!               servers clone its session for the taker (NetRam::hand_over), then serves the
-//!               description on a transport server
-//!  destination  take_over_netram: DESCRIBE_NETRAM -> attach to the clone, map the region at
+//!               servers move its session to a new name and secret for the taker
+//!               (NetRam::hand_over), then serves the description on a transport server
+//!  destination  take_over_netram: DESCRIBE_NETRAM -> attach to the session, map the region at
 //!               the same address -> COMMIT_NETRAM: it runs here from now on
-//!  source       finish: once committed, the region ends here (its own session closes; the
-//!               clone keeps every page); thaw instead if nobody committed
+//!  source       finish: once committed, the region ends here (the pages are the
+//!               destination's); thaw instead if nobody committed (the session comes back)
 //! ```
 //! Failure: a destination that dies before its commit leaves the region to the source
-//! ([`NetRamOutgoing::thaw`], which also ends the clone, so a destination that attached anyway
+//! ([`NetRamOutgoing::thaw`] takes the session back, so a destination that attached anyway
 //! finds its pages gone rather than diverging); a source that dies after the hand-over loses
-//! nothing, since every page is on the servers under the clone the destination holds. A commit
+//! nothing, since every page is on the servers under the session the destination holds. A commit
 //! whose answer is lost (the source died just then, or the link broke) keeps the region at the
 //! destination: the source either committed, or, alive, can thaw and so end the destination's
 //! copy; the region is never dropped on both sides. See `mosaic_netram`'s "Losing a server" for
@@ -23,8 +23,8 @@
 //!
 //! ```text
 //! DESCRIBE_NETRAM  offset u64 (or nothing: 0) -> total length u64 | the encoded HandOver's
-//!                     bytes from offset, at most 256 KiB (address, size, servers, the clone's
-//!                     identity and secret, every page's state as runs, the slabs' placement)
+//!                     bytes from offset, at most 256 KiB (address, size, servers, the
+//!                     session's new name and secret, every page's state as runs, the slabs' placement)
 //! COMMIT_NETRAM    (the destination attached and mapped the region: it runs there from now on)
 //! ```
 
@@ -135,7 +135,7 @@ pub struct NetRamOutgoing {
     out: Arc<Out>,
     server: Option<Server>,
     ram: Option<NetRam>,
-    /// What was handed over (to end the taker's clone if the region comes back).
+    /// What was handed over (to take the session back if the region comes back).
     handed: HandOver,
     stats: NetRamOutgoingStats,
 }
@@ -215,7 +215,7 @@ impl NetRamOutgoing {
     }
 
     /// Waits (at most `timeout`) until a destination took the region over, then ends it here:
-    /// its own session on the servers closes, the destination's clone keeps every page. On
+    /// its pages are the destination's (the session it holds on the servers). On
     /// time-out nothing changes: [`thaw`](Self::thaw) gives the region back.
     pub fn finish(&mut self, timeout: Duration) -> Result<NetRamOutgoingStats, MigrateError> {
         let deadline = Instant::now() + timeout;
@@ -314,11 +314,15 @@ pub fn take_over_netram_over(
     let h = HandOver::decode(&description).map_err(|e| MigrateError::Protocol(e.to_string()))?;
     let ram = NetRam::take_over(&h, config(&h))?;
     // Attached and mapped: commit. A refusal (the source took the region back) lets go of it
-    // here (dropping it ends this process's session on the clone). Any other failure leaves
-    // it unknown whether the commit arrived: the region stays (see `commit_confirmed`).
+    // here, leaving the session to the source. Any other failure leaves it unknown whether the
+    // commit arrived: the region stays (see `commit_confirmed`).
     let commit_confirmed = match conn.call(COMMIT_NETRAM, &[]) {
         Ok(_) => true,
-        Err(e) if e.status().is_some() => return Err(e.into()),
+        Err(e) if e.status().is_some() => {
+            // Refused: the source takes the session back; ending it here would lose the pages.
+            ram.give_back();
+            return Err(e.into());
+        }
         Err(e) => {
             log::warn!(
                 "network-RAM region at {:#x}: the commit's answer was lost ({}); keeping the region here",

@@ -10,6 +10,7 @@
 //! | RENEW  | client                                               | [`ServerState`]             |
 //! | CLOSE  | client                                               | pages freed (u64)           |
 //! | CLONE  | parent client, child client, grace_ms, child secret  | [`ServerState`]             |
+//! | TRANSFER | client, new client, grace_ms, new secret           | [`ServerState`]             |
 //!
 //! # Sessions
 //! A client is a random 128-bit id chosen by the client, with a 32-byte secret only it knows.
@@ -27,6 +28,13 @@
 //! clone costs a table entry per page until one side writes a page. The child session starts
 //! detached (bound to no connection, its grace time running): the child process attaches to it
 //! with OPEN and the child secret, and if it never does, it is reclaimed like any detached one.
+//!
+//! # Transfers
+//! TRANSFER (for a region handed over to another process) renames a session: its pages, as they
+//! are, belong from then on to a new detached session with a new secret, and every connection
+//! bound to the old name loses it. Nothing is copied. The taker attaches with OPEN and the new
+//! secret; the giver can take it back the same way (OPEN with the new secret, TRANSFER to its old
+//! name), after which the taker's connections lose it in turn.
 //!
 //! # Leases
 //! While any connection of a client is open, nothing of it is reclaimed, however long the client
@@ -55,6 +63,8 @@ pub const CLOSE: u64 = 7;
 
 /// Clones a session (for a forked child).
 pub const CLONE: u64 = 8;
+/// Moves a session under a new name and secret (a region handed over to another process).
+pub const TRANSFER: u64 = 9;
 
 /// A client's identity.
 pub type ClientId = [u8; 16];

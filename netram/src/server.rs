@@ -484,6 +484,36 @@ impl MemStore {
         Ok(())
     }
 
+    /// TRANSFER: `from`'s session, pages and all, becomes the new detached session `to` (with
+    /// `to`'s secret and grace time); every connection bound to `from` loses it. Nothing is
+    /// copied: a region handed over to another process.
+    fn transfer_session(&self, caller: &Caller, req: &[u8], out: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let (from, to, grace_ms, secret) = proto::decode_clone(req).map_err(bad)?;
+        let grace = Duration::from_millis(u64::from(grace_ms)).clamp(MIN_GRACE, self.limits.max_grace);
+        let mut g = self.lock();
+        Self::session(&mut g, caller, &from)?;
+        if g.clients.contains_key(&to) {
+            return Err(ServiceError::new(Status::BadRequest, format!("client {} exists already", hex(&to))));
+        }
+        let Some(mut state) = g.clients.remove(&from) else {
+            return Err(ServiceError::new(Status::NotFound, format!("unknown client {}", hex(&from))));
+        };
+        for conn in std::mem::take(&mut state.conns) {
+            if let Some(list) = g.by_conn.get_mut(&conn) {
+                list.retain(|x| *x != from);
+                if list.is_empty() {
+                    g.by_conn.remove(&conn);
+                }
+            }
+        }
+        state.secret_hash = hash(&secret);
+        state.detached_since = Some(Instant::now());
+        state.grace = grace;
+        g.clients.insert(to, state);
+        self.state(&g, grace, true).encode(out);
+        Ok(())
+    }
+
     /// Ends `client`'s session: frees its pages and unbinds its connections. Returns pages freed.
     fn remove_client(g: &mut Inner, client: &ClientId) -> u64 {
         let Some(c) = g.clients.remove(client) else { return 0 };
@@ -553,6 +583,7 @@ impl Service for MemStore {
             }
             proto::CLOSE => self.close(caller, request, response),
             proto::CLONE => self.clone_session(caller, request, response),
+            proto::TRANSFER => self.transfer_session(caller, request, response),
             m => Err(ServiceError::new(Status::UnknownMethod, format!("no method {m}"))),
         }
     }
@@ -792,6 +823,30 @@ mod tests {
         assert_eq!(get(&q, &B, 0), one.to_vec());
         call(&s, &q, proto::CLOSE, &B).unwrap();
         assert_eq!(s.stats().used_pages, 0);
+    }
+
+    #[test]
+    fn a_transferred_session_keeps_its_pages_under_its_new_name_only() {
+        let s = MemStore::new(6);
+        let (p, q) = (conn(1), conn(2));
+        open(&s, &p, &A, &SA, 200).unwrap();
+        let one = [1u8; PAGE_SIZE];
+        call(&s, &p, proto::PUT, &proto::encode_put(&A, 1, &[(0, &one), (1, &one)])).unwrap();
+        let req = proto::encode_clone(&A, &B, 200, &SB);
+        assert_eq!(call(&s, &q, proto::TRANSFER, &req).unwrap_err().status, Status::Forbidden, "not its session");
+        call(&s, &p, proto::TRANSFER, &req).unwrap();
+        // Nothing copied; the old name is gone and its connection lost it.
+        assert_eq!((s.stats().used_pages, s.stats().clients, s.stats().detached_clients), (2, 1, 1));
+        assert_eq!(call(&s, &p, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap_err().status, Status::NotFound);
+        assert_eq!(open(&s, &q, &B, &SA, 200).unwrap_err().status, Status::Forbidden, "the new secret only");
+        assert!(open(&s, &q, &B, &SB, 200).unwrap().resumed);
+        assert_eq!(call(&s, &q, proto::GET, &proto::encode_get(&B, 1, 1)).unwrap(), one.to_vec());
+        // And back (a hand-over taken back): the taker's connection loses it in turn.
+        call(&s, &q, proto::TRANSFER, &proto::encode_clone(&B, &A, 200, &SA)).unwrap();
+        assert_eq!(call(&s, &q, proto::GET, &proto::encode_get(&B, 1, 1)).unwrap_err().status, Status::NotFound);
+        assert!(open(&s, &p, &A, &SA, 200).unwrap().resumed);
+        assert_eq!(call(&s, &p, proto::GET, &proto::encode_get(&A, 1, 0)).unwrap(), one.to_vec());
+        assert_eq!(s.stats().used_pages, 2);
     }
 
     #[test]

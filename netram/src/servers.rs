@@ -418,15 +418,41 @@ impl ServerSet {
         done
     }
 
-    /// Ends another session of this region's on every live server (a clone made for a process
-    /// that must not use it: a hand-over taken back), attaching to it with its secret first.
-    /// Where it no longer existed, the empty session the attach made is ended too.
-    pub(crate) fn end_other(&self, client: &ClientId, secret: &Secret) {
-        let open = proto::encode_open(client, self.grace_ms, secret);
-        for m in self.members.iter().filter(|m| m.alive()) {
-            let ended = m.bulk.call(proto::OPEN, &open).and_then(|_| m.bulk.call(proto::CLOSE, client));
-            if let Err(e) = ended {
-                log::warn!("memory server {}: cannot end the session handed over and taken back: {e}", m.uri);
+    /// Moves this session, on every live server, to the new detached session `to` with
+    /// `secret`, which waits `grace` for its taker (see `proto`'s "Transfers"); returns the
+    /// mask of servers that did. This set's connections lose the session there.
+    pub(crate) fn transfer_session(&self, to: &ClientId, secret: &Secret, grace: Duration) -> u32 {
+        let grace_ms = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX);
+        let req = proto::encode_clone(&self.client, to, grace_ms, secret);
+        let mut done = 0;
+        for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.alive()) {
+            match m.bulk.call(proto::TRANSFER, &req) {
+                Ok(_) => done |= 1 << i,
+                Err(e) => log::error!("memory server {} could not hand this region's pages over: {e}", m.uri),
+            }
+        }
+        done
+    }
+
+    /// Takes back, on the servers of `mask`, the session [`transfer_session`] moved to `from`:
+    /// attaches to it with its secret, moves it back under this set's name, and binds this
+    /// set's connections to it again. Connections of a taker that attached lose it.
+    ///
+    /// [`transfer_session`]: ServerSet::transfer_session
+    pub(crate) fn take_back(&self, mask: u32, from: &ClientId, secret: &Secret) {
+        let open_from = proto::encode_open(from, self.grace_ms, secret);
+        let back = proto::encode_clone(from, &self.client, self.grace_ms, &self.secret);
+        let open_own = proto::encode_open(&self.client, self.grace_ms, &self.secret);
+        for (i, m) in self.members.iter().enumerate().filter(|(i, m)| mask & (1 << i) != 0 && m.alive()) {
+            let r = m
+                .bulk
+                .call(proto::OPEN, &open_from)
+                .and_then(|_| m.bulk.call(proto::TRANSFER, &back))
+                .and_then(|_| m.bulk.call(proto::OPEN, &open_own))
+                .and_then(|_| m.conn.call(proto::OPEN, &open_own));
+            if let Err(e) = r {
+                log::error!("memory server {}: cannot take this region's pages back: {e}", m.uri);
+                self.mark_dead(i, "its pages could not be taken back after a hand-over");
             }
         }
     }

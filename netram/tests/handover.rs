@@ -84,7 +84,7 @@ fn a_hand_over_nobody_takes_leaves_the_region_working_here() {
     // diverges from this one.
     drop(src);
     let e = NetRam::take_over(&h, h.config(key(), BUDGET)).unwrap_err();
-    assert!(e.to_string().contains("no server that still holds the clone"), "{e}");
+    assert!(e.to_string().contains("no server that still holds the handed-over session"), "{e}");
 }
 
 #[test]
@@ -121,18 +121,47 @@ fn a_prefetch_window_on_its_way_does_not_stop_a_hand_over() {
 }
 
 #[test]
-fn a_server_that_cannot_keep_the_pages_for_the_taker_fails_the_hand_over_and_nothing_is_lost() {
-    // One session only: the region's own; the clone for the taker is refused (table full).
-    let mut cfg = mosaic_netram::MemServerConfig::new(256 * MIB, key());
-    cfg.max_clients = 1;
-    let s = mosaic_netram::MemServer::start("tcp://127.0.0.1:0", cfg).unwrap();
+fn a_server_dead_at_the_hand_over_with_the_only_copies_leaves_the_region_working_at_the_source() {
+    let mut s = servers(2, 256 * MIB);
     let n = (8 * MIB / 8) as usize;
-    let src = region(vec![s.uri().to_string()], 0x5a40_0000_0000);
+    let mut cfg = NetRamConfig::new(uris(&s), key(), REGION, BUDGET);
+    cfg.fixed_addr = Some(0x5a40_0000_0000);
+    cfg.copies = 1;
+    let src = NetRam::new(cfg).unwrap();
     write(&src, n, 1);
-    let e = src.hand_over().unwrap_err();
-    assert!(e.to_string().contains("no memory server that could keep them"), "{e}");
-    // It works on here, every page as written.
-    assert_eq!(first_wrong(&src, n, 1), None);
+    let before = src.placement();
+    assert!(before.iter().all(|(_, _, pages)| *pages > 0), "both servers hold pages: {before:?}");
+    drop(s.pop()); // the second server dies with the only copies of its pages
+                   // Either the hand-over fails (its pages are on no server that could hand them over), or
+                   // the region noticed the loss first and hands them over as lost (SIGBUS at the taker, as
+                   // here); taken back in both cases, the first server's part stays the region's.
+    match src.hand_over() {
+        Err(e) => assert!(e.to_string().contains("no memory server that could hand them over"), "{e}"),
+        Ok(h) => {
+            assert_eq!(h.servers().len(), 1, "{h:?}");
+            assert!(h.remote_pages() < (n / 512) as u64, "the dead server's pages are not remote: {h:?}");
+            src.resume_after_hand_over(&h);
+        }
+    }
+    // The region stores on the first server again.
+    src.discard(0, REGION / 4096).unwrap();
     write(&src, n, 2);
     assert_eq!(first_wrong(&src, n, 2), None);
+    let (uri, alive, pages) = src.placement()[0].clone();
+    assert!(alive && pages > 0, "{uri}: alive {alive}, {pages} pages");
+}
+
+#[test]
+fn with_two_copies_a_server_dead_at_the_hand_over_costs_nothing() {
+    let mut s = servers(2, 256 * MIB);
+    let n = (16 * MIB / 8) as usize;
+    let src = region(uris(&s), 0x5a50_0000_0000);
+    write(&src, n, 1);
+    drop(s.pop()); // the second server dies
+    let h = src.hand_over().unwrap();
+    assert_eq!(h.servers().len(), 1, "the dead server is left out: {h:?}");
+    drop(src);
+    let taker = NetRam::take_over(&h, h.config(key(), BUDGET)).unwrap();
+    assert_eq!(first_wrong(&taker, n, 1), None);
+    assert_eq!(taker.stats().lost, 0);
 }

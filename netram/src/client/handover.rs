@@ -1,20 +1,21 @@
 //! A region handed over to another process, on this host or another: only its table moves.
 //!
 //! ```text
-//!  source   hand_over: write back every dirty page and drop every resident one (the
-//!           evictor's rounds, to the end), close the gate (no eviction, rebuild or session
-//!           check runs), CLONE the session on every live server (copy-on-write there: no
-//!           page is copied), describe the table: each page Absent, Remote (with its holders)
-//!           or Lost, the slabs' placement, the clone's identity and secret
-//!  taker    take_over: attach to the clone with its secret, map the region at the same
+//!  source   hand_over: write back every dirty page and drop every resident one (batches of
+//!           eviction, to the end), close the gate (no eviction, rebuild or session check
+//!           runs), TRANSFER the session on every live server to a new name and secret (the
+//!           server renames it: nothing is copied, whatever the size), describe the table:
+//!           each page Absent, Remote (with its holders) or Lost, the slabs' placement, the
+//!           session's new name and secret
+//!  taker    take_over: attach to the session with its secret, map the region at the same
 //!           address, every page Remote/Absent/Lost as described: pages come in on touch
-//!  source   dropped once the taker has the region (its own session ends; the clone keeps
-//!           every page), or resume_after_hand_over if nobody took it
+//!  source   dropped once the taker has the region, or resume_after_hand_over if nobody took
+//!           it (the session is transferred back; a taker that attached anyway loses it)
 //! ```
 //! Why nothing is lost: after the write-back every page's current contents are on the servers
-//! (Remote) or zeros (Absent); the clone holds exactly those copies whatever the source does
-//! next, and a source that dies only ends its own session. What crosses besides the table: no
-//! page. The threads using the region must be stopped before [`NetRam::hand_over`] (a write
+//! (Remote) or zeros (Absent); the transferred session holds exactly those copies, and the
+//! source's connections no longer reach it, so a source that dies (or goes on) changes nothing
+//! of it. What crosses besides the table: no page. The threads using the region must be stopped before [`NetRam::hand_over`] (a write
 //! after it would stay at the source); a page touched meanwhile makes the hand-over fail.
 
 use std::sync::atomic::Ordering;
@@ -62,17 +63,17 @@ pub enum HandOverError {
         /// The first such page.
         page: u64,
     },
-    /// The servers could not keep every page with data for the taker (a server refused to
-    /// clone the session).
-    #[error("{pages} page(s) with data are on no memory server that could keep them for the taker")]
-    NotCloned {
-        /// How many (0: no server cloned at all).
+    /// The servers could not hand every page with data over (a server holding them failed).
+    #[error("{pages} page(s) with data are on no memory server that could hand them over")]
+    NotTransferred {
+        /// How many (0: no server could at all).
         pages: u64,
     },
-    /// The taker cannot read pages with data: the servers holding them lost the clone (it came
-    /// later than the hand-over's grace time, or a server restarted).
-    #[error("{pages} page(s) with data are on no server that still holds the clone (taken over too late?)")]
-    ClonesLost {
+    /// The taker cannot read pages with data: the servers holding them no longer have the
+    /// session (the taker came later than the hand-over's grace time, the source took the
+    /// region back, or a server restarted).
+    #[error("{pages} page(s) with data are on no server that still holds the handed-over session (taken back, or taken over too late?)")]
+    SessionLost {
         /// How many.
         pages: u64,
     },
@@ -91,8 +92,7 @@ pub enum HandOverError {
 /// the state of every page. [`encode`](HandOver::encode) it to send it, [`NetRam::take_over`]
 /// in the other process.
 ///
-/// It holds the secret of the clone session that holds the pages: whoever has it can read
-/// them. Send it only over an authenticated link.
+/// It holds the secret of the session that holds the pages: whoever has it can read them. Send it only over an authenticated link.
 #[derive(Clone, PartialEq, Eq)]
 pub struct HandOver {
     addr: u64,
@@ -101,8 +101,8 @@ pub struct HandOver {
     client: ClientId,
     secret: Secret,
     copies: u8,
-    /// Servers that cloned the session.
-    cloned: u32,
+    /// Servers that transferred the session.
+    transferred: u32,
     /// Pages written back to the servers by the hand-over.
     written_back: u64,
     servers: Vec<String>,
@@ -167,7 +167,7 @@ impl HandOver {
         b.extend_from_slice(&self.client);
         b.extend_from_slice(&self.secret);
         b.push(self.copies);
-        b.extend_from_slice(&self.cloned.to_le_bytes());
+        b.extend_from_slice(&self.transferred.to_le_bytes());
         b.push(self.servers.len() as u8); // at most MAX_SERVERS
         for s in &self.servers {
             let bytes = &s.as_bytes()[..s.len().min(u16::MAX.into())];
@@ -224,7 +224,7 @@ impl HandOver {
         }
         let client = r.client()?;
         let secret: Secret = r.take(SECRET_LEN)?.try_into().unwrap_or([0; SECRET_LEN]);
-        let (copies, cloned) = (r.u8()?, r.u32()?);
+        let (copies, transferred) = (r.u8()?, r.u32()?);
         let n = usize::from(r.u8()?);
         if n == 0 || n > MAX_SERVERS || usize::from(copies) == 0 || usize::from(copies) > n {
             return Err(bad(format!("{n} servers and {copies} copies")));
@@ -302,7 +302,19 @@ impl HandOver {
             placements.push((slab, idx));
         }
         r.end()?;
-        Ok(HandOver { addr, pages, region, client, secret, copies, cloned, written_back, servers, runs, placements })
+        Ok(HandOver {
+            addr,
+            pages,
+            region,
+            client,
+            secret,
+            copies,
+            transferred,
+            written_back,
+            servers,
+            runs,
+            placements,
+        })
     }
 }
 
@@ -336,13 +348,13 @@ fn varint(r: &mut Reader<'_>) -> Result<u64, ProtoError> {
 impl NetRam {
     /// Hands the region over to another process (see the module's documentation): writes back
     /// its dirty pages, drops its resident ones, pauses its background work and has the servers
-    /// keep a copy-on-write clone of its pages for the taker ([`NetRam::take_over`]), which
-    /// must attach within [`HAND_OVER_GRACE`]. Stop every thread using the region first. The
+    /// move its session, pages and all, to a new name and secret for the taker
+    /// ([`NetRam::take_over`]), which must attach within [`HAND_OVER_GRACE`]. Stop every thread using the region first. The
     /// taker maps the region at the same address: create it at an address the taker can map
     /// ([`NetRamConfig::fixed_addr`]).
     ///
-    /// Afterwards, drop this region once the taker has it (its session ends; the clone keeps
-    /// every page), or call [`resume_after_hand_over`](NetRam::resume_after_hand_over) to go on
+    /// Afterwards, drop this region once the taker has it (its connections go; the pages are
+    /// the taker's), or call [`resume_after_hand_over`](NetRam::resume_after_hand_over) to go on
     /// here. On error nothing was handed over and the region works on here.
     pub fn hand_over(&self) -> Result<HandOver, NetRamError> {
         let s = &self.shared;
@@ -367,17 +379,17 @@ impl NetRam {
             let (mut client, mut secret) = ([0u8; 16], [0u8; SECRET_LEN]);
             getrandom::fill(&mut client).and_then(|()| getrandom::fill(&mut secret)).map_err(NetRamError::Random)?;
             let described = t.elapsed();
-            let cloned = s.servers.clone_session(&client, &secret, Some(HAND_OVER_GRACE));
+            let transferred = s.servers.transfer_session(&client, &secret, HAND_OVER_GRACE);
             log::debug!(
-                "region {}: handed over: written back in {wrote:?}, described by {described:?}, cloned by {:?}",
+                "region {}: handed over: written back in {wrote:?}, described by {described:?}, transferred by {:?}",
                 s.name,
                 t.elapsed()
             );
-            // Every page with data must have a copy on a server that cloned.
-            let uncloned: u64 = runs.iter().filter(|r| r.1 == Remote && r.2 & cloned == 0).map(|r| r.0).sum();
-            if cloned == 0 || uncloned > 0 {
-                s.servers.end_other(&client, &secret);
-                return Err(HandOverError::NotCloned { pages: uncloned }.into());
+            // Every page with data must have a copy on a server that transferred.
+            let stranded: u64 = runs.iter().filter(|r| r.1 == Remote && r.2 & transferred == 0).map(|r| r.0).sum();
+            if transferred == 0 || stranded > 0 {
+                s.servers.take_back(transferred, &client, &secret);
+                return Err(HandOverError::NotTransferred { pages: stranded }.into());
             }
             Ok(HandOver {
                 addr: self.as_ptr() as u64,
@@ -386,12 +398,13 @@ impl NetRam {
                 client,
                 secret,
                 copies: u8::try_from(s.servers.copies()).unwrap_or(u8::MAX),
-                cloned,
+                transferred,
                 written_back: s.stats.written_back.load(Ordering::Relaxed) - written_before,
                 servers: s.servers.members.iter().map(|m| m.uri.clone()).collect(),
                 runs,
                 placements: s.servers.placements(),
-            })
+            }
+            .only_transferred())
         });
         if handed.is_err() {
             s.fork_gate.open();
@@ -399,23 +412,23 @@ impl NetRam {
         handed
     }
 
-    /// Goes on using a region whose hand-over `h` nobody took: the servers' clone made for the
-    /// taker is ended first (a taker that attached anyway then finds its pages gone: SIGBUS,
-    /// never two diverging copies), then the background work resumes; pages come back on
-    /// touch.
+    /// Goes on using a region whose hand-over `h` nobody took: the session is taken back from
+    /// the name it was handed over under (a taker that attached anyway loses it: its pages
+    /// fault as SIGBUS, never two diverging copies), then the background work resumes; pages
+    /// come back on touch.
     pub fn resume_after_hand_over(&self, h: &HandOver) {
-        self.shared.servers.end_other(&h.client, &h.secret);
+        self.shared.servers.take_back(h.transferred, &h.client, &h.secret);
         self.shared.fork_gate.open();
     }
 
     /// Takes over a region another process handed over: maps it at the same address, attached
-    /// to the servers' clone of its pages. `cfg` says how the region runs here (key, resident
+    /// to the session holding its pages. `cfg` says how the region runs here (key, resident
     /// budget, fault mode, time-outs, prefetch, victim cache); its servers, size, copies and
     /// address are the hand-over's ([`HandOver::config`] makes one). Pages come in on touch.
     ///
-    /// Fails, attaching to nothing, if a page with data has no copy this process can read (a
-    /// server lost the clone: the taker came later than [`HAND_OVER_GRACE`], or the server
-    /// restarted): the source still has it and can go on.
+    /// Fails, ending nothing, if a page with data has no copy this process can read (a server
+    /// lost the session: the taker came later than [`HAND_OVER_GRACE`], the source took it
+    /// back, or the server restarted): what is left stays for the source to take back.
     pub fn take_over(h: &HandOver, mut cfg: NetRamConfig) -> Result<NetRam, NetRamError> {
         cfg.servers.clone_from(&h.servers);
         cfg.size = h.pages * PAGE_SIZE as u64;
@@ -440,12 +453,12 @@ impl NetRam {
             cfg.grace,
             cfg.timeout,
         )?;
-        let usable = h.cloned & !servers.fresh_mask();
+        let usable = h.transferred & !servers.fresh_mask();
         let lost: u64 = h.runs.iter().filter(|r| r.1 == Remote && r.2 & usable == 0).map(|r| r.0).sum();
         if lost > 0 {
-            // Ends the session this process attached to (the source's own keeps the pages).
-            servers.close();
-            return Err(HandOverError::ClonesLost { pages: lost }.into());
+            // Dropping the set closes its connections and ends no session: the source can
+            // still take back what the servers hold.
+            return Err(HandOverError::SessionLost { pages: lost }.into());
         }
         servers.set_placements(h.placements.iter().cloned());
         let table = PageTable::new(h.pages);
@@ -461,13 +474,46 @@ impl NetRam {
             at += count;
         }
         let shared = Shared::new(&cfg, servers, table, budget, None);
-        // Copies short of `copies` (a server that did not clone) are made again.
+        // Copies short of `copies` (a server that did not transfer) are made again.
         shared.rebuild_wanted.store(true, Ordering::Release);
         NetRam::start(cfg, shared, MapAt::Fixed(h.addr()))
     }
 }
 
+impl NetRam {
+    /// Lets go of a region taken over whose commit the source refused (it took the region
+    /// back): unmaps it here without ending its session on the servers, which the source takes
+    /// back.
+    pub fn give_back(self) {
+        self.shared.keep_session.store(true, Ordering::Release);
+    }
+}
+
 impl HandOver {
+    /// The same hand-over naming only the servers that transferred the session (a server that
+    /// failed is left out, so the taker does not need it): holders, placements and the copies
+    /// wanted renumbered to match.
+    fn only_transferred(mut self) -> HandOver {
+        let n = self.servers.len();
+        let kept: Vec<usize> = (0..n).filter(|i| self.transferred & (1 << i) != 0).collect();
+        if kept.len() == n {
+            return self;
+        }
+        let remap = |mask: u32| {
+            kept.iter().enumerate().filter(|(_, &old)| mask & (1 << old) != 0).fold(0u32, |m, (new, _)| m | 1 << new)
+        };
+        for r in &mut self.runs {
+            r.2 = remap(r.2);
+        }
+        for (_, servers) in &mut self.placements {
+            *servers = servers.iter().filter_map(|old| kept.iter().position(|k| k == old)).collect();
+        }
+        self.servers = kept.iter().map(|&i| self.servers[i].clone()).collect();
+        self.transferred = (1u32 << kept.len()) - 1;
+        self.copies = self.copies.min(u8::try_from(kept.len()).unwrap_or(u8::MAX));
+        self
+    }
+
     /// A configuration to take this region over with ([`NetRam::take_over`]): the defaults of
     /// [`NetRamConfig::new`] with `key` and `resident_budget`; change what should differ.
     pub fn config(&self, key: ClusterKey, resident_budget: u64) -> NetRamConfig {
@@ -561,7 +607,7 @@ mod tests {
             client: [3; 16],
             secret: [9; SECRET_LEN],
             copies: 2,
-            cloned: 0b11,
+            transferred: 0b11,
             written_back: 12,
             servers: vec!["tcp://127.0.0.1:1".into(), "shm:///x".into()],
             runs: vec![(10, Absent, 0), (500, Remote, 0b11), (1, Lost, 0), (489, Remote, 0b01)],
@@ -611,6 +657,21 @@ mod tests {
         let mut b = h.encode();
         b[0] = b'X';
         assert!(HandOver::decode(&b).unwrap_err().to_string().contains("version"));
+    }
+
+    #[test]
+    fn a_server_that_did_not_transfer_is_left_out_and_the_rest_renumbered() {
+        let mut h = sample();
+        h.servers.push("tcp://127.0.0.1:3".into());
+        h.runs = vec![(10, Absent, 0), (500, Remote, 0b101), (1, Lost, 0), (489, Remote, 0b100)];
+        h.placements = vec![(0, vec![0, 2]), (3, vec![1, 2])];
+        h.transferred = 0b101;
+        let h = h.only_transferred();
+        assert_eq!(h.servers, ["tcp://127.0.0.1:1", "tcp://127.0.0.1:3"]);
+        assert_eq!(h.runs, [(10, Absent, 0), (500, Remote, 0b11), (1, Lost, 0), (489, Remote, 0b10)]);
+        assert_eq!(h.placements, [(0, vec![0, 1]), (3, vec![1])]);
+        assert_eq!((h.transferred, h.copies), (0b11, 2));
+        assert_eq!(HandOver::decode(&h.encode()).unwrap(), h);
     }
 
     #[test]

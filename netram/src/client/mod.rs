@@ -98,6 +98,9 @@ struct Shared {
     footprint: Footprint,
     /// Set when pages were stored with fewer copies than wanted: the keeper rebuilds.
     rebuild_wanted: AtomicBool,
+    /// Set when the region must end without ending its session on the servers (a region taken
+    /// over and given back: the session is the source's again).
+    keep_session: AtomicBool,
     stats: Counters,
 }
 
@@ -138,6 +141,7 @@ impl Shared {
             evict_stalled: AtomicBool::new(false),
             footprint: Footprint::new(cfg.count_process_memory),
             rebuild_wanted: AtomicBool::new(false),
+            keep_session: AtomicBool::new(false),
             ahead: lifecycle::AheadSlot::new(),
             stats: Counters::default(),
         })
@@ -457,6 +461,8 @@ impl Drop for NetRam {
         // Unmap first (no fault can need the servers any more), then end the sessions.
         drop(self.region.take());
         self.shared.give_up_ahead();
-        self.shared.servers.close();
+        if !self.shared.keep_session.load(Ordering::Acquire) {
+            self.shared.servers.close();
+        }
     }
 }

@@ -1,0 +1,230 @@
+//! A node's load vector: what it tells the others about itself, measured from `/proc`.
+
+use std::time::Duration;
+
+/// What one node says about itself (the seed's load vector): enough for a peer to decide
+/// whether to send it work or memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadVector {
+    /// The node's agent address (how to reach it).
+    pub node: String,
+    /// Runnable threads, averaged over the last minute, in hundredths (`/proc/loadavg`).
+    pub load: u32,
+    /// CPUs the node has.
+    pub cpus: u16,
+    /// The node's speed per CPU, in arbitrary units the cluster agrees on (1,000: a reference
+    /// core; `mosctl tune` measures it).
+    pub speed: u32,
+    /// Share of CPU time busy since the previous measure, in hundredths of a percent.
+    pub busy: u16,
+    /// Memory available for new work, bytes (`MemAvailable`).
+    pub free_memory: u64,
+    /// All memory, bytes.
+    pub total_memory: u64,
+    /// Memory pressure: share of the last 10 s in which some task stalled on memory, in
+    /// hundredths of a percent (`/proc/pressure/memory`, `some avg10`; 0 where absent).
+    pub pressure: u16,
+    /// Processes it would still take (0: full).
+    pub free_slots: u16,
+    /// How old this information is, as the sender knew it when it sent it.
+    pub age: Duration,
+}
+
+/// Bytes of a vector's encoding besides its node's address.
+pub const FIXED_BYTES: usize = 4 + 2 + 4 + 2 + 8 + 8 + 2 + 2 + 4 + 1;
+
+impl LoadVector {
+    /// A vector for `node` with nothing measured (an idle node of one CPU, no memory).
+    pub fn empty(node: &str) -> LoadVector {
+        LoadVector {
+            node: node.to_string(),
+            load: 0,
+            cpus: 1,
+            speed: 1000,
+            busy: 0,
+            free_memory: 0,
+            total_memory: 0,
+            pressure: 0,
+            free_slots: 0,
+            age: Duration::ZERO,
+        }
+    }
+
+    /// Appends the encoding (little-endian; the address last, its length in a byte).
+    pub fn encode(&self, b: &mut Vec<u8>) {
+        b.extend_from_slice(&self.load.to_le_bytes());
+        b.extend_from_slice(&self.cpus.to_le_bytes());
+        b.extend_from_slice(&self.speed.to_le_bytes());
+        b.extend_from_slice(&self.busy.to_le_bytes());
+        b.extend_from_slice(&self.free_memory.to_le_bytes());
+        b.extend_from_slice(&self.total_memory.to_le_bytes());
+        b.extend_from_slice(&self.pressure.to_le_bytes());
+        b.extend_from_slice(&self.free_slots.to_le_bytes());
+        let age_ms = u32::try_from(self.age.as_millis()).unwrap_or(u32::MAX);
+        b.extend_from_slice(&age_ms.to_le_bytes());
+        let addr = &self.node.as_bytes()[..self.node.len().min(255)];
+        b.push(u8::try_from(addr.len()).unwrap_or(u8::MAX));
+        b.extend_from_slice(addr);
+    }
+
+    /// Decodes one from the front of `b`, returning it and what follows; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<(LoadVector, &[u8])> {
+        let (fixed, rest) = b.split_at_checked(FIXED_BYTES)?;
+        let u16_at = |i: usize| u16::from_le_bytes([fixed[i], fixed[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes(fixed[i..i + 4].try_into().unwrap_or_default());
+        let u64_at = |i: usize| u64::from_le_bytes(fixed[i..i + 8].try_into().unwrap_or_default());
+        let len = usize::from(fixed[FIXED_BYTES - 1]);
+        let (addr, rest) = rest.split_at_checked(len)?;
+        let node = std::str::from_utf8(addr).ok()?.to_string();
+        let v = LoadVector {
+            node,
+            load: u32_at(0),
+            cpus: u16_at(4),
+            speed: u32_at(6),
+            busy: u16_at(10),
+            free_memory: u64_at(12),
+            total_memory: u64_at(20),
+            pressure: u16_at(28),
+            free_slots: u16_at(30),
+            age: Duration::from_millis(u64::from(u32_at(32))),
+        };
+        (v.cpus > 0 && v.free_memory <= v.total_memory).then_some((v, rest))
+    }
+
+    /// The load per CPU, scaled by speed: runnable threads per reference core, in hundredths.
+    /// What balancing compares between nodes.
+    pub fn effective_load(&self) -> u64 {
+        let capacity = u64::from(self.cpus.max(1)) * u64::from(self.speed.max(1));
+        u64::from(self.load) * 1000 / capacity
+    }
+}
+
+/// CPU time counters, to measure how busy the CPUs were between two measures.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+/// Measures this node's vector from `/proc` (fields it cannot read stay as in
+/// [`LoadVector::empty`]). `last` holds the CPU counters of the previous measure and is updated.
+pub fn measure(node: &str, speed: u32, free_slots: u16, last: &mut CpuTimes) -> LoadVector {
+    let mut v = LoadVector::empty(node);
+    v.speed = speed;
+    v.free_slots = free_slots;
+    v.cpus = std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
+    if let Ok(s) = std::fs::read_to_string("/proc/loadavg") {
+        v.load = parse_loadavg(&s).unwrap_or(0);
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/meminfo") {
+        let (free, total) = parse_meminfo(&s);
+        v.free_memory = free.min(total);
+        v.total_memory = total;
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/pressure/memory") {
+        v.pressure = parse_pressure(&s).unwrap_or(0);
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/stat") {
+        if let Some(now) = parse_stat(&s) {
+            let (busy, total) = (now.busy.saturating_sub(last.busy), now.total.saturating_sub(last.total));
+            if total > 0 && last.total > 0 {
+                v.busy = u16::try_from(busy * 10_000 / total).unwrap_or(10_000);
+            }
+            *last = now;
+        }
+    }
+    v
+}
+
+/// The one-minute load average of `/proc/loadavg`, in hundredths.
+fn parse_loadavg(s: &str) -> Option<u32> {
+    let first: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some((first * 100.0).round().clamp(0.0, f64::from(u32::MAX)) as u32)
+}
+
+/// `MemAvailable` and `MemTotal` of `/proc/meminfo`, in bytes.
+fn parse_meminfo(s: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    (field("MemAvailable:"), field("MemTotal:"))
+}
+
+/// `some avg10` of `/proc/pressure/memory`, in hundredths of a percent.
+fn parse_pressure(s: &str) -> Option<u16> {
+    let some = s.lines().find(|l| l.starts_with("some"))?;
+    let avg10: f64 = some.split_whitespace().find_map(|w| w.strip_prefix("avg10="))?.parse().ok()?;
+    Some((avg10 * 100.0).round().clamp(0.0, 10_000.0) as u16)
+}
+
+/// The busy and total jiffies of `/proc/stat`'s `cpu` line (idle and iowait are not busy).
+fn parse_stat(s: &str) -> Option<CpuTimes> {
+    let line = s.lines().find(|l| l.starts_with("cpu "))?;
+    let n: Vec<u64> = line.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect();
+    let total: u64 = n.iter().take(8).sum();
+    let idle = n.get(3).copied().unwrap_or(0) + n.get(4).copied().unwrap_or(0);
+    Some(CpuTimes { busy: total.saturating_sub(idle), total })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vector_round_trips_and_a_cut_one_is_refused() {
+        let v = LoadVector {
+            node: "tcp://10.0.0.7:7070".into(),
+            load: 350,
+            cpus: 16,
+            speed: 1200,
+            busy: 8_750,
+            free_memory: 3 << 30,
+            total_memory: 64 << 30,
+            pressure: 125,
+            free_slots: 4,
+            age: Duration::from_millis(1500),
+        };
+        let mut b = Vec::new();
+        v.encode(&mut b);
+        b.push(9);
+        let (back, rest) = LoadVector::decode(&b).unwrap();
+        assert_eq!((back, rest), (v.clone(), &[9u8][..]));
+        for cut in 0..b.len() - 1 {
+            assert!(LoadVector::decode(&b[..cut]).is_none(), "cut at {cut}");
+        }
+        let mut bent = v.clone();
+        bent.free_memory = bent.total_memory + 1;
+        let mut b = Vec::new();
+        bent.encode(&mut b);
+        assert!(LoadVector::decode(&b).is_none(), "more free memory than memory");
+    }
+
+    #[test]
+    fn proc_files_parse() {
+        assert_eq!(parse_loadavg("1.25 0.80 0.50 2/345 6789\n"), Some(125));
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_meminfo(meminfo), (20_000_000 * 1024, 24_576_000 * 1024));
+        let psi = "some avg10=1.50 avg60=0.20 avg300=0.00 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(parse_pressure(psi), Some(150));
+        let stat = "cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n";
+        let t = parse_stat(stat).unwrap();
+        assert_eq!((t.busy, t.total), (200, 1000));
+        let mut last = CpuTimes::default();
+        let v = measure("tcp://127.0.0.1:1", 1000, 2, &mut last);
+        assert!(v.total_memory > 0 && v.cpus >= 1 && last.total > 0, "{v:?}");
+    }
+
+    #[test]
+    fn effective_load_counts_cpus_and_speed() {
+        let mut v = LoadVector::empty("a");
+        v.load = 400;
+        v.cpus = 4;
+        assert_eq!(v.effective_load(), 100);
+        v.speed = 2000;
+        assert_eq!(v.effective_load(), 50);
+    }
+}
