@@ -9,6 +9,7 @@
 //! mosaic-bench serve-ram --uri URI --capacity SIZE
 //! ```
 
+mod cluster_sim;
 mod dsm;
 mod migrate;
 mod migrate_netram;
@@ -176,6 +177,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's information layer simulated at many nodes in one process (simulated
+    /// time): frames and bytes each node sends per second, the age of the information nodes
+    /// hold, and how long the others take to find a dead node.
+    ClusterSim {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "16,256,2048")]
+        nodes: Vec<usize>,
+        /// Simulated seconds counted (after a 20 s warm-up).
+        #[arg(long, default_value = "60")]
+        seconds: u64,
+        /// The links, a `sim` preset (fast-ethernet, 10gbe, 100gbe, ideal; ",loss=P" drops
+        /// frames).
+        #[arg(long, default_value = "10gbe")]
+        link: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The process a `migrate --ops process` figure moves (started by `migrate`).
     #[command(hide = true)]
     MigrateHold {
@@ -333,6 +352,7 @@ fn main() -> ExitCode {
                 migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, ops, json })
             }
         }
+        Cmd::ClusterSim { nodes, seconds, link, json } => cluster_sim::run(&nodes, seconds, &link, json),
         Cmd::MigrateHold { size, pct } => migrate_process::hold(size, pct),
         Cmd::MigrateSource { size, pct, listen } => migrate::source(size, pct, &listen),
         Cmd::MigrateDest { link } => migrate::dest(link.as_deref()),

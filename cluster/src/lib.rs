@@ -16,6 +16,8 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
 pub mod agent;
 pub mod home;
+pub mod info;
+pub mod policy;
 pub mod wire;
 
 pub use agent::{Agent, AgentConfig, MIGRATE_SIGNAL};

@@ -137,6 +137,7 @@ pub fn measure(node: &str, speed: u32, free_slots: u16, last: &mut CpuTimes) -> 
 }
 
 /// The one-minute load average of `/proc/loadavg`, in hundredths.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to the range first
 fn parse_loadavg(s: &str) -> Option<u32> {
     let first: f64 = s.split_whitespace().next()?.parse().ok()?;
     Some((first * 100.0).round().clamp(0.0, f64::from(u32::MAX)) as u32)
@@ -155,6 +156,7 @@ fn parse_meminfo(s: &str) -> (u64, u64) {
 }
 
 /// `some avg10` of `/proc/pressure/memory`, in hundredths of a percent.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to the range first
 fn parse_pressure(s: &str) -> Option<u16> {
     let some = s.lines().find(|l| l.starts_with("some"))?;
     let avg10: f64 = some.split_whitespace().find_map(|w| w.strip_prefix("avg10="))?.parse().ok()?;

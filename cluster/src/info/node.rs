@@ -67,17 +67,28 @@ pub struct GossipConfig {
     pub window: usize,
     /// How many window entries ride along with its own vector.
     pub carry: usize,
+    /// Entries older than this are dropped from the window (a node that stopped talking fades
+    /// out even before it is found dead).
+    pub max_age: Duration,
     /// Membership (SWIM): probe period, time-outs, suspicion.
     pub swim: Config,
 }
 
 impl GossipConfig {
     /// Defaults for a local network of about `nodes` members: a load vector every second to
-    /// one member with 4 window entries riding along, a window of 16, foca's LAN settings.
+    /// one member with 4 window entries riding along, a window of 16 entries of at most 20 s,
+    /// foca's LAN settings.
     pub fn lan(nodes: u32) -> GossipConfig {
         let mut swim = Config::new_lan(std::num::NonZeroU32::new(nodes.max(1)).unwrap_or(std::num::NonZeroU32::MIN));
         swim.max_packet_size = std::num::NonZeroUsize::new(MAX_FRAME - 1).unwrap_or(swim.max_packet_size);
-        GossipConfig { load_period: Duration::from_secs(1), fanout: 1, window: 16, carry: 4, swim }
+        GossipConfig {
+            load_period: Duration::from_secs(1),
+            fanout: 1,
+            window: 16,
+            carry: 4,
+            max_age: Duration::from_secs(20),
+            swim,
+        }
     }
 }
 
@@ -121,6 +132,13 @@ pub struct GossipNode {
     timer_events: std::collections::HashMap<u64, Timer<NodeId>>,
     next_seq: u64,
     window: InfoWindow,
+    /// The members alive as foca last said, by identity, with their place in `alive_list` (for
+    /// picking one at random); and how many live identities each address has (a node that
+    /// rejoined under a new generation may be up before its old identity is down). Only the
+    /// load of addresses alive here is taken.
+    alive: std::collections::HashMap<NodeId, usize>,
+    alive_list: Vec<NodeId>,
+    alive_addrs: std::collections::HashMap<String, u32>,
     own: LoadVector,
     cfg: GossipConfig,
     next_load: Duration,
@@ -138,9 +156,13 @@ impl GossipNode {
         let foca = Foca::new(me.clone(), cfg.swim.clone(), SmallRng::seed_from_u64(seed), WireCodec);
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         // Spread the nodes' load rounds over the period.
-        let phase = Duration::from_nanos(rng.random_range(0..cfg.load_period.as_nanos().max(1) as u64));
+        let period_ns = u64::try_from(cfg.load_period.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let phase = Duration::from_nanos(rng.random_range(0..period_ns));
         GossipNode {
             window: InfoWindow::new(cfg.window),
+            alive: std::collections::HashMap::new(),
+            alive_list: Vec::new(),
+            alive_addrs: std::collections::HashMap::new(),
             own: LoadVector::empty(addr),
             next_load: now + phase,
             me,
@@ -210,7 +232,9 @@ impl GossipNode {
         for _ in 0..n {
             let Some((v, more)) = LoadVector::decode(rest) else { return false };
             rest = more;
-            if v.node != self.me.addr {
+            // Only members known alive: a dead node's last vector, still carried by nodes that
+            // have not found it dead yet, does not come back; nor does a stale one.
+            if v.node != self.me.addr && self.alive_addrs.contains_key(&v.node) && v.age <= self.cfg.max_age {
                 self.window.offer(v, now);
             }
         }
@@ -234,14 +258,14 @@ impl GossipNode {
         }
         while self.next_load <= now {
             self.next_load += self.cfg.load_period;
+            self.window.drop_older_than(self.cfg.max_age, now);
             self.send_load(now);
         }
     }
 
     /// Sends its vector and the freshest entries of its window to `fanout` random members.
     fn send_load(&mut self, now: Duration) {
-        let members: Vec<String> = self.foca.iter_members().map(|m| m.id().addr.clone()).collect();
-        if members.is_empty() {
+        if self.alive_list.is_empty() {
             return;
         }
         let mut frame = vec![LOAD, 0];
@@ -257,8 +281,8 @@ impl GossipNode {
             n += 1;
         }
         frame[1] = n;
-        for _ in 0..self.cfg.fanout.min(members.len()) {
-            let to = members[self.rng.random_range(0..members.len())].clone();
+        for _ in 0..self.cfg.fanout.min(self.alive_list.len()) {
+            let to = self.alive_list[self.rng.random_range(0..self.alive_list.len())].addr.clone();
             self.push(to, frame.clone());
         }
     }
@@ -285,10 +309,29 @@ impl GossipNode {
         }
         while let Some(n) = self.runtime.to_notify() {
             match n {
-                OwnedNotification::MemberUp(id) => self.events.push(Event::Up(id.addr)),
+                OwnedNotification::MemberUp(id) => {
+                    if !self.alive.contains_key(&id) {
+                        self.alive.insert(id.clone(), self.alive_list.len());
+                        self.alive_list.push(id.clone());
+                        *self.alive_addrs.entry(id.addr.clone()).or_default() += 1;
+                    }
+                    self.events.push(Event::Up(id.addr));
+                }
                 OwnedNotification::MemberDown(id) => {
-                    self.window.forget(&id.addr);
-                    self.events.push(Event::Down(id.addr));
+                    if let Some(k) = self.alive.remove(&id) {
+                        self.alive_list.swap_remove(k);
+                        if let Some(moved) = self.alive_list.get(k) {
+                            self.alive.insert(moved.clone(), k);
+                        }
+                        if let Some(c) = self.alive_addrs.get_mut(&id.addr) {
+                            *c -= 1;
+                            if *c == 0 {
+                                self.alive_addrs.remove(&id.addr);
+                                self.window.forget(&id.addr);
+                                self.events.push(Event::Down(id.addr));
+                            }
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -341,6 +384,8 @@ impl std::fmt::Display for CodecError {
         f.write_str(self.0)
     }
 }
+
+impl std::error::Error for CodecError {}
 
 fn room(buf: &impl BufMut, n: usize) -> Result<(), CodecError> {
     if buf.remaining_mut() < n {
@@ -499,7 +544,7 @@ mod tests {
             (0..5).map(|i| GossipNode::new(&format!("sim://{i}"), cfg.clone(), i, Duration::ZERO)).collect();
         for (i, n) in nodes.iter_mut().enumerate() {
             let mut v = LoadVector::empty("");
-            v.load = 100 * i as u32;
+            v.load = 100 * u32::try_from(i).unwrap_or(0);
             n.set_load(v);
         }
         for n in nodes.iter_mut().skip(1) {

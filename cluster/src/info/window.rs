@@ -50,6 +50,11 @@ impl InfoWindow {
         true
     }
 
+    /// Drops the entries older than `max` at `now`.
+    pub fn drop_older_than(&mut self, max: Duration, now: Duration) {
+        self.entries.retain(|_, (v, at)| Self::age_at(v, *at, now) <= max);
+    }
+
     /// Forgets `node` (it left, or was found dead).
     pub fn forget(&mut self, node: &str) {
         self.entries.remove(node);
@@ -57,11 +62,8 @@ impl InfoWindow {
 
     /// Every entry with its age at `now`, freshest first.
     pub fn entries(&self, now: Duration) -> Vec<LoadVector> {
-        let mut v: Vec<LoadVector> = self
-            .entries
-            .values()
-            .map(|(v, at)| LoadVector { age: Self::age_at(v, *at, now), ..v.clone() })
-            .collect();
+        let mut v: Vec<LoadVector> =
+            self.entries.values().map(|(v, at)| LoadVector { age: Self::age_at(v, *at, now), ..v.clone() }).collect();
         v.sort_by(|a, b| a.age.cmp(&b.age).then_with(|| a.node.cmp(&b.node)));
         v
     }
@@ -108,5 +110,7 @@ mod tests {
         assert_eq!(w.oldest(ms(110)), ms(150));
         w.forget("a");
         assert_eq!(w.entries(ms(110)).len(), 1);
+        w.drop_older_than(ms(99), ms(110));
+        assert!(w.is_empty());
     }
 }

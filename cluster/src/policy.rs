@@ -1,0 +1,278 @@
+//! The cluster's decisions, without I/O: when to move a process and where, when to usher memory
+//! away and where, where to place new work. Each takes what a node knows (its own
+//! [`LoadVector`], its window of others') and returns a decision the agent carries out.
+//!
+//! Load balancing follows the seed's rules: compare load per reference core (load scaled by
+//! CPUs and speed), move only when the process would find the destination lighter than this
+//! node by a threshold (so the reverse move can never be decided afterwards: no ping-pong), only processes that
+//! have stayed a minimum time, and only when the expected gain over the time the process is
+//! likely still to run (as long again as it has run: the seed's heuristic) beats the measured
+//! cost of moving it.
+
+use std::time::Duration;
+
+use crate::info::LoadVector;
+
+/// One hundred: a runnable thread in [`LoadVector::load`]'s hundredths.
+const ONE: u64 = 100;
+
+/// The balancing policy's settings.
+#[derive(Clone, Debug)]
+pub struct BalanceParams {
+    /// Least difference of load per reference core (hundredths) between this node and the
+    /// destination, both counted with the process, for a move.
+    pub threshold: u64,
+    /// Least time a process stays on a node before it may move again.
+    pub min_residence: Duration,
+    /// What moving a process costs it (its stop time plus the slowdown of its memory arriving;
+    /// `mosctl tune` measures it on this cluster).
+    pub migration_cost: Duration,
+    /// Information older than this is not acted on.
+    pub max_info_age: Duration,
+}
+
+impl Default for BalanceParams {
+    fn default() -> BalanceParams {
+        BalanceParams {
+            threshold: 50,
+            min_residence: Duration::from_secs(5),
+            migration_cost: Duration::from_millis(200),
+            max_info_age: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A process the agent could move.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its pid.
+    pub pid: u32,
+    /// How long it has run in all.
+    pub ran: Duration,
+    /// How long it has been on this node.
+    pub here_for: Duration,
+    /// Share of a CPU it used lately, in hundredths (100: CPU-bound).
+    pub cpu: u64,
+    /// Locked to this node (`mosctl lock`), or not movable (the migration check refused it).
+    pub locked: bool,
+}
+
+/// A decision to move a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The process.
+    pub pid: u32,
+    /// The destination's agent.
+    pub to: String,
+    /// The run time it is expected to save (already net of the move's cost).
+    pub expected_gain: Duration,
+}
+
+/// The load per reference core of `v` with `delta` runnable threads (hundredths) added.
+fn per_core(v: &LoadVector, delta: i64) -> u64 {
+    let load = (i64::from(v.load) + delta).max(0).unsigned_abs();
+    LoadVector { load: u32::try_from(load).unwrap_or(u32::MAX), ..v.clone() }.effective_load()
+}
+
+/// The speed a CPU-bound thread gets on `v` with its load per core at `per_core`: a reference
+/// core's worth (1,000) times the node's speed share, divided among the runnable threads.
+fn rate(v: &LoadVector, per_core: u64) -> u64 {
+    u64::from(v.speed) * 1000 / per_core.max(ONE)
+}
+
+/// Whether to move one of `candidates` away from this node (`local`), and where, given what it
+/// knows of the others (`window`). `None`: stay.
+pub fn balance(local: &LoadVector, window: &[LoadVector], candidates: &[Candidate], p: &BalanceParams) -> Option<Move> {
+    // The process that gains most from moving: CPU-bound, long-running, settled here.
+    let job = candidates
+        .iter()
+        .filter(|c| !c.locked && c.here_for >= p.min_residence && c.cpu >= ONE / 2)
+        .max_by_key(|c| (c.cpu, c.ran))?;
+    let share = i64::try_from(job.cpu.min(ONE)).unwrap_or(0);
+    let here_with = per_core(local, 0);
+    let best = window
+        .iter()
+        .filter(|v| v.node != local.node && v.age <= p.max_info_age && v.free_slots > 0)
+        .map(|v| (per_core(v, share), v))
+        .min_by_key(|(load, v)| (*load, v.node.clone()))?;
+    let (there_with, dest) = best;
+    // Hysteresis: the destination with the process must be lighter than this node with it by
+    // the threshold. The reverse move, decided after this one, would need this node with the
+    // process to be lighter than the destination with it by the threshold: never both.
+    if there_with + p.threshold > here_with {
+        return None;
+    }
+    // Gain: over the time it is likely still to run (as long as it has run), the work done
+    // faster there, less the cost of moving.
+    let (rate_here, rate_there) = (rate(local, here_with), rate(dest, there_with));
+    if rate_there <= rate_here {
+        return None;
+    }
+    let horizon = job.ran;
+    let saved = horizon.mul_f64(1.0 - rate_here as f64 / rate_there as f64);
+    let gain = saved.checked_sub(p.migration_cost).filter(|g| !g.is_zero())?;
+    Some(Move { pid: job.pid, to: dest.node.clone(), expected_gain: gain })
+}
+
+/// The memory policy's settings.
+#[derive(Clone, Debug)]
+pub struct UsherParams {
+    /// Below this share of its memory free (hundredths of a percent), a node ushers memory away.
+    pub low_free: u16,
+    /// Above this memory pressure (hundredths of a percent of time stalled), likewise.
+    pub high_pressure: u16,
+    /// A node takes memory only while it keeps this share free after taking it.
+    pub keep_free: u16,
+    /// Information older than this is not acted on.
+    pub max_info_age: Duration,
+}
+
+impl Default for UsherParams {
+    fn default() -> UsherParams {
+        UsherParams { low_free: 1_000, high_pressure: 1_000, keep_free: 2_500, max_info_age: Duration::from_secs(10) }
+    }
+}
+
+/// A decision to move memory away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Usher {
+    /// Where to.
+    pub to: String,
+    /// How many bytes.
+    pub bytes: u64,
+}
+
+/// Bytes of `total` that make `share` hundredths of a percent.
+fn share_of(total: u64, share: u16) -> u64 {
+    u64::try_from(u128::from(total) * u128::from(share) / 10_000).unwrap_or(u64::MAX)
+}
+
+/// Whether this node (`local`) should usher memory (its network-RAM slabs, its hosted pages)
+/// to others, and to which: when its free memory is below the low mark or its memory pressure
+/// above the high mark, to the node with the most room above its own keep-free mark, as much as
+/// brings this node back to its keep-free mark and fits there.
+pub fn usher(local: &LoadVector, window: &[LoadVector], p: &UsherParams) -> Option<Usher> {
+    let low = local.free_memory < share_of(local.total_memory, p.low_free);
+    if !low && local.pressure <= p.high_pressure {
+        return None;
+    }
+    let want = share_of(local.total_memory, p.keep_free).saturating_sub(local.free_memory).max(1 << 20);
+    let (room, dest) = window
+        .iter()
+        .filter(|v| v.node != local.node && v.age <= p.max_info_age && v.pressure <= p.high_pressure)
+        .map(|v| (v.free_memory.saturating_sub(share_of(v.total_memory, p.keep_free)), v))
+        .max_by_key(|(room, v)| (*room, std::cmp::Reverse(v.node.clone())))?;
+    (room > 0).then(|| Usher { to: dest.node.clone(), bytes: want.min(room) })
+}
+
+/// Where to start new work needing `memory` bytes: the node (this one included) with the least
+/// load per reference core among those with a free slot and that much memory free, ties to this
+/// node (no move is cheaper than one).
+pub fn place(local: &LoadVector, window: &[LoadVector], memory: u64, max_info_age: Duration) -> Option<String> {
+    std::iter::once(local)
+        .chain(window.iter().filter(|v| v.node != local.node && v.age <= max_info_age))
+        .filter(|v| v.free_slots > 0 && v.free_memory >= memory)
+        .map(|v| (per_core(v, i64::try_from(ONE).unwrap_or(100)), v.node != local.node, v))
+        .min_by_key(|(load, remote, v)| (*load, *remote, v.node.clone()))
+        .map(|(_, _, v)| v.node.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, load: u32, cpus: u16) -> LoadVector {
+        LoadVector {
+            load,
+            cpus,
+            free_slots: 8,
+            total_memory: 16 << 30,
+            free_memory: 8 << 30,
+            ..LoadVector::empty(name)
+        }
+    }
+
+    fn job(pid: u32, ran_s: u64) -> Candidate {
+        Candidate {
+            pid,
+            ran: Duration::from_secs(ran_s),
+            here_for: Duration::from_secs(ran_s),
+            cpu: 100,
+            locked: false,
+        }
+    }
+
+    #[test]
+    fn an_overloaded_node_sends_its_longest_cpu_bound_job_to_the_least_loaded_one() {
+        let here = node("a", 400, 2); // 2 runnable per core
+        let window = [node("b", 150, 2), node("c", 0, 2), node("d", 0, 1)];
+        let jobs = [job(1, 30), job(2, 120), Candidate { cpu: 20, ..job(3, 600) }];
+        let m = balance(&here, &window, &jobs, &BalanceParams::default()).unwrap();
+        assert_eq!((m.pid, m.to.as_str()), (2, "c"), "{m:?}");
+        // It would run at twice the rate there: half of the 120 s it is expected still to need.
+        assert!(m.expected_gain > Duration::from_secs(55) && m.expected_gain < Duration::from_secs(61), "{m:?}");
+    }
+
+    #[test]
+    fn no_ping_pong_no_move_within_the_threshold_and_none_the_other_way() {
+        let p = BalanceParams::default();
+        let (a, b) = (node("a", 300, 2), node("b", 100, 2));
+        let m = balance(&a, std::slice::from_ref(&b), &[job(1, 100)], &p);
+        assert!(m.is_some());
+        // After the move: a at 200, b at 200: neither side moves anything back.
+        let (a2, b2) = (node("a", 200, 2), node("b", 200, 2));
+        assert_eq!(balance(&a2, std::slice::from_ref(&b2), &[job(2, 100)], &p), None);
+        assert_eq!(balance(&b2, &[a2], &[job(1, 100)], &p), None);
+        // A difference of one thread on two cores: within the threshold, nothing moves.
+        assert_eq!(balance(&node("a", 200, 2), &[node("b", 100, 2)], &[job(1, 100)], &p), None);
+    }
+
+    #[test]
+    fn young_locked_stale_and_not_worth_it_stay() {
+        let p = BalanceParams::default();
+        let here = node("a", 400, 1);
+        let idle = [node("b", 0, 1)];
+        let settled = |c: Candidate| balance(&here, &idle, &[c], &p);
+        assert_eq!(settled(Candidate { here_for: Duration::from_secs(1), ..job(1, 100) }), None, "just arrived");
+        assert_eq!(settled(Candidate { locked: true, ..job(1, 100) }), None, "locked");
+        assert!(settled(job(1, 100)).is_some());
+        // 100 s run, four times faster there: 75 s saved, less than a move that costs 80 s.
+        let dear = BalanceParams { migration_cost: Duration::from_secs(80), ..p.clone() };
+        assert_eq!(balance(&here, &idle, &[job(1, 100)], &dear), None, "not worth its cost");
+        let stale = [LoadVector { age: Duration::from_secs(60), ..node("b", 0, 1) }];
+        assert_eq!(balance(&here, &stale, &[job(1, 100)], &p), None, "stale information");
+        let full = [LoadVector { free_slots: 0, ..node("b", 0, 1) }];
+        assert_eq!(balance(&here, &full, &[job(1, 100)], &p), None, "no slot there");
+        let slow = [LoadVector { speed: 100, ..node("b", 0, 1) }];
+        assert_eq!(balance(&here, &slow, &[job(1, 100)], &p), None, "a tenth of the speed: slower there");
+    }
+
+    #[test]
+    fn memory_is_ushered_from_a_squeezed_node_to_the_roomiest() {
+        let p = UsherParams::default();
+        let mut here = node("a", 0, 1);
+        assert_eq!(usher(&here, &[node("b", 0, 1)], &p), None, "half free: nothing to do");
+        here.free_memory = 1 << 30; // 1 of 16 GiB free: below 10%
+        let roomy = LoadVector { free_memory: 12 << 30, ..node("c", 0, 1) };
+        let pressed = LoadVector { free_memory: 15 << 30, pressure: 5_000, ..node("d", 0, 1) };
+        let u = usher(&here, &[node("b", 0, 1), roomy, pressed], &p).unwrap();
+        // Back to 25% free: 4 GiB - 1 GiB; c has 12 - 4 = 8 GiB of room.
+        assert_eq!((u.to.as_str(), u.bytes), ("c", 3 << 30));
+        here.free_memory = 8 << 30;
+        here.pressure = 2_000;
+        assert!(usher(&here, &[node("b", 0, 1)], &p).is_some(), "pressure alone");
+        let tight = LoadVector { free_memory: 4 << 30, ..node("b", 0, 1) };
+        assert_eq!(usher(&here, &[tight], &p), None, "nobody has room above their own mark");
+    }
+
+    #[test]
+    fn new_work_goes_to_the_least_loaded_node_with_room_ties_here() {
+        let age = Duration::from_secs(10);
+        let here = node("a", 100, 2);
+        assert_eq!(place(&here, &[node("b", 100, 2)], 1 << 30, age).as_deref(), Some("a"));
+        assert_eq!(place(&here, &[node("b", 0, 2)], 1 << 30, age).as_deref(), Some("b"));
+        assert_eq!(place(&here, &[node("b", 0, 2)], 10 << 30, age), None, "nobody has 10 GiB free");
+        let stale = LoadVector { age: Duration::from_secs(11), ..node("b", 0, 2) };
+        assert_eq!(place(&here, &[stale], 1 << 30, age).as_deref(), Some("a"));
+    }
+}
