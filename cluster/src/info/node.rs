@@ -31,23 +31,39 @@ const LOAD: u8 = 1;
 pub const MAX_FRAME: usize = 1400;
 
 /// A node's identity: its agent address, and a generation that grows when it rejoins after
-/// being declared down.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// being declared down. Cheap to clone and compare (foca does both a lot): the address is shared.
+#[derive(Clone, Debug, Hash, PartialOrd, Ord)]
 pub struct NodeId {
     /// Where its agent is reached.
-    pub addr: String,
+    pub addr: std::sync::Arc<str>,
     /// Bumped on each rejoin.
     pub generation: u32,
 }
 
+impl NodeId {
+    /// The identity of the node at `addr`, first generation.
+    pub fn new(addr: &str) -> NodeId {
+        NodeId { addr: addr.into(), generation: 0 }
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.generation == other.generation
+            && (std::sync::Arc::ptr_eq(&self.addr, &other.addr) || self.addr == other.addr)
+    }
+}
+
+impl Eq for NodeId {}
+
 impl Identity for NodeId {
-    type Addr = String;
+    type Addr = std::sync::Arc<str>;
 
     fn renew(&self) -> Option<Self> {
         Some(NodeId { addr: self.addr.clone(), generation: self.generation.wrapping_add(1) })
     }
 
-    fn addr(&self) -> String {
+    fn addr(&self) -> std::sync::Arc<str> {
         self.addr.clone()
     }
 
@@ -152,7 +168,7 @@ pub struct GossipNode {
 impl GossipNode {
     /// A node at `addr` (alone until it joins), its randomness from `seed`, at time `now`.
     pub fn new(addr: &str, cfg: GossipConfig, seed: u64, now: Duration) -> GossipNode {
-        let me = NodeId { addr: addr.to_string(), generation: 0 };
+        let me = NodeId::new(addr);
         let foca = Foca::new(me.clone(), cfg.swim.clone(), SmallRng::seed_from_u64(seed), WireCodec);
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         // Spread the nodes' load rounds over the period.
@@ -188,7 +204,7 @@ impl GossipNode {
     /// Asks the node at `peer` to let this one join (it learns the rest from there).
     pub fn join(&mut self, peer: &str, now: Duration) {
         self.now = now;
-        let dst = NodeId { addr: peer.to_string(), generation: 0 };
+        let dst = NodeId::new(peer);
         if let Err(e) = self.foca.announce(dst, &mut self.runtime) {
             log::warn!("gossip: cannot announce to {peer}: {e}");
         }
@@ -197,7 +213,7 @@ impl GossipNode {
 
     /// Replaces its own load vector (what it tells the others from now on).
     pub fn set_load(&mut self, mut v: LoadVector) {
-        v.node.clone_from(&self.me.addr);
+        v.node = self.me.addr.to_string();
         v.age = Duration::ZERO;
         self.own = v;
     }
@@ -234,7 +250,7 @@ impl GossipNode {
             rest = more;
             // Only members known alive: a dead node's last vector, still carried by nodes that
             // have not found it dead yet, does not come back; nor does a stale one.
-            if v.node != self.me.addr && self.alive_addrs.contains_key(&v.node) && v.age <= self.cfg.max_age {
+            if *v.node != *self.me.addr && self.alive_addrs.contains_key(&v.node) && v.age <= self.cfg.max_age {
                 self.window.offer(v, now);
             }
         }
@@ -282,7 +298,7 @@ impl GossipNode {
         }
         frame[1] = n;
         for _ in 0..self.cfg.fanout.min(self.alive_list.len()) {
-            let to = self.alive_list[self.rng.random_range(0..self.alive_list.len())].addr.clone();
+            let to = self.alive_list[self.rng.random_range(0..self.alive_list.len())].addr.to_string();
             self.push(to, frame.clone());
         }
     }
@@ -299,7 +315,7 @@ impl GossipNode {
             let mut frame = Vec::with_capacity(1 + data.len());
             frame.push(SWIM);
             frame.extend_from_slice(&data);
-            self.push(to.addr, frame);
+            self.push(to.addr.to_string(), frame);
         }
         while let Some((after, t)) = self.runtime.to_schedule() {
             let seq = self.next_seq;
@@ -313,9 +329,9 @@ impl GossipNode {
                     if !self.alive.contains_key(&id) {
                         self.alive.insert(id.clone(), self.alive_list.len());
                         self.alive_list.push(id.clone());
-                        *self.alive_addrs.entry(id.addr.clone()).or_default() += 1;
+                        *self.alive_addrs.entry(id.addr.to_string()).or_default() += 1;
                     }
-                    self.events.push(Event::Up(id.addr));
+                    self.events.push(Event::Up(id.addr.to_string()));
                 }
                 OwnedNotification::MemberDown(id) => {
                     if let Some(k) = self.alive.remove(&id) {
@@ -323,12 +339,12 @@ impl GossipNode {
                         if let Some(moved) = self.alive_list.get(k) {
                             self.alive.insert(moved.clone(), k);
                         }
-                        if let Some(c) = self.alive_addrs.get_mut(&id.addr) {
+                        if let Some(c) = self.alive_addrs.get_mut(&*id.addr) {
                             *c -= 1;
                             if *c == 0 {
-                                self.alive_addrs.remove(&id.addr);
+                                self.alive_addrs.remove(&*id.addr);
                                 self.window.forget(&id.addr);
-                                self.events.push(Event::Down(id.addr));
+                                self.events.push(Event::Down(id.addr.to_string()));
                             }
                         }
                     }
@@ -351,7 +367,7 @@ impl GossipNode {
 
     /// The members it knows alive (itself excluded).
     pub fn members(&self) -> Vec<String> {
-        let mut m: Vec<String> = self.foca.iter_members().map(|m| m.id().addr.clone()).collect();
+        let mut m: Vec<String> = self.foca.iter_members().map(|m| m.id().addr.to_string()).collect();
         m.sort();
         m
     }
@@ -420,7 +436,8 @@ fn get_id(buf: &mut impl Buf) -> Result<NodeId, CodecError> {
     need(buf, len)?;
     let mut addr = vec![0; len];
     buf.copy_to_slice(&mut addr);
-    Ok(NodeId { addr: String::from_utf8(addr).map_err(|_| CodecError("an address not UTF-8"))?, generation })
+    let addr = std::str::from_utf8(&addr).map_err(|_| CodecError("an address not UTF-8"))?;
+    Ok(NodeId { addr: addr.into(), generation })
 }
 
 impl foca::Codec<NodeId> for WireCodec {
