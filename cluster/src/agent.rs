@@ -56,6 +56,8 @@ pub struct AgentConfig {
     /// The address other agents are told to reach this one by, if not the one it listens at
     /// (a `sim://LINK@...` address puts a simulated link on the pages a destination pulls).
     pub advertise: Option<String>,
+    /// The information layer: membership and load (`None`: off, the agent knows no other).
+    pub gossip: Option<crate::gossip::GossipSettings>,
 }
 
 impl AgentConfig {
@@ -69,6 +71,7 @@ impl AgentConfig {
             restorer: (std::env::current_exe().unwrap_or_else(|_| PathBuf::from("mosaicd")), vec!["restore".into()]),
             stop_timeout: Duration::from_secs(5),
             advertise: None,
+            gossip: None,
         }
     }
 }
@@ -158,6 +161,7 @@ struct State {
     away: Mutex<HashMap<u64, Away>>,
     hosted: Mutex<HashMap<u32, Hosted>>,
     arrived: std::sync::Condvar,
+    gossip: OnceLock<crate::gossip::Gossiper>,
 }
 
 /// A running agent. Stops when dropped (processes it hosts keep running; their pages keep
@@ -194,13 +198,26 @@ impl Agent {
             away: Mutex::new(HashMap::new()),
             hosted: Mutex::new(HashMap::new()),
             arrived: std::sync::Condvar::new(),
+            gossip: OnceLock::new(),
         });
         let mut scfg = ServerConfig::new(cfg.key.clone()).service(AgentService(state.clone()));
         scfg.max_frame = MAX_FRAME;
         let server = listen(&cfg.listen, scfg).map_err(|e| {
             ClusterError::Start(format!("listening at {}: {}", cfg.listen, mosaic_transport::error_chain(&e)))
         })?;
-        let _ = state.uri.set(cfg.advertise.clone().unwrap_or_else(|| server.uri().to_string()));
+        let uri = cfg.advertise.clone().unwrap_or_else(|| server.uri().to_string());
+        let _ = state.uri.set(uri.clone());
+        if let Some(g) = cfg.gossip.clone() {
+            let weak = Arc::downgrade(&state);
+            let hosted = move || {
+                weak.upgrade().map_or(0, |s| {
+                    u16::try_from(crate::lock(&s.hosted).values().filter(|h| !h.gone).count()).unwrap_or(u16::MAX)
+                })
+            };
+            let gossiper = crate::gossip::Gossiper::start(&uri, cfg.key.clone(), g, hosted)
+                .map_err(|e| ClusterError::Start(format!("the gossip threads: {e}")))?;
+            let _ = state.gossip.set(gossiper);
+        }
         Ok(Agent { server: Some(server), memory, state })
     }
 
@@ -237,6 +254,11 @@ impl Agent {
             }
             h = self.state.arrived.wait_timeout(h, left).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
         }
+    }
+
+    /// What it knows of the cluster (`None`: it does not gossip).
+    pub fn cluster_view(&self) -> Option<crate::gossip::ClusterView> {
+        self.state.gossip.get().map(crate::gossip::Gossiper::view)
     }
 
     /// Stops serving.
@@ -327,6 +349,17 @@ impl Service for AgentService {
                 let mut e = Enc::default();
                 e.str(s.uri.get().map_or("", String::as_str)).str(&s.memory_uri).u32(hosted);
                 response.extend_from_slice(&e.0);
+            }
+            wire::GOSSIP => {
+                if let Some(g) = s.gossip.get() {
+                    g.receive(request);
+                }
+            }
+            wire::NODES => {
+                let g = s.gossip.get().ok_or_else(|| {
+                    ServiceError::new(Status::NotFound, "this agent does not gossip (started with --no-gossip)")
+                })?;
+                response.extend_from_slice(&g.view().encode());
             }
             m => return Err(ServiceError::new(Status::UnknownMethod, format!("no method {m:#x}"))),
         }

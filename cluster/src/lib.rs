@@ -15,6 +15,8 @@ use std::time::Duration;
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
 pub mod agent;
+pub mod config;
+pub mod gossip;
 pub mod home;
 pub mod info;
 pub mod policy;

@@ -9,6 +9,9 @@
 //!   NEXT         id u64 | hint u64 | most u32                 -> done u8 | n u32 | n x addr u64 | bytes
 //!   DONE         id u64                                       (the destination has every page)
 //!   STATUS                                                     -> uri str | memory str | hosted u32
+//!   GOSSIP       a frame of the information layer (from another agent)
+//!   NODES                                                      -> what it knows of the cluster
+//!                                                                 (`gossip::ClusterView`)
 //! home (mosrun --migratable):
 //!   OUTPUT       job u64 | stream u8 | bytes
 //!   INPUT        job u64 | most u32 | pid u32 (asking)        -> 0 | bytes, 1 (end), 2 (nothing yet)
@@ -32,6 +35,10 @@ pub const NEXT: u64 = 0x4d4f_5306;
 pub const DONE: u64 = 0x4d4f_5304;
 /// What the agent is.
 pub const STATUS: u64 = 0x4d4f_5305;
+/// A frame of the information layer, from another agent.
+pub const GOSSIP: u64 = 0x4d4f_5307;
+/// What the agent knows of the cluster (members, their load).
+pub const NODES: u64 = 0x4d4f_5308;
 /// Output of a job running elsewhere.
 pub const OUTPUT: u64 = 0x4d4f_5311;
 /// Input for a job running elsewhere.

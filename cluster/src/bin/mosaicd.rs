@@ -1,15 +1,20 @@
-//! `mosaicd`: Mosaic's node agent, one per node: a memory server (network RAM) and the node's
-//! migration endpoint (processes move in and out through it).
+//! `mosaicd`: Mosaic's node agent, one per node: a memory server (network RAM), the node's
+//! migration endpoint (processes move in and out through it) and its part of the information
+//! layer (membership and load, by gossip).
 //!
 //! ```text
-//! mosaicd [--listen tcp://HOST:PORT] [--memory SIZE] [--memory-listen URI]
+//! mosaicd [--config FILE] [--listen tcp://HOST:PORT] [--memory SIZE] [--memory-listen URI]
+//!         [--join URI]... [--slots N] [--speed N] [--no-gossip]
 //! ```
 //! The cluster key comes from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`. It runs until
 //! SIGINT or SIGTERM. Moving processes in needs root (pid namespaces, `clone3` with chosen ids).
+//! `cluster/mosaicd.service` runs it under systemd.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use mosaic_cluster::config::FileConfig;
+use mosaic_cluster::gossip::GossipSettings;
 use mosaic_cluster::{Agent, AgentConfig};
 use mosaic_netram::parse_size;
 use mosaic_transport::ClusterKey;
@@ -18,23 +23,45 @@ use mosaic_transport::ClusterKey;
 #[command(
     name = "mosaicd",
     version,
-    about = "Mosaic's node agent: memory server and migration endpoint",
-    long_about = "Mosaic's node agent, one per node. It serves network RAM (with --memory) and is the \
-                  node's migration endpoint: `mosctl migrate` moves a job started by `mosrun \
-                  --migratable` from the agent of the node it runs on to another's. The cluster key \
-                  comes from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE. Runs until SIGINT or \
-                  SIGTERM. Set RUST_LOG=info to see each migration."
+    about = "Mosaic's node agent: memory server, migration endpoint, membership and load",
+    long_about = "Mosaic's node agent, one per node. It serves network RAM (with --memory), is the \
+                  node's migration endpoint (`mosctl migrate` moves a job started by `mosrun \
+                  --migratable` from the agent of the node it runs on to another's), and gossips \
+                  with the other agents: it joins through any member (--join), learns the others \
+                  and their load, and finds dead ones (`mosctl nodes` shows what it knows). The \
+                  cluster key comes from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; an agent \
+                  holding another key is never heard. Settings come from flags, or from a TOML file \
+                  (--config; a flag given wins). Runs until SIGINT or SIGTERM. Set RUST_LOG=info \
+                  to see migrations and nodes coming and going."
 )]
 struct Args {
-    /// Where other agents and jobs' homes reach this one (not a wildcard address).
-    #[arg(long, default_value = "tcp://127.0.0.1:7070")]
-    listen: String,
-    /// RAM to donate to network RAM (e.g. 4G; 0: no memory server).
-    #[arg(long, default_value = "0")]
-    memory: String,
+    /// A TOML configuration file (keys: listen, memory, memory_listen, join, slots, speed,
+    /// gossip, and a [nodes] table of names and addresses).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// Where other agents and jobs' homes reach this one (not a wildcard address) [default:
+    /// tcp://127.0.0.1:7070].
+    #[arg(long)]
+    listen: Option<String>,
+    /// RAM to donate to network RAM (e.g. 4G; 0: no memory server) [default: 0].
+    #[arg(long)]
+    memory: Option<String>,
     /// Where the memory server listens (default: this agent's host, any port).
     #[arg(long)]
     memory_listen: Option<String>,
+    /// An agent to join the cluster through (repeat, or separate with commas; any member
+    /// will do). None: this node starts a cluster, and others join it.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+    /// Processes this node takes [default: its CPUs].
+    #[arg(long)]
+    slots: Option<u16>,
+    /// This node's speed per CPU, 1,000 being a reference core [default: 1000].
+    #[arg(long)]
+    speed: Option<u32>,
+    /// Do not take part in the information layer (no membership, no load).
+    #[arg(long)]
+    no_gossip: bool,
     /// The restorer program, run with the argument `restore` (default: this program). For
     /// installations that keep it elsewhere, and for tests of a restorer that fails.
     #[arg(long, hide = true)]
@@ -59,12 +86,17 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), String> {
     let key = ClusterKey::from_env().map_err(|e| format!("the cluster key: {e}"))?;
-    let memory = parse_size(&args.memory).map_err(|e| format!("--memory {}: {e}", args.memory))?;
-    if let Some((host, _)) = args.listen.rsplit_once(':') {
+    let file = match &args.config {
+        Some(path) => FileConfig::read(path)?,
+        None => FileConfig::default(),
+    };
+    let listen = args.listen.clone().or(file.listen.clone()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
+    let memory_text = args.memory.clone().or(file.memory.clone()).unwrap_or_else(|| "0".into());
+    let memory = parse_size(&memory_text).map_err(|e| format!("memory {memory_text}: {e}"))?;
+    if let Some((host, _)) = listen.rsplit_once(':') {
         if host.ends_with("0.0.0.0") || host.ends_with("[::]") {
             return Err(format!(
-                "--listen {}: a wildcard address cannot be reached; give the address other nodes use",
-                args.listen
+                "listen {listen}: a wildcard address cannot be reached; give the address other nodes use"
             ));
         }
     }
@@ -78,11 +110,22 @@ fn run(args: &Args) -> Result<(), String> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let mut cfg = AgentConfig::new(&args.listen, key);
+    let mut cfg = AgentConfig::new(&listen, key);
     cfg.memory = memory;
-    cfg.memory_listen = args.memory_listen.clone();
+    cfg.memory_listen = args.memory_listen.clone().or(file.memory_listen.clone());
     if let Some(r) = &args.restorer {
         cfg.restorer = (r.clone(), vec!["restore".into()]);
+    }
+    if !args.no_gossip && file.gossip != Some(false) {
+        let join = if args.join.is_empty() { file.join_list() } else { args.join.clone() };
+        let mut g = GossipSettings::new(join);
+        if let Some(n) = args.slots.or(file.slots) {
+            g.slots = n;
+        }
+        if let Some(n) = args.speed.or(file.speed) {
+            g.speed = n.max(1);
+        }
+        cfg.gossip = Some(g);
     }
     let agent = Agent::start(cfg).map_err(|e| e.to_string())?;
     match agent.memory_uri() {

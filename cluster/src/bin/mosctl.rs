@@ -4,6 +4,8 @@
 //! mosctl migrate PID --to NODE   move the job started by `mosrun --migratable` with pid PID here
 //! mosctl ps                      the migratable jobs whose home is this node, and where they run
 //! mosctl status NODE             what a node's agent is
+//! mosctl nodes [--node NODE] [--json]
+//!                                the cluster as a node's agent knows it: members, their load
 //! ```
 //! NODE is an agent's address (`tcp://HOST:PORT` or `HOST:PORT`) or a name from `MOSAIC_NODES`
 //! (`name=tcp://HOST:PORT,...`). The cluster key comes from `MOSAIC_CLUSTER_KEY` or
@@ -13,6 +15,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mosaic_cluster::gossip::ClusterView;
+use mosaic_cluster::info::LoadVector;
 use mosaic_cluster::{job_where, migrate_job, resolve_node, run_dir, wire};
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
@@ -39,6 +43,17 @@ enum Cmd {
     Status {
         /// An agent's address or a name from MOSAIC_NODES.
         node: String,
+    },
+    /// The cluster as a node's agent knows it: its members and the freshest load it holds of
+    /// each (CPU load per core, free memory, memory pressure, free slots, age of the figure).
+    Nodes {
+        /// The agent to ask: an address or a name from MOSAIC_NODES [default: MOSAIC_AGENT, or
+        /// tcp://127.0.0.1:7070].
+        #[arg(long)]
+        node: Option<String>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -96,6 +111,71 @@ fn run(args: Args) -> Result<(), String> {
             println!("memory server {}", if mem.is_empty() { "none" } else { &mem });
             println!("processes moved in and running: {hosted}");
         }
+        Cmd::Nodes { node, json } => {
+            let node =
+                node.or_else(|| std::env::var("MOSAIC_AGENT").ok()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
+            let uri = resolve_node(&node).map_err(|e| e.to_string())?;
+            let mut o = ConnectOptions::new(key);
+            o.timeout = Duration::from_secs(5);
+            let c = connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
+            let a = c.call(wire::NODES, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
+            let view = ClusterView::decode(&a)?;
+            if json {
+                println!("{}", view_json(&view));
+            } else {
+                print_view(&view);
+            }
+        }
     }
     Ok(())
+}
+
+fn vector_json(v: &LoadVector) -> String {
+    format!(
+        "{{\"node\":{:?},\"load\":{:.2},\"cpus\":{},\"speed\":{},\"busy_pct\":{:.1},\"free_memory\":{},\"total_memory\":{},\"pressure_pct\":{:.2},\"free_slots\":{},\"age_ms\":{}}}",
+        v.node,
+        f64::from(v.load) / 100.0,
+        v.cpus,
+        v.speed,
+        f64::from(v.busy) / 100.0,
+        v.free_memory,
+        v.total_memory,
+        f64::from(v.pressure) / 100.0,
+        v.free_slots,
+        v.age.as_millis()
+    )
+}
+
+fn view_json(v: &ClusterView) -> String {
+    let members: Vec<String> = v.members.iter().map(|m| format!("{m:?}")).collect();
+    let window: Vec<String> = v.window.iter().map(vector_json).collect();
+    format!("{{\"self\":{},\"members\":[{}],\"load\":[{}]}}", vector_json(&v.own), members.join(","), window.join(","))
+}
+
+fn print_view(v: &ClusterView) {
+    println!(
+        "{:<28} {:>6} {:>5} {:>6} {:>10} {:>10} {:>8} {:>5} {:>8}",
+        "NODE", "LOAD", "CPUS", "BUSY%", "FREE MEM", "TOTAL", "PRESS%", "SLOTS", "AGE"
+    );
+    let row = |v: &LoadVector, age: &str| {
+        println!(
+            "{:<28} {:>6.2} {:>5} {:>6.1} {:>9.1}G {:>9.1}G {:>8.2} {:>5} {:>8}",
+            v.node,
+            f64::from(v.load) / 100.0,
+            v.cpus,
+            f64::from(v.busy) / 100.0,
+            v.free_memory as f64 / f64::from(1u32 << 30),
+            v.total_memory as f64 / f64::from(1u32 << 30),
+            f64::from(v.pressure) / 100.0,
+            v.free_slots,
+            age
+        );
+    };
+    row(&v.own, "(self)");
+    for m in &v.members {
+        match v.window.iter().find(|w| &w.node == m) {
+            Some(w) => row(w, &format!("{:.1}s", w.age.as_secs_f64())),
+            None => println!("{m:<28} (no load heard yet)"),
+        }
+    }
 }

@@ -32,7 +32,7 @@ pub const MAX_FRAME: usize = 1400;
 
 /// A node's identity: its agent address, and a generation that grows when it rejoins after
 /// being declared down. Cheap to clone and compare (foca does both a lot): the address is shared.
-#[derive(Clone, Debug, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialOrd, Ord)]
 pub struct NodeId {
     /// Where its agent is reached.
     pub addr: std::sync::Arc<str>,
@@ -55,6 +55,13 @@ impl PartialEq for NodeId {
 }
 
 impl Eq for NodeId {}
+
+impl std::hash::Hash for NodeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.addr.hash(state);
+        self.generation.hash(state);
+    }
+}
 
 impl Identity for NodeId {
     type Addr = std::sync::Arc<str>;

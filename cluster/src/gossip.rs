@@ -1,0 +1,313 @@
+//! The information layer inside the agent: a [`GossipNode`] fed by the agent's transport
+//! (`GOSSIP` calls from other agents) and a clock, its frames carried to other agents over the
+//! same authenticated transport (so a node without the cluster key is never heard), its own
+//! load vector measured from `/proc` every second.
+//!
+//! Threads: the ticker (timers, load rounds, a measure a second, re-announcing to the join list
+//! while it knows no member), and a sender per peer (one cached connection each, so a peer that
+//! cannot be reached delays only its own frames; such a peer is left alone for a second, and
+//! frames older than half a second are dropped, as a datagram network would: SWIM tolerates
+//! loss, not a stalled sender). A sender idle for a minute ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
+
+use crate::info::load::{self, CpuTimes};
+use crate::info::{Event, GossipConfig, GossipNode, LoadVector};
+use crate::wire;
+
+/// How the agent gossips.
+#[derive(Clone, Debug)]
+pub struct GossipSettings {
+    /// Agents to join through (any member will do).
+    pub join: Vec<String>,
+    /// The protocol's settings.
+    pub protocol: GossipConfig,
+    /// Processes this node takes (its free slots are this minus the processes it hosts).
+    pub slots: u16,
+    /// This node's speed per CPU (1,000: a reference core).
+    pub speed: u32,
+}
+
+impl GossipSettings {
+    /// Joining through `join`, for a cluster of about 16 nodes, a slot per CPU, reference speed.
+    pub fn new(join: Vec<String>) -> GossipSettings {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
+        GossipSettings { join, protocol: GossipConfig::lan(16), slots: cpus, speed: 1000 }
+    }
+}
+
+/// What a node knows of the cluster (`mosctl nodes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Its own vector.
+    pub own: LoadVector,
+    /// The members it knows alive.
+    pub members: Vec<String>,
+    /// The freshest vectors it holds of others.
+    pub window: Vec<LoadVector>,
+}
+
+impl ClusterView {
+    /// Its encoding: the own vector, the member count and addresses, the window count and
+    /// vectors.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = wire::Enc::default();
+        let mut own = Vec::new();
+        self.own.encode(&mut own);
+        e.rest(&own).u32(u32::try_from(self.members.len()).unwrap_or(0));
+        for m in &self.members {
+            e.str(m);
+        }
+        e.u32(u32::try_from(self.window.len()).unwrap_or(0));
+        for v in &self.window {
+            let mut b = Vec::new();
+            v.encode(&mut b);
+            e.rest(&b);
+        }
+        e.0
+    }
+
+    /// Decodes one.
+    pub fn decode(b: &[u8]) -> Result<ClusterView, String> {
+        let bad = || "a malformed cluster view".to_string();
+        let (own, rest) = LoadVector::decode(b).ok_or_else(bad)?;
+        let mut d = wire::Dec(rest);
+        let n = d.u32()?;
+        let members = (0..n.min(100_000)).map(|_| d.str()).collect::<Result<Vec<_>, _>>()?;
+        let n = d.u32()?;
+        let mut rest = d.rest();
+        let mut window = Vec::new();
+        for _ in 0..n.min(100_000) {
+            let (v, more) = LoadVector::decode(rest).ok_or_else(bad)?;
+            window.push(v);
+            rest = more;
+        }
+        if !rest.is_empty() {
+            return Err(bad());
+        }
+        Ok(ClusterView { own, members, window })
+    }
+}
+
+/// The agent's gossip (see the module's documentation). Stops when dropped.
+pub struct Gossiper {
+    node: Arc<Mutex<GossipNode>>,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Gossiper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gossiper").finish_non_exhaustive()
+    }
+}
+
+/// Frames waiting longer than this to leave are dropped.
+const STALE: Duration = Duration::from_millis(500);
+/// A peer that could not be reached is not tried again for this long.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+impl Gossiper {
+    /// Starts gossiping as the agent at `addr`; `hosted` tells how many processes it hosts.
+    pub fn start(
+        addr: &str,
+        key: ClusterKey,
+        settings: GossipSettings,
+        hosted: impl Fn() -> u16 + Send + 'static,
+    ) -> std::io::Result<Gossiper> {
+        let start = Instant::now();
+        let seed =
+            getrandom::u64().unwrap_or_else(|_| u64::from(std::process::id()) ^ u64::from_le_bytes(*b"mosaicgs"));
+        let node = Arc::new(Mutex::new(GossipNode::new(addr, settings.protocol.clone(), seed, Duration::ZERO)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<(Instant, String, Vec<u8>)>();
+        let sender = {
+            let (stop, key) = (stop.clone(), key.clone());
+            std::thread::Builder::new().name("mosaic-gossip-send".into()).spawn(move || send_loop(&rx, &key, &stop))?
+        };
+        let ticker = {
+            let (node, stop, addr) = (node.clone(), stop.clone(), addr.to_string());
+            std::thread::Builder::new()
+                .name("mosaic-gossip".into())
+                .spawn(move || tick_loop(&node, &stop, &tx, &addr, &settings, start, &hosted))?
+        };
+        Ok(Gossiper { node, start, stop, threads: vec![sender, ticker] })
+    }
+
+    /// Takes a frame another agent sent.
+    pub fn receive(&self, bytes: &[u8]) {
+        let now = self.start.elapsed();
+        crate::lock(&self.node).receive(bytes, now);
+    }
+
+    /// What this node knows of the cluster now.
+    pub fn view(&self) -> ClusterView {
+        let now = self.start.elapsed();
+        let n = crate::lock(&self.node);
+        ClusterView { own: n.own_load().clone(), members: n.members(), window: n.window(now) }
+    }
+}
+
+impl Drop for Gossiper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn tick_loop(
+    node: &Mutex<GossipNode>,
+    stop: &AtomicBool,
+    tx: &Sender<(Instant, String, Vec<u8>)>,
+    addr: &str,
+    settings: &GossipSettings,
+    start: Instant,
+    hosted: &dyn Fn() -> u16,
+) {
+    let mut cpu = CpuTimes::default();
+    let (mut next_measure, mut next_join) = (Duration::ZERO, Duration::ZERO);
+    while !stop.load(Ordering::Acquire) {
+        let now = start.elapsed();
+        if now >= next_measure {
+            let v = load::measure(addr, settings.speed, settings.slots.saturating_sub(hosted()), &mut cpu);
+            crate::lock(node).set_load(v);
+            next_measure = now + Duration::from_secs(1);
+        }
+        let (out, events, wake) = {
+            let mut n = crate::lock(node);
+            // Alone: (re)announce to the join list every two seconds, so the order agents start
+            // in does not matter.
+            if now >= next_join && n.members().is_empty() {
+                for peer in settings.join.iter().filter(|p| *p != addr) {
+                    n.join(peer, now);
+                }
+                next_join = now + Duration::from_secs(2);
+            }
+            n.tick(now);
+            let (out, events) = n.drain();
+            (out, events, n.next_wakeup())
+        };
+        for e in events {
+            match e {
+                Event::Up(a) => log::info!("gossip: node {a} is up"),
+                Event::Down(a) => log::warn!("gossip: node {a} is down"),
+            }
+        }
+        let sent_at = Instant::now();
+        for o in out {
+            let _ = tx.send((sent_at, o.to, o.bytes));
+        }
+        let sleep = wake.saturating_sub(start.elapsed()).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        std::thread::sleep(sleep);
+    }
+}
+
+/// A peer's sender thread and its queue of frames (with when they were queued).
+type PeerSender = (Sender<(Instant, Vec<u8>)>, JoinHandle<()>);
+
+/// Hands each frame to its peer's own sender thread (started on first use, ending after a
+/// minute without frames), so that a peer that cannot be reached delays only its own frames.
+fn send_loop(rx: &Receiver<(Instant, String, Vec<u8>)>, key: &ClusterKey, stop: &Arc<AtomicBool>) {
+    let mut peers: HashMap<String, PeerSender> = HashMap::new();
+    while !stop.load(Ordering::Acquire) {
+        let (queued, to, bytes) = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(x) => x,
+            Err(RecvTimeoutError::Timeout) => {
+                peers.retain(|_, (_, t)| !t.is_finished());
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if let Some((tx, t)) = peers.get(&to) {
+            if !t.is_finished() && tx.send((queued, bytes.clone())).is_ok() {
+                continue;
+            }
+        }
+        let (tx, prx) = mpsc::channel();
+        let _ = tx.send((queued, bytes));
+        let (key, stop2, peer) = (key.clone(), stop.clone(), to.clone());
+        match std::thread::Builder::new()
+            .name("mosaic-gossip-peer".into())
+            .spawn(move || peer_loop(&peer, &prx, &key, &stop2))
+        {
+            Ok(t) => {
+                peers.insert(to, (tx, t));
+            }
+            Err(e) => log::warn!("gossip: cannot start a sender for {to}: {e}"),
+        }
+    }
+    for (_, (tx, t)) in peers.drain() {
+        drop(tx);
+        let _ = t.join();
+    }
+}
+
+/// Sends the frames for `peer` over one cached connection: frames older than [`STALE`] are
+/// dropped, and after a failure the peer is left alone for [`BACKOFF`].
+fn peer_loop(peer: &str, rx: &Receiver<(Instant, Vec<u8>)>, key: &ClusterKey, stop: &AtomicBool) {
+    let mut opts = ConnectOptions::new(key.clone());
+    opts.timeout = Duration::from_secs(1);
+    let mut conn: Option<Connection> = None;
+    let mut failed_at: Option<Instant> = None;
+    let mut idle = Instant::now();
+    while !stop.load(Ordering::Acquire) && idle.elapsed() < Duration::from_secs(60) {
+        let (queued, bytes) = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(x) => x,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        idle = Instant::now();
+        if queued.elapsed() > STALE || failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
+            continue;
+        }
+        if conn.is_none() {
+            match connect(peer, &opts) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    if e.is_wrong_key() {
+                        log::warn!("gossip: {peer} holds another cluster key: not talking to it");
+                    } else {
+                        log::debug!("gossip: cannot reach {peer}: {}", mosaic_transport::error_chain(&e));
+                    }
+                    failed_at = Some(Instant::now());
+                    continue;
+                }
+            }
+        }
+        if conn.as_ref().is_some_and(|c| c.call(wire::GOSSIP, &bytes).is_err()) {
+            conn = None;
+            failed_at = Some(Instant::now());
+        } else {
+            failed_at = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_view_round_trips() {
+        let mut own = LoadVector::empty("tcp://10.0.0.1:7070");
+        own.load = 150;
+        let v = ClusterView {
+            own,
+            members: vec!["tcp://10.0.0.2:7070".into(), "tcp://10.0.0.3:7070".into()],
+            window: vec![LoadVector::empty("tcp://10.0.0.2:7070")],
+        };
+        let b = v.encode();
+        assert_eq!(ClusterView::decode(&b).unwrap(), v);
+        assert!(ClusterView::decode(&b[..b.len() - 1]).is_err());
+    }
+}
