@@ -90,7 +90,34 @@ pub fn run(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn spawn(args: &[String], key: &str) -> Result<Child, String> {
+/// A process of a figure, killed (and waited for) when dropped: a figure that fails leaves no
+/// process behind.
+pub(crate) struct Spawned(Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// This program run again with `args`, the cluster key in its environment.
+pub(crate) fn spawn(args: &[String], key: &str) -> Result<Spawned, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     Command::new(exe)
         .args(args)
@@ -98,6 +125,7 @@ pub(crate) fn spawn(args: &[String], key: &str) -> Result<Child, String> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
+        .map(Spawned)
         .map_err(|e| format!("cannot start {args:?}: {e}"))
 }
 

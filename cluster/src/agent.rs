@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub advertise: Option<String>,
     /// The information layer: membership and load (`None`: off, the agent knows no other).
     pub gossip: Option<crate::gossip::GossipSettings>,
+    /// Balance the load: move processes running here to lighter nodes as the policy decides
+    /// (`None`: off; needs `gossip`).
+    pub balance: Option<crate::policy::BalanceParams>,
 }
 
 impl AgentConfig {
@@ -72,6 +75,7 @@ impl AgentConfig {
             stop_timeout: Duration::from_secs(5),
             advertise: None,
             gossip: None,
+            balance: None,
         }
     }
 }
@@ -85,6 +89,8 @@ struct Away {
 /// A process that moved here.
 struct Hosted {
     comm: String,
+    /// Its home (`mosrun --migratable`), which moves it on when asked.
+    home: String,
     /// Its pages are still coming: it cannot move on yet.
     arriving: bool,
     /// When the last of its pages came, and what post-copy did.
@@ -170,6 +176,8 @@ pub struct Agent {
     server: Option<Server>,
     memory: Option<MemServer>,
     state: Arc<State>,
+    /// The balancing thread and its stop flag.
+    balancer: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -218,7 +226,27 @@ impl Agent {
                 .map_err(|e| ClusterError::Start(format!("the gossip threads: {e}")))?;
             let _ = state.gossip.set(gossiper);
         }
-        Ok(Agent { server: Some(server), memory, state })
+        let balancer = match (&cfg.balance, state.gossip.get().is_some()) {
+            (Some(params), true) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (st, params, flag) = (state.clone(), params.clone(), stop.clone());
+                let t = std::thread::Builder::new()
+                    .name("mosaic-balance".into())
+                    .spawn(move || {
+                        let here = || processes_here(&st);
+                        if let Some(g) = st.gossip.get() {
+                            crate::balancer::run(g, &params, &st.cfg.key, &here, &flag);
+                        }
+                    })
+                    .map_err(|e| ClusterError::Start(format!("the balancing thread: {e}")))?;
+                Some((stop, t))
+            }
+            (Some(_), false) => {
+                return Err(ClusterError::Start("balancing needs gossip (the load of other nodes)".into()))
+            }
+            (None, _) => None,
+        };
+        Ok(Agent { server: Some(server), memory, state, balancer })
     }
 
     /// Where it listens.
@@ -269,8 +297,37 @@ impl Agent {
     }
 }
 
+/// The migratable processes running at this node: those that moved in (and whose pages are all
+/// here), and the jobs whose home is here and that run here.
+fn processes_here(s: &State) -> Vec<(u32, crate::balancer::Here)> {
+    use crate::balancer::Here;
+    let mut v: Vec<(u32, Here)> = crate::lock(&s.hosted)
+        .iter()
+        .filter(|(_, h)| !h.gone && !h.arriving)
+        .map(|(pid, h)| (*pid, Here::Guest(h.home.clone())))
+        .collect();
+    let me = s.uri.get().cloned().unwrap_or_default();
+    let dir = crate::run_dir();
+    let Ok(rd) = std::fs::read_dir(&dir) else { return v };
+    for e in rd.flatten() {
+        let Some(home_pid) = e.file_name().to_str().and_then(|n| n.strip_prefix("job-")?.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok((node, pid, _, _)) = crate::job_where(&dir, home_pid, &s.cfg.key) {
+            if node == me && !v.iter().any(|(p, _)| *p == pid) {
+                v.push((pid, Here::Home(home_pid)));
+            }
+        }
+    }
+    v
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
+        if let Some((stop, t)) = self.balancer.take() {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = t.join();
+        }
         if let Some(s) = self.server.take() {
             s.shutdown();
         }
@@ -555,7 +612,14 @@ fn migrate_in(s: &Arc<State>, id: u64, source: &str, home: &str, job: u64, bytes
     };
     crate::lock(&s.hosted).insert(
         pid,
-        Hosted { comm: image.comm.clone(), arriving: true, arrived: None, gone: false, relay: Arc::default() },
+        Hosted {
+            comm: image.comm.clone(),
+            home: home.to_string(),
+            arriving: true,
+            arrived: None,
+            gone: false,
+            relay: Arc::default(),
+        },
     );
     let (st, home, key, source) = (s.clone(), home.to_string(), s.cfg.key.clone(), source.to_string());
     let unread = image.stdin_unread.clone();

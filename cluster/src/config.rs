@@ -9,6 +9,7 @@
 //! slots = 16                           # processes this node takes (default: its CPUs)
 //! speed = 1000                         # its speed per CPU (1,000: a reference core)
 //! gossip = true                        # take part in the information layer
+//! balance = false                      # move processes to lighter nodes (needs gossip)
 //!
 //! [nodes]                              # optional node map (the seed's /etc/mosix.map): names for
 //! a = "tcp://10.0.0.1:7070"            # mosctl, and whom to join when `join` is empty
@@ -39,6 +40,8 @@ pub struct FileConfig {
     pub speed: Option<u32>,
     /// Whether to gossip (default true).
     pub gossip: Option<bool>,
+    /// Whether to balance the load by moving processes (default false).
+    pub balance: Option<bool>,
     /// Node names and their agents' addresses.
     #[serde(default)]
     pub nodes: BTreeMap<String, String>,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
 pub mod agent;
+mod balancer;
 pub mod config;
 pub mod gossip;
 pub mod home;

@@ -51,7 +51,8 @@ pub struct Candidate {
     pub ran: Duration,
     /// How long it has been on this node.
     pub here_for: Duration,
-    /// Share of a CPU it used lately, in hundredths (100: CPU-bound).
+    /// Share of a CPU it used lately, in hundredths (100: a whole CPU; a CPU-bound process
+    /// sharing one CPU with another gets 50).
     pub cpu: u64,
     /// Locked to this node (`mosctl lock`), or not movable (the migration check refused it).
     pub locked: bool,
@@ -83,12 +84,16 @@ fn rate(v: &LoadVector, per_core: u64) -> u64 {
 /// Whether to move one of `candidates` away from this node (`local`), and where, given what it
 /// knows of the others (`window`). `None`: stay.
 pub fn balance(local: &LoadVector, window: &[LoadVector], candidates: &[Candidate], p: &BalanceParams) -> Option<Move> {
-    // The process that gains most from moving: CPU-bound, long-running, settled here.
+    // The process that gains most from moving: CPU-bound (it gets at least 80% of the share of
+    // a CPU the runnable threads here leave each: always runnable, it would use a whole CPU
+    // elsewhere), long-running, settled here.
+    let fair = ONE * u64::from(local.cpus.max(1)) * ONE / u64::from(local.load).max(ONE);
     let job = candidates
         .iter()
-        .filter(|c| !c.locked && c.here_for >= p.min_residence && c.cpu >= ONE / 2)
-        .max_by_key(|c| (c.cpu, c.ran))?;
-    let share = i64::try_from(job.cpu.min(ONE)).unwrap_or(0);
+        .filter(|c| !c.locked && c.here_for >= p.min_residence && c.cpu * 10 >= fair.min(ONE) * 8)
+        .max_by_key(|c| (c.ran, c.cpu))?;
+    // A CPU-bound process is one runnable thread wherever it is.
+    let share = i64::try_from(ONE).unwrap_or(100);
     let here_with = per_core(local, 0);
     let best = window
         .iter()
@@ -211,6 +216,17 @@ mod tests {
         assert_eq!((m.pid, m.to.as_str()), (2, "c"), "{m:?}");
         // It would run at twice the rate there: half of the 120 s it is expected still to need.
         assert!(m.expected_gain > Duration::from_secs(55) && m.expected_gain < Duration::from_secs(61), "{m:?}");
+    }
+
+    #[test]
+    fn two_jobs_sharing_a_cpu_are_cpu_bound_and_one_moves_to_an_idle_cpu() {
+        let here = node("a", 200, 1);
+        let half = |pid| Candidate { cpu: 49, ..job(pid, 10) };
+        let m = balance(&here, &[node("b", 0, 1)], &[half(1), half(2)], &BalanceParams::default()).unwrap();
+        assert_eq!(m.to, "b");
+        // A job that sleeps most of the time is not CPU-bound.
+        let idle = Candidate { cpu: 10, ..job(3, 10) };
+        assert_eq!(balance(&here, &[node("b", 0, 1)], &[idle], &BalanceParams::default()), None);
     }
 
     #[test]

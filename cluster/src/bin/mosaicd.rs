@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! mosaicd [--config FILE] [--listen tcp://HOST:PORT] [--memory SIZE] [--memory-listen URI]
-//!         [--join URI]... [--slots N] [--speed N] [--no-gossip]
+//!         [--join URI]... [--slots N] [--speed N] [--no-gossip] [--balance [--min-residence S]]
 //! ```
 //! The cluster key comes from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`. It runs until
 //! SIGINT or SIGTERM. Moving processes in needs root (pid namespaces, `clone3` with chosen ids).
@@ -62,6 +62,13 @@ struct Args {
     /// Do not take part in the information layer (no membership, no load).
     #[arg(long)]
     no_gossip: bool,
+    /// Balance the load: move migratable processes running here (jobs of `mosrun --migratable`)
+    /// to a node where they would run faster, when the gain beats the cost of moving.
+    #[arg(long)]
+    balance: bool,
+    /// Least time a process stays on a node before balancing moves it again, in seconds.
+    #[arg(long, default_value = "5")]
+    min_residence: f64,
     /// The restorer program, run with the argument `restore` (default: this program). For
     /// installations that keep it elsewhere, and for tests of a restorer that fails.
     #[arg(long, hide = true)]
@@ -126,6 +133,14 @@ fn run(args: &Args) -> Result<(), String> {
             g.speed = n.max(1);
         }
         cfg.gossip = Some(g);
+        if args.balance || file.balance == Some(true) {
+            cfg.balance = Some(mosaic_cluster::policy::BalanceParams {
+                min_residence: std::time::Duration::from_secs_f64(args.min_residence.clamp(0.0, 86_400.0)),
+                ..Default::default()
+            });
+        }
+    } else if args.balance {
+        return Err("--balance needs gossip (the load of the other nodes): drop --no-gossip".into());
     }
     let agent = Agent::start(cfg).map_err(|e| e.to_string())?;
     match agent.memory_uri() {

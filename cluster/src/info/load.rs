@@ -99,23 +99,34 @@ impl LoadVector {
     }
 }
 
-/// CPU time counters, to measure how busy the CPUs were between two measures.
+/// What a node carries from one measure to the next: CPU time counters (how busy the CPUs were
+/// in between) and the smoothed load.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuTimes {
     busy: u64,
     total: u64,
+    /// Runnable threads on the node's CPUs, smoothed, in hundredths.
+    load: Option<u32>,
 }
 
 /// Measures this node's vector from `/proc` (fields it cannot read stay as in
-/// [`LoadVector::empty`]). `last` holds the CPU counters of the previous measure and is updated.
+/// [`LoadVector::empty`]). `last` holds what the previous measure left and is updated.
+///
+/// The node's CPUs are those this process may run on (its affinity: all of the host's, unless
+/// the agent was started pinned, as tests pin agents to stand for separate hosts on one
+/// machine); its load is the number of threads runnable on them (sampled from
+/// `/proc/*/task/*/stat`, the agent's own left out), smoothed over a few seconds: faster than
+/// the one-minute load average, so that a process that just left stops counting soon.
 pub fn measure(node: &str, speed: u32, free_slots: u16, last: &mut CpuTimes) -> LoadVector {
     let mut v = LoadVector::empty(node);
     v.speed = speed;
     v.free_slots = free_slots;
-    v.cpus = std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
-    if let Ok(s) = std::fs::read_to_string("/proc/loadavg") {
-        v.load = parse_loadavg(&s).unwrap_or(0);
-    }
+    let cpus = own_cpus();
+    v.cpus = u16::try_from(cpus.len().max(1)).unwrap_or(u16::MAX);
+    let now = runnable_on(&cpus).saturating_mul(100);
+    let smoothed = last.load.map_or(now, |l| (l + now) / 2);
+    last.load = Some(smoothed);
+    v.load = smoothed;
     if let Ok(s) = std::fs::read_to_string("/proc/meminfo") {
         let (free, total) = parse_meminfo(&s);
         v.free_memory = free.min(total);
@@ -130,14 +141,61 @@ pub fn measure(node: &str, speed: u32, free_slots: u16, last: &mut CpuTimes) -> 
             if total > 0 && last.total > 0 {
                 v.busy = u16::try_from(busy * 10_000 / total).unwrap_or(10_000);
             }
-            *last = now;
+            *last = CpuTimes { load: last.load, ..now };
         }
     }
     v
 }
 
+/// The CPUs this process may run on.
+pub fn own_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it for this process.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect();
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET reads the set filled above, within CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Threads of other processes runnable (state R) whose last CPU is in `cpus`.
+pub fn runnable_on(cpus: &[usize]) -> u32 {
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
+    let mut n = 0;
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit()) && *s != me) else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+            if let Some((state, cpu)) = parse_task_stat(&stat) {
+                n += u32::from(state == 'R' && cpus.contains(&cpu));
+            }
+        }
+    }
+    n
+}
+
+/// A task's state and last CPU from its `stat` line (fields 3 and 39; the name, in
+/// parentheses, may hold spaces).
+fn parse_task_stat(s: &str) -> Option<(char, usize)> {
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    // After the state (field 3), the processor is field 39: 36 fields further.
+    let cpu = f.nth(35)?.parse().ok()?;
+    Some((state, cpu))
+}
+
 /// The one-minute load average of `/proc/loadavg`, in hundredths.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to the range first
+#[cfg(test)]
 fn parse_loadavg(s: &str) -> Option<u32> {
     let first: f64 = s.split_whitespace().next()?.parse().ok()?;
     Some((first * 100.0).round().clamp(0.0, f64::from(u32::MAX)) as u32)
@@ -169,7 +227,7 @@ fn parse_stat(s: &str) -> Option<CpuTimes> {
     let n: Vec<u64> = line.split_whitespace().skip(1).filter_map(|w| w.parse().ok()).collect();
     let total: u64 = n.iter().take(8).sum();
     let idle = n.get(3).copied().unwrap_or(0) + n.get(4).copied().unwrap_or(0);
-    Some(CpuTimes { busy: total.saturating_sub(idle), total })
+    Some(CpuTimes { busy: total.saturating_sub(idle), total, load: None })
 }
 
 #[cfg(test)]
@@ -218,6 +276,9 @@ mod tests {
         let mut last = CpuTimes::default();
         let v = measure("tcp://127.0.0.1:1", 1000, 2, &mut last);
         assert!(v.total_memory > 0 && v.cpus >= 1 && last.total > 0, "{v:?}");
+        let stat = "1234 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 1 7 0 0";
+        assert_eq!(parse_task_stat(stat), Some(('R', 1)));
+        assert_eq!(parse_task_stat("1 (x) S 1"), None);
     }
 
     #[test]

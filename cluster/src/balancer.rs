@@ -1,0 +1,140 @@
+//! The agent acting on the balancing policy ([`crate::policy::balance`]): once a second it
+//! lists the migratable processes running at its node (jobs whose home is here and that run
+//! here, found through their job files, and processes that moved in), measures what each used
+//! of a CPU since the last look, and, if the policy says so, asks the job's home to move one to
+//! the node it names (the home moves it as `mosctl migrate` would). After a move it waits for
+//! fresh information about the destination before deciding again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+
+use crate::gossip::Gossiper;
+use crate::policy::{balance, BalanceParams, Candidate};
+use crate::wire;
+
+/// A process the balancer could move: its pid here, and how to reach its home.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Here {
+    /// A job whose home is this node (its pid at home: its job file's name).
+    Home(u32),
+    /// A process that moved in; its home's address.
+    Guest(String),
+}
+
+/// What the balancer remembers of a process between looks.
+struct Seen {
+    first: Instant,
+    cpu_ticks: u64,
+    at: Instant,
+}
+
+/// How long to wait after a move before deciding again (fresh load of the destination).
+const AFTER_MOVE: Duration = Duration::from_secs(3);
+
+/// Runs the balancing loop until `stop`: `here` lists the processes running at this node
+/// (pid here, and how to move it).
+pub(crate) fn run(
+    gossip: &Gossiper,
+    params: &BalanceParams,
+    key: &ClusterKey,
+    here: &dyn Fn() -> Vec<(u32, Here)>,
+    stop: &Arc<AtomicBool>,
+) {
+    let tick = clock_ticks();
+    let mut seen: HashMap<u32, Seen> = HashMap::new();
+    let mut quiet_until = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_secs(1));
+        let procs = here();
+        let now = Instant::now();
+        seen.retain(|pid, _| procs.iter().any(|(p, _)| p == pid));
+        let mut candidates = Vec::new();
+        for (pid, _) in &procs {
+            let Some((ticks, age)) = cpu_and_age(*pid, tick) else { continue };
+            let s = seen.entry(*pid).or_insert(Seen { first: now, cpu_ticks: ticks, at: now });
+            let elapsed = now.duration_since(s.at).as_secs_f64();
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a few seconds of ticks
+            // Hundredths of a CPU: ticks used over ticks elapsed.
+            let elapsed_ticks = (elapsed * tick as f64) as u64;
+            let cpu = ticks.saturating_sub(s.cpu_ticks) * 100 / elapsed_ticks.max(1);
+            (s.cpu_ticks, s.at) = (ticks, now);
+            candidates.push(Candidate {
+                pid: *pid,
+                ran: age.max(now.duration_since(s.first)),
+                here_for: now.duration_since(s.first),
+                cpu,
+                locked: false,
+            });
+        }
+        if now < quiet_until || candidates.is_empty() {
+            continue;
+        }
+        let view = gossip.view();
+        let Some(m) = balance(&view.own, &view.window, &candidates, params) else { continue };
+        let Some((_, how)) = procs.iter().find(|(p, _)| *p == m.pid) else { continue };
+        log::info!(
+            "balancing: moving process {} to {} (expected to save {:.1} s)",
+            m.pid,
+            m.to,
+            m.expected_gain.as_secs_f64()
+        );
+        match ask_home(how, &m.to, key) {
+            Ok(()) => log::info!("balancing: process {} moved to {}", m.pid, m.to),
+            Err(e) => log::warn!("balancing: process {} could not move to {}: {e}", m.pid, m.to),
+        }
+        seen.remove(&m.pid);
+        quiet_until = Instant::now() + AFTER_MOVE;
+    }
+}
+
+/// Asks the home of a process to move it to `to`.
+fn ask_home(how: &Here, to: &str, key: &ClusterKey) -> Result<(), String> {
+    match how {
+        Here::Home(pid) => crate::migrate_job(&crate::run_dir(), *pid, to, key).map(drop).map_err(|e| e.to_string()),
+        Here::Guest(home) => {
+            let mut o = ConnectOptions::new(key.clone());
+            o.timeout = Duration::from_secs(180);
+            let c = connect(home, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
+            let mut e = wire::Enc::default();
+            e.str(to);
+            c.call(wire::MIGRATE, &e.0).map(drop).map_err(|e| mosaic_transport::error_chain(&e))
+        }
+    }
+}
+
+/// The kernel's clock ticks per second (`USER_HZ`).
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// A process's CPU time (user + system, in ticks) and age, from `/proc/PID/stat`.
+fn cpu_and_age(pid: u32, tick: u64) -> Option<(u64, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14, 15 (utime, stime) and 22 (starttime), counted from the state (field 3).
+    let (utime, stime, start): (u64, u64, u64) =
+        (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?, f.get(19)?.parse().ok()?);
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    let age = Duration::from_secs_f64((uptime - start as f64 / tick as f64).max(0.0));
+    Some((utime + stime, age))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_cpu_time_and_age_are_read() {
+        let (ticks, age) = cpu_and_age(std::process::id(), clock_ticks()).unwrap();
+        let _ = ticks;
+        assert!(age < Duration::from_secs(3600), "{age:?}");
+        assert!(cpu_and_age(u32::MAX, 100).is_none());
+    }
+}

@@ -1,0 +1,86 @@
+//! Load balancing: two node agents standing for two hosts (each pinned to a CPU of its own,
+//! since this machine has two), two CPU-bound jobs started at the first. Without balancing
+//! they share its CPU to the end; with it, one moves to the idle node and both finish sooner.
+//! Both times are printed. Needs root (process migration); its own test binary, so that no other
+//! test competes for the CPUs it times.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{c_program, root, tmp, Job, Node};
+
+/// Rounds of the hash: about 3.5 s of one CPU here.
+const WORK: &str = "2000000000";
+
+/// Runs two jobs at node A (CPU 0) beside node B (CPU 1); returns the time until both ended,
+/// whether a job moved, and the outputs.
+fn run(balance: bool) -> (Duration, bool, Vec<Vec<u8>>) {
+    let prog = c_program("spin", "tests/c/spin.c");
+    let dir = tmp(if balance { "balance-on" } else { "balance-off" });
+    std::fs::create_dir_all(&dir).unwrap();
+    let flags: &[&str] = if balance { &["--balance", "--min-residence", "1.5"] } else { &[] };
+    let a = Node::launch(Some(0), flags, Some(&dir));
+    let mut b_flags = vec!["--join", a.uri.as_str()];
+    b_flags.extend(flags);
+    let b = Node::launch(Some(1), &b_flags, Some(&dir));
+    // Both agents know each other before the jobs start.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !Command::new(env!("CARGO_BIN_EXE_mosctl"))
+        .args(["nodes", "--json", "--node", &a.uri])
+        .env("MOSAIC_CLUSTER_KEY", common::key())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"node\":\"{}\"", b.uri)))
+    {
+        assert!(Instant::now() < deadline, "the agents never heard each other");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    // One run directory for the jobs and the agents: agent A finds the jobs there.
+    let mut jobs: Vec<Job> =
+        (0..2).map(|_| Job::launch(&a, &dir, &[prog.to_str().unwrap(), WORK], Stdio::null(), Some(0))).collect();
+    let mut moved = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while jobs.iter_mut().any(|j| j.child.try_wait().ok().flatten().is_none()) {
+        assert!(Instant::now() < deadline, "the jobs did not end");
+        let ps = Command::new(env!("CARGO_BIN_EXE_mosctl"))
+            .arg("ps")
+            .env("MOSAIC_CLUSTER_KEY", common::key())
+            .env("MOSAIC_RUN_DIR", &dir)
+            .output()
+            .unwrap();
+        moved |= String::from_utf8_lossy(&ps.stdout).contains(&b.uri);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = start.elapsed();
+    let outs = jobs
+        .into_iter()
+        .map(|j| {
+            let (st, out) = j.finish();
+            assert!(st.success(), "{st:?}");
+            out
+        })
+        .collect();
+    (took, moved, outs)
+}
+
+#[test]
+fn a_cpu_bound_job_moves_from_a_busy_node_to_an_idle_one_and_finishes_sooner() {
+    if !root() || Command::new("taskset").arg("-V").output().is_err() {
+        eprintln!("skipped: needs root and taskset");
+        return;
+    }
+    let expected = Command::new(c_program("spin", "tests/c/spin.c")).arg(WORK).output().unwrap().stdout;
+    // mosrun and the shim are built before anything is timed.
+    common::bin_dir();
+    let (off, moved_off, outs_off) = run(false);
+    assert!(!moved_off, "a job moved without balancing");
+    let (on, moved, outs_on) = run(true);
+    eprintln!("two CPU-bound jobs at one node: both done after {off:?} without balancing, {on:?} with it");
+    for out in outs_off.iter().chain(&outs_on) {
+        assert_eq!(*out, expected, "a job's output differs from an unmigrated run's");
+    }
+    assert!(moved, "no job moved to the idle node");
+    assert!(on < off, "balancing did not finish sooner: {on:?} against {off:?}");
+}

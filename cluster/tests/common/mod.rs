@@ -1,0 +1,235 @@
+//! Helpers of the cluster's integration tests: node agents, jobs under `mosrun --migratable`,
+//! C programs built once.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The directory of this test's binaries, with mosrun and libmosaic_preload.so built there too.
+pub fn bin_dir() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_mosaicd")).parent().unwrap().to_path_buf();
+    BUILD.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", "mosrun", "-p", "mosaic-preload"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        assert!(cargo.status().unwrap().success(), "building mosrun and mosaic-preload failed");
+    });
+    dir
+}
+
+pub fn key() -> String {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| mosaic_transport::ClusterKey::random_text().unwrap()).clone()
+}
+
+/// Builds a C program once (tests run at once: one writing the binary while another runs it
+/// would fail with "text file busy").
+pub fn c_program(name: &str, src: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if built.iter().any(|b| b == name) {
+        return out;
+    }
+    built.push(name.to_string());
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(src);
+    let st = Command::new("cc")
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cc failed");
+    out
+}
+
+/// A node agent on loopback, stopped when dropped.
+pub struct Node {
+    pub child: Child,
+    pub uri: String,
+}
+
+impl Node {
+    pub fn start() -> Node {
+        Node::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Node {
+        Node::launch(None, extra, None)
+    }
+
+    /// An agent on CPU `cpu` only (standing for a host of its own), with `extra` arguments and
+    /// the run directory `run_dir` (where it finds the jobs whose home is its node).
+    pub fn launch(cpu: Option<usize>, extra: &[&str], run_dir: Option<&Path>) -> Node {
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut t = Command::new("taskset");
+                t.args(["-c", &c.to_string(), env!("CARGO_BIN_EXE_mosaicd")]);
+                t
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_mosaicd")),
+        };
+        if let Some(d) = run_dir {
+            cmd.env("MOSAIC_RUN_DIR", d);
+        }
+        let mut child = cmd
+            .args(["--listen", "tcp://127.0.0.1:0"])
+            .args(extra)
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let uri = line
+            .trim()
+            .strip_prefix("mosaicd: listening at ")
+            .unwrap_or_else(|| panic!("mosaicd said {line:?}"))
+            .to_string();
+        Node { child, uri }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A job under `mosrun --migratable`, its output collected as it comes.
+pub struct Job {
+    pub child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    run_dir: PathBuf,
+}
+
+impl Job {
+    pub fn start(node: &Node, run_dir: &Path, program: &[&str]) -> Job {
+        Job::start_with_input(node, run_dir, program, Stdio::inherit())
+    }
+
+    pub fn start_with_input(node: &Node, run_dir: &Path, program: &[&str], input: Stdio) -> Job {
+        Job::launch(node, run_dir, program, input, None)
+    }
+
+    /// A job whose program runs on CPU `cpu` only, if given.
+    pub fn launch(node: &Node, run_dir: &Path, program: &[&str], input: Stdio, cpu: Option<usize>) -> Job {
+        std::fs::create_dir_all(run_dir).unwrap();
+        let mosrun = bin_dir().join("mosrun");
+        let mut cmd = match cpu {
+            Some(c) => {
+                let mut t = Command::new("taskset");
+                t.arg("-c").arg(c.to_string()).arg(&mosrun);
+                t
+            }
+            None => Command::new(&mosrun),
+        };
+        let mut child = cmd
+            .stdin(input)
+            .args(["--migratable", "--node", &node.uri, "--"])
+            .args(program)
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .env("MOSAIC_RUN_DIR", run_dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut stdout = child.stdout.take().unwrap();
+        let o = out.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Job { child, out, reader: Some(reader), run_dir: run_dir.to_path_buf() }
+    }
+
+    /// The job's pid at home (its job file's name), once mosrun published it.
+    pub fn pid(&self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = std::fs::read_dir(&self.run_dir)
+                .ok()
+                .and_then(|rd| rd.flatten().find_map(|e| e.file_name().to_str()?.strip_prefix("job-")?.parse().ok()))
+            {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "no job file in {}", self.run_dir.display());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn wait_for_bytes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.out.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "only {} bytes came", self.out.lock().unwrap().len());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !String::from_utf8_lossy(&self.out.lock().unwrap()).contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "never printed {text:?}: {}",
+                String::from_utf8_lossy(&self.out.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn migrate(&self, to: &Node) -> String {
+        let (ok, said) = self.try_migrate(to);
+        assert!(ok, "mosctl migrate failed: {said}");
+        said
+    }
+
+    pub fn try_migrate(&self, to: &Node) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_mosctl"))
+            .args(["migrate", &self.pid().to_string(), "--to", &to.uri])
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .env("MOSAIC_RUN_DIR", &self.run_dir)
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), said)
+    }
+
+    pub fn finish(mut self) -> (std::process::ExitStatus, Vec<u8>) {
+        let st = self.child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        let out = std::mem::take(&mut *self.out.lock().unwrap());
+        (st, out)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tmp(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
