@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub advertise: Option<String>,
     /// The information layer: membership and load (`None`: off, the agent knows no other).
     pub gossip: Option<crate::gossip::GossipSettings>,
+    /// Where to serve Prometheus metrics over HTTP (`HOST:PORT`; `None`: nowhere).
+    pub metrics: Option<String>,
     /// Balance the load: move processes running here to lighter nodes as the policy decides
     /// (`None`: off; needs `gossip`).
     pub balance: Option<crate::policy::BalanceParams>,
@@ -75,6 +77,7 @@ impl AgentConfig {
             stop_timeout: Duration::from_secs(5),
             advertise: None,
             gossip: None,
+            metrics: None,
             balance: None,
         }
     }
@@ -164,6 +167,8 @@ struct State {
     cfg: AgentConfig,
     uri: OnceLock<String>,
     memory_uri: String,
+    /// The memory server, if it has one.
+    memory: Option<MemServer>,
     away: Mutex<HashMap<u64, Away>>,
     hosted: Mutex<HashMap<u32, Hosted>>,
     arrived: std::sync::Condvar,
@@ -174,10 +179,11 @@ struct State {
 /// coming only while it runs).
 pub struct Agent {
     server: Option<Server>,
-    memory: Option<MemServer>,
     state: Arc<State>,
     /// The balancing thread and its stop flag.
     balancer: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// The metrics endpoint: its address, thread and stop flag.
+    metrics: Option<(String, Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -201,6 +207,7 @@ impl Agent {
         };
         let state = Arc::new(State {
             memory_uri: memory.as_ref().map_or(String::new(), |m| m.uri().to_string()),
+            memory,
             cfg: cfg.clone(),
             uri: OnceLock::new(),
             away: Mutex::new(HashMap::new()),
@@ -246,7 +253,32 @@ impl Agent {
             }
             (None, _) => None,
         };
-        Ok(Agent { server: Some(server), memory, state, balancer })
+        let metrics = match &cfg.metrics {
+            Some(at) => {
+                let listener = std::net::TcpListener::bind(at.trim_start_matches("http://"))
+                    .map_err(|e| ClusterError::Start(format!("metrics at {at}: {e}")))?;
+                let addr = listener.local_addr().map_err(|e| ClusterError::Start(format!("metrics at {at}: {e}")))?;
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let weak = Arc::downgrade(&state);
+                let t = crate::metrics::serve(listener, stop.clone(), move || {
+                    let Some(s) = weak.upgrade() else { return crate::metrics::Snapshot::default() };
+                    let hosted = crate::lock(&s.hosted).values().filter(|h| !h.gone).count() as u64;
+                    crate::metrics::Snapshot {
+                        view: s.gossip.get().map(crate::gossip::Gossiper::view),
+                        gossip: s.gossip.get().map(crate::gossip::Gossiper::stats),
+                        hosted,
+                        memory_pages: s.memory.as_ref().map(|m| {
+                            let st = m.stats();
+                            (st.capacity_pages, st.used_pages)
+                        }),
+                    }
+                })
+                .map_err(|e| ClusterError::Start(format!("the metrics thread: {e}")))?;
+                Some((format!("http://{addr}/metrics"), stop, t))
+            }
+            None => None,
+        };
+        Ok(Agent { server: Some(server), state, balancer, metrics })
     }
 
     /// Where it listens.
@@ -254,9 +286,14 @@ impl Agent {
         self.server.as_ref().map_or("", Server::uri)
     }
 
+    /// Where its metrics are served, if anywhere (`http://HOST:PORT/metrics`).
+    pub fn metrics_url(&self) -> Option<&str> {
+        self.metrics.as_ref().map(|m| m.0.as_str())
+    }
+
     /// Where its memory server listens, if it has one.
     pub fn memory_uri(&self) -> Option<&str> {
-        self.memory.as_ref().map(MemServer::uri)
+        self.state.memory.as_ref().map(MemServer::uri)
     }
 
     /// The processes running here that moved in: pid (here) and command.
@@ -325,6 +362,10 @@ fn processes_here(s: &State) -> Vec<(u32, crate::balancer::Here)> {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some((stop, t)) = self.balancer.take() {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = t.join();
+        }
+        if let Some((_, stop, t)) = self.metrics.take() {
             stop.store(true, std::sync::atomic::Ordering::Release);
             let _ = t.join();
         }

@@ -10,6 +10,7 @@
 //! speed = 1000                         # its speed per CPU (1,000: a reference core)
 //! gossip = true                        # take part in the information layer
 //! balance = false                      # move processes to lighter nodes (needs gossip)
+//! metrics = "10.0.0.1:9464"            # Prometheus endpoint (GET /metrics), optional
 //!
 //! [nodes]                              # optional node map (the seed's /etc/mosix.map): names for
 //! a = "tcp://10.0.0.1:7070"            # mosctl, and whom to join when `join` is empty
@@ -42,6 +43,8 @@ pub struct FileConfig {
     pub gossip: Option<bool>,
     /// Whether to balance the load by moving processes (default false).
     pub balance: Option<bool>,
+    /// Where to serve Prometheus metrics (`HOST:PORT`).
+    pub metrics: Option<String>,
     /// Node names and their agents' addresses.
     #[serde(default)]
     pub nodes: BTreeMap<String, String>,

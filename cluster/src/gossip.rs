@@ -148,6 +148,11 @@ impl Gossiper {
         crate::lock(&self.node).receive(bytes, now);
     }
 
+    /// What its gossip sent and refused.
+    pub fn stats(&self) -> crate::info::GossipStats {
+        crate::lock(&self.node).stats()
+    }
+
     /// What this node knows of the cluster now.
     pub fn view(&self) -> ClusterView {
         let now = self.start.elapsed();

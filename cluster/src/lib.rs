@@ -20,6 +20,7 @@ pub mod config;
 pub mod gossip;
 pub mod home;
 pub mod info;
+pub mod metrics;
 pub mod policy;
 pub mod wire;
 

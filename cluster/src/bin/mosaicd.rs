@@ -5,6 +5,7 @@
 //! ```text
 //! mosaicd [--config FILE] [--listen tcp://HOST:PORT] [--memory SIZE] [--memory-listen URI]
 //!         [--join URI]... [--slots N] [--speed N] [--no-gossip] [--balance [--min-residence S]]
+//!         [--metrics HOST:PORT]
 //! ```
 //! The cluster key comes from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`. It runs until
 //! SIGINT or SIGTERM. Moving processes in needs root (pid namespaces, `clone3` with chosen ids).
@@ -62,6 +63,9 @@ struct Args {
     /// Do not take part in the information layer (no membership, no load).
     #[arg(long)]
     no_gossip: bool,
+    /// Serve Prometheus metrics over HTTP at HOST:PORT (GET /metrics; port 0 picks one).
+    #[arg(long)]
+    metrics: Option<String>,
     /// Balance the load: move migratable processes running here (jobs of `mosrun --migratable`)
     /// to a node where they would run faster, when the gain beats the cost of moving.
     #[arg(long)]
@@ -142,11 +146,17 @@ fn run(args: &Args) -> Result<(), String> {
     } else if args.balance {
         return Err("--balance needs gossip (the load of the other nodes): drop --no-gossip".into());
     }
+    cfg.metrics = args.metrics.clone().or(file.metrics.clone());
     let agent = Agent::start(cfg).map_err(|e| e.to_string())?;
     match agent.memory_uri() {
         Some(m) => println!("mosaicd: listening at {} (memory server at {m})", agent.uri()),
         None => println!("mosaicd: listening at {}", agent.uri()),
     }
+    if let Some(m) = agent.metrics_url() {
+        println!("mosaicd: metrics at {m}");
+    }
+    // The lines above are read by scripts and tests as they come.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     let mut sig = 0;
     // SAFETY: waiting for one of the blocked signals.
     unsafe { libc::sigwait(&set, &mut sig) };
