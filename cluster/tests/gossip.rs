@@ -1,7 +1,8 @@
 //! The information layer between hosts: four `mosaicd` in network namespaces joined by a bridge
 //! (each its own host with its own address) join through one member, learn each other and
-//! their load, refuse a fifth holding another cluster key, and find a host whose link went down.
-//! Needs root and iproute2 (CI runs it as root).
+//! their load (and `mosmon`, driven in tmux, shows every node's figures), refuse a fifth holding
+//! another cluster key, and find a host whose link went down. Needs root, iproute2 and tmux (CI
+//! runs it as root).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -109,6 +110,47 @@ fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration
     start.elapsed()
 }
 
+/// `mosmon` run in tmux at the first host: its screen shows every node with its figures.
+fn mosmon_shows_every_node(hosts: &Hosts) {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the mosmon check: it needs tmux");
+        eprintln!("mosmon check skipped: no tmux");
+        return;
+    }
+    let session = format!("mosmon{}", std::process::id());
+    let cmd = format!(
+        "MOSAIC_CLUSTER_KEY={KEY} ip netns exec {} {} --node {}",
+        hosts.names[0],
+        env!("CARGO_BIN_EXE_mosmon"),
+        Hosts::agent(0)
+    );
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("run tmux");
+    let started = tmux(&["new-session", "-d", "-s", &session, "-x", "140", "-y", "20", &cmd]);
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let mut screen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        screen = String::from_utf8_lossy(&tmux(&["capture-pane", "-t", &session, "-p"]).stdout).to_string();
+        let rows = (0..4).filter(|&i| {
+            screen.lines().any(|l| l.contains(&Hosts::agent(i)) && (l.contains("self") || l.contains('G')))
+        });
+        if rows.count() == 4 && screen.contains("4 node(s)") {
+            break;
+        }
+    }
+    let _ = tmux(&["send-keys", "-t", &session, "q"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = tmux(&["kill-session", "-t", &session]);
+    for i in 0..4 {
+        assert!(
+            screen.lines().any(|l| l.contains(&Hosts::agent(i)) && l.contains('G')),
+            "mosmon does not show {} with its figures:\n{screen}",
+            Hosts::agent(i)
+        );
+    }
+}
+
 #[test]
 fn four_hosts_join_through_one_learn_each_others_load_refuse_a_wrong_key_and_find_a_lost_host() {
     // SAFETY: geteuid has no preconditions.
@@ -139,6 +181,7 @@ fn four_hosts_join_through_one_learn_each_others_load_refuse_a_wrong_key_and_fin
         })
     });
     eprintln!("four hosts joined through one and heard each other's load in {joined:?}");
+    mosmon_shows_every_node(&hosts);
     // A fifth host with another key joins through the first: nobody lists it.
     let stranger = start(4, "another-cluster-key-altogether-0123");
     std::thread::sleep(Duration::from_secs(5));

@@ -1,0 +1,183 @@
+//! `mosmon`: a live terminal monitor of the cluster, as the seed's mosmon: for each node its load
+//! per CPU, how busy its CPUs are, its free memory, memory pressure and free slots, and how old
+//! the figure is, refreshed every second from an agent (`mosaicd`) that gossips.
+//!
+//! ```text
+//! mosmon [--node NODE] [--interval SECONDS] [--once]
+//! ```
+//! `q` or Esc quits. `--once` prints one table as text and exits (for scripts).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mosaic_cluster::gossip::ClusterView;
+use mosaic_cluster::info::LoadVector;
+use mosaic_cluster::{resolve_node, wire};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
+use ratatui::crossterm::event::{self, Event, KeyCode};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Style, Stylize};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
+
+#[derive(Parser)]
+#[command(
+    name = "mosmon",
+    version,
+    about = "A live monitor of a Mosaic cluster: each node's load, CPUs, memory and pressure",
+    long_about = "A live terminal monitor of a Mosaic cluster, as an agent (mosaicd) knows it: each \
+                  node's load per CPU, how busy its CPUs are, free memory, memory pressure, free \
+                  slots and the age of the figure, refreshed every --interval. q or Esc quits. The \
+                  cluster key comes from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE."
+)]
+struct Args {
+    /// The agent to ask: an address or a name from MOSAIC_NODES [default: MOSAIC_AGENT, or
+    /// tcp://127.0.0.1:7070].
+    #[arg(long)]
+    node: Option<String>,
+    /// Seconds between refreshes.
+    #[arg(long, default_value = "1")]
+    interval: f64,
+    /// Print the table once as text and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mosmon: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks the agent what it knows.
+fn ask(conn: &Connection) -> Result<ClusterView, String> {
+    let a = conn.call(wire::NODES, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
+    ClusterView::decode(&a)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let key = ClusterKey::from_env().map_err(|e| format!("the cluster key: {e}"))?;
+    let node = args
+        .node
+        .clone()
+        .or_else(|| std::env::var("MOSAIC_AGENT").ok())
+        .unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
+    let uri = resolve_node(&node).map_err(|e| e.to_string())?;
+    let mut o = ConnectOptions::new(key);
+    o.timeout = Duration::from_secs(5);
+    let conn = connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
+    if args.once {
+        let view = ask(&conn)?;
+        for row in rows(&view) {
+            println!("{}", row.join("  "));
+        }
+        return Ok(());
+    }
+    let interval = Duration::from_secs_f64(args.interval.clamp(0.1, 3600.0));
+    let mut terminal = ratatui::init();
+    let result = (|| -> Result<(), String> {
+        let mut view: Result<ClusterView, String> = ask(&conn);
+        let mut next = Instant::now() + interval;
+        loop {
+            terminal.draw(|f| draw(f, &uri, &view)).map_err(|e| e.to_string())?;
+            let wait = next.saturating_duration_since(Instant::now());
+            if event::poll(wait).map_err(|e| e.to_string())? {
+                if let Event::Key(k) = event::read().map_err(|e| e.to_string())? {
+                    if matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() >= next {
+                view = ask(&conn);
+                next = Instant::now() + interval;
+            }
+        }
+    })();
+    ratatui::restore();
+    result
+}
+
+/// The table's cells: a header, then the node itself and every member.
+fn rows(v: &ClusterView) -> Vec<Vec<String>> {
+    let mut out = vec![["NODE", "LOAD/CPU", "CPUS", "BUSY%", "FREE MEM", "TOTAL", "PRESSURE%", "SLOTS", "AGE"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect()];
+    let row = |w: &LoadVector, age: String| {
+        vec![
+            w.node.clone(),
+            format!("{:.2}", f64::from(w.load) / 100.0 / f64::from(w.cpus.max(1))),
+            w.cpus.to_string(),
+            format!("{:.1}", f64::from(w.busy) / 100.0),
+            format!("{:.1}G", w.free_memory as f64 / f64::from(1u32 << 30)),
+            format!("{:.1}G", w.total_memory as f64 / f64::from(1u32 << 30)),
+            format!("{:.2}", f64::from(w.pressure) / 100.0),
+            w.free_slots.to_string(),
+            age,
+        ]
+    };
+    out.push(row(&v.own, "self".into()));
+    for m in &v.members {
+        match v.window.iter().find(|w| &w.node == m) {
+            Some(w) => out.push(row(w, format!("{:.1}s", w.age.as_secs_f64()))),
+            None => out.push(vec![
+                m.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "no load yet".into(),
+            ]),
+        }
+    }
+    out
+}
+
+fn draw(f: &mut ratatui::Frame<'_>, uri: &str, view: &Result<ClusterView, String>) {
+    let [top, body] = Layout::vertical([Constraint::Length(1), Constraint::Fill(1)]).areas(f.area());
+    let title = Line::from(vec!["mosmon".bold(), format!("  the cluster as {uri} knows it   (q quits)").into()]);
+    f.render_widget(Paragraph::new(title), top);
+    match view {
+        Err(e) => f.render_widget(Paragraph::new(format!("cannot ask {uri}: {e}")).red(), body),
+        Ok(v) => {
+            let all = rows(v);
+            let header = Row::new(all[0].iter().map(|h| Cell::from(h.clone()))).style(Style::new().bold());
+            let body_rows = all[1..].iter().map(|r| {
+                let load: f64 = r[1].parse().unwrap_or(0.0);
+                let color = if load >= 1.5 {
+                    Color::Red
+                } else if load >= 0.75 {
+                    Color::Yellow
+                } else {
+                    Color::Green
+                };
+                Row::new(r.iter().map(|c| Cell::from(c.clone()))).style(Style::new().fg(color))
+            });
+            let widths = [
+                Constraint::Min(24),
+                Constraint::Length(9),
+                Constraint::Length(5),
+                Constraint::Length(6),
+                Constraint::Length(9),
+                Constraint::Length(7),
+                Constraint::Length(10),
+                Constraint::Length(6),
+                Constraint::Length(11),
+            ];
+            let t = Table::new(body_rows, widths)
+                .header(header)
+                .block(Block::bordered().title(format!(" {} node(s) ", v.members.len() + 1)));
+            f.render_widget(t, body);
+        }
+    }
+}
