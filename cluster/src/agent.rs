@@ -334,6 +334,37 @@ impl Agent {
     }
 }
 
+/// Moves every migratable process running here to the least loaded other node with room (as
+/// this node knows them); returns (moved, failed).
+fn drain(s: &State) -> (u32, u32) {
+    let (mut moved, mut failed) = (0, 0);
+    let Some(g) = s.gossip.get() else {
+        log::warn!("drain: this agent does not gossip: it knows no other node");
+        return (0, u32::try_from(processes_here(s).len()).unwrap_or(u32::MAX));
+    };
+    for (pid, how) in processes_here(s) {
+        let view = g.view();
+        let mut others = view.own.clone();
+        others.free_slots = 0; // not here
+        let Some(to) = crate::policy::place(&others, &view.window, 0, Duration::from_secs(30)) else {
+            log::warn!("drain: no other node has room for process {pid}");
+            failed += 1;
+            continue;
+        };
+        match crate::balancer::ask_home(&how, &to, &s.cfg.key, false) {
+            Ok(()) => {
+                log::info!("drain: process {pid} moved to {to}");
+                moved += 1;
+            }
+            Err(e) => {
+                log::warn!("drain: process {pid} could not move to {to}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    (moved, failed)
+}
+
 /// The migratable processes running at this node: those that moved in (and whose pages are all
 /// here), and the jobs whose home is here and that run here.
 fn processes_here(s: &State) -> Vec<(u32, crate::balancer::Here)> {
@@ -452,6 +483,12 @@ impl Service for AgentService {
                 if let Some(g) = s.gossip.get() {
                     g.receive(request);
                 }
+            }
+            wire::DRAIN => {
+                let (moved, failed) = drain(s);
+                let mut e = Enc::default();
+                e.u32(moved).u32(failed);
+                response.extend_from_slice(&e.0);
             }
             wire::NODES => {
                 let g = s.gossip.get().ok_or_else(|| {

@@ -47,6 +47,7 @@ pub(crate) fn run(
     let tick = clock_ticks();
     let mut seen: HashMap<u32, Seen> = HashMap::new();
     let mut quiet_until = Instant::now();
+    let mut refused: HashMap<u32, Instant> = HashMap::new();
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_secs(1));
         let procs = here();
@@ -70,6 +71,8 @@ pub(crate) fn run(
                 locked: false,
             });
         }
+        refused.retain(|_, until| *until > now);
+        candidates.retain(|c| !refused.contains_key(&c.pid));
         if now < quiet_until || candidates.is_empty() {
             continue;
         }
@@ -82,28 +85,40 @@ pub(crate) fn run(
             m.to,
             m.expected_gain.as_secs_f64()
         );
-        match ask_home(how, &m.to, key) {
+        match ask_home(how, &m.to, key, true) {
             Ok(()) => log::info!("balancing: process {} moved to {}", m.pid, m.to),
-            Err(e) => log::warn!("balancing: process {} could not move to {}: {e}", m.pid, m.to),
+            Err(e) => {
+                log::warn!("balancing: process {} could not move to {}: {e}", m.pid, m.to);
+                // Not tried again for a minute (locked to its node, say).
+                refused.insert(m.pid, Instant::now() + Duration::from_secs(60));
+            }
         }
         seen.remove(&m.pid);
         quiet_until = Instant::now() + AFTER_MOVE;
     }
 }
 
-/// Asks the home of a process to move it to `to`.
-fn ask_home(how: &Here, to: &str, key: &ClusterKey) -> Result<(), String> {
+/// Asks the home of a process to move it to `to`; `automatic`: the balancer asks (a job locked
+/// to its node refuses), not an admin.
+pub(crate) fn ask_home(how: &Here, to: &str, key: &ClusterKey, automatic: bool) -> Result<(), String> {
     match how {
-        Here::Home(pid) => crate::migrate_job(&crate::run_dir(), *pid, to, key).map(drop).map_err(|e| e.to_string()),
-        Here::Guest(home) => {
-            let mut o = ConnectOptions::new(key.clone());
-            o.timeout = Duration::from_secs(180);
-            let c = connect(home, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
-            let mut e = wire::Enc::default();
-            e.str(to);
-            c.call(wire::MIGRATE, &e.0).map(drop).map_err(|e| mosaic_transport::error_chain(&e))
+        Here::Home(pid) => {
+            let home = std::fs::read_to_string(crate::job_file(&crate::run_dir(), *pid))
+                .map_err(|e| format!("the job file of {pid}: {e}"))?;
+            ask(home.trim(), to, key, automatic)
         }
+        Here::Guest(home) => ask(home, to, key, automatic),
     }
+}
+
+/// Asks the home at `home` to move its job to `to`.
+fn ask(home: &str, to: &str, key: &ClusterKey, automatic: bool) -> Result<(), String> {
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = Duration::from_secs(180);
+    let c = connect(home, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let mut e = wire::Enc::default();
+    e.str(to).u8(u8::from(automatic));
+    c.call(wire::MIGRATE, &e.0).map(drop).map_err(|e| mosaic_transport::error_chain(&e))
 }
 
 /// The kernel's clock ticks per second (`USER_HZ`).

@@ -36,6 +36,8 @@ struct Record {
     /// Its pid there.
     pid: u32,
     moves: u32,
+    /// Locked to its node: the balancer leaves it there (`mosctl lock`).
+    locked: bool,
     moving: bool,
     /// Ends reported: the pid that ended (at its node) and its wait status. Only the end of the
     /// process the record names is the job's (a stale copy's is not).
@@ -243,8 +245,15 @@ impl Service for HomeService {
             }
             wire::MIGRATE => {
                 let to = resolve_node(&d.str().map_err(bad)?).map_err(failed)?;
+                let automatic = d.u8().unwrap_or(0) == 1;
+                if automatic && crate::lock(&s.record).locked {
+                    return Err(ServiceError::new(Status::Forbidden, "the job is locked to its node (mosctl unlock)"));
+                }
                 let moved = migrate(s, &to)?;
                 response.extend_from_slice(&moved.encode());
+            }
+            wire::LOCK => {
+                crate::lock(&s.record).locked = d.u8().map_err(bad)? == 1;
             }
             wire::WHERE => {
                 let r = crate::lock(&s.record).clone();

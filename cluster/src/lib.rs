@@ -108,6 +108,25 @@ pub fn migrate_job(dir: &Path, pid: u32, to: &str, key: &ClusterKey) -> Result<M
     Moved::decode(&a).map_err(ClusterError::Failed)
 }
 
+/// Locks the job whose pid at home is `pid` to the node it runs on (the balancer leaves it
+/// there; `mosctl migrate` still moves it), or unlocks it.
+pub fn lock_job(dir: &Path, pid: u32, locked: bool, key: &ClusterKey) -> Result<(), ClusterError> {
+    call_home(dir, pid, key, wire::LOCK, &[u8::from(locked)], Duration::from_secs(5)).map(drop)
+}
+
+/// Asks the agent at `node` to move every migratable process running there to other nodes
+/// (each to the least loaded with room); returns (moved, failed).
+pub fn drain_node(node: &str, key: &ClusterKey) -> Result<(u32, u32), ClusterError> {
+    let uri = resolve_node(node)?;
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = Duration::from_secs(600);
+    let c =
+        connect(&uri, &o).map_err(|e| ClusterError::Failed(format!("{uri}: {}", mosaic_transport::error_chain(&e))))?;
+    let a = c.call(wire::DRAIN, &[]).map_err(|e| ClusterError::Failed(mosaic_transport::error_chain(&e)))?;
+    let mut d = wire::Dec(&a);
+    (|| Ok::<_, String>((d.u32()?, d.u32()?)))().map_err(ClusterError::Failed)
+}
+
 /// Where a job runs: (node, pid there, moves so far, command).
 pub fn job_where(dir: &Path, pid: u32, key: &ClusterKey) -> Result<(String, u32, u32, String), ClusterError> {
     let a = call_home(dir, pid, key, wire::WHERE, &[], Duration::from_secs(5))?;

@@ -12,11 +12,14 @@
 //!   GOSSIP       a frame of the information layer (from another agent)
 //!   NODES                                                      -> what it knows of the cluster
 //!                                                                 (`gossip::ClusterView`)
+//!   DRAIN                                                      -> moved u32 | failed u32 (every
+//!                                                                 migratable process here moved away)
 //! home (mosrun --migratable):
 //!   OUTPUT       job u64 | stream u8 | bytes
 //!   INPUT        job u64 | most u32 | pid u32 (asking)        -> 0 | bytes, 1 (end), 2 (nothing yet)
 //!   EXITED       job u64 | status i32 (a wait status) | pid u32 (that ended, at its node)
-//!   MIGRATE      to str                                       -> Moved
+//!   MIGRATE      to str | automatic u8 (optional; 1: the balancer asks) -> Moved
+//!   LOCK         locked u8 (1: the balancer leaves the job where it is)
 //!   WHERE                                                     -> node str | pid u32 | moves u32 | command str
 //! ```
 //! A `str` is a u32 length and UTF-8 bytes; `bytes` run to the end of the message.
@@ -49,6 +52,10 @@ pub const EXITED: u64 = 0x4d4f_5313;
 pub const MIGRATE: u64 = 0x4d4f_5314;
 /// Where the job runs.
 pub const WHERE: u64 = 0x4d4f_5315;
+/// Lock the job to its node, or unlock it (from `mosctl lock` / `unlock`).
+pub const LOCK: u64 = 0x4d4f_5316;
+/// Move every migratable process of the node away (from `mosctl drain`).
+pub const DRAIN: u64 = 0x4d4f_5309;
 
 /// How a move went.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

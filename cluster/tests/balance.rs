@@ -1,7 +1,7 @@
 //! Load balancing: two node agents standing for two hosts (each pinned to a CPU of its own,
 //! since this machine has two), two CPU-bound jobs started at the first. Without balancing
 //! they share its CPU to the end; with it, one moves to the idle node and both finish sooner.
-//! Both times are printed. Needs root (process migration); its own test binary, so that no other
+//! Both times are printed; jobs locked to their node (`mosctl lock`) stay. Needs root (process migration); its own test binary, so that no other
 //! test competes for the CPUs it times.
 
 mod common;
@@ -11,14 +11,19 @@ use std::time::{Duration, Instant};
 
 use common::{c_program, root, tmp, Job, Node};
 
-/// Rounds of the hash: about 3.5 s of one CPU here.
-const WORK: &str = "2000000000";
+/// Rounds of the hash: about 5 s of one CPU here (a move's delay, the residence and the time
+/// for fresh load, is then a small part of it).
+const WORK: &str = "3000000000";
 
-/// Runs two jobs at node A (CPU 0) beside node B (CPU 1); returns the time until both ended,
-/// whether a job moved, and the outputs.
-fn run(balance: bool) -> (Duration, bool, Vec<Vec<u8>>) {
+/// Runs two jobs at node A (CPU 0) beside node B (CPU 1), both locked to A with `mosctl lock`
+/// if `lock`; returns the time until both ended, whether a job moved, and the outputs.
+fn run(balance: bool, lock: bool) -> (Duration, bool, Vec<Vec<u8>>) {
     let prog = c_program("spin", "tests/c/spin.c");
-    let dir = tmp(if balance { "balance-on" } else { "balance-off" });
+    let dir = tmp(match (balance, lock) {
+        (false, _) => "balance-off",
+        (true, false) => "balance-on",
+        (true, true) => "balance-locked",
+    });
     std::fs::create_dir_all(&dir).unwrap();
     let flags: &[&str] = if balance { &["--balance", "--min-residence", "1.5"] } else { &[] };
     let a = Node::launch(Some(0), flags, Some(&dir));
@@ -40,6 +45,29 @@ fn run(balance: bool) -> (Duration, bool, Vec<Vec<u8>>) {
     // One run directory for the jobs and the agents: agent A finds the jobs there.
     let mut jobs: Vec<Job> =
         (0..2).map(|_| Job::launch(&a, &dir, &[prog.to_str().unwrap(), WORK], Stdio::null(), Some(0))).collect();
+    if lock {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut locked = 0;
+        while locked < 2 {
+            assert!(Instant::now() < deadline, "the jobs' homes did not take the lock");
+            let pids: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("job-").map(String::from))
+                .collect();
+            locked = pids
+                .iter()
+                .filter(|p| {
+                    Command::new(env!("CARGO_BIN_EXE_mosctl"))
+                        .args(["lock", p])
+                        .env("MOSAIC_CLUSTER_KEY", common::key())
+                        .env("MOSAIC_RUN_DIR", &dir)
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+                .count();
+        }
+    }
     let mut moved = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     while jobs.iter_mut().any(|j| j.child.try_wait().ok().flatten().is_none()) {
@@ -66,7 +94,7 @@ fn run(balance: bool) -> (Duration, bool, Vec<Vec<u8>>) {
 }
 
 #[test]
-fn a_cpu_bound_job_moves_from_a_busy_node_to_an_idle_one_and_finishes_sooner() {
+fn a_cpu_bound_job_moves_from_a_busy_node_to_an_idle_one_and_finishes_sooner_unless_locked() {
     if !root() || Command::new("taskset").arg("-V").output().is_err() {
         eprintln!("skipped: needs root and taskset");
         return;
@@ -74,11 +102,14 @@ fn a_cpu_bound_job_moves_from_a_busy_node_to_an_idle_one_and_finishes_sooner() {
     let expected = Command::new(c_program("spin", "tests/c/spin.c")).arg(WORK).output().unwrap().stdout;
     // mosrun and the shim are built before anything is timed.
     common::bin_dir();
-    let (off, moved_off, outs_off) = run(false);
+    let (off, moved_off, outs_off) = run(false, false);
     assert!(!moved_off, "a job moved without balancing");
-    let (on, moved, outs_on) = run(true);
+    let (on, moved, outs_on) = run(true, false);
+    // Locked to their node, neither moves.
+    let (_, moved_locked, outs_locked) = run(true, true);
+    assert!(!moved_locked, "a job locked to its node moved");
     eprintln!("two CPU-bound jobs at one node: both done after {off:?} without balancing, {on:?} with it");
-    for out in outs_off.iter().chain(&outs_on) {
+    for out in outs_off.iter().chain(&outs_on).chain(&outs_locked) {
         assert_eq!(*out, expected, "a job's output differs from an unmigrated run's");
     }
     assert!(moved, "no job moved to the idle node");

@@ -214,3 +214,47 @@ fn standard_input_follows_the_job_there_and_back() {
     assert!(st.success(), "{st:?}");
     assert_eq!(String::from_utf8_lossy(&out), "got 1: one\ngot 2: two\ngot 3: three\ngot 4: four\nend after 4 lines\n");
 }
+
+/// `mosctl drain` moves every migratable job of a node to another, and they end as they would
+/// have.
+#[test]
+fn draining_a_node_moves_its_jobs_away() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let prog = c_program("counter", "../migrate/tests/c/counter.c");
+    let args = ["40", "16", "20"];
+    let expected = Command::new(&prog).args(args).output().unwrap().stdout;
+    // The agent finds the job through its job file: the run directory is the agent's too.
+    let dir = tmp("drain");
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = Node::launch(None, &[], Some(&dir));
+    let b = Node::start_with(&["--join", &a.uri]);
+    let key = common::key();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !Command::new(env!("CARGO_BIN_EXE_mosctl"))
+        .args(["nodes", "--json", "--node", &a.uri])
+        .env("MOSAIC_CLUSTER_KEY", &key)
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("\"node\":\"{}\"", b.uri)))
+    {
+        assert!(std::time::Instant::now() < deadline, "a never heard b's load");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut cmd = vec![prog.to_str().unwrap()];
+    cmd.extend(args);
+    let job = Job::start(&a, &dir, &cmd);
+    job.wait_for("step 5 ");
+    let out = Command::new(env!("CARGO_BIN_EXE_mosctl"))
+        .args(["drain", &a.uri])
+        .env("MOSAIC_CLUSTER_KEY", &key)
+        .env("MOSAIC_RUN_DIR", &dir)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (st, output) = job.finish();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(String::from_utf8_lossy(&output), String::from_utf8_lossy(&expected));
+    assert!(out.status.success() && said.contains("1 process(es) moved"), "{said}");
+}

@@ -6,6 +6,8 @@
 //! mosctl status NODE             what a node's agent is
 //! mosctl nodes [--node NODE] [--json]
 //!                                the cluster as a node's agent knows it: members, their load
+//! mosctl lock PID | unlock PID   keep a job where it runs (the balancer leaves it), or not
+//! mosctl drain NODE              move every migratable process of NODE to other nodes
 //! ```
 //! NODE is an agent's address (`tcp://HOST:PORT` or `HOST:PORT`) or a name from `MOSAIC_NODES`
 //! (`name=tcp://HOST:PORT,...`). The cluster key comes from `MOSAIC_CLUSTER_KEY` or
@@ -17,7 +19,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use mosaic_cluster::gossip::ClusterView;
 use mosaic_cluster::info::LoadVector;
-use mosaic_cluster::{job_where, migrate_job, resolve_node, run_dir, wire};
+use mosaic_cluster::{drain_node, job_where, lock_job, migrate_job, resolve_node, run_dir, wire};
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
 #[derive(Parser)]
@@ -41,6 +43,23 @@ enum Cmd {
     Ps,
     /// Asks a node's agent what it is.
     Status {
+        /// An agent's address or a name from MOSAIC_NODES.
+        node: String,
+    },
+    /// Locks a job (started by `mosrun --migratable`; PID is its pid at home) to the node it runs
+    /// on: load balancing leaves it there (`mosctl migrate` still moves it).
+    Lock {
+        /// The job's pid at its home node.
+        pid: u32,
+    },
+    /// Unlocks a job locked with `mosctl lock`.
+    Unlock {
+        /// The job's pid at its home node.
+        pid: u32,
+    },
+    /// Moves every migratable process running at NODE to other nodes (each to the least loaded
+    /// with room, as NODE's agent knows them), e.g. before maintenance.
+    Drain {
         /// An agent's address or a name from MOSAIC_NODES.
         node: String,
     },
@@ -110,6 +129,22 @@ fn run(args: Args) -> Result<(), String> {
             println!("agent {u}");
             println!("memory server {}", if mem.is_empty() { "none" } else { &mem });
             println!("processes moved in and running: {hosted}");
+        }
+        Cmd::Lock { pid } => {
+            lock_job(&dir, pid, true, &key).map_err(|e| e.to_string())?;
+            println!("job {pid} locked to its node");
+        }
+        Cmd::Unlock { pid } => {
+            lock_job(&dir, pid, false, &key).map_err(|e| e.to_string())?;
+            println!("job {pid} unlocked");
+        }
+        Cmd::Drain { node } => {
+            eprintln!("draining {node}: moving its migratable processes away...");
+            let (moved, failed) = drain_node(&node, &key).map_err(|e| e.to_string())?;
+            println!("{node} drained: {moved} process(es) moved, {failed} could not move");
+            if failed > 0 {
+                return Err(format!("{failed} process(es) stayed at {node} (see its agent's log)"));
+            }
         }
         Cmd::Nodes { node, json } => {
             let node =
