@@ -71,13 +71,36 @@ pub fn run() -> Result<Option<String>, String> {
     let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
     let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let agent = |name: &str| {
+    let agent = |name: &str, join: Vec<String>| {
         let mut c = AgentConfig::new("tcp://127.0.0.1:0", key.clone());
         c.restorer = (exe.clone(), vec!["restore".into()]);
+        c.gossip = Some(mosaic_cluster::gossip::GossipSettings::new(join));
         Agent::start(c).map_err(|e| format!("agent {name}: {e}"))
     };
-    let (a, b) = (agent("A")?, agent("B")?);
-    println!("migration: node agents A at {} and B at {}", a.uri(), b.uri());
+    let a = agent("A", Vec::new())?;
+    let b = agent("B", vec![a.uri().to_string()])?;
+    println!("migration: node agents A at {} and B at {} (B joins through A)", a.uri(), b.uri());
+    // The cluster level: each agent learns the other and its load by gossip.
+    let t = Instant::now();
+    let knows = |x: &Agent, y: &Agent| x.cluster_view().is_some_and(|v| v.window.iter().any(|w| w.node == y.uri()));
+    while !(knows(&a, &b) && knows(&b, &a)) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(v) = a.cluster_view() {
+        println!("cluster: A knows {} other node(s) after {:.0} ms of gossip:", v.members.len(), t.elapsed().as_secs_f64() * 1000.0);
+        for w in &v.window {
+            println!(
+                "cluster:   {} load {:.2} on {} CPU(s), {:.1} of {:.1} GiB free, memory pressure {:.2}%, heard {:.1} s ago",
+                w.node,
+                f64::from(w.load) / 100.0,
+                w.cpus,
+                w.free_memory as f64 / f64::from(1u32 << 30),
+                w.total_memory as f64 / f64::from(1u32 << 30),
+                f64::from(w.pressure) / 100.0,
+                w.age.as_secs_f64()
+            );
+        }
+    }
 
     let out = Arc::new(Mutex::new(Vec::new()));
     let mut cmd = Command::new(python);
