@@ -116,6 +116,54 @@ impl Drop for Spawned {
     }
 }
 
+/// A figure's source and destination processes, told what to do through their stdin: started,
+/// the source filled (READY) and told to go, its next line (what the destination needs) handed
+/// to the destination.
+pub(crate) struct Figure {
+    src: Spawned,
+    dest: Spawned,
+    src_out: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    dest_out: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// The source's line after it went, as handed to the destination.
+    pub(crate) handed: String,
+}
+
+impl Figure {
+    /// Starts both (this program with `src_args` and `dest_args`) and runs them to the hand-off.
+    pub(crate) fn go(src_args: &[String], dest_args: &[String], key: &str) -> Result<Figure, String> {
+        let mut src = spawn(src_args, key)?;
+        let mut dest = spawn(dest_args, key)?;
+        let src_out = BufReader::new(src.stdout.take().ok_or("no source output")?).lines();
+        let dest_out = BufReader::new(dest.stdout.take().ok_or("no destination output")?).lines();
+        let mut fig = Figure { src, dest, src_out, dest_out, handed: String::new() };
+        let ready = fig.src_line()?;
+        if ready != "READY" {
+            return Err(format!("source: {ready}"));
+        }
+        let mut src_in = fig.src.stdin.take().ok_or("no source input")?;
+        writeln!(src_in, "go").map_err(|e| e.to_string())?;
+        fig.handed = fig.src_line()?;
+        let mut dest_in = fig.dest.stdin.take().ok_or("no destination input")?;
+        writeln!(dest_in, "{}", fig.handed).map_err(|e| e.to_string())?;
+        Ok(fig)
+    }
+
+    /// The source's next line.
+    pub(crate) fn src_line(&mut self) -> Result<String, String> {
+        self.src_out.next().and_then(Result::ok).ok_or("the source stopped early".to_string())
+    }
+
+    /// The destination's next line.
+    pub(crate) fn dest_line(&mut self) -> Result<String, String> {
+        self.dest_out.next().and_then(Result::ok).ok_or("the destination stopped early".to_string())
+    }
+
+    /// Waits for both to end.
+    pub(crate) fn wait(&mut self) {
+        let (_, _) = (self.src.wait(), self.dest.wait());
+    }
+}
+
 /// This program run again with `args`, the cluster key in its environment.
 pub(crate) fn spawn(args: &[String], key: &str) -> Result<Spawned, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -139,32 +187,18 @@ fn one(transport: &str, size: u64, pct: u64, key: &str) -> Result<serde_json::Va
             None => return Err(format!("transport {t}: tcp, shm, or sim:PRESET (sim:fast-ethernet, sim:10gbe)")),
         },
     };
-    let mut src = spawn(&["migrate-source".into(), size.to_string(), pct.to_string(), listen], key)?;
     let mut dest_args = vec!["migrate-dest".to_string()];
     dest_args.extend(link);
-    let mut dest = spawn(&dest_args, key)?;
-    let mut src_out = BufReader::new(src.stdout.take().ok_or("no source output")?).lines();
-    let mut dest_out = BufReader::new(dest.stdout.take().ok_or("no destination output")?).lines();
-    let line = |l: &mut std::io::Lines<BufReader<std::process::ChildStdout>>, who: &str| {
-        l.next().and_then(Result::ok).ok_or(format!("the {who} stopped early"))
-    };
-    let ready = line(&mut src_out, "source")?;
-    if ready != "READY" {
-        return Err(format!("source: {ready}"));
-    }
-    let mut src_in = src.stdin.take().ok_or("no source input")?;
-    writeln!(src_in, "go").map_err(|e| e.to_string())?;
-    let frozen = line(&mut src_out, "source")?; // URI t0
-    let mut dest_in = dest.stdin.take().ok_or("no destination input")?;
-    writeln!(dest_in, "{frozen}").map_err(|e| e.to_string())?;
+    let mut fig = Figure::go(&["migrate-source".into(), size.to_string(), pct.to_string(), listen], &dest_args, key)?;
+    let frozen = fig.handed.clone(); // URI t0
     let f: Vec<&str> = frozen.split_whitespace().collect();
     let t0: u64 = match f[..] {
         [_, t0] => t0.parse().map_err(|_| "t0")?,
         _ => return Err(format!("source: {frozen}")),
     };
-    let arrived = line(&mut dest_out, "destination")?; // t1 t2
-    let sent = line(&mut src_out, "source")?; // bytes present
-    let (_, _) = (src.wait(), dest.wait());
+    let arrived = fig.dest_line()?; // t1 t2
+    let sent = fig.src_line()?; // bytes present
+    fig.wait();
     let a: Vec<u64> = arrived.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     let (bytes_sent, present) = match sent.split_whitespace().map(str::parse::<u64>).collect::<Vec<_>>()[..] {
         [Ok(b), Ok(p)] => (b, p),

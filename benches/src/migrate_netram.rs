@@ -12,7 +12,6 @@
 //! the memory servers. Simulated links are not measured for this op: what moves is the table,
 //! and the pages travel on the memory servers' links, not the migration link.
 
-use std::io::{BufRead, BufReader, Write};
 use std::time::Duration;
 
 use mosaic_migrate::{take_over_netram, NetRamOutgoing};
@@ -20,7 +19,7 @@ use mosaic_netram::{MemServer, MemServerConfig, NetRam, NetRamConfig};
 use mosaic_transport::ClusterKey;
 use serde_json::json;
 
-use crate::migrate::{now_ns, spawn, touched};
+use crate::migrate::{now_ns, touched, Figure};
 
 /// Where the region lives in both processes.
 const ADDR: usize = 0x6300_0000_0000;
@@ -44,32 +43,19 @@ pub fn one(transport: &str, size: u64, pct: u64, key: &str) -> Result<serde_json
     let ck = ClusterKey::from_bytes(key.as_bytes()).map_err(|e| e.to_string())?;
     let server = MemServer::start(&server_uri, MemServerConfig::new(size + (64 << 20), ck))
         .map_err(|e| mosaic_transport::error_chain(&e))?;
-    let mut src = spawn(
+    let mut fig = Figure::go(
         &["migrate-netram-source".into(), size.to_string(), pct.to_string(), listen, server.uri().to_string()],
+        &["migrate-netram-dest".into(), size.to_string(), pct.to_string()],
         key,
     )?;
-    let mut dest = spawn(&["migrate-netram-dest".into(), size.to_string(), pct.to_string()], key)?;
-    let mut src_out = BufReader::new(src.stdout.take().ok_or("no source output")?).lines();
-    let mut dest_out = BufReader::new(dest.stdout.take().ok_or("no destination output")?).lines();
-    let line = |l: &mut std::io::Lines<BufReader<std::process::ChildStdout>>, who: &str| {
-        l.next().and_then(Result::ok).ok_or(format!("the {who} stopped early"))
-    };
-    let ready = line(&mut src_out, "source")?;
-    if ready != "READY" {
-        return Err(format!("source: {ready}"));
-    }
-    let mut src_in = src.stdin.take().ok_or("no source input")?;
-    writeln!(src_in, "go").map_err(|e| e.to_string())?;
-    let handed = line(&mut src_out, "source")?; // URI T0 WRITTEN_BACK REMOTE
-    let mut dest_in = dest.stdin.take().ok_or("no destination input")?;
-    writeln!(dest_in, "{handed}").map_err(|e| e.to_string())?;
+    let handed = fig.handed.clone(); // URI T0 WRITTEN_BACK REMOTE
     let f: Vec<&str> = handed.split_whitespace().collect();
     let [_, t0, written_back, remote] = f[..] else { return Err(format!("source: {handed}")) };
     let num = |s: &str| s.parse::<u64>().map_err(|_| format!("source: {handed}"));
     let (t0, written_back, remote) = (num(t0)?, num(written_back)?, num(remote)?);
-    let arrived = line(&mut dest_out, "destination")?; // T1 T2
-    let sent = line(&mut src_out, "source")?; // bytes sent
-    let (_, _) = (src.wait(), dest.wait());
+    let arrived = fig.dest_line()?; // T1 T2
+    let sent = fig.src_line()?; // bytes sent
+    fig.wait();
     drop(server);
     let a: Vec<u64> = arrived.split_whitespace().filter_map(|w| w.parse().ok()).collect();
     let [t1, t2] = a[..] else { return Err(format!("destination: {arrived}")) };

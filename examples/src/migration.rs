@@ -87,7 +87,11 @@ pub fn run() -> Result<Option<String>, String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     if let Some(v) = a.cluster_view() {
-        println!("cluster: A knows {} other node(s) after {:.0} ms of gossip:", v.members.len(), t.elapsed().as_secs_f64() * 1000.0);
+        println!(
+            "cluster: A knows {} other node(s) after {:.0} ms of gossip:",
+            v.members.len(),
+            t.elapsed().as_secs_f64() * 1000.0
+        );
         for w in &v.window {
             println!(
                 "cluster:   {} load {:.2} on {} CPU(s), {:.1} of {:.1} GiB free, memory pressure {:.2}%, heard {:.1} s ago",

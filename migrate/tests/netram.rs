@@ -4,23 +4,12 @@
 //! the hand-over loses nothing, and a destination that dies before committing leaves the region
 //! working at the source.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-const KEY: &str = "migrate-netram-tests-cluster-key-0123";
-
-fn probe() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_migrate-probe"));
-    c.env("MOSAIC_CLUSTER_KEY", KEY);
-    c
-}
-
-/// The number after `name` in `line`.
-fn field(line: &str, name: &str) -> u64 {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == name).unwrap_or_else(|| panic!("no {name} in {line}"));
-    words[at + 1].parse().unwrap_or_else(|_| panic!("{name} in {line}"))
-}
+use common::{field, probe};
 
 /// A process killed (and waited for) when dropped.
 struct Running(Child);

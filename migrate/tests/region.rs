@@ -2,23 +2,12 @@
 //! arrives, untouched pages are never sent, and the bytes sent stay within 5% of the touched
 //! bytes plus the descriptor.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-const KEY: &str = "migrate-tests-cluster-key-0123456789";
-
-fn probe() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_migrate-probe"));
-    c.env("MOSAIC_CLUSTER_KEY", KEY);
-    c
-}
-
-/// The number after `name` in `line`.
-fn field(line: &str, name: &str) -> u64 {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == name).unwrap_or_else(|| panic!("no {name} in {line}"));
-    words[at + 1].parse().unwrap_or_else(|_| panic!("{name} in {line}"))
-}
+use common::{field, probe};
 
 /// Moves a region of `size` (MiB, or KiB with a K) with `pct`% of its pages touched; returns
 /// (the source's lines, the destination's).
