@@ -215,6 +215,14 @@ impl Agent {
             arrived: std::sync::Condvar::new(),
             gossip: OnceLock::new(),
         });
+        // Bound before any thread starts: a port in use fails the start with nothing running.
+        let metrics_listener = match &cfg.metrics {
+            Some(at) => Some(
+                std::net::TcpListener::bind(at.trim_start_matches("http://"))
+                    .map_err(|e| ClusterError::Start(format!("metrics at {at}: {e}")))?,
+            ),
+            None => None,
+        };
         let mut scfg = ServerConfig::new(cfg.key.clone()).service(AgentService(state.clone()));
         scfg.max_frame = MAX_FRAME;
         let server = listen(&cfg.listen, scfg).map_err(|e| {
@@ -233,30 +241,8 @@ impl Agent {
                 .map_err(|e| ClusterError::Start(format!("the gossip threads: {e}")))?;
             let _ = state.gossip.set(gossiper);
         }
-        let balancer = match (&cfg.balance, state.gossip.get().is_some()) {
-            (Some(params), true) => {
-                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let (st, params, flag) = (state.clone(), params.clone(), stop.clone());
-                let t = std::thread::Builder::new()
-                    .name("mosaic-balance".into())
-                    .spawn(move || {
-                        let here = || processes_here(&st);
-                        if let Some(g) = st.gossip.get() {
-                            crate::balancer::run(g, &params, &st.cfg.key, &here, &flag);
-                        }
-                    })
-                    .map_err(|e| ClusterError::Start(format!("the balancing thread: {e}")))?;
-                Some((stop, t))
-            }
-            (Some(_), false) => {
-                return Err(ClusterError::Start("balancing needs gossip (the load of other nodes)".into()))
-            }
-            (None, _) => None,
-        };
-        let metrics = match &cfg.metrics {
-            Some(at) => {
-                let listener = std::net::TcpListener::bind(at.trim_start_matches("http://"))
-                    .map_err(|e| ClusterError::Start(format!("metrics at {at}: {e}")))?;
+        let metrics = match (&cfg.metrics, metrics_listener) {
+            (Some(at), Some(listener)) => {
                 let addr = listener.local_addr().map_err(|e| ClusterError::Start(format!("metrics at {at}: {e}")))?;
                 let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let weak = Arc::downgrade(&state);
@@ -276,7 +262,36 @@ impl Agent {
                 .map_err(|e| ClusterError::Start(format!("the metrics thread: {e}")))?;
                 Some((format!("http://{addr}/metrics"), stop, t))
             }
-            None => None,
+            _ => None,
+        };
+        let balancer = match (&cfg.balance, state.gossip.get().is_some()) {
+            (Some(params), true) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (st, params, flag) = (state.clone(), params.clone(), stop.clone());
+                let t = std::thread::Builder::new()
+                    .name("mosaic-balance".into())
+                    .spawn(move || {
+                        let here = || processes_here(&st);
+                        if let Some(g) = st.gossip.get() {
+                            crate::balancer::run(g, &params, &st.cfg.key, &here, &flag);
+                        }
+                    })
+                    .map_err(|e| {
+                        // Nothing keeps running on this error: the metrics thread stops too.
+                        if let Some((_, stop, _)) = &metrics {
+                            stop.store(true, std::sync::atomic::Ordering::Release);
+                        }
+                        ClusterError::Start(format!("the balancing thread: {e}"))
+                    })?;
+                Some((stop, t))
+            }
+            (Some(_), false) => {
+                if let Some((_, stop, _)) = &metrics {
+                    stop.store(true, std::sync::atomic::Ordering::Release);
+                }
+                return Err(ClusterError::Start("balancing needs gossip (the load of other nodes)".into()));
+            }
+            (None, _) => None,
         };
         Ok(Agent { server: Some(server), state, balancer, metrics })
     }
@@ -342,11 +357,13 @@ fn drain(s: &State) -> (u32, u32) {
         log::warn!("drain: this agent does not gossip: it knows no other node");
         return (0, u32::try_from(processes_here(s).len()).unwrap_or(u32::MAX));
     };
+    let view = g.view();
+    let mut here = view.own.clone();
+    here.free_slots = 0; // not here
+                         // A copy of what this node knows, counting each process sent (gossip tells it late).
+    let mut window = view.window;
     for (pid, how) in processes_here(s) {
-        let view = g.view();
-        let mut others = view.own.clone();
-        others.free_slots = 0; // not here
-        let Some(to) = crate::policy::place(&others, &view.window, 0, Duration::from_secs(30)) else {
+        let Some(to) = crate::policy::place(&here, &window, 0, Duration::from_secs(30)) else {
             log::warn!("drain: no other node has room for process {pid}");
             failed += 1;
             continue;
@@ -355,6 +372,10 @@ fn drain(s: &State) -> (u32, u32) {
             Ok(()) => {
                 log::info!("drain: process {pid} moved to {to}");
                 moved += 1;
+                if let Some(w) = window.iter_mut().find(|w| w.node == to) {
+                    w.load = w.load.saturating_add(100);
+                    w.free_slots = w.free_slots.saturating_sub(1);
+                }
             }
             Err(e) => {
                 log::warn!("drain: process {pid} could not move to {to}: {e}");
@@ -394,7 +415,14 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if let Some((stop, t)) = self.balancer.take() {
             stop.store(true, std::sync::atomic::Ordering::Release);
-            let _ = t.join();
+            // A move under way may take a while: wait a little, then let it finish on its own.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
         if let Some((_, stop, t)) = self.metrics.take() {
             stop.store(true, std::sync::atomic::Ordering::Release);

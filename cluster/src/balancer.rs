@@ -2,8 +2,9 @@
 //! lists the migratable processes running at its node (jobs whose home is here and that run
 //! here, found through their job files, and processes that moved in), measures what each used
 //! of a CPU since the last look, and, if the policy says so, asks the job's home to move one to
-//! the node it names (the home moves it as `mosctl migrate` would). After a move it waits for
-//! fresh information about the destination before deciding again.
+//! the node it names (the home moves it as `mosctl migrate` would). After a move it lets the
+//! destination's load settle for a few seconds, and until the destination's vector is younger
+//! than the move it counts the process there itself.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,8 @@ pub(crate) fn run(
     let mut seen: HashMap<u32, Seen> = HashMap::new();
     let mut quiet_until = Instant::now();
     let mut refused: HashMap<u32, Instant> = HashMap::new();
+    // Moves whose destination has not said since that it has the process: (node, when, share).
+    let mut pending: Vec<(String, Instant, u64)> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_secs(1));
         let procs = here();
@@ -77,7 +80,21 @@ pub(crate) fn run(
             continue;
         }
         let view = gossip.view();
-        let Some(m) = balance(&view.own, &view.window, &candidates, params) else { continue };
+        // What was heard of a destination before a move there does not count the process sent:
+        // count it until a vector younger than the move comes.
+        pending.retain(|(_, at, _)| at.elapsed() < Duration::from_secs(60));
+        let mut window = view.window.clone();
+        pending.retain(|(dest, at, share)| {
+            let Some(w) = window.iter_mut().find(|w| &w.node == dest) else { return true };
+            if w.age < at.elapsed() {
+                return false; // fresh: it counts the process itself
+            }
+            w.load = w.load.saturating_add(u32::try_from(*share).unwrap_or(u32::MAX));
+            w.free_slots = w.free_slots.saturating_sub(1);
+            true
+        });
+        let Some(m) = balance(&view.own, &window, &candidates, params) else { continue };
+        let share = candidates.iter().find(|c| c.pid == m.pid).map_or(100, |c| c.cpu.max(100));
         let Some((_, how)) = procs.iter().find(|(p, _)| *p == m.pid) else { continue };
         log::info!(
             "balancing: moving process {} to {} (expected to save {:.1} s)",
@@ -86,7 +103,10 @@ pub(crate) fn run(
             m.expected_gain.as_secs_f64()
         );
         match ask_home(how, &m.to, key, true) {
-            Ok(()) => log::info!("balancing: process {} moved to {}", m.pid, m.to),
+            Ok(()) => {
+                log::info!("balancing: process {} moved to {}", m.pid, m.to);
+                pending.push((m.to.clone(), Instant::now(), share));
+            }
             Err(e) => {
                 log::warn!("balancing: process {} could not move to {}: {e}", m.pid, m.to);
                 // Not tried again for a minute (locked to its node, say).
@@ -114,7 +134,8 @@ pub(crate) fn ask_home(how: &Here, to: &str, key: &ClusterKey, automatic: bool) 
 /// Asks the home at `home` to move its job to `to`.
 fn ask(home: &str, to: &str, key: &ClusterKey, automatic: bool) -> Result<(), String> {
     let mut o = ConnectOptions::new(key.clone());
-    o.timeout = Duration::from_secs(180);
+    o.timeout = Duration::from_secs(60);
+    o.connect_timeout = Duration::from_secs(5);
     let c = connect(home, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
     let mut e = wire::Enc::default();
     e.str(to).u8(u8::from(automatic));

@@ -3,11 +3,12 @@
 //! same authenticated transport (so a node without the cluster key is never heard), its own
 //! load vector measured from `/proc` every second.
 //!
-//! Threads: the ticker (timers, load rounds, a measure a second, re-announcing to the join list
-//! while it knows no member), and a sender per peer (one cached connection each, so a peer that
-//! cannot be reached delays only its own frames; such a peer is left alone for a second, and
-//! frames older than half a second are dropped, as a datagram network would: SWIM tolerates
-//! loss, not a stalled sender). A sender idle for a minute ends.
+//! Threads: the ticker (timers, load rounds, re-announcing to the join list while it knows no
+//! member), the load measure (once a second, apart so that a slow scan of /proc delays nothing),
+//! and a sender per peer (one cached connection each, so a peer that cannot be reached delays
+//! only its own frames; such a peer is left alone for a second, and frames older than half a
+//! second are dropped, as a datagram network would: SWIM tolerates loss, not a stalled sender).
+//! Answers to frames that came in leave at once, not at the ticker's next turn.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,6 +102,8 @@ pub struct Gossiper {
     node: Arc<Mutex<GossipNode>>,
     start: Instant,
     stop: Arc<AtomicBool>,
+    /// Frames on their way to the sender (answers to what came in leave at once from here).
+    tx: Mutex<Sender<Frame>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -110,10 +113,18 @@ impl std::fmt::Debug for Gossiper {
     }
 }
 
+/// A frame to send: when it was queued, to whom, the bytes.
+type Frame = (Instant, String, Vec<u8>);
+
 /// Frames waiting longer than this to leave are dropped.
 const STALE: Duration = Duration::from_millis(500);
 /// A peer that could not be reached is not tried again for this long.
 const BACKOFF: Duration = Duration::from_secs(1);
+/// Most peers with a sender thread at once (frames to others wait for one to end: a peer
+/// cannot make the agent start threads without bound by naming addresses).
+const MAX_PEERS: usize = 64;
+/// A peer's sender ends after this long without frames.
+const PEER_IDLE: Duration = Duration::from_secs(10);
 
 impl Gossiper {
     /// Starts gossiping as the agent at `addr`; `hosted` tells how many processes it hosts.
@@ -128,24 +139,55 @@ impl Gossiper {
             getrandom::u64().unwrap_or_else(|_| u64::from(std::process::id()) ^ u64::from_le_bytes(*b"mosaicgs"));
         let node = Arc::new(Mutex::new(GossipNode::new(addr, settings.protocol.clone(), seed, Duration::ZERO)));
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel::<(Instant, String, Vec<u8>)>();
-        let sender = {
+        let (tx, rx) = mpsc::channel::<Frame>();
+        let mut threads = Vec::new();
+        {
             let (stop, key) = (stop.clone(), key.clone());
-            std::thread::Builder::new().name("mosaic-gossip-send".into()).spawn(move || send_loop(&rx, &key, &stop))?
-        };
-        let ticker = {
-            let (node, stop, addr) = (node.clone(), stop.clone(), addr.to_string());
-            std::thread::Builder::new()
-                .name("mosaic-gossip".into())
-                .spawn(move || tick_loop(&node, &stop, &tx, &addr, &settings, start, &hosted))?
-        };
-        Ok(Gossiper { node, start, stop, threads: vec![sender, ticker] })
+            threads.push(
+                std::thread::Builder::new()
+                    .name("mosaic-gossip-send".into())
+                    .spawn(move || send_loop(&rx, &key, &stop))?,
+            );
+        }
+        {
+            // The load is measured on a thread of its own: a scan of /proc on a host with many
+            // threads must not delay the protocol's timers and answers.
+            let (node, stop, addr, settings) = (node.clone(), stop.clone(), addr.to_string(), settings.clone());
+            threads.push(std::thread::Builder::new().name("mosaic-gossip-load".into()).spawn(move || {
+                let mut cpu = CpuTimes::default();
+                while !stop.load(Ordering::Acquire) {
+                    let free = settings.slots.saturating_sub(hosted());
+                    let v = load::measure(&addr, settings.speed, free, &mut cpu);
+                    crate::lock(&node).set_load(v);
+                    for _ in 0..10 {
+                        if stop.load(Ordering::Acquire) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })?);
+        }
+        {
+            let (node, stop, addr, tx) = (node.clone(), stop.clone(), addr.to_string(), tx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("mosaic-gossip".into())
+                    .spawn(move || tick_loop(&node, &stop, &tx, &addr, &settings.join, start))?,
+            );
+        }
+        Ok(Gossiper { node, start, stop, tx: Mutex::new(tx), threads })
     }
 
-    /// Takes a frame another agent sent.
+    /// Takes a frame another agent sent; what it calls for (an answer) leaves at once.
     pub fn receive(&self, bytes: &[u8]) {
         let now = self.start.elapsed();
-        crate::lock(&self.node).receive(bytes, now);
+        let (out, events) = {
+            let mut n = crate::lock(&self.node);
+            n.receive(bytes, now);
+            n.drain()
+        };
+        forward(&crate::lock(&self.tx), out, events);
     }
 
     /// What its gossip sent and refused.
@@ -164,54 +206,70 @@ impl Gossiper {
 impl Drop for Gossiper {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let me = std::thread::current().id();
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            // (Never this thread itself: the last reference may go on one of them.)
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
+    }
+}
+
+/// Logs the membership events and hands the frames to the sender.
+fn forward(tx: &Sender<Frame>, out: Vec<crate::info::Outgoing>, events: Vec<Event>) {
+    for e in events {
+        match e {
+            Event::Up(a) => log::info!("gossip: node {a} is up"),
+            Event::Down(a) => log::warn!("gossip: node {a} is down"),
+        }
+    }
+    let at = Instant::now();
+    for o in out {
+        let _ = tx.send((at, o.to, o.bytes));
     }
 }
 
 fn tick_loop(
     node: &Mutex<GossipNode>,
     stop: &AtomicBool,
-    tx: &Sender<(Instant, String, Vec<u8>)>,
+    tx: &Sender<Frame>,
     addr: &str,
-    settings: &GossipSettings,
+    join: &[String],
     start: Instant,
-    hosted: &dyn Fn() -> u16,
 ) {
-    let mut cpu = CpuTimes::default();
-    let (mut next_measure, mut next_join) = (Duration::ZERO, Duration::ZERO);
+    let mut next_join = Duration::ZERO;
+    let mut alone_since = Some(Duration::ZERO);
     while !stop.load(Ordering::Acquire) {
         let now = start.elapsed();
-        if now >= next_measure {
-            let v = load::measure(addr, settings.speed, settings.slots.saturating_sub(hosted()), &mut cpu);
-            crate::lock(node).set_load(v);
-            next_measure = now + Duration::from_secs(1);
-        }
         let (out, events, wake) = {
             let mut n = crate::lock(node);
             // Alone: (re)announce to the join list every two seconds, so the order agents start
             // in does not matter.
-            if now >= next_join && n.members().is_empty() {
-                for peer in settings.join.iter().filter(|p| *p != addr) {
+            let alone = n.members().is_empty();
+            if now >= next_join && alone {
+                for peer in join.iter().filter(|p| *p != addr) {
                     n.join(peer, now);
                 }
                 next_join = now + Duration::from_secs(2);
+            }
+            match (alone, alone_since) {
+                (false, _) => alone_since = None,
+                (true, None) => alone_since = Some(now),
+                (true, Some(t)) if !join.is_empty() && now - t > Duration::from_secs(10) => {
+                    log::warn!(
+                        "gossip: still alone after 10 s: is {} the address the agent there advertises (its `mosaicd: listening at` line)?",
+                        join.join(", ")
+                    );
+                    alone_since = Some(now);
+                }
+                _ => {}
             }
             n.tick(now);
             let (out, events) = n.drain();
             (out, events, n.next_wakeup())
         };
-        for e in events {
-            match e {
-                Event::Up(a) => log::info!("gossip: node {a} is up"),
-                Event::Down(a) => log::warn!("gossip: node {a} is down"),
-            }
-        }
-        let sent_at = Instant::now();
-        for o in out {
-            let _ = tx.send((sent_at, o.to, o.bytes));
-        }
+        forward(tx, out, events);
         let sleep = wake.saturating_sub(start.elapsed()).clamp(Duration::from_millis(1), Duration::from_millis(50));
         std::thread::sleep(sleep);
     }
@@ -220,23 +278,26 @@ fn tick_loop(
 /// A peer's sender thread and its queue of frames (with when they were queued).
 type PeerSender = (Sender<(Instant, Vec<u8>)>, JoinHandle<()>);
 
-/// Hands each frame to its peer's own sender thread (started on first use, ending after a
-/// minute without frames), so that a peer that cannot be reached delays only its own frames.
-fn send_loop(rx: &Receiver<(Instant, String, Vec<u8>)>, key: &ClusterKey, stop: &Arc<AtomicBool>) {
+/// Hands each frame to its peer's own sender thread (started on first use, ending after
+/// [`PEER_IDLE`] without frames; at most [`MAX_PEERS`] at once), so that a peer that cannot be
+/// reached delays only its own frames.
+fn send_loop(rx: &Receiver<Frame>, key: &ClusterKey, stop: &Arc<AtomicBool>) {
     let mut peers: HashMap<String, PeerSender> = HashMap::new();
     while !stop.load(Ordering::Acquire) {
         let (queued, to, bytes) = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(x) => x,
-            Err(RecvTimeoutError::Timeout) => {
-                peers.retain(|_, (_, t)| !t.is_finished());
-                continue;
-            }
+            Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => break,
         };
         if let Some((tx, t)) = peers.get(&to) {
             if !t.is_finished() && tx.send((queued, bytes.clone())).is_ok() {
                 continue;
             }
+        }
+        peers.retain(|_, (_, t)| !t.is_finished());
+        if peers.len() >= MAX_PEERS {
+            log::debug!("gossip: {MAX_PEERS} peers have senders already; a frame to {to} is dropped");
+            continue;
         }
         let (tx, prx) = mpsc::channel();
         let _ = tx.send((queued, bytes));
@@ -262,10 +323,11 @@ fn send_loop(rx: &Receiver<(Instant, String, Vec<u8>)>, key: &ClusterKey, stop: 
 fn peer_loop(peer: &str, rx: &Receiver<(Instant, Vec<u8>)>, key: &ClusterKey, stop: &AtomicBool) {
     let mut opts = ConnectOptions::new(key.clone());
     opts.timeout = Duration::from_secs(1);
+    opts.connect_timeout = Duration::from_secs(1);
     let mut conn: Option<Connection> = None;
     let mut failed_at: Option<Instant> = None;
     let mut idle = Instant::now();
-    while !stop.load(Ordering::Acquire) && idle.elapsed() < Duration::from_secs(60) {
+    while !stop.load(Ordering::Acquire) && idle.elapsed() < PEER_IDLE {
         let (queued, bytes) = match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(x) => x,
             Err(RecvTimeoutError::Timeout) => continue,

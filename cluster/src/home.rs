@@ -246,10 +246,7 @@ impl Service for HomeService {
             wire::MIGRATE => {
                 let to = resolve_node(&d.str().map_err(bad)?).map_err(failed)?;
                 let automatic = d.u8().unwrap_or(0) == 1;
-                if automatic && crate::lock(&s.record).locked {
-                    return Err(ServiceError::new(Status::Forbidden, "the job is locked to its node (mosctl unlock)"));
-                }
-                let moved = migrate(s, &to)?;
+                let moved = migrate(s, &to, automatic)?;
                 response.extend_from_slice(&moved.encode());
             }
             wire::LOCK => {
@@ -287,9 +284,13 @@ fn read_input(most: usize, response: &mut Vec<u8>) {
     }
 }
 
-fn migrate(s: &State, to: &str) -> Result<Moved, ServiceError> {
+/// Moves the job to `to`; `automatic` (the balancer asks): refused if the job is locked.
+fn migrate(s: &State, to: &str, automatic: bool) -> Result<Moved, ServiceError> {
     let (node, pid) = {
         let mut r = crate::lock(&s.record);
+        if automatic && r.locked {
+            return Err(ServiceError::new(Status::Forbidden, "the job is locked to its node (mosctl unlock)"));
+        }
         if r.moving {
             return Err(ServiceError::new(Status::Forbidden, "the job is moving already"));
         }

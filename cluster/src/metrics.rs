@@ -35,7 +35,7 @@ fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
 fn node_gauges(out: &mut String, name: &str, help: &str, nodes: &[LoadVector], f: impl Fn(&LoadVector) -> f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     for v in nodes {
-        let node = v.node.replace('\\', "\\\\").replace('"', "\\\"");
+        let node = v.node.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
         let _ = writeln!(out, "{name}{{node=\"{node}\"}} {}", f(v));
     }
 }
@@ -131,14 +131,20 @@ pub fn serve(
     })
 }
 
-/// Reads one request (at most 8 KiB, 2 s) and answers it.
+/// Reads one request (at most 8 KiB, within 2 s in all: a client trickling bytes cannot hold the
+/// endpoint) and answers it.
 fn answer(mut stream: TcpStream, snapshot: &dyn Fn() -> Snapshot) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
     while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.windows(2).any(|w| w == b"\n\n") && req.len() < 8192 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "a request slower than 2 s"));
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
             break;

@@ -75,10 +75,12 @@ fn per_core(v: &LoadVector, delta: i64) -> u64 {
     LoadVector { load: u32::try_from(load).unwrap_or(u32::MAX), ..v.clone() }.effective_load()
 }
 
-/// The speed a CPU-bound thread gets on `v` with its load per core at `per_core`: a reference
-/// core's worth (1,000) times the node's speed share, divided among the runnable threads.
-fn rate(v: &LoadVector, per_core: u64) -> u64 {
-    u64::from(v.speed) * 1000 / per_core.max(ONE)
+/// The speed a CPU-bound thread gets on `v` with `delta` runnable threads (hundredths) added:
+/// the node's speed per CPU, shared among the runnable threads once there are more than CPUs.
+fn rate(v: &LoadVector, delta: i64) -> u64 {
+    let load = (i64::from(v.load) + delta).max(0).unsigned_abs();
+    let cpus = ONE * u64::from(v.cpus.max(1));
+    u64::from(v.speed) * cpus / load.max(cpus)
 }
 
 /// Whether to move one of `candidates` away from this node (`local`), and where, given what it
@@ -92,8 +94,9 @@ pub fn balance(local: &LoadVector, window: &[LoadVector], candidates: &[Candidat
         .iter()
         .filter(|c| !c.locked && c.here_for >= p.min_residence && c.cpu * 10 >= fair.min(ONE) * 8)
         .max_by_key(|c| (c.ran, c.cpu))?;
-    // A CPU-bound process is one runnable thread wherever it is.
-    let share = i64::try_from(ONE).unwrap_or(100);
+    // A CPU-bound process is as many runnable threads as it keeps busy, one at least, wherever
+    // it is.
+    let share = i64::try_from(job.cpu.max(ONE)).unwrap_or(i64::MAX / 2);
     let here_with = per_core(local, 0);
     let best = window
         .iter()
@@ -109,7 +112,7 @@ pub fn balance(local: &LoadVector, window: &[LoadVector], candidates: &[Candidat
     }
     // Gain: over the time it is likely still to run (as long as it has run), the work done
     // faster there, less the cost of moving.
-    let (rate_here, rate_there) = (rate(local, here_with), rate(dest, there_with));
+    let (rate_here, rate_there) = (rate(local, 0), rate(dest, share));
     if rate_there <= rate_here {
         return None;
     }
@@ -227,6 +230,28 @@ mod tests {
         // A job that sleeps most of the time is not CPU-bound.
         let idle = Candidate { cpu: 10, ..job(3, 10) };
         assert_eq!(balance(&here, &[node("b", 0, 1)], &[idle], &BalanceParams::default()), None);
+    }
+
+    #[test]
+    fn speed_counts_once_a_slower_idle_node_still_takes_a_job_from_a_crowded_one() {
+        // Four runnable on one CPU at reference speed: a quarter of it each (250); an idle node
+        // at half the speed gives the job 500.
+        let here = node("a", 400, 1);
+        let slow = LoadVector { speed: 500, ..node("b", 0, 1) };
+        let m = balance(&here, &[slow], &[job(1, 100)], &BalanceParams::default()).unwrap();
+        assert_eq!(m.to, "b");
+        // Half the time saved of the 100 s it is expected to need still.
+        assert!(m.expected_gain > Duration::from_secs(45) && m.expected_gain < Duration::from_secs(51), "{m:?}");
+    }
+
+    #[test]
+    fn a_job_keeping_four_cpus_busy_counts_as_four_threads_where_it_goes() {
+        let here = node("a", 800, 4);
+        // Two CPUs idle there: with four more threads, it would be as crowded as here.
+        let two = node("b", 0, 2);
+        let wide = Candidate { cpu: 400, ..job(1, 100) };
+        assert_eq!(balance(&here, &[two], std::slice::from_ref(&wide), &BalanceParams::default()), None);
+        assert!(balance(&here, &[node("c", 0, 8)], &[wide], &BalanceParams::default()).is_some());
     }
 
     #[test]

@@ -18,7 +18,9 @@ struct Hosts {
 impl Hosts {
     /// `n` host namespaces at 10.232.0.2.. on a bridge in a hub namespace.
     fn new(n: usize) -> Hosts {
-        let tag = std::process::id() % 100_000;
+        // The pid and the clock: namespaces a killed earlier run left behind do not collide.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let tag = (std::process::id() ^ nanos) % 1_000_000;
         let hosts = Hosts { hub: format!("mg{tag}"), names: (0..n).map(|i| format!("mg{tag}h{i}")).collect() };
         let ip = |args: &str| {
             let out = Command::new("ip").args(args.split_whitespace()).output().expect("run ip");

@@ -129,6 +129,11 @@ fn run(args: &Args) -> Result<(), String> {
     }
     if !args.no_gossip && file.gossip != Some(false) {
         let join = if args.join.is_empty() { file.join_list() } else { args.join.clone() };
+        // Names from MOSAIC_NODES and HOST:PORT become the addresses agents advertise.
+        let join = join
+            .iter()
+            .map(|j| mosaic_cluster::resolve_node(j).map_err(|e| format!("--join {j}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut g = GossipSettings::new(join);
         if let Some(n) = args.slots.or(file.slots) {
             g.slots = n;
@@ -138,6 +143,9 @@ fn run(args: &Args) -> Result<(), String> {
         }
         cfg.gossip = Some(g);
         if args.balance || file.balance == Some(true) {
+            if !args.min_residence.is_finite() || args.min_residence < 0.0 {
+                return Err(format!("--min-residence {}: a number of seconds", args.min_residence));
+            }
             cfg.balance = Some(mosaic_cluster::policy::BalanceParams {
                 min_residence: std::time::Duration::from_secs_f64(args.min_residence.clamp(0.0, 86_400.0)),
                 ..Default::default()

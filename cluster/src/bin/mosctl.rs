@@ -165,26 +165,28 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-fn vector_json(v: &LoadVector) -> String {
-    format!(
-        "{{\"node\":{:?},\"load\":{:.2},\"cpus\":{},\"speed\":{},\"busy_pct\":{:.1},\"free_memory\":{},\"total_memory\":{},\"pressure_pct\":{:.2},\"free_slots\":{},\"age_ms\":{}}}",
-        v.node,
-        f64::from(v.load) / 100.0,
-        v.cpus,
-        v.speed,
-        f64::from(v.busy) / 100.0,
-        v.free_memory,
-        v.total_memory,
-        f64::from(v.pressure) / 100.0,
-        v.free_slots,
-        v.age.as_millis()
-    )
+fn vector_json(v: &LoadVector) -> serde_json::Value {
+    serde_json::json!({
+        "node": v.node,
+        "load": f64::from(v.load) / 100.0,
+        "cpus": v.cpus,
+        "speed": v.speed,
+        "busy_pct": f64::from(v.busy) / 100.0,
+        "free_memory": v.free_memory,
+        "total_memory": v.total_memory,
+        "pressure_pct": f64::from(v.pressure) / 100.0,
+        "free_slots": v.free_slots,
+        "age_ms": u64::try_from(v.age.as_millis()).unwrap_or(u64::MAX),
+    })
 }
 
 fn view_json(v: &ClusterView) -> String {
-    let members: Vec<String> = v.members.iter().map(|m| format!("{m:?}")).collect();
-    let window: Vec<String> = v.window.iter().map(vector_json).collect();
-    format!("{{\"self\":{},\"members\":[{}],\"load\":[{}]}}", vector_json(&v.own), members.join(","), window.join(","))
+    serde_json::json!({
+        "self": vector_json(&v.own),
+        "members": v.members,
+        "load": v.window.iter().map(vector_json).collect::<Vec<_>>(),
+    })
+    .to_string()
 }
 
 fn print_view(v: &ClusterView) {

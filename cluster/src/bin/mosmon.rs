@@ -69,20 +69,36 @@ fn run(args: &Args) -> Result<(), String> {
         .or_else(|| std::env::var("MOSAIC_AGENT").ok())
         .unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
     let uri = resolve_node(&node).map_err(|e| e.to_string())?;
+    let uri_c = uri.clone();
     let mut o = ConnectOptions::new(key);
-    o.timeout = Duration::from_secs(5);
-    let conn = connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
+    o.timeout = Duration::from_secs(2);
+    o.connect_timeout = Duration::from_secs(2);
+    let mut conn = Some(connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?);
+    // Asks, reconnecting first if the last call failed (the agent restarted, say).
+    let mut ask_now = move || -> Result<ClusterView, String> {
+        if conn.is_none() {
+            conn = Some(connect(&uri_c, &o).map_err(|e| mosaic_transport::error_chain(&e))?);
+        }
+        let r = conn.as_ref().map_or_else(|| Err("not connected".to_string()), ask);
+        if r.is_err() {
+            conn = None;
+        }
+        r
+    };
     if args.once {
-        let view = ask(&conn)?;
+        let view = ask_now()?;
         for row in rows(&view) {
             println!("{}", row.join("  "));
         }
         return Ok(());
     }
+    if !args.interval.is_finite() {
+        return Err(format!("--interval {}: a number of seconds", args.interval));
+    }
     let interval = Duration::from_secs_f64(args.interval.clamp(0.1, 3600.0));
     let mut terminal = ratatui::init();
     let result = (|| -> Result<(), String> {
-        let mut view: Result<ClusterView, String> = ask(&conn);
+        let mut view: Result<ClusterView, String> = ask_now();
         let mut next = Instant::now() + interval;
         loop {
             terminal.draw(|f| draw(f, &uri, &view)).map_err(|e| e.to_string())?;
@@ -95,7 +111,7 @@ fn run(args: &Args) -> Result<(), String> {
                 }
             }
             if Instant::now() >= next {
-                view = ask(&conn);
+                view = ask_now();
                 next = Instant::now() + interval;
             }
         }

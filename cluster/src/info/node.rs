@@ -104,6 +104,9 @@ impl GossipConfig {
     pub fn lan(nodes: u32) -> GossipConfig {
         let mut swim = Config::new_lan(std::num::NonZeroU32::new(nodes.max(1)).unwrap_or(std::num::NonZeroU32::MIN));
         swim.max_packet_size = std::num::NonZeroUsize::new(MAX_FRAME - 1).unwrap_or(swim.max_packet_size);
+        // Down members (and their timers) are forgotten after two minutes, not foca's day: a
+        // peer cannot make the member list grow for long with made-up dead members.
+        swim.remove_down_after = Duration::from_secs(120);
         GossipConfig {
             load_period: Duration::from_secs(1),
             fanout: 1,
@@ -155,13 +158,11 @@ pub struct GossipNode {
     timer_events: std::collections::HashMap<u64, Timer<NodeId>>,
     next_seq: u64,
     window: InfoWindow,
-    /// The members alive as foca last said, by identity, with their place in `alive_list` (for
-    /// picking one at random); and how many live identities each address has (a node that
-    /// rejoined under a new generation may be up before its old identity is down). Only the
-    /// load of addresses alive here is taken.
-    alive: std::collections::HashMap<NodeId, usize>,
-    alive_list: Vec<NodeId>,
-    alive_addrs: std::collections::HashMap<String, u32>,
+    /// The addresses of the members alive as foca last said (foca keeps one identity per
+    /// address; a renamed member keeps its place), with their place in `alive_list` (for
+    /// picking one at random). Only the load of these addresses is taken.
+    alive: std::collections::HashMap<String, usize>,
+    alive_list: Vec<String>,
     own: LoadVector,
     cfg: GossipConfig,
     next_load: Duration,
@@ -185,7 +186,6 @@ impl GossipNode {
             window: InfoWindow::new(cfg.window),
             alive: std::collections::HashMap::new(),
             alive_list: Vec::new(),
-            alive_addrs: std::collections::HashMap::new(),
             own: LoadVector::empty(addr),
             next_load: now + phase,
             me,
@@ -257,7 +257,7 @@ impl GossipNode {
             rest = more;
             // Only members known alive: a dead node's last vector, still carried by nodes that
             // have not found it dead yet, does not come back; nor does a stale one.
-            if *v.node != *self.me.addr && self.alive_addrs.contains_key(&v.node) && v.age <= self.cfg.max_age {
+            if *v.node != *self.me.addr && self.alive.contains_key(&v.node) && v.age <= self.cfg.max_age {
                 self.window.offer(v, now);
             }
         }
@@ -279,8 +279,13 @@ impl GossipNode {
                 self.flush_runtime();
             }
         }
-        while self.next_load <= now {
-            self.next_load += self.cfg.load_period;
+        if self.next_load <= now {
+            // One round however late (after a stall, not a burst of them).
+            self.next_load = if now - self.next_load >= self.cfg.load_period {
+                now + self.cfg.load_period
+            } else {
+                self.next_load + self.cfg.load_period
+            };
             self.window.drop_older_than(self.cfg.max_age, now);
             self.send_load(now);
         }
@@ -305,7 +310,7 @@ impl GossipNode {
         }
         frame[1] = n;
         for _ in 0..self.cfg.fanout.min(self.alive_list.len()) {
-            let to = self.alive_list[self.rng.random_range(0..self.alive_list.len())].addr.to_string();
+            let to = self.alive_list[self.rng.random_range(0..self.alive_list.len())].clone();
             self.push(to, frame.clone());
         }
     }
@@ -333,27 +338,22 @@ impl GossipNode {
         while let Some(n) = self.runtime.to_notify() {
             match n {
                 OwnedNotification::MemberUp(id) => {
-                    if !self.alive.contains_key(&id) {
-                        self.alive.insert(id.clone(), self.alive_list.len());
-                        self.alive_list.push(id.clone());
-                        *self.alive_addrs.entry(id.addr.to_string()).or_default() += 1;
+                    let addr = id.addr.to_string();
+                    if !self.alive.contains_key(&addr) {
+                        self.alive.insert(addr.clone(), self.alive_list.len());
+                        self.alive_list.push(addr.clone());
+                        self.events.push(Event::Up(addr));
                     }
-                    self.events.push(Event::Up(id.addr.to_string()));
                 }
                 OwnedNotification::MemberDown(id) => {
-                    if let Some(k) = self.alive.remove(&id) {
+                    let addr = id.addr.to_string();
+                    if let Some(k) = self.alive.remove(&addr) {
                         self.alive_list.swap_remove(k);
                         if let Some(moved) = self.alive_list.get(k) {
                             self.alive.insert(moved.clone(), k);
                         }
-                        if let Some(c) = self.alive_addrs.get_mut(&*id.addr) {
-                            *c -= 1;
-                            if *c == 0 {
-                                self.alive_addrs.remove(&*id.addr);
-                                self.window.forget(&id.addr);
-                                self.events.push(Event::Down(id.addr.to_string()));
-                            }
-                        }
+                        self.window.forget(&addr);
+                        self.events.push(Event::Down(addr));
                     }
                 }
                 _ => {}

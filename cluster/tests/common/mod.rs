@@ -91,7 +91,10 @@ impl Node {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Whatever it prints later is read and dropped (a closed pipe would kill it).
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let uri = line
             .trim()
             .strip_prefix("mosaicd: listening at ")
