@@ -37,7 +37,7 @@ use mosaic_transport::ClusterKey;
 )]
 struct Args {
     /// A TOML configuration file (keys: listen, memory, memory_listen, join, slots, speed,
-    /// gossip, and a [nodes] table of names and addresses).
+    /// gossip, balance, metrics, and a `[nodes]` table of names and addresses).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
     /// Where other agents and jobs' homes reach this one (not a wildcard address) [default:
