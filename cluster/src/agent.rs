@@ -230,7 +230,10 @@ impl Agent {
         })?;
         let uri = cfg.advertise.clone().unwrap_or_else(|| server.uri().to_string());
         let _ = state.uri.set(uri.clone());
-        if let Some(g) = cfg.gossip.clone() {
+        if let Some(mut g) = cfg.gossip.clone() {
+            if !state.memory_uri.is_empty() {
+                g.memory_server = Some(state.memory_uri.clone());
+            }
             let weak = Arc::downgrade(&state);
             let hosted = move || {
                 weak.upgrade().map_or(0, |s| {

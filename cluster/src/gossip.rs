@@ -34,13 +34,15 @@ pub struct GossipSettings {
     pub slots: u16,
     /// This node's speed per CPU (1,000: a reference core).
     pub speed: u32,
+    /// This node's memory server, told to the others (for `mosrun` to find network RAM).
+    pub memory_server: Option<String>,
 }
 
 impl GossipSettings {
     /// Joining through `join`, for a cluster of about 16 nodes, a slot per CPU, reference speed.
     pub fn new(join: Vec<String>) -> GossipSettings {
         let cpus = std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX));
-        GossipSettings { join, protocol: GossipConfig::lan(16), slots: cpus, speed: 1000 }
+        GossipSettings { join, protocol: GossipConfig::lan(16), slots: cpus, speed: 1000, memory_server: None }
     }
 }
 
@@ -157,7 +159,8 @@ impl Gossiper {
                 let mut cpu = CpuTimes::default();
                 while !stop.load(Ordering::Acquire) {
                     let free = settings.slots.saturating_sub(hosted());
-                    let v = load::measure(&addr, settings.speed, free, &mut cpu);
+                    let mut v = load::measure(&addr, settings.speed, free, &mut cpu);
+                    v.memory_server = settings.memory_server.clone().unwrap_or_default();
                     crate::lock(&node).set_load(v);
                     for _ in 0..10 {
                         if stop.load(Ordering::Acquire) {

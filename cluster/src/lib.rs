@@ -127,6 +127,24 @@ pub fn drain_node(node: &str, key: &ClusterKey) -> Result<(u32, u32), ClusterErr
     (|| Ok::<_, String>((d.u32()?, d.u32()?)))().map_err(ClusterError::Failed)
 }
 
+/// The memory servers the cluster offers, as the local agent knows them (`MOSAIC_AGENT`, or
+/// `tcp://127.0.0.1:7070`): its own and those its gossip heard of, the ones with the most free
+/// memory first. Empty if no agent answers (quickly: a node without one pays a refused connect).
+pub fn memory_servers_nearby(key: &ClusterKey) -> Vec<String> {
+    let agent = std::env::var("MOSAIC_AGENT").unwrap_or_else(|_| "tcp://127.0.0.1:7070".into());
+    let Ok(uri) = resolve_node(&agent) else { return Vec::new() };
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = Duration::from_secs(2);
+    o.connect_timeout = Duration::from_millis(500);
+    let Ok(c) = connect(&uri, &o) else { return Vec::new() };
+    let Ok(a) = c.call(wire::NODES, &[]) else { return Vec::new() };
+    let Ok(view) = gossip::ClusterView::decode(&a) else { return Vec::new() };
+    let mut all: Vec<&info::LoadVector> =
+        std::iter::once(&view.own).chain(&view.window).filter(|v| !v.memory_server.is_empty()).collect();
+    all.sort_by_key(|v| std::cmp::Reverse(v.free_memory));
+    all.into_iter().map(|v| v.memory_server.clone()).take(31).collect()
+}
+
 /// Where a job runs: (node, pid there, moves so far, command).
 pub fn job_where(dir: &Path, pid: u32, key: &ClusterKey) -> Result<(String, u32, u32, String), ClusterError> {
     let a = call_home(dir, pid, key, wire::WHERE, &[], Duration::from_secs(5))?;

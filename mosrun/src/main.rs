@@ -70,7 +70,8 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
                   standard streams stay with mosrun, which exits with its status."
 )]
 struct Cli {
-    /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: start one on
+    /// Memory servers, comma-separated (tcp://HOST:PORT, shm://NAME). Default: those the local
+    /// node agent (mosaicd at MOSAIC_AGENT, or tcp://127.0.0.1:7070) knows, if one runs; else start one on
     /// loopback for this run. With -n: where the nodes' pages beyond --local-budget go.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
@@ -178,6 +179,16 @@ fn find_preload(cli: &Cli) -> Result<PathBuf, String> {
 fn servers_or_one_of_ours(cli: &Cli, key: &ClusterKey, host: &str) -> Result<(Vec<String>, Option<MemServer>), String> {
     if !cli.servers.is_empty() {
         return Ok((cli.servers.clone(), None));
+    }
+    // A node agent (mosaicd) here knows the cluster's memory servers.
+    if std::env::var_os("MOSAIC_CLUSTER_KEY").is_some() || std::env::var_os("MOSAIC_CLUSTER_KEY_FILE").is_some() {
+        let found = mosaic_cluster::memory_servers_nearby(key);
+        if !found.is_empty() {
+            if cli.verbose {
+                eprintln!("mosrun: memory servers from the local agent: {}", found.join(", "));
+            }
+            return Ok((found, None));
+        }
     }
     let s = MemServer::start(&format!("tcp://{host}:0"), MemServerConfig::new(cli.server_capacity, key.clone()))
         .map_err(|e| format!("cannot start a memory server on {host}: {}", mosaic_transport::error_chain(&e)))?;

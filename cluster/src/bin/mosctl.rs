@@ -177,6 +177,7 @@ fn vector_json(v: &LoadVector) -> serde_json::Value {
         "pressure_pct": f64::from(v.pressure) / 100.0,
         "free_slots": v.free_slots,
         "age_ms": u64::try_from(v.age.as_millis()).unwrap_or(u64::MAX),
+        "memory_server": v.memory_server,
     })
 }
 

@@ -28,9 +28,12 @@ pub struct LoadVector {
     pub free_slots: u16,
     /// How old this information is, as the sender knew it when it sent it.
     pub age: Duration,
+    /// The node's memory server (network RAM it donates), empty if none.
+    pub memory_server: String,
 }
 
-/// Bytes of a vector's encoding besides its node's address.
+/// Bytes of a vector's encoding besides its node's and memory server's addresses (and the
+/// memory server's length byte).
 pub const FIXED_BYTES: usize = 4 + 2 + 4 + 2 + 8 + 8 + 2 + 2 + 4 + 1;
 
 impl LoadVector {
@@ -47,10 +50,12 @@ impl LoadVector {
             pressure: 0,
             free_slots: 0,
             age: Duration::ZERO,
+            memory_server: String::new(),
         }
     }
 
-    /// Appends the encoding (little-endian; the address last, its length in a byte).
+    /// Appends the encoding (little-endian; the two addresses last, each after its length in a
+    /// byte).
     pub fn encode(&self, b: &mut Vec<u8>) {
         b.extend_from_slice(&self.load.to_le_bytes());
         b.extend_from_slice(&self.cpus.to_le_bytes());
@@ -62,9 +67,11 @@ impl LoadVector {
         b.extend_from_slice(&self.free_slots.to_le_bytes());
         let age_ms = u32::try_from(self.age.as_millis()).unwrap_or(u32::MAX);
         b.extend_from_slice(&age_ms.to_le_bytes());
-        let addr = &self.node.as_bytes()[..self.node.len().min(255)];
-        b.push(u8::try_from(addr.len()).unwrap_or(u8::MAX));
-        b.extend_from_slice(addr);
+        for text in [&self.node, &self.memory_server] {
+            let bytes = &text.as_bytes()[..text.len().min(255)];
+            b.push(u8::try_from(bytes.len()).unwrap_or(u8::MAX));
+            b.extend_from_slice(bytes);
+        }
     }
 
     /// Decodes one from the front of `b`, returning it and what follows; `None` if malformed.
@@ -76,6 +83,9 @@ impl LoadVector {
         let len = usize::from(fixed[FIXED_BYTES - 1]);
         let (addr, rest) = rest.split_at_checked(len)?;
         let node = std::str::from_utf8(addr).ok()?.to_string();
+        let (&len, rest) = rest.split_first()?;
+        let (memory, rest) = rest.split_at_checked(usize::from(len))?;
+        let memory_server = std::str::from_utf8(memory).ok()?.to_string();
         let v = LoadVector {
             node,
             load: u32_at(0),
@@ -87,6 +97,7 @@ impl LoadVector {
             pressure: u16_at(28),
             free_slots: u16_at(30),
             age: Duration::from_millis(u64::from(u32_at(32))),
+            memory_server,
         };
         (v.cpus > 0 && v.free_memory <= v.total_memory).then_some((v, rest))
     }
@@ -247,6 +258,7 @@ mod tests {
             pressure: 125,
             free_slots: 4,
             age: Duration::from_millis(1500),
+            memory_server: "tcp://10.0.0.7:7071".into(),
         };
         let mut b = Vec::new();
         v.encode(&mut b);
