@@ -175,6 +175,13 @@ struct State {
     gossip: OnceLock<crate::gossip::Gossiper>,
 }
 
+impl State {
+    /// Processes that moved in and run here.
+    fn hosted_count(&self) -> usize {
+        crate::lock(&self.hosted).values().filter(|h| !h.gone).count()
+    }
+}
+
 /// A running agent. Stops when dropped (processes it hosts keep running; their pages keep
 /// coming only while it runs).
 pub struct Agent {
@@ -235,11 +242,7 @@ impl Agent {
                 g.memory_server = Some(state.memory_uri.clone());
             }
             let weak = Arc::downgrade(&state);
-            let hosted = move || {
-                weak.upgrade().map_or(0, |s| {
-                    u16::try_from(crate::lock(&s.hosted).values().filter(|h| !h.gone).count()).unwrap_or(u16::MAX)
-                })
-            };
+            let hosted = move || weak.upgrade().map_or(0, |s| u16::try_from(s.hosted_count()).unwrap_or(u16::MAX));
             let gossiper = crate::gossip::Gossiper::start(&uri, cfg.key.clone(), g, hosted)
                 .map_err(|e| ClusterError::Start(format!("the gossip threads: {e}")))?;
             let _ = state.gossip.set(gossiper);
@@ -251,7 +254,7 @@ impl Agent {
                 let weak = Arc::downgrade(&state);
                 let t = crate::metrics::serve(listener, stop.clone(), move || {
                     let Some(s) = weak.upgrade() else { return crate::metrics::Snapshot::default() };
-                    let hosted = crate::lock(&s.hosted).values().filter(|h| !h.gone).count() as u64;
+                    let hosted = s.hosted_count() as u64;
                     crate::metrics::Snapshot {
                         view: s.gossip.get().map(crate::gossip::Gossiper::view),
                         gossip: s.gossip.get().map(crate::gossip::Gossiper::stats),
@@ -504,8 +507,7 @@ impl Service for AgentService {
                 }
             }
             wire::STATUS => {
-                let hosted =
-                    u32::try_from(crate::lock(&s.hosted).values().filter(|h| !h.gone).count()).unwrap_or(u32::MAX);
+                let hosted = u32::try_from(s.hosted_count()).unwrap_or(u32::MAX);
                 let mut e = Enc::default();
                 e.str(s.uri.get().map_or("", String::as_str)).str(&s.memory_uri).u32(hosted);
                 response.extend_from_slice(&e.0);

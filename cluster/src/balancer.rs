@@ -152,9 +152,8 @@ fn clock_ticks() -> u64 {
 /// A process's CPU time (user + system, in ticks) and age, from `/proc/PID/stat`.
 fn cpu_and_age(pid: u32, tick: u64) -> Option<(u64, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14, 15 (utime, stime) and 22 (starttime), counted from the state (field 3).
+    let f = crate::info::load::stat_fields(&stat)?;
+    // Fields 14, 15 (utime, stime) and 22 (starttime).
     let (utime, stime, start): (u64, u64, u64) =
         (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?, f.get(19)?.parse().ok()?);
     let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;

@@ -99,6 +99,12 @@ impl ClusterView {
     }
 }
 
+/// Asks the agent on `conn` what it knows of the cluster (`NODES`).
+pub fn ask_view(conn: &mosaic_transport::Connection) -> Result<ClusterView, String> {
+    let a = conn.call(wire::NODES, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
+    ClusterView::decode(&a)
+}
+
 /// The agent's gossip (see the module's documentation). Stops when dropped.
 pub struct Gossiper {
     node: Arc<Mutex<GossipNode>>,

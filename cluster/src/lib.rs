@@ -137,8 +137,7 @@ pub fn memory_servers_nearby(key: &ClusterKey) -> Vec<String> {
     o.timeout = Duration::from_secs(2);
     o.connect_timeout = Duration::from_millis(500);
     let Ok(c) = connect(&uri, &o) else { return Vec::new() };
-    let Ok(a) = c.call(wire::NODES, &[]) else { return Vec::new() };
-    let Ok(view) = gossip::ClusterView::decode(&a) else { return Vec::new() };
+    let Ok(view) = gossip::ask_view(&c) else { return Vec::new() };
     let mut all: Vec<&info::LoadVector> =
         std::iter::once(&view.own).chain(&view.window).filter(|v| !v.memory_server.is_empty()).collect();
     all.sort_by_key(|v| std::cmp::Reverse(v.free_memory));

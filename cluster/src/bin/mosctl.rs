@@ -153,8 +153,7 @@ fn run(args: Args) -> Result<(), String> {
             let mut o = ConnectOptions::new(key);
             o.timeout = Duration::from_secs(5);
             let c = connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
-            let a = c.call(wire::NODES, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
-            let view = ClusterView::decode(&a)?;
+            let view = mosaic_cluster::gossip::ask_view(&c)?;
             if json {
                 println!("{}", view_json(&view));
             } else {

@@ -11,10 +11,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use mosaic_cluster::gossip::ClusterView;
+use mosaic_cluster::gossip::{ask_view, ClusterView};
 use mosaic_cluster::info::LoadVector;
-use mosaic_cluster::{resolve_node, wire};
-use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
+use mosaic_cluster::resolve_node;
+use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 use ratatui::crossterm::event::{self, Event, KeyCode};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style, Stylize};
@@ -55,12 +55,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Asks the agent what it knows.
-fn ask(conn: &Connection) -> Result<ClusterView, String> {
-    let a = conn.call(wire::NODES, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
-    ClusterView::decode(&a)
-}
-
 fn run(args: &Args) -> Result<(), String> {
     let key = ClusterKey::from_env().map_err(|e| format!("the cluster key: {e}"))?;
     let node = args
@@ -79,7 +73,7 @@ fn run(args: &Args) -> Result<(), String> {
         if conn.is_none() {
             conn = Some(connect(&uri_c, &o).map_err(|e| mosaic_transport::error_chain(&e))?);
         }
-        let r = conn.as_ref().map_or_else(|| Err("not connected".to_string()), ask);
+        let r = conn.as_ref().map_or_else(|| Err("not connected".to_string()), ask_view);
         if r.is_err() {
             conn = None;
         }

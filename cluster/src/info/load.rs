@@ -193,15 +193,16 @@ pub fn runnable_on(cpus: &[usize]) -> u32 {
     n
 }
 
-/// A task's state and last CPU from its `stat` line (fields 3 and 39; the name, in
-/// parentheses, may hold spaces).
+/// The fields of a `/proc/PID/stat` (or task `stat`) line from the state (field 3) on: the
+/// name before it, in parentheses, may hold spaces. Field N is at index N - 3.
+pub(crate) fn stat_fields(s: &str) -> Option<Vec<&str>> {
+    Some(s.get(s.rfind(')')? + 2..)?.split_whitespace().collect())
+}
+
+/// A task's state and last CPU from its `stat` line (fields 3 and 39).
 fn parse_task_stat(s: &str) -> Option<(char, usize)> {
-    let rest = &s[s.rfind(')')? + 2..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    // After the state (field 3), the processor is field 39: 36 fields further.
-    let cpu = f.nth(35)?.parse().ok()?;
-    Some((state, cpu))
+    let f = stat_fields(s)?;
+    Some((f.first()?.chars().next()?, f.get(36)?.parse().ok()?))
 }
 
 /// The one-minute load average of `/proc/loadavg`, in hundredths.
