@@ -253,6 +253,18 @@ static void threads(const char *server) {
     }
 }
 
+/* Runs this program again in a child as `test_api MODE URI` (a destination); its pid. */
+static pid_t spawn_self(const char *mode, const char *uri_or_null) {
+    char uri[128];
+    snprintf(uri, sizeof uri, "%s", uri_or_null ? uri_or_null : "");
+    pid_t child = fork();
+    if (child == 0) {
+        execl("/proc/self/exe", "test_api", mode, uri, (char *)NULL);
+        _exit(127);
+    }
+    return child;
+}
+
 /* Region post-copy: a region of this process moves to a child process (this program again,
  * run as "migrate-dest URI"), which checks every page; a region no one takes thaws here. */
 #define MIG_ADDR ((void *)0x510000000000ull) /* clear of AddressSanitizer's heap (0x6000...) */
@@ -316,13 +328,7 @@ static void migration(void) {
     /* It moves to a child process. */
     p = mig_map();
     EXPECT(mosaic_migrate_freeze(p, MIG_PAGES * 4096, "tcp://127.0.0.1:0", &m), MOSAIC_OK);
-    char uri[128];
-    snprintf(uri, sizeof uri, "%s", mosaic_migrate_uri(m) ? mosaic_migrate_uri(m) : "");
-    pid_t child = fork();
-    if (child == 0) {
-        execl("/proc/self/exe", "test_api", "migrate-dest", uri, (char *)NULL);
-        _exit(127);
-    }
+    pid_t child = spawn_self("migrate-dest", mosaic_migrate_uri(m));
     mosaic_migrate_stats st;
     EXPECT(mosaic_migrate_finish(m, 60000, &st), MOSAIC_OK);
     CHECK(st.present_pages == MIG_PAGES - (MIG_PAGES + 2) / 3 && st.pages_sent == st.present_pages);
@@ -387,13 +393,7 @@ static void netram_migration(const char *server) {
 
     /* It moves to a child process. */
     EXPECT(mosaic_netram_hand_over(r, "tcp://127.0.0.1:0", &h), MOSAIC_OK);
-    char uri[128];
-    snprintf(uri, sizeof uri, "%s", mosaic_netram_out_uri(h) ? mosaic_netram_out_uri(h) : "");
-    pid_t child = fork();
-    if (child == 0) {
-        execl("/proc/self/exe", "test_api", "netram-dest", uri, (char *)NULL);
-        _exit(127);
-    }
+    pid_t child = spawn_self("netram-dest", mosaic_netram_out_uri(h));
     mosaic_netram_hand_over_stats st;
     EXPECT(mosaic_netram_out_finish(h, 60000, &st), MOSAIC_OK);
     CHECK(st.remote_pages == NR_SIZE / 4096 && st.written_back_pages > 0);
