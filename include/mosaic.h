@@ -110,6 +110,8 @@ typedef struct mosaic_netram_stats {
   uint64_t lost;
   // Pages in local RAM now.
   uint64_t resident;
+  // Pages moved off memory servers that asked for their pages to go elsewhere.
+  uint64_t ushered;
 } mosaic_netram_stats;
 
 // What a source sent (`mosaic_migrate_finish()`).

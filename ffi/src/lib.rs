@@ -120,6 +120,8 @@ pub struct MosaicNetramStats {
     pub lost: u64,
     /// Pages in local RAM now.
     pub resident: u64,
+    /// Pages moved off memory servers that asked for their pages to go elsewhere.
+    pub ushered: u64,
 }
 
 /// A network-RAM region (opaque).
@@ -407,6 +409,7 @@ pub extern "C" fn mosaic_netram_get_stats(r: *const MosaicNetram, out: *mut Mosa
             rebuilt: s.rebuilt,
             lost: s.lost,
             resident: s.resident,
+            ushered: s.ushered,
         };
         Ok(())
     })

@@ -36,6 +36,13 @@
 //! secret; the giver can take it back the same way (OPEN with the new secret, TRANSFER to its old
 //! name), after which the taker's connections lose it in turn.
 //!
+//! # Leaving
+//! Every [`ServerState`] carries a *leaving* flag: the server's node is short of memory and asks
+//! its clients to move their pages to other servers (the cluster's memory ushering). A client
+//! places no new slab on a leaving server, writes pages back elsewhere, moves the pages it has
+//! there to its other servers and frees them here. Nothing is refused meanwhile: a client with
+//! nowhere else to go keeps its pages here. Freed slots give their memory back to the system.
+//!
 //! # Leases
 //! While any connection of a client is open, nothing of it is reclaimed, however long the client
 //! is silent (a stopped process, a debugger, a paused VM). When its last connection closes, the
@@ -140,6 +147,8 @@ pub struct ServerState {
     pub grace_ms: u32,
     /// OPEN: true if it resumed a session that already existed (with its pages).
     pub resumed: bool,
+    /// The server asks its clients to move their pages elsewhere (see "Leaving").
+    pub leaving: bool,
     /// Most pages one client may store here.
     pub quota_pages: u64,
 }
@@ -150,7 +159,8 @@ impl ServerState {
         out.extend_from_slice(&self.capacity_pages.to_le_bytes());
         out.extend_from_slice(&self.free_pages.to_le_bytes());
         out.extend_from_slice(&self.grace_ms.to_le_bytes());
-        out.extend_from_slice(&u32::from(self.resumed).to_le_bytes());
+        let flags = u32::from(self.resumed) | u32::from(self.leaving) << 1;
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.quota_pages.to_le_bytes());
     }
 
@@ -158,12 +168,12 @@ impl ServerState {
     pub fn decode(buf: &[u8]) -> Result<ServerState, ProtoError> {
         let mut r = Reader { what: "server state", buf };
         let (capacity_pages, free_pages, grace_ms) = (r.u64()?, r.u64()?, r.u32()?);
-        let resumed = match r.u32()? {
-            0 => false,
-            1 => true,
-            x => return Err(err("server state", format!("resumed flag {x}"))),
-        };
-        let s = ServerState { capacity_pages, free_pages, grace_ms, resumed, quota_pages: r.u64()? };
+        let flags = r.u32()?;
+        if flags > 3 {
+            return Err(err("server state", format!("unknown flags {flags:#x}")));
+        }
+        let (resumed, leaving) = (flags & 1 != 0, flags & 2 != 0);
+        let s = ServerState { capacity_pages, free_pages, grace_ms, resumed, leaving, quota_pages: r.u64()? };
         r.end()?;
         Ok(s)
     }
@@ -335,11 +345,13 @@ mod tests {
         assert_eq!(decode_batch("FREE", &free, false).unwrap().pages, Some(vec![1, 2, 3]));
         let all = encode_free(&C, 5, None);
         assert_eq!(decode_batch("FREE", &all, false).unwrap().pages, None);
-        for resumed in [false, true] {
-            let s = ServerState { capacity_pages: 10, free_pages: 4, grace_ms: 9, resumed, quota_pages: 7 };
+        for (resumed, leaving) in [(false, false), (true, false), (false, true), (true, true)] {
+            let s = ServerState { capacity_pages: 10, free_pages: 4, grace_ms: 9, resumed, leaving, quota_pages: 7 };
             let mut v = Vec::new();
             s.encode(&mut v);
             assert_eq!(ServerState::decode(&v).unwrap(), s);
+            v[20] = 4;
+            assert!(ServerState::decode(&v).unwrap_err().why.contains("unknown flags"));
         }
     }
 

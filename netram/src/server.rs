@@ -145,6 +145,26 @@ impl Slabs {
         false
     }
 
+    /// Gives the memory of freed slots back to the system (in runs of neighbouring slots, one
+    /// call each), so a server whose pages went elsewhere shrinks: a node short of memory gets
+    /// it back. A slot given back reads as zeros and is taken again by the next PUT.
+    fn give_back(&mut self, mut freed: Vec<Slot>) {
+        freed.sort_unstable();
+        let mut k = 0;
+        while k < freed.len() {
+            let first = freed[k] as usize;
+            let (slab, at) = (first / SLAB_PAGES, first % SLAB_PAGES);
+            let mut n = 1;
+            while k + n < freed.len() && freed[k + n] as usize == first + n && at + n < SLAB_PAGES {
+                n += 1;
+            }
+            if !Page::release(&mut self.slabs[slab][at..at + n]) {
+                log::debug!("the system did not take back {n} freed pages");
+            }
+            k += n;
+        }
+    }
+
     fn page(&self, s: Slot) -> &Page {
         &self.slabs[s as usize / SLAB_PAGES][s as usize % SLAB_PAGES]
     }
@@ -189,6 +209,8 @@ pub struct MemStore {
     capacity_pages: u64,
     limits: StoreLimits,
     inner: Mutex<Inner>,
+    /// Set while the node wants its pages gone (see `proto`'s "Leaving").
+    leaving: AtomicBool,
 }
 
 impl std::fmt::Debug for MemStore {
@@ -227,6 +249,7 @@ impl MemStore {
                 max_grace: Duration::from_secs(3600),
             },
             inner: Mutex::new(Inner::default()),
+            leaving: AtomicBool::new(false),
         }
     }
 
@@ -262,8 +285,28 @@ impl MemStore {
             free_pages: self.capacity_pages - g.used,
             grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
             resumed,
+            leaving: self.leaving(),
             quota_pages: self.limits.quota_pages,
         }
+    }
+
+    /// Asks clients to move their pages elsewhere (`true`), or lets them place pages here again
+    /// (`false`): see `proto`'s "Leaving". Nothing is refused meanwhile: a client with nowhere
+    /// else to go keeps its pages here.
+    pub fn set_leaving(&self, leaving: bool) {
+        if self.leaving.swap(leaving, Ordering::AcqRel) != leaving {
+            let used = self.lock().used;
+            if leaving {
+                log::info!("memory server: asking clients to move the {used} pages held here elsewhere");
+            } else {
+                log::info!("memory server: taking pages again ({used} held)");
+            }
+        }
+    }
+
+    /// Whether clients are asked to move their pages elsewhere.
+    pub fn leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
     }
 
     /// The session of `client`, if `caller` opened it.
@@ -284,12 +327,15 @@ impl MemStore {
     /// clone stay in use).
     fn release(g: &mut Inner, slots: impl IntoIterator<Item = Slot>) -> u64 {
         let mut n = 0;
+        let mut freed = Vec::new();
         for s in slots {
             if g.slabs.unref(s) {
                 g.used -= 1;
+                freed.push(s);
             }
             n += 1;
         }
+        g.slabs.give_back(freed);
         n
     }
 
@@ -637,6 +683,17 @@ impl MemServer {
     /// What the server holds.
     pub fn stats(&self) -> StoreStats {
         self.store.stats()
+    }
+
+    /// Asks clients to move their pages elsewhere, or lets them come back (see
+    /// [`MemStore::set_leaving`]).
+    pub fn set_leaving(&self, leaving: bool) {
+        self.store.set_leaving(leaving);
+    }
+
+    /// Whether clients are asked to move their pages elsewhere.
+    pub fn leaving(&self) -> bool {
+        self.store.leaving()
     }
 
     /// Stops serving (clients' requests fail with `Disconnected`) and frees everything.

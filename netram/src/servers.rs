@@ -29,11 +29,30 @@ pub(crate) struct Member {
     bulk: Connection,
     free: AtomicU64,
     alive: AtomicBool,
+    /// The server asks for its pages to go elsewhere (`proto`'s "Leaving").
+    leaving: AtomicBool,
 }
 
 impl Member {
     pub(crate) fn alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
+    }
+
+    /// Takes note of what the server said of itself.
+    fn heard(&self, st: &ServerState) {
+        self.free.store(st.free_pages, Ordering::Relaxed);
+        if self.leaving.swap(st.leaving, Ordering::AcqRel) != st.leaving {
+            if st.leaving {
+                log::info!("memory server {} asks for its pages to go elsewhere", self.uri);
+            } else {
+                log::info!("memory server {} takes pages again", self.uri);
+            }
+        }
+    }
+
+    /// Whether new pages may be placed here: alive, with room, and not leaving.
+    fn takes_pages(&self) -> bool {
+        self.alive() && self.free.load(Ordering::Relaxed) > 0 && !self.leaving.load(Ordering::Acquire)
     }
 }
 
@@ -98,6 +117,7 @@ impl ServerSet {
                 bulk,
                 free: AtomicU64::new(st.free_pages),
                 alive: AtomicBool::new(true),
+                leaving: AtomicBool::new(st.leaving),
             });
         }
         let seed = u64::from_le_bytes(client[..8].try_into().unwrap_or_default()) | 1;
@@ -132,11 +152,8 @@ impl ServerSet {
 
     /// Picks one live server not in `exclude` by power of two choices over free memory.
     fn choose(&self, exclude: &[usize]) -> Option<usize> {
-        let live: Vec<usize> = (0..self.members.len())
-            .filter(|i| {
-                !exclude.contains(i) && self.members[*i].alive() && self.members[*i].free.load(Ordering::Relaxed) > 0
-            })
-            .collect();
+        let live: Vec<usize> =
+            (0..self.members.len()).filter(|i| !exclude.contains(i) && self.members[*i].takes_pages()).collect();
         match live.len() {
             0 => None,
             1 => Some(live[0]),
@@ -165,12 +182,12 @@ impl ServerSet {
         crate::lock(&self.placement).extend(placements);
     }
 
-    /// The servers that should hold slab `slab`'s copies: its placement, with dead or full
-    /// members replaced.
+    /// The servers that should hold slab `slab`'s copies: its placement, with dead, full or
+    /// leaving members replaced.
     pub(crate) fn servers_for(&self, slab: u64) -> Vec<usize> {
         let mut p = crate::lock(&self.placement);
         let entry = p.entry(slab).or_default();
-        entry.retain(|i| self.members[*i].alive() && self.members[*i].free.load(Ordering::Relaxed) > 0);
+        entry.retain(|i| self.members[*i].takes_pages());
         while entry.len() < self.copies {
             match self.choose(entry) {
                 Some(i) => entry.push(i),
@@ -294,7 +311,7 @@ impl ServerSet {
                     match m.bulk.call(proto::PUT, &req) {
                         Ok(resp) => {
                             if let Ok(st) = ServerState::decode(&resp) {
-                                m.free.store(st.free_pages, Ordering::Relaxed);
+                                m.heard(&st);
                             }
                             for k in chunk {
                                 stored[*k] |= 1 << server;
@@ -356,7 +373,7 @@ impl ServerSet {
             match m.bulk.call(proto::RENEW, &self.client) {
                 Ok(resp) => {
                     if let Ok(st) = ServerState::decode(&resp) {
-                        m.free.store(st.free_pages, Ordering::Relaxed);
+                        m.heard(&st);
                     }
                 }
                 Err(e) if matches!(e.status(), Some(Status::NotFound | Status::Forbidden | Status::Expired)) => {
@@ -381,7 +398,7 @@ impl ServerSet {
                 .map_err(|e| e.to_string())
                 .and_then(|r| ServerState::decode(&r).map_err(|e| e.to_string()))
             {
-                Ok(st) => m.free.store(st.free_pages, Ordering::Relaxed),
+                Ok(st) => m.heard(&st),
                 Err(e) => return self.mark_dead(i, &format!("re-opening the session: {e}")),
             }
         }
@@ -482,9 +499,18 @@ impl ServerSet {
         self.live_mask()
     }
 
-    /// Live servers that had free room when last heard from.
+    /// Live servers that had free room when last heard from, and are not leaving.
     pub(crate) fn with_room(&self) -> usize {
-        self.members.iter().filter(|m| m.alive() && m.free.load(Ordering::Relaxed) > 0).count()
+        self.members.iter().filter(|m| m.takes_pages()).count()
+    }
+
+    /// Mask of the live servers that ask for their pages to go elsewhere.
+    pub(crate) fn leaving_mask(&self) -> u32 {
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.alive() && m.leaving.load(Ordering::Acquire))
+            .fold(0, |acc, (i, _)| acc | 1 << i)
     }
 
     /// Mask of the live servers.

@@ -41,6 +41,20 @@ impl Page {
         Some(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<Page>(), n) })
     }
 
+    /// Gives the memory of `pages` back to the system (`MADV_DONTNEED`): private anonymous
+    /// memory, such as the heap, is released and reads as zeros afterwards; a shared mapping
+    /// keeps or reloads its contents. Either way the contents are unspecified after the call.
+    /// Returns whether the system took it (if not, nothing changed).
+    pub fn release(pages: &mut [Page]) -> bool {
+        if pages.is_empty() {
+            return true;
+        }
+        // SAFETY: the range is exactly the pages we borrow mutably (page-aligned, whole pages);
+        // MADV_DONTNEED only replaces their contents (every byte pattern is a valid Page), and
+        // the call takes a pointer derived from the `&mut`, so the compiler assumes it writes.
+        unsafe { libc::madvise(pages.as_mut_ptr().cast(), pages.len() * PAGE_SIZE, libc::MADV_DONTNEED) == 0 }
+    }
+
     /// The bytes of consecutive pages, as one page-aligned slice.
     pub fn as_bytes(pages: &[Page]) -> &[u8] {
         // SAFETY: `[Page]` is `n` contiguous repr(C) `[u8; PAGE_SIZE]` arrays with no padding,
@@ -69,5 +83,17 @@ mod tests {
         assert_eq!(Page::slice_from_bytes_mut(&mut pages[0].0[..]).map(|p| p.len()), Some(1));
         assert!(Page::slice_from_bytes_mut(&mut pages[0].0[1..]).is_none(), "misaligned");
         assert!(Page::slice_from_bytes_mut(&mut pages[0].0[..100]).is_none(), "not whole pages");
+    }
+
+    #[test]
+    fn released_heap_pages_read_as_zeros_and_can_be_written_again() {
+        let mut pages = Page::vec(4);
+        pages.iter_mut().for_each(|p| p.0.fill(7));
+        assert!(Page::release(&mut pages[1..3]));
+        assert!(pages[1].0.iter().chain(&pages[2].0).all(|b| *b == 0), "released");
+        assert!(pages[0].0.iter().chain(&pages[3].0).all(|b| *b == 7), "its neighbours kept");
+        pages[2].0[5] = 1;
+        assert_eq!(pages[2].0[5], 1);
+        assert!(Page::release(&mut []));
     }
 }

@@ -123,6 +123,9 @@ pub struct NetRamStats {
     pub under_replicated: u64,
     /// Sessions a live server lost (and that were opened again, their copies rebuilt).
     pub sessions_lost: u64,
+    /// Pages moved off servers that asked for their pages to go elsewhere (their node was short
+    /// of memory: the cluster's memory ushering).
+    pub ushered: u64,
 }
 
 #[derive(Default)]
@@ -140,6 +143,7 @@ pub(super) struct Counters {
     pub(super) evicted_by_faults: AtomicU64,
     pub(super) saved_clean: AtomicU64,
     pub(super) sessions_lost: AtomicU64,
+    pub(super) ushered: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64, n: u64) {

@@ -5,7 +5,8 @@
 //! default), with a prefetch window along strided streams and the window after it on its way
 //! ([`window`]); an evictor thread keeps the resident set within the budget, writing dirty pages
 //! back to every copy's server before dropping them, and a fault that would overshoot the budget
-//! waits for it; a background thread checks the sessions and rebuilds copies lost with a server.
+//! waits for it; a background thread checks the sessions, rebuilds copies lost with a server and moves pages off
+//! servers that ask for them to go elsewhere ([`usher`]).
 //! A resident page is never dropped while no readable copy of it exists elsewhere: the evictor
 //! writes such a page back as if it were dirty, and the rebuild re-stores resident pages too.
 //! Page states and their invariants are in [`crate::pages`].
@@ -32,6 +33,7 @@ mod handover;
 mod lifecycle;
 mod source;
 mod store;
+mod usher;
 mod victims;
 mod window;
 
@@ -283,7 +285,7 @@ impl NetRam {
             let mut next_check = Instant::now() + SESSION_CHECK;
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_millis(10));
-                let mut rebuild = false;
+                let (mut rebuild, mut usher) = (false, false);
                 if Instant::now() >= next_check {
                     let _gate = shared.fork_gate.enter();
                     // Copies stored short are added at most this often.
@@ -297,6 +299,8 @@ impl NetRam {
                         shared.servers.reopen(i);
                         rebuild = true;
                     }
+                    // Servers short of memory ask for their pages to go elsewhere.
+                    usher = shared.servers.leaving_mask() != 0;
                     next_check = Instant::now() + SESSION_CHECK;
                 }
                 let live = shared.servers.live_mask();
@@ -307,6 +311,9 @@ impl NetRam {
                 }
                 if rebuild {
                     shared.rebuild(&keeper_core, &stop);
+                }
+                if usher {
+                    shared.usher(&keeper_core, &stop);
                 }
             }
         });
@@ -342,6 +349,7 @@ impl NetRam {
             written_back: l(&c.written_back),
             failovers: l(&c.failovers),
             rebuilt: l(&c.rebuilt),
+            ushered: l(&c.ushered),
             lost: l(&c.lost),
             resident: self.shared.resident.load(Ordering::Relaxed),
             cached: self.shared.victims.len(),

@@ -1,0 +1,125 @@
+//! Memory ushering, the client's side: the pages a server holds when it asks for them to go
+//! elsewhere (its node is short of memory: `proto`'s "Leaving") move to the region's other
+//! servers while the program runs, and are then freed there.
+//!
+//! Each page moves while claimed, as the rebuild claims pages: a remote page is held Fetching
+//! (a fault on it waits), read from any holder and stored on its slab's servers (which leave the
+//! leaving server out); a resident clean page is copied from local memory, held Evicting (its
+//! writers wait). The holder mask then names the new servers, and only after that is the old copy
+//! freed, so a fault never reads from a copy about to go. Dirty pages move at their eviction (the
+//! write-back goes elsewhere and frees the old copy as stale). A page no other server can take
+//! stays where it is: ushering never loses one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mosaic_pager::RegionCore;
+use mosaic_transport::Page;
+
+use super::config::bump;
+use super::victims::Copy;
+use super::Shared;
+use crate::pages::PageState::{Clean, Dirty, Evicting, Fetching, Remote};
+use crate::servers::FILE_HOLDER;
+use crate::PAGE_SIZE;
+
+/// Pages moved per batch (one GET batch and one PUT per server).
+const USHER_BATCH: usize = 256;
+
+impl Shared {
+    /// Moves the pages held by servers asking for them to go elsewhere to servers that take
+    /// pages; returns how many moved. Pages busy meanwhile (being fetched, evicted or written)
+    /// are left for the next pass.
+    pub(super) fn usher(&self, core: &RegionCore, stop: &AtomicBool) -> u64 {
+        let leaving_servers = self.servers.leaving_mask();
+        if leaving_servers == 0 || self.servers.with_room() == 0 {
+            return 0;
+        }
+        let (mut moved, mut i) = (0, 0);
+        let (mut remote, mut resident) = (Vec::new(), Vec::new());
+        while i < self.table.len() {
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            // Claims and holder changes inside the gate: a fork or a hand-over never sees a
+            // batch half done.
+            let _gate = self.fork_gate.enter();
+            remote.clear();
+            resident.clear();
+            while i < self.table.len() && remote.len() + resident.len() < USHER_BATCH {
+                if self.table.holders(i) & leaving_servers != 0 {
+                    if self.table.cas(i, Remote, Fetching) {
+                        remote.push(i);
+                    } else if self.table.get(i) == Clean {
+                        resident.push(i);
+                    }
+                }
+                i += 1;
+            }
+            if !remote.is_empty() || !resident.is_empty() {
+                moved += self.usher_batch(core, &remote, &resident, leaving_servers);
+            }
+        }
+        if moved > 0 {
+            log::info!("region {}: moved {moved} pages off memory servers short of memory", self.name);
+        }
+        moved
+    }
+
+    /// Moves one batch: `remote` pages (claimed Fetching) and `resident` clean ones.
+    fn usher_batch(&self, core: &RegionCore, remote: &[u64], resident: &[u64], leaving_servers: u32) -> u64 {
+        let mut fetched = Page::vec(remote.len());
+        let reqs: Vec<(u64, u32)> = remote.iter().map(|&i| (i, self.table.holders(i) & !FILE_HOLDER)).collect();
+        let arrived = {
+            let mut dsts: Vec<&mut Page> = fetched.iter_mut().collect();
+            self.servers.fetch_many(&reqs, &mut dsts)
+        };
+        let mut data: Vec<(u64, &[u8; PAGE_SIZE])> = Vec::with_capacity(remote.len() + resident.len());
+        for ((&i, page), ok) in remote.iter().zip(fetched.iter_mut()).zip(arrived) {
+            // A page no holder returns stays as it is: a fault on it reports what failed.
+            if ok || self.fetch(i, page).is_ok() {
+                data.push((i, &page.0));
+            }
+        }
+        let mut copies: Vec<(u64, Copy)> = Vec::with_capacity(resident.len());
+        for &i in resident {
+            // As the rebuild copies resident pages: under the eviction lock, held Evicting.
+            let _round = crate::lock(&self.evicting);
+            if !self.table.cas(i, Clean, Evicting) {
+                continue;
+            }
+            // SAFETY: inside the live region (the keeper stops before it is unmapped), resident
+            // and clean, so write-protected: nobody writes it while we copy.
+            match unsafe { self.copy_page(core, i) } {
+                (_, true) => self.table.set(i, Dirty), // discarded (zeros now): moves at its eviction
+                (copy, false) => copies.push((i, copy)),
+            }
+        }
+        data.extend(copies.iter().map(|(i, c)| (*i, &**c)));
+        let masks = self.servers.put(&data);
+        let mut stale: HashMap<u32, Vec<u64>> = HashMap::new();
+        let mut moved = 0;
+        for ((i, _), mask) in data.iter().zip(masks) {
+            if mask == 0 {
+                continue; // nowhere else to go: it stays
+            }
+            let old = self.table.holders(*i);
+            self.table.set_holders(*i, (old & !leaving_servers) | mask);
+            let gone = old & leaving_servers & !mask;
+            if gone != 0 {
+                stale.entry(gone).or_default().push(*i);
+            }
+            moved += 1;
+        }
+        for &i in remote {
+            self.table.set(i, Remote);
+        }
+        for (i, _) in &copies {
+            self.table.set(*i, Clean);
+        }
+        // Freed once the table names the new copies: a fault from now on reads those.
+        self.servers.free_stale(stale);
+        bump(&self.stats.ushered, moved);
+        moved
+    }
+}
