@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// Balance the load: move processes running here to lighter nodes as the policy decides
     /// (`None`: off; needs `gossip`).
     pub balance: Option<crate::policy::BalanceParams>,
+    /// Usher memory: while this node is short of it, ask the memory server's clients to move
+    /// their pages elsewhere (`None`: never; acts only with a memory server and `gossip`).
+    pub usher: Option<crate::policy::UsherParams>,
 }
 
 impl AgentConfig {
@@ -79,6 +82,7 @@ impl AgentConfig {
             gossip: None,
             metrics: None,
             balance: None,
+            usher: Some(crate::policy::UsherParams::default()),
         }
     }
 }
@@ -189,6 +193,8 @@ pub struct Agent {
     state: Arc<State>,
     /// The balancing thread and its stop flag.
     balancer: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// The memory-ushering thread and its stop flag.
+    usherer: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
     /// The metrics endpoint: its address, thread and stop flag.
     metrics: Option<(String, Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
 }
@@ -263,6 +269,7 @@ impl Agent {
                             let st = m.stats();
                             (st.capacity_pages, st.used_pages)
                         }),
+                        ushering: s.memory.as_ref().is_some_and(MemServer::leaving),
                     }
                 })
                 .map_err(|e| ClusterError::Start(format!("the metrics thread: {e}")))?;
@@ -299,7 +306,27 @@ impl Agent {
             }
             (None, _) => None,
         };
-        Ok(Agent { server: Some(server), state, balancer, metrics })
+        let usherer = match (&cfg.usher, state.gossip.get().is_some() && state.memory.is_some()) {
+            (Some(params), true) => {
+                let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (st, params, flag) = (state.clone(), params.clone(), stop.clone());
+                let t = std::thread::Builder::new().name("mosaic-usher".into()).spawn(move || {
+                    if let (Some(g), Some(m)) = (st.gossip.get(), st.memory.as_ref()) {
+                        crate::usherer::run(g, m, &params, &flag);
+                    }
+                });
+                match t {
+                    Ok(t) => Some((stop, t)),
+                    Err(e) => {
+                        let agent = Agent { server: Some(server), state, balancer, usherer: None, metrics };
+                        drop(agent);
+                        return Err(ClusterError::Start(format!("the memory-ushering thread: {e}")));
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok(Agent { server: Some(server), state, balancer, usherer, metrics })
     }
 
     /// Where it listens.
@@ -419,6 +446,10 @@ fn processes_here(s: &State) -> Vec<(u32, crate::balancer::Here)> {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if let Some((stop, t)) = self.usherer.take() {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let _ = t.join();
+        }
         if let Some((stop, t)) = self.balancer.take() {
             stop.store(true, std::sync::atomic::Ordering::Release);
             // A move under way may take a while: wait a little, then let it finish on its own.
@@ -510,6 +541,12 @@ impl Service for AgentService {
                 let hosted = u32::try_from(s.hosted_count()).unwrap_or(u32::MAX);
                 let mut e = Enc::default();
                 e.str(s.uri.get().map_or("", String::as_str)).str(&s.memory_uri).u32(hosted);
+                // The memory server's capacity and use in pages, and whether it is ushering.
+                let (capacity, used) = s.memory.as_ref().map_or((0, 0), |m| {
+                    let st = m.stats();
+                    (st.capacity_pages, st.used_pages)
+                });
+                e.u64(capacity).u64(used).u8(u8::from(s.memory.as_ref().is_some_and(MemServer::leaving)));
                 response.extend_from_slice(&e.0);
             }
             wire::GOSSIP => {

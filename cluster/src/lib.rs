@@ -22,6 +22,7 @@ pub mod home;
 pub mod info;
 pub mod metrics;
 pub mod policy;
+mod usherer;
 pub mod wire;
 
 pub use agent::{Agent, AgentConfig, MIGRATE_SIGNAL};

@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub hosted: u64,
     /// Its memory server's capacity and use, in pages, if it has one.
     pub memory_pages: Option<(u64, u64)>,
+    /// Whether its memory server asks clients to move their pages elsewhere.
+    pub ushering: bool,
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
@@ -102,6 +104,12 @@ pub fn render(s: &Snapshot) -> String {
             (capacity * 4096) as f64,
         );
         gauge(&mut out, "mosaic_memserver_used_bytes", "Of it, holding pages.", (used * 4096) as f64);
+        gauge(
+            &mut out,
+            "mosaic_memserver_ushering",
+            "1 while this node is short of memory and asks clients to move their pages elsewhere.",
+            f64::from(u8::from(s.ushering)),
+        );
     }
     out
 }
@@ -184,6 +192,7 @@ mod tests {
             gossip: Some(GossipStats { frames_sent: 7, bytes_sent: 900, rejected: 0 }),
             hosted: 2,
             memory_pages: Some((1024, 10)),
+            ushering: true,
         };
         let t = render(&s);
         for want in [
@@ -195,6 +204,7 @@ mod tests {
             "mosaic_gossip_frames_sent_total 7\n",
             "mosaic_hosted_processes 2\n",
             "mosaic_memserver_capacity_bytes 4194304\n",
+            "mosaic_memserver_ushering 1\n",
             "# TYPE mosaic_gossip_bytes_sent_total counter\n",
         ] {
             assert!(t.contains(want), "no {want:?} in\n{t}");

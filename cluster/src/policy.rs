@@ -173,6 +173,17 @@ pub fn usher(local: &LoadVector, window: &[LoadVector], p: &UsherParams) -> Opti
     (room > 0).then(|| Usher { to: dest.node.clone(), bytes: want.min(room) })
 }
 
+/// [`usher`] with hysteresis, for a node that is ushering now (`now`) or not: it starts below
+/// the low mark (or above the pressure mark), and goes on until the node is back at its keep-free
+/// mark (and below the pressure mark), or until no node has room for more.
+pub fn ushering(now: bool, local: &LoadVector, window: &[LoadVector], p: &UsherParams) -> Option<Usher> {
+    if now {
+        usher(local, window, &UsherParams { low_free: p.keep_free, ..p.clone() })
+    } else {
+        usher(local, window, p)
+    }
+}
+
 /// Where to start new work needing `memory` bytes: the node (this one included) with the least
 /// load per reference core among those with a free slot and that much memory free, ties to this
 /// node (no move is cheaper than one).
@@ -304,6 +315,19 @@ mod tests {
         assert!(usher(&here, &[node("b", 0, 1)], &p).is_some(), "pressure alone");
         let tight = LoadVector { free_memory: 4 << 30, ..node("b", 0, 1) };
         assert_eq!(usher(&here, &[tight], &p), None, "nobody has room above their own mark");
+    }
+
+    #[test]
+    fn ushering_starts_below_the_low_mark_and_stops_at_the_keep_free_mark() {
+        let p = UsherParams::default();
+        let at = |free_gib: u64| LoadVector { free_memory: free_gib << 30, ..node("a", 0, 1) }; // of 16 GiB
+        let roomy = [node("b", 0, 1)];
+        // 3 GiB free (18.75%): above the low mark (10%), below the keep-free mark (25%).
+        assert_eq!(ushering(false, &at(3), &roomy, &p), None, "not started above the low mark");
+        assert!(ushering(true, &at(3), &roomy, &p).is_some(), "goes on until the keep-free mark");
+        assert!(ushering(false, &at(1), &roomy, &p).is_some(), "starts below the low mark");
+        assert_eq!(ushering(true, &at(4), &roomy, &p), None, "stops at the keep-free mark");
+        assert_eq!(ushering(true, &at(1), &[], &p), None, "stops when nobody has room");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! ```text
 //! mosaicd [--config FILE] [--listen tcp://HOST:PORT] [--memory SIZE] [--memory-listen URI]
 //!         [--join URI]... [--slots N] [--speed N] [--no-gossip] [--balance [--min-residence S]]
-//!         [--metrics HOST:PORT]
+//!         [--no-usher] [--metrics HOST:PORT]
 //! ```
 //! The cluster key comes from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`. It runs until
 //! SIGINT or SIGTERM. Moving processes in needs root (pid namespaces, `clone3` with chosen ids).
@@ -37,7 +37,7 @@ use mosaic_transport::ClusterKey;
 )]
 struct Args {
     /// A TOML configuration file (keys: listen, memory, memory_listen, join, slots, speed,
-    /// gossip, balance, metrics, and a `[nodes]` table of names and addresses).
+    /// gossip, balance, usher, metrics, and a `[nodes]` table of names and addresses).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
     /// Where other agents and jobs' homes reach this one (not a wildcard address) [default:
@@ -70,6 +70,12 @@ struct Args {
     /// to a node where they would run faster, when the gain beats the cost of moving.
     #[arg(long)]
     balance: bool,
+    /// Do not usher memory. By default, while this node is short of memory (under 10% free,
+    /// or memory pressure over 10%; a memory cgroup's limit counts as the node's memory) and
+    /// another node has room, the memory server asks its clients to move their pages elsewhere,
+    /// until 25% is free again.
+    #[arg(long)]
+    no_usher: bool,
     /// Least time a process stays on a node before balancing moves it again, in seconds.
     #[arg(long, default_value = "5")]
     min_residence: f64,
@@ -150,6 +156,9 @@ fn run(args: &Args) -> Result<(), String> {
                 min_residence: std::time::Duration::from_secs_f64(args.min_residence.clamp(0.0, 86_400.0)),
                 ..Default::default()
             });
+        }
+        if args.no_usher || file.usher == Some(false) {
+            cfg.usher = None;
         }
     } else if args.balance {
         return Err("--balance needs gossip (the load of the other nodes): drop --no-gossip".into());

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! mosctl migrate PID --to NODE   move the job started by `mosrun --migratable` with pid PID here
-//! mosctl ps                      the migratable jobs whose home is this node, and where they run
-//! mosctl status NODE             what a node's agent is
+//! mosctl ps [--json]             the migratable jobs whose home is this node, and where they run
+//! mosctl status NODE [--json]    what a node's agent is: its memory server, what it holds
 //! mosctl nodes [--node NODE] [--json]
 //!                                the cluster as a node's agent knows it: members, their load
 //! mosctl lock PID | unlock PID   keep a job where it runs (the balancer leaves it), or not
@@ -39,12 +39,20 @@ enum Cmd {
         #[arg(long)]
         to: String,
     },
-    /// Lists the migratable jobs whose home is this node.
-    Ps,
-    /// Asks a node's agent what it is.
+    /// Lists the migratable jobs whose home is this node, and where each runs.
+    Ps {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Asks a node's agent what it is: its memory server (capacity, pages held, whether it
+    /// asks for them to go elsewhere) and the processes that moved in.
     Status {
         /// An agent's address or a name from MOSAIC_NODES.
         node: String,
+        /// One JSON object instead of lines of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Locks a job (started by `mosrun --migratable`; PID is its pid at home) to the node it runs
     /// on: load balancing leaves it there (`mosctl migrate` still moves it).
@@ -102,8 +110,10 @@ fn run(args: Args) -> Result<(), String> {
                 m.post_copy_bytes
             );
         }
-        Cmd::Ps => {
-            println!("{:>8}  {:<28} {:>8} {:>5}  COMMAND", "PID", "NODE", "PID THERE", "MOVES");
+        Cmd::Ps { json } => {
+            if !json {
+                println!("{:>8}  {:<28} {:>8} {:>5}  COMMAND", "PID", "NODE", "PID THERE", "MOVES");
+            }
             let rd = match std::fs::read_dir(&dir) {
                 Ok(rd) => rd,
                 Err(_) => return Ok(()),
@@ -112,13 +122,20 @@ fn run(args: Args) -> Result<(), String> {
                 rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("job-")?.parse().ok()).collect();
             pids.sort();
             for pid in pids {
-                match job_where(&dir, pid, &key) {
-                    Ok((node, there, moves, cmd)) => println!("{pid:>8}  {node:<28} {there:>8} {moves:>5}  {cmd}"),
-                    Err(e) => println!("{pid:>8}  ({e})"),
+                match (job_where(&dir, pid, &key), json) {
+                    (Ok((node, there, moves, cmd)), false) => {
+                        println!("{pid:>8}  {node:<28} {there:>8} {moves:>5}  {cmd}");
+                    }
+                    (Err(e), false) => println!("{pid:>8}  ({e})"),
+                    (Ok((node, there, moves, cmd)), true) => println!(
+                        "{}",
+                        serde_json::json!({"pid": pid, "node": node, "pid_there": there, "moves": moves, "command": cmd})
+                    ),
+                    (Err(e), true) => println!("{}", serde_json::json!({"pid": pid, "error": e.to_string()})),
                 }
             }
         }
-        Cmd::Status { node } => {
+        Cmd::Status { node, json } => {
             let uri = resolve_node(&node).map_err(|e| e.to_string())?;
             let mut o = ConnectOptions::new(key);
             o.timeout = Duration::from_secs(5);
@@ -126,8 +143,24 @@ fn run(args: Args) -> Result<(), String> {
             let a = c.call(wire::STATUS, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
             let mut d = wire::Dec(&a);
             let (u, mem, hosted) = (d.str()?, d.str()?, d.u32()?);
+            let (capacity, used, ushering) = (d.u64()?, d.u64()?, d.u8()? != 0);
+            if json {
+                let memory = (!mem.is_empty()).then(|| {
+                    serde_json::json!({"uri": mem, "capacity_bytes": capacity * 4096, "used_bytes": used * 4096,
+                        "ushering": ushering})
+                });
+                println!("{}", serde_json::json!({"agent": u, "memory_server": memory, "hosted": hosted}));
+                return Ok(());
+            }
             println!("agent {u}");
-            println!("memory server {}", if mem.is_empty() { "none" } else { &mem });
+            if mem.is_empty() {
+                println!("memory server: none");
+            } else {
+                println!("memory server {mem}: {} of {} MiB holding pages", used >> 8, capacity >> 8);
+                if ushering {
+                    println!("  short of memory: asking its clients to move their pages elsewhere");
+                }
+            }
             println!("processes moved in and running: {hosted}");
         }
         Cmd::Lock { pid } => {

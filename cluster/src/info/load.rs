@@ -143,6 +143,13 @@ pub fn measure(node: &str, speed: u32, free_slots: u16, last: &mut CpuTimes) -> 
         v.free_memory = free.min(total);
         v.total_memory = total;
     }
+    // A node in a memory cgroup with a limit (a container) has that much memory.
+    if let Some((limit, used)) = cgroup_memory() {
+        if limit < v.total_memory {
+            v.total_memory = limit;
+            v.free_memory = v.free_memory.min(limit.saturating_sub(used));
+        }
+    }
     if let Ok(s) = std::fs::read_to_string("/proc/pressure/memory") {
         v.pressure = parse_pressure(&s).unwrap_or(0);
     }
@@ -225,6 +232,41 @@ fn parse_meminfo(s: &str) -> (u64, u64) {
     (field("MemAvailable:"), field("MemTotal:"))
 }
 
+/// The memory limit of this process's memory cgroup and the memory it uses, in bytes, if it has
+/// a limit: cgroup v2's `memory.max` and `memory.current`, or v1's hierarchical limit (its own or
+/// an ancestor's) and `memory.usage_in_bytes`. Inactive file cache, which the kernel drops
+/// before it runs short, is not counted as used.
+fn cgroup_memory() -> Option<(u64, u64)> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |path: String| std::fs::read_to_string(path).ok();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            let dir = format!("/sys/fs/cgroup/memory{path}");
+            let stat = read(format!("{dir}/memory.stat"))?;
+            let limit = stat_value(&stat, "hierarchical_memory_limit")?;
+            let used = read(format!("{dir}/memory.usage_in_bytes"))?.trim().parse::<u64>().ok()?;
+            let cache = stat_value(&stat, "total_inactive_file").unwrap_or(0);
+            return Some((limit, used.saturating_sub(cache)));
+        }
+        if id == "0" && controllers.is_empty() {
+            let dir = format!("/sys/fs/cgroup{path}");
+            let Some(max) = read(format!("{dir}/memory.max")) else { continue };
+            let limit = max.trim().parse::<u64>().ok()?; // "max": no limit
+            let used = read(format!("{dir}/memory.current"))?.trim().parse::<u64>().ok()?;
+            let cache = read(format!("{dir}/memory.stat")).and_then(|s| stat_value(&s, "inactive_file")).unwrap_or(0);
+            return Some((limit, used.saturating_sub(cache)));
+        }
+    }
+    None
+}
+
+/// The value of `name` in a cgroup `memory.stat` file.
+fn stat_value(stat: &str, name: &str) -> Option<u64> {
+    stat.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// `some avg10` of `/proc/pressure/memory`, in hundredths of a percent.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to the range first
 fn parse_pressure(s: &str) -> Option<u16> {
@@ -283,6 +325,10 @@ mod tests {
         assert_eq!(parse_meminfo(meminfo), (20_000_000 * 1024, 24_576_000 * 1024));
         let psi = "some avg10=1.50 avg60=0.20 avg300=0.00 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
         assert_eq!(parse_pressure(psi), Some(150));
+        let cg = "cache 5\nhierarchical_memory_limit 536870912\ninactive_file 7\ntotal_inactive_file 4096\n";
+        assert_eq!(stat_value(cg, "hierarchical_memory_limit"), Some(512 << 20));
+        assert_eq!((stat_value(cg, "inactive_file"), stat_value(cg, "total_inactive_file")), (Some(7), Some(4096)));
+        assert_eq!(stat_value(cg, "active_file"), None);
         let stat = "cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n";
         let t = parse_stat(stat).unwrap();
         assert_eq!((t.busy, t.total), (200, 1000));
