@@ -549,6 +549,7 @@ impl Service for AgentService {
                 e.u64(capacity).u64(used).u8(u8::from(s.memory.as_ref().is_some_and(MemServer::leaving)));
                 response.extend_from_slice(&e.0);
             }
+            wire::SINK => response.extend_from_slice(&(request.len() as u64).to_le_bytes()),
             wire::GOSSIP => {
                 if let Some(g) = s.gossip.get() {
                     g.receive(request);

@@ -10,6 +10,7 @@
 //! speed = 1000                         # its speed per CPU (1,000: a reference core)
 //! gossip = true                        # take part in the information layer
 //! balance = false                      # move processes to lighter nodes (needs gossip)
+//! tune = "/etc/mosaic/tune.toml"       # what `mosctl tune --out` measured (balancing's costs)
 //! usher = true                         # move network-RAM pages away when short of memory
 //! metrics = "10.0.0.1:9464"            # Prometheus endpoint (GET /metrics), optional
 //!
@@ -46,6 +47,8 @@ pub struct FileConfig {
     pub balance: Option<bool>,
     /// Whether to usher memory away when short of it (default true).
     pub usher: Option<bool>,
+    /// The file `mosctl tune --out` wrote.
+    pub tune: Option<std::path::PathBuf>,
     /// Where to serve Prometheus metrics (`HOST:PORT`).
     pub metrics: Option<String>,
     /// Node names and their agents' addresses.

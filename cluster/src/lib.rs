@@ -22,6 +22,7 @@ pub mod home;
 pub mod info;
 pub mod metrics;
 pub mod policy;
+pub mod tune;
 mod usherer;
 pub mod wire;
 

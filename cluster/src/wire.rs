@@ -56,6 +56,9 @@ pub const WHERE: u64 = 0x4d4f_5315;
 pub const LOCK: u64 = 0x4d4f_5316;
 /// Move every migratable process of the node away (from `mosctl drain`).
 pub const DRAIN: u64 = 0x4d4f_5309;
+/// Bytes to throw away, answered with their count (`mosctl tune` measures round trips and
+/// bandwidth with it).
+pub const SINK: u64 = 0x4d4f_530a;
 
 /// How a move went.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! ```text
 //! mosaicd [--config FILE] [--listen tcp://HOST:PORT] [--memory SIZE] [--memory-listen URI]
 //!         [--join URI]... [--slots N] [--speed N] [--no-gossip] [--balance [--min-residence S]]
-//!         [--no-usher] [--metrics HOST:PORT]
+//!         [--tune FILE] [--no-usher] [--metrics HOST:PORT]
 //! ```
 //! The cluster key comes from `MOSAIC_CLUSTER_KEY` or `MOSAIC_CLUSTER_KEY_FILE`. It runs until
 //! SIGINT or SIGTERM. Moving processes in needs root (pid namespaces, `clone3` with chosen ids).
@@ -37,7 +37,7 @@ use mosaic_transport::ClusterKey;
 )]
 struct Args {
     /// A TOML configuration file (keys: listen, memory, memory_listen, join, slots, speed,
-    /// gossip, balance, usher, metrics, and a `[nodes]` table of names and addresses).
+    /// gossip, balance, tune, usher, metrics, and a `[nodes]` table of names and addresses).
     #[arg(long)]
     config: Option<std::path::PathBuf>,
     /// Where other agents and jobs' homes reach this one (not a wildcard address) [default:
@@ -76,6 +76,10 @@ struct Args {
     /// until 25% is free again.
     #[arg(long)]
     no_usher: bool,
+    /// The figures `mosctl tune --out FILE` measured on this cluster: balancing weighs a move's
+    /// gain against the migration cost there [default: 200 ms].
+    #[arg(long)]
+    tune: Option<std::path::PathBuf>,
     /// Least time a process stays on a node before balancing moves it again, in seconds.
     #[arg(long, default_value = "5")]
     min_residence: f64,
@@ -152,10 +156,21 @@ fn run(args: &Args) -> Result<(), String> {
             if !args.min_residence.is_finite() || args.min_residence < 0.0 {
                 return Err(format!("--min-residence {}: a number of seconds", args.min_residence));
             }
-            cfg.balance = Some(mosaic_cluster::policy::BalanceParams {
+            let mut params = mosaic_cluster::policy::BalanceParams {
                 min_residence: std::time::Duration::from_secs_f64(args.min_residence.clamp(0.0, 86_400.0)),
                 ..Default::default()
-            });
+            };
+            if let Some(path) = args.tune.clone().or(file.tune.clone()) {
+                let t = mosaic_cluster::tune::Tuning::read(&path)?;
+                params.migration_cost = t.migration_cost();
+                eprintln!(
+                    "mosaicd: migration cost {:.1} ms (measured to {}, {})",
+                    t.migration_cost_ms,
+                    t.to,
+                    path.display()
+                );
+            }
+            cfg.balance = Some(params);
         }
         if args.no_usher || file.usher == Some(false) {
             cfg.usher = None;

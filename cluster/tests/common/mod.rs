@@ -98,6 +98,7 @@ impl Node {
         let uri = line
             .trim()
             .strip_prefix("mosaicd: listening at ")
+            .and_then(|rest| rest.split(" (").next())
             .unwrap_or_else(|| panic!("mosaicd said {line:?}"))
             .to_string();
         Node { child, uri }

@@ -8,6 +8,8 @@
 //!                                the cluster as a node's agent knows it: members, their load
 //! mosctl lock PID | unlock PID   keep a job where it runs (the balancer leaves it), or not
 //! mosctl drain NODE              move every migratable process of NODE to other nodes
+//! mosctl tune [--to NODE] [--out FILE]
+//!                                measure what moving costs here; the file is `mosaicd --tune`'s
 //! ```
 //! NODE is an agent's address (`tcp://HOST:PORT` or `HOST:PORT`) or a name from `MOSAIC_NODES`
 //! (`name=tcp://HOST:PORT,...`). The cluster key comes from `MOSAIC_CLUSTER_KEY` or
@@ -21,6 +23,8 @@ use mosaic_cluster::gossip::ClusterView;
 use mosaic_cluster::info::LoadVector;
 use mosaic_cluster::{drain_node, job_where, lock_job, migrate_job, resolve_node, run_dir, wire};
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+
+mod tune;
 
 #[derive(Parser)]
 #[command(name = "mosctl", version, about = "Controls a Mosaic cluster: moves jobs, lists them, asks nodes")]
@@ -82,6 +86,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measures what moving work and memory costs between this node and another (round trip,
+    /// bandwidth, a remote page fault, and the freeze of a probe process moved there), and
+    /// writes the figures the balancer uses (`mosaicd --tune FILE`).
+    Tune {
+        /// The node to measure to: an address or a name from MOSAIC_NODES [default: the first
+        /// other node this node's agent knows].
+        #[arg(long)]
+        to: Option<String>,
+        /// This node's agent [default: MOSAIC_AGENT, or tcp://127.0.0.1:7070].
+        #[arg(long)]
+        node: Option<String>,
+        /// Write the figures (TOML) to FILE [default: print them].
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Do not move a probe process (moving one needs root and mosrun); the freeze time is
+        /// then estimated from the round trip.
+        #[arg(long)]
+        no_probe: bool,
+        /// JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The probe `mosctl tune` moves (run under mosrun).
+    #[command(hide = true)]
+    TuneProbe {
+        /// MiB it holds.
+        mib: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +128,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    if let Cmd::TuneProbe { mib } = args.cmd {
+        return tune::probe_main(mib);
+    }
     let key = ClusterKey::from_env().map_err(|e| format!("the cluster key: {e}"))?;
     let dir = run_dir();
     match args.cmd {
@@ -193,6 +228,10 @@ fn run(args: Args) -> Result<(), String> {
                 print_view(&view);
             }
         }
+        Cmd::Tune { to, node, out, no_probe, json } => {
+            tune::run(tune::TuneArgs { node, to, out, no_probe, json }, &key)?;
+        }
+        Cmd::TuneProbe { .. } => {}
     }
     Ok(())
 }
