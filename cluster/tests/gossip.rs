@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::Hosts;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,69 +16,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "gossip-tests-cluster-key-0123456789";
-
-/// Network namespaces joined by a bridge in a hub namespace; removed when dropped.
-struct Hosts {
-    hub: String,
-    names: Vec<String>,
-}
-
-impl Hosts {
-    /// `n` host namespaces at 10.232.0.2.. on a bridge in a hub namespace.
-    fn new(n: usize) -> Hosts {
-        // The pid and the clock: namespaces a killed earlier run left behind do not collide.
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let tag = (std::process::id() ^ nanos) % 1_000_000;
-        let hosts = Hosts { hub: format!("mg{tag}"), names: (0..n).map(|i| format!("mg{tag}h{i}")).collect() };
-        let ip = |args: &str| {
-            let out = Command::new("ip").args(args.split_whitespace()).output().expect("run ip");
-            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        for name in std::iter::once(&hosts.hub).chain(&hosts.names) {
-            ip(&format!("netns add {name}"));
-            ip(&format!("-n {name} link set lo up"));
-        }
-        let hub = &hosts.hub;
-        ip(&format!("-n {hub} link add br0 type bridge"));
-        ip(&format!("-n {hub} link set br0 up"));
-        for (i, host) in hosts.names.iter().enumerate() {
-            ip(&format!("-n {host} link add eth0 type veth peer name p{i} netns {hub}"));
-            ip(&format!("-n {hub} link set p{i} master br0 up"));
-            ip(&format!("-n {host} addr add {}/24 dev eth0", Hosts::addr(i)));
-            ip(&format!("-n {host} link set eth0 up"));
-        }
-        hosts
-    }
-
-    fn addr(i: usize) -> String {
-        format!("10.232.0.{}", i + 2)
-    }
-
-    fn agent(i: usize) -> String {
-        format!("tcp://{}:7070", Hosts::addr(i))
-    }
-
-    /// Takes host `i`'s link down (the host is lost to the others; its processes live on).
-    fn cut(&self, i: usize) {
-        let out = Command::new("ip").args(["-n", &self.hub, "link", "set", &format!("p{i}"), "down"]).output().unwrap();
-        assert!(out.status.success());
-    }
-
-    /// A command run in host `i`'s namespace.
-    fn exec(&self, i: usize, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.names[i], program]);
-        c
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for name in std::iter::once(&self.hub).chain(&self.names) {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
 
 /// A process killed (and waited for) when dropped.
 struct Running(Child);

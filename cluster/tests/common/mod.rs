@@ -72,19 +72,22 @@ impl Node {
     /// An agent on CPU `cpu` only (standing for a host of its own), with `extra` arguments and
     /// the run directory `run_dir` (where it finds the jobs whose home is its node).
     pub fn launch(cpu: Option<usize>, extra: &[&str], run_dir: Option<&Path>) -> Node {
-        let mut cmd = match cpu {
-            Some(c) => {
-                let mut t = Command::new("taskset");
-                t.args(["-c", &c.to_string(), env!("CARGO_BIN_EXE_mosaicd")]);
-                t
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_mosaicd")),
-        };
+        Node::spawn(command(None, cpu, Path::new(env!("CARGO_BIN_EXE_mosaicd"))), "tcp://127.0.0.1:0", extra, run_dir)
+    }
+
+    /// The agent of host `i` of `hosts` (in its network namespace, at its address), on CPU
+    /// `cpu` only if given.
+    pub fn launch_at(hosts: &Hosts, i: usize, cpu: Option<usize>, extra: &[&str], run_dir: Option<&Path>) -> Node {
+        let cmd = command(Some((hosts, i)), cpu, Path::new(env!("CARGO_BIN_EXE_mosaicd")));
+        Node::spawn(cmd, &Hosts::agent(i), extra, run_dir)
+    }
+
+    fn spawn(mut cmd: Command, listen: &str, extra: &[&str], run_dir: Option<&Path>) -> Node {
         if let Some(d) = run_dir {
             cmd.env("MOSAIC_RUN_DIR", d);
         }
         let mut child = cmd
-            .args(["--listen", "tcp://127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .env("MOSAIC_CLUSTER_KEY", key())
             .stdout(Stdio::piped())
@@ -131,16 +134,25 @@ impl Job {
 
     /// A job whose program runs on CPU `cpu` only, if given.
     pub fn launch(node: &Node, run_dir: &Path, program: &[&str], input: Stdio, cpu: Option<usize>) -> Job {
+        Job::spawn(command(None, cpu, &bin_dir().join("mosrun")), node, run_dir, program, input)
+    }
+
+    /// A job started at host `i` of `hosts` (its home there), on CPU `cpu` only if given.
+    pub fn launch_at(
+        hosts: &Hosts,
+        i: usize,
+        node: &Node,
+        run_dir: &Path,
+        program: &[&str],
+        cpu: Option<usize>,
+    ) -> Job {
+        let mut cmd = command(Some((hosts, i)), cpu, &bin_dir().join("mosrun"));
+        cmd.args(["--home-address", &Hosts::addr(i)]);
+        Job::spawn(cmd, node, run_dir, program, Stdio::null())
+    }
+
+    fn spawn(mut cmd: Command, node: &Node, run_dir: &Path, program: &[&str], input: Stdio) -> Job {
         std::fs::create_dir_all(run_dir).unwrap();
-        let mosrun = bin_dir().join("mosrun");
-        let mut cmd = match cpu {
-            Some(c) => {
-                let mut t = Command::new("taskset");
-                t.arg("-c").arg(c.to_string()).arg(&mosrun);
-                t
-            }
-            None => Command::new(&mosrun),
-        };
         let mut child = cmd
             .stdin(input)
             .args(["--migratable", "--node", &node.uri, "--"])
@@ -232,8 +244,98 @@ impl Drop for Job {
     }
 }
 
+/// `program`, in host `at`'s network namespace if given, on CPU `cpu` only if given.
+fn command(at: Option<(&Hosts, usize)>, cpu: Option<usize>, program: &Path) -> Command {
+    let Some(c) = cpu else {
+        return match at {
+            Some((hosts, i)) => hosts.enter(i, program),
+            None => Command::new(program),
+        };
+    };
+    let mut cmd = match at {
+        Some((hosts, i)) => hosts.enter(i, "taskset"),
+        None => Command::new("taskset"),
+    };
+    cmd.arg("-c").arg(c.to_string()).arg(program);
+    cmd
+}
+
+/// A fresh directory for this run's `name`.
 pub fn tmp(name: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
+}
+
+/// Network namespaces joined by a bridge in a hub namespace; removed when dropped.
+pub struct Hosts {
+    pub hub: String,
+    pub names: Vec<String>,
+}
+
+impl Hosts {
+    /// `n` host namespaces at 10.232.0.2.. on a bridge in a hub namespace.
+    pub fn new(n: usize) -> Hosts {
+        // The pid and the clock: namespaces a killed earlier run left behind do not collide.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let tag = (std::process::id() ^ nanos) % 1_000_000;
+        let hosts = Hosts { hub: format!("mg{tag}"), names: (0..n).map(|i| format!("mg{tag}h{i}")).collect() };
+        let ip = |args: &str| {
+            let out = Command::new("ip").args(args.split_whitespace()).output().expect("run ip");
+            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        for name in std::iter::once(&hosts.hub).chain(&hosts.names) {
+            ip(&format!("netns add {name}"));
+            ip(&format!("-n {name} link set lo up"));
+        }
+        let hub = &hosts.hub;
+        ip(&format!("-n {hub} link add br0 type bridge"));
+        ip(&format!("-n {hub} link set br0 up"));
+        for (i, host) in hosts.names.iter().enumerate() {
+            ip(&format!("-n {host} link add eth0 type veth peer name p{i} netns {hub}"));
+            ip(&format!("-n {hub} link set p{i} master br0 up"));
+            ip(&format!("-n {host} addr add {}/24 dev eth0", Hosts::addr(i)));
+            ip(&format!("-n {host} link set eth0 up"));
+        }
+        hosts
+    }
+
+    pub fn addr(i: usize) -> String {
+        format!("10.232.0.{}", i + 2)
+    }
+
+    pub fn agent(i: usize) -> String {
+        format!("tcp://{}:7070", Hosts::addr(i))
+    }
+
+    /// Takes host `i`'s link down (the host is lost to the others; its processes live on).
+    pub fn cut(&self, i: usize) {
+        let out = Command::new("ip").args(["-n", &self.hub, "link", "set", &format!("p{i}"), "down"]).output().unwrap();
+        assert!(out.status.success());
+    }
+
+    /// A command run in host `i`'s namespace.
+    pub fn exec(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.names[i], program]);
+        c
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for name in std::iter::once(&self.hub).chain(&self.names) {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+impl Hosts {
+    /// `program` run in host `i`'s network namespace by nsenter, which (unlike `ip netns exec`)
+    /// keeps this system's /sys, with the cgroup file systems.
+    pub fn enter(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.names[i])).arg(program);
+        c
+    }
 }
