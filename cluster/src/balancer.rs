@@ -93,6 +93,13 @@ pub(crate) fn run(
             w.free_slots = w.free_slots.saturating_sub(1);
             true
         });
+        log::debug!(
+            "balancing: load here {} on {} CPU(s); there {:?}; candidates {:?}",
+            view.own.load,
+            view.own.cpus,
+            window.iter().map(|w| (&w.node, w.load, w.cpus, w.age)).collect::<Vec<_>>(),
+            candidates.iter().map(|c| (c.pid, c.cpu, c.here_for)).collect::<Vec<_>>()
+        );
         let Some(m) = balance(&view.own, &window, &candidates, params) else { continue };
         let share = candidates.iter().find(|c| c.pid == m.pid).map_or(100, |c| c.cpu.max(100));
         let Some((_, how)) = procs.iter().find(|(p, _)| *p == m.pid) else { continue };

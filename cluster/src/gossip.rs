@@ -58,6 +58,62 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// `mosmon`'s table: a header, then a row for the node itself and for every member (load per
+    /// CPU, CPUs, busy %, free and total memory, pressure %, free slots, the figure's age).
+    pub fn table(&self) -> Vec<Vec<String>> {
+        let v = self;
+        let mut out = vec![["NODE", "LOAD/CPU", "CPUS", "BUSY%", "FREE MEM", "TOTAL", "PRESSURE%", "SLOTS", "AGE"]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect()];
+        let row = |w: &LoadVector, age: String| {
+            vec![
+                w.node.clone(),
+                format!("{:.2}", f64::from(w.load) / 100.0 / f64::from(w.cpus.max(1))),
+                w.cpus.to_string(),
+                format!("{:.1}", f64::from(w.busy) / 100.0),
+                format!("{:.1}G", w.free_memory as f64 / f64::from(1u32 << 30)),
+                format!("{:.1}G", w.total_memory as f64 / f64::from(1u32 << 30)),
+                format!("{:.2}", f64::from(w.pressure) / 100.0),
+                w.free_slots.to_string(),
+                age,
+            ]
+        };
+        out.push(row(&v.own, "self".into()));
+        for m in &v.members {
+            match v.window.iter().find(|w| &w.node == m) {
+                Some(w) => out.push(row(w, format!("{:.1}s", w.age.as_secs_f64()))),
+                None => out.push(vec![
+                    m.clone(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "no load yet".into(),
+                ]),
+            }
+        }
+        out
+    }
+
+    /// [`ClusterView::table`] as text, in aligned columns (`mosmon --once`).
+    pub fn text_table(&self) -> String {
+        let rows = self.table();
+        let widths: Vec<usize> = (0..rows[0].len())
+            .map(|c| rows.iter().map(|r| r.get(c).map_or(0, String::len)).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for r in &rows {
+            let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            out.push_str(cells.join("  ").trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
     /// Its encoding: the own vector, the member count and addresses, the window count and
     /// vectors.
     pub fn encode(&self) -> Vec<u8> {
@@ -385,5 +441,15 @@ mod tests {
         let b = v.encode();
         assert_eq!(ClusterView::decode(&b).unwrap(), v);
         assert!(ClusterView::decode(&b[..b.len() - 1]).is_err());
+        // mosmon's table: a header, the node itself, each member (one without load yet).
+        let text = v.text_table();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(
+            lines[0].starts_with("NODE") && lines[1].contains("self") && lines[3].contains("no load yet"),
+            "{text}"
+        );
+        let load_at = lines[0].find("LOAD/CPU").unwrap();
+        assert_eq!(&lines[1][load_at..load_at + 4], "1.50", "aligned columns:\n{text}");
     }
 }

@@ -1,5 +1,6 @@
 //! Code the example programs share.
 
+pub mod balancing;
 pub mod jacobi;
 pub mod migration;
 

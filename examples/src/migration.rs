@@ -24,7 +24,7 @@ for n in range(2, 60001):\n\
 \x20       time.sleep(0.01)\n";
 
 /// libmosaic_preload.so: beside this program, or where cargo builds it for a dependent.
-fn preload() -> Option<PathBuf> {
+pub fn preload() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     [dir.join("libmosaic_preload.so"), dir.join("deps/libmosaic_preload.so")].into_iter().find(|p| p.is_file())

@@ -178,6 +178,9 @@ fn run(args: &Args) -> Result<(), String> {
     } else if args.balance {
         return Err("--balance needs gossip (the load of the other nodes): drop --no-gossip".into());
     }
+    if cfg.balance.is_none() && (args.tune.is_some() || file.tune.is_some()) {
+        eprintln!("mosaicd: the tune file only matters with balancing (--balance): ignored");
+    }
     cfg.metrics = args.metrics.clone().or(file.metrics.clone());
     let agent = Agent::start(cfg).map_err(|e| e.to_string())?;
     match agent.memory_uri() {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mosaic_cluster::gossip::{ask_view, ClusterView};
-use mosaic_cluster::info::LoadVector;
 use mosaic_cluster::resolve_node;
 use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 use ratatui::crossterm::event::{self, Event, KeyCode};
@@ -80,10 +79,7 @@ fn run(args: &Args) -> Result<(), String> {
         r
     };
     if args.once {
-        let view = ask_now()?;
-        for row in rows(&view) {
-            println!("{}", row.join("  "));
-        }
+        print!("{}", ask_now()?.text_table());
         return Ok(());
     }
     if !args.interval.is_finite() {
@@ -114,45 +110,6 @@ fn run(args: &Args) -> Result<(), String> {
     result
 }
 
-/// The table's cells: a header, then the node itself and every member.
-fn rows(v: &ClusterView) -> Vec<Vec<String>> {
-    let mut out = vec![["NODE", "LOAD/CPU", "CPUS", "BUSY%", "FREE MEM", "TOTAL", "PRESSURE%", "SLOTS", "AGE"]
-        .iter()
-        .map(|s| (*s).to_string())
-        .collect()];
-    let row = |w: &LoadVector, age: String| {
-        vec![
-            w.node.clone(),
-            format!("{:.2}", f64::from(w.load) / 100.0 / f64::from(w.cpus.max(1))),
-            w.cpus.to_string(),
-            format!("{:.1}", f64::from(w.busy) / 100.0),
-            format!("{:.1}G", w.free_memory as f64 / f64::from(1u32 << 30)),
-            format!("{:.1}G", w.total_memory as f64 / f64::from(1u32 << 30)),
-            format!("{:.2}", f64::from(w.pressure) / 100.0),
-            w.free_slots.to_string(),
-            age,
-        ]
-    };
-    out.push(row(&v.own, "self".into()));
-    for m in &v.members {
-        match v.window.iter().find(|w| &w.node == m) {
-            Some(w) => out.push(row(w, format!("{:.1}s", w.age.as_secs_f64()))),
-            None => out.push(vec![
-                m.clone(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "no load yet".into(),
-            ]),
-        }
-    }
-    out
-}
-
 fn draw(f: &mut ratatui::Frame<'_>, uri: &str, view: &Result<ClusterView, String>) {
     let [top, body] = Layout::vertical([Constraint::Length(1), Constraint::Fill(1)]).areas(f.area());
     let title = Line::from(vec!["mosmon".bold(), format!("  the cluster as {uri} knows it   (q quits)").into()]);
@@ -160,7 +117,7 @@ fn draw(f: &mut ratatui::Frame<'_>, uri: &str, view: &Result<ClusterView, String
     match view {
         Err(e) => f.render_widget(Paragraph::new(format!("cannot ask {uri}: {e}")).red(), body),
         Ok(v) => {
-            let all = rows(v);
+            let all = v.table();
             let header = Row::new(all[0].iter().map(|h| Cell::from(h.clone()))).style(Style::new().bold());
             let body_rows = all[1..].iter().map(|r| {
                 let load: f64 = r[1].parse().unwrap_or(0.0);

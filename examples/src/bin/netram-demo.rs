@@ -20,7 +20,7 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use mosaic_examples::jacobi;
+use mosaic_examples::{balancing, jacobi};
 use mosaic_netram::{parse_size, MemServer, MemServerConfig, NetRam, NetRamConfig};
 use mosaic_pager::FaultMode;
 use mosaic_transport::ClusterKey;
@@ -71,6 +71,9 @@ struct Cli {
     /// Skip the migration part (python3 moved between two node agents and back; needs root).
     #[arg(long)]
     no_migration: bool,
+    /// Skip the balancing part (two CPU-bound jobs, one moved to an idle node by its agent).
+    #[arg(long)]
+    no_balancing: bool,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +86,24 @@ enum Cmd {
         /// RAM to donate.
         #[arg(long, value_parser = parse_size)]
         capacity: u64,
+    },
+    /// Runs a node agent pinned to one CPU, balancing, until standard input closes (used by the
+    /// demo itself).
+    #[command(hide = true)]
+    NodeAgent {
+        /// The CPU it stands for a host with.
+        #[arg(long)]
+        cpu: usize,
+        /// An agent to join through.
+        #[arg(long)]
+        join: Option<String>,
+    },
+    /// A CPU-bound job on one CPU: prints the result of a hash computation (used by the demo).
+    #[command(hide = true)]
+    Spin {
+        /// The CPU it starts on.
+        #[arg(long)]
+        cpu: usize,
     },
     /// Runs one node of the DSM Jacobi job (used by the demo itself).
     #[command(hide = true)]
@@ -106,6 +127,10 @@ fn main() -> ExitCode {
     let result = match &cli.cmd {
         Some(Cmd::Serve { uri, capacity }) => serve(uri, *capacity),
         Some(Cmd::JacobiNode { grid, iterations }) => jacobi_node(*grid, *iterations),
+        Some(Cmd::NodeAgent { cpu, join }) => balancing::agent_main(*cpu, join.clone()),
+        Some(Cmd::Spin { cpu }) => {
+            balancing::pin_to(*cpu).map(|()| println!("{}", balancing::spin(balancing::SPIN_ROUNDS)))
+        }
         None => demo(&cli).and_then(|()| dsm_part(&cli)).and_then(|()| migration_part(&cli)),
     };
     match result {
@@ -117,18 +142,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Migration, then balancing (both need root: see `mosaic_examples::migration`).
 fn migration_part(cli: &Cli) -> Result<(), String> {
-    if cli.no_migration {
-        return Ok(());
-    }
-    println!();
-    match mosaic_examples::migration::run()? {
-        None => Ok(()),
-        Some(why) => {
+    if !cli.no_migration {
+        println!();
+        if let Some(why) = mosaic_examples::migration::run()? {
             println!("migration: skipped: {why}");
-            Ok(())
         }
     }
+    if !cli.no_balancing {
+        println!();
+        if let Some(why) = balancing::run()? {
+            println!("balancing: skipped: {why}");
+        }
+    }
+    Ok(())
 }
 
 fn serve(uri: &str, capacity: u64) -> Result<(), String> {
