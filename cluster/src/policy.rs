@@ -173,6 +173,11 @@ pub fn usher(local: &LoadVector, window: &[LoadVector], p: &UsherParams) -> Opti
     (room > 0).then(|| Usher { to: dest.node.clone(), bytes: want.min(room) })
 }
 
+/// The free memory `v` keeps, in bytes: its keep-free mark.
+pub fn keep_free_bytes(v: &LoadVector, p: &UsherParams) -> u64 {
+    share_of(v.total_memory, p.keep_free)
+}
+
 /// [`usher`] with hysteresis, for a node that is ushering now (`now`) or not: it starts below
 /// the low mark (or above the pressure mark), and goes on until the node is back at its keep-free
 /// mark (and below the pressure mark), or until no node has room for more.

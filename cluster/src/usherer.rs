@@ -41,6 +41,9 @@ pub(crate) fn run(g: &Gossiper, memory: &MemServer, p: &UsherParams, stop: &Atom
         }
         on = next.is_some();
         memory.set_leaving(on);
+        // The server offers no more than the node can spare above its keep-free mark, so that
+        // its own pages never squeeze the node (and set ushering off, back and forth).
+        memory.set_room(Some(view.own.free_memory.saturating_sub(policy::keep_free_bytes(&view.own, p))));
         let mut slept = Duration::ZERO;
         while slept < EVERY && !stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -48,4 +51,5 @@ pub(crate) fn run(g: &Gossiper, memory: &MemServer, p: &UsherParams, stop: &Atom
         }
     }
     memory.set_leaving(false);
+    memory.set_room(None);
 }

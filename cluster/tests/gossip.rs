@@ -280,11 +280,16 @@ fn a_host_short_of_memory_has_its_pages_moved_away_while_the_program_keeps_using
         cgroup.command(&[hog.to_str().unwrap(), &(room >> 20).to_string()]).stdout(Stdio::piped()).spawn().unwrap(),
     );
     assert_eq!(lines(&mut squeeze.0).recv_timeout(Duration::from_secs(30)).ok().as_deref(), Some("held"));
+    let squeezed = cgroup.usage();
     let noticed = wait("host 2 asks for its pages to go elsewhere", Duration::from_secs(20), || {
         memory_server(&hosts, 2).is_some_and(|(_, ushering)| ushering)
     });
     let emptied = wait("host 2 holds no page of the program", Duration::from_secs(90), || {
         memory_server(&hosts, 2).is_some_and(|(used, _)| used == 0)
+    });
+    // The memory they took is the host's again.
+    wait("host 2's memory server gives the memory back", Duration::from_secs(10), || {
+        cgroup.usage() + held / 2 <= squeezed
     });
     eprintln!(
         "host 2 squeezed: noticed in {noticed:?}, its {} MiB of pages moved to hosts 1 and 3 in {emptied:?} more",

@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{root, tmp, Node};
 use mosaic_cluster::tune::Tuning;
@@ -31,7 +32,8 @@ fn tune_measures_the_costs_and_mosaicd_balances_with_them() {
     assert!(out.status.success(), "mosctl tune: {}", String::from_utf8_lossy(&out.stderr));
     let t = Tuning::read(&file).unwrap();
     assert_eq!((t.from.as_str(), t.to.as_str()), (a.uri.as_str(), b.uri.as_str()));
-    assert!(t.round_trip_us > 0.0 && t.bandwidth_mib_s > 0.0 && t.remote_fault_us > 0.0, "{t:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(t.round_trip_us > 0.0 && t.bandwidth_mib_s > 0.0 && t.remote_fault_us > 0.0, "{t:?}\n{said}");
     assert_eq!(t.probe_freeze_ms > 0.0, root(), "a probe was moved exactly when it could be: {t:?}");
     assert!(t.migration_cost_ms >= t.probe_freeze_ms, "{t:?}");
     eprintln!("{}", t.to_toml());
@@ -45,12 +47,24 @@ fn tune_measures_the_costs_and_mosaicd_balances_with_them() {
     // ...and refuses a file that is not one, saying which and why.
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "migration_cost_ms = \"soon\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mosaicd"))
+    let mut refused = Command::new(env!("CARGO_BIN_EXE_mosaicd"))
         .args(["--listen", "tcp://127.0.0.1:0", "--balance", "--tune"])
         .arg(&bad)
         .env("MOSAIC_CLUSTER_KEY", common::key())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refused.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = refused.kill();
+            let _ = refused.wait();
+            panic!("mosaicd took the broken tune file and ran");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = refused.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("bad.toml"), "{err}");
 }

@@ -121,6 +121,10 @@ struct Job {
     child: Reaped,
     home: Home,
     out: Arc<Mutex<Vec<u8>>>,
+    /// Reads what it prints while it runs here.
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// The process here ended (the job itself, or the stopped copy of a job that left).
+    ended_here: bool,
     status: Option<i32>,
 }
 
@@ -138,36 +142,57 @@ impl Job {
         let stdout = child.stdout.take();
         let child = Reaped(child);
         let out = Arc::new(Mutex::new(Vec::new()));
-        if let Some(mut s) = stdout {
+        let reader = stdout.map(|mut s| {
             let o = out.clone();
             std::thread::spawn(move || {
                 let mut v = Vec::new();
                 let _ = std::io::Read::read_to_end(&mut s, &mut v);
                 o.lock().map(|mut o| o.extend_from_slice(&v)).ok();
-            });
-        }
+            })
+        });
         let mut home = Home::start("tcp://127.0.0.1:0", key.clone(), agent, pid, "spin").map_err(|e| e.to_string())?;
         home.publish(run_dir).map_err(|e| e.to_string())?;
         let o = out.clone();
         home.set_output(Box::new(move |_stream, bytes| {
             o.lock().map(|mut v| v.extend_from_slice(bytes)).map_err(|_| std::io::Error::other("lock"))
         }));
-        Ok(Job { child, home, out, status: None })
+        Ok(Job { child, home, out, reader, ended_here: false, status: None })
     }
 
-    /// Its wait status, once it ended (here, or wherever it moved).
+    /// Its wait status, once it ended (here, or wherever it moved); never waits for it.
     fn poll(&mut self) -> Result<Option<i32>, String> {
-        if self.status.is_none() {
-            if let Some(s) = self.home.exit_status() {
-                // It ended elsewhere: the stopped copy here goes.
-                let _ = self.child.0.kill();
-                let _ = self.child.0.wait();
-                self.status = Some(s);
-            } else if let Some(st) = self.child.0.try_wait().map_err(|e| e.to_string())? {
-                self.status = Some(if self.home.left() { self.home.wait_exit() } else { raw(st) });
+        if self.status.is_some() {
+            return Ok(self.status);
+        }
+        if let Some(s) = self.home.exit_status() {
+            // It ended elsewhere: the stopped copy here goes.
+            let _ = self.child.0.kill();
+            let _ = self.child.0.wait();
+            self.status = Some(s);
+        } else if !self.ended_here {
+            if let Some(st) = self.child.0.try_wait().map_err(|e| e.to_string())? {
+                self.ended_here = true;
+                // (left() waits only while a move is under way.)
+                if !self.home.left() {
+                    self.status = Some(raw(st));
+                }
+            }
+        }
+        if self.status.is_some() {
+            if let Some(r) = self.reader.take() {
+                let _ = r.join();
             }
         }
         Ok(self.status)
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -190,7 +215,8 @@ pub fn run() -> Result<Option<String>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let key_text = ClusterKey::random_text().map_err(|e| e.to_string())?;
     let key = ClusterKey::from_bytes(key_text.as_bytes()).map_err(|e| e.to_string())?;
-    let run_dir = std::env::temp_dir().join(format!("netram-demo-balance-{}", std::process::id()));
+    let dir = TempDir(std::env::temp_dir().join(format!("netram-demo-balance-{}", std::process::id())));
+    let run_dir = dir.0.clone();
     let expected = format!("{}\n", spin(SPIN_ROUNDS));
     let off = two_sharing_a_cpu(&exe)?;
     let (_a, a) = start_agent(&exe, 0, None, &key_text, &run_dir)?;
@@ -238,7 +264,6 @@ pub fn run() -> Result<Option<String>, String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let on = t.elapsed();
-    let _ = std::fs::remove_dir_all(&run_dir);
     for j in &jobs {
         let st = j.status.unwrap_or(-1);
         if !(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0) {

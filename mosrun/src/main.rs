@@ -15,10 +15,11 @@
 //! with `--hosts A,B,...` on those hosts, started by `--launcher` (`ssh` by default).
 //!
 //! ```text
-//! mosrun --migratable [--node URI] PROGRAM [ARGS...]
+//! mosrun --migratable [--node URI] [--place] PROGRAM [ARGS...]
 //! ```
 //! runs PROGRAM so that `mosctl migrate PID --to NODE` can move it to another node while it runs
-//! (see `mosaic-cluster`); mosrun stays its home.
+//! (see `mosaic-cluster`); mosrun stays its home. With `--place` it starts on the least loaded
+//! node the agent knows (here, then moved there at once).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -139,6 +140,11 @@ struct Cli {
     /// reach.
     #[arg(long, requires = "migratable", default_value = "127.0.0.1", value_name = "ADDRESS")]
     home_address: String,
+    /// With --migratable: start the job on the least loaded node with a free slot, as this
+    /// node's agent knows the cluster (it starts here, its home, and moves there at once; here
+    /// when this node is as light as any, or when the move fails).
+    #[arg(long, requires = "migratable")]
+    place: bool,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     program: Vec<String>,

@@ -5,8 +5,10 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitCode};
 
-use mosaic_cluster::{resolve_node, run_dir, Home, MIGRATE_SIGNAL};
-use mosaic_transport::ClusterKey;
+use std::time::{Duration, Instant};
+
+use mosaic_cluster::{migrate_job, resolve_node, run_dir, Home, MIGRATE_SIGNAL};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions};
 
 use crate::{find_preload, Cli};
 
@@ -20,6 +22,58 @@ fn exit_code(program: &str, status: i32) -> ExitCode {
         ExitCode::from(u8::try_from(128 + sig).unwrap_or(255))
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Where the local agent's view says new work runs best (`policy::place`), if not at `node`.
+fn best_node(node: &str, key: &ClusterKey) -> Result<Option<String>, String> {
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = Duration::from_secs(2);
+    o.connect_timeout = Duration::from_secs(2);
+    let c = connect(node, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let view = mosaic_cluster::gossip::ask_view(&c)?;
+    let best = mosaic_cluster::policy::place(&view.own, &view.window, 0, Duration::from_secs(10));
+    Ok(best.filter(|b| *b != view.own.node))
+}
+
+/// Moves the job just started (pid `pid` at `node`) to the least loaded node, if that is not
+/// `node`. The job's checkpoint handler is installed as it starts (the agent refuses a process
+/// without it), so a refusal for that reason is retried for a second. A failure leaves the job
+/// running here, and says why.
+fn place(node: &str, pid: u32, key: &ClusterKey, verbose: bool) {
+    let dest = match best_node(node, key) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            if verbose {
+                eprintln!("mosrun: job {pid} stays at {node}: no node is lighter");
+            }
+            return;
+        }
+        Err(e) => {
+            eprintln!("mosrun: cannot ask {node} where to place job {pid} ({e}); it runs here");
+            return;
+        }
+    };
+    let start = Instant::now();
+    loop {
+        match migrate_job(&run_dir(), pid, &dest, key) {
+            Ok(m) => {
+                if verbose {
+                    eprintln!(
+                        "mosrun: job {pid} placed at {dest}, the least loaded node (stopped {:.1} ms to move)",
+                        m.freeze_us as f64 / 1000.0
+                    );
+                }
+                return;
+            }
+            Err(e) if e.to_string().contains("does not catch signal") && start.elapsed() < Duration::from_secs(1) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                eprintln!("mosrun: cannot place job {pid} at {dest} ({e}); it runs here");
+                return;
+            }
+        }
     }
 }
 
@@ -47,12 +101,11 @@ pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     let pid = child.id();
-    let home = Home::start(&format!("tcp://{}:0", cli.home_address), key, &node, pid, &cli.program.join(" ")).and_then(
-        |mut h| {
+    let home = Home::start(&format!("tcp://{}:0", cli.home_address), key.clone(), &node, pid, &cli.program.join(" "))
+        .and_then(|mut h| {
             h.publish(&run_dir())?;
             Ok(h)
-        },
-    );
+        });
     let home = match home {
         Ok(h) => h,
         Err(e) => {
@@ -66,6 +119,9 @@ pub(crate) fn run(cli: &Cli) -> Result<ExitCode, String> {
             "mosrun: job {pid} runs at {node}, its home at {}: `mosctl migrate {pid} --to NODE` moves it",
             home.uri()
         );
+    }
+    if cli.place {
+        place(&node, pid, &key, cli.verbose);
     }
     let waiter = std::thread::spawn(move || child.wait().map(ExitStatusExt::into_raw));
     loop {

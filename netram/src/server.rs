@@ -17,7 +17,7 @@
 //! its pages are reclaimed, unless it reattached first.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -105,6 +105,9 @@ struct Slabs {
     free: Vec<Slot>,
     /// Sessions holding each slot (0: free).
     refs: Vec<u32>,
+    /// Whether freed slots give their memory back to the system (while the node is short of
+    /// memory); else they are kept for the next PUT.
+    give_back: bool,
 }
 
 impl Slabs {
@@ -147,7 +150,9 @@ impl Slabs {
 
     /// Gives the memory of freed slots back to the system (in runs of neighbouring slots, one
     /// call each), so a server whose pages went elsewhere shrinks: a node short of memory gets
-    /// it back. A slot given back reads as zeros and is taken again by the next PUT.
+    /// it back. A slot given back reads as zeros and is taken again by the next PUT. Done only
+    /// while the server is leaving: otherwise freed slots are kept for the next PUT (a system
+    /// call and a TLB flush per run, under the store's lock, for nothing).
     fn give_back(&mut self, mut freed: Vec<Slot>) {
         freed.sort_unstable();
         let mut k = 0;
@@ -211,6 +216,8 @@ pub struct MemStore {
     inner: Mutex<Inner>,
     /// Set while the node wants its pages gone (see `proto`'s "Leaving").
     leaving: AtomicBool,
+    /// The most free pages it offers (the node's memory to spare; see [`MemStore::set_room`]).
+    room: AtomicU64,
 }
 
 impl std::fmt::Debug for MemStore {
@@ -250,6 +257,7 @@ impl MemStore {
             },
             inner: Mutex::new(Inner::default()),
             leaving: AtomicBool::new(false),
+            room: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -282,7 +290,7 @@ impl MemStore {
     fn state(&self, g: &Inner, grace: Duration, resumed: bool) -> ServerState {
         ServerState {
             capacity_pages: self.capacity_pages,
-            free_pages: self.capacity_pages - g.used,
+            free_pages: (self.capacity_pages - g.used).min(self.room.load(Ordering::Relaxed)),
             grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
             resumed,
             leaving: self.leaving(),
@@ -295,7 +303,15 @@ impl MemStore {
     /// else to go keeps its pages here.
     pub fn set_leaving(&self, leaving: bool) {
         if self.leaving.swap(leaving, Ordering::AcqRel) != leaving {
-            let used = self.lock().used;
+            let mut g = self.lock();
+            g.slabs.give_back = leaving;
+            if leaving {
+                // What was freed before goes back to the system now.
+                let free = g.slabs.free.clone();
+                g.slabs.give_back(free);
+            }
+            let used = g.used;
+            drop(g);
             if leaving {
                 log::info!("memory server: asking clients to move the {used} pages held here elsewhere");
             } else {
@@ -307,6 +323,13 @@ impl MemStore {
     /// Whether clients are asked to move their pages elsewhere.
     pub fn leaving(&self) -> bool {
         self.leaving.load(Ordering::Acquire)
+    }
+
+    /// Offers clients at most `bytes` more (what the node can spare), or all of the free
+    /// capacity (`None`). Only what clients are told: they place new slabs by it, so a server
+    /// never fills its node past what the node can spare; a PUT beyond it is still taken.
+    pub fn set_room(&self, bytes: Option<u64>) {
+        self.room.store(bytes.map_or(u64::MAX, |b| b / PAGE_SIZE as u64), Ordering::Relaxed);
     }
 
     /// The session of `client`, if `caller` opened it.
@@ -335,7 +358,9 @@ impl MemStore {
             }
             n += 1;
         }
-        g.slabs.give_back(freed);
+        if g.slabs.give_back {
+            g.slabs.give_back(freed);
+        }
         n
     }
 
@@ -694,6 +719,11 @@ impl MemServer {
     /// Whether clients are asked to move their pages elsewhere.
     pub fn leaving(&self) -> bool {
         self.store.leaving()
+    }
+
+    /// Offers clients at most `bytes` more (see [`MemStore::set_room`]).
+    pub fn set_room(&self, bytes: Option<u64>) {
+        self.store.set_room(bytes);
     }
 
     /// Stops serving (clients' requests fail with `Disconnected`) and frees everything.

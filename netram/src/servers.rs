@@ -50,9 +50,14 @@ impl Member {
         }
     }
 
-    /// Whether new pages may be placed here: alive, with room, and not leaving.
+    /// Whether pages may be placed here: alive and with room.
+    fn has_room(&self) -> bool {
+        self.alive() && self.free.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether new pages should be placed here: alive, with room, and not leaving.
     fn takes_pages(&self) -> bool {
-        self.alive() && self.free.load(Ordering::Relaxed) > 0 && !self.leaving.load(Ordering::Acquire)
+        self.has_room() && !self.leaving.load(Ordering::Acquire)
     }
 }
 
@@ -150,10 +155,16 @@ impl ServerSet {
         }
     }
 
-    /// Picks one live server not in `exclude` by power of two choices over free memory.
+    /// Picks one live server with room not in `exclude` by power of two choices over free
+    /// memory; a leaving one only when no other has room (nothing is refused for leaving).
     fn choose(&self, exclude: &[usize]) -> Option<usize> {
-        let live: Vec<usize> =
-            (0..self.members.len()).filter(|i| !exclude.contains(i) && self.members[*i].takes_pages()).collect();
+        let pick = |ok: &dyn Fn(&Member) -> bool| -> Vec<usize> {
+            (0..self.members.len()).filter(|i| !exclude.contains(i) && ok(&self.members[*i])).collect()
+        };
+        let mut live = pick(&Member::takes_pages);
+        if live.is_empty() {
+            live = pick(&Member::has_room);
+        }
         match live.len() {
             0 => None,
             1 => Some(live[0]),
@@ -187,7 +198,9 @@ impl ServerSet {
     pub(crate) fn servers_for(&self, slab: u64) -> Vec<usize> {
         let mut p = crate::lock(&self.placement);
         let entry = p.entry(slab).or_default();
-        entry.retain(|i| self.members[*i].takes_pages());
+        // A leaving server stays in a placement only while there is no other with room.
+        let others = self.members.iter().any(Member::takes_pages);
+        entry.retain(|i| if others { self.members[*i].takes_pages() } else { self.members[*i].has_room() });
         while entry.len() < self.copies {
             match self.choose(entry) {
                 Some(i) => entry.push(i),

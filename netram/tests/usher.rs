@@ -75,17 +75,30 @@ fn pages_move_off_a_leaving_server_while_the_program_keeps_using_them() {
 }
 
 #[test]
-fn with_nowhere_else_to_go_the_pages_stay() {
-    let s = servers(1, 256 * MIB);
-    let ram = region(uris(&s));
+fn with_nowhere_else_to_go_the_pages_stay_and_writes_still_land_there() {
+    // Two servers, two copies: the leaving server is the only place for every page's second
+    // copy.
+    let s = servers(2, 256 * MIB);
+    let mut cfg = NetRamConfig::new(uris(&s), key(), REGION, BUDGET);
+    cfg.copies = 2;
+    let ram = NetRam::new(cfg).unwrap();
     for (i, w) in words(&ram).iter_mut().enumerate() {
         *w = value(i, 1);
     }
-    let held = s[0].stats().used_pages;
-    s[0].set_leaving(true);
+    let held = s[1].stats().used_pages;
+    s[1].set_leaving(true);
     // Two session checks (every 2 s): the region hears it and has nowhere to move the pages.
     std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(first_wrong(&ram, 0..0, 1), None, "every page reads what was written");
-    assert_eq!(ram.stats().ushered, 0);
-    assert!(s[0].stats().used_pages >= held, "nothing was freed: {} of {held}", s[0].stats().used_pages);
+    // Written again, every page still gets both copies, and the resident set its budget: the
+    // write-backs are not refused for the leaving server.
+    let all = words(&ram).len();
+    for (i, w) in words(&ram).iter_mut().enumerate() {
+        *w = value(i, 2);
+    }
+    let st = ram.stats();
+    assert_eq!(first_wrong(&ram, 0..all, 2), None);
+    assert_eq!((st.ushered, st.under_replicated, st.lost), (0, 0, 0), "{st:?}");
+    assert!(st.resident <= 2 * BUDGET / 4096, "the resident set kept to its budget: {st:?}");
+    assert!(s[1].stats().used_pages >= held, "the second copies stayed: {} of {held}", s[1].stats().used_pages);
 }

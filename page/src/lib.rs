@@ -44,10 +44,15 @@ impl Page {
     /// Gives the memory of `pages` back to the system (`MADV_DONTNEED`): private anonymous
     /// memory, such as the heap, is released and reads as zeros afterwards; a shared mapping
     /// keeps or reloads its contents. Either way the contents are unspecified after the call.
-    /// Returns whether the system took it (if not, nothing changed).
+    /// Returns whether the system took it (if not, nothing changed: as on a system whose
+    /// pages are larger than [`PAGE_SIZE`], where the call would reach past `pages`).
     pub fn release(pages: &mut [Page]) -> bool {
         if pages.is_empty() {
             return true;
+        }
+        // SAFETY: sysconf has no preconditions.
+        if unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != PAGE_SIZE as libc::c_long {
+            return false;
         }
         // SAFETY: the range is exactly the pages we borrow mutably (page-aligned, whole pages);
         // MADV_DONTNEED only replaces their contents (every byte pattern is a valid Page), and

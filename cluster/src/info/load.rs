@@ -232,34 +232,54 @@ fn parse_meminfo(s: &str) -> (u64, u64) {
     (field("MemAvailable:"), field("MemTotal:"))
 }
 
-/// The memory limit of this process's memory cgroup and the memory it uses, in bytes, if it has
-/// a limit: cgroup v2's `memory.max` and `memory.current`, or v1's hierarchical limit (its own or
-/// an ancestor's) and `memory.usage_in_bytes`. Inactive file cache, which the kernel drops
-/// before it runs short, is not counted as used.
+/// The memory limit and use of this process's memory cgroup, if it or an ancestor has a limit:
+/// of the cgroups from its own up to the root, the one with the least room (limit less use).
+/// cgroup v2's `memory.max` and `memory.current`, or v1's `memory.limit_in_bytes` and
+/// `memory.usage_in_bytes`; inactive file cache, which the kernel drops before it runs short,
+/// is not counted as used.
 fn cgroup_memory() -> Option<(u64, u64)> {
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let read = |path: String| std::fs::read_to_string(path).ok();
     for line in own.lines() {
         let mut f = line.splitn(3, ':');
         let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            let dir = format!("/sys/fs/cgroup/memory{path}");
-            let stat = read(format!("{dir}/memory.stat"))?;
-            let limit = stat_value(&stat, "hierarchical_memory_limit")?;
-            let used = read(format!("{dir}/memory.usage_in_bytes"))?.trim().parse::<u64>().ok()?;
-            let cache = stat_value(&stat, "total_inactive_file").unwrap_or(0);
-            return Some((limit, used.saturating_sub(cache)));
+        let (base, v1) = if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", true)
+        } else if id == "0" && controllers.is_empty() {
+            ("/sys/fs/cgroup", false)
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(format!("{base}{path}"));
+        let mut tightest: Option<(u64, u64)> = None;
+        while dir.starts_with(base) {
+            if let Some((limit, used)) = cgroup_dir_memory(&dir, v1) {
+                if tightest.is_none_or(|(l, u)| limit.saturating_sub(used) < l.saturating_sub(u)) {
+                    tightest = Some((limit, used));
+                }
+            }
+            if !dir.pop() {
+                break;
+            }
         }
-        if id == "0" && controllers.is_empty() {
-            let dir = format!("/sys/fs/cgroup{path}");
-            let Some(max) = read(format!("{dir}/memory.max")) else { continue };
-            let limit = max.trim().parse::<u64>().ok()?; // "max": no limit
-            let used = read(format!("{dir}/memory.current"))?.trim().parse::<u64>().ok()?;
-            let cache = read(format!("{dir}/memory.stat")).and_then(|s| stat_value(&s, "inactive_file")).unwrap_or(0);
-            return Some((limit, used.saturating_sub(cache)));
+        if tightest.is_some() || v1 {
+            return tightest;
         }
     }
     None
+}
+
+/// The limit and use of the memory cgroup at `dir` (v1 or v2), if it has a limit.
+fn cgroup_dir_memory(dir: &std::path::Path, v1: bool) -> Option<(u64, u64)> {
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let number = |name: &str| read(name)?.trim().parse::<u64>().ok();
+    let stat = read("memory.stat").unwrap_or_default();
+    let (limit, used, cache) = if v1 {
+        (number("memory.limit_in_bytes")?, number("memory.usage_in_bytes")?, stat_value(&stat, "total_inactive_file"))
+    } else {
+        // "max": no limit.
+        (number("memory.max")?, number("memory.current")?, stat_value(&stat, "inactive_file"))
+    };
+    Some((limit, used.saturating_sub(cache.unwrap_or(0))))
 }
 
 /// The value of `name` in a cgroup `memory.stat` file.

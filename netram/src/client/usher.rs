@@ -38,7 +38,8 @@ impl Shared {
         let (mut moved, mut i) = (0, 0);
         let (mut remote, mut resident) = (Vec::new(), Vec::new());
         while i < self.table.len() {
-            if stop.load(Ordering::Acquire) {
+            // Nowhere else to go (the others full, or gone): the pass ends, nothing fetched.
+            if stop.load(Ordering::Acquire) || self.servers.with_room() == 0 {
                 break;
             }
             // Claims and holder changes inside the gate: a fork or a hand-over never sees a
@@ -57,7 +58,11 @@ impl Shared {
                 i += 1;
             }
             if !remote.is_empty() || !resident.is_empty() {
-                moved += self.usher_batch(core, &remote, &resident, leaving_servers);
+                let n = self.usher_batch(core, &remote, &resident, leaving_servers);
+                if n == 0 {
+                    break; // the others took none of them: try again at the next pass
+                }
+                moved += n;
             }
         }
         if moved > 0 {
@@ -103,13 +108,15 @@ impl Shared {
             if mask == 0 {
                 continue; // nowhere else to go: it stays
             }
+            // The copies now: the new ones, and the old ones on servers that stay. (A leaving
+            // server keeps a copy where no other could take one: the put named it again.)
             let old = self.table.holders(*i);
             self.table.set_holders(*i, (old & !leaving_servers) | mask);
             let gone = old & leaving_servers & !mask;
             if gone != 0 {
                 stale.entry(gone).or_default().push(*i);
+                moved += 1;
             }
-            moved += 1;
         }
         for &i in remote {
             self.table.set(i, Remote);

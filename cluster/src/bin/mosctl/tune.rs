@@ -31,15 +31,14 @@ pub fn run(a: TuneArgs, key: &ClusterKey) -> Result<(), String> {
             format!("{from} knows no other node: give one with --to (or start another agent with --join {from})")
         })?,
     };
-    let dest = view.window.iter().find(|v| v.node == to);
     eprintln!("tune: {from} -> {to}");
     eprintln!("  [1/3] round trip and bandwidth...");
     let (round_trip_us, bandwidth_mib_s) = tune::link(&to, key, 200)?;
     eprintln!("        {round_trip_us:.0} us, {bandwidth_mib_s:.0} MiB/s");
     eprintln!("  [2/3] a fault served from its memory server...");
-    let remote_fault_us = match dest.map(|v| v.memory_server.as_str()).filter(|m| !m.is_empty()) {
+    let remote_fault_us = match memory_server_of(&to, key)? {
         Some(server) => {
-            let us = tune::remote_fault(server, key)?;
+            let us = tune::remote_fault(&server, key)?;
             eprintln!("        {us:.0} us");
             us
         }
@@ -79,6 +78,19 @@ pub fn run(a: TuneArgs, key: &ClusterKey) -> Result<(), String> {
     Ok(())
 }
 
+/// The memory server of the agent at `to`, if it has one (its STATUS answer).
+fn memory_server_of(to: &str, key: &ClusterKey) -> Result<Option<String>, String> {
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = Duration::from_secs(5);
+    let c = connect(to, &o).map_err(|e| format!("{to}: {}", mosaic_transport::error_chain(&e)))?;
+    let a = c
+        .call(mosaic_cluster::wire::STATUS, &[])
+        .map_err(|e| format!("{to}: {}", mosaic_transport::error_chain(&e)))?;
+    let mut d = mosaic_cluster::wire::Dec(&a);
+    let (_agent, memory) = (d.str()?, d.str()?);
+    Ok((!memory.is_empty()).then_some(memory))
+}
+
 /// Writes `text` to `path` through a temporary file beside it: a reader never sees half of it.
 fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
@@ -104,7 +116,6 @@ fn probe(from: &str, to: &str, key: &ClusterKey) -> Result<f64, String> {
     let mosrun = me.with_file_name("mosrun");
     let mosrun = if mosrun.exists() { mosrun } else { PathBuf::from("mosrun") };
     let dir = run_dir();
-    let before = jobs(&dir);
     let mut child = Command::new(&mosrun)
         .args(["--migratable", "--node", from, "--"])
         .arg(&me)
@@ -119,18 +130,10 @@ fn probe(from: &str, to: &str, key: &ClusterKey) -> Result<f64, String> {
     if let Some(out) = out {
         std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).try_for_each(|l| tx.send(l)));
     }
-    if rx.recv_timeout(Duration::from_secs(30)).ok().as_deref() != Some("ready") {
+    // "ready PID": its pid, which names its job file.
+    let said = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let Some(pid) = said.strip_prefix("ready ").and_then(|p| p.parse::<u32>().ok()) else {
         return Err("the probe did not start (see mosrun's message above; or use --no-probe)".into());
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let pid = loop {
-        if let Some(p) = jobs(&dir).into_iter().find(|p| !before.contains(p)) {
-            break p;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the probe's job file never appeared in {}", dir.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
     };
     let moved = migrate_job(&dir, pid, to, key).map_err(|e| format!("moving the probe to {to}: {e}"))?;
     // End of input ends the probe wherever it runs.
@@ -142,21 +145,14 @@ fn probe(from: &str, to: &str, key: &ClusterKey) -> Result<f64, String> {
     Ok(moved.freeze_us as f64 / 1000.0)
 }
 
-/// The pids of the jobs whose home is this node (their job files in `dir`).
-fn jobs(dir: &Path) -> Vec<u32> {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("job-")?.parse().ok()).collect())
-        .unwrap_or_default()
-}
-
-/// The probe itself (run by mosrun): holds `mib` MiB written, says "ready", and ends at the end
-/// of its input (or after a minute).
+/// The probe itself (run by mosrun): holds `mib` MiB written, says "ready PID", and ends at the
+/// end of its input (or after a minute).
 pub fn probe_main(mib: u64) -> Result<(), String> {
     let mut held = vec![0u8; usize::try_from(mib << 20).map_err(|e| e.to_string())?];
     for (i, b) in held.iter_mut().enumerate().step_by(4096) {
         *b = (i >> 12).to_le_bytes()[0] | 1;
     }
-    println!("ready");
+    println!("ready {}", std::process::id());
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
