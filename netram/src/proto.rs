@@ -41,7 +41,9 @@
 //! its clients to move their pages to other servers (the cluster's memory ushering). A client
 //! places no new slab on a leaving server, writes pages back elsewhere, moves the pages it has
 //! there to its other servers and frees them here. Nothing is refused meanwhile: a client with
-//! nowhere else to go keeps its pages here. Freed slots give their memory back to the system.
+//! nowhere else to go keeps its pages here (and stores there what no other server takes). Freed
+//! slots give their memory back to the system while the flag is set. Apart from it, the free
+//! pages a server reports may be fewer than its free capacity: what its node can spare.
 //!
 //! # Leases
 //! While any connection of a client is open, nothing of it is reclaimed, however long the client
