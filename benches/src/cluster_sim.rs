@@ -9,11 +9,10 @@ use mosaic_cluster::info::sim::{simulate, SimConfig};
 use mosaic_transport::LinkSpec;
 use serde_json::json;
 
-/// Simulates each size in `nodes` for `seconds` after a 20 s warm-up over `link` (a `sim`
-/// preset), printing a line per size.
-pub fn run(nodes: &[usize], seconds: u64, link: &str, json: bool) -> Result<(), String> {
+/// Simulates each size in `nodes` for `seconds` after `warm_up` over `link` (a `sim` preset),
+/// printing a line per size.
+pub fn run(nodes: &[usize], seconds: u64, warm_up: Duration, link: &str, json: bool) -> Result<(), String> {
     let spec = LinkSpec::parse(link)?;
-    let warm_up = Duration::from_secs(20);
     for &n in nodes {
         if n < 3 {
             return Err(format!("{n} nodes: at least 3 (one of them dies)"));
@@ -29,7 +28,7 @@ pub fn run(nodes: &[usize], seconds: u64, link: &str, json: bool) -> Result<(), 
         });
         let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let line = json!({
-            "bench": "cluster-sim", "nodes": n, "link": link, "seconds": seconds,
+            "bench": "cluster-sim", "nodes": n, "link": link, "seconds": seconds, "warm_up_s": warm_up.as_secs(),
             "frames_per_node_s": (r.frames_per_node_s * 100.0).round() / 100.0,
             "bytes_per_node_s": r.bytes_per_node_s.round(),
             "mean_info_age_ms": ms(Some(r.mean_age)),

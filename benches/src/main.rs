@@ -184,9 +184,13 @@ enum Cmd {
         /// Cluster sizes, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "16,256,2048")]
         nodes: Vec<usize>,
-        /// Simulated seconds counted (after a 20 s warm-up).
+        /// Simulated seconds counted (after the warm-up).
         #[arg(long, default_value = "60")]
         seconds: u64,
+        /// Simulated seconds before counting starts (everyone joins in the first second; the
+        /// membership updates of the join are spread meanwhile).
+        #[arg(long, default_value = "20")]
+        warm_up: u64,
         /// The links, a `sim` preset (fast-ethernet, 10gbe, 100gbe, ideal; ",loss=P" drops
         /// frames).
         #[arg(long, default_value = "10gbe")]
@@ -352,7 +356,9 @@ fn main() -> ExitCode {
                 migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, ops, json })
             }
         }
-        Cmd::ClusterSim { nodes, seconds, link, json } => cluster_sim::run(&nodes, seconds, &link, json),
+        Cmd::ClusterSim { nodes, seconds, warm_up, link, json } => {
+            cluster_sim::run(&nodes, seconds, Duration::from_secs(warm_up), &link, json)
+        }
         Cmd::MigrateHold { size, pct } => migrate_process::hold(size, pct),
         Cmd::MigrateSource { size, pct, listen } => migrate::source(size, pct, &listen),
         Cmd::MigrateDest { link } => migrate::dest(link.as_deref()),
