@@ -11,7 +11,14 @@ use serde_json::json;
 
 /// Simulates each size in `nodes` for `seconds` after `warm_up` over `link` (a `sim` preset),
 /// printing a line per size.
-pub fn run(nodes: &[usize], seconds: u64, warm_up: Duration, link: &str, json: bool) -> Result<(), String> {
+pub fn run(
+    nodes: &[usize],
+    seconds: u64,
+    warm_up: Duration,
+    join_over: Option<Duration>,
+    link: &str,
+    json: bool,
+) -> Result<(), String> {
     let spec = LinkSpec::parse(link)?;
     for &n in nodes {
         if n < 3 {
@@ -22,6 +29,7 @@ pub fn run(nodes: &[usize], seconds: u64, warm_up: Duration, link: &str, json: b
             nodes: n,
             duration: warm_up + Duration::from_secs(seconds),
             warm_up,
+            join_over,
             link: spec.clone(),
             kill: Some((n / 2, warm_up + Duration::from_secs(10))),
             seed: 42,
@@ -29,6 +37,7 @@ pub fn run(nodes: &[usize], seconds: u64, warm_up: Duration, link: &str, json: b
         let ms = |d: Option<Duration>| d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let line = json!({
             "bench": "cluster-sim", "nodes": n, "link": link, "seconds": seconds, "warm_up_s": warm_up.as_secs(),
+            "join_over_s": join_over.map(|d| d.as_secs()),
             "frames_per_node_s": (r.frames_per_node_s * 100.0).round() / 100.0,
             "bytes_per_node_s": r.bytes_per_node_s.round(),
             "mean_info_age_ms": ms(Some(r.mean_age)),

@@ -191,6 +191,10 @@ enum Cmd {
         /// membership updates of the join are spread meanwhile).
         #[arg(long, default_value = "20")]
         warm_up: u64,
+        /// Nodes join at random times over this many seconds, each through a random node that
+        /// joined before it [default: all through node 0 within the first second].
+        #[arg(long)]
+        join_over: Option<u64>,
         /// The links, a `sim` preset (fast-ethernet, 10gbe, 100gbe, ideal; ",loss=P" drops
         /// frames).
         #[arg(long, default_value = "10gbe")]
@@ -356,8 +360,9 @@ fn main() -> ExitCode {
                 migrate::run(&migrate::Plan { sizes, touched, transports, sim_max, ops, json })
             }
         }
-        Cmd::ClusterSim { nodes, seconds, warm_up, link, json } => {
-            cluster_sim::run(&nodes, seconds, Duration::from_secs(warm_up), &link, json)
+        Cmd::ClusterSim { nodes, seconds, warm_up, join_over, link, json } => {
+            let join_over = join_over.map(Duration::from_secs);
+            cluster_sim::run(&nodes, seconds, Duration::from_secs(warm_up), join_over, &link, json)
         }
         Cmd::MigrateHold { size, pct } => migrate_process::hold(size, pct),
         Cmd::MigrateSource { size, pct, listen } => migrate::source(size, pct, &listen),

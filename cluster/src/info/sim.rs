@@ -25,6 +25,10 @@ pub struct SimConfig {
     pub duration: Duration,
     /// Time before counting starts (joining, filling the windows).
     pub warm_up: Duration,
+    /// How the nodes join: `None`, all through node 0 within the first second (a join storm
+    /// on one member); `Some(t)`, at random times over `t`, each through a random node that
+    /// joined before it (a cluster booting over a while, its nodes given different seeds).
+    pub join_over: Option<Duration>,
     /// The links between any two nodes.
     pub link: LinkSpec,
     /// A node that stops dead at a time, if any (node index, time).
@@ -108,12 +112,19 @@ pub fn simulate(cfg: &SimConfig) -> SimReport {
         })
         .collect();
     let mut q = Queue { heap: BinaryHeap::new(), items: HashMap::new(), seq: 0 };
-    // Everyone joins through node 0, spread over the first second (the announcement leaves
-    // at the node's first wake).
+    // Joins (the announcement leaves at the node's first wake).
     q.push(Duration::ZERO, Happening::Wake(0));
-    for (i, node) in nodes.iter_mut().enumerate().skip(1) {
-        let at = Duration::from_micros(rng.random_range(0..1_000_000));
-        node.join(&addr(0), at);
+    let over = u64::try_from(cfg.join_over.unwrap_or(Duration::from_secs(1)).as_micros()).unwrap_or(u64::MAX).max(1);
+    let mut order: Vec<(Duration, usize)> =
+        (1..n).map(|i| (Duration::from_micros(rng.random_range(0..over)), i)).collect();
+    order.sort_unstable();
+    for k in 0..order.len() {
+        let (at, i) = order[k];
+        let through = match cfg.join_over {
+            None => 0,
+            Some(_) => rng.random_range(0..=k).checked_sub(1).map_or(0, |j| order[j].1),
+        };
+        nodes[i].join(&addr(through), at);
         q.push(at, Happening::Wake(i));
     }
     q.push(cfg.warm_up, Happening::StartCounting);
@@ -218,6 +229,7 @@ mod tests {
             nodes: 16,
             duration: Duration::from_secs(60),
             warm_up: Duration::from_secs(20),
+            join_over: None,
             link: LinkSpec::ten_gbe(),
             kill: Some((5, Duration::from_secs(30))),
             seed: 7,
