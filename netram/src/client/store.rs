@@ -138,40 +138,19 @@ impl Shared {
     pub(super) fn rebuild_batch(&self, core: &RegionCore, remote: &[u64], resident: &[u64], want: usize) -> bool {
         let _gate = self.fork_gate.enter();
         let live = self.servers.live_mask();
-        let mut fetched = Page::vec(remote.len());
-        let reqs: Vec<(u64, u32)> = remote.iter().map(|&i| (i, self.table.holders(i) & !FILE_HOLDER)).collect();
-        let arrived = {
-            let mut dsts: Vec<&mut Page> = fetched.iter_mut().collect();
-            self.servers.fetch_many(&reqs, &mut dsts)
-        };
+        let (fetched, arrived) = self.fetch_claimed(remote);
         let mut data: Vec<(u64, &[u8; PAGE_SIZE])> = Vec::with_capacity(remote.len() + resident.len());
         // Pages no server could return, but of which the victim cache still has a copy.
         let mut cached: Vec<(u64, Copy)> = Vec::new();
-        for ((&i, page), ok) in remote.iter().zip(fetched.iter_mut()).zip(arrived) {
-            if ok || self.fetch(i, page).is_ok() {
+        for ((&i, page), ok) in remote.iter().zip(&fetched).zip(arrived) {
+            if ok {
                 data.push((i, &page.0));
             } else if let Some(copy) = self.victims.take(i) {
                 cached.push((i, copy));
             }
             // Else no copy is left: a fault decides Lost later, with the page named.
         }
-        let mut copies: Vec<(u64, Copy)> = Vec::with_capacity(resident.len());
-        for &i in resident {
-            // Copied under the eviction lock (rounds name one page in `copying`), held
-            // Evicting until stored so no write slips in between the copy and its new holders.
-            let _round = crate::lock(&self.evicting);
-            if !self.table.cas(i, Clean, Evicting) {
-                continue; // it changed meanwhile: dirty pages are saved at eviction
-            }
-            let all = self.table.holders(i);
-            self.table.set_holders(i, all & (live | FILE_HOLDER));
-            // SAFETY: inside the live region (the keeper stops before it is unmapped), resident
-            // and clean, so write-protected: nobody writes it while we copy.
-            match unsafe { self.copy_page(core, i) } {
-                (_, true) => self.table.set(i, Dirty), // zeros now: saved at its eviction
-                (copy, false) => copies.push((i, copy)),
-            }
-        }
+        let copies = self.copy_clean(core, resident, live | FILE_HOLDER);
         data.extend(copies.iter().map(|(i, c)| (*i, &**c)));
         data.extend(cached.iter().map(|(i, c)| (*i, &**c)));
         let masks = self.servers.put(&data);
@@ -192,6 +171,46 @@ impl Shared {
         }
         self.victims.insert_all(cached);
         short
+    }
+
+    /// Reads pages this thread claimed (Fetching) from their holders: one batch per server, then
+    /// one by one with failover for what failed. The pages, and whether each arrived.
+    pub(super) fn fetch_claimed(&self, pages: &[u64]) -> (Vec<Page>, Vec<bool>) {
+        let mut fetched = Page::vec(pages.len());
+        let reqs: Vec<(u64, u32)> = pages.iter().map(|&i| (i, self.table.holders(i) & !FILE_HOLDER)).collect();
+        let mut arrived = {
+            let mut dsts: Vec<&mut Page> = fetched.iter_mut().collect();
+            self.servers.fetch_many(&reqs, &mut dsts)
+        };
+        for ((&i, page), ok) in pages.iter().zip(fetched.iter_mut()).zip(arrived.iter_mut()) {
+            *ok = *ok || self.fetch(i, page).is_ok();
+        }
+        (fetched, arrived)
+    }
+
+    /// Copies the resident clean pages of `pages` from local memory, each claimed Evicting from
+    /// then on (its writers wait) until the caller has stored it and sets it Clean again, and
+    /// its holder mask cut to `keep_holders`. Pages that changed meanwhile are left out (dirty
+    /// ones are saved at their eviction); one discarded meanwhile (zeros now) is set Dirty, to
+    /// be saved at its eviction.
+    pub(super) fn copy_clean(&self, core: &RegionCore, pages: &[u64], keep_holders: u32) -> Vec<(u64, Copy)> {
+        let mut copies = Vec::with_capacity(pages.len());
+        for &i in pages {
+            // Under the eviction lock (rounds name one page in `copying`), held Evicting until
+            // stored so no write slips in between the copy and its new holders.
+            let _round = crate::lock(&self.evicting);
+            if !self.table.cas(i, Clean, Evicting) {
+                continue;
+            }
+            self.table.set_holders(i, self.table.holders(i) & keep_holders);
+            // SAFETY: inside the live region (the keeper stops before it is unmapped), resident
+            // and clean, so write-protected: nobody writes it while we copy.
+            match unsafe { self.copy_page(core, i) } {
+                (_, true) => self.table.set(i, Dirty),
+                (copy, false) => copies.push((i, copy)),
+            }
+        }
+        copies
     }
 
     /// Pages with a copy somewhere but fewer live server copies than wanted (and no backing file).

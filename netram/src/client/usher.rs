@@ -14,13 +14,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use mosaic_pager::RegionCore;
-use mosaic_transport::Page;
 
 use super::config::bump;
-use super::victims::Copy;
 use super::Shared;
-use crate::pages::PageState::{Clean, Dirty, Evicting, Fetching, Remote};
-use crate::servers::FILE_HOLDER;
+use crate::pages::PageState::{Clean, Fetching, Remote};
 use crate::PAGE_SIZE;
 
 /// Pages moved per batch (one GET batch and one PUT per server).
@@ -73,33 +70,12 @@ impl Shared {
 
     /// Moves one batch: `remote` pages (claimed Fetching) and `resident` clean ones.
     fn usher_batch(&self, core: &RegionCore, remote: &[u64], resident: &[u64], leaving_servers: u32) -> u64 {
-        let mut fetched = Page::vec(remote.len());
-        let reqs: Vec<(u64, u32)> = remote.iter().map(|&i| (i, self.table.holders(i) & !FILE_HOLDER)).collect();
-        let arrived = {
-            let mut dsts: Vec<&mut Page> = fetched.iter_mut().collect();
-            self.servers.fetch_many(&reqs, &mut dsts)
-        };
+        let (fetched, arrived) = self.fetch_claimed(remote);
         let mut data: Vec<(u64, &[u8; PAGE_SIZE])> = Vec::with_capacity(remote.len() + resident.len());
-        for ((&i, page), ok) in remote.iter().zip(fetched.iter_mut()).zip(arrived) {
-            // A page no holder returns stays as it is: a fault on it reports what failed.
-            if ok || self.fetch(i, page).is_ok() {
-                data.push((i, &page.0));
-            }
-        }
-        let mut copies: Vec<(u64, Copy)> = Vec::with_capacity(resident.len());
-        for &i in resident {
-            // As the rebuild copies resident pages: under the eviction lock, held Evicting.
-            let _round = crate::lock(&self.evicting);
-            if !self.table.cas(i, Clean, Evicting) {
-                continue;
-            }
-            // SAFETY: inside the live region (the keeper stops before it is unmapped), resident
-            // and clean, so write-protected: nobody writes it while we copy.
-            match unsafe { self.copy_page(core, i) } {
-                (_, true) => self.table.set(i, Dirty), // discarded (zeros now): moves at its eviction
-                (copy, false) => copies.push((i, copy)),
-            }
-        }
+        // A page no holder returns stays as it is: a fault on it reports what failed.
+        data.extend(remote.iter().zip(&fetched).zip(arrived).filter(|(_, ok)| *ok).map(|((&i, p), _)| (i, &p.0)));
+        // (Discarded pages, zeros now, are set Dirty: they move at their eviction.)
+        let copies = self.copy_clean(core, resident, u32::MAX);
         data.extend(copies.iter().map(|(i, c)| (*i, &**c)));
         let masks = self.servers.put(&data);
         let mut stale: HashMap<u32, Vec<u64>> = HashMap::new();
