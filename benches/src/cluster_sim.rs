@@ -20,6 +20,9 @@ pub fn run(
     json: bool,
 ) -> Result<(), String> {
     let spec = LinkSpec::parse(link)?;
+    if join_over.is_some_and(|j| j > warm_up) {
+        return Err("--join-over longer than --warm-up: nodes would still join while counting".into());
+    }
     for &n in nodes {
         if n < 3 {
             return Err(format!("{n} nodes: at least 3 (one of them dies)"));

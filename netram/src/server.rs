@@ -290,11 +290,21 @@ impl MemStore {
     fn state(&self, g: &Inner, grace: Duration, resumed: bool) -> ServerState {
         ServerState {
             capacity_pages: self.capacity_pages,
-            free_pages: (self.capacity_pages - g.used).min(self.room.load(Ordering::Relaxed)),
+            free_pages: self.free_pages(g),
             grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
             resumed,
             leaving: self.leaving(),
             quota_pages: self.limits.quota_pages,
+        }
+    }
+
+    /// The free pages it reports: its free capacity, capped at the room its node can spare but
+    /// never below one page while it has capacity (clients then prefer any server with more
+    /// room, yet still use this one when none has: the cap never makes network RAM refuse).
+    fn free_pages(&self, g: &Inner) -> u64 {
+        match self.capacity_pages - g.used {
+            0 => 0,
+            free => free.min(self.room.load(Ordering::Relaxed).max(1)),
         }
     }
 
@@ -327,7 +337,8 @@ impl MemStore {
 
     /// Offers clients at most `bytes` more (what the node can spare), or all of the free
     /// capacity (`None`). Only what clients are told: they place new slabs by it, so a server
-    /// never fills its node past what the node can spare; a PUT beyond it is still taken.
+    /// never fills its node past what the node can spare while others have room; it reports at
+    /// least one free page while it has capacity, and a PUT beyond the room is still taken.
     pub fn set_room(&self, bytes: Option<u64>) {
         self.room.store(bytes.map_or(u64::MAX, |b| b / PAGE_SIZE as u64), Ordering::Relaxed);
     }
@@ -817,6 +828,40 @@ mod tests {
         let freed = call(&s, &ca, proto::FREE, &proto::encode_free(&A, 1, None)).unwrap();
         assert_eq!(u64::from_le_bytes(freed.try_into().unwrap()), 1);
         assert_eq!(s.stats().used_pages, 0);
+    }
+
+    #[test]
+    fn leaving_and_room_are_reported_and_giving_back_spares_the_pages_held() {
+        let s = MemStore::new(4);
+        let c = conn(1);
+        open(&s, &c, &A, &SA, 1000).unwrap();
+        let state = || ServerState::decode(&call(&s, &c, proto::RENEW, &A).unwrap()).unwrap();
+        assert_eq!((state().free_pages, state().leaving), (4, false));
+        // The room its node can spare caps what it reports, but never below one page...
+        s.set_room(Some(0));
+        assert_eq!(state().free_pages, 1);
+        s.set_room(Some(2 * PAGE_SIZE as u64));
+        assert_eq!(state().free_pages, 2);
+        // ...and PUTs beyond the room are still taken; full is full.
+        let p = [3u8; PAGE_SIZE];
+        let pages: Vec<(u64, &[u8; PAGE_SIZE])> = (0..4).map(|i| (i, &p)).collect();
+        call(&s, &c, proto::PUT, &proto::encode_put(&A, 1, &pages)).unwrap();
+        assert_eq!(state().free_pages, 0);
+        s.set_room(None);
+        // Leaving: said in every state; freed slots go back to the system, and the pages still
+        // held read as they were (only free slots are given back).
+        s.set_leaving(true);
+        assert!(state().leaving && s.leaving());
+        call(&s, &c, proto::FREE, &proto::encode_free(&A, 1, Some(&[0, 2]))).unwrap();
+        for i in [1, 3] {
+            assert_eq!(call(&s, &c, proto::GET, &proto::encode_get(&A, 1, i)).unwrap(), p.to_vec());
+        }
+        // A slot given back is taken again by a PUT, with the new data.
+        let q = [4u8; PAGE_SIZE];
+        call(&s, &c, proto::PUT, &proto::encode_put(&A, 1, &[(7, &q)])).unwrap();
+        assert_eq!(call(&s, &c, proto::GET, &proto::encode_get(&A, 1, 7)).unwrap(), q.to_vec());
+        s.set_leaving(false);
+        assert!(!state().leaving);
     }
 
     /// The probe: a second authenticated connection named another client's id.

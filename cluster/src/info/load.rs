@@ -144,11 +144,9 @@ pub fn measure(node: &str, speed: u32, free_slots: u16, last: &mut CpuTimes) -> 
         v.total_memory = total;
     }
     // A node in a memory cgroup with a limit (a container) has that much memory.
-    if let Some((limit, used)) = cgroup_memory() {
-        if limit < v.total_memory {
-            v.total_memory = limit;
-            v.free_memory = v.free_memory.min(limit.saturating_sub(used));
-        }
+    if let Some((limit, room)) = cgroup_memory() {
+        v.total_memory = v.total_memory.min(limit);
+        v.free_memory = v.free_memory.min(room).min(v.total_memory);
     }
     if let Ok(s) = std::fs::read_to_string("/proc/pressure/memory") {
         v.pressure = parse_pressure(&s).unwrap_or(0);
@@ -232,8 +230,9 @@ fn parse_meminfo(s: &str) -> (u64, u64) {
     (field("MemAvailable:"), field("MemTotal:"))
 }
 
-/// The memory limit and use of this process's memory cgroup, if it or an ancestor has a limit:
-/// of the cgroups from its own up to the root, the one with the least room (limit less use).
+/// The memory limit of this process's memory cgroups, and the room left under it, if its own or
+/// an ancestor has a limit: of the cgroups from its own up to the root, the smallest limit and
+/// the least room (limit less use; the two may come from different cgroups).
 /// cgroup v2's `memory.max` and `memory.current`, or v1's `memory.limit_in_bytes` and
 /// `memory.usage_in_bytes`; inactive file cache, which the kernel drops before it runs short,
 /// is not counted as used.
@@ -253,9 +252,8 @@ fn cgroup_memory() -> Option<(u64, u64)> {
         let mut tightest: Option<(u64, u64)> = None;
         while dir.starts_with(base) {
             if let Some((limit, used)) = cgroup_dir_memory(&dir, v1) {
-                if tightest.is_none_or(|(l, u)| limit.saturating_sub(used) < l.saturating_sub(u)) {
-                    tightest = Some((limit, used));
-                }
+                let room = limit.saturating_sub(used);
+                tightest = Some(tightest.map_or((limit, room), |(l, r)| (l.min(limit), r.min(room))));
             }
             if !dir.pop() {
                 break;

@@ -84,15 +84,22 @@ impl Shared {
             if mask == 0 {
                 continue; // nowhere else to go: it stays
             }
-            // The copies now: the new ones, and the old ones on servers that stay. (A leaving
-            // server keeps a copy where no other could take one: the put named it again.)
+            // The copies now: the new ones, and the old ones on servers that stay. A move that
+            // leaves as many copies on leaving servers as before (a leaving server as the last
+            // resort, the same or another) is no move: the copies are kept, none freed, so a
+            // page never bounces between two leaving servers.
             let old = self.table.holders(*i);
-            self.table.set_holders(*i, (old & !leaving_servers) | mask);
+            let new = (old & !leaving_servers) | mask;
+            if (new & leaving_servers).count_ones() >= (old & leaving_servers).count_ones() {
+                self.table.set_holders(*i, old | mask);
+                continue;
+            }
+            self.table.set_holders(*i, new);
             let gone = old & leaving_servers & !mask;
             if gone != 0 {
                 stale.entry(gone).or_default().push(*i);
-                moved += 1;
             }
+            moved += 1;
         }
         for &i in remote {
             self.table.set(i, Remote);
