@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
 
 pub mod agent;
 mod balancer;
@@ -129,12 +129,57 @@ pub fn drain_node(node: &str, key: &ClusterKey) -> Result<(u32, u32), ClusterErr
     (|| Ok::<_, String>((d.u32()?, d.u32()?)))().map_err(ClusterError::Failed)
 }
 
-/// The memory servers the cluster offers, as the local agent knows them (`MOSAIC_AGENT`, or
-/// `tcp://127.0.0.1:7070`): its own and those its gossip heard of, the ones with the most free
-/// memory first. Empty if no agent answers (quickly: a node without one pays a refused connect).
+/// This node's agent as the tools address it: `MOSAIC_AGENT`, or `tcp://127.0.0.1:7070`.
+pub fn local_agent() -> String {
+    std::env::var("MOSAIC_AGENT").unwrap_or_else(|_| "tcp://127.0.0.1:7070".into())
+}
+
+/// Connects to the agent (or home) at `uri` with `key`, calls waiting at most `timeout`; the
+/// error names the address.
+pub fn connect_agent(uri: &str, key: &ClusterKey, timeout: Duration) -> Result<Connection, String> {
+    let mut o = ConnectOptions::new(key.clone());
+    o.timeout = timeout;
+    connect(uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))
+}
+
+/// What an agent says of itself (`wire::STATUS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Its address.
+    pub agent: String,
+    /// Its memory server's address, if it has one.
+    pub memory_server: Option<String>,
+    /// Processes that moved in and run there.
+    pub hosted: u32,
+    /// Its memory server's capacity, in pages.
+    pub capacity_pages: u64,
+    /// Of it, pages holding data.
+    pub used_pages: u64,
+    /// Whether its memory server asks clients to move their pages elsewhere.
+    pub ushering: bool,
+}
+
+/// Asks the agent at `uri` what it is.
+pub fn agent_status(uri: &str, key: &ClusterKey) -> Result<AgentStatus, String> {
+    let c = connect_agent(uri, key, Duration::from_secs(5))?;
+    let a = c.call(wire::STATUS, &[]).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
+    let mut d = wire::Dec(&a);
+    let (agent, memory, hosted) = (d.str()?, d.str()?, d.u32()?);
+    Ok(AgentStatus {
+        agent,
+        memory_server: (!memory.is_empty()).then_some(memory),
+        hosted,
+        capacity_pages: d.u64()?,
+        used_pages: d.u64()?,
+        ushering: d.u8()? != 0,
+    })
+}
+
+/// The memory servers the cluster offers, as the local agent knows them ([`local_agent`]): its
+/// own and those its gossip heard of, the ones with the most free memory first. Empty if no
+/// agent answers (quickly: a node without one pays a refused connect).
 pub fn memory_servers_nearby(key: &ClusterKey) -> Vec<String> {
-    let agent = std::env::var("MOSAIC_AGENT").unwrap_or_else(|_| "tcp://127.0.0.1:7070".into());
-    let Ok(uri) = resolve_node(&agent) else { return Vec::new() };
+    let Ok(uri) = resolve_node(&local_agent()) else { return Vec::new() };
     let mut o = ConnectOptions::new(key.clone());
     o.timeout = Duration::from_secs(2);
     o.connect_timeout = Duration::from_millis(500);

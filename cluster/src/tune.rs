@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use mosaic_transport::{connect, ClusterKey, ConnectOptions, Connection};
+use mosaic_transport::ClusterKey;
 use serde::{Deserialize, Serialize};
 
 use crate::wire;
@@ -79,12 +79,6 @@ impl Tuning {
     }
 }
 
-fn open(uri: &str, key: &ClusterKey) -> Result<Connection, String> {
-    let mut o = ConnectOptions::new(key.clone());
-    o.timeout = Duration::from_secs(30);
-    connect(uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -92,7 +86,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The median round trip of `n` small calls to the agent at `to`, and its bandwidth, in MiB/s.
 pub fn link(to: &str, key: &ClusterKey, n: usize) -> Result<(f64, f64), String> {
-    let c = open(to, key)?;
+    let c = crate::connect_agent(to, key, Duration::from_secs(30))?;
     let mut times = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         let t = Instant::now();

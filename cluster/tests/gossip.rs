@@ -175,10 +175,11 @@ impl MemCgroup {
         std::fs::read_to_string(self.dir.join("memory.usage_in_bytes")).unwrap().trim().parse().unwrap()
     }
 
-    /// `args` run inside it.
-    fn command(&self, args: &[&str]) -> Command {
+    /// `cmd` (its program and arguments) run inside it.
+    fn wrap(&self, cmd: &Command) -> Command {
         let mut c = Command::new("sh");
-        c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(&self.dir).args(args);
+        c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(&self.dir);
+        c.arg(cmd.get_program()).args(cmd.get_args());
         c
     }
 }
@@ -237,22 +238,15 @@ fn a_host_short_of_memory_has_its_pages_moved_away_while_the_program_keeps_using
     // Host 0 runs the program; hosts 1 to 3 donate memory; host 2's memory is its cgroup's.
     let agents: Vec<Running> = (0..4)
         .map(|i| {
-            let (agent, mem) = (Hosts::agent(i), memory(i));
-            // nsenter rather than `ip netns exec`, which mounts a /sys of its own (without the
-            // cgroup file systems, where the agent reads its memory limit).
-            let netns = format!("--net=/run/netns/{}", hosts.names[i]);
-            let mut args = vec!["nsenter", &netns, env!("CARGO_BIN_EXE_mosaicd"), "--listen", &agent];
-            let join = Hosts::agent(0);
+            // `enter` (nsenter) keeps /sys, where the agent reads its cgroup's memory limit.
+            let mut c = hosts.enter(i, env!("CARGO_BIN_EXE_mosaicd"));
+            c.args(["--listen", &Hosts::agent(i)]);
             if i > 0 {
-                args.extend(["--join", &join, "--memory", "256M", "--memory-listen", &mem]);
+                c.args(["--join", &Hosts::agent(0), "--memory", "256M", "--memory-listen", &memory(i)]);
             }
-            let mut c = if i == 2 {
-                cgroup.command(&args)
-            } else {
-                let mut c = Command::new(args[0]);
-                c.args(&args[1..]);
-                c
-            };
+            if i == 2 {
+                c = cgroup.wrap(&c);
+            }
             Running(c.env("MOSAIC_CLUSTER_KEY", KEY).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
         })
         .collect();
@@ -276,9 +270,8 @@ fn a_host_short_of_memory_has_its_pages_moved_away_while_the_program_keeps_using
     assert!(held > 0, "host 2 holds some of the program's pages");
     // Squeeze host 2: a program there takes all but 5% of its memory.
     let room = LIMIT.saturating_sub(cgroup.usage()).saturating_sub(LIMIT / 20);
-    let mut squeeze = Running(
-        cgroup.command(&[hog.to_str().unwrap(), &(room >> 20).to_string()]).stdout(Stdio::piped()).spawn().unwrap(),
-    );
+    let mut squeeze =
+        Running(cgroup.wrap(Command::new(&hog).arg((room >> 20).to_string())).stdout(Stdio::piped()).spawn().unwrap());
     assert_eq!(lines(&mut squeeze.0).recv_timeout(Duration::from_secs(30)).ok().as_deref(), Some("held"));
     let squeezed = cgroup.usage();
     let noticed = wait("host 2 asks for its pages to go elsewhere", Duration::from_secs(20), || {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mosaic_cluster::gossip::ask_view;
 use mosaic_cluster::{job_where, Agent, AgentConfig, Home, MIGRATE_SIGNAL};
-use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+use mosaic_transport::ClusterKey;
 
 /// Rounds of `spin` a job does: a few seconds of one CPU here.
 pub const SPIN_ROUNDS: u64 = 3_000_000_000;
@@ -222,9 +222,7 @@ pub fn run() -> Result<Option<String>, String> {
     let (_a, a) = start_agent(&exe, 0, None, &key_text, &run_dir)?;
     let (_b, b) = start_agent(&exe, 1, Some(&a), &key_text, &run_dir)?;
     println!("balancing: agents A at {a} (CPU 0) and B at {b} (CPU 1), each standing for a host, balancing on");
-    let mut o = ConnectOptions::new(key.clone());
-    o.timeout = Duration::from_secs(5);
-    let conn = connect(&a, &o).map_err(|e| format!("{a}: {}", mosaic_transport::error_chain(&e)))?;
+    let conn = mosaic_cluster::connect_agent(&a, &key, Duration::from_secs(5))?;
     let t = Instant::now();
     while !ask_view(&conn).is_ok_and(|v| v.window.iter().any(|w| w.node == b)) {
         if t.elapsed() > Duration::from_secs(15) {

@@ -56,11 +56,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), String> {
     let key = ClusterKey::from_env().map_err(|e| format!("the cluster key: {e}"))?;
-    let node = args
-        .node
-        .clone()
-        .or_else(|| std::env::var("MOSAIC_AGENT").ok())
-        .unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
+    let node = args.node.clone().unwrap_or_else(mosaic_cluster::local_agent);
     let uri = resolve_node(&node).map_err(|e| e.to_string())?;
     let uri_c = uri.clone();
     let mut o = ConnectOptions::new(key);

@@ -21,8 +21,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use mosaic_cluster::gossip::ClusterView;
 use mosaic_cluster::info::LoadVector;
-use mosaic_cluster::{drain_node, job_where, lock_job, migrate_job, resolve_node, run_dir, wire};
-use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+use mosaic_cluster::{
+    agent_status, connect_agent, drain_node, job_where, local_agent, lock_job, migrate_job, resolve_node, run_dir,
+};
+use mosaic_transport::ClusterKey;
 
 mod tune;
 
@@ -172,31 +174,27 @@ fn run(args: Args) -> Result<(), String> {
         }
         Cmd::Status { node, json } => {
             let uri = resolve_node(&node).map_err(|e| e.to_string())?;
-            let mut o = ConnectOptions::new(key);
-            o.timeout = Duration::from_secs(5);
-            let c = connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
-            let a = c.call(wire::STATUS, &[]).map_err(|e| mosaic_transport::error_chain(&e))?;
-            let mut d = wire::Dec(&a);
-            let (u, mem, hosted) = (d.str()?, d.str()?, d.u32()?);
-            let (capacity, used, ushering) = (d.u64()?, d.u64()?, d.u8()? != 0);
+            let s = agent_status(&uri, &key)?;
+            let (capacity, used) = (s.capacity_pages, s.used_pages);
             if json {
-                let memory = (!mem.is_empty()).then(|| {
+                let memory = s.memory_server.as_ref().map(|mem| {
                     serde_json::json!({"uri": mem, "capacity_bytes": capacity * 4096, "used_bytes": used * 4096,
-                        "ushering": ushering})
+                        "ushering": s.ushering})
                 });
-                println!("{}", serde_json::json!({"agent": u, "memory_server": memory, "hosted": hosted}));
+                println!("{}", serde_json::json!({"agent": s.agent, "memory_server": memory, "hosted": s.hosted}));
                 return Ok(());
             }
-            println!("agent {u}");
-            if mem.is_empty() {
-                println!("memory server: none");
-            } else {
-                println!("memory server {mem}: {} of {} MiB holding pages", used >> 8, capacity >> 8);
-                if ushering {
-                    println!("  short of memory: asking its clients to move their pages elsewhere");
+            println!("agent {}", s.agent);
+            match &s.memory_server {
+                None => println!("memory server: none"),
+                Some(mem) => {
+                    println!("memory server {mem}: {} of {} MiB holding pages", used >> 8, capacity >> 8);
+                    if s.ushering {
+                        println!("  short of memory: asking its clients to move their pages elsewhere");
+                    }
                 }
             }
-            println!("processes moved in and running: {hosted}");
+            println!("processes moved in and running: {}", s.hosted);
         }
         Cmd::Lock { pid } => {
             lock_job(&dir, pid, true, &key).map_err(|e| e.to_string())?;
@@ -215,12 +213,8 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
         Cmd::Nodes { node, json } => {
-            let node =
-                node.or_else(|| std::env::var("MOSAIC_AGENT").ok()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
-            let uri = resolve_node(&node).map_err(|e| e.to_string())?;
-            let mut o = ConnectOptions::new(key);
-            o.timeout = Duration::from_secs(5);
-            let c = connect(&uri, &o).map_err(|e| format!("{uri}: {}", mosaic_transport::error_chain(&e)))?;
+            let uri = resolve_node(&node.unwrap_or_else(local_agent)).map_err(|e| e.to_string())?;
+            let c = connect_agent(&uri, &key, Duration::from_secs(5))?;
             let view = mosaic_cluster::gossip::ask_view(&c)?;
             if json {
                 println!("{}", view_json(&view));

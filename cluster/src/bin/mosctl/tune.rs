@@ -6,8 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mosaic_cluster::tune::{self, Tuning, PROBE_MIB};
-use mosaic_cluster::{migrate_job, resolve_node, run_dir};
-use mosaic_transport::{connect, ClusterKey, ConnectOptions};
+use mosaic_cluster::{agent_status, connect_agent, local_agent, migrate_job, resolve_node, run_dir};
+use mosaic_transport::ClusterKey;
 
 /// What to measure and where the figures go.
 pub struct TuneArgs {
@@ -19,11 +19,8 @@ pub struct TuneArgs {
 }
 
 pub fn run(a: TuneArgs, key: &ClusterKey) -> Result<(), String> {
-    let node = a.node.or_else(|| std::env::var("MOSAIC_AGENT").ok()).unwrap_or_else(|| "tcp://127.0.0.1:7070".into());
-    let from = resolve_node(&node).map_err(|e| e.to_string())?;
-    let mut o = ConnectOptions::new(key.clone());
-    o.timeout = Duration::from_secs(5);
-    let c = connect(&from, &o).map_err(|e| format!("{from}: {}", mosaic_transport::error_chain(&e)))?;
+    let from = resolve_node(&a.node.unwrap_or_else(local_agent)).map_err(|e| e.to_string())?;
+    let c = connect_agent(&from, key, Duration::from_secs(5))?;
     let view = mosaic_cluster::gossip::ask_view(&c)?;
     let to = match a.to {
         Some(t) => resolve_node(&t).map_err(|e| e.to_string())?,
@@ -36,7 +33,7 @@ pub fn run(a: TuneArgs, key: &ClusterKey) -> Result<(), String> {
     let (round_trip_us, bandwidth_mib_s) = tune::link(&to, key, 200)?;
     eprintln!("        {round_trip_us:.0} us, {bandwidth_mib_s:.0} MiB/s");
     eprintln!("  [2/3] a fault served from its memory server...");
-    let remote_fault_us = match memory_server_of(&to, key)? {
+    let remote_fault_us = match agent_status(&to, key)?.memory_server {
         Some(server) => {
             let us = tune::remote_fault(&server, key)?;
             eprintln!("        {us:.0} us");
@@ -76,19 +73,6 @@ pub fn run(a: TuneArgs, key: &ClusterKey) -> Result<(), String> {
         None => print!("{text}"),
     }
     Ok(())
-}
-
-/// The memory server of the agent at `to`, if it has one (its STATUS answer).
-fn memory_server_of(to: &str, key: &ClusterKey) -> Result<Option<String>, String> {
-    let mut o = ConnectOptions::new(key.clone());
-    o.timeout = Duration::from_secs(5);
-    let c = connect(to, &o).map_err(|e| format!("{to}: {}", mosaic_transport::error_chain(&e)))?;
-    let a = c
-        .call(mosaic_cluster::wire::STATUS, &[])
-        .map_err(|e| format!("{to}: {}", mosaic_transport::error_chain(&e)))?;
-    let mut d = mosaic_cluster::wire::Dec(&a);
-    let (_agent, memory) = (d.str()?, d.str()?);
-    Ok((!memory.is_empty()).then_some(memory))
 }
 
 /// Writes `text` to `path` through a temporary file beside it: a reader never sees half of it.
