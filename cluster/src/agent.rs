@@ -1,4 +1,6 @@
-//! The node agent (`mosaicd`): a memory server and the migration endpoint of its node.
+//! The node agent (`mosaicd`): a memory server, the migration endpoint of its node and a
+//! rendezvous for DSM jobs (nodes of a job meet at `agent+tcp://HOST:PORT/JOB`, see
+//! [`mosaic_dsm::rendezvous`]).
 //!
 //! As a **source** it stops a process of its node on its home's request (`MIGRATE_OUT`), sends
 //! the image to the destination's agent and, once the process runs there, keeps the stopped copy
@@ -17,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use mosaic_dsm::JobBooks;
 use mosaic_migrate::process::{
     check_movable, stop, FetchPages, Got, PostCopy, PostCopyStats, ProcessImage, Remains, Restorer, SourcePages,
 };
@@ -177,6 +180,8 @@ struct State {
     hosted: Mutex<HashMap<u32, Hosted>>,
     arrived: std::sync::Condvar,
     gossip: OnceLock<crate::gossip::Gossiper>,
+    /// The books of the DSM jobs meeting here (`agent+tcp://...` rendezvous).
+    books: JobBooks,
 }
 
 impl State {
@@ -227,6 +232,7 @@ impl Agent {
             hosted: Mutex::new(HashMap::new()),
             arrived: std::sync::Condvar::new(),
             gossip: OnceLock::new(),
+            books: JobBooks::new(),
         });
         // Bound before any thread starts: a port in use fails the start with nothing running.
         let metrics_listener = match &cfg.metrics {
@@ -270,6 +276,7 @@ impl Agent {
                             (st.capacity_pages, st.used_pages)
                         }),
                         ushering: s.memory.as_ref().is_some_and(MemServer::leaving),
+                        dsm_jobs_meeting: s.books.open() as u64,
                     }
                 })
                 .map_err(|e| ClusterError::Start(format!("the metrics thread: {e}")))?;
@@ -567,6 +574,7 @@ impl Service for AgentService {
                 })?;
                 response.extend_from_slice(&g.view().encode());
             }
+            m if JobBooks::serves(m) => return s.books.call(m, request, response),
             m => return Err(ServiceError::new(Status::UnknownMethod, format!("no method {m:#x}"))),
         }
         Ok(())

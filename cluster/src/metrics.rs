@@ -1,7 +1,7 @@
 //! The agent's Prometheus endpoint (`mosaicd --metrics HOST:PORT`): `GET /metrics` answers the
 //! node's figures in the text exposition format: its load vector, what it knows of the cluster
-//! (members, each one's load and the age of that figure), the processes it hosts, its memory
-//! server, and what its gossip sent. Plain HTTP/1.0 on a thread of its own: one request per
+//! (members, each one's load and the age of that figure), the processes it hosts, the DSM jobs
+//! meeting there, its memory server, and what its gossip sent. Plain HTTP/1.0 on a thread of its own: one request per
 //! connection, bounded reads, nothing else served.
 
 use std::fmt::Write as _;
@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub memory_pages: Option<(u64, u64)>,
     /// Whether its memory server asks clients to move their pages elsewhere.
     pub ushering: bool,
+    /// DSM jobs whose nodes are meeting here now.
+    pub dsm_jobs_meeting: u64,
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
@@ -96,6 +98,12 @@ pub fn render(s: &Snapshot) -> String {
         );
     }
     gauge(&mut out, "mosaic_hosted_processes", "Processes that moved in and run here.", s.hosted as f64);
+    gauge(
+        &mut out,
+        "mosaic_dsm_jobs_meeting",
+        "DSM jobs whose nodes are meeting here (agent rendezvous).",
+        s.dsm_jobs_meeting as f64,
+    );
     if let Some((capacity, used)) = s.memory_pages {
         gauge(
             &mut out,
@@ -193,6 +201,7 @@ mod tests {
             hosted: 2,
             memory_pages: Some((1024, 10)),
             ushering: true,
+            dsm_jobs_meeting: 3,
         };
         let t = render(&s);
         for want in [
@@ -203,6 +212,7 @@ mod tests {
             "mosaic_cluster_info_age_seconds{node=\"tcp://10.0.0.2:7070\"} 1.5\n",
             "mosaic_gossip_frames_sent_total 7\n",
             "mosaic_hosted_processes 2\n",
+            "mosaic_dsm_jobs_meeting 3\n",
             "mosaic_memserver_capacity_bytes 4194304\n",
             "mosaic_memserver_ushering 1\n",
             "# TYPE mosaic_gossip_bytes_sent_total counter\n",

@@ -2,8 +2,11 @@
 //! `mpirun` (`OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`), Slurm's `srun` (`SLURM_PROCID`,
 //! `SLURM_NTASKS`) or an MPICH/Hydra `mpiexec` (`PMI_RANK`, `PMI_SIZE`), in that order.
 //!
-//! The nodes meet at `MOSAIC_DSM_RENDEZVOUS` where set: a directory, or a rendezvous server's
-//! `tcp://HOST:PORT` (`mosrun --hosts` runs one; see [`crate::rendezvous`]). Else, under Open MPI
+//! The nodes meet at `MOSAIC_DSM_RENDEZVOUS` where set: a directory, a rendezvous server's
+//! `tcp://HOST:PORT` (`mosrun --hosts` runs one), or a node agent's `agent+tcp://HOST:PORT/JOB`
+//! (see [`crate::rendezvous`]; under Open MPI and Slurm `/JOB` may be left out, the job's name
+//! is taken: one `MOSAIC_DSM_RENDEZVOUS=agent+tcp://HEAD:7070` serves every job on every
+//! host). Else, under Open MPI
 //! and Slurm, in a directory named after the job (`PMIX_NAMESPACE` or Open MPI's job id;
 //! `SLURM_JOB_ID.SLURM_STEP_ID`) in the temporary directory, which serves nodes on one host (on
 //! several, set `MOSAIC_DSM_RENDEZVOUS` to a directory they share, and `MOSAIC_DSM_LISTEN` on
@@ -79,14 +82,24 @@ pub fn placement(get: &dyn Fn(&str) -> Option<String>) -> Result<Placement, Join
             why: "not set, and no Open MPI, Slurm or PMI rank either: start the job with mosrun -n, mpirun or srun",
         });
     };
+    // The job's name as a file name and an agent's book name.
+    let job = job.map(|j| -> String {
+        j.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' }).take(100).collect()
+    });
     let (rendezvous, derived) =
         match (given, job) {
-            (Some(d), _) => (d, false),
-            (None, Some(job)) => {
-                let name: String =
-                    job.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
-                (Rendezvous::Dir(std::env::temp_dir().join(format!("mosaic-dsm-{name}"))), true)
+            // An agent's book without a job name: the launcher's names it.
+            (Some(Rendezvous::Agent { agent, job: given_job }), Some(job)) if given_job.is_empty() => {
+                (Rendezvous::Agent { agent, job }, false)
             }
+            (Some(Rendezvous::Agent { job, .. }), None) if job.is_empty() => {
+                return Err(JoinError::Environment {
+                    name: RENDEZVOUS_ENV,
+                    why: "names an agent without a job (agent+tcp://HOST:PORT/JOB): this launcher gives no job name",
+                })
+            }
+            (Some(d), _) => (d, false),
+            (None, Some(job)) => (Rendezvous::Dir(std::env::temp_dir().join(format!("mosaic-dsm-{job}"))), true),
             (None, None) => return Err(JoinError::Environment {
                 name: RENDEZVOUS_ENV,
                 why: "not set (a directory every node of the job can reach, or a rendezvous server's tcp://HOST:PORT)",
@@ -122,7 +135,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((p.launcher, p.rank, p.size, p.derived), (Launcher::OpenMpi, 1, 2, true));
-        assert!(p.rendezvous.to_string().ends_with("mosaic-dsm-ompi-prterun-h-12_1"), "{:?}", p.rendezvous);
+        assert!(p.rendezvous.to_string().ends_with("mosaic-dsm-ompi-prterun-h-12@1"), "{:?}", p.rendezvous);
         let p = placement(&env(&[
             ("SLURM_PROCID", "3"),
             ("SLURM_NTASKS", "8"),
@@ -145,6 +158,22 @@ mod tests {
         assert_eq!(p.rendezvous, Rendezvous::Server("tcp://10.1.2.3:4000".into()));
         let p = placement(&env(&[("PMI_RANK", "0"), ("PMI_SIZE", "2"), (RENDEZVOUS_ENV, "/r")])).unwrap();
         assert_eq!(p.launcher, Launcher::Pmi);
+        // An agent's book takes the launcher's job name when it gives none.
+        let p = placement(&env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_JOB_ID", "9"),
+            ("SLURM_STEP_ID", "1"),
+            (RENDEZVOUS_ENV, "agent+tcp://10.0.0.1:7070"),
+        ]))
+        .unwrap();
+        assert_eq!(p.rendezvous, Rendezvous::agent("tcp://10.0.0.1:7070", "slurm-9.1"));
+        let p = placement(&env(&[(RANK_ENV, "0"), (SIZE_ENV, "2"), (RENDEZVOUS_ENV, "agent+tcp://h:1/mine")])).unwrap();
+        assert_eq!(p.rendezvous, Rendezvous::agent("tcp://h:1", "mine"));
+        let e = placement(&env(&[("PMI_RANK", "0"), ("PMI_SIZE", "2"), (RENDEZVOUS_ENV, "agent+tcp://h:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gives no job name"), "{e}");
     }
 
     #[test]

@@ -20,8 +20,8 @@
 //!   ([`Job::fetch_add`], [`Job::compare_exchange`]), collective allocation ([`Job::alloc`]) and
 //!   allocation from a node's own arena ([`Job::alloc_local`]). `mosrun -n N` starts a job on
 //!   this host; so do `mpirun` and `srun` ([`launch`]).
-//! - [`rendezvous`]: where the nodes find each other: a directory, or a server (for jobs across
-//!   hosts, which `mosrun --hosts` starts).
+//! - [`rendezvous`]: where the nodes find each other: a directory, a node agent (`mosaicd`), or
+//!   a server (for jobs across hosts, which `mosrun --hosts` starts).
 //! - [`alloc`]: the allocator behind both kinds of allocation.
 //! - [`order`]: each peer's messages back in the order sent, once each (in the nodes and in the
 //!   model checker, which loses, delays and repeats messages).
@@ -59,4 +59,4 @@ pub mod wire;
 pub use alloc::AllocError;
 pub use job::{Job, JobConfig, JobStats, JoinError};
 pub use protocol::{Access, Action, Homes, Msg, Node, NodeId, PageNo, Want};
-pub use rendezvous::{Rendezvous, RendezvousServer};
+pub use rendezvous::{JobBooks, Rendezvous, RendezvousServer};

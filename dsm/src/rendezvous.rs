@@ -1,6 +1,6 @@
 //! Where the nodes of a job find each other's addresses before they connect.
 //!
-//! Two ways, chosen by what `MOSAIC_DSM_RENDEZVOUS` holds:
+//! Three ways, chosen by what `MOSAIC_DSM_RENDEZVOUS` holds:
 //!
 //! - a directory every node can read and write (`mosrun -n` on one host, `mpirun` or `srun` on
 //!   one host or over a shared file system): each node writes its address to `node-RANK.uri` and
@@ -8,11 +8,14 @@
 //! - `tcp://HOST:PORT`, a [`RendezvousServer`] (which `mosrun --hosts` runs for the job it
 //!   starts on several hosts): each node publishes its rank and address, then asks for the list
 //!   until every node is in it. The server speaks the transport's authenticated protocol, so only
-//!   holders of the cluster key take part.
+//!   holders of the cluster key take part;
+//! - `agent+tcp://HOST:PORT/JOB`, a node agent (`mosaicd`), which keeps a book for every job
+//!   meeting there ([`JobBooks`]), the same way, under the job's name. Under `mpirun` or `srun`
+//!   the name may be left out (`agent+tcp://HOST:PORT`): the launcher's job name is taken.
 //!
 //! Either way a node waits at most its join time-out, then fails naming the nodes that never came.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -32,16 +35,41 @@ pub enum Rendezvous {
     Dir(PathBuf),
     /// A [`RendezvousServer`]'s address (`tcp://HOST:PORT`).
     Server(String),
+    /// A node agent (`mosaicd`) that keeps a book for every job meeting there
+    /// (`agent+tcp://HOST:PORT/JOB`), served by [`JobBooks`].
+    Agent {
+        /// The agent's address (`tcp://HOST:PORT`).
+        agent: String,
+        /// The job's name: the nodes of one job give the same, other jobs another (empty when
+        /// not given yet: the launcher's job name fills it in, see [`crate::launch`]).
+        job: String,
+    },
 }
 
+/// What `MOSAIC_DSM_RENDEZVOUS` starts with when it names a node agent.
+pub const AGENT_SCHEME: &str = "agent+";
+
 impl Rendezvous {
-    /// A server's address if `text` is a `tcp://` URI, else a directory.
+    /// A node agent's book if `text` is `agent+URI[/JOB]`, a server's address if it is a
+    /// `tcp://` URI, else a directory.
     pub fn parse(text: &str) -> Rendezvous {
-        if text.starts_with("tcp://") {
+        if let Some(rest) = text.strip_prefix(AGENT_SCHEME) {
+            let after_scheme = rest.find("://").map_or(0, |i| i + 3);
+            let (agent, job) = match rest[after_scheme..].find('/') {
+                Some(i) => (&rest[..after_scheme + i], &rest[after_scheme + i + 1..]),
+                None => (rest, ""),
+            };
+            Rendezvous::Agent { agent: agent.to_string(), job: job.to_string() }
+        } else if text.starts_with("tcp://") {
             Rendezvous::Server(text.to_string())
         } else {
             Rendezvous::Dir(PathBuf::from(text))
         }
+    }
+
+    /// Meeting at the agent at `agent` (`tcp://HOST:PORT`) as the job `job`.
+    pub fn agent(agent: &str, job: &str) -> Rendezvous {
+        Rendezvous::Agent { agent: agent.to_string(), job: job.to_string() }
     }
 }
 
@@ -50,6 +78,7 @@ impl std::fmt::Display for Rendezvous {
         match self {
             Rendezvous::Dir(d) => write!(f, "{}", d.display()),
             Rendezvous::Server(uri) => f.write_str(uri),
+            Rendezvous::Agent { agent, job } => write!(f, "{AGENT_SCHEME}{agent}/{job}"),
         }
     }
 }
@@ -66,10 +95,14 @@ impl From<&Path> for Rendezvous {
     }
 }
 
-/// The transport method a node publishes its address by.
+/// The transport method a node publishes its address by, at a [`RendezvousServer`].
 const METHOD_PUBLISH: u64 = 0x4453_5201;
-/// The transport method a node asks for every address by.
+/// The transport method a node asks for every address by, at a [`RendezvousServer`].
 const METHOD_LIST: u64 = 0x4453_5202;
+/// [`METHOD_PUBLISH`] at an agent: the job's name first.
+const METHOD_JOB_PUBLISH: u64 = 0x4453_5203;
+/// [`METHOD_LIST`] at an agent: the job's name and the asking node's rank first.
+const METHOD_JOB_LIST: u64 = 0x4453_5204;
 /// How long a node waits between two looks.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -85,7 +118,11 @@ pub fn meet(
 ) -> Result<Vec<String>, JoinError> {
     match at {
         Rendezvous::Dir(dir) => meet_in_dir(dir, rank, size, uri, timeout),
-        Rendezvous::Server(server) => meet_at_server(server, key, rank, size, uri, timeout),
+        Rendezvous::Server(server) => meet_at_server(server, None, key, rank, size, uri, timeout),
+        Rendezvous::Agent { agent, job } => {
+            check_job_name(job).map_err(|why| JoinError::RendezvousServer { uri: at.to_string(), why })?;
+            meet_at_server(agent, Some(job), key, rank, size, uri, timeout)
+        }
     }
 }
 
@@ -124,8 +161,16 @@ fn meet_in_dir(dir: &Path, rank: NodeId, size: u16, uri: &str, timeout: Duration
     }
 }
 
+/// The job's name as it prefixes an agent's requests.
+fn job_prefix(job: &str, out: &mut Vec<u8>) {
+    out.push(u8::try_from(job.len()).expect("job names are checked to be short"));
+    out.extend_from_slice(job.as_bytes());
+}
+
+/// Meets at the single-job server at `server`, or in the book of `job` at the agent there.
 fn meet_at_server(
     server: &str,
+    job: Option<&str>,
     key: &ClusterKey,
     rank: NodeId,
     size: u16,
@@ -133,7 +178,11 @@ fn meet_at_server(
     timeout: Duration,
 ) -> Result<Vec<String>, JoinError> {
     let start = Instant::now();
-    let unreachable = |why: String| JoinError::RendezvousServer { uri: server.to_string(), why };
+    let at = match job {
+        Some(j) => format!("{AGENT_SCHEME}{server}/{j}"),
+        None => server.to_string(),
+    };
+    let unreachable = |why: String| JoinError::RendezvousServer { uri: at.clone(), why };
     let opts = ConnectOptions::new(key.clone()).timeout(timeout.clamp(Duration::from_secs(1), Duration::from_secs(10)));
     // The server may be starting still: try until the time is up.
     let conn = loop {
@@ -143,17 +192,24 @@ fn meet_at_server(
             Err(_) => std::thread::sleep(POLL),
         }
     };
-    let mut publish = Vec::with_capacity(4 + uri.len());
+    let (mut publish, mut list) = (Vec::with_capacity(4 + uri.len()), Vec::new());
+    if let Some(j) = job {
+        job_prefix(j, &mut publish);
+        job_prefix(j, &mut list);
+        list.extend_from_slice(&rank.to_le_bytes());
+    }
     publish.extend_from_slice(&rank.to_le_bytes());
     publish.extend_from_slice(&size.to_le_bytes());
     publish.extend_from_slice(uri.as_bytes());
-    conn.call(METHOD_PUBLISH, &publish).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
+    let (publish_method, list_method) =
+        if job.is_some() { (METHOD_JOB_PUBLISH, METHOD_JOB_LIST) } else { (METHOD_PUBLISH, METHOD_LIST) };
+    conn.call(publish_method, &publish).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
     loop {
-        let answer = conn.call(METHOD_LIST, &[]).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
+        let answer = conn.call(list_method, &list).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
         match decode_list(&answer) {
             Some(List::Complete(uris)) if uris.len() == usize::from(size) => return Ok(uris),
             Some(List::Missing(missing)) if start.elapsed() >= timeout => {
-                return Err(JoinError::PeersMissing { missing, waited: start.elapsed(), at: server.to_string() })
+                return Err(JoinError::PeersMissing { missing, waited: start.elapsed(), at })
             }
             Some(List::Missing(_)) => std::thread::sleep(POLL),
             _ => return Err(unreachable("a malformed list of addresses".into())),
@@ -211,53 +267,93 @@ fn decode_list(bytes: &[u8]) -> Option<List> {
 
 /// The longest address a node may publish.
 const MAX_URI: usize = 1024;
+/// The longest job name at an agent.
+pub const MAX_JOB_NAME: usize = 128;
 
-/// The addresses published so far.
-struct Book {
-    size: u16,
-    uris: Mutex<BTreeMap<NodeId, String>>,
+/// Why `job` cannot name a job at an agent, if it cannot.
+fn check_job_name(job: &str) -> Result<(), String> {
+    if job.is_empty() {
+        return Err("no job name (agent+URI/JOB; under mpirun or srun the job's own name is taken)".into());
+    }
+    if job.len() > MAX_JOB_NAME || job.chars().any(|c| c == '/' || c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "job name {job:?}: at most {MAX_JOB_NAME} bytes, without '/', spaces or control characters"
+        ));
+    }
+    Ok(())
 }
 
-impl Service for Book {
-    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
-        let bad = |why: String| ServiceError::new(Status::BadRequest, why);
-        match method {
-            METHOD_PUBLISH => {
-                let (head, uri) = request.split_at_checked(4).ok_or_else(|| bad("a malformed publication".into()))?;
-                let rank = u16::from_le_bytes([head[0], head[1]]);
-                let size = u16::from_le_bytes([head[2], head[3]]);
-                if size != self.size {
-                    return Err(bad(format!("this job has {} nodes, not {size}", self.size)));
-                }
-                if rank >= size {
-                    return Err(bad(format!("rank {rank} of a job of {size} nodes")));
-                }
-                let uri =
-                    std::str::from_utf8(uri).ok().filter(|u| !u.is_empty() && u.len() <= MAX_URI).ok_or_else(|| {
-                        bad(format!("node {rank}: no address, or not one of at most {MAX_URI} UTF-8 bytes"))
-                    })?;
-                let mut uris = self.uris.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                match uris.get(&rank) {
-                    Some(had) if had != uri => {
-                        return Err(bad(format!(
-                            "node {rank} joined already, at {had}: two processes have rank {rank}"
-                        )))
-                    }
-                    _ => {
-                        uris.insert(rank, uri.to_string());
-                    }
-                }
+fn bad(why: String) -> ServiceError {
+    ServiceError::new(Status::BadRequest, why)
+}
+
+/// The addresses one job's nodes published so far.
+struct Book {
+    size: u16,
+    uris: BTreeMap<NodeId, String>,
+    /// The ranks that were given the complete list (an agent's books only).
+    told: BTreeSet<NodeId>,
+}
+
+impl Book {
+    fn new(size: u16) -> Book {
+        Book { size, uris: BTreeMap::new(), told: BTreeSet::new() }
+    }
+
+    /// `request`: rank, size (both `u16`), address.
+    fn publish(&mut self, request: &[u8]) -> Result<(), ServiceError> {
+        let (head, uri) = request.split_at_checked(4).ok_or_else(|| bad("a malformed publication".into()))?;
+        let rank = u16::from_le_bytes([head[0], head[1]]);
+        let size = u16::from_le_bytes([head[2], head[3]]);
+        if size != self.size {
+            return Err(bad(format!("this job has {} nodes, not {size}", self.size)));
+        }
+        if rank >= size {
+            return Err(bad(format!("rank {rank} of a job of {size} nodes")));
+        }
+        let uri = std::str::from_utf8(uri)
+            .ok()
+            .filter(|u| !u.is_empty() && u.len() <= MAX_URI)
+            .ok_or_else(|| bad(format!("node {rank}: no address, or not one of at most {MAX_URI} UTF-8 bytes")))?;
+        match self.uris.get(&rank) {
+            Some(had) if had != uri => {
+                Err(bad(format!("node {rank} joined already, at {had}: two processes have rank {rank}")))
+            }
+            _ => {
+                self.uris.insert(rank, uri.to_string());
                 Ok(())
             }
+        }
+    }
+
+    /// The list as it stands; `asking` is counted as told when it is complete.
+    fn list(&mut self, asking: Option<NodeId>) -> List {
+        let missing: Vec<NodeId> = (0..self.size).filter(|r| !self.uris.contains_key(r)).collect();
+        if !missing.is_empty() {
+            return List::Missing(missing);
+        }
+        if let Some(r) = asking {
+            self.told.insert(r);
+        }
+        List::Complete(self.uris.values().cloned().collect())
+    }
+
+    /// Every node has the complete list: the book has served its job.
+    fn done(&self) -> bool {
+        self.told.len() == usize::from(self.size)
+    }
+}
+
+/// A [`RendezvousServer`]'s one book.
+struct OneBook(Mutex<Book>);
+
+impl Service for OneBook {
+    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let mut book = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match method {
+            METHOD_PUBLISH => book.publish(request),
             METHOD_LIST => {
-                let uris = self.uris.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let missing: Vec<NodeId> = (0..self.size).filter(|r| !uris.contains_key(r)).collect();
-                let list = if missing.is_empty() {
-                    List::Complete(uris.values().cloned().collect())
-                } else {
-                    List::Missing(missing)
-                };
-                encode_list(&list, response);
+                encode_list(&book.list(None), response);
                 Ok(())
             }
             _ => Err(ServiceError::new(Status::UnknownMethod, format!("no method {method:#x}"))),
@@ -275,7 +371,7 @@ impl RendezvousServer {
     /// Listens on `uri` (`tcp://ADDRESS:PORT`, port 0 for any) for the `size` nodes of a job
     /// that holds `key`.
     pub fn start(uri: &str, key: ClusterKey, size: u16) -> Result<RendezvousServer, ListenError> {
-        let book = Book { size, uris: Mutex::new(BTreeMap::new()) };
+        let book = OneBook(Mutex::new(Book::new(size)));
         let server = listen(uri, ServerConfig::new(key).service(book))?;
         Ok(RendezvousServer { server })
     }
@@ -289,6 +385,99 @@ impl RendezvousServer {
 impl std::fmt::Debug for RendezvousServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RendezvousServer").field("uri", &self.uri()).finish()
+    }
+}
+
+/// Most jobs an agent keeps a book for at once.
+pub const MAX_JOBS: usize = 1024;
+/// A book no node has looked at for this long is dropped (its nodes gave up or died: a
+/// waiting node looks every few milliseconds).
+pub const JOB_IDLE: Duration = Duration::from_secs(120);
+
+/// The books of every job meeting at a node agent ([`Rendezvous::Agent`]): the agent's service
+/// hands the methods [`JobBooks::serves`] to [`JobBooks::call`]. A book is opened by its job's
+/// first publication and closed once every node has the complete list, or after [`JOB_IDLE`]
+/// unlooked at; at most [`MAX_JOBS`] are open.
+#[derive(Default)]
+pub struct JobBooks {
+    books: Mutex<HashMap<String, (Book, Instant)>>,
+}
+
+impl JobBooks {
+    /// No books.
+    pub fn new() -> JobBooks {
+        JobBooks::default()
+    }
+
+    /// Whether `method` is one of the books' methods.
+    pub fn serves(method: u64) -> bool {
+        matches!(method, METHOD_JOB_PUBLISH | METHOD_JOB_LIST)
+    }
+
+    /// Jobs with an open book.
+    pub fn open(&self) -> usize {
+        self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Answers one of the books' methods.
+    pub fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        let (&len, rest) = request.split_first().ok_or_else(|| bad("no job name".into()))?;
+        let (job, rest) = rest.split_at_checked(usize::from(len)).ok_or_else(|| bad("a malformed job name".into()))?;
+        let job = std::str::from_utf8(job).map_err(|_| bad("a job name not in UTF-8".into()))?;
+        check_job_name(job).map_err(bad)?;
+        let now = Instant::now();
+        let mut books = self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        books.retain(|_, (_, touched)| now.duration_since(*touched) < JOB_IDLE);
+        match method {
+            METHOD_JOB_PUBLISH => {
+                if !books.contains_key(job) && books.len() >= MAX_JOBS {
+                    return Err(ServiceError::new(
+                        Status::Full,
+                        format!("{MAX_JOBS} jobs are meeting at this agent already; try again"),
+                    ));
+                }
+                let size = rest.get(2..4).map(|s| u16::from_le_bytes([s[0], s[1]])).unwrap_or(0);
+                let (book, touched) = books.entry(job.to_string()).or_insert_with(|| (Book::new(size), now));
+                *touched = now;
+                let published = book.publish(rest);
+                if book.uris.is_empty() {
+                    // Opened by a refused publication: nothing to keep.
+                    books.remove(job);
+                }
+                published
+            }
+            METHOD_JOB_LIST => {
+                let rank = rest
+                    .get(..2)
+                    .map(|r| u16::from_le_bytes([r[0], r[1]]))
+                    .ok_or_else(|| bad("no rank in the request".into()))?;
+                let Some((book, touched)) = books.get_mut(job) else {
+                    return Err(ServiceError::new(Status::NotFound, format!("no job {job:?} meets here")));
+                };
+                if rank >= book.size || !book.uris.contains_key(&rank) {
+                    return Err(bad(format!("node {rank} of job {job:?} asks before publishing")));
+                }
+                *touched = now;
+                encode_list(&book.list(Some(rank)), response);
+                if book.done() {
+                    books.remove(job);
+                }
+                Ok(())
+            }
+            _ => Err(ServiceError::new(Status::UnknownMethod, format!("no method {method:#x}"))),
+        }
+    }
+}
+
+impl std::fmt::Debug for JobBooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobBooks").field("open", &self.open()).finish()
+    }
+}
+
+impl Service for JobBooks {
+    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        JobBooks::call(self, method, request, response)
     }
 }
 
@@ -350,5 +539,111 @@ mod tests {
         drop(server);
         let e = meet(&at, &key(), 0, 3, "tcp://a:1", Duration::from_millis(200)).unwrap_err();
         assert!(matches!(e, JoinError::RendezvousServer { .. }), "{e}");
+    }
+
+    #[test]
+    fn agent_rendezvous_parses_and_prints() {
+        let r = Rendezvous::parse("agent+tcp://10.0.0.1:7070/job-7@1");
+        assert_eq!(r, Rendezvous::agent("tcp://10.0.0.1:7070", "job-7@1"));
+        assert_eq!(r.to_string(), "agent+tcp://10.0.0.1:7070/job-7@1");
+        assert_eq!(Rendezvous::parse("agent+tcp://[::1]:7070"), Rendezvous::agent("tcp://[::1]:7070", ""));
+        for bad in ["", "a/b", "a b", &"x".repeat(MAX_JOB_NAME + 1)] {
+            assert!(check_job_name(bad).is_err(), "{bad:?}");
+        }
+        check_job_name("ompi-prterun-h-12@1").unwrap();
+    }
+
+    /// One request to `books` as a node of `job` would send it.
+    fn ask(books: &JobBooks, method: u64, job: &str, body: &[u8]) -> Result<Vec<u8>, ServiceError> {
+        let mut request = Vec::new();
+        job_prefix(job, &mut request);
+        request.extend_from_slice(body);
+        let mut response = Vec::new();
+        books.call(method, &request, &mut response).map(|()| response)
+    }
+
+    fn publication(rank: u16, size: u16, uri: &str) -> Vec<u8> {
+        [&rank.to_le_bytes()[..], &size.to_le_bytes(), uri.as_bytes()].concat()
+    }
+
+    #[test]
+    fn an_agent_keeps_one_book_per_job_and_closes_it_when_all_know() {
+        let books = JobBooks::new();
+        // Two jobs with the same ranks at once: each sees its own.
+        for (job, host) in [("a", "x"), ("b", "y")] {
+            ask(&books, METHOD_JOB_PUBLISH, job, &publication(0, 2, &format!("tcp://{host}0:1"))).unwrap();
+        }
+        assert_eq!(books.open(), 2);
+        let list = ask(&books, METHOD_JOB_LIST, "a", &0u16.to_le_bytes()).unwrap();
+        assert_eq!(decode_list(&list), Some(List::Missing(vec![1])));
+        ask(&books, METHOD_JOB_PUBLISH, "a", &publication(1, 2, "tcp://x1:1")).unwrap();
+        // Wrong size, a rank taken at another address, a rank asking before publishing, an
+        // unknown job, a bad name: refused, the books untouched.
+        let e = ask(&books, METHOD_JOB_PUBLISH, "a", &publication(0, 3, "tcp://z:1")).unwrap_err();
+        assert!(e.message.contains("this job has 2 nodes, not 3"), "{e:?}");
+        let e = ask(&books, METHOD_JOB_PUBLISH, "b", &publication(0, 2, "tcp://z:1")).unwrap_err();
+        assert!(e.message.contains("two processes have rank 0"), "{e:?}");
+        let e = ask(&books, METHOD_JOB_LIST, "b", &1u16.to_le_bytes()).unwrap_err();
+        assert!(e.message.contains("asks before publishing"), "{e:?}");
+        let e = ask(&books, METHOD_JOB_LIST, "c", &0u16.to_le_bytes()).unwrap_err();
+        assert!(e.message.contains("no job \"c\""), "{e:?}");
+        assert!(ask(&books, METHOD_JOB_PUBLISH, "d/e", &publication(0, 1, "tcp://z:1")).is_err());
+        assert!(books.call(METHOD_JOB_LIST, &[200, b'a'], &mut Vec::new()).is_err());
+        assert!(ask(&books, METHOD_JOB_PUBLISH, "c", &publication(5, 2, "tcp://z:1")).is_err());
+        assert_eq!(books.open(), 2, "a refused first publication opens no book");
+        // Job a complete: each node gets the list; the book closes once both have it.
+        for rank in [0u16, 1] {
+            let list = ask(&books, METHOD_JOB_LIST, "a", &rank.to_le_bytes()).unwrap();
+            assert_eq!(decode_list(&list), Some(List::Complete(vec!["tcp://x0:1".into(), "tcp://x1:1".into()])));
+        }
+        assert_eq!(books.open(), 1);
+        // The name is free again: a new job of that name starts afresh.
+        ask(&books, METHOD_JOB_PUBLISH, "a", &publication(0, 1, "tcp://w:1")).unwrap();
+        let list = ask(&books, METHOD_JOB_LIST, "a", &0u16.to_le_bytes()).unwrap();
+        assert_eq!(decode_list(&list), Some(List::Complete(vec!["tcp://w:1".into()])));
+        assert_eq!(books.open(), 1);
+    }
+
+    #[test]
+    fn an_agent_holds_a_bounded_number_of_books() {
+        let books = JobBooks::new();
+        for j in 0..MAX_JOBS {
+            ask(&books, METHOD_JOB_PUBLISH, &format!("j{j}"), &publication(0, 2, "tcp://a:1")).unwrap();
+        }
+        let e = ask(&books, METHOD_JOB_PUBLISH, "one-more", &publication(0, 2, "tcp://a:1")).unwrap_err();
+        assert_eq!(e.status, Status::Full, "{e:?}");
+        // Jobs already open still meet.
+        ask(&books, METHOD_JOB_PUBLISH, "j0", &publication(1, 2, "tcp://b:1")).unwrap();
+        // Books nobody looked at for JOB_IDLE are dropped to make room.
+        for (_, touched) in books.books.lock().unwrap().values_mut() {
+            *touched -= JOB_IDLE;
+        }
+        ask(&books, METHOD_JOB_PUBLISH, "one-more", &publication(0, 2, "tcp://a:1")).unwrap();
+        assert_eq!(books.open(), 1);
+    }
+
+    #[test]
+    fn nodes_meet_at_an_agents_books() {
+        let books = listen("tcp://127.0.0.1:0", ServerConfig::new(key()).service(JobBooks::new())).unwrap();
+        let nodes: Vec<_> = (0..4u16)
+            .map(|i| {
+                let at = Rendezvous::agent(books.uri(), if i % 2 == 0 { "even" } else { "odd" });
+                std::thread::spawn(move || {
+                    meet(&at, &key(), i / 2, 2, &format!("tcp://n{i}:1"), Duration::from_secs(10))
+                })
+            })
+            .collect();
+        let lists: Vec<_> = nodes.into_iter().map(|n| n.join().unwrap().unwrap()).collect();
+        assert_eq!(lists[0], ["tcp://n0:1", "tcp://n2:1"]);
+        assert_eq!(lists[1], ["tcp://n1:1", "tcp://n3:1"]);
+        let e = meet(&Rendezvous::agent(books.uri(), "late"), &key(), 1, 2, "tcp://a:1", Duration::from_millis(100))
+            .unwrap_err();
+        assert!(
+            matches!(&e, JoinError::PeersMissing { missing, at, .. } if missing == &[0] && at.ends_with("/late")),
+            "{e}"
+        );
+        let e = meet(&Rendezvous::agent(books.uri(), ""), &key(), 0, 1, "tcp://a:1", Duration::from_millis(100))
+            .unwrap_err();
+        assert!(e.to_string().contains("no job name"), "{e}");
     }
 }

@@ -1,7 +1,9 @@
 //! `mosrun -n N`: the nodes of a DSM job, on this host or on the hosts given with `--hosts`.
 //!
-//! On this host the nodes meet in a fresh rendezvous directory. Across hosts, mosrun runs a
-//! rendezvous server for the job (on the address of this machine that the hosts reach), starts
+//! On this host the nodes meet in a fresh rendezvous directory. Across hosts, they meet at the
+//! local node agent (`mosaicd`) when it runs with the job's cluster key and listens where the
+//! hosts reach it (`agent+tcp://HOST:PORT/JOB`), or else at a rendezvous server mosrun runs
+//! for the job (on the address of this machine that the hosts reach). mosrun starts
 //! node `i` on host `i mod H` through the launcher (`ssh` by default; `ip netns exec {host}` in
 //! the tests, each network namespace standing for a host), and tells each node the address to
 //! listen on. The cluster key travels as a file's path, never on a command line.
@@ -13,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use mosaic_dsm::{job, RendezvousServer};
+use mosaic_dsm::{job, Rendezvous, RendezvousServer};
 use mosaic_netram::MemServer;
 use mosaic_transport::{ClusterKey, KEY_ENV, KEY_FILE_ENV};
 
@@ -21,6 +23,65 @@ use crate::Cli;
 
 /// Most nodes of a job (the DSM directory's limit).
 const MAX_NODES: u16 = 64;
+
+/// Where the nodes of a job meet (`--rendezvous`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Meet {
+    /// The local node agent across hosts when it can serve, else mosrun's own.
+    Auto,
+    /// The local node agent, or fail.
+    Agent,
+    /// mosrun's own: a server across hosts, a directory on this host.
+    Mosrun,
+}
+
+/// Whether the cluster key comes from the environment (so the node agent may hold it too).
+fn key_in_env() -> bool {
+    std::env::var_os(KEY_ENV).is_some() || std::env::var_os(KEY_FILE_ENV).is_some()
+}
+
+/// A fresh name for a job meeting at an agent.
+fn job_name() -> String {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("mosrun-{}-{stamp}", std::process::id())
+}
+
+/// The IP address in `tcp://HOST:PORT`, if HOST is one.
+fn uri_ip(uri: &str) -> Option<IpAddr> {
+    let (host, _port) = uri.split_once("://")?.1.rsplit_once(':')?;
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// The local node agent's rendezvous for a new job whose nodes run at `hosts`, when
+/// `--rendezvous` allows it and the agent can serve it (`Err` only when `--rendezvous agent`
+/// and it cannot).
+fn agent_rendezvous(cli: &Cli, key: &ClusterKey, hosts: &[IpAddr]) -> Result<Option<Rendezvous>, String> {
+    if cli.rendezvous == Meet::Mosrun {
+        return Ok(None);
+    }
+    let usable = || -> Result<String, String> {
+        if !key_in_env() {
+            return Err(format!("no cluster key in the environment ({KEY_ENV} or {KEY_FILE_ENV})"));
+        }
+        let uri = mosaic_cluster::resolve_node(&mosaic_cluster::local_agent()).map_err(|e| e.to_string())?;
+        let status = mosaic_cluster::agent_status(&uri, key)?;
+        let loopback = uri_ip(&status.agent).is_some_and(|ip| ip.is_loopback());
+        if loopback && hosts.iter().any(|h| !h.is_loopback()) {
+            return Err(format!("the agent listens at {}, which other hosts cannot reach", status.agent));
+        }
+        Ok(status.agent)
+    };
+    match (usable(), cli.rendezvous) {
+        (Ok(agent), _) => Ok(Some(Rendezvous::agent(&agent, &job_name()))),
+        (Err(why), Meet::Agent) => Err(format!("--rendezvous agent: cannot meet at the node agent: {why}")),
+        (Err(why), _) => {
+            if cli.verbose {
+                eprintln!("mosrun: not meeting at the node agent ({why})");
+            }
+            Ok(None)
+        }
+    }
+}
 
 /// The launcher used when `--launcher` is not given.
 pub const DEFAULT_LAUNCHER: &str = "ssh -o BatchMode=yes {host}";
@@ -144,7 +205,7 @@ fn network_ram(cli: &Cli, key: &ClusterKey, listen_host: &str) -> Result<(Vec<En
     Ok((env, embedded))
 }
 
-/// Every node on this host, meeting in `dir`.
+/// Every node on this host, meeting in `dir` (or at the local agent, if asked).
 fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
     let (key, key_text) = match ClusterKey::from_env() {
         Ok(k) => (k, None),
@@ -154,8 +215,11 @@ fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
         }
     };
     let (memory, memory_server) = network_ram(cli, &key, "127.0.0.1")?;
+    // On this host the directory serves unless the agent is asked for.
+    let agent = if cli.rendezvous == Meet::Agent { agent_rendezvous(cli, &key, &[])? } else { None };
+    let meet = agent.unwrap_or_else(|| Rendezvous::Dir(dir.to_path_buf()));
     if cli.verbose {
-        eprintln!("mosrun: {n} nodes of {}, meeting in {}", cli.program[0], dir.display());
+        eprintln!("mosrun: {n} nodes of {}, meeting at {meet}", cli.program[0]);
     }
     let commands = (0..n)
         .map(|rank| {
@@ -163,7 +227,7 @@ fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
             cmd.args(&cli.program[1..])
                 .env("MOSAIC_DSM_RANK", rank.to_string())
                 .env("MOSAIC_DSM_SIZE", n.to_string())
-                .env("MOSAIC_DSM_RENDEZVOUS", dir)
+                .env("MOSAIC_DSM_RENDEZVOUS", meet.to_string())
                 .envs(memory.iter().map(|(k, v)| (k, v)));
             if let Some(text) = &key_text {
                 cmd.env(KEY_ENV, text).env_remove(KEY_FILE_ENV);
@@ -174,7 +238,8 @@ fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
     Ok((commands, None, memory_server))
 }
 
-/// Node `i` on host `i mod H` through the launcher, meeting at a rendezvous server of ours.
+/// Node `i` on host `i mod H` through the launcher, meeting at the local agent or a rendezvous
+/// server of ours.
 fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
     let hosts = cli.hosts.iter().map(|h| parse_host(h)).collect::<Result<Vec<_>, _>>()?;
     let here = match &cli.rendezvous_address {
@@ -204,8 +269,16 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
     };
     let key = ClusterKey::from_file(&key_file).map_err(|e| e.to_string())?;
     let (memory, memory_server) = network_ram(cli, &key, &uri_host(here))?;
-    let server = RendezvousServer::start(&format!("tcp://{}:0", uri_host(here)), key, n)
-        .map_err(|e| format!("cannot start the job's rendezvous on {here}: {}", mosaic_transport::error_chain(&e)))?;
+    let addrs: Vec<IpAddr> = hosts.iter().map(|h| h.addr).collect();
+    let (meet, server) = match agent_rendezvous(cli, &key, &addrs)? {
+        Some(at) => (at, None),
+        None => {
+            let server = RendezvousServer::start(&format!("tcp://{}:0", uri_host(here)), key, n).map_err(|e| {
+                format!("cannot start the job's rendezvous on {here}: {}", mosaic_transport::error_chain(&e))
+            })?;
+            (Rendezvous::parse(server.uri()), Some(server))
+        }
+    };
     let template = cli.launcher.as_deref().unwrap_or(DEFAULT_LAUNCHER);
     if cli.verbose {
         let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
@@ -213,7 +286,7 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
             "mosrun: {n} nodes of {} on {} (by turns, started with `{template}`), meeting at {}",
             cli.program[0],
             names.join(","),
-            server.uri()
+            meet
         );
     }
     let commands = (0..n)
@@ -225,7 +298,7 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
                 .arg("env")
                 .arg(format!("MOSAIC_DSM_RANK={rank}"))
                 .arg(format!("MOSAIC_DSM_SIZE={n}"))
-                .arg(format!("MOSAIC_DSM_RENDEZVOUS={}", server.uri()))
+                .arg(format!("MOSAIC_DSM_RENDEZVOUS={meet}"))
                 .arg(format!("MOSAIC_DSM_LISTEN=tcp://{}:0", uri_host(host.addr)))
                 .arg(format!("{KEY_FILE_ENV}={}", key_file.display()))
                 .args(memory.iter().map(|(k, v)| format!("{k}={v}")))
@@ -234,7 +307,7 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
             cmd
         })
         .collect();
-    Ok((commands, Some(server), memory_server))
+    Ok((commands, server, memory_server))
 }
 
 /// Waits for every node; when one fails, stops the others. Returns the first failure.

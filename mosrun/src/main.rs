@@ -59,7 +59,9 @@ use mosaic_transport::{connect, ClusterKey, ConnectOptions};
                   unless MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE is set). If a node fails, \
                   the others are stopped and mosrun exits with the failed node's status.\n\n\
                   With -n N --hosts A,B,... the nodes run on those hosts by turns, started through \
-                  --launcher (ssh by default), and meet at a rendezvous mosrun serves; each listens \
+                  --launcher (ssh by default), and meet at the local node agent (mosaicd) if it \
+                  runs with the cluster key of the environment, else at a rendezvous mosrun \
+                  serves (--rendezvous chooses); each listens \
                   on its host's address (MOSAIC_DSM_LISTEN). The key goes to them as a file's path \
                   (MOSAIC_CLUSTER_KEY_FILE, or a fresh key written to a file readable by you \
                   alone under the temporary directory: the hosts must see it at the same path, \
@@ -128,6 +130,13 @@ struct Cli {
     /// (default: the one packets to the first host leave from).
     #[arg(long, requires = "hosts", value_name = "ADDRESS")]
     rendezvous_address: Option<String>,
+    /// With -n: where the nodes meet. auto: with --hosts, the local node agent (mosaicd at
+    /// MOSAIC_AGENT, or tcp://127.0.0.1:7070) when one runs, holds the cluster key of the
+    /// environment and listens where the hosts reach it, else a rendezvous mosrun serves; on this
+    /// host, a fresh directory. agent: the local node agent, or fail saying why. mosrun: mosrun's
+    /// own (a server with --hosts, a directory on this host).
+    #[arg(long, requires = "nodes", value_enum, default_value_t = dsm_job::Meet::Auto, value_name = "WHERE")]
+    rendezvous: dsm_job::Meet,
     /// Run PROGRAM so that it can move to other nodes while it runs (`mosctl migrate PID --to
     /// NODE`), without network RAM: mosrun stays its home (output, input, exit status). Needs a
     /// node agent (mosaicd) here and the cluster key in the environment.

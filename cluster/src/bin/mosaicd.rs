@@ -24,12 +24,14 @@ use mosaic_transport::ClusterKey;
 #[command(
     name = "mosaicd",
     version,
-    about = "Mosaic's node agent: memory server, migration endpoint, membership and load",
+    about = "Mosaic's node agent: memory server, migration endpoint, DSM rendezvous, membership and load",
     long_about = "Mosaic's node agent, one per node. It serves network RAM (with --memory), is the \
                   node's migration endpoint (`mosctl migrate` moves a job started by `mosrun \
                   --migratable` from the agent of the node it runs on to another's), and gossips \
                   with the other agents: it joins through any member (--join), learns the others \
-                  and their load, and finds dead ones (`mosctl nodes` shows what it knows). The \
+                  and their load, and finds dead ones (`mosctl nodes` shows what it knows). DSM \
+                  jobs meet at it (MOSAIC_DSM_RENDEZVOUS=agent+tcp://HOST:PORT/JOB; `mosrun -n N \
+                  --hosts` does so by itself). The \
                   cluster key comes from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; an agent \
                   holding another key is never heard. Settings come from flags, or from a TOML file \
                   (--config; a flag given wins). Runs until SIGINT or SIGTERM. Set RUST_LOG=info \

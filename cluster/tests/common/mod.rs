@@ -13,17 +13,18 @@ pub fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The directory of this test's binaries, with mosrun and libmosaic_preload.so built there too.
+/// The directory of this test's binaries, with mosrun, libmosaic_preload.so and dsm-litmus built
+/// there too.
 pub fn bin_dir() -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let dir = PathBuf::from(env!("CARGO_BIN_EXE_mosaicd")).parent().unwrap().to_path_buf();
     BUILD.call_once(|| {
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--quiet", "-p", "mosrun", "-p", "mosaic-preload"]);
+        cargo.args(["build", "--quiet", "-p", "mosrun", "-p", "mosaic-preload", "-p", "mosaic-dsm"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");
         }
-        assert!(cargo.status().unwrap().success(), "building mosrun and mosaic-preload failed");
+        assert!(cargo.status().unwrap().success(), "building mosrun, mosaic-preload and dsm-litmus failed");
     });
     dir
 }

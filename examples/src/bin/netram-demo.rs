@@ -6,9 +6,10 @@
 //! multiset of keys (sum and xor of all keys unchanged). It prints where the pages went and the
 //! figures, beside the same sort on ordinary local memory. Then DSM: the Jacobi example
 //! (`mosaic_examples::jacobi`) on a job of one process and on a job of `--dsm-nodes` processes
-//! (this binary, re-run as `jacobi-node`), whose checksums must be equal. Then migration: two
-//! node agents in this process, and `python3` moved from one to the other and back while it
-//! runs, its output equal to an unmigrated run's (root only; see `mosaic_examples::migration`).
+//! (this binary, re-run as `jacobi-node`, meeting at a node agent), whose checksums must be
+//! equal. Then migration: two node agents in this process, and `python3` moved from one to the
+//! other and back while it runs, its output equal to an unmigrated run's (root only; see
+//! `mosaic_examples::migration`). Then balancing (see `mosaic_examples::balancing`).
 //!
 //! ```text
 //! cargo run --release -p mosaic-examples --bin netram-demo
@@ -20,6 +21,8 @@ use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use mosaic_cluster::{Agent, AgentConfig};
+use mosaic_dsm::Rendezvous;
 use mosaic_examples::{balancing, jacobi};
 use mosaic_netram::{parse_size, MemServer, MemServerConfig, NetRam, NetRamConfig};
 use mosaic_pager::FaultMode;
@@ -399,9 +402,17 @@ fn dsm_part(cli: &Cli) -> Result<(), String> {
     println!(
         "\nDSM: a {n}x{n} Jacobi stencil, {iterations} iterations, on a job of processes sharing one address space"
     );
+    // The processes of each job meet at a node agent (mosaicd's), as jobs of a cluster do.
+    let key = ClusterKey::random_text().map_err(|e| e.to_string())?;
+    let mut agent_cfg =
+        AgentConfig::new("tcp://127.0.0.1:0", ClusterKey::from_bytes(key.as_bytes()).map_err(|e| e.to_string())?);
+    agent_cfg.usher = None;
+    let agent = Agent::start(agent_cfg).map_err(|e| format!("the node agent: {e}"))?;
+    println!("  each job's processes meet at a node agent: {}", Rendezvous::agent(agent.uri(), "JOB"));
+    let meeting = Meeting { agent: agent.uri(), key: &key };
     let mut results = Vec::new();
     for nodes in [1, cli.dsm_nodes] {
-        let outs = jacobi_job(nodes, n, iterations, &[])?;
+        let outs = jacobi_job(&meeting, nodes, n, iterations, &[])?;
         let o = &outs[0];
         let agree = outs.iter().all(|x| x[..2] == o[..2]);
         let messages: u64 = outs.iter().filter_map(|x| x[3].parse::<u64>().ok()).sum();
@@ -425,15 +436,20 @@ fn dsm_part(cli: &Cli) -> Result<(), String> {
         return Err(format!("the {}-process grid differs from the one-process grid", cli.dsm_nodes));
     }
     println!("  the same grid, bit for bit, on 1 and {} processes", cli.dsm_nodes);
-    behind_network_ram(cli, &results[0])
+    behind_network_ram(cli, &meeting, &results[0])
+}
+
+/// Where the processes of a DSM job meet: a node agent, and the cluster key it holds.
+struct Meeting<'a> {
+    agent: &'a str,
+    key: &'a str,
 }
 
 /// Jacobi again on `--dsm-nodes` processes, each page homed where first touched and each node
 /// keeping at most an eighth of the region mapped: the rest on a memory server.
-fn behind_network_ram(cli: &Cli, want: &[String]) -> Result<(), String> {
+fn behind_network_ram(cli: &Cli, meeting: &Meeting, want: &[String]) -> Result<(), String> {
     let (n, iterations, nodes) = (cli.dsm_grid, cli.dsm_iterations, cli.dsm_nodes);
-    let key = ClusterKey::random_text().map_err(|e| e.to_string())?;
-    let server_key = ClusterKey::from_bytes(key.as_bytes()).map_err(|e| e.to_string())?;
+    let server_key = ClusterKey::from_bytes(meeting.key.as_bytes()).map_err(|e| e.to_string())?;
     let server = MemServer::start("tcp://127.0.0.1:0", MemServerConfig::new(1 << 30, server_key))
         .map_err(|e| mosaic_transport::error_chain(&e))?;
     let budget = (jacobi::region_bytes(n) / 8).max(64 * 4096);
@@ -441,9 +457,8 @@ fn behind_network_ram(cli: &Cli, want: &[String]) -> Result<(), String> {
         ("MOSAIC_DSM_SERVERS".to_string(), server.uri().to_string()),
         ("MOSAIC_DSM_BUDGET".to_string(), budget.to_string()),
         ("MOSAIC_DSM_PLACEMENT".to_string(), "first-touch".to_string()),
-        (mosaic_transport::KEY_ENV.to_string(), key),
     ];
-    let outs = jacobi_job(nodes, n, iterations, &env)?;
+    let outs = jacobi_job(meeting, nodes, n, iterations, &env)?;
     let o = &outs[0];
     let stored: u64 = outs.iter().filter_map(|x| x.get(5)?.parse::<u64>().ok()).sum();
     let fetched: u64 = outs.iter().filter_map(|x| x.get(6)?.parse::<u64>().ok()).sum();
@@ -463,21 +478,27 @@ fn behind_network_ram(cli: &Cli, want: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `nodes` copies of this binary as a DSM job (with `env` besides: it may set the key);
+/// Runs `nodes` copies of this binary as a DSM job meeting at `meeting`, with `env` besides;
 /// returns each node's outcome fields.
-fn jacobi_job(nodes: u16, n: usize, iterations: usize, env: &[(String, String)]) -> Result<Vec<Vec<String>>, String> {
+fn jacobi_job(
+    meeting: &Meeting,
+    nodes: u16,
+    n: usize,
+    iterations: usize,
+    env: &[(String, String)],
+) -> Result<Vec<Vec<String>>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let key = ClusterKey::random_text().map_err(|e| e.to_string())?;
-    let dir = std::env::temp_dir().join(format!("mosaic-demo-dsm-{}-{nodes}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let job = format!("demo-jacobi-{}-{nodes}-{}", std::process::id(), env.len());
+    let at = Rendezvous::agent(meeting.agent, &job).to_string();
     let children: Vec<Child> = (0..nodes)
         .map(|rank| {
             Command::new(&exe)
                 .args(["jacobi-node", "--grid", &n.to_string(), "--iterations", &iterations.to_string()])
                 .env("MOSAIC_DSM_RANK", rank.to_string())
                 .env("MOSAIC_DSM_SIZE", nodes.to_string())
-                .env("MOSAIC_DSM_RENDEZVOUS", &dir)
-                .env(mosaic_transport::KEY_ENV, &key)
+                .env("MOSAIC_DSM_RENDEZVOUS", &at)
+                .env(mosaic_transport::KEY_ENV, meeting.key)
+                .env_remove(mosaic_transport::KEY_FILE_ENV)
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::piped())
                 .spawn()
@@ -495,6 +516,5 @@ fn jacobi_job(nodes: u16, n: usize, iterations: usize, env: &[(String, String)])
             _ => return Err(format!("DSM node {rank} failed ({})", o.status)),
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(outs)
 }
