@@ -487,7 +487,11 @@ fn options(key: &ClusterKey, timeout: Duration) -> ConnectOptions {
 struct AgentService(Arc<State>);
 
 impl Service for AgentService {
-    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn disconnected(&self, caller: &Caller) {
+        self.0.books.disconnected(caller);
+    }
+
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         let s = &self.0;
         let mut d = Dec(request);
         match method {
@@ -574,7 +578,7 @@ impl Service for AgentService {
                 })?;
                 response.extend_from_slice(&g.view().encode());
             }
-            m if JobBooks::serves(m) => return s.books.call(m, request, response),
+            m if JobBooks::serves(m) => return s.books.call(caller, m, request, response),
             m => return Err(ServiceError::new(Status::UnknownMethod, format!("no method {m:#x}"))),
         }
         Ok(())

@@ -90,6 +90,13 @@ fn jobs_meet_at_an_agent_each_in_its_own_book() {
     assert!(text(&out).contains("nodes [1] did not join"), "{}", text(&out));
     assert!(text(&out).contains(&format!("agent+{}/lonely", agent.uri)), "{}", text(&out));
     assert!(start.elapsed() < Duration::from_secs(15));
+    // Its address went with it: the job started again under that name meets.
+    let again: Vec<_> =
+        (0..2).map(|rank| node(rank, 2, &format!("agent+{}/lonely", agent.uri), "counter").spawn().unwrap()).collect();
+    for (rank, child) in again.into_iter().enumerate() {
+        let out = finish(child);
+        assert!(out.status.success(), "lonely again, node {rank}: {}", text(&out));
+    }
     // Without the cluster key: refused.
     let other = mosaic_transport::ClusterKey::random_text().unwrap();
     let out = node(0, 1, &format!("agent+{}/keyless", agent.uri), "counter")
@@ -99,6 +106,7 @@ fn jobs_meet_at_an_agent_each_in_its_own_book() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("rendezvous server agent+"), "{}", text(&out));
+    assert!(text(&out).contains("cluster key mismatch"), "{}", text(&out));
     // An address without a job name, under mosrun's variables: refused, saying so.
     let out = node(0, 1, &format!("agent+{}", agent.uri), "counter").output().unwrap();
     assert!(!out.status.success());
@@ -151,7 +159,11 @@ fn mosrun_hosts_meets_at_the_local_agent() {
     // No agent there: the default falls back to mosrun's own, `agent` refuses.
     let out = finish(mosrun(&[], "tcp://127.0.0.1:1"));
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("not meeting at the node agent") && text(&out).contains("meeting at tcp://"));
+    assert!(
+        text(&out).contains("not meeting at the node agent") && text(&out).contains("meeting at tcp://"),
+        "{}",
+        text(&out)
+    );
     let out = finish(mosrun(&["--rendezvous", "agent"], "tcp://127.0.0.1:1"));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--rendezvous agent: cannot meet at the node agent"), "{}", text(&out));

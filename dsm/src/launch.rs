@@ -82,10 +82,7 @@ pub fn placement(get: &dyn Fn(&str) -> Option<String>) -> Result<Placement, Join
             why: "not set, and no Open MPI, Slurm or PMI rank either: start the job with mosrun -n, mpirun or srun",
         });
     };
-    // The job's name as a file name and an agent's book name.
-    let job = job.map(|j| -> String {
-        j.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' }).take(100).collect()
-    });
+    let job = job.map(|j| job_name(&j));
     let (rendezvous, derived) =
         match (given, job) {
             // An agent's book without a job name: the launcher's names it.
@@ -106,6 +103,21 @@ pub fn placement(get: &dyn Fn(&str) -> Option<String>) -> Result<Placement, Join
             }),
         };
     Ok(Placement { rank, size, rendezvous, derived, launcher })
+}
+
+/// A launcher's job name as a file name and an agent's book name: letters, digits, `-_.`
+/// (anything else becomes `_`); a long one is cut, with a hash of the whole so that names that
+/// differ only past the cut stay apart.
+fn job_name(raw: &str) -> String {
+    const LONGEST: usize = 100;
+    let name: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    if name.len() <= LONGEST {
+        return name;
+    }
+    // FNV-1a of the raw name.
+    let hash = raw.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("{}-{hash:016x}", &name[..LONGEST - 17])
 }
 
 /// This node's place, from the process's environment.
@@ -135,7 +147,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!((p.launcher, p.rank, p.size, p.derived), (Launcher::OpenMpi, 1, 2, true));
-        assert!(p.rendezvous.to_string().ends_with("mosaic-dsm-ompi-prterun-h-12@1"), "{:?}", p.rendezvous);
+        assert!(p.rendezvous.to_string().ends_with("mosaic-dsm-ompi-prterun-h-12_1"), "{:?}", p.rendezvous);
         let p = placement(&env(&[
             ("SLURM_PROCID", "3"),
             ("SLURM_NTASKS", "8"),
@@ -174,6 +186,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("gives no job name"), "{e}");
+        // Long names are cut, and stay apart.
+        let (a, b) = (job_name(&format!("{}a", "x".repeat(200))), job_name(&format!("{}b", "x".repeat(200))));
+        assert!(a.len() <= 100 && b.len() <= 100 && a != b, "{a} {b}");
+        assert_eq!(job_name("prterun-h-12@1"), "prterun-h-12_1");
     }
 
     #[test]

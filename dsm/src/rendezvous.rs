@@ -26,7 +26,7 @@ use mosaic_transport::{
 };
 
 use crate::job::JoinError;
-use crate::protocol::NodeId;
+use crate::protocol::{NodeId, MAX_NODES};
 
 /// Where the nodes of a job meet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,8 +103,11 @@ const METHOD_LIST: u64 = 0x4453_5202;
 const METHOD_JOB_PUBLISH: u64 = 0x4453_5203;
 /// [`METHOD_LIST`] at an agent: the job's name and the asking node's rank first.
 const METHOD_JOB_LIST: u64 = 0x4453_5204;
-/// How long a node waits between two looks.
+/// How long a node waits between two looks (at first: at a server, the wait doubles up to
+/// [`POLL_MAX`]).
 const POLL: Duration = Duration::from_millis(10);
+/// The longest wait between two looks at a server.
+const POLL_MAX: Duration = Duration::from_millis(160);
 
 /// Publishes node `rank`'s address `uri` at `at` and waits (at most `timeout`) for the address of
 /// every one of the job's `size` nodes; returns them by rank.
@@ -203,7 +206,19 @@ fn meet_at_server(
     publish.extend_from_slice(uri.as_bytes());
     let (publish_method, list_method) =
         if job.is_some() { (METHOD_JOB_PUBLISH, METHOD_JOB_LIST) } else { (METHOD_PUBLISH, METHOD_LIST) };
-    conn.call(publish_method, &publish).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
+    // An agent with no room for another book may have some soon: try until the time is up.
+    let mut pause = POLL;
+    loop {
+        match conn.call(publish_method, &publish) {
+            Ok(_) => break,
+            Err(e) if e.status() == Some(Status::Full) && start.elapsed() < timeout => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(POLL_MAX);
+            }
+            Err(e) => return Err(unreachable(mosaic_transport::error_chain(&e))),
+        }
+    }
+    let mut pause = POLL;
     loop {
         let answer = conn.call(list_method, &list).map_err(|e| unreachable(mosaic_transport::error_chain(&e)))?;
         match decode_list(&answer) {
@@ -211,7 +226,10 @@ fn meet_at_server(
             Some(List::Missing(missing)) if start.elapsed() >= timeout => {
                 return Err(JoinError::PeersMissing { missing, waited: start.elapsed(), at })
             }
-            Some(List::Missing(_)) => std::thread::sleep(POLL),
+            Some(List::Missing(_)) => {
+                std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
+                pause = (pause * 2).min(POLL_MAX);
+            }
             _ => return Err(unreachable("a malformed list of addresses".into())),
         }
     }
@@ -290,21 +308,27 @@ fn bad(why: String) -> ServiceError {
 /// The addresses one job's nodes published so far.
 struct Book {
     size: u16,
-    uris: BTreeMap<NodeId, String>,
+    /// Each rank's address, and the connection that published it.
+    uris: BTreeMap<NodeId, (String, u64)>,
     /// The ranks that were given the complete list (an agent's books only).
     told: BTreeSet<NodeId>,
+    /// Two processes claimed one rank: two jobs meet under one name (an agent's books).
+    collided: Option<String>,
 }
 
 impl Book {
     fn new(size: u16) -> Book {
-        Book { size, uris: BTreeMap::new(), told: BTreeSet::new() }
+        Book { size, uris: BTreeMap::new(), told: BTreeSet::new(), collided: None }
     }
 
-    /// `request`: rank, size (both `u16`), address.
-    fn publish(&mut self, request: &[u8]) -> Result<(), ServiceError> {
+    /// `request`: rank, size (both `u16`), address; from the connection `caller`.
+    fn publish(&mut self, request: &[u8], caller: u64) -> Result<(), ServiceError> {
         let (head, uri) = request.split_at_checked(4).ok_or_else(|| bad("a malformed publication".into()))?;
         let rank = u16::from_le_bytes([head[0], head[1]]);
         let size = u16::from_le_bytes([head[2], head[3]]);
+        if size == 0 || size > MAX_NODES {
+            return Err(bad(format!("a job has 1 to {MAX_NODES} nodes, not {size}")));
+        }
         if size != self.size {
             return Err(bad(format!("this job has {} nodes, not {size}", self.size)));
         }
@@ -316,31 +340,43 @@ impl Book {
             .filter(|u| !u.is_empty() && u.len() <= MAX_URI)
             .ok_or_else(|| bad(format!("node {rank}: no address, or not one of at most {MAX_URI} UTF-8 bytes")))?;
         match self.uris.get(&rank) {
-            Some(had) if had != uri => {
-                Err(bad(format!("node {rank} joined already, at {had}: two processes have rank {rank}")))
+            Some((had, _)) if had != uri => {
+                let why = format!("node {rank} joined already, at {had}: two processes have rank {rank}");
+                self.collided.get_or_insert_with(|| why.clone());
+                Err(bad(why))
             }
             _ => {
-                self.uris.insert(rank, uri.to_string());
+                self.uris.insert(rank, (uri.to_string(), caller));
                 Ok(())
             }
         }
     }
 
-    /// The list as it stands; `asking` is counted as told when it is complete.
-    fn list(&mut self, asking: Option<NodeId>) -> List {
+    /// The list as it stands; `asking` (a rank, and the connection asking) is counted as told
+    /// when it is complete.
+    fn list(&mut self, asking: Option<(NodeId, u64)>) -> List {
         let missing: Vec<NodeId> = (0..self.size).filter(|r| !self.uris.contains_key(r)).collect();
         if !missing.is_empty() {
             return List::Missing(missing);
         }
-        if let Some(r) = asking {
+        if let Some((r, _)) = asking {
             self.told.insert(r);
         }
-        List::Complete(self.uris.values().cloned().collect())
+        List::Complete(self.uris.values().map(|(u, _)| u.clone()).collect())
     }
 
     /// Every node has the complete list: the book has served its job.
     fn done(&self) -> bool {
         self.told.len() == usize::from(self.size)
+    }
+
+    /// The connection `caller` closed: while the job has not met yet, the ranks it published
+    /// are free again (their process died or gave up; a process started again takes its rank
+    /// back), never a dead address in the list.
+    fn forget(&mut self, caller: u64) {
+        if self.told.is_empty() {
+            self.uris.retain(|_, (_, c)| *c != caller);
+        }
     }
 }
 
@@ -348,10 +384,10 @@ impl Book {
 struct OneBook(Mutex<Book>);
 
 impl Service for OneBook {
-    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
         let mut book = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match method {
-            METHOD_PUBLISH => book.publish(request),
+            METHOD_PUBLISH => book.publish(request, caller.id),
             METHOD_LIST => {
                 encode_list(&book.list(None), response);
                 Ok(())
@@ -391,13 +427,20 @@ impl std::fmt::Debug for RendezvousServer {
 /// Most jobs an agent keeps a book for at once.
 pub const MAX_JOBS: usize = 1024;
 /// A book no node has looked at for this long is dropped (its nodes gave up or died: a
-/// waiting node looks every few milliseconds).
+/// waiting node looks at least every [`POLL_MAX`]).
 pub const JOB_IDLE: Duration = Duration::from_secs(120);
 
 /// The books of every job meeting at a node agent ([`Rendezvous::Agent`]): the agent's service
-/// hands the methods [`JobBooks::serves`] to [`JobBooks::call`]. A book is opened by its job's
-/// first publication and closed once every node has the complete list, or after [`JOB_IDLE`]
-/// unlooked at; at most [`MAX_JOBS`] are open.
+/// hands the methods [`JobBooks::serves`] to [`JobBooks::call`], and its closed connections to
+/// [`JobBooks::disconnected`]. A book is opened by its job's first publication and closed once
+/// every node has the complete list, or after [`JOB_IDLE`] unlooked at; at most [`MAX_JOBS`]
+/// are open. A rank belongs to the connection that published it: only that one is told the
+/// list for it, and while the job has not met, the rank is freed when that connection closes
+/// (a node that died leaves no dead address behind). Two processes claiming one rank mark the
+/// book: every node of it is told that two jobs meet under one name, instead of some of them
+/// meeting the wrong peers. (Two jobs of one name whose nodes arrive so that neither claims a
+/// rank another holds cannot be told apart: names must be unique among the jobs meeting at
+/// once, as those mosrun and the launchers give are.)
 #[derive(Default)]
 pub struct JobBooks {
     books: Mutex<HashMap<String, (Book, Instant)>>,
@@ -414,13 +457,29 @@ impl JobBooks {
         matches!(method, METHOD_JOB_PUBLISH | METHOD_JOB_LIST)
     }
 
-    /// Jobs with an open book.
+    /// Jobs with an open book (looked at within [`JOB_IDLE`]).
     pub fn open(&self) -> usize {
-        self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+        let books = self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        books.values().filter(|(_, touched)| touched.elapsed() < JOB_IDLE).count()
     }
 
-    /// Answers one of the books' methods.
-    pub fn call(&self, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+    /// The connection `caller` closed.
+    pub fn disconnected(&self, caller: &Caller) {
+        let mut books = self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        books.retain(|_, (book, _)| {
+            book.forget(caller.id);
+            !book.uris.is_empty() || !book.told.is_empty()
+        });
+    }
+
+    /// Answers one of the books' methods, called on the connection `caller`.
+    pub fn call(
+        &self,
+        caller: &Caller,
+        method: u64,
+        request: &[u8],
+        response: &mut Vec<u8>,
+    ) -> Result<(), ServiceError> {
         let (&len, rest) = request.split_first().ok_or_else(|| bad("no job name".into()))?;
         let (job, rest) = rest.split_at_checked(usize::from(len)).ok_or_else(|| bad("a malformed job name".into()))?;
         let job = std::str::from_utf8(job).map_err(|_| bad("a job name not in UTF-8".into()))?;
@@ -428,6 +487,12 @@ impl JobBooks {
         let now = Instant::now();
         let mut books = self.books.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         books.retain(|_, (_, touched)| now.duration_since(*touched) < JOB_IDLE);
+        let collided = |why: &str| {
+            ServiceError::new(
+                Status::Forbidden,
+                format!("two jobs named {job:?} meet here at once ({why}): give each its own name"),
+            )
+        };
         match method {
             METHOD_JOB_PUBLISH => {
                 if !books.contains_key(job) && books.len() >= MAX_JOBS {
@@ -439,12 +504,16 @@ impl JobBooks {
                 let size = rest.get(2..4).map(|s| u16::from_le_bytes([s[0], s[1]])).unwrap_or(0);
                 let (book, touched) = books.entry(job.to_string()).or_insert_with(|| (Book::new(size), now));
                 *touched = now;
-                let published = book.publish(rest);
+                if let Some(why) = &book.collided {
+                    return Err(collided(why));
+                }
+                let published = book.publish(rest, caller.id);
                 if book.uris.is_empty() {
                     // Opened by a refused publication: nothing to keep.
                     books.remove(job);
                 }
                 published
+                    .map_err(|e| if e.message.contains("two processes have rank") { collided(&e.message) } else { e })
             }
             METHOD_JOB_LIST => {
                 let rank = rest
@@ -454,11 +523,14 @@ impl JobBooks {
                 let Some((book, touched)) = books.get_mut(job) else {
                     return Err(ServiceError::new(Status::NotFound, format!("no job {job:?} meets here")));
                 };
-                if rank >= book.size || !book.uris.contains_key(&rank) {
-                    return Err(bad(format!("node {rank} of job {job:?} asks before publishing")));
+                if let Some(why) = &book.collided {
+                    return Err(collided(why));
+                }
+                if book.uris.get(&rank).is_none_or(|(_, c)| *c != caller.id) {
+                    return Err(bad(format!("node {rank} of job {job:?} asks before publishing (on this connection)")));
                 }
                 *touched = now;
-                encode_list(&book.list(Some(rank)), response);
+                encode_list(&book.list(Some((rank, caller.id))), response);
                 if book.done() {
                     books.remove(job);
                 }
@@ -476,8 +548,30 @@ impl std::fmt::Debug for JobBooks {
 }
 
 impl Service for JobBooks {
-    fn call(&self, _caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
-        JobBooks::call(self, method, request, response)
+    fn call(&self, caller: &Caller, method: u64, request: &[u8], response: &mut Vec<u8>) -> Result<(), ServiceError> {
+        JobBooks::call(self, caller, method, request, response)
+    }
+
+    fn disconnected(&self, caller: &Caller) {
+        JobBooks::disconnected(self, caller);
+    }
+}
+
+/// Whether the agent at `agent` keeps books for jobs (an agent older than them does not) and
+/// takes `key`: asks it about a job that does not meet there.
+pub fn agent_keeps_books(agent: &str, key: &ClusterKey) -> Result<(), String> {
+    let opts = ConnectOptions::new(key.clone()).timeout(Duration::from_secs(5));
+    let conn = connect(agent, &opts).map_err(|e| mosaic_transport::error_chain(&e))?;
+    let mut probe = Vec::new();
+    job_prefix(".probe", &mut probe);
+    probe.extend_from_slice(&0u16.to_le_bytes());
+    match conn.call(METHOD_JOB_LIST, &probe) {
+        Err(e) if e.status() == Some(Status::NotFound) => Ok(()),
+        Err(e) if e.status() == Some(Status::UnknownMethod) => {
+            Err("it keeps no books for DSM jobs (a mosaicd older than them)".into())
+        }
+        Err(e) => Err(mosaic_transport::error_chain(&e)),
+        Ok(_) => Err("it answered a question about no job".into()),
     }
 }
 
@@ -553,13 +647,18 @@ mod tests {
         check_job_name("ompi-prterun-h-12@1").unwrap();
     }
 
-    /// One request to `books` as a node of `job` would send it.
-    fn ask(books: &JobBooks, method: u64, job: &str, body: &[u8]) -> Result<Vec<u8>, ServiceError> {
+    /// A connection to the books, numbered `id`.
+    fn conn(id: u64) -> Caller {
+        Caller { id, peer: format!("test#{id}") }
+    }
+
+    /// One request to `books` as a node of `job` would send it on connection `id`.
+    fn ask(books: &JobBooks, id: u64, method: u64, job: &str, body: &[u8]) -> Result<Vec<u8>, ServiceError> {
         let mut request = Vec::new();
         job_prefix(job, &mut request);
         request.extend_from_slice(body);
         let mut response = Vec::new();
-        books.call(method, &request, &mut response).map(|()| response)
+        books.call(&conn(id), method, &request, &mut response).map(|()| response)
     }
 
     fn publication(rank: u16, size: u16, uri: &str) -> Vec<u8> {
@@ -569,56 +668,87 @@ mod tests {
     #[test]
     fn an_agent_keeps_one_book_per_job_and_closes_it_when_all_know() {
         let books = JobBooks::new();
-        // Two jobs with the same ranks at once: each sees its own.
-        for (job, host) in [("a", "x"), ("b", "y")] {
-            ask(&books, METHOD_JOB_PUBLISH, job, &publication(0, 2, &format!("tcp://{host}0:1"))).unwrap();
-        }
+        // Two jobs with the same ranks at once: each sees its own (connections 1-2 are job a's
+        // nodes, 3-4 job b's).
+        ask(&books, 1, METHOD_JOB_PUBLISH, "a", &publication(0, 2, "tcp://x0:1")).unwrap();
+        ask(&books, 3, METHOD_JOB_PUBLISH, "b", &publication(0, 2, "tcp://y0:1")).unwrap();
         assert_eq!(books.open(), 2);
-        let list = ask(&books, METHOD_JOB_LIST, "a", &0u16.to_le_bytes()).unwrap();
+        let list = ask(&books, 1, METHOD_JOB_LIST, "a", &0u16.to_le_bytes()).unwrap();
         assert_eq!(decode_list(&list), Some(List::Missing(vec![1])));
-        ask(&books, METHOD_JOB_PUBLISH, "a", &publication(1, 2, "tcp://x1:1")).unwrap();
-        // Wrong size, a rank taken at another address, a rank asking before publishing, an
-        // unknown job, a bad name: refused, the books untouched.
-        let e = ask(&books, METHOD_JOB_PUBLISH, "a", &publication(0, 3, "tcp://z:1")).unwrap_err();
+        ask(&books, 2, METHOD_JOB_PUBLISH, "a", &publication(1, 2, "tcp://x1:1")).unwrap();
+        // Wrong size, too many nodes, a rank asking before publishing or from another
+        // connection, an unknown job, a bad name: refused, the books untouched.
+        let e = ask(&books, 5, METHOD_JOB_PUBLISH, "a", &publication(0, 3, "tcp://z:1")).unwrap_err();
         assert!(e.message.contains("this job has 2 nodes, not 3"), "{e:?}");
-        let e = ask(&books, METHOD_JOB_PUBLISH, "b", &publication(0, 2, "tcp://z:1")).unwrap_err();
-        assert!(e.message.contains("two processes have rank 0"), "{e:?}");
-        let e = ask(&books, METHOD_JOB_LIST, "b", &1u16.to_le_bytes()).unwrap_err();
+        let e = ask(&books, 5, METHOD_JOB_PUBLISH, "c", &publication(0, 65_535, "tcp://z:1")).unwrap_err();
+        assert!(e.message.contains("a job has 1 to 64 nodes, not 65535"), "{e:?}");
+        let e = ask(&books, 4, METHOD_JOB_LIST, "b", &1u16.to_le_bytes()).unwrap_err();
         assert!(e.message.contains("asks before publishing"), "{e:?}");
-        let e = ask(&books, METHOD_JOB_LIST, "c", &0u16.to_le_bytes()).unwrap_err();
-        assert!(e.message.contains("no job \"c\""), "{e:?}");
-        assert!(ask(&books, METHOD_JOB_PUBLISH, "d/e", &publication(0, 1, "tcp://z:1")).is_err());
-        assert!(books.call(METHOD_JOB_LIST, &[200, b'a'], &mut Vec::new()).is_err());
-        assert!(ask(&books, METHOD_JOB_PUBLISH, "c", &publication(5, 2, "tcp://z:1")).is_err());
+        let e = ask(&books, 4, METHOD_JOB_LIST, "b", &0u16.to_le_bytes()).unwrap_err();
+        assert!(e.message.contains("asks before publishing (on this connection)"), "{e:?}");
+        let e = ask(&books, 1, METHOD_JOB_LIST, "c", &0u16.to_le_bytes()).unwrap_err();
+        assert_eq!(e.status, Status::NotFound, "{e:?}");
+        assert!(ask(&books, 1, METHOD_JOB_PUBLISH, "d/e", &publication(0, 1, "tcp://z:1")).is_err());
+        assert!(books.call(&conn(1), METHOD_JOB_LIST, &[200, b'a'], &mut Vec::new()).is_err());
+        assert!(ask(&books, 1, METHOD_JOB_PUBLISH, "c", &publication(5, 2, "tcp://z:1")).is_err());
         assert_eq!(books.open(), 2, "a refused first publication opens no book");
         // Job a complete: each node gets the list; the book closes once both have it.
-        for rank in [0u16, 1] {
-            let list = ask(&books, METHOD_JOB_LIST, "a", &rank.to_le_bytes()).unwrap();
+        for (id, rank) in [(1, 0u16), (2, 1)] {
+            let list = ask(&books, id, METHOD_JOB_LIST, "a", &rank.to_le_bytes()).unwrap();
             assert_eq!(decode_list(&list), Some(List::Complete(vec!["tcp://x0:1".into(), "tcp://x1:1".into()])));
         }
         assert_eq!(books.open(), 1);
         // The name is free again: a new job of that name starts afresh.
-        ask(&books, METHOD_JOB_PUBLISH, "a", &publication(0, 1, "tcp://w:1")).unwrap();
-        let list = ask(&books, METHOD_JOB_LIST, "a", &0u16.to_le_bytes()).unwrap();
+        ask(&books, 6, METHOD_JOB_PUBLISH, "a", &publication(0, 1, "tcp://w:1")).unwrap();
+        let list = ask(&books, 6, METHOD_JOB_LIST, "a", &0u16.to_le_bytes()).unwrap();
         assert_eq!(decode_list(&list), Some(List::Complete(vec!["tcp://w:1".into()])));
         assert_eq!(books.open(), 1);
+    }
+
+    #[test]
+    fn a_node_that_goes_frees_its_rank_and_two_jobs_of_one_name_are_told() {
+        let books = JobBooks::new();
+        ask(&books, 1, METHOD_JOB_PUBLISH, "j", &publication(0, 2, "tcp://dead:1")).unwrap();
+        // Its process died before the job met: the rank is free for the one started again,
+        // and no dead address is handed out.
+        books.disconnected(&conn(1));
+        assert_eq!(books.open(), 0, "an empty book goes");
+        ask(&books, 2, METHOD_JOB_PUBLISH, "j", &publication(0, 2, "tcp://again:1")).unwrap();
+        ask(&books, 3, METHOD_JOB_PUBLISH, "j", &publication(1, 2, "tcp://one:1")).unwrap();
+        books.disconnected(&conn(9)); // someone else's connection: nothing changes
+        let list = ask(&books, 3, METHOD_JOB_LIST, "j", &1u16.to_le_bytes()).unwrap();
+        assert_eq!(decode_list(&list), Some(List::Complete(vec!["tcp://again:1".into(), "tcp://one:1".into()])));
+        // Once the job met, a node leaving frees nothing (the others have its address).
+        books.disconnected(&conn(3));
+        let list = ask(&books, 2, METHOD_JOB_LIST, "j", &0u16.to_le_bytes()).unwrap();
+        assert!(matches!(decode_list(&list), Some(List::Complete(_))));
+        // Another job of the same name claims a rank a live process holds: every node of the
+        // name is told, and keeps being told.
+        ask(&books, 4, METHOD_JOB_PUBLISH, "k", &publication(0, 2, "tcp://first:1")).unwrap();
+        let e = ask(&books, 5, METHOD_JOB_PUBLISH, "k", &publication(0, 2, "tcp://second:1")).unwrap_err();
+        assert!(e.message.contains("two jobs named \"k\" meet here at once"), "{e:?}");
+        let e = ask(&books, 4, METHOD_JOB_LIST, "k", &0u16.to_le_bytes()).unwrap_err();
+        assert!(e.message.contains("give each its own name"), "{e:?}");
+        let e = ask(&books, 6, METHOD_JOB_PUBLISH, "k", &publication(1, 2, "tcp://third:1")).unwrap_err();
+        assert_eq!(e.status, Status::Forbidden, "{e:?}");
     }
 
     #[test]
     fn an_agent_holds_a_bounded_number_of_books() {
         let books = JobBooks::new();
         for j in 0..MAX_JOBS {
-            ask(&books, METHOD_JOB_PUBLISH, &format!("j{j}"), &publication(0, 2, "tcp://a:1")).unwrap();
+            ask(&books, 1, METHOD_JOB_PUBLISH, &format!("j{j}"), &publication(0, 2, "tcp://a:1")).unwrap();
         }
-        let e = ask(&books, METHOD_JOB_PUBLISH, "one-more", &publication(0, 2, "tcp://a:1")).unwrap_err();
+        let e = ask(&books, 2, METHOD_JOB_PUBLISH, "one-more", &publication(0, 2, "tcp://a:1")).unwrap_err();
         assert_eq!(e.status, Status::Full, "{e:?}");
         // Jobs already open still meet.
-        ask(&books, METHOD_JOB_PUBLISH, "j0", &publication(1, 2, "tcp://b:1")).unwrap();
-        // Books nobody looked at for JOB_IDLE are dropped to make room.
+        ask(&books, 3, METHOD_JOB_PUBLISH, "j0", &publication(1, 2, "tcp://b:1")).unwrap();
+        // Books nobody looked at for JOB_IDLE are not counted, and are dropped to make room.
         for (_, touched) in books.books.lock().unwrap().values_mut() {
             *touched -= JOB_IDLE;
         }
-        ask(&books, METHOD_JOB_PUBLISH, "one-more", &publication(0, 2, "tcp://a:1")).unwrap();
+        assert_eq!(books.open(), 0);
+        ask(&books, 2, METHOD_JOB_PUBLISH, "one-more", &publication(0, 2, "tcp://a:1")).unwrap();
         assert_eq!(books.open(), 1);
     }
 
@@ -645,5 +775,10 @@ mod tests {
         let e = meet(&Rendezvous::agent(books.uri(), ""), &key(), 0, 1, "tcp://a:1", Duration::from_millis(100))
             .unwrap_err();
         assert!(e.to_string().contains("no job name"), "{e}");
+        // The probe mosrun asks an agent with: books here, none at a one-job server.
+        agent_keeps_books(books.uri(), &key()).unwrap();
+        let one = RendezvousServer::start("tcp://127.0.0.1:0", key(), 2).unwrap();
+        let e = agent_keeps_books(one.uri(), &key()).unwrap_err();
+        assert!(e.contains("keeps no books"), "{e}");
     }
 }

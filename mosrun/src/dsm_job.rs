@@ -46,35 +46,60 @@ fn job_name() -> String {
     format!("mosrun-{}-{stamp}", std::process::id())
 }
 
-/// The IP address in `tcp://HOST:PORT`, if HOST is one.
+/// The IP address in `tcp://HOST:PORT`, if HOST is one (an IPv4-mapped IPv6 address as IPv4).
 fn uri_ip(uri: &str) -> Option<IpAddr> {
     let (host, _port) = uri.split_once("://")?.1.rsplit_once(':')?;
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
-/// The local node agent's rendezvous for a new job whose nodes run at `hosts`, when
-/// `--rendezvous` allows it and the agent can serve it (`Err` only when `--rendezvous agent`
-/// and it cannot).
-fn agent_rendezvous(cli: &Cli, key: &ClusterKey, hosts: &[IpAddr]) -> Result<Option<Rendezvous>, String> {
+/// Why the agent at `agent` (the address it gives of itself) cannot be the rendezvous of nodes
+/// at `hosts`, which reach this machine at `here`, if it cannot: with `insist` (`--rendezvous
+/// agent`) only a loopback agent for other hosts is refused, else the agent must be at `here`.
+fn unreachable_agent(agent: &str, hosts: &[IpAddr], here: Option<IpAddr>, insist: bool) -> Option<String> {
+    let all_loopback = hosts.iter().all(|h| h.to_canonical().is_loopback());
+    match uri_ip(agent) {
+        Some(ip) if ip.is_loopback() && !all_loopback => {
+            Some(format!("the agent listens at {agent}, which other hosts cannot reach"))
+        }
+        _ if insist || hosts.is_empty() => None,
+        Some(ip) if Some(ip) == here.map(|h| h.to_canonical()) || (all_loopback && ip.is_loopback()) => None,
+        Some(_) => Some(format!(
+            "the agent listens at {agent}, not at {} where the hosts reach this machine",
+            here.map_or("?".to_string(), |h| h.to_string())
+        )),
+        None => Some(format!("the agent's address {agent} is no IP address the hosts are known to reach")),
+    }
+}
+
+/// The local node agent's rendezvous for a new job whose nodes run at `hosts` (none: this
+/// host), which reach this machine at `here`, when `--rendezvous` allows it and the agent can
+/// serve it (`Err` only when `--rendezvous agent` and it cannot).
+fn agent_rendezvous(
+    cli: &Cli,
+    key: &ClusterKey,
+    hosts: &[IpAddr],
+    here: Option<IpAddr>,
+) -> Result<Option<Rendezvous>, String> {
     if cli.rendezvous == Meet::Mosrun {
         return Ok(None);
     }
+    let insist = cli.rendezvous == Meet::Agent;
     let usable = || -> Result<String, String> {
         if !key_in_env() {
             return Err(format!("no cluster key in the environment ({KEY_ENV} or {KEY_FILE_ENV})"));
         }
         let uri = mosaic_cluster::resolve_node(&mosaic_cluster::local_agent()).map_err(|e| e.to_string())?;
         let status = mosaic_cluster::agent_status(&uri, key)?;
-        let loopback = uri_ip(&status.agent).is_some_and(|ip| ip.is_loopback());
-        if loopback && hosts.iter().any(|h| !h.is_loopback()) {
-            return Err(format!("the agent listens at {}, which other hosts cannot reach", status.agent));
+        if let Some(why) = unreachable_agent(&status.agent, hosts, here, insist) {
+            return Err(why);
         }
+        mosaic_dsm::rendezvous::agent_keeps_books(&uri, key).map_err(|e| format!("{uri}: {e}"))?;
         Ok(status.agent)
     };
-    match (usable(), cli.rendezvous) {
-        (Ok(agent), _) => Ok(Some(Rendezvous::agent(&agent, &job_name()))),
-        (Err(why), Meet::Agent) => Err(format!("--rendezvous agent: cannot meet at the node agent: {why}")),
-        (Err(why), _) => {
+    match usable() {
+        Ok(agent) => Ok(Some(Rendezvous::agent(&agent, &job_name()))),
+        Err(why) if insist => Err(format!("--rendezvous agent: cannot meet at the node agent: {why}")),
+        Err(why) => {
             if cli.verbose {
                 eprintln!("mosrun: not meeting at the node agent ({why})");
             }
@@ -216,7 +241,7 @@ fn on_this_host(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
     };
     let (memory, memory_server) = network_ram(cli, &key, "127.0.0.1")?;
     // On this host the directory serves unless the agent is asked for.
-    let agent = if cli.rendezvous == Meet::Agent { agent_rendezvous(cli, &key, &[])? } else { None };
+    let agent = if cli.rendezvous == Meet::Agent { agent_rendezvous(cli, &key, &[], None)? } else { None };
     let meet = agent.unwrap_or_else(|| Rendezvous::Dir(dir.to_path_buf()));
     if cli.verbose {
         eprintln!("mosrun: {n} nodes of {}, meeting at {meet}", cli.program[0]);
@@ -270,7 +295,7 @@ fn on_hosts(cli: &Cli, n: u16, dir: &Path) -> Result<Launch, String> {
     let key = ClusterKey::from_file(&key_file).map_err(|e| e.to_string())?;
     let (memory, memory_server) = network_ram(cli, &key, &uri_host(here))?;
     let addrs: Vec<IpAddr> = hosts.iter().map(|h| h.addr).collect();
-    let (meet, server) = match agent_rendezvous(cli, &key, &addrs)? {
+    let (meet, server) = match agent_rendezvous(cli, &key, &addrs, Some(here))? {
         Some(at) => (at, None),
         None => {
             let server = RendezvousServer::start(&format!("tcp://{}:0", uri_host(here)), key, n).map_err(|e| {
@@ -388,5 +413,26 @@ mod tests {
         assert_eq!(uri_host("::1".parse().unwrap()), "[::1]");
         assert_eq!(launcher_words("ssh -p 22 {host}", "a"), ["ssh", "-p", "22", "a"]);
         assert_eq!(local_addr_towards("127.0.0.1".parse().unwrap()).unwrap(), "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn an_agent_is_met_at_only_where_the_hosts_reach_it() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let remote = [ip("10.0.0.2"), ip("10.0.0.3")];
+        let here = Some(ip("10.0.0.1"));
+        assert_eq!(unreachable_agent("tcp://10.0.0.1:7070", &remote, here, false), None);
+        assert_eq!(unreachable_agent("tcp://[::ffff:10.0.0.1]:7070", &remote, here, false), None);
+        for agent in ["tcp://127.0.0.1:7070", "tcp://[::ffff:127.0.0.1]:7070"] {
+            assert!(unreachable_agent(agent, &remote, here, false).unwrap().contains("cannot reach"));
+            assert!(unreachable_agent(agent, &remote, here, true).is_some(), "{agent}");
+        }
+        // On another interface, or a name: not by default; when insisted on, tried.
+        assert!(unreachable_agent("tcp://192.168.9.9:7070", &remote, here, false).unwrap().contains("not at 10.0.0.1"));
+        assert!(unreachable_agent("tcp://head:7070", &remote, here, false).is_some());
+        assert_eq!(unreachable_agent("tcp://192.168.9.9:7070", &remote, here, true), None);
+        // Hosts on loopback meet at a loopback agent.
+        let local = [ip("127.0.0.2"), ip("127.0.0.3")];
+        assert_eq!(unreachable_agent("tcp://127.0.0.1:7070", &local, Some(ip("127.0.0.1")), false), None);
+        assert_eq!(unreachable_agent("tcp://127.0.0.1:7070", &[], None, false), None);
     }
 }

@@ -31,7 +31,7 @@ use mosaic_transport::ClusterKey;
                   with the other agents: it joins through any member (--join), learns the others \
                   and their load, and finds dead ones (`mosctl nodes` shows what it knows). DSM \
                   jobs meet at it (MOSAIC_DSM_RENDEZVOUS=agent+tcp://HOST:PORT/JOB; `mosrun -n N \
-                  --hosts` does so by itself). The \
+                  --hosts` does so when this agent listens where the hosts reach it). The \
                   cluster key comes from MOSAIC_CLUSTER_KEY or MOSAIC_CLUSTER_KEY_FILE; an agent \
                   holding another key is never heard. Settings come from flags, or from a TOML file \
                   (--config; a flag given wins). Runs until SIGINT or SIGTERM. Set RUST_LOG=info \
