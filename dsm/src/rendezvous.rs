@@ -427,7 +427,7 @@ impl std::fmt::Debug for RendezvousServer {
 /// Most jobs an agent keeps a book for at once.
 pub const MAX_JOBS: usize = 1024;
 /// A book no node has looked at for this long is dropped (its nodes gave up or died: a
-/// waiting node looks at least every [`POLL_MAX`]).
+/// waiting node looks at least every 160 ms).
 pub const JOB_IDLE: Duration = Duration::from_secs(120);
 
 /// The books of every job meeting at a node agent ([`Rendezvous::Agent`]): the agent's service
