@@ -24,7 +24,7 @@
 //! - `alloc`: collective allocations give every node the same address (each publishes what it
 //!   got, node 0 compares), a freed block is reused, a block of a node's arena written there is
 //!   read right by every other node, a node cannot free another's block, and nodes that
-//!   allocate different sizes get an error (not diverging heaps).
+//!   allocate different sizes get an error (not diverging heaps), node 0 arriving last or first.
 //! - `atomics`: every node adds to a counter with [`Job::fetch_add`] and increments another
 //!   with a [`Job::compare_exchange`] loop ROUNDS times each; after a barrier both hold
 //!   size * ROUNDS; a misaligned or outside address is refused.
@@ -365,11 +365,20 @@ fn alloc(job: &Job) -> Result<String, String> {
     }
     barrier(job)?;
     job.free_local(mine.cast()).map_err(e)?;
-    // Nodes asking different sizes get an error, and the heap stays as it was.
-    match job.alloc(if me == 0 { 100 } else { 200 }) {
-        Err(mosaic_dsm::JoinError::Diverged { .. }) if size > 1 => {}
-        Ok(_) if size == 1 => {}
-        other => return Err(format!("allocations of different sizes: {other:?}")),
+    // Nodes asking different sizes get an error, and the heap stays as it was: whether the
+    // coordinator (node 0) arrives last, or first (then the last to arrive is released in the
+    // answer to its arrival, the others by the coordinator's calls).
+    for coordinator_first in [false, true] {
+        if (me == 0) != coordinator_first {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        match job.alloc(if me == 0 { 100 } else { 200 }) {
+            Err(mosaic_dsm::JoinError::Diverged { .. }) if size > 1 => {}
+            Ok(_) if size == 1 => {}
+            other => {
+                return Err(format!("allocations of different sizes (node 0 first: {coordinator_first}): {other:?}"))
+            }
+        }
     }
     let after = job.alloc(PAGE as u64).map_err(e)?;
     job.free(after).map_err(e)?;

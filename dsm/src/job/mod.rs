@@ -544,6 +544,9 @@ struct Shared {
     outboxes: Vec<Outbox>,
     /// Barrier arrivals: generation -> ranks that arrived, each with its call's tag.
     arrivals: Mutex<HashMap<u64, HashMap<NodeId, u64>>>,
+    /// The barriers node 0 (their coordinator) has arrived at: generation -> its own tag, and
+    /// the nodes released in the answer to their arrival. Locked only while `arrivals` is.
+    coordinating: Mutex<HashMap<u64, (u64, Vec<NodeId>)>>,
     arrived: Condvar,
     /// Barrier arrivals counted (what a barrier spinning for them watches).
     arrival_count: AtomicU64,
@@ -1165,6 +1168,11 @@ fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64, u64)> {
 }
 
 /// A barrier's outcome from the set of nodes whose call differed from the coordinator's.
+/// The nodes among `here` (arrivals, each with its call's tag) whose tag is not `own`, as a set.
+fn differing(here: &HashMap<NodeId, u64>, own: u64) -> u64 {
+    here.iter().filter(|(_, t)| **t != own).fold(0u64, |set, (n, _)| set | 1 << n)
+}
+
 fn diverged(generation: u64, differ: u64) -> Result<(), JoinError> {
     if differ == 0 {
         return Ok(());
@@ -1197,7 +1205,19 @@ impl Service for Inbox {
             let (from, generation, tag) = decode_arrival(request)
                 .filter(|(from, _, _)| *from < s.size && *from != s.rank)
                 .ok_or_else(|| ServiceError::new(Status::BadRequest, "a malformed barrier arrival"))?;
-            lock(&s.arrivals).entry(generation).or_default().insert(from, tag);
+            let mut arrivals = lock(&s.arrivals);
+            let here = arrivals.entry(generation).or_default();
+            here.insert(from, tag);
+            // The coordinator is in this barrier already and this is the last arrival: the
+            // release goes back in the answer (one call instead of two, and the caller waits for
+            // no second one). The coordinator then calls only the nodes released otherwise.
+            if s.rank == 0 && here.len() + 1 == usize::from(s.size) {
+                if let Some((own, released)) = lock(&s.coordinating).get_mut(&generation) {
+                    response.extend_from_slice(&differing(here, *own).to_le_bytes());
+                    released.push(from);
+                }
+            }
+            drop(arrivals);
             s.arrival_count.fetch_add(1, Ordering::AcqRel);
             s.arrived.notify_all();
             return Ok(());
@@ -1371,6 +1391,7 @@ impl Job {
                 .map(|_| Outbox { queue: Mutex::new(Queue::default()), ready: Condvar::new() })
                 .collect(),
             arrivals: Mutex::new(HashMap::new()),
+            coordinating: Mutex::new(HashMap::new()),
             arrived: Condvar::new(),
             arrival_count: AtomicU64::new(0),
             broken: Mutex::new(None),
@@ -1733,16 +1754,17 @@ impl Job {
             return Ok(()); // nobody to wait for, nobody to disagree
         }
         let coordinator: NodeId = 0;
-        let call = |to: NodeId, tag: u64| -> Result<(), JoinError> {
+        let call = |to: NodeId, tag: u64| -> Result<Vec<u8>, JoinError> {
             let conn =
                 self.peers[usize::from(to)].as_ref().ok_or_else(|| JoinError::Broken(format!("no node {to}")))?;
             let message = encode_arrival(s.rank, generation, tag);
-            conn.call(METHOD_BARRIER, &message)
-                .map(drop)
-                .map_err(|e| JoinError::Broken(format!("{}: {e}", conn.peer())))
+            conn.call(METHOD_BARRIER, &message).map_err(|e| JoinError::Broken(format!("{}: {e}", conn.peer())))
         };
         if s.rank != coordinator {
-            call(coordinator, tag)?;
+            // The last to arrive is released in the answer.
+            if let Ok(differ) = <[u8; 8]>::try_from(call(coordinator, tag)?.as_slice()) {
+                return diverged(generation, u64::from_le_bytes(differ));
+            }
             // The coordinator's word: the nodes whose calls differed from its own, as a set.
             let differ = self
                 .wait_arrivals(generation, timeout, |here| here.get(&coordinator).copied())
@@ -1750,15 +1772,22 @@ impl Job {
             return diverged(generation, differ);
         }
         let others = usize::from(s.size) - 1;
-        let here = self
-            .wait_arrivals(generation, timeout, |here| (here.len() >= others).then(|| here.clone()))
-            .map_err(|waited| {
-                let here = lock(&s.arrivals).remove(&generation).unwrap_or_default();
-                let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains_key(r)).collect();
-                self.barrier_failed(generation, missing, waited)
-            })?;
-        let differ = here.iter().filter(|(_, t)| **t != tag).fold(0u64, |set, (n, _)| set | 1 << n);
-        for to in (0..s.size).filter(|r| *r != s.rank) {
+        {
+            let _arrivals = lock(&s.arrivals);
+            lock(&s.coordinating).insert(generation, (tag, Vec::new()));
+        }
+        let waited = self.wait_arrivals(generation, timeout, |here| (here.len() >= others).then(|| here.clone()));
+        let released = {
+            let _arrivals = lock(&s.arrivals);
+            lock(&s.coordinating).remove(&generation).map(|(_, r)| r).unwrap_or_default()
+        };
+        let here = waited.map_err(|waited| {
+            let here = lock(&s.arrivals).remove(&generation).unwrap_or_default();
+            let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains_key(r)).collect();
+            self.barrier_failed(generation, missing, waited)
+        })?;
+        let differ = differing(&here, tag);
+        for to in (0..s.size).filter(|r| *r != s.rank && !released.contains(r)) {
             call(to, differ)?;
         }
         diverged(generation, differ)
