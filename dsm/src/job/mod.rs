@@ -545,8 +545,10 @@ struct Shared {
     /// Barrier arrivals: generation -> ranks that arrived, each with its call's tag.
     arrivals: Mutex<HashMap<u64, HashMap<NodeId, u64>>>,
     /// The barriers node 0 (their coordinator) has arrived at: generation -> its own tag, and
-    /// the nodes released in the answer to their arrival. Locked only while `arrivals` is.
-    coordinating: Mutex<HashMap<u64, (u64, Vec<NodeId>)>>,
+    /// the node released in the answer to its arrival (the last to arrive), if any. Locked
+    /// only while `arrivals` is. (If that answer is lost, that node's call fails and it alone
+    /// fails the barrier; the others pass.)
+    coordinating: Mutex<HashMap<u64, (u64, Option<NodeId>)>>,
     arrived: Condvar,
     /// Barrier arrivals counted (what a barrier spinning for them watches).
     arrival_count: AtomicU64,
@@ -1167,12 +1169,12 @@ fn decode_arrival(b: &[u8]) -> Option<(NodeId, u64, u64)> {
     Some((u16::from_le_bytes([b[0], b[1]]), u64_at(2)?, u64_at(10)?))
 }
 
-/// A barrier's outcome from the set of nodes whose call differed from the coordinator's.
 /// The nodes among `here` (arrivals, each with its call's tag) whose tag is not `own`, as a set.
 fn differing(here: &HashMap<NodeId, u64>, own: u64) -> u64 {
     here.iter().filter(|(_, t)| **t != own).fold(0u64, |set, (n, _)| set | 1 << n)
 }
 
+/// A barrier's outcome from the set of nodes whose call differed from the coordinator's.
 fn diverged(generation: u64, differ: u64) -> Result<(), JoinError> {
     if differ == 0 {
         return Ok(());
@@ -1214,7 +1216,7 @@ impl Service for Inbox {
             if s.rank == 0 && here.len() + 1 == usize::from(s.size) {
                 if let Some((own, released)) = lock(&s.coordinating).get_mut(&generation) {
                     response.extend_from_slice(&differing(here, *own).to_le_bytes());
-                    released.push(from);
+                    *released = Some(from);
                 }
             }
             drop(arrivals);
@@ -1747,9 +1749,11 @@ impl Job {
             }
         }
         // A coordinated barrier: every node tells node 0 it arrived (one call each); node 0,
-        // once all have, tells each that the barrier is over, and whether their calls agreed.
-        // (Calls cross in one direction at a time: when every node called every other at once,
-        // the calls and the threads answering them fought for the CPUs.)
+        // once all have, tells each that the barrier is over, and whether their calls agreed:
+        // the last to arrive in the answer to its call when node 0 was there already, the others
+        // by a call of node 0's. (Calls cross in one direction at a time: when every node called
+        // every other at once, the calls and the threads answering them fought for the CPUs.
+        // Every node of a job runs the same build: one that expects a call would wait for it.)
         if s.size == 1 {
             return Ok(()); // nobody to wait for, nobody to disagree
         }
@@ -1774,20 +1778,27 @@ impl Job {
         let others = usize::from(s.size) - 1;
         {
             let _arrivals = lock(&s.arrivals);
-            lock(&s.coordinating).insert(generation, (tag, Vec::new()));
+            lock(&s.coordinating).insert(generation, (tag, None));
         }
         let waited = self.wait_arrivals(generation, timeout, |here| (here.len() >= others).then(|| here.clone()));
-        let released = {
-            let _arrivals = lock(&s.arrivals);
-            lock(&s.coordinating).remove(&generation).map(|(_, r)| r).unwrap_or_default()
+        // Decided under one lock: the last arrival may have come (and been released in its
+        // answer) just after the wait gave up; then the barrier passed for every node.
+        let (released, outcome) = {
+            let mut arrivals = lock(&s.arrivals);
+            let released = lock(&s.coordinating).remove(&generation).and_then(|(_, r)| r);
+            let outcome = match waited {
+                Ok(here) => Ok(here),
+                Err(_) if released.is_some() => Ok(arrivals.remove(&generation).unwrap_or_default()),
+                Err(waited) => Err((waited, arrivals.remove(&generation).unwrap_or_default())),
+            };
+            (released, outcome)
         };
-        let here = waited.map_err(|waited| {
-            let here = lock(&s.arrivals).remove(&generation).unwrap_or_default();
+        let here = outcome.map_err(|(waited, here)| {
             let missing = (0..s.size).filter(|r| *r != s.rank && !here.contains_key(r)).collect();
             self.barrier_failed(generation, missing, waited)
         })?;
         let differ = differing(&here, tag);
-        for to in (0..s.size).filter(|r| *r != s.rank && !released.contains(r)) {
+        for to in (0..s.size).filter(|r| *r != s.rank && released != Some(*r)) {
             call(to, differ)?;
         }
         diverged(generation, differ)
