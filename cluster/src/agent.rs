@@ -558,6 +558,8 @@ impl Service for AgentService {
                     (st.capacity_pages, st.used_pages)
                 });
                 e.u64(capacity).u64(used).u8(u8::from(s.memory.as_ref().is_some_and(MemServer::leaving)));
+                // DSM jobs meeting here now (appended: older tools read what they know).
+                e.u32(u32::try_from(s.books.open()).unwrap_or(u32::MAX));
                 response.extend_from_slice(&e.0);
             }
             wire::SINK => response.extend_from_slice(&(request.len() as u64).to_le_bytes()),

@@ -157,6 +157,8 @@ pub struct AgentStatus {
     pub used_pages: u64,
     /// Whether its memory server asks clients to move their pages elsewhere.
     pub ushering: bool,
+    /// DSM jobs whose nodes are meeting there now (agent rendezvous).
+    pub dsm_jobs_meeting: u32,
 }
 
 /// Asks the agent at `uri` what it is.
@@ -172,6 +174,8 @@ pub fn agent_status(uri: &str, key: &ClusterKey) -> Result<AgentStatus, String> 
         capacity_pages: d.u64()?,
         used_pages: d.u64()?,
         ushering: d.u8()? != 0,
+        // An agent older than its DSM books sends no count.
+        dsm_jobs_meeting: d.u32().unwrap_or(0),
     })
 }
 

@@ -82,10 +82,23 @@ fn jobs_meet_at_an_agent_each_in_its_own_book() {
     }
     // A node whose peer never comes is told which, within its join time-out.
     let start = Instant::now();
-    let out = node(0, 2, &format!("agent+{}/lonely", agent.uri), "counter")
-        .env("MOSAIC_DSM_JOIN_TIMEOUT_MS", "1000")
-        .output()
+    let lonely = node(0, 2, &format!("agent+{}/lonely", agent.uri), "counter")
+        .env("MOSAIC_DSM_JOIN_TIMEOUT_MS", "3000")
+        .spawn()
         .unwrap();
+    // Meanwhile `mosctl status` counts its job among those meeting there.
+    let mut status = String::new();
+    while !status.contains("DSM jobs meeting here now: 1") && start.elapsed() < Duration::from_secs(3) {
+        let o = Command::new(env!("CARGO_BIN_EXE_mosctl"))
+            .args(["status", &agent.uri])
+            .env("MOSAIC_CLUSTER_KEY", key())
+            .env_remove("MOSAIC_CLUSTER_KEY_FILE")
+            .output()
+            .unwrap();
+        status = String::from_utf8_lossy(&o.stdout).to_string();
+    }
+    assert!(status.contains("DSM jobs meeting here now: 1"), "{status}");
+    let out = finish(lonely);
     assert!(!out.status.success());
     assert!(text(&out).contains("nodes [1] did not join"), "{}", text(&out));
     assert!(text(&out).contains(&format!("agent+{}/lonely", agent.uri)), "{}", text(&out));

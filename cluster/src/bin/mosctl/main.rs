@@ -3,7 +3,8 @@
 //! ```text
 //! mosctl migrate PID --to NODE   move the job started by `mosrun --migratable` with pid PID here
 //! mosctl ps [--json]             the migratable jobs whose home is this node, and where they run
-//! mosctl status NODE [--json]    what a node's agent is: its memory server, what it holds
+//! mosctl status NODE [--json]    what a node's agent is: its memory server, what it holds, the
+//!                                DSM jobs meeting there
 //! mosctl nodes [--node NODE] [--json]
 //!                                the cluster as a node's agent knows it: members, their load
 //! mosctl lock PID | unlock PID   keep a job where it runs (the balancer leaves it), or not
@@ -52,7 +53,8 @@ enum Cmd {
         json: bool,
     },
     /// Asks a node's agent what it is: its memory server (capacity, pages held, whether it
-    /// asks for them to go elsewhere) and the processes that moved in.
+    /// asks for them to go elsewhere), the processes that moved in and the DSM jobs meeting
+    /// there.
     Status {
         /// An agent's address or a name from MOSAIC_NODES.
         node: String,
@@ -181,7 +183,11 @@ fn run(args: Args) -> Result<(), String> {
                     serde_json::json!({"uri": mem, "capacity_bytes": capacity * 4096, "used_bytes": used * 4096,
                         "ushering": s.ushering})
                 });
-                println!("{}", serde_json::json!({"agent": s.agent, "memory_server": memory, "hosted": s.hosted}));
+                println!(
+                    "{}",
+                    serde_json::json!({"agent": s.agent, "memory_server": memory, "hosted": s.hosted,
+                        "dsm_jobs_meeting": s.dsm_jobs_meeting})
+                );
                 return Ok(());
             }
             println!("agent {}", s.agent);
@@ -195,6 +201,7 @@ fn run(args: Args) -> Result<(), String> {
                 }
             }
             println!("processes moved in and running: {}", s.hosted);
+            println!("DSM jobs meeting here now: {}", s.dsm_jobs_meeting);
         }
         Cmd::Lock { pid } => {
             lock_job(&dir, pid, true, &key).map_err(|e| e.to_string())?;
