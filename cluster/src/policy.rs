@@ -201,6 +201,33 @@ pub fn place(local: &LoadVector, window: &[LoadVector], memory: u64, max_info_ag
         .map(|(_, _, v)| v.node.clone())
 }
 
+/// [`place`] for work started from many places at once (jobs launched together each see the
+/// same, slightly old view, and would all go to one node). The nodes where a new CPU-bound
+/// thread would run at least 90% as fast as at the best are about as good: this node if it is
+/// one of them (no move is cheaper than one), else one of them chosen by `pick` (a random
+/// number), so that simultaneous starts spread over the nodes about as idle.
+pub fn place_spread(
+    local: &LoadVector,
+    window: &[LoadVector],
+    memory: u64,
+    max_info_age: Duration,
+    pick: u64,
+) -> Option<String> {
+    let one = i64::try_from(ONE).unwrap_or(100);
+    let eligible: Vec<&LoadVector> = std::iter::once(local)
+        .chain(window.iter().filter(|v| v.node != local.node && v.age <= max_info_age))
+        .filter(|v| v.free_slots > 0 && v.free_memory >= memory)
+        .collect();
+    let best = eligible.iter().map(|v| rate(v, one)).max()?;
+    let mut near: Vec<&LoadVector> = eligible.iter().copied().filter(|v| rate(v, one) * 10 >= best * 9).collect();
+    if near.iter().any(|v| v.node == local.node) {
+        return Some(local.node.clone());
+    }
+    near.sort_by(|a, b| a.node.cmp(&b.node));
+    let n = u64::try_from(near.len()).ok()?;
+    near.get(usize::try_from(pick % n).ok()?).map(|v| v.node.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,5 +371,29 @@ mod tests {
         assert_eq!(place(&here, &[node("b", 0, 2)], 10 << 30, age), None, "nobody has 10 GiB free");
         let stale = LoadVector { age: Duration::from_secs(11), ..node("b", 0, 2) };
         assert_eq!(place(&here, &[stale], 1 << 30, age).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn work_started_together_spreads_over_the_nodes_about_as_idle() {
+        let age = Duration::from_secs(10);
+        let here = node("a", 400, 2);
+        let window = [node("b", 0, 2), node("c", 0, 2), node("d", 50, 2), node("e", 300, 2), node("f", 20, 1)];
+        // b, c (idle) and d (half a CPU busy of two) would run a new job at full speed; e (four
+        // runnable threads on two CPUs) at half, f (one CPU, a fifth busy) at 83%.
+        let chosen: std::collections::BTreeSet<_> =
+            (0..12).filter_map(|pick| place_spread(&here, &window, 1 << 30, age, pick)).collect();
+        assert_eq!(chosen.into_iter().collect::<Vec<_>>(), ["b", "c", "d"]);
+        // Full nodes, stale figures and too little memory are left out as by `place`.
+        let full = LoadVector { free_slots: 0, ..node("b", 0, 2) };
+        let stale = LoadVector { age: Duration::from_secs(11), ..node("c", 0, 2) };
+        for pick in 0..4 {
+            assert_eq!(place_spread(&here, &[full.clone(), stale.clone()], 1 << 30, age, pick).as_deref(), Some("a"));
+        }
+        assert_eq!(place_spread(&here, &window, 10 << 30, age, 0), None, "nobody has 10 GiB free");
+        // This node about as idle as the best: the work stays, whatever the pick.
+        let light = node("a", 40, 2);
+        for pick in 0..4 {
+            assert_eq!(place_spread(&light, &window, 1 << 30, age, pick).as_deref(), Some("a"));
+        }
     }
 }

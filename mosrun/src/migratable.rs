@@ -25,14 +25,25 @@ fn exit_code(program: &str, status: i32) -> ExitCode {
     }
 }
 
-/// Where the local agent's view says new work runs best (`policy::place`), if not at `node`.
+/// Where the local agent's view says new work runs best (`policy::place_spread`), if not at
+/// `node`.
 fn best_node(node: &str, key: &ClusterKey) -> Result<Option<String>, String> {
     let mut o = ConnectOptions::new(key.clone());
     o.timeout = Duration::from_secs(2);
     o.connect_timeout = Duration::from_secs(2);
     let c = connect(node, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
     let view = mosaic_cluster::gossip::ask_view(&c)?;
-    let best = mosaic_cluster::policy::place(&view.own, &view.window, 0, Duration::from_secs(10));
+    // Jobs started together each get a node of those about as idle, at random: not all the
+    // least loaded one.
+    let mut pick = [0u8; 8];
+    getrandom::fill(&mut pick).map_err(|e| format!("no random number: {e}"))?;
+    let best = mosaic_cluster::policy::place_spread(
+        &view.own,
+        &view.window,
+        0,
+        Duration::from_secs(10),
+        u64::from_le_bytes(pick),
+    );
     Ok(best.filter(|b| *b != view.own.node))
 }
 
