@@ -93,6 +93,13 @@ pub struct GossipConfig {
     /// Entries older than this are dropped from the window (a node that stopped talking fades
     /// out even before it is found dead).
     pub max_age: Duration,
+    /// For this long after it starts, a node asks a member for more members every
+    /// [`boot_announce`](Self::boot_announce) (then as `swim` says, foca's every 30 s on a
+    /// LAN): a node that joined while others did learns them all in seconds, not minutes
+    /// (updates it missed reach it only through these member lists).
+    pub boot: Duration,
+    /// See [`boot`](Self::boot).
+    pub boot_announce: Duration,
     /// Membership (SWIM): probe period, time-outs, suspicion.
     pub swim: Config,
 }
@@ -113,6 +120,8 @@ impl GossipConfig {
             window: 16,
             carry: 4,
             max_age: Duration::from_secs(20),
+            boot: Duration::from_secs(30),
+            boot_announce: Duration::from_secs(1),
             swim,
         }
     }
@@ -170,6 +179,8 @@ pub struct GossipNode {
     out: Vec<Outgoing>,
     events: Vec<Event>,
     stats: GossipStats,
+    /// When its boot ends (foca's steady settings taken then), while it has not.
+    booted_at: Option<Duration>,
     now: Duration,
 }
 
@@ -177,10 +188,15 @@ impl GossipNode {
     /// A node at `addr` (alone until it joins), its randomness from `seed`, at time `now`.
     pub fn new(addr: &str, cfg: GossipConfig, seed: u64, now: Duration) -> GossipNode {
         let me = NodeId::new(addr);
-        let foca = Foca::new(me.clone(), cfg.swim.clone(), SmallRng::seed_from_u64(seed), WireCodec);
+        let mut booting = cfg.swim.clone();
+        if let Some(p) = booting.periodic_announce.as_mut() {
+            p.frequency = p.frequency.min(cfg.boot_announce);
+        }
+        let foca = Foca::new(me.clone(), booting, SmallRng::seed_from_u64(seed), WireCodec);
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         // Spread the nodes' load rounds over the period.
         let period_ns = u64::try_from(cfg.load_period.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let cfg_boot = cfg.boot;
         let phase = Duration::from_nanos(rng.random_range(0..period_ns));
         GossipNode {
             window: InfoWindow::new(cfg.window),
@@ -199,6 +215,7 @@ impl GossipNode {
             out: Vec::new(),
             events: Vec::new(),
             stats: GossipStats::default(),
+            booted_at: Some(now + cfg_boot),
             now,
         }
     }
@@ -267,6 +284,12 @@ impl GossipNode {
     /// Runs what is due at `now`: foca's timers, and a round of load gossip.
     pub fn tick(&mut self, now: Duration) {
         self.now = now;
+        if self.booted_at.is_some_and(|at| now >= at) {
+            self.booted_at = None;
+            if let Err(e) = self.foca.set_config(self.cfg.swim.clone()) {
+                log::warn!("gossip: cannot take the steady settings after booting: {e}");
+            }
+        }
         while let Some(Reverse((due, seq))) = self.timers.peek().copied() {
             if due > now {
                 break;

@@ -241,4 +241,21 @@ mod tests {
         let all = r.detect_all.expect("every node found the dead one");
         assert!(r.detect_first.is_some_and(|f| f <= all) && all < Duration::from_secs(30), "{r:?}");
     }
+
+    #[test]
+    fn nodes_that_join_while_others_do_learn_every_member_within_a_minute() {
+        // Each joins through a random node that joined before it, at a random time within
+        // 10 s: updates about some members pass a node by, and only the member lists it asks
+        // for (every second while it boots) fill the gaps.
+        let r = simulate(&SimConfig {
+            nodes: 160,
+            duration: Duration::from_secs(50),
+            warm_up: Duration::from_secs(40),
+            join_over: Some(Duration::from_secs(10)),
+            link: LinkSpec::ten_gbe(),
+            kill: None,
+            seed: 11,
+        });
+        assert_eq!(r.fewest_members, 159, "{r:?}");
+    }
 }
