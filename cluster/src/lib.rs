@@ -157,8 +157,9 @@ pub struct AgentStatus {
     pub used_pages: u64,
     /// Whether its memory server asks clients to move their pages elsewhere.
     pub ushering: bool,
-    /// DSM jobs whose nodes are meeting there now (agent rendezvous).
-    pub dsm_jobs_meeting: u32,
+    /// DSM jobs whose nodes are meeting there now (agent rendezvous); `None` from an agent
+    /// that does not say.
+    pub dsm_jobs_meeting: Option<u32>,
 }
 
 /// Asks the agent at `uri` what it is.
@@ -174,8 +175,8 @@ pub fn agent_status(uri: &str, key: &ClusterKey) -> Result<AgentStatus, String> 
         capacity_pages: d.u64()?,
         used_pages: d.u64()?,
         ushering: d.u8()? != 0,
-        // An agent older than its DSM books sends no count.
-        dsm_jobs_meeting: d.u32().unwrap_or(0),
+        // An agent older than this count sends none.
+        dsm_jobs_meeting: d.u32().ok(),
     })
 }
 

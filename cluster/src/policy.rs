@@ -202,10 +202,12 @@ pub fn place(local: &LoadVector, window: &[LoadVector], memory: u64, max_info_ag
 }
 
 /// [`place`] for work started from many places at once (jobs launched together each see the
-/// same, slightly old view, and would all go to one node). The nodes where a new CPU-bound
-/// thread would run at least 90% as fast as at the best are about as good: this node if it is
-/// one of them (no move is cheaper than one), else one of them chosen by `pick` (a random
-/// number), so that simultaneous starts spread over the nodes about as idle.
+/// same, slightly old view, and would all go to one node). Where [`place`] keeps the work here,
+/// so does this (no move is cheaper than one). Otherwise the nodes where a new CPU-bound thread
+/// would run at least 90% as fast as at the best are about as good, and one of them is chosen
+/// by `pick` (a random number), each as likely as the CPU capacity it has to spare (cores left
+/// idle times their speed, at least one core's worth): simultaneous starts spread over those
+/// nodes about as their room.
 pub fn place_spread(
     local: &LoadVector,
     window: &[LoadVector],
@@ -213,19 +215,34 @@ pub fn place_spread(
     max_info_age: Duration,
     pick: u64,
 ) -> Option<String> {
+    let best = place(local, window, memory, max_info_age)?;
+    if best == local.node {
+        return Some(best);
+    }
     let one = i64::try_from(ONE).unwrap_or(100);
     let eligible: Vec<&LoadVector> = std::iter::once(local)
         .chain(window.iter().filter(|v| v.node != local.node && v.age <= max_info_age))
         .filter(|v| v.free_slots > 0 && v.free_memory >= memory)
         .collect();
-    let best = eligible.iter().map(|v| rate(v, one)).max()?;
-    let mut near: Vec<&LoadVector> = eligible.iter().copied().filter(|v| rate(v, one) * 10 >= best * 9).collect();
-    if near.iter().any(|v| v.node == local.node) {
-        return Some(local.node.clone());
+    let fastest = eligible.iter().map(|v| rate(v, one)).max()?;
+    let mut near: Vec<(&LoadVector, u128)> = eligible
+        .iter()
+        .filter(|v| rate(v, one) * 10 >= fastest * 9)
+        .map(|v| {
+            let spare = (ONE * u64::from(v.cpus.max(1))).saturating_sub(u64::from(v.load)).max(ONE);
+            (*v, u128::from(spare) * u128::from(v.speed.max(1)))
+        })
+        .collect();
+    near.sort_by(|a, b| a.0.node.cmp(&b.0.node));
+    let total: u128 = near.iter().map(|(_, w)| w).sum();
+    let mut at = u128::from(pick) % total.max(1);
+    for (v, w) in &near {
+        if at < *w {
+            return Some(v.node.clone());
+        }
+        at -= w;
     }
-    near.sort_by(|a, b| a.node.cmp(&b.node));
-    let n = u64::try_from(near.len()).ok()?;
-    near.get(usize::try_from(pick % n).ok()?).map(|v| v.node.clone())
+    Some(best)
 }
 
 #[cfg(test)]
@@ -379,10 +396,20 @@ mod tests {
         let here = node("a", 400, 2);
         let window = [node("b", 0, 2), node("c", 0, 2), node("d", 50, 2), node("e", 300, 2), node("f", 20, 1)];
         // b, c (idle) and d (half a CPU busy of two) would run a new job at full speed; e (four
-        // runnable threads on two CPUs) at half, f (one CPU, a fifth busy) at 83%.
-        let chosen: std::collections::BTreeSet<_> =
-            (0..12).filter_map(|pick| place_spread(&here, &window, 1 << 30, age, pick)).collect();
-        assert_eq!(chosen.into_iter().collect::<Vec<_>>(), ["b", "c", "d"]);
+        // runnable threads on two CPUs) at half, f (one CPU, a fifth busy) at 83%. Spare room:
+        // b and c two cores each, d one and a half: of 5,500 picks, 2,000 / 2,000 / 1,500.
+        let mut count = std::collections::BTreeMap::new();
+        for pick in 0..5_500u64 {
+            let at = place_spread(&here, &window, 1 << 30, age, pick * 1000).unwrap();
+            *count.entry(at).or_insert(0) += 1;
+        }
+        assert_eq!(count.into_iter().collect::<Vec<_>>(), [("b".into(), 2000), ("c".into(), 2000), ("d".into(), 1500)]);
+        // A big idle node takes most, an idle small one its share.
+        let big = LoadVector { cpus: 16, ..node("g", 0, 16) };
+        let picks: Vec<_> = (0..18u64)
+            .filter_map(|p| place_spread(&here, &[big.clone(), node("b", 0, 2)], 1 << 30, age, p * 100_000))
+            .collect();
+        assert_eq!(picks.iter().filter(|n| *n == "g").count(), 16, "{picks:?}");
         // Full nodes, stale figures and too little memory are left out as by `place`.
         let full = LoadVector { free_slots: 0, ..node("b", 0, 2) };
         let stale = LoadVector { age: Duration::from_secs(11), ..node("c", 0, 2) };
@@ -390,8 +417,8 @@ mod tests {
             assert_eq!(place_spread(&here, &[full.clone(), stale.clone()], 1 << 30, age, pick).as_deref(), Some("a"));
         }
         assert_eq!(place_spread(&here, &window, 10 << 30, age, 0), None, "nobody has 10 GiB free");
-        // This node about as idle as the best: the work stays, whatever the pick.
-        let light = node("a", 40, 2);
+        // Where `place` keeps the work here, it stays, whatever the pick.
+        let light = node("a", 0, 2);
         for pick in 0..4 {
             assert_eq!(place_spread(&light, &window, 1 << 30, age, pick).as_deref(), Some("a"));
         }

@@ -83,21 +83,22 @@ fn jobs_meet_at_an_agent_each_in_its_own_book() {
     // A node whose peer never comes is told which, within its join time-out.
     let start = Instant::now();
     let lonely = node(0, 2, &format!("agent+{}/lonely", agent.uri), "counter")
-        .env("MOSAIC_DSM_JOIN_TIMEOUT_MS", "3000")
+        .env("MOSAIC_DSM_JOIN_TIMEOUT_MS", "8000")
         .spawn()
         .unwrap();
     // Meanwhile `mosctl status` counts its job among those meeting there.
     let mut status = String::new();
-    while !status.contains("DSM jobs meeting here now: 1") && start.elapsed() < Duration::from_secs(3) {
+    while !status.contains("DSM jobs meeting here now: 1\n") && start.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(100));
         let o = Command::new(env!("CARGO_BIN_EXE_mosctl"))
             .args(["status", &agent.uri])
             .env("MOSAIC_CLUSTER_KEY", key())
             .env_remove("MOSAIC_CLUSTER_KEY_FILE")
             .output()
             .unwrap();
-        status = String::from_utf8_lossy(&o.stdout).to_string();
+        status = text(&o);
     }
-    assert!(status.contains("DSM jobs meeting here now: 1"), "{status}");
+    assert!(status.contains("DSM jobs meeting here now: 1\n"), "{status}");
     let out = finish(lonely);
     assert!(!out.status.success());
     assert!(text(&out).contains("nodes [1] did not join"), "{}", text(&out));

@@ -18,8 +18,9 @@
 //! mosrun --migratable [--node URI] [--place] PROGRAM [ARGS...]
 //! ```
 //! runs PROGRAM so that `mosctl migrate PID --to NODE` can move it to another node while it runs
-//! (see `mosaic-cluster`); mosrun stays its home. With `--place` it starts on the least loaded
-//! node the agent knows (here, then moved there at once).
+//! (see `mosaic-cluster`); mosrun stays its home. With `--place` it starts where the agent's
+//! view finds room (here if this node is the least loaded; else one of the nodes about as
+//! idle, at random by spare capacity: started here, then moved there at once).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -149,9 +150,10 @@ struct Cli {
     /// reach.
     #[arg(long, requires = "migratable", default_value = "127.0.0.1", value_name = "ADDRESS")]
     home_address: String,
-    /// With --migratable: start the job on the least loaded node with a free slot, as this
-    /// node's agent knows the cluster (it starts here, its home, and moves there at once; here
-    /// when this node is as light as any, or when the move fails).
+    /// With --migratable: start the job where this node's agent sees room: here when this node
+    /// is the least loaded with a free slot, else one of the nodes where it would run about as
+    /// fast as at the best, at random by spare capacity (it starts here, its home, and moves
+    /// there at once; it stays here when the move fails).
     #[arg(long, requires = "migratable")]
     place: bool,
     /// The program and its arguments.

@@ -33,8 +33,8 @@ fn best_node(node: &str, key: &ClusterKey) -> Result<Option<String>, String> {
     o.connect_timeout = Duration::from_secs(2);
     let c = connect(node, &o).map_err(|e| mosaic_transport::error_chain(&e))?;
     let view = mosaic_cluster::gossip::ask_view(&c)?;
-    // Jobs started together each get a node of those about as idle, at random: not all the
-    // least loaded one.
+    // Jobs started together each get one of the nodes about as idle, at random by spare
+    // capacity: not all the least loaded one.
     let mut pick = [0u8; 8];
     getrandom::fill(&mut pick).map_err(|e| format!("no random number: {e}"))?;
     let best = mosaic_cluster::policy::place_spread(
@@ -47,7 +47,7 @@ fn best_node(node: &str, key: &ClusterKey) -> Result<Option<String>, String> {
     Ok(best.filter(|b| *b != view.own.node))
 }
 
-/// Moves the job just started (pid `pid` at `node`) to the least loaded node, if that is not
+/// Moves the job just started (pid `pid` at `node`) to where the view finds room, if that is not
 /// `node`. The job's checkpoint handler is installed as it starts (the agent refuses a process
 /// without it), so a refusal for that reason is retried for a second. A failure leaves the job
 /// running here, and says why.
@@ -71,7 +71,7 @@ fn place(node: &str, pid: u32, key: &ClusterKey, verbose: bool) {
             Ok(m) => {
                 if verbose {
                     eprintln!(
-                        "mosrun: job {pid} placed at {dest}, the least loaded node (stopped {:.1} ms to move)",
+                        "mosrun: job {pid} placed at {dest}, a lighter node (stopped {:.1} ms to move)",
                         m.freeze_us as f64 / 1000.0
                     );
                 }

@@ -93,9 +93,9 @@ pub struct GossipConfig {
     /// Entries older than this are dropped from the window (a node that stopped talking fades
     /// out even before it is found dead).
     pub max_age: Duration,
-    /// For this long after it starts, a node asks a member for more members every
-    /// [`boot_announce`](Self::boot_announce) (then as `swim` says, foca's every 30 s on a
-    /// LAN): a node that joined while others did learns them all in seconds, not minutes
+    /// For this long after it first hears of a member, a node asks a member for more members
+    /// every [`boot_announce`](Self::boot_announce) (then as `swim` says, foca's every 30 s on
+    /// a LAN): a node that joined while others did learns them all in seconds, not minutes
     /// (updates it missed reach it only through these member lists).
     pub boot: Duration,
     /// See [`boot`](Self::boot).
@@ -156,6 +156,17 @@ pub struct GossipStats {
     pub rejected: u64,
 }
 
+/// Where a node is in its boot ([`GossipConfig::boot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Boot {
+    /// It knows no member yet.
+    Waiting,
+    /// It asks for members often until then.
+    Until(Duration),
+    /// It asks as foca's steady settings say.
+    Done,
+}
+
 /// One node of the information layer (see the module's documentation). Times are durations
 /// since an arbitrary start, from the caller's clock (real, or a simulation's).
 pub struct GossipNode {
@@ -179,8 +190,9 @@ pub struct GossipNode {
     out: Vec<Outgoing>,
     events: Vec<Event>,
     stats: GossipStats,
-    /// When its boot ends (foca's steady settings taken then), while it has not.
-    booted_at: Option<Duration>,
+    /// Its boot: `Waiting` until it first hears of a member, then the time it ends (foca's
+    /// steady settings taken then); `Done` after.
+    boot: Boot,
     now: Duration,
 }
 
@@ -196,7 +208,6 @@ impl GossipNode {
         let mut rng = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         // Spread the nodes' load rounds over the period.
         let period_ns = u64::try_from(cfg.load_period.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let cfg_boot = cfg.boot;
         let phase = Duration::from_nanos(rng.random_range(0..period_ns));
         GossipNode {
             window: InfoWindow::new(cfg.window),
@@ -215,7 +226,7 @@ impl GossipNode {
             out: Vec::new(),
             events: Vec::new(),
             stats: GossipStats::default(),
-            booted_at: Some(now + cfg_boot),
+            boot: Boot::Waiting,
             now,
         }
     }
@@ -284,8 +295,8 @@ impl GossipNode {
     /// Runs what is due at `now`: foca's timers, and a round of load gossip.
     pub fn tick(&mut self, now: Duration) {
         self.now = now;
-        if self.booted_at.is_some_and(|at| now >= at) {
-            self.booted_at = None;
+        if matches!(self.boot, Boot::Until(end) if now >= end) {
+            self.boot = Boot::Done;
             if let Err(e) = self.foca.set_config(self.cfg.swim.clone()) {
                 log::warn!("gossip: cannot take the steady settings after booting: {e}");
             }
@@ -361,6 +372,11 @@ impl GossipNode {
         while let Some(n) = self.runtime.to_notify() {
             match n {
                 OwnedNotification::MemberUp(id) => {
+                    if self.boot == Boot::Waiting {
+                        // Its boot counts from when it joined (a node alone for a while, its
+                        // join retried, asks for members often once it is in).
+                        self.boot = Boot::Until(self.now + self.cfg.boot);
+                    }
                     let addr = id.addr.to_string();
                     if !self.alive.contains_key(&addr) {
                         self.alive.insert(addr.clone(), self.alive_list.len());

@@ -201,7 +201,10 @@ fn run(args: Args) -> Result<(), String> {
                 }
             }
             println!("processes moved in and running: {}", s.hosted);
-            println!("DSM jobs meeting here now: {}", s.dsm_jobs_meeting);
+            match s.dsm_jobs_meeting {
+                Some(n) => println!("DSM jobs meeting here now: {n}"),
+                None => println!("DSM jobs meeting here now: unknown (an agent older than this count)"),
+            }
         }
         Cmd::Lock { pid } => {
             lock_job(&dir, pid, true, &key).map_err(|e| e.to_string())?;
