@@ -189,13 +189,24 @@ pub fn ushering(now: bool, local: &LoadVector, window: &[LoadVector], p: &UsherP
     }
 }
 
+/// The nodes that may take new work needing `memory` bytes: this one, and those whose figures
+/// are at most `max_info_age` old, with a free slot and that much memory free.
+fn eligible<'a>(
+    local: &'a LoadVector,
+    window: &'a [LoadVector],
+    memory: u64,
+    max_info_age: Duration,
+) -> impl Iterator<Item = &'a LoadVector> {
+    std::iter::once(local)
+        .chain(window.iter().filter(move |v| v.node != local.node && v.age <= max_info_age))
+        .filter(move |v| v.free_slots > 0 && v.free_memory >= memory)
+}
+
 /// Where to start new work needing `memory` bytes: the node (this one included) with the least
 /// load per reference core among those with a free slot and that much memory free, ties to this
 /// node (no move is cheaper than one).
 pub fn place(local: &LoadVector, window: &[LoadVector], memory: u64, max_info_age: Duration) -> Option<String> {
-    std::iter::once(local)
-        .chain(window.iter().filter(|v| v.node != local.node && v.age <= max_info_age))
-        .filter(|v| v.free_slots > 0 && v.free_memory >= memory)
+    eligible(local, window, memory, max_info_age)
         .map(|v| (per_core(v, i64::try_from(ONE).unwrap_or(100)), v.node != local.node, v))
         .min_by_key(|(load, remote, v)| (*load, *remote, v.node.clone()))
         .map(|(_, _, v)| v.node.clone())
@@ -220,10 +231,7 @@ pub fn place_spread(
         return Some(best);
     }
     let one = i64::try_from(ONE).unwrap_or(100);
-    let eligible: Vec<&LoadVector> = std::iter::once(local)
-        .chain(window.iter().filter(|v| v.node != local.node && v.age <= max_info_age))
-        .filter(|v| v.free_slots > 0 && v.free_memory >= memory)
-        .collect();
+    let eligible: Vec<&LoadVector> = eligible(local, window, memory, max_info_age).collect();
     let fastest = eligible.iter().map(|v| rate(v, one)).max()?;
     let mut near: Vec<(&LoadVector, u128)> = eligible
         .iter()

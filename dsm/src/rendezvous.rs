@@ -164,6 +164,11 @@ fn meet_in_dir(dir: &Path, rank: NodeId, size: u16, uri: &str, timeout: Duration
     }
 }
 
+/// The wait after `pause` between two looks at a server: twice as long, at most [`POLL_MAX`].
+fn longer(pause: Duration) -> Duration {
+    (pause * 2).min(POLL_MAX)
+}
+
 /// The job's name as it prefixes an agent's requests.
 fn job_prefix(job: &str, out: &mut Vec<u8>) {
     out.push(u8::try_from(job.len()).expect("job names are checked to be short"));
@@ -213,7 +218,7 @@ fn meet_at_server(
             Ok(_) => break,
             Err(e) if e.status() == Some(Status::Full) && start.elapsed() < timeout => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(POLL_MAX);
+                pause = longer(pause);
             }
             Err(e) => return Err(unreachable(mosaic_transport::error_chain(&e))),
         }
@@ -228,7 +233,7 @@ fn meet_at_server(
             }
             Some(List::Missing(_)) => {
                 std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
-                pause = (pause * 2).min(POLL_MAX);
+                pause = longer(pause);
             }
             _ => return Err(unreachable("a malformed list of addresses".into())),
         }
@@ -508,12 +513,16 @@ impl JobBooks {
                     return Err(collided(why));
                 }
                 let published = book.publish(rest, caller.id);
+                // A publication that marked the book as collided is told so (as every later one is).
+                let published = match (published, &book.collided) {
+                    (Err(_), Some(why)) => Err(collided(why)),
+                    (p, _) => p,
+                };
                 if book.uris.is_empty() {
                     // Opened by a refused publication: nothing to keep.
                     books.remove(job);
                 }
                 published
-                    .map_err(|e| if e.message.contains("two processes have rank") { collided(&e.message) } else { e })
             }
             METHOD_JOB_LIST => {
                 let rank = rest
