@@ -1,6 +1,10 @@
 //! The page: one size and one page-aligned buffer type, shared by every Mosaic crate (the
 //! transport moves pages, the pager installs them, network RAM and DSM keep them), so a page
-//! read from the network lands in the buffer the pager installs from, with no conversion.
+//! read from the network lands in the buffer the pager installs from, with no conversion. And
+//! [`sched`]: how Mosaic's threads share the CPUs with the application's, which every layer that
+//! waits for a peer or serves one needs.
+
+pub mod sched;
 
 /// Size of a page, in bytes.
 pub const PAGE_SIZE: usize = 4096;

@@ -7,6 +7,8 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use mosaic_page::sched::Poll;
+
 /// How a thread waits for bytes from its peer.
 ///
 /// On these machines waking a sleeping thread on the other core costs 30-35 us, far more than a
@@ -161,10 +163,19 @@ pub(crate) fn read_some(
     let start = Instant::now();
     let deadline = deadline.into().resolve(start);
     let mut spins: u32 = 0;
+    // Polls as the policy says, and differently once a CPU-bound thread took this CPU for a
+    // slice: a service thread sleeps, any other stops yielding (see `mosaic_page::sched`).
+    let mut poll = if policy.spin.is_zero() { None } else { Poll::start() };
     loop {
         match stream.try_read(buf) {
             Ok(0) => return Err(ReadStop::Eof),
-            Ok(n) => return Ok(n),
+            Ok(n) => {
+                // The bytes may have come while another thread had this CPU: note it.
+                if let Some(p) = &mut poll {
+                    let _ = p.alone(Instant::now());
+                }
+                return Ok(n);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ReadStop::Io(e)),
@@ -172,7 +183,7 @@ pub(crate) fn read_some(
         spins = spins.wrapping_add(1);
         // Reading the clock costs ~25 ns; check it every few polls only (every poll when
         // yielding, which costs more).
-        if spins % 16 != 0 && !policy.spin.is_zero() && !policy.yielding {
+        if spins % 16 != 0 && poll.as_ref().is_some_and(|p| !policy.yielding || !p.may_yield()) {
             std::hint::spin_loop();
             continue;
         }
@@ -182,9 +193,16 @@ pub(crate) fn read_some(
                 return Err(ReadStop::TimedOut);
             }
         }
-        if now.duration_since(start) < policy.spin {
-            policy.pause();
-            continue;
+        if let Some(p) = &mut poll {
+            if now.duration_since(start) < policy.spin && p.alone(now) {
+                if p.may_yield() {
+                    policy.pause();
+                } else {
+                    std::hint::spin_loop();
+                }
+                continue;
+            }
+            poll = None;
         }
         let mut sleep = MAX_SLEEP;
         if let Some(d) = deadline {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mosaic_page::sched::Poll;
 use mosaic_page::{Page, PAGE_SIZE};
 use mosaic_pager::{
     DirtyTracking, Fault, FaultMode, FillError, Filled, PageSource, Region, RegionConfig, RegionCore, WriteDecision,
@@ -1438,7 +1439,7 @@ impl Job {
             wait: cfg.wait,
             join_timeout: cfg.join_timeout,
         };
-        let scfg = ServerConfig::new(cfg.key.clone()).service(Inbox(shared.clone())).policy(cfg.wait);
+        let scfg = ServerConfig::new(cfg.key.clone()).service(Inbox(shared.clone())).policy(cfg.wait).prompt(true);
         let server =
             listen(&cfg.listen, scfg).map_err(|source| JoinError::Listen { uri: cfg.listen.clone(), source })?;
         if server.uri().contains("://0.0.0.0:") || server.uri().contains("://[::]:") {
@@ -1484,7 +1485,10 @@ impl Job {
             let Some(conn) = conn.clone() else { continue };
             let rank = NodeId::try_from(rank).expect("at most MAX_NODES");
             let sender = shared.clone();
-            job.threads.push(spawn("mosaic-dsm-send", move || sender.run_sender(rank, conn)));
+            job.threads.push(spawn("mosaic-dsm-send", move || {
+                mosaic_page::sched::serves();
+                sender.run_sender(rank, conn)
+            }));
         }
         if shared.spill.is_some() {
             let evictor = shared.clone();
@@ -1829,14 +1833,24 @@ impl Job {
         };
         // The others are usually close behind: watch for their messages on this CPU for a while
         // rather than sleep (a wake-up costs more than the whole barrier), as the job's wait
-        // policy says (yielding gives the CPU to the threads receiving them).
-        while start.elapsed() < BARRIER_SPIN.min(timeout) && s.broken().is_none() {
+        // policy says (yielding gives the CPU to the threads receiving them), but without
+        // yielding once a CPU-bound thread took the CPU for a slice (see `mosaic_page::sched`).
+        let mut poll = Poll::start();
+        while start.elapsed() < BARRIER_SPIN.min(timeout) && s.broken().is_none() && poll.is_some() {
             let seen = s.arrival_count.load(Ordering::Acquire);
             if let Some(t) = take(&mut lock(&s.arrivals)) {
                 return Ok(t);
             }
             while s.arrival_count.load(Ordering::Acquire) == seen && start.elapsed() < BARRIER_SPIN {
-                self.wait.pause();
+                if !poll.as_mut().is_some_and(|p| p.alone(Instant::now())) {
+                    poll = None;
+                    break;
+                }
+                if poll.as_ref().is_some_and(Poll::may_yield) {
+                    self.wait.pause();
+                } else {
+                    std::hint::spin_loop();
+                }
             }
         }
         s.wait_until(&s.arrivals, &s.arrived, start + timeout, take).map_err(|_| start.elapsed())
