@@ -18,6 +18,7 @@
 //!
 //! On an idle machine nothing changes: no poller loses its CPU, and service threads keep the
 //! default slice (a short one makes the scheduler favour them over the application's pollers).
+//! A service thread takes the default slice back at its first wait after the contention ended.
 
 use std::cell::Cell;
 use std::io;
@@ -25,8 +26,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The time slice, in microseconds, service threads take while their CPU is contended
-/// (optional; 100 by default, the shortest the kernel accepts; `0` never changes their slice,
-/// and they poll like any other thread).
+/// (optional; 100 by default, the shortest the kernel accepts; at most 100,000; a value that is
+/// not a number counts as 100; `0` never changes their slice, and they poll like any other
+/// thread).
 pub const SLICE_ENV: &str = "MOSAIC_SERVICE_SLICE_US";
 
 /// A gap this long between two looks of a polling thread means it lost its CPU to another
@@ -77,6 +79,8 @@ pub fn serves() {
 pub struct Poll {
     last: Instant,
     may_yield: bool,
+    /// A poll notes what it sees in its thread's state: not to be moved to another thread.
+    _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Poll {
@@ -94,7 +98,7 @@ impl Poll {
                 SHORT_SLICE.with(|c| c.set(false));
             }
         }
-        Some(Poll { last: now, may_yield: !contended })
+        Some(Poll { last: now, may_yield: !contended, _this_thread: std::marker::PhantomData })
     }
 
     /// Whether polling on is worth it, looked at `now`: `false` for a service thread that lost
@@ -106,7 +110,7 @@ impl Poll {
         if gap < LOST_CPU {
             return true;
         }
-        contended();
+        contended_at(now);
         self.may_yield = false;
         !SHORT_SLICE.with(Cell::get)
     }
@@ -121,7 +125,11 @@ impl Poll {
 /// Notes that the calling thread lost its CPU to a CPU-bound thread (see the module's
 /// documentation); a service thread takes its short slice.
 pub fn contended() {
-    let now = Instant::now();
+    contended_at(Instant::now());
+}
+
+/// [`contended`], noted at `now`.
+fn contended_at(now: Instant) {
     CONTENDED_UNTIL.with(|c| {
         let period = match c.get() {
             // Again within as long again as the last period: twice as long.
@@ -134,7 +142,7 @@ pub fn contended() {
         if let Some(slice) = short_slice() {
             match set_time_slice(Some(slice)) {
                 Ok(()) => SHORT_SLICE.with(|c| c.set(true)),
-                // Before Linux 6.12: it polls on like any thread.
+                // Before Linux 6.12, or a real-time thread: it polls on like any thread.
                 Err(e) => log_once(&e),
             }
         }
@@ -143,7 +151,7 @@ pub fn contended() {
 
 fn log_once(e: &io::Error) {
     static SAID: OnceLock<()> = OnceLock::new();
-    SAID.get_or_init(|| eprintln!("mosaic: cannot shorten a service thread's time slice ({e}); it polls instead"));
+    SAID.get_or_init(|| log::info!("cannot give a service thread a time slice of its own ({e}): it polls instead"));
 }
 
 /// `struct sched_attr` of `sched_setattr(2)`, up to `sched_period` (48 bytes, the first size
@@ -165,122 +173,171 @@ struct SchedAttr {
 const SCHED_ATTR_SIZE: u32 = 48;
 const _: () = assert!(size_of::<SchedAttr>() == SCHED_ATTR_SIZE as usize);
 
-/// Sets the calling thread's time slice under the normal policy (`SCHED_OTHER`), keeping its
-/// nice value: `slice`, or the kernel's default with `None`. Needs no privilege; kernels before
-/// 6.12 refuse a slice (EINVAL).
+/// `SCHED_FLAG_KEEP_POLICY`: keep the thread's scheduling policy (a real-time thread is then
+/// refused a slice, EINVAL, instead of being turned into a normal one).
+const SCHED_FLAG_KEEP_POLICY: u64 = 0x08;
+
+/// Sets the calling thread's time slice, keeping its policy and nice value: `slice`, or the
+/// kernel's default with `None`. Needs no privilege. Kernels before 6.12 accept the call and
+/// ignore the slice, so the slice is read back: a slice not taken is an error (`Unsupported`).
 fn set_time_slice(slice: Option<Duration>) -> io::Result<()> {
-    // SAFETY: getpriority(PRIO_PROCESS, 0) only reads the calling thread's nice value; errno
-    // is cleared first because -1 is also a valid nice value.
-    let nice = unsafe {
+    // SAFETY: getpriority(PRIO_PROCESS, 0) only reads the calling thread's nice value; errno is
+    // cleared first and read after, because -1 is also a valid nice value.
+    let (nice, errno) = unsafe {
         *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        (nice, *libc::__errno_location())
     };
+    if nice == -1 && errno != 0 {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let wanted = slice.map_or(0, |s| u64::try_from(s.as_nanos()).unwrap_or(u64::MAX));
     let attr = SchedAttr {
         size: SCHED_ATTR_SIZE,
-        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: SCHED_FLAG_KEEP_POLICY,
         sched_nice: nice,
-        sched_runtime: slice.map_or(0, |s| u64::try_from(s.as_nanos()).unwrap_or(u64::MAX)),
+        sched_runtime: wanted,
         ..SchedAttr::default()
     };
     // SAFETY: sched_setattr reads `attr.size` bytes from a valid, initialised SchedAttr; pid 0
     // is the calling thread; flags 0.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &raw const attr, 0) };
-    if rc == 0 {
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if slice.is_none() {
+        return Ok(());
+    }
+    // Linux 6.12 and later report a normal thread's slice in `sched_runtime`; earlier kernels 0.
+    let mut now = SchedAttr::default();
+    // SAFETY: sched_getattr writes at most `SCHED_ATTR_SIZE` bytes (the size passed) into the
+    // valid, writable SchedAttr; pid 0 is the calling thread; flags 0.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &raw mut now, SCHED_ATTR_SIZE, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The kernel clamps a slice to 0.1-100 ms: taken if it is what the kernel keeps now.
+    if now.sched_runtime == wanted.clamp(100_000, 100_000_000) {
         Ok(())
     } else {
-        Err(io::Error::last_os_error())
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this kernel keeps no time slice per thread (Linux 6.12 does)"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
 
-    /// Polls on a thread among more spinning threads than CPUs, which must lose its CPU for a
-    /// slice of another's (0.7-3 ms) within a few of its own; bounded at 2 s. Returns whether
-    /// the poll said to stop, whether it may still yield, and whether the next poll starts.
-    fn poll_among_spinners(service: bool) -> (bool, bool, bool) {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let spinners: Vec<_> = (0..cpus + 1)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::hint::spin_loop();
-                    }
+    /// CPU-bound threads, one more than the CPUs, stopped when dropped (a failed assertion
+    /// included).
+    struct Spinners {
+        stop: Arc<AtomicBool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    impl Spinners {
+        fn start() -> Spinners {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let stop = Arc::new(AtomicBool::new(false));
+            let threads = (0..=cpus)
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            std::hint::spin_loop();
+                        }
+                    })
                 })
-            })
-            .collect();
-        let poller = std::thread::spawn(move || {
+                .collect();
+            Spinners { stop, threads }
+        }
+    }
+
+    impl Drop for Spinners {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Polls on a thread among more CPU-bound threads than CPUs, until the poll sees its thread
+    /// lose the CPU for a slice of another's (0.7-3 ms; the scheduler must give them their turn
+    /// within a few of the poller's own); bounded at 10 s. Returns whether the poll said to
+    /// stop, and whether it may still yield.
+    fn poll_among_spinners(service: bool) -> (bool, bool) {
+        let _spinners = Spinners::start();
+        std::thread::spawn(move || {
             if service {
                 serves();
             }
             let mut poll = Poll::start().expect("a fresh thread was never contended");
-            let until = Instant::now() + Duration::from_secs(2);
+            let until = Instant::now() + Duration::from_secs(10);
             let mut alone = true;
             while poll.may_yield() && Instant::now() < until {
                 alone = poll.alone(Instant::now());
             }
-            (!alone, poll.may_yield(), Poll::start().is_some())
-        });
-        let seen = poller.join().unwrap();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for s in spinners {
-            s.join().unwrap();
-        }
-        seen
+            (!alone, poll.may_yield())
+        })
+        .join()
+        .unwrap()
     }
 
-    /// Whether this kernel gives threads slices of their own (Linux 6.12 and later).
-    fn kernel_has_slices() -> bool {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut v = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u32>().ok());
-        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 12)
+    /// Whether this thread can take a time slice of its own here (Linux 6.12 and later, and
+    /// slices not turned off by `MOSAIC_SERVICE_SLICE_US=0`).
+    fn slices_here() -> bool {
+        short_slice().is_some() && set_time_slice(Some(Duration::from_micros(100))).is_ok()
     }
 
     #[test]
     fn a_service_thread_that_loses_its_cpu_while_polling_sleeps_instead() {
-        let (stopped, may_yield, next_polls) = poll_among_spinners(true);
-        assert!(!may_yield, "the poller never lost its CPU among more spinners than CPUs");
-        if kernel_has_slices() {
-            assert!(stopped, "a service thread must stop polling");
-            assert!(!next_polls, "and its next waits sleep at once");
-        }
+        let (stopped, may_yield) = poll_among_spinners(true);
+        assert!(!may_yield, "the poller never lost its CPU among more CPU-bound threads than CPUs");
+        assert_eq!(stopped, std::thread::spawn(slices_here).join().unwrap(), "it sleeps where it gets a short slice");
     }
 
     #[test]
     fn an_application_thread_that_loses_its_cpu_polls_on_without_yielding() {
-        let (stopped, may_yield, next_polls) = poll_among_spinners(false);
-        assert!(!may_yield, "the poller never lost its CPU among more spinners than CPUs");
+        let (stopped, may_yield) = poll_among_spinners(false);
+        assert!(!may_yield, "the poller never lost its CPU among more CPU-bound threads than CPUs");
         assert!(!stopped, "an application's thread polls on");
-        assert!(next_polls, "and its next waits poll too");
-        let next_yields = std::thread::spawn(|| {
-            contended();
-            Poll::start().map(|p| p.may_yield())
-        });
-        assert_eq!(next_yields.join().unwrap(), Some(false), "without yielding");
+    }
+
+    #[test]
+    fn on_a_contended_cpu_an_application_thread_polls_without_yielding() {
+        std::thread::spawn(|| {
+            assert!(Poll::start().is_some_and(|p| p.may_yield()));
+            CONTENDED_UNTIL.with(|c| c.set(Some((Instant::now() + Duration::from_secs(60), CONTENDED_MIN))));
+            assert!(Poll::start().is_some_and(|p| !p.may_yield()), "it polls, without yielding");
+            CONTENDED_UNTIL.with(|c| c.set(Some((Instant::now(), CONTENDED_MIN))));
+            assert!(Poll::start().is_some_and(|p| p.may_yield()), "then as before");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
     fn contention_noted_again_soon_lasts_twice_as_long() {
         std::thread::spawn(|| {
             let period = || CONTENDED_UNTIL.with(Cell::get).map(|(_, p)| p);
-            contended();
+            let t0 = Instant::now();
+            contended_at(t0);
             assert_eq!(period(), Some(CONTENDED_MIN));
-            contended();
+            // Within the period, or within as long again after it: twice as long.
+            contended_at(t0 + CONTENDED_MIN / 2);
             assert_eq!(period(), Some(CONTENDED_MIN * 2));
+            contended_at(t0 + CONTENDED_MIN / 2 + CONTENDED_MIN * 3);
+            assert_eq!(period(), Some(CONTENDED_MIN * 4));
             for _ in 0..10 {
-                contended();
+                contended_at(t0 + CONTENDED_MIN * 4);
             }
             assert_eq!(period(), Some(CONTENDED_MAX));
             // Long after the last period ended: back to the shortest.
-            let long_ago = Instant::now().checked_sub(3 * CONTENDED_MAX);
-            if let Some(t) = long_ago {
-                CONTENDED_UNTIL.with(|c| c.set(Some((t, CONTENDED_MAX))));
-                contended();
-                assert_eq!(period(), Some(CONTENDED_MIN));
-            }
+            contended_at(t0 + CONTENDED_MAX * 4);
+            assert_eq!(period(), Some(CONTENDED_MIN));
         })
         .join()
         .unwrap();
@@ -292,12 +349,13 @@ mod tests {
             serves();
             assert!(Poll::start().is_some_and(|p| p.may_yield()));
             contended();
-            if !kernel_has_slices() {
+            if !slices_here() {
+                assert!(!SHORT_SLICE.with(Cell::get));
+                assert!(Poll::start().is_some_and(|p| !p.may_yield()), "without a slice it polls");
                 return;
             }
             assert!(SHORT_SLICE.with(Cell::get), "a contended service thread takes a short slice");
-            // The periods set by hand: this test's thread may itself wait for a CPU (the other
-            // tests spin), longer than CONTENDED_MIN.
+            // The periods set by hand: this thread may itself wait for a CPU longer than one.
             let set_until = |t: Instant| CONTENDED_UNTIL.with(|c| c.set(Some((t, CONTENDED_MIN))));
             set_until(Instant::now() + Duration::from_secs(60));
             assert!(Poll::start().is_none(), "and sleeps at once");
@@ -307,5 +365,27 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_real_time_thread_keeps_its_policy() {
+        // SCHED_FIFO needs privilege; where it cannot be had there is nothing to check.
+        let kept = std::thread::spawn(|| {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: sets the calling thread's policy from a valid sched_param.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                return None;
+            }
+            let refused = set_time_slice(Some(Duration::from_micros(100))).is_err();
+            // SAFETY: reads the calling thread's policy.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            Some((refused, policy))
+        })
+        .join()
+        .unwrap();
+        if let Some((refused, policy)) = kept {
+            assert!(refused, "a real-time thread is refused a slice");
+            assert_eq!(policy, libc::SCHED_FIFO, "and stays real-time");
+        }
     }
 }

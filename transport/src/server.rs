@@ -178,7 +178,7 @@ impl ServerConfig {
         }
     }
 
-    /// Sets whether connection threads are service threads (see [`ServerConfig::prompt`]).
+    /// Sets whether connection threads are service threads (see [`field@ServerConfig::prompt`]).
     pub fn prompt(mut self, prompt: bool) -> ServerConfig {
         self.prompt = prompt;
         self

@@ -21,7 +21,9 @@ pub struct WaitPolicy {
     pub spin: Duration,
     /// Offer the CPU to any other runnable thread between polls (`sched_yield`) instead of
     /// pausing on it: for threads that outnumber the CPUs, where the thread that would produce
-    /// the awaited bytes may be queued for this very CPU. (Measured on 2 vCPUs, a DSM job of 2
+    /// the awaited bytes may be queued for this very CPU. Not while a CPU-bound thread keeps
+    /// this CPU busy (see `mosaic_page::sched`): a yield to it returns only when its time slice
+    /// ends. (Measured on 2 vCPUs, a DSM job of 2
     /// processes: barriers 5-15 us instead of 220-250, a read miss about the same, a lone lock
     /// 3.8-9.8 us instead of 2.6; plain polls for the first 5 us did worse than either.
     /// BENCHMARKS.md, 2026-12-05.)
@@ -194,7 +196,8 @@ pub(crate) fn read_some(
             }
         }
         if let Some(p) = &mut poll {
-            if now.duration_since(start) < policy.spin && p.alone(now) {
+            // Look first: a thread that lost its CPU has usually passed its spin time too.
+            if p.alone(now) && now.duration_since(start) < policy.spin {
                 if p.may_yield() {
                     policy.pause();
                 } else {

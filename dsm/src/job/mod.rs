@@ -1841,12 +1841,18 @@ impl Job {
             if let Some(t) = take(&mut lock(&s.arrivals)) {
                 return Ok(t);
             }
-            while s.arrival_count.load(Ordering::Acquire) == seen && start.elapsed() < BARRIER_SPIN {
-                if !poll.as_mut().is_some_and(|p| p.alone(Instant::now())) {
+            while s.arrival_count.load(Ordering::Acquire) == seen {
+                let now = Instant::now();
+                let Some(p) = poll.as_mut() else { break };
+                // Look first: a thread that lost its CPU has usually passed its spin time too.
+                if !p.alone(now) {
                     poll = None;
                     break;
                 }
-                if poll.as_ref().is_some_and(Poll::may_yield) {
+                if now.duration_since(start) >= BARRIER_SPIN {
+                    break;
+                }
+                if p.may_yield() {
                     self.wait.pause();
                 } else {
                     std::hint::spin_loop();
