@@ -16,12 +16,15 @@
 //! - any other thread (the application's: a DSM fault waiting for its page, a barrier) polls
 //!   without yielding: it could not preempt anyone once asleep.
 //!
-//! On an idle machine nothing changes: no poller loses its CPU, and service threads keep the
-//! default slice (a short one makes the scheduler favour them over the application's pollers).
+//! On an idle machine with a CPU per polling thread nothing changes: no poller loses its CPU,
+//! and service threads keep the default slice (a short one makes the scheduler favour them over
+//! the application's pollers). Where Mosaic's own pollers outnumber the CPUs (4 DSM nodes on 2
+//! CPUs) they take each other's CPU for slices too, and adapt the same way.
 //! A service thread takes the default slice back at its first wait after the contention ended.
 
 use std::cell::Cell;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -138,21 +141,24 @@ fn contended_at(now: Instant) {
         };
         c.set(Some((now + period, period)));
     });
-    if SERVES.with(Cell::get) && !SHORT_SLICE.with(Cell::get) {
+    if SERVES.with(Cell::get) && !SHORT_SLICE.with(Cell::get) && !NO_SLICES.load(Ordering::Relaxed) {
         if let Some(slice) = short_slice() {
             match set_time_slice(Some(slice)) {
                 Ok(()) => SHORT_SLICE.with(|c| c.set(true)),
-                // Before Linux 6.12, or a real-time thread: it polls on like any thread.
-                Err(e) => log_once(&e),
+                // Before Linux 6.12, or a real-time, batch or idle thread: it polls on like any
+                // thread. The kernel's answer holds for every thread: not asked again.
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::Unsupported && !NO_SLICES.swap(true, Ordering::Relaxed) {
+                        log::info!("service threads get no time slice of their own ({e}): they poll instead");
+                    }
+                }
             }
         }
     }
 }
 
-fn log_once(e: &io::Error) {
-    static SAID: OnceLock<()> = OnceLock::new();
-    SAID.get_or_init(|| log::info!("cannot give a service thread a time slice of its own ({e}): it polls instead"));
-}
+/// Set once the kernel refused a service thread a slice because it keeps none per thread.
+static NO_SLICES: AtomicBool = AtomicBool::new(false);
 
 /// `struct sched_attr` of `sched_setattr(2)`, up to `sched_period` (48 bytes, the first size
 /// the kernel accepts).
@@ -216,7 +222,15 @@ fn set_time_slice(slice: Option<Duration>) -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    // The kernel clamps a slice to 0.1-100 ms: taken if it is what the kernel keeps now.
+    // The kernel clamps a slice to 0.1-100 ms: taken if it is what the kernel keeps now. Only a
+    // SCHED_OTHER thread preempts others when it wakes (SCHED_BATCH and SCHED_IDLE threads do
+    // not, whatever their slice). (Under a sched_ext scheduler slices mean what it says.)
+    if now.sched_policy != libc::SCHED_OTHER as u32 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a batch or idle thread does not preempt when it wakes",
+        ));
+    }
     if now.sched_runtime == wanted.clamp(100_000, 100_000_000) {
         Ok(())
     } else {
@@ -351,6 +365,7 @@ mod tests {
             contended();
             if !slices_here() {
                 assert!(!SHORT_SLICE.with(Cell::get));
+                CONTENDED_UNTIL.with(|c| c.set(Some((Instant::now() + Duration::from_secs(60), CONTENDED_MIN))));
                 assert!(Poll::start().is_some_and(|p| !p.may_yield()), "without a slice it polls");
                 return;
             }
@@ -365,6 +380,38 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_batch_thread_keeps_its_policy_and_gets_no_slice() {
+        // Any user may make its own thread a batch one.
+        let (result, policy) = std::thread::spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sets the calling thread's policy from a valid sched_param.
+            assert_eq!(unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) }, 0);
+            let result = set_time_slice(Some(Duration::from_micros(100))).map_err(|e| e.kind());
+            // SAFETY: reads the calling thread's policy.
+            (result, unsafe { libc::sched_getscheduler(0) })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, libc::SCHED_BATCH, "the thread stays a batch one");
+        assert_eq!(result, Err(io::ErrorKind::Unsupported), "and is refused a slice (it would not preempt)");
+    }
+
+    #[test]
+    fn a_slice_counts_as_taken_only_where_the_kernel_keeps_it() {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u32>().ok());
+        let version = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        let taken = std::thread::spawn(|| set_time_slice(Some(Duration::from_micros(200))).map_err(|e| e.kind()))
+            .join()
+            .unwrap();
+        if version < (6, 12) {
+            assert_eq!(taken, Err(io::ErrorKind::Unsupported), "Linux {release} keeps no slice per thread");
+        } else {
+            assert_eq!(taken, Ok(()), "Linux {release} keeps a slice per thread");
+        }
     }
 
     #[test]

@@ -1849,7 +1849,7 @@ impl Job {
                     poll = None;
                     break;
                 }
-                if now.duration_since(start) >= BARRIER_SPIN {
+                if now.duration_since(start) >= BARRIER_SPIN.min(timeout) {
                     break;
                 }
                 if p.may_yield() {
