@@ -118,6 +118,13 @@ impl Poll {
         !SHORT_SLICE.with(Cell::get)
     }
 
+    /// One look of a poll that lasts until `until`: whether to poll on. Looks first
+    /// ([`alone`](Poll::alone)): a thread that lost its CPU has usually passed `until` too.
+    #[must_use = "false means: stop polling"]
+    pub fn on(&mut self, now: Instant, until: Instant) -> bool {
+        self.alone(now) && now < until
+    }
+
     /// Whether this poll may yield the CPU between looks (where the policy says to): not on a
     /// contended CPU.
     pub fn may_yield(&self) -> bool {

@@ -50,9 +50,16 @@ impl WaitPolicy {
         WaitPolicy { spin, yielding: true }
     }
 
-    /// Waits a moment between two polls: yields the CPU or pauses on it.
-    pub fn pause(&self) {
-        if self.yielding {
+    /// Whether a pause of `poll` yields the CPU: where the policy says to and the poll allows
+    /// it (not on a CPU a CPU-bound thread keeps busy).
+    pub fn yields(&self, poll: &Poll) -> bool {
+        self.yielding && poll.may_yield()
+    }
+
+    /// Waits a moment between two looks of `poll`: yields the CPU ([`yields`](Self::yields))
+    /// or pauses on it.
+    pub fn pause(&self, poll: &Poll) {
+        if self.yields(poll) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
@@ -185,7 +192,7 @@ pub(crate) fn read_some(
         spins = spins.wrapping_add(1);
         // Reading the clock costs ~25 ns; check it every few polls only (every poll when
         // yielding, which costs more).
-        if spins % 16 != 0 && poll.as_ref().is_some_and(|p| !policy.yielding || !p.may_yield()) {
+        if spins % 16 != 0 && poll.as_ref().is_some_and(|p| !policy.yields(p)) {
             std::hint::spin_loop();
             continue;
         }
@@ -196,13 +203,8 @@ pub(crate) fn read_some(
             }
         }
         if let Some(p) = &mut poll {
-            // Look first: a thread that lost its CPU has usually passed its spin time too.
-            if p.alone(now) && now.duration_since(start) < policy.spin {
-                if p.may_yield() {
-                    policy.pause();
-                } else {
-                    std::hint::spin_loop();
-                }
+            if p.on(now, start + policy.spin) {
+                policy.pause(p);
                 continue;
             }
             poll = None;

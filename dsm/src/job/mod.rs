@@ -1835,27 +1835,18 @@ impl Job {
         // rather than sleep (a wake-up costs more than the whole barrier), as the job's wait
         // policy says (yielding gives the CPU to the threads receiving them), but without
         // yielding once a CPU-bound thread took the CPU for a slice (see `mosaic_page::sched`).
-        let mut poll = Poll::start();
-        while start.elapsed() < BARRIER_SPIN.min(timeout) && s.broken().is_none() && poll.is_some() {
-            let seen = s.arrival_count.load(Ordering::Acquire);
-            if let Some(t) = take(&mut lock(&s.arrivals)) {
-                return Ok(t);
-            }
-            while s.arrival_count.load(Ordering::Acquire) == seen {
-                let now = Instant::now();
-                let Some(p) = poll.as_mut() else { break };
-                // Look first: a thread that lost its CPU has usually passed its spin time too.
-                if !p.alone(now) {
-                    poll = None;
-                    break;
+        let until = start + BARRIER_SPIN.min(timeout);
+        if let Some(mut poll) = Poll::start() {
+            'polling: while s.broken().is_none() {
+                let seen = s.arrival_count.load(Ordering::Acquire);
+                if let Some(t) = take(&mut lock(&s.arrivals)) {
+                    return Ok(t);
                 }
-                if now.duration_since(start) >= BARRIER_SPIN.min(timeout) {
-                    break;
-                }
-                if p.may_yield() {
-                    self.wait.pause();
-                } else {
-                    std::hint::spin_loop();
+                while s.arrival_count.load(Ordering::Acquire) == seen {
+                    if !poll.on(Instant::now(), until) {
+                        break 'polling;
+                    }
+                    self.wait.pause(&poll);
                 }
             }
         }
